@@ -1,0 +1,153 @@
+//! Configuration of an ALBEF job.
+//!
+//! Layers, lowest first: the compiled defaults of the chosen `model.preset`, a YAML file,
+//! environment variables `ALBEF__SECTION__KEY`, and `--set section.key=value` overrides.
+//! Unknown keys are errors that name the key. This crate does not link libtorch, so the
+//! coordinator can read the same file.
+
+mod model;
+mod train;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
+pub use train::{DataConfig, DeviceChoice, OptimizerConfig, ScheduleConfig, TrainConfig};
+
+const ENV_PREFIX: &str = "ALBEF";
+const ENV_SEPARATOR: &str = "__";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlbefConfig {
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedular: ScheduleConfig,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+}
+
+impl AlbefConfig {
+    /// Compiled defaults: the reference pretraining setup on the given model preset.
+    pub fn defaults(preset: Preset) -> Self {
+        AlbefConfig {
+            model: ModelConfig::for_preset(preset),
+            optimizer: OptimizerConfig::default(),
+            schedular: ScheduleConfig::default(),
+            train: TrainConfig::default(),
+            data: DataConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        use anyhow::ensure;
+        self.model.validate()?;
+        ensure!(self.optimizer.opt.eq_ignore_ascii_case("adamw"), "optimizer.opt: only adamW is supported");
+        ensure!(self.schedular.sched == "cosine", "schedular.sched: only cosine is supported");
+        ensure!(self.train.batch_size_train > 0, "train.batch_size_train must be positive");
+        ensure!(self.data.max_tokens >= 2, "data.max_tokens must leave room for [CLS] and a word");
+        ensure!(
+            self.data.max_tokens as i64 <= self.model.bert.max_position_embeddings,
+            "data.max_tokens ({}) exceeds model.bert.max_position_embeddings ({})",
+            self.data.max_tokens,
+            self.model.bert.max_position_embeddings
+        );
+        Ok(())
+    }
+
+    /// The effective configuration as pretty JSON, which every binary prints at start.
+    pub fn to_pretty_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("configuration serialises")
+    }
+}
+
+/// Where configuration comes from, besides the compiled defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSources {
+    pub file: Option<std::path::PathBuf>,
+    /// `key=value` pairs, dotted keys (`optimizer.lr=3e-4`).
+    pub overrides: Vec<String>,
+    /// Read `ALBEF__SECTION__KEY` variables (on in binaries; tests turn it off for isolation).
+    pub environment: bool,
+}
+
+impl ConfigSources {
+    pub fn file(path: impl AsRef<Path>) -> Self {
+        ConfigSources { file: Some(path.as_ref().to_path_buf()), overrides: vec![], environment: true }
+    }
+}
+
+/// Loads, layers and validates the configuration.
+pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
+    // The preset decides the defaults every other layer sits on, so read it first.
+    let upper = layered(config::Config::builder(), sources)?.build().context("reading configuration")?;
+    let preset: Preset = match upper.get_string("model.preset") {
+        Ok(s) => s.parse()?,
+        Err(config::ConfigError::NotFound(_)) => Preset::default(),
+        Err(e) => return Err(e).context("reading model.preset"),
+    };
+    let defaults = config::Config::try_from(&AlbefConfig::defaults(preset)).context("encoding defaults")?;
+    let merged = layered(config::Config::builder().add_source(defaults), sources)?
+        .build()
+        .context("reading configuration")?;
+    let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn layered(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    sources: &ConfigSources,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>> {
+    if let Some(path) = &sources.file {
+        anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+        builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Yaml));
+    }
+    if sources.environment {
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .list_separator(",")
+                .with_list_parse_key("optimizer.betas")
+                .try_parsing(true),
+        );
+    }
+    for kv in &sources.overrides {
+        let (key, value) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected key=value"))?;
+        let key = key.trim();
+        anyhow::ensure!(!key.is_empty(), "--set {kv:?}: empty key");
+        builder = builder.set_override(key, parse_override(value.trim()))?;
+    }
+    Ok(builder)
+}
+
+/// `--set` values are YAML scalars or flow sequences (`[0.9, 0.98]`), typed as YAML would type them.
+fn parse_override(value: &str) -> config::Value {
+    if let Some(inner) = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+        let items: Vec<config::Value> = inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse_override)
+            .collect();
+        return config::Value::from(items);
+    }
+    if let Ok(i) = value.parse::<i64>() {
+        return config::Value::from(i);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return config::Value::from(f);
+    }
+    match value {
+        "true" => config::Value::from(true),
+        "false" => config::Value::from(false),
+        _ => config::Value::from(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+use super::*;
+use std::io::Write;
+
+fn yaml(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn sources(file: Option<&tempfile::NamedTempFile>, overrides: &[&str]) -> ConfigSources {
+    ConfigSources {
+        file: file.map(|f| f.path().to_path_buf()),
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        environment: false,
+    }
+}
+
+#[test]
+fn defaults_are_the_reference_pretraining_setup() {
+    let cfg = load(&sources(None, &[])).unwrap();
+    assert_eq!(cfg, AlbefConfig::defaults(Preset::AlbefBase));
+    assert_eq!(cfg.model.queue_size, 65536);
+    assert_eq!(cfg.model.image_res, 256);
+    assert_eq!(cfg.optimizer.lr, 1e-4);
+    assert_eq!(cfg.optimizer.weight_decay, 0.02);
+    assert_eq!(cfg.schedular.warmup_steps, 2000);
+}
+
+#[test]
+fn file_preset_then_overrides_layer_in_order() {
+    let f = yaml("model:\n  preset: albef-small\n  queue_size: 1024\noptimizer:\n  lr: 0.001\n");
+    let cfg = load(&sources(Some(&f), &["optimizer.lr=0.002", "model.itc_negatives=global"])).unwrap();
+    let small = ModelConfig::albef_small();
+    assert_eq!(cfg.model.vision, small.vision, "preset from the file chooses the defaults");
+    assert_eq!(cfg.model.queue_size, 1024, "file beats defaults");
+    assert_eq!(cfg.optimizer.lr, 0.002, "--set beats file");
+    assert_eq!(cfg.model.itc_negatives, ItcNegatives::Global);
+}
+
+#[test]
+fn overrides_parse_lists_and_bools() {
+    let cfg = load(&sources(None, &["optimizer.betas=[0.9, 0.98]", "train.bf16=false"])).unwrap();
+    assert_eq!(cfg.optimizer.betas, [0.9, 0.98]);
+    assert!(!cfg.train.bf16);
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    let f = yaml("model:\n  queue_sise: 10\n");
+    let err = format!("{:#}", load(&sources(Some(&f), &[])).unwrap_err());
+    assert!(err.contains("queue_sise"), "{err}");
+
+    let err = format!("{:#}", load(&sources(None, &["optimiser.lr=1"])).unwrap_err());
+    assert!(err.contains("optimiser"), "{err}");
+}
+
+#[test]
+fn invalid_relations_are_reported() {
+    let err = format!("{:#}", load(&sources(None, &["model.image_res=250"])).unwrap_err());
+    assert!(err.contains("image_res"), "{err}");
+    let err = format!("{:#}", load(&sources(None, &["model.preset=albef-huge"])).unwrap_err());
+    assert!(err.contains("albef-huge"), "{err}");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let err = load(&ConfigSources::file("/nonexistent/x.yaml")).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/x.yaml"), "{err}");
+}
+
+#[test]
+fn effective_config_round_trips_through_its_printout() {
+    let cfg = AlbefConfig::defaults(Preset::AlbefSmall);
+    let back: AlbefConfig = serde_json::from_str(&cfg.to_pretty_json()).unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[test]
+fn repository_configs_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for name in ["pretrain.yaml", "small.yaml"] {
+        let path = root.join(name);
+        let cfg = load(&ConfigSources { file: Some(path.clone()), overrides: vec![], environment: false })
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        if name == "pretrain.yaml" {
+            assert_eq!(cfg, AlbefConfig::defaults(Preset::AlbefBase), "pretrain.yaml mirrors the reference");
+        }
+    }
+}

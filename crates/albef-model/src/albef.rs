@@ -1,0 +1,372 @@
+//! The ALBEF pretraining model: online encoders and heads, momentum copies, feature queues, and
+//! the forward that returns the three pretraining losses (ITC with momentum distillation, ITM
+//! with hard negatives, MLM with distillation), as ../shared/ALBEF_SPEC.md describes.
+
+use crate::bert::{BertForMaskedLm, Mode};
+use crate::nn::{Init, Linear, Scope, normalize};
+use crate::vit::VisionTransformer;
+use albef_config::{ItcNegatives, ModelConfig};
+use anyhow::{Result, ensure};
+use tch::{Device, Kind, Reduction, Tensor, nn};
+
+/// Collects a tensor from every rank along dim 0, in rank order, without gradient.
+///
+/// The distributed runtime plugs its all-gather in here; one process uses [`LocalGather`].
+pub trait FeatureGather {
+    fn rank(&self) -> i64;
+    fn world_size(&self) -> i64;
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// The world of one process: gathering is the identity.
+pub struct LocalGather;
+
+impl FeatureGather for LocalGather {
+    fn rank(&self) -> i64 {
+        0
+    }
+    fn world_size(&self) -> i64 {
+        1
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.shallow_clone())
+    }
+}
+
+/// One batch on the model's device: images (B, 3, H, W) float, token ids and attention mask (B, L).
+pub struct Batch<'a> {
+    pub image: &'a Tensor,
+    pub input_ids: &'a Tensor,
+    pub attention_mask: &'a Tensor,
+}
+
+/// The losses of one pretraining step; their sum is what the step minimises (1:1:1).
+pub struct Losses {
+    pub ita: Tensor,
+    pub itm: Tensor,
+    pub mlm: Tensor,
+}
+
+impl Losses {
+    pub fn total(&self) -> Tensor {
+        &self.ita + &self.itm + &self.mlm
+    }
+}
+
+/// A module's online and momentum halves: image encoder + projection, or text BERT + projection.
+struct Tower<E> {
+    encoder: E,
+    proj: Linear,
+}
+
+pub struct Albef {
+    cfg: ModelConfig,
+    visual: Tower<VisionTransformer>,
+    text: Tower<BertForMaskedLm>,
+    visual_m: Tower<VisionTransformer>,
+    text_m: Tower<BertForMaskedLm>,
+    itm_head: Linear,
+    temp: Tensor,
+    image_queue: Tensor,
+    text_queue: Tensor,
+    queue_ptr: Tensor,
+    /// (online, momentum) parameter pairs, for the EMA.
+    momentum_pairs: Vec<(Tensor, Tensor)>,
+}
+
+/// Prefixes of the online modules that have momentum copies (`<prefix>_m`).
+pub const MOMENTUM_MODULES: [&str; 4] = ["visual_encoder", "vision_proj", "text_encoder", "text_proj"];
+
+impl Albef {
+    /// Builds the model in `vs` with the reference state-dict names, momentum copies equal to the
+    /// online weights, and random unit-norm queues.
+    pub fn new(vs: &nn::VarStore, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let root = vs.root();
+        let online = Scope::new(root.clone(), true);
+        let frozen = Scope::new(root.clone(), false);
+        let (v, b, e) = (&cfg.vision, &cfg.bert, cfg.embed_dim);
+        let visual = |s: &Scope, suffix: &str| Tower {
+            encoder: VisionTransformer::new(&s.sub(format!("visual_encoder{suffix}")), v, cfg.image_res),
+            proj: Linear::torch_default(&s.sub(format!("vision_proj{suffix}")), v.vision_width, e),
+        };
+        let text = |s: &Scope, suffix: &str| Tower {
+            encoder: BertForMaskedLm::new(&s.sub(format!("text_encoder{suffix}")), b),
+            proj: Linear::torch_default(&s.sub(format!("text_proj{suffix}")), b.hidden_size, e),
+        };
+        let (visual_on, text_on) = (visual(&online, ""), text(&online, ""));
+        let itm_head = Linear::torch_default(&online.sub("itm_head"), b.hidden_size, 2);
+        let temp = online.param("temp", &[], Init::Const(cfg.temp));
+        let (visual_m, text_m) = (visual(&frozen, "_m"), text(&frozen, "_m"));
+        let opts = (Kind::Float, vs.device());
+        let queue = |name: &str| {
+            let q = Tensor::randn([e, cfg.queue_size], opts);
+            frozen.buffer(name, &q / q.norm_scalaropt_dim(2, [0], true))
+        };
+        let image_queue = queue("image_queue");
+        let text_queue = queue("text_queue");
+        let queue_ptr = frozen.buffer("queue_ptr", Tensor::zeros([1], (Kind::Int64, vs.device())));
+
+        let vars = vs.variables();
+        let mut momentum_pairs = Vec::new();
+        for (name, p_m) in &vars {
+            if let Some(online_name) = online_name_of(name) {
+                momentum_pairs.push((vars[&online_name].shallow_clone(), p_m.shallow_clone()));
+            }
+        }
+        let model = Albef {
+            cfg: cfg.clone(),
+            visual: visual_on,
+            text: text_on,
+            visual_m,
+            text_m,
+            itm_head,
+            temp,
+            image_queue,
+            text_queue,
+            queue_ptr,
+            momentum_pairs,
+        };
+        model.copy_params_to_momentum();
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.temp.device()
+    }
+
+    pub fn temp(&self) -> f64 {
+        self.temp.double_value(&[])
+    }
+
+    pub fn queue_ptr(&self) -> i64 {
+        self.queue_ptr.int64_value(&[0])
+    }
+
+    pub fn image_queue(&self) -> &Tensor {
+        &self.image_queue
+    }
+
+    pub fn text_queue(&self) -> &Tensor {
+        &self.text_queue
+    }
+
+    /// Sets every momentum parameter to its online value (after construction or a weight import).
+    pub fn copy_params_to_momentum(&self) {
+        tch::no_grad(|| {
+            for (p, p_m) in &self.momentum_pairs {
+                p_m.shallow_clone().copy_(p);
+            }
+        });
+    }
+
+    /// p_m = m * p_m + (1 - m) * p for every momentum parameter.
+    pub fn momentum_update(&self) {
+        let m = self.cfg.momentum;
+        tch::no_grad(|| {
+            for (p, p_m) in &self.momentum_pairs {
+                let mut p_m = p_m.shallow_clone();
+                let _ = p_m.g_mul_scalar_(m).g_add_(&(p * (1.0 - m)));
+            }
+        });
+    }
+
+    /// Online image encoder and projection: (tokens, normalised features).
+    pub fn encode_image(&self, image: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let _ = train; // the ViT has no dropout; kept for symmetry with encode_text
+        let embeds = self.visual.encoder.forward(image);
+        let feat = normalize(&self.visual.proj.forward(&embeds.select(1, 0)));
+        (embeds, feat)
+    }
+
+    /// Online text encoder (mode `text`) and projection: (tokens, normalised features).
+    pub fn encode_text(&self, ids: &Tensor, mask: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let embeds = self.text.encoder.bert.forward(Mode::Text, ids, mask, None, train);
+        let feat = normalize(&self.text.proj.forward(&embeds.select(1, 0)));
+        (embeds, feat)
+    }
+
+    /// ITM logits (N, 2) of text tokens fused with image tokens; column 1 is "match".
+    pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, train: bool) -> Tensor {
+        let fused = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), train);
+        self.itm_head.forward(&fused.select(1, 0))
+    }
+
+    /// MLM logits of the online model over all 12 layers.
+    pub fn mlm_logits(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, train: bool) -> Tensor {
+        let h = self.text.encoder.bert.forward(Mode::MultiModal, ids, mask, Some(image_embeds), train);
+        self.text.encoder.mlm_logits(&h)
+    }
+
+    /// One pretraining forward (in training mode). `alpha` weighs the momentum distillation;
+    /// `gather` brings every rank's momentum features for the queues (and, with
+    /// `itc_negatives: global`, for this step's ITC). Updates temp's clamp, the momentum
+    /// weights and the queues as side effects, like the reference.
+    pub fn forward_pretrain(&self, batch: &Batch, alpha: f64, gather: &dyn FeatureGather) -> Result<Losses> {
+        let bsz = batch.image.size()[0];
+        ensure!(
+            bsz >= 2,
+            "ALBEF pretraining needs at least 2 pairs per rank (hard negatives come from the other pairs of the batch), got {bsz}"
+        );
+        ensure!(
+            batch.input_ids.size()[0] == bsz && batch.attention_mask.size() == batch.input_ids.size(),
+            "batch mismatch: {bsz} images, ids {:?}, mask {:?}",
+            batch.input_ids.size(),
+            batch.attention_mask.size()
+        );
+        tch::no_grad(|| {
+            let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
+        });
+        let (ids, mask) = (batch.input_ids, batch.attention_mask);
+        let (image_embeds, image_feat) = self.encode_image(batch.image, true);
+        let (text_embeds, text_feat) = self.encode_text(ids, mask, true);
+
+        // Momentum features, queues and ITC targets: no gradient anywhere in here.
+        let itc = tch::no_grad(|| -> Result<_> {
+            self.momentum_update();
+            let image_embeds_m = self.visual_m.encoder.forward(batch.image);
+            let image_feat_m = normalize(&self.visual_m.proj.forward(&image_embeds_m.select(1, 0)));
+            let text_m = self.text_m.encoder.bert.forward(Mode::Text, ids, mask, None, true);
+            let text_feat_m = normalize(&self.text_m.proj.forward(&text_m.select(1, 0)));
+            let image_gathered = gather.all_gather(&image_feat_m)?;
+            let text_gathered = gather.all_gather(&text_feat_m)?;
+            let (image_cur, text_cur, offset) = match self.cfg.itc_negatives {
+                ItcNegatives::Local => (image_feat_m.shallow_clone(), text_feat_m.shallow_clone(), 0),
+                ItcNegatives::Global => (image_gathered.shallow_clone(), text_gathered.shallow_clone(), gather.rank() * bsz),
+            };
+            let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.copy()], 1);
+            let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.copy()], 1);
+            let columns = image_feat_all.size()[1];
+            let positives = Tensor::arange_start(offset, offset + bsz, (Kind::Int64, self.device()));
+            let onehot = positives.one_hot(columns).to_kind(Kind::Float);
+            let temp = self.temp.detach();
+            let sim_i2t_m = image_feat_m.matmul(&text_feat_all) / &temp;
+            let sim_t2i_m = text_feat_m.matmul(&image_feat_all) / &temp;
+            let targets_i2t = sim_i2t_m.softmax(1, Kind::Float) * alpha + &onehot * (1.0 - alpha);
+            let targets_t2i = sim_t2i_m.softmax(1, Kind::Float) * alpha + &onehot * (1.0 - alpha);
+            self.enqueue(&image_gathered, &text_gathered);
+            Ok((image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset))
+        })?;
+        let (image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset) = itc;
+
+        let sim_i2t = image_feat.matmul(&text_feat_all) / &self.temp;
+        let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
+        let soft_ce = |sim: &Tensor, targets: &Tensor| {
+            -(sim.log_softmax(1, Kind::Float) * targets).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
+        };
+        let ita = (soft_ce(&sim_i2t, &targets_i2t) + soft_ce(&sim_t2i, &targets_t2i)) / 2.0;
+
+        let itm = self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
+        let mlm = self.mlm_loss(ids, mask, &image_embeds, &image_embeds_m, alpha);
+        Ok(Losses { ita, itm, mlm })
+    }
+
+    /// Writes the gathered momentum features at queue_ptr (wrapping around), ptr += their count.
+    fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor) {
+        let q = self.cfg.queue_size;
+        let n = image_feat.size()[0];
+        let ptr = self.queue_ptr();
+        // More features than the queue holds: only the last q survive, as if written in order.
+        let keep = n.min(q);
+        let start = ptr + (n - keep);
+        let columns = Tensor::arange_start(start, start + keep, (Kind::Int64, self.device())).remainder(q);
+        let write = |queue: &Tensor, feat: &Tensor| {
+            let block = feat.narrow(0, n - keep, keep).tr().to_kind(queue.kind());
+            let _ = queue.shallow_clone().index_copy_(1, &columns, &block);
+        };
+        write(&self.image_queue, image_feat);
+        write(&self.text_queue, text_feat);
+        let _ = self.queue_ptr.shallow_clone().fill_((ptr + n) % q);
+    }
+
+    /// ITM over B positive pairs and 2B hard negatives drawn from the local block of the
+    /// similarities, with the positive set to -inf before the softmax.
+    fn itm_loss(
+        &self,
+        image_embeds: &Tensor,
+        text_embeds: &Tensor,
+        mask: &Tensor,
+        sim_i2t: &Tensor,
+        sim_t2i: &Tensor,
+        offset: i64,
+    ) -> Tensor {
+        let bsz = image_embeds.size()[0];
+        let dev = self.device();
+        let output_pos = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), true);
+        let (neg_image_idx, neg_text_idx) = tch::no_grad(|| {
+            let eye = Tensor::eye(bsz, (Kind::Bool, dev));
+            let weights = |sim: &Tensor| {
+                sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float)
+            };
+            // For each text a negative image; for each image a negative text.
+            let neg_image = weights(sim_t2i).multinomial(1, false).squeeze_dim(1);
+            let neg_text = weights(sim_i2t).multinomial(1, false).squeeze_dim(1);
+            (neg_image, neg_text)
+        });
+        let image_embeds_neg = image_embeds.index_select(0, &neg_image_idx);
+        let text_embeds_neg = text_embeds.index_select(0, &neg_text_idx);
+        let mask_neg = mask.index_select(0, &neg_text_idx);
+        let text_all = Tensor::cat(&[text_embeds, &text_embeds_neg], 0);
+        let mask_all = Tensor::cat(&[mask, &mask_neg], 0);
+        let image_all = Tensor::cat(&[&image_embeds_neg, image_embeds], 0);
+        let output_neg = self.text.encoder.bert.forward(Mode::Fusion, &text_all, &mask_all, Some(&image_all), true);
+        let vl = Tensor::cat(&[output_pos.select(1, 0), output_neg.select(1, 0)], 0);
+        let logits = self.itm_head.forward(&vl);
+        let labels = Tensor::cat(
+            &[Tensor::ones([bsz], (Kind::Int64, dev)), Tensor::zeros([2 * bsz], (Kind::Int64, dev))],
+            0,
+        );
+        logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels)
+    }
+
+    /// Masked LM over all layers with the image, distilled towards the momentum model's
+    /// predictions over the vocabulary axis.
+    fn mlm_loss(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, image_embeds_m: &Tensor, alpha: f64) -> Tensor {
+        let (masked_ids, labels) = mask_tokens(ids, &self.cfg);
+        let logits_m = tch::no_grad(|| {
+            let h = self.text_m.encoder.bert.forward(Mode::MultiModal, &masked_ids, mask, Some(image_embeds_m), true);
+            self.text_m.encoder.mlm_logits(&h)
+        });
+        let logits = self.mlm_logits(&masked_ids, mask, image_embeds, true).to_kind(Kind::Float);
+        let selected = labels.ne(-100);
+        if selected.sum(Kind::Int64).int64_value(&[]) == 0 {
+            // Nothing masked (tiny batches): a zero loss that still belongs to the graph.
+            return logits.sum(Kind::Float) * 0.0;
+        }
+        let vocab = logits.size()[2];
+        let ce = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
+        let soft = logits_m.to_kind(Kind::Float).softmax(-1, Kind::Float);
+        let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
+        let distill = distill.masked_select(&selected).mean(Kind::Float);
+        ce * (1.0 - alpha) + distill * alpha
+    }
+}
+
+/// The online parameter a momentum parameter mirrors (`text_encoder_m.x` -> `text_encoder.x`).
+pub fn online_name_of(momentum_name: &str) -> Option<String> {
+    let (module, rest) = momentum_name.split_once('.')?;
+    let online = module.strip_suffix("_m")?;
+    MOMENTUM_MODULES.contains(&online).then(|| format!("{online}.{rest}"))
+}
+
+/// BERT masking: each token but PAD and CLS is chosen with probability `mlm_probability`;
+/// chosen tokens become [MASK] (80%), a random id (10%) or stay (10%). Returns (ids, labels)
+/// with labels -100 where nothing was chosen.
+pub fn mask_tokens(ids: &Tensor, cfg: &ModelConfig) -> (Tensor, Tensor) {
+    let b = &cfg.bert;
+    let opts = (Kind::Float, ids.device());
+    let draw = |p: f64| Tensor::full(ids.size(), p, opts).bernoulli().to_kind(Kind::Bool);
+    let chosen = draw(cfg.mlm_probability)
+        .logical_and(&ids.ne(b.pad_token_id))
+        .logical_and(&ids.ne(b.cls_token_id));
+    let labels = ids.where_self(&chosen, &Tensor::full_like(ids, -100));
+    let replaced = draw(0.8).logical_and(&chosen);
+    let masked = ids.masked_fill(&replaced, b.mask_token_id);
+    let random = draw(0.5).logical_and(&chosen).logical_and(&replaced.logical_not());
+    let words = Tensor::randint(b.vocab_size, ids.size(), (Kind::Int64, ids.device()));
+    (words.where_self(&random, &masked), labels)
+}

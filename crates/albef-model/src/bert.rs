@@ -1,0 +1,190 @@
+//! The text side: BERT with Hugging Face parameter names. Layers below `fusion_layer` form the
+//! text encoder; the layers from it on add cross-attention to the image tokens (the fusion
+//! encoder). `BertForMaskedLm` adds the tied MLM head (`cls.predictions`).
+
+use crate::nn::{Embedding, Init, LayerNorm, Linear, Scope, attention, dropout};
+use albef_config::BertConfig;
+use tch::{Device, Kind, Tensor};
+
+/// Self- or cross-attention with its output projection, residual and post-LN (`BertAttention`).
+#[derive(Debug)]
+struct AttentionBlock {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: i64,
+    attn_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl AttentionBlock {
+    fn new(s: &Scope, c: &BertConfig, kv_width: i64) -> Self {
+        let init = Init::Normal(c.initializer_range);
+        let h = c.hidden_size;
+        AttentionBlock {
+            query: Linear::new(&s.sub("self").sub("query"), h, h, init),
+            key: Linear::new(&s.sub("self").sub("key"), kv_width, h, init),
+            value: Linear::new(&s.sub("self").sub("value"), kv_width, h, init),
+            dense: Linear::new(&s.sub("output").sub("dense"), h, h, init),
+            norm: LayerNorm::new(&s.sub("output").sub("LayerNorm"), h, c.layer_norm_eps),
+            heads: c.num_attention_heads,
+            attn_dropout: c.attention_probs_dropout_prob,
+            hidden_dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kv: &Tensor, keep: Option<&Tensor>, train: bool) -> Tensor {
+        let p = if train { self.attn_dropout } else { 0.0 };
+        let ctx = attention(&self.query.forward(x), &self.key.forward(kv), &self.value.forward(kv), self.heads, keep, p);
+        let out = dropout(&self.dense.forward(&ctx), self.hidden_dropout, train);
+        self.norm.forward(&(out + x))
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attention: AttentionBlock,
+    crossattention: Option<AttentionBlock>,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    hidden_dropout: f64,
+}
+
+impl Layer {
+    fn new(s: &Scope, c: &BertConfig, cross: bool) -> Self {
+        let init = Init::Normal(c.initializer_range);
+        Layer {
+            attention: AttentionBlock::new(&s.sub("attention"), c, c.hidden_size),
+            crossattention: cross.then(|| AttentionBlock::new(&s.sub("crossattention"), c, c.encoder_width)),
+            intermediate: Linear::new(&s.sub("intermediate").sub("dense"), c.hidden_size, c.intermediate_size, init),
+            output: Linear::new(&s.sub("output").sub("dense"), c.intermediate_size, c.hidden_size, init),
+            output_norm: LayerNorm::new(&s.sub("output").sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            hidden_dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, keep: &Tensor, image: Option<&Tensor>, train: bool) -> Tensor {
+        let mut x = self.attention.forward(x, x, Some(keep), train);
+        if let Some(cross) = &self.crossattention {
+            let image = image.expect("fusion layers need image tokens");
+            // Every image token is valid: no mask on the cross-attention.
+            x = cross.forward(&x, image, None, train);
+        }
+        let h = self.intermediate.forward(&x).gelu("none");
+        let out = dropout(&self.output.forward(&h), self.hidden_dropout, train);
+        self.output_norm.forward(&(out + x))
+    }
+}
+
+/// Which layers a forward runs (ALBEF's `mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Embeddings + layers below `fusion_layer`.
+    Text,
+    /// Layers from `fusion_layer` on, over a text-mode output and image tokens.
+    Fusion,
+    /// Embeddings + every layer.
+    MultiModal,
+}
+
+#[derive(Debug)]
+pub struct BertModel {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    fusion_layer: usize,
+    hidden_dropout: f64,
+}
+
+impl BertModel {
+    /// Parameters under `s`: embeddings.*, encoder.layer.N.* (no pooler, as BertForMaskedLM).
+    pub fn new(s: &Scope, c: &BertConfig) -> Self {
+        let e = s.sub("embeddings");
+        let std = c.initializer_range;
+        BertModel {
+            word_embeddings: Embedding::new(&e.sub("word_embeddings"), c.vocab_size, c.hidden_size, std),
+            position_embeddings: Embedding::new(&e.sub("position_embeddings"), c.max_position_embeddings, c.hidden_size, std),
+            token_type_embeddings: Embedding::new(&e.sub("token_type_embeddings"), c.type_vocab_size, c.hidden_size, std),
+            embeddings_norm: LayerNorm::new(&e.sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            layers: (0..c.num_hidden_layers)
+                .map(|i| Layer::new(&s.sub("encoder").sub("layer").sub(i), c, i >= c.fusion_layer))
+                .collect(),
+            fusion_layer: c.fusion_layer as usize,
+            hidden_dropout: c.hidden_dropout_prob,
+        }
+    }
+
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings.weight
+    }
+
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
+        let len = ids.size()[1];
+        let positions = Tensor::arange(len, (Kind::Int64, ids.device())).unsqueeze(0);
+        // Token type 0 always, as the reference.
+        let types = Tensor::zeros_like(&positions);
+        let x = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(&positions)
+            + self.token_type_embeddings.forward(&types);
+        dropout(&self.embeddings_norm.forward(&x), self.hidden_dropout, train)
+    }
+
+    /// Runs `mode` on `input`: token ids (B, L) for Text and MultiModal, hidden states (B, L, H)
+    /// for Fusion. `attention_mask` is (B, L), 1 for tokens and 0 for padding.
+    pub fn forward(
+        &self,
+        mode: Mode,
+        input: &Tensor,
+        attention_mask: &Tensor,
+        image: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let keep = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let (mut x, range) = match mode {
+            Mode::Text => (self.embed(input, train), 0..self.fusion_layer),
+            Mode::Fusion => (input.shallow_clone(), self.fusion_layer..self.layers.len()),
+            Mode::MultiModal => (self.embed(input, train), 0..self.layers.len()),
+        };
+        for layer in &self.layers[range] {
+            x = layer.forward(&x, &keep, image, train);
+        }
+        x
+    }
+}
+
+/// BERT with the masked-language-model head whose decoder is tied to the word embeddings.
+#[derive(Debug)]
+pub struct BertForMaskedLm {
+    pub bert: BertModel,
+    transform: Linear,
+    transform_norm: LayerNorm,
+    decoder_bias: Tensor,
+}
+
+impl BertForMaskedLm {
+    /// Parameters under `s`: bert.*, cls.predictions.{transform.dense, transform.LayerNorm, bias}.
+    pub fn new(s: &Scope, c: &BertConfig) -> Self {
+        let p = s.sub("cls").sub("predictions");
+        BertForMaskedLm {
+            bert: BertModel::new(&s.sub("bert"), c),
+            transform: Linear::new(&p.sub("transform").sub("dense"), c.hidden_size, c.hidden_size, Init::Normal(c.initializer_range)),
+            transform_norm: LayerNorm::new(&p.sub("transform").sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
+            decoder_bias: p.param("bias", &[c.vocab_size], Init::Zeros),
+        }
+    }
+
+    /// Vocabulary logits (B, L, V) for hidden states (B, L, H).
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Tensor {
+        let h = self.transform_norm.forward(&self.transform.forward(hidden).gelu("none"));
+        h.linear(self.bert.word_embeddings(), Some(&self.decoder_bias))
+    }
+
+    pub fn device(&self) -> Device {
+        self.decoder_bias.device()
+    }
+}

@@ -1,0 +1,32 @@
+//! Device selection and the CUDA numerics switches (bf16 autocast, TF32).
+
+use albef_config::DeviceChoice;
+use anyhow::{Result, bail};
+use tch::Device;
+
+/// The device a choice resolves to on this machine.
+pub fn resolve(choice: DeviceChoice) -> Result<Device> {
+    let cuda = tch::Cuda::is_available();
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        DeviceChoice::Cuda if cuda => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => bail!(
+            "train.device is cuda but libtorch sees no CUDA device (is the driver visible, and was the binary linked with libtorch_cuda?)"
+        ),
+    }
+}
+
+/// Runs `f` under bf16 autocast when `enabled` and the device is CUDA; otherwise in fp32.
+pub fn with_autocast<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
+    if enabled && device.is_cuda() { tch::autocast(true, f) } else { f() }
+}
+
+/// Sets the process-wide CUDA numerics: autocast computes in bf16; TF32 as asked.
+pub fn configure_cuda(tf32: bool) -> Result<()> {
+    if tch::Cuda::is_available() {
+        albef_torch_ext::set_cuda_autocast_bf16()?;
+        albef_torch_ext::set_tf32(tf32)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! The image encoder: ViT with timm/DeiT parameter names, returning every token.
+
+use crate::nn::{Init, LayerNorm, Linear, Scope, attention};
+use albef_config::VisionConfig;
+use tch::Tensor;
+
+const INIT_STD: f64 = 0.02;
+
+#[derive(Debug)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: i64,
+}
+
+impl Block {
+    fn new(s: &Scope, c: &VisionConfig) -> Self {
+        let d = c.vision_width;
+        let lin = |name: &str, i, o| Linear::new(&s.sub(name), i, o, Init::Normal(INIT_STD));
+        Block {
+            norm1: LayerNorm::new(&s.sub("norm1"), d, c.layer_norm_eps),
+            qkv: lin("attn.qkv", d, 3 * d),
+            proj: lin("attn.proj", d, d),
+            norm2: LayerNorm::new(&s.sub("norm2"), d, c.layer_norm_eps),
+            fc1: lin("mlp.fc1", d, c.mlp_dim),
+            fc2: lin("mlp.fc2", c.mlp_dim, d),
+            heads: c.num_heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let qkv = self.qkv.forward(&self.norm1.forward(x)).chunk(3, -1);
+        let a = attention(&qkv[0], &qkv[1], &qkv[2], self.heads, None, 0.0);
+        let x = x + self.proj.forward(&a);
+        let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
+        &x + self.fc2.forward(&h)
+    }
+}
+
+#[derive(Debug)]
+pub struct VisionTransformer {
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    patch: i64,
+}
+
+impl VisionTransformer {
+    /// Parameters under `s`: patch_embed.proj, cls_token, pos_embed, blocks.N.*, norm.
+    pub fn new(s: &Scope, c: &VisionConfig, image_res: i64) -> Self {
+        let d = c.vision_width;
+        let grid = image_res / c.patch_size;
+        VisionTransformer {
+            patch_weight: s.param("patch_embed.proj.weight", &[d, 3, c.patch_size, c.patch_size], Init::Normal(INIT_STD)),
+            patch_bias: s.param("patch_embed.proj.bias", &[d], Init::Zeros),
+            cls_token: s.param("cls_token", &[1, 1, d], Init::Normal(INIT_STD)),
+            pos_embed: s.param("pos_embed", &[1, 1 + grid * grid, d], Init::Normal(INIT_STD)),
+            blocks: (0..c.depth).map(|i| Block::new(&s.sub("blocks").sub(i), c)).collect(),
+            norm: LayerNorm::new(&s.sub("norm"), d, c.layer_norm_eps),
+            patch: c.patch_size,
+        }
+    }
+
+    /// (B, 3, H, W) normalised pixels -> (B, 1 + H*W/p^2, D) tokens after the final norm.
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        let b = image.size()[0];
+        let x = image
+            .conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch, self.patch], [0, 0], [1, 1], 1)
+            .flatten(2, 3)
+            .transpose(1, 2);
+        let cls = self.cls_token.expand([b, -1, -1], false).to_kind(x.kind());
+        let mut x = Tensor::cat(&[cls, x], 1) + &self.pos_embed;
+        for block in &self.blocks {
+            x = block.forward(&x);
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// Resizes a (1, 1 + g*g, D) position embedding to `new_tokens` tokens: the patch grid is
+/// interpolated bicubically (align_corners false), the CLS position is kept, as ALBEF does when
+/// the image resolution changes between DeiT (224), pretraining (256) and fine-tuning (384).
+pub fn interpolate_pos_embed(pos_embed: &Tensor, new_tokens: i64) -> anyhow::Result<Tensor> {
+    let size = pos_embed.size();
+    anyhow::ensure!(size.len() == 3 && size[0] == 1, "pos_embed must be (1, tokens, dim), got {size:?}");
+    let (old_tokens, d) = (size[1], size[2]);
+    let grid = |tokens: i64| {
+        let g = ((tokens - 1) as f64).sqrt().round() as i64;
+        anyhow::ensure!(g * g == tokens - 1, "{tokens} tokens are not CLS + a square grid");
+        Ok(g)
+    };
+    let (old, new) = (grid(old_tokens)?, grid(new_tokens)?);
+    if old == new {
+        return Ok(pos_embed.shallow_clone());
+    }
+    let cls = pos_embed.narrow(1, 0, 1);
+    let patches = pos_embed
+        .narrow(1, 1, old * old)
+        .reshape([1, old, old, d])
+        .permute([0, 3, 1, 2])
+        .upsample_bicubic2d([new, new], false, None, None)
+        .permute([0, 2, 3, 1])
+        .flatten(1, 2);
+    Ok(Tensor::cat(&[cls, patches], 1))
+}

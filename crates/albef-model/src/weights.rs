@@ -1,0 +1,218 @@
+//! Weights by name: the full ALBEF state as safetensors (reference state-dict names), and
+//! imports of Hugging Face BERT and timm ViT/DeiT checkpoints with a report of what matched.
+
+use crate::vit::interpolate_pos_embed;
+use anyhow::{Context, Result, bail, ensure};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use tch::{Kind, Tensor, nn};
+
+/// Names PyTorch's state dict has for the tied MLM decoder: saved as copies so that
+/// `load_state_dict(strict=True)` in the reference code finds them; accepted and skipped on load.
+const TIED: [(&str, &str); 2] = [
+    ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+];
+
+/// What a load matched, for the user to read.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Model parameters the file did not provide (they keep their current values).
+    pub missing: Vec<String>,
+    /// File entries with no parameter of that name (ignored).
+    pub unexpected: Vec<String>,
+    /// Position embeddings interpolated to the model's resolution.
+    pub resized: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} loaded, {} missing, {} unexpected", self.loaded, self.missing.len(), self.unexpected.len())?;
+        if !self.resized.is_empty() {
+            write!(f, ", resized: {}", self.resized.join(", "))?;
+        }
+        for (label, names) in [("missing", &self.missing), ("unexpected", &self.unexpected)] {
+            if !names.is_empty() {
+                write!(f, "\n  {label}: {}", abbreviate(names))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn abbreviate(names: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", ... ({} more)", names.len() - SHOWN));
+    }
+    s
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        other => bail!("no safetensors dtype for {other:?}"),
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        other => bail!("unsupported safetensors dtype {other:?}"),
+    })
+}
+
+/// Host bytes of a tensor, in its own dtype, C-contiguous.
+pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut bytes = vec![0u8; n];
+    t.copy_data_u8(&mut bytes, t.numel());
+    bytes
+}
+
+/// Writes named tensors as one safetensors file (names sorted), atomically: a temporary file
+/// renamed into place, so a crash never leaves a half-written file under `path`.
+pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut owned = Vec::with_capacity(named.len());
+    for (name, t) in named {
+        owned.push((name.clone(), dtype_of(t.kind())?, t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(), tensor_bytes(t)));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file onto the CPU.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Every variable of the store plus the tied-decoder aliases, under the reference names.
+pub fn state_dict(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
+    let mut out: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for prefix in ["text_encoder.", "text_encoder_m."] {
+        for (alias, source) in TIED {
+            if let Some(t) = out.get(&format!("{prefix}{source}")) {
+                let t = t.shallow_clone();
+                out.insert(format!("{prefix}{alias}"), t);
+            }
+        }
+    }
+    out
+}
+
+/// Saves the full model state (online, momentum, queues, queue_ptr, temp).
+pub fn save(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    write_safetensors(&state_dict(vs), path)
+}
+
+fn is_tied_alias(name: &str) -> bool {
+    TIED.iter().any(|(alias, _)| name.ends_with(alias))
+}
+
+/// Copies `tensors` (already renamed to the store's names) into the store. Shapes must match,
+/// except position embeddings, which are interpolated to the model's resolution.
+pub fn load_named(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<LoadReport> {
+    let vars = vs.variables();
+    let mut report = LoadReport::default();
+    let mut seen = BTreeSet::new();
+    tch::no_grad(|| -> Result<()> {
+        for (name, value) in tensors {
+            let Some(var) = vars.get(&name) else {
+                if !is_tied_alias(&name) {
+                    report.unexpected.push(name);
+                }
+                continue;
+            };
+            let mut value = value;
+            if var.size() != value.size() {
+                ensure!(
+                    name.ends_with("pos_embed"),
+                    "{name}: shape {:?} in the file, {:?} in the model",
+                    value.size(),
+                    var.size()
+                );
+                value = interpolate_pos_embed(&value.to_kind(Kind::Float), var.size()[1])
+                    .with_context(|| format!("interpolating {name}"))?;
+                report.resized.push(name.clone());
+            }
+            var.shallow_clone().copy_(&value.to_kind(var.kind()).to_device(var.device()));
+            report.loaded += 1;
+            seen.insert(name);
+        }
+        Ok(())
+    })?;
+    report.missing = vars.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+    report.missing.sort();
+    Ok(report)
+}
+
+/// Loads a full ALBEF state saved by [`save`] (or converted from the reference checkpoint).
+/// Every parameter must be present.
+pub fn load(vs: &nn::VarStore, path: &Path) -> Result<LoadReport> {
+    let report = load_named(vs, read_safetensors(path)?).with_context(|| format!("loading {}", path.display()))?;
+    ensure!(report.missing.is_empty(), "{} lacks model parameters: {}", path.display(), abbreviate(&report.missing));
+    Ok(report)
+}
+
+/// Renames a Hugging Face BERT key to ALBEF's `text_encoder.*` names: accepts BertForMaskedLM /
+/// BertForPreTraining (`bert.*`, `cls.*`) and bare BertModel (`embeddings.*`, `encoder.*`) keys,
+/// and the old `LayerNorm.gamma/beta` spelling.
+fn hf_bert_name(key: &str) -> String {
+    let key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias");
+    if key.starts_with("embeddings.") || key.starts_with("encoder.") || key.starts_with("pooler.") {
+        format!("text_encoder.bert.{key}")
+    } else {
+        format!("text_encoder.{key}")
+    }
+}
+
+/// Imports a Hugging Face BERT checkpoint (safetensors) into the text and fusion layers. The
+/// report's `missing` lists the new parameters (cross-attention; the rest of the model).
+pub fn import_hf_bert(vs: &nn::VarStore, path: &Path) -> Result<LoadReport> {
+    let renamed = read_safetensors(path)?.into_iter().map(|(k, v)| (hf_bert_name(&k), v)).collect();
+    let mut report = load_named(vs, renamed).with_context(|| format!("importing BERT from {}", path.display()))?;
+    report.missing.retain(|n| n.starts_with("text_encoder."));
+    Ok(report)
+}
+
+/// Imports a timm ViT / DeiT checkpoint (safetensors) into the image encoder, interpolating the
+/// position embedding to the configured resolution. `head.*` shows up as unexpected.
+pub fn import_timm_vit(vs: &nn::VarStore, path: &Path) -> Result<LoadReport> {
+    let renamed = read_safetensors(path)?.into_iter().map(|(k, v)| (format!("visual_encoder.{k}"), v)).collect();
+    let mut report = load_named(vs, renamed).with_context(|| format!("importing ViT from {}", path.display()))?;
+    report.missing.retain(|n| n.starts_with("visual_encoder."));
+    Ok(report)
+}

@@ -1,0 +1,99 @@
+//! Extensions to tch for what it does not bind: the CUDA autocast dtype (tch's `autocast` is
+//! fp16-only), TF32 switches, and PyTorch's fused AdamW kernel (`at::_fused_adamw_`, on CPU and
+//! CUDA), reached through a small C++ shim compiled against the wheel's headers.
+
+use anyhow::{Result, bail};
+use std::ffi::{CStr, c_char};
+use tch::Tensor;
+
+// tch's tensors are `at::Tensor*` on the C side (torch-sys's `typedef torch::Tensor *tensor`).
+type CTensor = *mut torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn albef_set_cuda_autocast_bf16() -> *mut c_char;
+    fn albef_set_tf32(enabled: i32) -> *mut c_char;
+    fn albef_fused_adamw(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        steps: *const CTensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn albef_free_error(message: *mut c_char);
+}
+
+fn check(message: *mut c_char) -> Result<()> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null result is a NUL-terminated string malloc'ed by the shim; we free it once.
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+    unsafe { albef_free_error(message) };
+    bail!("libtorch: {text}")
+}
+
+/// Makes CUDA autocast regions (`tch::autocast(true, ..)`) compute in bf16 instead of fp16.
+pub fn set_cuda_autocast_bf16() -> Result<()> {
+    // SAFETY: no arguments; the shim catches every C++ exception.
+    check(unsafe { albef_set_cuda_autocast_bf16() })
+}
+
+/// Allows TF32 in cuBLAS matmuls and cuDNN convolutions (no effect on CPU).
+pub fn set_tf32(enabled: bool) -> Result<()> {
+    // SAFETY: plain flag; the shim catches every C++ exception.
+    check(unsafe { albef_set_tf32(i32::from(enabled)) })
+}
+
+/// Hyper-parameters of one AdamW parameter group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One fused AdamW update, in place, of `params` (PyTorch's `AdamW(fused=True)` arithmetic).
+/// `steps` must already count this step. All lists have the same length and device.
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    hyper: AdamWHyper,
+) -> Result<()> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+        bail!("fused_adamw: lists of different lengths");
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as CTensor).collect::<Vec<_>>();
+    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
+    // SAFETY: every pointer comes from a live tch Tensor borrowed for the duration of the call;
+    // the shim only reads the at::Tensor handles and updates their storage in place.
+    check(unsafe {
+        albef_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            hyper.lr,
+            hyper.beta1,
+            hyper.beta2,
+            hyper.weight_decay,
+            hyper.eps,
+        )
+    })
+}

@@ -1,0 +1,69 @@
+// libtorch calls that tch 0.24 does not expose. Every entry point catches C++ exceptions and
+// returns them as a malloc'ed message (NULL on success) for Rust to turn into an error.
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+char *error_message(const char *what) {
+  char *copy = static_cast<char *>(std::malloc(std::strlen(what) + 1));
+  if (copy != nullptr) std::strcpy(copy, what);
+  return copy;
+}
+
+std::vector<at::Tensor> tensors(at::Tensor **ptrs, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*ptrs[i]);
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+char *albef_set_cuda_autocast_bf16() {
+  try {
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+char *albef_set_tf32(int enabled) {
+  try {
+    at::globalContext().setAllowTF32CuBLAS(enabled != 0);
+    at::globalContext().setAllowTF32CuDNN(enabled != 0);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+// One AdamW step over a list of parameters sharing hyper-parameters; `steps` are the per-parameter
+// step counters (float scalars on the parameters' device), already incremented by the caller.
+char *albef_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
+                        at::Tensor **exp_avg_sqs, at::Tensor **steps, size_t n, double lr,
+                        double beta1, double beta2, double weight_decay, double eps) {
+  try {
+    auto p = tensors(params, n);
+    auto g = tensors(grads, n);
+    auto m = tensors(exp_avgs, n);
+    auto v = tensors(exp_avg_sqs, n);
+    auto s = tensors(steps, n);
+    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+void albef_free_error(char *message) { std::free(message); }
+}
