@@ -147,6 +147,9 @@ impl ModelConfig {
             image_res: 64,
             embed_dim: 64,
             queue_size: 512,
+            // Runs of a few hundred steps need momentum encoders that keep up with the online
+            // ones (0.995 averages over ~200 steps).
+            momentum: 0.9,
             vision: VisionConfig {
                 patch_size: 16,
                 vision_width: 128,

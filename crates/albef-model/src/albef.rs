@@ -240,14 +240,9 @@ impl Albef {
             };
             let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.copy()], 1);
             let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.copy()], 1);
-            let columns = image_feat_all.size()[1];
-            let positives = Tensor::arange_start(offset, offset + bsz, (Kind::Int64, self.device()));
-            let onehot = positives.one_hot(columns).to_kind(Kind::Float);
             let temp = self.temp.detach();
-            let sim_i2t_m = image_feat_m.matmul(&text_feat_all) / &temp;
-            let sim_t2i_m = text_feat_m.matmul(&image_feat_all) / &temp;
-            let targets_i2t = sim_i2t_m.softmax(1, Kind::Float) * alpha + &onehot * (1.0 - alpha);
-            let targets_t2i = sim_t2i_m.softmax(1, Kind::Float) * alpha + &onehot * (1.0 - alpha);
+            let targets_i2t = itc_targets(&(image_feat_m.matmul(&text_feat_all) / &temp), offset, alpha);
+            let targets_t2i = itc_targets(&(text_feat_m.matmul(&image_feat_all) / &temp), offset, alpha);
             self.enqueue(&image_gathered, &text_gathered);
             Ok((image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset))
         })?;
@@ -255,32 +250,30 @@ impl Albef {
 
         let sim_i2t = image_feat.matmul(&text_feat_all) / &self.temp;
         let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
-        let soft_ce = |sim: &Tensor, targets: &Tensor| {
-            -(sim.log_softmax(1, Kind::Float) * targets).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
-        };
-        let ita = (soft_ce(&sim_i2t, &targets_i2t) + soft_ce(&sim_t2i, &targets_t2i)) / 2.0;
+        let ita = (soft_cross_entropy(&sim_i2t, &targets_i2t) + soft_cross_entropy(&sim_t2i, &targets_t2i)) / 2.0;
 
         let itm = self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
         let mlm = self.mlm_loss(ids, mask, &image_embeds, &image_embeds_m, alpha);
         Ok(Losses { ita, itm, mlm })
     }
 
-    /// Writes the gathered momentum features at queue_ptr (wrapping around), ptr += their count.
-    fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor) {
-        let q = self.cfg.queue_size;
-        let n = image_feat.size()[0];
-        let ptr = self.queue_ptr();
-        // More features than the queue holds: only the last q survive, as if written in order.
-        let keep = n.min(q);
-        let start = ptr + (n - keep);
-        let columns = Tensor::arange_start(start, start + keep, (Kind::Int64, self.device())).remainder(q);
-        let write = |queue: &Tensor, feat: &Tensor| {
-            let block = feat.narrow(0, n - keep, keep).tr().to_kind(queue.kind());
-            let _ = queue.shallow_clone().index_copy_(1, &columns, &block);
-        };
-        write(&self.image_queue, image_feat);
-        write(&self.text_queue, text_feat);
-        let _ = self.queue_ptr.shallow_clone().fill_((ptr + n) % q);
+    /// Writes (N, D) features of every rank at queue_ptr, wrapping around any queue size, and
+    /// advances queue_ptr by N. With N > queue_size only the last queue_size rows survive, as if
+    /// written one after another.
+    pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor) {
+        tch::no_grad(|| {
+            let q = self.cfg.queue_size;
+            let n = image_feat.size()[0];
+            let ptr = self.queue_ptr();
+            let keep = n.min(q);
+            let start = ptr + (n - keep);
+            let columns = Tensor::arange_start(start, start + keep, (Kind::Int64, self.device())).remainder(q);
+            for (queue, feat) in [(&self.image_queue, image_feat), (&self.text_queue, text_feat)] {
+                let block = feat.narrow(0, n - keep, keep).tr().to_kind(queue.kind());
+                let _ = queue.shallow_clone().index_copy_(1, &columns, &block);
+            }
+            let _ = self.queue_ptr.shallow_clone().fill_((ptr + n) % q);
+        })
     }
 
     /// ITM over B positive pairs and 2B hard negatives drawn from the local block of the
@@ -298,14 +291,9 @@ impl Albef {
         let dev = self.device();
         let output_pos = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), true);
         let (neg_image_idx, neg_text_idx) = tch::no_grad(|| {
-            let eye = Tensor::eye(bsz, (Kind::Bool, dev));
-            let weights = |sim: &Tensor| {
-                sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float)
-            };
             // For each text a negative image; for each image a negative text.
-            let neg_image = weights(sim_t2i).multinomial(1, false).squeeze_dim(1);
-            let neg_text = weights(sim_i2t).multinomial(1, false).squeeze_dim(1);
-            (neg_image, neg_text)
+            let draw = |sim: &Tensor| hard_negative_weights(sim, offset).multinomial(1, false).squeeze_dim(1);
+            (draw(sim_t2i), draw(sim_i2t))
         });
         let image_embeds_neg = image_embeds.index_select(0, &neg_image_idx);
         let text_embeds_neg = text_embeds.index_select(0, &neg_text_idx);
@@ -331,19 +319,48 @@ impl Albef {
             let h = self.text_m.encoder.bert.forward(Mode::MultiModal, &masked_ids, mask, Some(image_embeds_m), true);
             self.text_m.encoder.mlm_logits(&h)
         });
-        let logits = self.mlm_logits(&masked_ids, mask, image_embeds, true).to_kind(Kind::Float);
-        let selected = labels.ne(-100);
-        if selected.sum(Kind::Int64).int64_value(&[]) == 0 {
-            // Nothing masked (tiny batches): a zero loss that still belongs to the graph.
-            return logits.sum(Kind::Float) * 0.0;
-        }
-        let vocab = logits.size()[2];
-        let ce = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
-        let soft = logits_m.to_kind(Kind::Float).softmax(-1, Kind::Float);
-        let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
-        let distill = distill.masked_select(&selected).mean(Kind::Float);
-        ce * (1.0 - alpha) + distill * alpha
+        let logits = self.mlm_logits(&masked_ids, mask, image_embeds, true);
+        mlm_distill_loss(&logits, &logits_m, &labels, alpha)
     }
+}
+
+/// ITC targets: `alpha * softmax(sim_m) + (1 - alpha) * onehot`, the positive of row i at
+/// column `offset + i`.
+pub fn itc_targets(sim_m: &Tensor, offset: i64, alpha: f64) -> Tensor {
+    let (rows, columns) = sim_m.size2().expect("similarities are (B, N)");
+    let positives = Tensor::arange_start(offset, offset + rows, (Kind::Int64, sim_m.device()));
+    let onehot = positives.one_hot(columns).to_kind(Kind::Float);
+    sim_m.softmax(1, Kind::Float) * alpha + onehot * (1.0 - alpha)
+}
+
+/// Mean over rows of `-sum(log_softmax(sim) * targets)`.
+pub fn soft_cross_entropy(sim: &Tensor, targets: &Tensor) -> Tensor {
+    -(sim.log_softmax(1, Kind::Float) * targets).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
+}
+
+/// Hard-negative sampling weights from the local (B, B) block of the similarities at columns
+/// `offset..offset+B`: softmax with the positive set to -inf first (LAVIS), so the positive is
+/// never drawn and a collapsed temperature cannot produce an all-zero row.
+pub fn hard_negative_weights(sim: &Tensor, offset: i64) -> Tensor {
+    let bsz = sim.size()[0];
+    let eye = Tensor::eye(bsz, (Kind::Bool, sim.device()));
+    sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float)
+}
+
+/// MLM loss with distillation: `(1 - alpha) * CE(labels, ignore -100) + alpha * mean over the
+/// masked tokens of -sum(log_softmax(logits) * softmax(logits_m))` over the vocabulary axis.
+/// Zero (still part of the graph) when no token is masked.
+pub fn mlm_distill_loss(logits: &Tensor, logits_m: &Tensor, labels: &Tensor, alpha: f64) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let selected = labels.ne(-100);
+    if selected.sum(Kind::Int64).int64_value(&[]) == 0 {
+        return logits.sum(Kind::Float) * 0.0;
+    }
+    let vocab = logits.size()[2];
+    let ce = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
+    let soft = logits_m.to_kind(Kind::Float).softmax(-1, Kind::Float);
+    let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
+    ce * (1.0 - alpha) + distill.masked_select(&selected).mean(Kind::Float) * alpha
 }
 
 /// The online parameter a momentum parameter mirrors (`text_encoder_m.x` -> `text_encoder.x`).

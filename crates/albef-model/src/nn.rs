@@ -28,8 +28,19 @@ impl<'a> Scope<'a> {
         Scope { path, trainable }
     }
 
+    /// A nested scope; dotted names (`attn.qkv`) nest once per component.
     pub fn sub<T: ToString>(&self, name: T) -> Scope<'a> {
-        Scope { path: self.path.sub(name), trainable: self.trainable }
+        let name = name.to_string();
+        let path = name.split('.').fold(self.path.clone(), |p, part| p.sub(part));
+        Scope { path, trainable: self.trainable }
+    }
+
+    /// The scope holding `name`'s last component, and that component.
+    fn split<'n>(&self, name: &'n str) -> (Scope<'a>, &'n str) {
+        match name.rsplit_once('.') {
+            Some((dir, leaf)) => (self.sub(dir), leaf),
+            None => (self.clone(), name),
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -37,6 +48,7 @@ impl<'a> Scope<'a> {
     }
 
     pub fn param(&self, name: &str, dims: &[i64], init: Init) -> Tensor {
+        let (scope, leaf) = self.split(name);
         let opts = (Kind::Float, self.path.device());
         let t = if !self.trainable {
             Tensor::zeros(dims, opts)
@@ -49,12 +61,13 @@ impl<'a> Scope<'a> {
                 Init::Const(v) => Tensor::full(dims, v, opts),
             }
         };
-        self.path.add(name, t, self.trainable)
+        scope.path.add(leaf, t, self.trainable)
     }
 
     /// A tensor saved with the model that never receives gradients (queues, pointers).
     pub fn buffer(&self, name: &str, t: Tensor) -> Tensor {
-        self.path.add(name, t, false)
+        let (scope, leaf) = self.split(name);
+        scope.path.add(leaf, t, false)
     }
 }
 

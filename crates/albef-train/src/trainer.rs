@@ -1,0 +1,169 @@
+//! The training step and the trainer's state.
+
+use crate::optim::AdamW;
+use crate::schedule::Schedule;
+use albef_config::AlbefConfig;
+use albef_data::{HostBatch, rng::SplitMix64};
+use albef_model::device::with_autocast;
+use albef_model::{Albef, Batch, FeatureGather, weights};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{Device, Kind, Tensor, nn};
+
+/// Where training stands; saved with every checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct TrainerState {
+    /// Optimiser steps taken.
+    pub step: u64,
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+}
+
+/// What one step did, for logs and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss_ita: f64,
+    pub loss_itm: f64,
+    pub loss_mlm: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub alpha: f64,
+    pub temp: f64,
+}
+
+pub struct Trainer {
+    cfg: AlbefConfig,
+    vs: nn::VarStore,
+    model: Albef,
+    opt: AdamW,
+    schedule: Schedule,
+    state: TrainerState,
+    rank: u64,
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+impl Trainer {
+    /// A fresh model on `device`. Initialisation depends on the seed only, so every rank of a
+    /// job starts from the same weights without a broadcast.
+    pub fn new(cfg: &AlbefConfig, device: Device, rank: u64) -> Result<Self> {
+        cfg.validate()?;
+        tch::manual_seed(cfg.train.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Albef::new(&vs, &cfg.model)?;
+        let opt = AdamW::new(&vs, &cfg.optimizer);
+        Ok(Trainer {
+            schedule: Schedule::new(&cfg.schedular, cfg.model.alpha),
+            cfg: cfg.clone(),
+            vs,
+            model,
+            opt,
+            state: TrainerState::default(),
+            rank,
+        })
+    }
+
+    pub fn model(&self) -> &Albef {
+        &self.model
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Forward and backward of one step: gradients are left in place for the caller (the
+    /// distributed worker all-reduces them here) before [`Trainer::apply_update`].
+    ///
+    /// Every random draw of the step (dropout, MLM masks, hard negatives) derives from
+    /// (seed, step, rank), so a resumed run replays it exactly.
+    pub fn forward_backward(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
+        let s = &self.state;
+        let seed = SplitMix64::for_item(self.cfg.train.seed ^ (self.rank << 48), s.step).next_u64();
+        tch::manual_seed((seed >> 1) as i64);
+        let lr = self.schedule.lr(s.step, s.epoch);
+        let alpha = self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch);
+        let device = self.device();
+        let losses = with_autocast(device, self.cfg.train.bf16, || self.model.forward_pretrain(batch, alpha, gather))?;
+        let total = losses.total();
+        total.backward();
+        let value = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+        Ok(StepStats {
+            step: s.step,
+            epoch: s.epoch,
+            loss_ita: value(&losses.ita),
+            loss_itm: value(&losses.itm),
+            loss_mlm: value(&losses.mlm),
+            loss: value(&total),
+            lr,
+            alpha,
+            temp: self.model.temp(),
+        })
+    }
+
+    /// Applies the gradients with the step's learning rate and advances the position.
+    pub fn apply_update(&mut self, stats: &StepStats, steps_per_epoch: u64) -> Result<()> {
+        self.opt.step(stats.lr)?;
+        self.opt.zero_grad();
+        let s = &mut self.state;
+        s.step += 1;
+        s.step_in_epoch += 1;
+        if s.step_in_epoch >= steps_per_epoch {
+            s.epoch += 1;
+            s.step_in_epoch = 0;
+        }
+        Ok(())
+    }
+
+    /// One complete single-process step.
+    pub fn train_step(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
+        let stats = self.forward_backward(batch, steps_per_epoch, gather)?;
+        self.apply_update(&stats, steps_per_epoch)?;
+        Ok(stats)
+    }
+
+    /// Writes model, optimiser and trainer state into `dir` (created if needed).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        weights::save(&self.vs, &dir.join(MODEL_FILE))?;
+        weights::write_safetensors(&self.opt.state_dict(), &dir.join(OPTIMIZER_FILE))?;
+        let state = serde_json::to_vec_pretty(&self.state)?;
+        std::fs::write(dir.join(STATE_FILE), state).with_context(|| format!("writing {STATE_FILE}"))?;
+        Ok(())
+    }
+
+    /// Restores what [`Trainer::save`] wrote.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        weights::load(&self.vs, &dir.join(MODEL_FILE))?;
+        self.opt.load_state_dict(&weights::read_safetensors(&dir.join(OPTIMIZER_FILE))?)?;
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        self.state = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Host batch -> (images, ids, mask) tensors on `device`.
+pub fn batch_tensors(b: &HostBatch, device: Device) -> (Tensor, Tensor, Tensor) {
+    let (n, l, r) = (b.batch_size as i64, b.seq_len as i64, b.image_res as i64);
+    let images = Tensor::from_slice(&b.images).view([n, 3, r, r]).to_device(device);
+    let ids = Tensor::from_slice(&b.input_ids).view([n, l]).to_device(device);
+    let mask = Tensor::from_slice(&b.attention_mask).view([n, l]).to_device(device);
+    (images, ids, mask)
+}
