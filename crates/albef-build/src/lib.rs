@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 ///
 /// Panics with a clear message when the calling crate does not depend on torch-sys directly.
 pub fn libtorch_lib_dir() -> PathBuf {
-    let dir = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
-        "DEP_TCH_LIBTORCH_LIB is unset: the crate calling albef-build must depend on torch-sys",
-    );
+    let dir = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("DEP_TCH_LIBTORCH_LIB is unset: the crate calling albef-build must depend on torch-sys");
     PathBuf::from(dir)
 }
 

@@ -88,9 +88,8 @@ pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
         Err(e) => return Err(e).context("reading model.preset"),
     };
     let defaults = config::Config::try_from(&AlbefConfig::defaults(preset)).context("encoding defaults")?;
-    let merged = layered(config::Config::builder().add_source(defaults), sources)?
-        .build()
-        .context("reading configuration")?;
+    let merged =
+        layered(config::Config::builder().add_source(defaults), sources)?.build().context("reading configuration")?;
     let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     cfg.validate()?;
     Ok(cfg)
@@ -115,9 +114,7 @@ fn layered(
         );
     }
     for kv in &sources.overrides {
-        let (key, value) = kv
-            .split_once('=')
-            .with_context(|| format!("--set {kv:?}: expected key=value"))?;
+        let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected key=value"))?;
         let key = key.trim();
         anyhow::ensure!(!key.is_empty(), "--set {kv:?}: empty key");
         builder = builder.set_override(key, parse_override(value.trim()))?;
@@ -128,12 +125,8 @@ fn layered(
 /// `--set` values are YAML scalars or flow sequences (`[0.9, 0.98]`), typed as YAML would type them.
 fn parse_override(value: &str) -> config::Value {
     if let Some(inner) = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
-        let items: Vec<config::Value> = inner
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(parse_override)
-            .collect();
+        let items: Vec<config::Value> =
+            inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(parse_override).collect();
         return config::Value::from(items);
     }
     if let Ok(i) = value.parse::<i64>() {

@@ -88,6 +88,12 @@ pub struct ModelConfig {
     pub itc_negatives: ItcNegatives,
     pub vision: VisionConfig,
     pub bert: BertConfig,
+    /// Hugging Face BERT checkpoint (safetensors) for the text and fusion layers of a new run
+    /// (the reference starts from bert-base-uncased). Empty: random initialisation.
+    pub text_encoder_checkpoint: String,
+    /// timm ViT / DeiT checkpoint (safetensors) for the image encoder of a new run (the
+    /// reference starts from DeiT-B/16-224). Empty: random initialisation.
+    pub visual_encoder_checkpoint: String,
 }
 
 impl ModelConfig {
@@ -136,6 +142,8 @@ impl ModelConfig {
                 cls_token_id: 101,
                 mask_token_id: 103,
             },
+            text_encoder_checkpoint: String::new(),
+            visual_encoder_checkpoint: String::new(),
         }
     }
 
@@ -146,7 +154,7 @@ impl ModelConfig {
             preset: Preset::AlbefSmall,
             image_res: 64,
             embed_dim: 64,
-            queue_size: 512,
+            queue_size: 128,
             // Runs of a few hundred steps need momentum encoders that keep up with the online
             // ones (0.995 averages over ~200 steps).
             momentum: 0.9,
@@ -218,10 +226,7 @@ impl ModelConfig {
         ensure!(self.queue_size > 0, "model.queue_size must be positive");
         ensure!((0.0..=1.0).contains(&self.momentum), "model.momentum must lie in [0, 1]");
         ensure!((0.0..=1.0).contains(&self.alpha), "model.alpha must lie in [0, 1]");
-        ensure!(
-            (0.0..1.0).contains(&self.mlm_probability),
-            "model.mlm_probability must lie in [0, 1)"
-        );
+        ensure!((0.0..1.0).contains(&self.mlm_probability), "model.mlm_probability must lie in [0, 1)");
         ensure!(self.temp > 0.0, "model.temp must be positive");
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 /// CLIP normalisation constants used by ALBEF.
 pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// A batch on the host: images (B, 3, res, res) normalised, ids and mask (B, L) padded to the
 /// longest sequence of the batch, and the keys of the samples (for auditing what was trained).

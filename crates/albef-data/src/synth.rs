@@ -155,7 +155,11 @@ mod tests {
         for i in 0..20 {
             let p = spec.pair(i);
             let (name, rgb) = COLORS.iter().find(|(n, _)| p.captions[0].contains(&format!(" {n} "))).unwrap();
-            let hits = p.rgb.chunks(3).filter(|px| px.iter().zip(rgb).all(|(a, b)| (*a as i16 - *b as i16).abs() <= 8)).count();
+            let hits = p
+                .rgb
+                .chunks(3)
+                .filter(|px| px.iter().zip(rgb).all(|(a, b)| (*a as i16 - *b as i16).abs() <= 8))
+                .count();
             assert!(hits > 20, "{name} barely visible in {:?}", p.captions[0]);
         }
     }

@@ -84,10 +84,7 @@ impl Vocab {
     /// [CLS] + one id per whitespace-separated word (no [SEP], as the reference), truncated to
     /// `max_tokens`. Expects a caption already cleaned by `pre_caption`.
     pub fn encode(&self, caption: &str, max_tokens: usize) -> Vec<i64> {
-        std::iter::once(self.cls_id())
-            .chain(caption.split_whitespace().map(|w| self.id(w)))
-            .take(max_tokens)
-            .collect()
+        std::iter::once(self.cls_id()).chain(caption.split_whitespace().map(|w| self.id(w))).take(max_tokens).collect()
     }
 }
 

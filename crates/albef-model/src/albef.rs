@@ -164,6 +164,27 @@ impl Albef {
         });
     }
 
+    /// Initialises the encoders from pretrained checkpoints (safetensors) by name, as the
+    /// reference does before training: a Hugging Face BERT into the text and fusion layers (the
+    /// cross-attention stays new), a timm ViT/DeiT into the image encoder (position embedding
+    /// interpolated). The momentum encoders are then re-copied from the online ones.
+    pub fn import_encoders(
+        &self,
+        vs: &nn::VarStore,
+        bert: Option<&std::path::Path>,
+        vit: Option<&std::path::Path>,
+    ) -> Result<Vec<crate::weights::LoadReport>> {
+        let mut reports = vec![];
+        if let Some(path) = bert {
+            reports.push(crate::weights::import_hf_bert(vs, path)?);
+        }
+        if let Some(path) = vit {
+            reports.push(crate::weights::import_timm_vit(vs, path)?);
+        }
+        self.copy_params_to_momentum();
+        Ok(reports)
+    }
+
     /// p_m = m * p_m + (1 - m) * p for every momentum parameter.
     pub fn momentum_update(&self) {
         let m = self.cfg.momentum;
@@ -236,7 +257,9 @@ impl Albef {
             let text_gathered = gather.all_gather(&text_feat_m)?;
             let (image_cur, text_cur, offset) = match self.cfg.itc_negatives {
                 ItcNegatives::Local => (image_feat_m.shallow_clone(), text_feat_m.shallow_clone(), 0),
-                ItcNegatives::Global => (image_gathered.shallow_clone(), text_gathered.shallow_clone(), gather.rank() * bsz),
+                ItcNegatives::Global => {
+                    (image_gathered.shallow_clone(), text_gathered.shallow_clone(), gather.rank() * bsz)
+                }
             };
             let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.copy()], 1);
             let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.copy()], 1);
@@ -304,16 +327,21 @@ impl Albef {
         let output_neg = self.text.encoder.bert.forward(Mode::Fusion, &text_all, &mask_all, Some(&image_all), true);
         let vl = Tensor::cat(&[output_pos.select(1, 0), output_neg.select(1, 0)], 0);
         let logits = self.itm_head.forward(&vl);
-        let labels = Tensor::cat(
-            &[Tensor::ones([bsz], (Kind::Int64, dev)), Tensor::zeros([2 * bsz], (Kind::Int64, dev))],
-            0,
-        );
+        let labels =
+            Tensor::cat(&[Tensor::ones([bsz], (Kind::Int64, dev)), Tensor::zeros([2 * bsz], (Kind::Int64, dev))], 0);
         logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels)
     }
 
     /// Masked LM over all layers with the image, distilled towards the momentum model's
     /// predictions over the vocabulary axis.
-    fn mlm_loss(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, image_embeds_m: &Tensor, alpha: f64) -> Tensor {
+    fn mlm_loss(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        image_embeds: &Tensor,
+        image_embeds_m: &Tensor,
+        alpha: f64,
+    ) -> Tensor {
         let (masked_ids, labels) = mask_tokens(ids, &self.cfg);
         let logits_m = tch::no_grad(|| {
             let h = self.text_m.encoder.bert.forward(Mode::MultiModal, &masked_ids, mask, Some(image_embeds_m), true);
@@ -357,7 +385,8 @@ pub fn mlm_distill_loss(logits: &Tensor, logits_m: &Tensor, labels: &Tensor, alp
         return logits.sum(Kind::Float) * 0.0;
     }
     let vocab = logits.size()[2];
-    let ce = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
+    let ce =
+        logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
     let soft = logits_m.to_kind(Kind::Float).softmax(-1, Kind::Float);
     let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
     ce * (1.0 - alpha) + distill.masked_select(&selected).mean(Kind::Float) * alpha
@@ -377,9 +406,7 @@ pub fn mask_tokens(ids: &Tensor, cfg: &ModelConfig) -> (Tensor, Tensor) {
     let b = &cfg.bert;
     let opts = (Kind::Float, ids.device());
     let draw = |p: f64| Tensor::full(ids.size(), p, opts).bernoulli().to_kind(Kind::Bool);
-    let chosen = draw(cfg.mlm_probability)
-        .logical_and(&ids.ne(b.pad_token_id))
-        .logical_and(&ids.ne(b.cls_token_id));
+    let chosen = draw(cfg.mlm_probability).logical_and(&ids.ne(b.pad_token_id)).logical_and(&ids.ne(b.cls_token_id));
     let labels = ids.where_self(&chosen, &Tensor::full_like(ids, -100));
     let replaced = draw(0.8).logical_and(&chosen);
     let masked = ids.masked_fill(&replaced, b.mask_token_id);

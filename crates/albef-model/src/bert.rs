@@ -37,7 +37,8 @@ impl AttentionBlock {
 
     fn forward(&self, x: &Tensor, kv: &Tensor, keep: Option<&Tensor>, train: bool) -> Tensor {
         let p = if train { self.attn_dropout } else { 0.0 };
-        let ctx = attention(&self.query.forward(x), &self.key.forward(kv), &self.value.forward(kv), self.heads, keep, p);
+        let ctx =
+            attention(&self.query.forward(x), &self.key.forward(kv), &self.value.forward(kv), self.heads, keep, p);
         let out = dropout(&self.dense.forward(&ctx), self.hidden_dropout, train);
         self.norm.forward(&(out + x))
     }
@@ -108,8 +109,18 @@ impl BertModel {
         let std = c.initializer_range;
         BertModel {
             word_embeddings: Embedding::new(&e.sub("word_embeddings"), c.vocab_size, c.hidden_size, std),
-            position_embeddings: Embedding::new(&e.sub("position_embeddings"), c.max_position_embeddings, c.hidden_size, std),
-            token_type_embeddings: Embedding::new(&e.sub("token_type_embeddings"), c.type_vocab_size, c.hidden_size, std),
+            position_embeddings: Embedding::new(
+                &e.sub("position_embeddings"),
+                c.max_position_embeddings,
+                c.hidden_size,
+                std,
+            ),
+            token_type_embeddings: Embedding::new(
+                &e.sub("token_type_embeddings"),
+                c.type_vocab_size,
+                c.hidden_size,
+                std,
+            ),
             embeddings_norm: LayerNorm::new(&e.sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
             layers: (0..c.num_hidden_layers)
                 .map(|i| Layer::new(&s.sub("encoder").sub("layer").sub(i), c, i >= c.fusion_layer))
@@ -172,7 +183,12 @@ impl BertForMaskedLm {
         let p = s.sub("cls").sub("predictions");
         BertForMaskedLm {
             bert: BertModel::new(&s.sub("bert"), c),
-            transform: Linear::new(&p.sub("transform").sub("dense"), c.hidden_size, c.hidden_size, Init::Normal(c.initializer_range)),
+            transform: Linear::new(
+                &p.sub("transform").sub("dense"),
+                c.hidden_size,
+                c.hidden_size,
+                Init::Normal(c.initializer_range),
+            ),
             transform_norm: LayerNorm::new(&p.sub("transform").sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
             decoder_bias: p.param("bias", &[c.vocab_size], Init::Zeros),
         }

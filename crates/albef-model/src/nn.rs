@@ -106,7 +106,12 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(s: &Scope, dim: i64, eps: f64) -> Self {
-        LayerNorm { weight: s.param("weight", &[dim], Init::Ones), bias: s.param("bias", &[dim], Init::Zeros), eps, dim }
+        LayerNorm {
+            weight: s.param("weight", &[dim], Init::Ones),
+            bias: s.param("bias", &[dim], Init::Zeros),
+            eps,
+            dim,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -58,7 +58,11 @@ impl VisionTransformer {
         let d = c.vision_width;
         let grid = image_res / c.patch_size;
         VisionTransformer {
-            patch_weight: s.param("patch_embed.proj.weight", &[d, 3, c.patch_size, c.patch_size], Init::Normal(INIT_STD)),
+            patch_weight: s.param(
+                "patch_embed.proj.weight",
+                &[d, 3, c.patch_size, c.patch_size],
+                Init::Normal(INIT_STD),
+            ),
             patch_bias: s.param("patch_embed.proj.bias", &[d], Init::Zeros),
             cls_token: s.param("cls_token", &[1, 1, d], Init::Normal(INIT_STD)),
             pos_embed: s.param("pos_embed", &[1, 1 + grid * grid, d], Init::Normal(INIT_STD)),

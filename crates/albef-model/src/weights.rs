@@ -93,7 +93,12 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut owned = Vec::with_capacity(named.len());
     for (name, t) in named {
-        owned.push((name.clone(), dtype_of(t.kind())?, t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(), tensor_bytes(t)));
+        owned.push((
+            name.clone(),
+            dtype_of(t.kind())?,
+            t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(),
+            tensor_bytes(t),
+        ));
     }
     let views = owned
         .iter()
@@ -108,7 +113,8 @@ pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Resul
 /// Reads every tensor of a safetensors file onto the CPU.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -142,49 +148,72 @@ fn is_tied_alias(name: &str) -> bool {
     TIED.iter().any(|(alias, _)| name.ends_with(alias))
 }
 
-/// Copies `tensors` (already renamed to the store's names) into the store. Shapes must match,
-/// except position embeddings, which are interpolated to the model's resolution.
-pub fn load_named(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<LoadReport> {
+/// Tensors checked against the store and ready to copy in.
+struct Prepared {
+    copies: Vec<(Tensor, Tensor)>,
+    report: LoadReport,
+}
+
+/// Matches `tensors` (already renamed to the store's names) with the store's variables and
+/// checks shapes (position embeddings are interpolated to the model's resolution) without
+/// changing anything, so that a bad file leaves the model as it was.
+fn prepare(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<Prepared> {
     let vars = vs.variables();
     let mut report = LoadReport::default();
+    let mut copies = vec![];
     let mut seen = BTreeSet::new();
-    tch::no_grad(|| -> Result<()> {
-        for (name, value) in tensors {
-            let Some(var) = vars.get(&name) else {
-                if !is_tied_alias(&name) {
-                    report.unexpected.push(name);
-                }
-                continue;
-            };
-            let mut value = value;
-            if var.size() != value.size() {
-                ensure!(
-                    name.ends_with("pos_embed"),
-                    "{name}: shape {:?} in the file, {:?} in the model",
-                    value.size(),
-                    var.size()
-                );
-                value = interpolate_pos_embed(&value.to_kind(Kind::Float), var.size()[1])
-                    .with_context(|| format!("interpolating {name}"))?;
-                report.resized.push(name.clone());
+    for (name, value) in tensors {
+        let Some(var) = vars.get(&name) else {
+            if !is_tied_alias(&name) {
+                report.unexpected.push(name);
             }
-            var.shallow_clone().copy_(&value.to_kind(var.kind()).to_device(var.device()));
-            report.loaded += 1;
-            seen.insert(name);
+            continue;
+        };
+        let mut value = value;
+        if var.size() != value.size() {
+            ensure!(
+                name.ends_with("pos_embed"),
+                "{name}: shape {:?} in the file, {:?} in the model",
+                value.size(),
+                var.size()
+            );
+            value = tch::no_grad(|| interpolate_pos_embed(&value.to_kind(Kind::Float), var.size()[1]))
+                .with_context(|| format!("interpolating {name}"))?;
+            report.resized.push(name.clone());
         }
-        Ok(())
-    })?;
+        copies.push((var.shallow_clone(), value));
+        seen.insert(name);
+    }
+    report.loaded = copies.len();
     report.missing = vars.keys().filter(|n| !seen.contains(*n)).cloned().collect();
     report.missing.sort();
-    Ok(report)
+    Ok(Prepared { copies, report })
+}
+
+impl Prepared {
+    fn commit(self) -> LoadReport {
+        tch::no_grad(|| {
+            for (var, value) in &self.copies {
+                var.shallow_clone().copy_(&value.to_kind(var.kind()).to_device(var.device()));
+            }
+        });
+        self.report
+    }
+}
+
+/// Copies `tensors` (already renamed to the store's names) into the store; parameters the file
+/// lacks keep their values and are reported as missing.
+pub fn load_named(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<LoadReport> {
+    Ok(prepare(vs, tensors)?.commit())
 }
 
 /// Loads a full ALBEF state saved by [`save`] (or converted from the reference checkpoint).
-/// Every parameter must be present.
+/// Every parameter must be present; on any error the model is left unchanged.
 pub fn load(vs: &nn::VarStore, path: &Path) -> Result<LoadReport> {
-    let report = load_named(vs, read_safetensors(path)?).with_context(|| format!("loading {}", path.display()))?;
-    ensure!(report.missing.is_empty(), "{} lacks model parameters: {}", path.display(), abbreviate(&report.missing));
-    Ok(report)
+    let prepared = prepare(vs, read_safetensors(path)?).with_context(|| format!("loading {}", path.display()))?;
+    let missing = &prepared.report.missing;
+    ensure!(missing.is_empty(), "{} lacks {} model parameters: {}", path.display(), missing.len(), abbreviate(missing));
+    Ok(prepared.commit())
 }
 
 /// Renames a Hugging Face BERT key to ALBEF's `text_encoder.*` names: accepts BertForMaskedLM /

@@ -64,7 +64,8 @@ fn base_parameter_counts_match_the_published_model() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _bert = BertForMaskedLm::new(&Scope::new(vs.root(), true), &cfg.bert);
     let bert = numel(&vs);
-    let cross: i64 = vs.variables().iter().filter(|(n, _)| n.contains("crossattention")).map(|(_, t)| t.numel() as i64).sum();
+    let cross: i64 =
+        vs.variables().iter().filter(|(n, _)| n.contains("crossattention")).map(|(_, t)| t.numel() as i64).sum();
     println!("text+fusion BERT with MLM head: {bert} parameters, cross-attention {cross}");
     assert!(within(bert, 123.7e6, 1e-3), "text+fusion BERT has {bert}");
     // The published 14.2M is rounded to 0.1M.
@@ -146,7 +147,8 @@ fn queue_pointer_wraps_around_any_size() {
     assert_eq!(row, vec![-2.0, -2.0, -1.0, -1.0, -2.0, -2.0]);
     // More rows than the queue holds: as if written one by one from column 2, so rows 2..8
     // survive at columns 4, 5, 0, 1, 2, 3.
-    let many = Tensor::arange(8, (Kind::Float, Device::Cpu)).unsqueeze(1).expand([8, cfg.embed_dim], false).contiguous();
+    let many =
+        Tensor::arange(8, (Kind::Float, Device::Cpu)).unsqueeze(1).expand([8, cfg.embed_dim], false).contiguous();
     model.enqueue(&many, &many);
     assert_eq!(model.queue_ptr(), 4);
     let row: Vec<f64> = Vec::<f64>::try_from(model.image_queue().get(0)).unwrap();
@@ -186,7 +188,8 @@ fn itc_loss_matches_a_direct_computation() {
 fn hard_negatives_never_pick_the_positive_even_when_temp_collapses() {
     let _rng = serial();
     // Similarities divided by the smallest temperature: huge and peaked on the diagonal.
-    let sim = (Tensor::eye(4, (Kind::Float, Device::Cpu)) * 5.0 + Tensor::rand([4, 4], (Kind::Float, Device::Cpu))) / 0.001;
+    let sim =
+        (Tensor::eye(4, (Kind::Float, Device::Cpu)) * 5.0 + Tensor::rand([4, 4], (Kind::Float, Device::Cpu))) / 0.001;
     let padded = Tensor::cat(&[Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)), sim], 1);
     let w = hard_negative_weights(&padded, 3);
     assert_eq!(w.isfinite().all().int64_value(&[]), 1, "weights must stay finite");
@@ -258,7 +261,9 @@ fn gradients_reach_online_parameters_and_temp_but_not_momentum_or_queues() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Albef::new(&vs, &cfg).unwrap();
     let (image, ids, mask) = inputs(&cfg, 4);
-    let losses = model.forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather).unwrap();
+    let losses = model
+        .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather)
+        .unwrap();
     for (name, l) in [("ita", &losses.ita), ("itm", &losses.itm), ("mlm", &losses.mlm)] {
         let v = l.double_value(&[]);
         assert!(v.is_finite() && v > 0.0, "loss_{name} = {v}");
@@ -266,7 +271,8 @@ fn gradients_reach_online_parameters_and_temp_but_not_momentum_or_queues() {
     losses.total().backward();
     let mut online = 0;
     for (name, t) in vs.variables() {
-        let frozen = online_name_of(&name).is_some() || ["image_queue", "text_queue", "queue_ptr"].contains(&name.as_str());
+        let frozen =
+            online_name_of(&name).is_some() || ["image_queue", "text_queue", "queue_ptr"].contains(&name.as_str());
         if frozen {
             assert!(!t.requires_grad() && !t.grad().defined(), "{name} received a gradient");
         } else {
@@ -307,7 +313,9 @@ fn global_negatives_in_one_process_equal_local_ones() {
         let model = Albef::new(&vs, &cfg).unwrap();
         let (image, ids, mask) = inputs(&cfg, 3);
         tch::manual_seed(6);
-        let l = model.forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather).unwrap();
+        let l = model
+            .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather)
+            .unwrap();
         (l.ita.double_value(&[]), l.itm.double_value(&[]), l.mlm.double_value(&[]))
     };
     assert_eq!(run(ItcNegatives::Local), run(ItcNegatives::Local));

@@ -48,11 +48,7 @@ fn make_reference() -> tempfile::TempDir {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     // A missing venv is a broken setup, not a reason to skip: the test would pass vacuously.
-    assert!(
-        python.exists(),
-        "{} not found: run `make setup` to create the Python venv",
-        python.display()
-    );
+    assert!(python.exists(), "{} not found: run `make setup` to create the Python venv", python.display());
     let dir = tempfile::tempdir().expect("creating a temporary directory");
     let out = Command::new(&python)
         .arg(root.join("tests/python/make_parity.py"))
@@ -60,24 +56,17 @@ fn make_reference() -> tempfile::TempDir {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("running make_parity.py");
-    assert!(
-        out.status.success(),
-        "make_parity.py failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "make_parity.py failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     dir
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn take(map: &mut BTreeMap<String, Tensor>, key: &str) -> Tensor {
-    map.remove(key)
-        .unwrap_or_else(|| panic!("reference file lacks {key}"))
+    map.remove(key).unwrap_or_else(|| panic!("reference file lacks {key}"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -94,10 +83,7 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
 
 fn load(vs: &VarStore, path: &Path) -> Result<LoadReport> {
     let report = load_named(vs, read_safetensors(path)?)?;
-    println!(
-        "{}: {report}",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    );
+    println!("{}: {report}", path.file_name().unwrap_or_default().to_string_lossy());
     Ok(report)
 }
 
@@ -123,10 +109,7 @@ fn check_bert(dir: &Path) -> Result<()> {
     let model = BertForMaskedLm::new(&Scope::new(vs.root(), true), &cfg);
     let report = load(&vs, &dir.join("bert.safetensors"))?;
     // HF's tied cls.predictions.decoder.* are aliases, so nothing may be left over either way.
-    assert!(
-        report.missing.is_empty() && report.unexpected.is_empty(),
-        "BERT load mismatch: {report}"
-    );
+    assert!(report.missing.is_empty() && report.unexpected.is_empty(), "BERT load mismatch: {report}");
 
     let mut io = read_safetensors(&dir.join("bert_io.safetensors"))?;
     let (ids, mask) = (take(&mut io, "input_ids"), take(&mut io, "attention_mask"));
@@ -134,11 +117,7 @@ fn check_bert(dir: &Path) -> Result<()> {
     // only, so they must agree as well.
     let hidden = model.bert.forward(Mode::Text, &ids, &mask, None, false);
     assert_close("bert hidden", &hidden, &take(&mut io, "hidden"));
-    assert_close(
-        "bert logits",
-        &model.mlm_logits(&hidden),
-        &take(&mut io, "logits"),
-    );
+    assert_close("bert logits", &model.mlm_logits(&hidden), &take(&mut io, "logits"));
     Ok(())
 }
 
@@ -160,48 +139,23 @@ fn check_vit(dir: &Path) -> Result<()> {
     let vs = VarStore::new(Device::Cpu);
     let vit = VisionTransformer::new(&Scope::new(vs.root(), true), &vcfg, r.image_res);
     let report = load(&vs, &weights)?;
-    assert!(
-        report.missing.is_empty() && report.unexpected == head,
-        "ViT load mismatch: {report}"
-    );
-    assert!(
-        report.resized.is_empty(),
-        "nothing to resize at the native resolution: {report}"
-    );
-    assert_close(
-        "vit tokens",
-        &vit.forward(&take(&mut io, "images")),
-        &take(&mut io, "tokens"),
-    );
+    assert!(report.missing.is_empty() && report.unexpected == head, "ViT load mismatch: {report}");
+    assert!(report.resized.is_empty(), "nothing to resize at the native resolution: {report}");
+    assert_close("vit tokens", &vit.forward(&take(&mut io, "images")), &take(&mut io, "tokens"));
 
     // ALBEF's position-embedding interpolation to a 96 px grid (6x6 patches + CLS).
     let res_96 = 96;
     let tokens_96 = 1 + (res_96 / r.patch_size).pow(2);
     let pos_embed = take(&mut read_safetensors(&weights)?, "pos_embed");
-    assert_close(
-        "vit pos_embed_96",
-        &interpolate_pos_embed(&pos_embed, tokens_96)?,
-        &take(&mut io, "pos_embed_96"),
-    );
+    assert_close("vit pos_embed_96", &interpolate_pos_embed(&pos_embed, tokens_96)?, &take(&mut io, "pos_embed_96"));
 
     // Loading the 64 px weights into a 96 px model interpolates on the way in.
     let vs = VarStore::new(Device::Cpu);
     let vit = VisionTransformer::new(&Scope::new(vs.root(), true), &vcfg, res_96);
     let report = load(&vs, &weights)?;
-    assert!(
-        report.missing.is_empty() && report.unexpected == head,
-        "ViT-96 load mismatch: {report}"
-    );
-    assert_eq!(
-        report.resized,
-        ["pos_embed"],
-        "only the position embedding changes size"
-    );
-    assert_close(
-        "vit tokens_96",
-        &vit.forward(&take(&mut io, "images_96")),
-        &take(&mut io, "tokens_96"),
-    );
+    assert!(report.missing.is_empty() && report.unexpected == head, "ViT-96 load mismatch: {report}");
+    assert_eq!(report.resized, ["pos_embed"], "only the position embedding changes size");
+    assert_close("vit tokens_96", &vit.forward(&take(&mut io, "images_96")), &take(&mut io, "tokens_96"));
     Ok(())
 }
 

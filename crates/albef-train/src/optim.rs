@@ -76,7 +76,14 @@ impl AdamW {
                 }
                 let grads: Vec<Tensor> = live.iter().map(|p| p.value.grad()).collect();
                 let hyper = AdamWHyper { lr, beta1, beta2, weight_decay: g.weight_decay, eps: self.cfg.eps };
-                fused_adamw(&list(|p| &p.value), &grads, &list(|p| &p.exp_avg), &list(|p| &p.exp_avg_sq), &list(|p| &p.step), hyper)?;
+                fused_adamw(
+                    &list(|p| &p.value),
+                    &grads,
+                    &list(|p| &p.exp_avg),
+                    &list(|p| &p.exp_avg_sq),
+                    &list(|p| &p.step),
+                    hyper,
+                )?;
             }
             Ok(())
         })
@@ -109,19 +116,24 @@ impl AdamW {
         out
     }
 
-    /// Restores a state written by [`AdamW::state_dict`]; every entry must be present.
+    /// Restores a state written by [`AdamW::state_dict`]; every entry must be present with its
+    /// shape, else nothing changes.
     pub fn load_state_dict(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        tch::no_grad(|| {
-            for p in self.groups.iter_mut().flat_map(|g| g.params.iter_mut()) {
-                for (suffix, dst) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq), ("step", &p.step)] {
-                    let key = format!("{}.{suffix}", p.name);
-                    let src = state.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
-                    ensure!(src.size() == dst.size(), "{key}: shape {:?}, expected {:?}", src.size(), dst.size());
-                    dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
-                }
+        let mut copies = vec![];
+        for p in self.groups.iter().flat_map(|g| g.params.iter()) {
+            for (suffix, dst) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq), ("step", &p.step)] {
+                let key = format!("{}.{suffix}", p.name);
+                let src = state.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
+                ensure!(src.size() == dst.size(), "{key}: shape {:?}, expected {:?}", src.size(), dst.size());
+                copies.push((dst.shallow_clone(), src));
             }
-            Ok(())
-        })
+        }
+        tch::no_grad(|| {
+            for (mut dst, src) in copies {
+                dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
+            }
+        });
+        Ok(())
     }
 }
 

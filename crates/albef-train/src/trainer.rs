@@ -56,6 +56,11 @@ impl Trainer {
         tch::manual_seed(cfg.train.seed as i64);
         let vs = nn::VarStore::new(device);
         let model = Albef::new(&vs, &cfg.model)?;
+        let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+        let (bert, vit) = (path(&cfg.model.text_encoder_checkpoint), path(&cfg.model.visual_encoder_checkpoint));
+        for report in model.import_encoders(&vs, bert.as_deref(), vit.as_deref())? {
+            tracing::info!("initialised from a pretrained checkpoint: {report}");
+        }
         let opt = AdamW::new(&vs, &cfg.optimizer);
         Ok(Trainer {
             schedule: Schedule::new(&cfg.schedular, cfg.model.alpha),
@@ -93,7 +98,12 @@ impl Trainer {
     ///
     /// Every random draw of the step (dropout, MLM masks, hard negatives) derives from
     /// (seed, step, rank), so a resumed run replays it exactly.
-    pub fn forward_backward(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
+    pub fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        steps_per_epoch: u64,
+        gather: &dyn FeatureGather,
+    ) -> Result<StepStats> {
         let s = &self.state;
         let seed = SplitMix64::for_item(self.cfg.train.seed ^ (self.rank << 48), s.step).next_u64();
         tch::manual_seed((seed >> 1) as i64);

@@ -47,7 +47,10 @@ fn step(trainer: &mut Trainer, batch: &(Tensor, Tensor, Tensor), steps_per_epoch
     let b = Batch { image: &batch.0, input_ids: &batch.1, attention_mask: &batch.2 };
     let s = trainer.train_step(&b, steps_per_epoch, &LocalGather).unwrap();
     if std::env::var_os("ALBEF_TEST_VERBOSE").is_some() {
-        println!("step {} ita {:.3} itm {:.3} mlm {:.3} lr {:.1e} alpha {:.2} temp {:.3}", s.step, s.loss_ita, s.loss_itm, s.loss_mlm, s.lr, s.alpha, s.temp);
+        println!(
+            "step {} ita {:.3} itm {:.3} mlm {:.3} lr {:.1e} alpha {:.2} temp {:.3}",
+            s.step, s.loss_ita, s.loss_itm, s.loss_mlm, s.lr, s.alpha, s.temp
+        );
     }
     s.loss
 }

@@ -48,7 +48,11 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> Result<AlbefConfig> {
-        albef_config::load(&ConfigSources { file: self.config.clone(), overrides: self.overrides.clone(), environment: true })
+        albef_config::load(&ConfigSources {
+            file: self.config.clone(),
+            overrides: self.overrides.clone(),
+            environment: true,
+        })
     }
 }
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Creates .venv with torch==2.11.0 (the libtorch tch 0.24 binds) and the Python packages the tests
+# use, and links .venv/libtorch to the wheel's torch directory for torch-sys (.cargo/config.toml).
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+PYTHON=${PYTHON:-python3}
+
+need_apt() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian packages: $*" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "setup: please install the Debian packages: $* (sudo apt-get install $*)" >&2
+        exit 1
+    fi
+}
+
+command -v "$PYTHON" >/dev/null || need_apt python3
+command -v c++ >/dev/null || need_apt g++
+
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+        rm -rf .venv
+        need_apt python3-venv
+        "$PYTHON" -m venv .venv
+    fi
+fi
+
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+
+installed=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+if [ "$installed" != "$TORCH_VERSION" ]; then
+    echo "setup: .venv has torch $installed but tch 0.24 needs exactly torch $TORCH_VERSION;" \
+         "remove .venv and run 'make setup' again" >&2
+    exit 1
+fi
+
+torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$torch_dir" .venv/libtorch
+echo "setup: torch $installed at $torch_dir"
