@@ -94,17 +94,63 @@ impl Default for TrainConfig {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
+    /// Training sources (the reference's `train_file`): ALBEF annotation JSON files and/or
+    /// WebDataset tar shards, brace patterns allowed (`s3://b/train-{000000..000127}.tar`).
+    /// Empty: a dataset is generated into the run directory (demo, tests).
+    // `config` drops empty lists from the compiled defaults, hence the serde default.
+    #[serde(default)]
+    pub train_file: Vec<String>,
+    /// Root that annotation image paths are relative to.
+    pub image_root: String,
+    /// Dataset index; empty: `albef-index.json` beside the first source, built if absent.
+    pub index: String,
+    /// WordPiece vocabulary (`vocab.txt`) or `tokenizer.json`; empty: `vocab.txt` beside the
+    /// first source.
+    pub tokenizer: String,
+    /// WebDataset: the `.json` field holding the caption; empty: the `.txt` member.
+    pub caption_field: String,
     /// Words kept by pre_caption.
     pub max_words: usize,
     /// Token length after truncation ([CLS] included).
     pub max_tokens: usize,
-    /// Generated training pairs, for runs without a dataset.
-    pub synth_train: usize,
+    /// Append [SEP] (the reference does not).
+    pub add_sep: bool,
+    /// Images whose header declares more pixels are skipped undecoded (Pillow's default limit).
+    pub max_pixels: u64,
+    /// Decode threads per worker (0: the cores left after libtorch's threads, at least 1).
+    pub loader_threads: usize,
+    /// Batches decoded ahead.
+    pub prefetch: usize,
+    /// Per-rank shuffle window in samples.
+    pub shuffle_window: u64,
+    /// Generated dataset, when train_file is empty.
+    pub synth_train: u64,
+    pub synth_test: u64,
+    pub synth_shards: u64,
     pub synth_seed: u64,
+    pub synth_image_res: usize,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { max_words: 30, max_tokens: 25, synth_train: 512, synth_seed: 7 }
+        DataConfig {
+            train_file: vec![],
+            image_root: String::new(),
+            index: String::new(),
+            tokenizer: String::new(),
+            caption_field: String::new(),
+            max_words: 30,
+            max_tokens: 25,
+            add_sep: false,
+            max_pixels: 89_478_485,
+            loader_threads: 0,
+            prefetch: 4,
+            shuffle_window: 4096,
+            synth_train: 2048,
+            synth_test: 200,
+            synth_shards: 8,
+            synth_seed: 7,
+            synth_image_res: 96,
+        }
     }
 }

@@ -17,8 +17,21 @@ const SIZES: [(&str, f64); 2] = [("small", 0.11), ("large", 0.2)];
 /// (relation, its converse): the first object is left of / above the second.
 const RELATIONS: [(&str, &str); 2] = [("left of", "right of"), ("above", "below")];
 
-/// Every word a generated caption can use, for building the vocabulary.
-pub fn caption_words() -> Vec<&'static str> {
+/// The WordPiece vocabulary of generated captions (`vocab.txt` order): BERT's special tokens
+/// at ids 0-4 ([PAD], [UNK], [CLS], [SEP], [MASK]), then every caption word once.
+pub fn vocab_tokens() -> Vec<String> {
+    use crate::tokenizer::{CLS, MASK, PAD, SEP, UNK};
+    let mut tokens: Vec<String> = [PAD, UNK, CLS, SEP, MASK].map(String::from).to_vec();
+    for w in caption_words() {
+        if !tokens.iter().any(|t| t == w) {
+            tokens.push(w.to_string());
+        }
+    }
+    tokens
+}
+
+/// Every word a generated caption can use.
+fn caption_words() -> Vec<&'static str> {
     let mut words = vec!["a", "of"];
     words.extend(SHAPES);
     words.extend(COLORS.iter().map(|c| c.0));
@@ -26,7 +39,6 @@ pub fn caption_words() -> Vec<&'static str> {
     for (r, c) in RELATIONS {
         words.extend(r.split(' ').chain(c.split(' ')).filter(|w| *w != "of"));
     }
-    words.dedup();
     words
 }
 
@@ -125,7 +137,7 @@ impl SynthSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocab::Vocab;
+    use crate::tokenizer::Tokenizer;
 
     #[test]
     fn pairs_are_deterministic_and_varied() {
@@ -138,13 +150,14 @@ mod tests {
 
     #[test]
     fn every_caption_word_is_in_the_vocabulary() {
-        let vocab = Vocab::with_words(caption_words());
+        let tok = Tokenizer::from_vocab_tokens(vocab_tokens()).unwrap();
+        assert_eq!((tok.pad_id(), tok.cls_id(), tok.mask_id()), (0, 2, 4));
         let spec = SynthSpec { seed: 1, image_res: 16 };
         for i in 0..200 {
             for c in spec.pair(i).captions {
-                for w in c.split_whitespace() {
-                    assert_ne!(vocab.id(w), vocab.id(crate::vocab::UNK), "{w:?} missing");
-                }
+                let ids = tok.encode(&c);
+                assert!(!ids.contains(&tok.unk_id()), "a word of {c:?} is missing");
+                assert_eq!(ids.len(), c.split_whitespace().count() + 1, "{c:?} splits into whole words");
             }
         }
     }
@@ -163,4 +176,101 @@ mod tests {
             assert!(hits > 20, "{name} barely visible in {:?}", p.captions[0]);
         }
     }
+}
+
+/// What `albef data synth` writes.
+#[derive(Clone, Debug)]
+pub struct DatasetSpec {
+    pub seed: u64,
+    /// Side of the generated pictures (the train transform crops and resizes them).
+    pub image_res: usize,
+    pub train: u64,
+    pub test: u64,
+    pub shards: u64,
+}
+
+/// File names inside a generated dataset.
+pub const TRAIN_JSON: &str = "train.json";
+pub const TEST_JSON: &str = "test.json";
+pub const VOCAB_TXT: &str = "vocab.txt";
+
+/// The brace pattern naming the train shards of a generated dataset under `root`.
+pub fn train_shards_pattern(root: &str, shards: u64) -> String {
+    format!("{}/train-{{000000..{:06}}}.tar", root.trim_end_matches('/'), shards.saturating_sub(1))
+}
+
+fn jpeg(rgb: &[u8], res: usize) -> anyhow::Result<Vec<u8>> {
+    let mut out = vec![];
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92);
+    image::ImageEncoder::write_image(enc, rgb, res as u32, res as u32, image::ExtendedColorType::Rgb8)?;
+    Ok(out)
+}
+
+fn tar_append(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> anyhow::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, name, data)?;
+    Ok(())
+}
+
+/// Writes a learnable dataset under `out`: the train split as WebDataset shards of uneven sizes
+/// (`.jpg`, `.txt` with one caption, `.json` with all of them) and as ALBEF annotation JSON with
+/// image files, a held-out retrieval split (`test.json`: image_id and every caption of each
+/// image), and a WordPiece vocabulary covering the captions. Deterministic given the spec.
+pub fn write_dataset(
+    out: &crate::store::Location,
+    spec: &DatasetSpec,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    use anyhow::ensure;
+    ensure!(spec.shards > 0 && spec.train >= spec.shards, "need at least one training pair per shard");
+    let train = SynthSpec { seed: spec.seed, image_res: spec.image_res };
+    // The test split draws from another stream, so it never repeats a training picture.
+    let test = SynthSpec { seed: spec.seed ^ 0x7E57_7E57, image_res: spec.image_res };
+
+    // Uneven shard sizes: cut points drawn around the even split.
+    let mut g = SplitMix64::for_item(spec.seed, u64::MAX);
+    let even = spec.train as f64 / spec.shards as f64;
+    let mut cuts: Vec<u64> =
+        (1..spec.shards).map(|i| ((i as f64 + (g.next_f64() - 0.5) * 0.6) * even).round() as u64).collect();
+    cuts.insert(0, 0);
+    cuts.push(spec.train);
+    for i in 1..cuts.len() {
+        cuts[i] = cuts[i].clamp(cuts[i - 1] + 1, spec.train - (cuts.len() - 1 - i) as u64);
+    }
+
+    let mut annotations = vec![];
+    for shard in 0..spec.shards {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in cuts[shard as usize]..cuts[shard as usize + 1] {
+            let pair = train.pair(i);
+            let image = jpeg(&pair.rgb, pair.res)?;
+            let pick = SplitMix64::for_item(spec.seed, i).below(pair.captions.len());
+            tar_append(&mut b, &format!("{}.jpg", pair.key), &image)?;
+            tar_append(&mut b, &format!("{}.txt", pair.key), pair.captions[pick].as_bytes())?;
+            let meta = serde_json::json!({"key": pair.key, "captions": pair.captions});
+            tar_append(&mut b, &format!("{}.json", pair.key), meta.to_string().as_bytes())?;
+            let path = format!("images/train/{}.jpg", pair.key);
+            handle.block_on(out.join(&path).write_all(image))?;
+            annotations.push(serde_json::json!({"image": path, "caption": pair.captions}));
+        }
+        handle.block_on(out.join(&format!("train-{shard:06}.tar")).write_all(b.into_inner()?))?;
+    }
+    handle.block_on(out.join(TRAIN_JSON).write_all(serde_json::to_vec(&annotations)?))?;
+
+    let mut test_items = vec![];
+    for i in 0..spec.test {
+        let pair = test.pair(i);
+        let path = format!("images/test/{}.jpg", pair.key);
+        handle.block_on(out.join(&path).write_all(jpeg(&pair.rgb, pair.res)?))?;
+        test_items.push(serde_json::json!({"image": path, "image_id": i, "caption": pair.captions}));
+    }
+    handle.block_on(out.join(TEST_JSON).write_all(serde_json::to_vec(&test_items)?))?;
+
+    let text: String = vocab_tokens().into_iter().map(|t| t + "\n").collect();
+    handle.block_on(out.join(VOCAB_TXT).write_all(text.into_bytes()))?;
+    Ok(())
 }

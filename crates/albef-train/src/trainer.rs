@@ -131,6 +131,17 @@ impl Trainer {
     pub fn apply_update(&mut self, stats: &StepStats, steps_per_epoch: u64) -> Result<()> {
         self.opt.step(stats.lr)?;
         self.opt.zero_grad();
+        self.advance(steps_per_epoch);
+        Ok(())
+    }
+
+    /// Moves past a step whose batch could not be trained (too few good samples), so that the
+    /// position stays aligned with the data plan.
+    pub fn skip_step(&mut self, steps_per_epoch: u64) {
+        self.advance(steps_per_epoch);
+    }
+
+    fn advance(&mut self, steps_per_epoch: u64) {
         let s = &mut self.state;
         s.step += 1;
         s.step_in_epoch += 1;
@@ -138,7 +149,6 @@ impl Trainer {
             s.epoch += 1;
             s.step_in_epoch = 0;
         }
-        Ok(())
     }
 
     /// One complete single-process step.

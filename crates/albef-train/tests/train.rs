@@ -1,7 +1,8 @@
 //! The single-process trainer on generated pairs: learning, and exact resumption.
 
 use albef_config::{AlbefConfig, Preset};
-use albef_data::{SynthSpec, Vocab, collate, pre_caption, synth};
+use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
+use albef_data::{SynthSpec, collate, pre_caption, synth};
 use albef_model::{Batch, LocalGather};
 use albef_train::{Trainer, batch_tensors};
 use tch::{Device, Tensor};
@@ -28,7 +29,10 @@ fn small_config() -> AlbefConfig {
 
 /// `n` fixed generated pairs in batches of `b`, as tensors.
 fn fixed_batches(cfg: &AlbefConfig, n: u64, b: u64) -> Vec<(Tensor, Tensor, Tensor)> {
-    let vocab = Vocab::with_words(synth::caption_words());
+    let tok = Tokenizer::from_vocab_tokens(synth::vocab_tokens())
+        .unwrap()
+        .with_options(TokenizerOptions { max_tokens: 16, add_sep: false })
+        .unwrap();
     let spec = SynthSpec { seed: 11, image_res: cfg.model.image_res as usize };
     let pairs: Vec<_> = (0..n).map(|i| spec.pair(i)).collect();
     pairs
@@ -36,9 +40,9 @@ fn fixed_batches(cfg: &AlbefConfig, n: u64, b: u64) -> Vec<(Tensor, Tensor, Tens
         .map(|chunk| {
             let samples: Vec<_> = chunk
                 .iter()
-                .map(|p| (p.key.clone(), p.rgb.as_slice(), vocab.encode(&pre_caption(&p.captions[0], 30), 16)))
+                .map(|p| (p.key.clone(), p.rgb.as_slice(), tok.encode(&pre_caption(&p.captions[0], 30))))
                 .collect();
-            batch_tensors(&collate(&samples, spec.image_res, vocab.pad_id()), Device::Cpu)
+            batch_tensors(&collate(&samples, spec.image_res, tok.pad_id()), Device::Cpu)
         })
         .collect()
 }

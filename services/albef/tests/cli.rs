@@ -81,7 +81,9 @@ fn train_runs_logs_falling_losses_and_saves_its_state() {
     for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
         assert!(out_dir.join("final").join(file).exists(), "{file} missing");
     }
-    assert!(out_dir.join("vocab.txt").exists());
+    for generated in ["data/vocab.txt", "data/albef-index.json", "data/train-000000.tar", "data/test.json"] {
+        assert!(out_dir.join(generated).exists(), "{generated} missing");
+    }
 }
 
 #[test]

@@ -1,0 +1,122 @@
+//! The dataset index: how many samples each source holds (and where each starts in a tar),
+//! built once by `albef data index` and stored beside the data. Epoch plans are computed from it,
+//! by the coordinator and by single-process runs alike.
+
+use crate::bad::{SkipCounts, SkipReason};
+use crate::sources::{parse_annotations, scan_tar};
+use crate::store::{Location, expand_braces};
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+pub const INDEX_VERSION: u32 = 1;
+/// File name of an index stored beside the data.
+pub const INDEX_FILE: &str = "albef-index.json";
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A WebDataset / img2dataset tar shard.
+    WebDataset,
+    /// An ALBEF annotation JSON file; images are read relative to the image root.
+    Annotation,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SourceEntry {
+    pub url: String,
+    pub kind: SourceKind,
+    /// Samples in the source, good or bad (bad ones are skipped when read).
+    pub samples: u64,
+    /// Byte offset of each sample in a tar, when the index scanned it (not from `_stats.json`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DatasetIndex {
+    pub version: u32,
+    pub sources: Vec<SourceEntry>,
+}
+
+impl DatasetIndex {
+    pub fn total(&self) -> u64 {
+        self.sources.iter().map(|s| s.samples).sum()
+    }
+
+    pub fn counts(&self) -> Vec<u64> {
+        self.sources.iter().map(|s| s.samples).collect()
+    }
+
+    /// The global id of a source's first sample (ids number every sample of the dataset).
+    pub fn first_ids(&self) -> Vec<u64> {
+        self.sources
+            .iter()
+            .scan(0u64, |acc, s| {
+                let first = *acc;
+                *acc += s.samples;
+                Some(first)
+            })
+            .collect()
+    }
+
+    /// Builds the index of the sources named by `patterns` (brace-expanded). Tar shards use
+    /// img2dataset's `<shard>_stats.json` count when present, else are scanned once; a source
+    /// that cannot be read is reported in `skips` and left out.
+    pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
+        let mut sources = vec![];
+        for pattern in patterns {
+            for url in expand_braces(pattern)? {
+                match index_source(&url, handle, skips) {
+                    Ok(entry) => sources.push(entry),
+                    Err(e) => skips.record(SkipReason::UnreadableShard, &url, "", &format!("{e:#}")),
+                }
+            }
+        }
+        ensure!(!sources.is_empty(), "no readable source among {patterns:?}");
+        Ok(DatasetIndex { version: INDEX_VERSION, sources })
+    }
+
+    pub fn save(&self, loc: &Location, handle: &Handle) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        handle.block_on(loc.write_all(json))
+    }
+
+    pub fn load(loc: &Location, handle: &Handle) -> Result<Self> {
+        let bytes = handle.block_on(loc.read_all())?;
+        let index: DatasetIndex =
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not a dataset index", loc.url))?;
+        ensure!(
+            index.version == INDEX_VERSION,
+            "{}: index version {} (expected {INDEX_VERSION})",
+            loc.url,
+            index.version
+        );
+        Ok(index)
+    }
+}
+
+fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> Result<SourceEntry> {
+    let loc = Location::open(url)?;
+    if url.ends_with(".json") {
+        let bytes = handle.block_on(loc.read_all())?;
+        let samples = parse_annotations(&bytes, url, skips)?.len() as u64;
+        return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::Annotation, samples, offsets: vec![] });
+    }
+    if let Some(samples) = stats_count(&loc, handle) {
+        return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples, offsets: vec![] });
+    }
+    let reader = loc.stream_from(handle, 0)?;
+    let scan = std::thread::scope(|s| s.spawn(|| scan_tar(reader)).join().expect("tar scan thread"));
+    if scan.truncated {
+        skips.record(SkipReason::TruncatedShard, url, "", "the tar stream ends inside an entry");
+    }
+    Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples: scan.samples, offsets: scan.offsets })
+}
+
+/// img2dataset writes `<shard>_stats.json` with the number of samples in `successes`.
+fn stats_count(tar: &Location, handle: &Handle) -> Option<u64> {
+    let name = tar.url.rsplit('/').next()?.strip_suffix(".tar")?;
+    let bytes = handle.block_on(tar.sibling(&format!("{name}_stats.json")).read_all()).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("successes")?.as_u64()
+}

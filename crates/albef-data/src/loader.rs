@@ -1,0 +1,342 @@
+//! The loader: streams a rank's planned samples from object storage, decodes and augments them
+//! on a pool of threads, tokenises the captions and delivers batches in step order through a
+//! bounded prefetch queue.
+//!
+//! Every random draw of a sample (caption choice, crop, flip, RandAugment) comes from a generator
+//! seeded by (seed, epoch, global sample id), so a sample looks the same on any thread or rank
+//! and a resumed run sees exactly the batches the uninterrupted one would have.
+
+use crate::bad::{SkipCounts, SkipReason};
+use crate::batch::{HostBatch, collate};
+use crate::caption::pre_caption;
+use crate::index::{DatasetIndex, SourceKind};
+use crate::plan::RankPlan;
+use crate::rng::SplitMix64;
+use crate::sources::{Annotation, CaptionSource, Record, parse_annotations, read_tar_samples};
+use crate::store::Location;
+use crate::tokenizer::Tokenizer;
+use crate::transform::{TrainTransform, decode_rgb, resize_exact};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use tokio::runtime::Handle;
+
+#[derive(Clone, Debug)]
+pub struct LoaderOptions {
+    pub image_res: u32,
+    /// Decode threads.
+    pub threads: usize,
+    /// Batches decoded ahead of the trainer.
+    pub prefetch: usize,
+    /// Images whose header declares more pixels are skipped before decoding.
+    pub max_pixels: u64,
+    /// Train transform (crop, flip, RandAugment) or the test transform (resize).
+    pub augment: bool,
+    pub caption: CaptionSource,
+    /// Root that annotation-file image paths are relative to.
+    pub image_root: String,
+    pub max_words: usize,
+    pub seed: u64,
+}
+
+/// A batch of one step.
+#[derive(Debug)]
+pub struct LoadedBatch {
+    pub step: u64,
+    /// Fewer rows than the batch size when samples were skipped.
+    pub batch: HostBatch,
+}
+
+/// One step's raw samples, as the reader hands them to a decoder.
+struct StepJob {
+    step: u64,
+    /// (global sample id, record) in batch order; skipped samples are absent.
+    samples: Vec<(u64, Record)>,
+}
+
+pub struct Loader {
+    rx: Receiver<LoadedBatch>,
+    next_step: u64,
+    end_step: u64,
+    reorder: BTreeMap<u64, HostBatch>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    skips: Arc<SkipCounts>,
+}
+
+impl Loader {
+    /// Starts loading the steps `from_step..plan.steps` of `plan`.
+    pub fn start(
+        index: Arc<DatasetIndex>,
+        plan: RankPlan,
+        from_step: u64,
+        opts: LoaderOptions,
+        tokenizer: Arc<Tokenizer>,
+        handle: Handle,
+        skips: Arc<SkipCounts>,
+    ) -> Loader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads_n = opts.threads.max(1);
+        let (job_tx, job_rx) = bounded::<StepJob>(threads_n * 2);
+        let (out_tx, out_rx) = bounded::<LoadedBatch>(opts.prefetch.max(1));
+        let mut threads = vec![];
+        {
+            let (stop, skips, opts, index, handle) = (stop.clone(), skips.clone(), opts.clone(), index.clone(), handle);
+            let plan = plan.clone();
+            threads.push(std::thread::spawn(move || {
+                read_plan(&index, &plan, from_step, &opts, &handle, &skips, &stop, job_tx);
+            }));
+        }
+        for _ in 0..threads_n {
+            let (job_rx, out_tx, stop, skips, tokenizer) =
+                (job_rx.clone(), out_tx.clone(), stop.clone(), skips.clone(), tokenizer.clone());
+            let (opts, epoch) = (opts.clone(), plan.spec.epoch);
+            threads.push(std::thread::spawn(move || {
+                for job in job_rx {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let batch = decode_step(&job, &opts, epoch, &tokenizer, &skips);
+                    if out_tx.send(LoadedBatch { step: job.step, batch }).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        Loader {
+            rx: out_rx,
+            next_step: from_step,
+            end_step: plan.steps,
+            reorder: BTreeMap::new(),
+            stop,
+            threads,
+            skips,
+        }
+    }
+
+    pub fn skips(&self) -> &Arc<SkipCounts> {
+        &self.skips
+    }
+}
+
+impl Iterator for Loader {
+    type Item = LoadedBatch;
+
+    /// The next step's batch, in step order (decoders may finish out of order).
+    fn next(&mut self) -> Option<LoadedBatch> {
+        if self.next_step >= self.end_step {
+            return None;
+        }
+        while !self.reorder.contains_key(&self.next_step) {
+            let b = self.rx.recv().ok()?;
+            self.reorder.insert(b.step, b.batch);
+        }
+        let batch = self.reorder.remove(&self.next_step).expect("present");
+        self.next_step += 1;
+        Some(LoadedBatch { step: self.next_step - 1, batch })
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Unblock producers waiting on a full queue, then wait for them.
+        while self.rx.try_recv().is_ok() {}
+        let threads = std::mem::take(&mut self.threads);
+        let rx = self.rx.clone();
+        for t in threads {
+            while !t.is_finished() {
+                while rx.try_recv().is_ok() {}
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reader: fetches the plan's windows in order and hands out each step once its samples
+/// are read.
+#[allow(clippy::too_many_arguments)]
+fn read_plan(
+    index: &DatasetIndex,
+    plan: &RankPlan,
+    from_step: u64,
+    opts: &LoaderOptions,
+    handle: &Handle,
+    skips: &SkipCounts,
+    stop: &AtomicBool,
+    jobs: Sender<StepJob>,
+) {
+    let first_ids = index.first_ids();
+    let (b, w) = (plan.spec.batch_size, plan.spec.window);
+    let mut annotations: HashMap<u32, Arc<Vec<Option<Annotation>>>> = HashMap::new();
+    let mut records: HashMap<u64, Record> = HashMap::new();
+    let mut step = from_step;
+    for window in plan.windows_from(from_step) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // Positions of a window are contiguous in lease order: read them as source ranges.
+        let mut pos = window.start;
+        while pos < window.end {
+            let (source, ordinal) = plan.sample_at(pos);
+            let lease = plan.leases.iter().find(|l| l.source == source && (l.start..l.end).contains(&ordinal));
+            let lease_end = lease.map_or(ordinal + 1, |l| l.end);
+            let take = (lease_end - ordinal).min(window.end - pos);
+            let base = pos;
+            let to_pos = |o: u64| base + (o - ordinal);
+            let entry = &index.sources[source as usize];
+            let mut put = |o: u64, r: Record| {
+                records.insert(to_pos(o), r);
+            };
+            match entry.kind {
+                SourceKind::WebDataset => read_tar_range(entry, ordinal..ordinal + take, opts, handle, skips, &mut put),
+                SourceKind::Annotation => {
+                    let list = annotations
+                        .entry(source)
+                        .or_insert_with(|| load_annotations(&entry.url, handle, skips))
+                        .clone();
+                    read_annotation_range(&entry.url, &list, ordinal..ordinal + take, opts, handle, skips, &mut put);
+                }
+            }
+            pos += take;
+        }
+        // Steps whose last order index falls in this window are complete.
+        while step < plan.steps && ((step + 1) * b - 1) / w < window.end.div_ceil(w) {
+            let samples = plan
+                .step_positions(step)
+                .into_iter()
+                .filter_map(|p| {
+                    let (source, ordinal) = plan.sample_at(p);
+                    records.get(&p).map(|r| (first_ids[source as usize] + ordinal, r.clone()))
+                })
+                .collect();
+            if jobs.send(StepJob { step, samples }).is_err() {
+                return;
+            }
+            step += 1;
+        }
+        // Records of earlier windows are no longer needed.
+        records.retain(|&p, _| p + w >= window.end);
+    }
+}
+
+fn read_tar_range(
+    entry: &crate::index::SourceEntry,
+    wanted: std::ops::Range<u64>,
+    opts: &LoaderOptions,
+    handle: &Handle,
+    skips: &SkipCounts,
+    put: &mut impl FnMut(u64, Record),
+) {
+    // Start at the indexed offset of the first wanted sample when the index has offsets.
+    let (offset, first) = match entry.offsets.get(wanted.start as usize) {
+        Some(&o) => (o, wanted.start),
+        None => (0, 0),
+    };
+    let reader = Location::open(&entry.url).and_then(|loc| loc.stream_from(handle, offset));
+    match reader {
+        Ok(reader) => {
+            read_tar_samples(reader, &entry.url, first, wanted, &opts.caption, skips, put);
+        }
+        Err(e) => {
+            // The shard is gone or unreachable: its samples are skipped, the epoch goes on.
+            for _ in wanted {
+                skips.record(SkipReason::UnreadableShard, &entry.url, "", &format!("{e:#}"));
+            }
+        }
+    }
+}
+
+fn load_annotations(url: &str, handle: &Handle, skips: &SkipCounts) -> Arc<Vec<Option<Annotation>>> {
+    let parsed = Location::open(url)
+        .and_then(|loc| handle.block_on(loc.read_all()))
+        .and_then(|bytes| parse_annotations(&bytes, url, skips));
+    match parsed {
+        Ok(list) => Arc::new(list),
+        Err(e) => {
+            skips.record(SkipReason::UnreadableShard, url, "", &format!("{e:#}"));
+            Arc::new(vec![])
+        }
+    }
+}
+
+fn read_annotation_range(
+    url: &str,
+    list: &[Option<Annotation>],
+    wanted: std::ops::Range<u64>,
+    opts: &LoaderOptions,
+    handle: &Handle,
+    skips: &SkipCounts,
+    put: &mut impl FnMut(u64, Record),
+) {
+    let root = Location::open(&opts.image_root);
+    for ordinal in wanted {
+        let key = format!("#{ordinal}");
+        let Some(Some(a)) = list.get(ordinal as usize) else {
+            if list.len() as u64 <= ordinal {
+                skips.record(SkipReason::UnreadableShard, url, &key, "annotation missing");
+            }
+            continue; // bad entries were counted when the file was parsed
+        };
+        let image = root.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|r| {
+            let loc = r.join(&a.image);
+            handle.block_on(loc.read_all())
+        });
+        match image {
+            Ok(bytes) => {
+                put(ordinal, Record { key: a.image.clone(), image: bytes.to_vec(), captions: a.captions.clone() })
+            }
+            Err(e) => skips.record(SkipReason::MissingImage, url, &a.image, &format!("{e:#}")),
+        }
+    }
+}
+
+/// Decodes, augments and tokenises one step's samples.
+fn decode_step(
+    job: &StepJob,
+    opts: &LoaderOptions,
+    epoch: u64,
+    tokenizer: &Tokenizer,
+    skips: &SkipCounts,
+) -> HostBatch {
+    let transform = TrainTransform { res: opts.image_res, ..TrainTransform::default() };
+    let mut rows = vec![];
+    for (id, record) in &job.samples {
+        let mut rng = sample_rng(opts.seed, epoch, *id);
+        let image = match decode_rgb(&record.image, opts.max_pixels) {
+            Ok(img) => img,
+            Err(e) => {
+                skips.record(skip_reason(e.reason()), "decode", &record.key, &e.to_string());
+                continue;
+            }
+        };
+        let caption = &record.captions[rng.below(record.captions.len())];
+        let image = if opts.augment { transform.apply(&image, &mut rng) } else { resize_exact(&image, opts.image_res) };
+        let text = pre_caption(caption, opts.max_words);
+        if text.is_empty() {
+            skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
+            continue;
+        }
+        rows.push((record.key.clone(), image.into_raw(), tokenizer.encode(&text)));
+    }
+    let samples: Vec<(String, &[u8], Vec<i64>)> =
+        rows.iter().map(|(k, rgb, ids)| (k.clone(), rgb.as_slice(), ids.clone())).collect();
+    collate(&samples, opts.image_res as usize, tokenizer.pad_id())
+}
+
+/// The generator of a sample's random draws in an epoch.
+pub fn sample_rng(seed: u64, epoch: u64, global_id: u64) -> SplitMix64 {
+    SplitMix64::for_item(SplitMix64::for_item(seed, epoch).next_u64(), global_id)
+}
+
+fn skip_reason(reason: &str) -> SkipReason {
+    match reason {
+        "not_an_image" => SkipReason::NotAnImage,
+        "too_many_pixels" => SkipReason::TooManyPixels,
+        "empty" => SkipReason::EmptyImage,
+        _ => SkipReason::CorruptImage,
+    }
+}

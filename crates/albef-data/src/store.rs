@@ -1,0 +1,163 @@
+//! Locations of data and checkpoints in object storage: local paths and file:// by default,
+//! s3://, gs:// and az:// with credentials and endpoints from the environment (object_store's
+//! URL parsing alone does not read it), and brace expansion of shard names.
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::TryStreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use std::io::Read;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+/// An object (or prefix) in a store, with the URL it was opened from for messages.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: StorePath,
+    pub url: String,
+}
+
+impl Location {
+    /// Opens `url`: `s3://bucket/key`, `gs://bucket/key`, `az://container/key` (also
+    /// `abfs(s)://`, `azure://`), `file:///abs/path`, or a plain (relative or absolute) path.
+    pub fn open(url: &str) -> Result<Self> {
+        let (scheme, _) = url.split_once("://").unwrap_or(("", url));
+        let (store, path): (Arc<dyn ObjectStore>, StorePath) = match scheme {
+            "" | "file" => {
+                let raw = url.strip_prefix("file://").unwrap_or(url);
+                let abs = std::path::absolute(raw).with_context(|| format!("resolving {raw}"))?;
+                let path = StorePath::from_absolute_path(&abs).with_context(|| format!("invalid path {url}"))?;
+                (Arc::new(object_store::local::LocalFileSystem::new()), path)
+            }
+            "s3" | "s3a" => {
+                let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build();
+                (Arc::new(store.with_context(|| format!("configuring S3 for {url}"))?), key_of(url)?)
+            }
+            "gs" => {
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).build();
+                (Arc::new(store.with_context(|| format!("configuring GCS for {url}"))?), key_of(url)?)
+            }
+            "az" | "azure" | "abfs" | "abfss" | "adl" => {
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).build();
+                (Arc::new(store.with_context(|| format!("configuring Azure for {url}"))?), key_of(url)?)
+            }
+            other => bail!("{url}: unsupported scheme {other}:// (use a path, file://, s3://, gs:// or az://)"),
+        };
+        Ok(Location { store, path, url: url.to_string() })
+    }
+
+    /// The location of `name` under this one (a prefix).
+    pub fn join(&self, name: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in name.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        Location { store: self.store.clone(), path, url: format!("{}/{}", self.url.trim_end_matches('/'), name) }
+    }
+
+    /// The location of a sibling object (same prefix, another name).
+    pub fn sibling(&self, name: &str) -> Location {
+        let parent = match self.url.rsplit_once('/') {
+            Some((dir, _)) => dir.to_string(),
+            None => ".".to_string(),
+        };
+        let mut parts: Vec<_> = self.path.parts().collect();
+        parts.pop();
+        let mut path: StorePath = parts.into_iter().collect();
+        path = path.clone().join(name);
+        Location { store: self.store.clone(), path, url: format!("{parent}/{name}") }
+    }
+
+    pub async fn read_all(&self) -> Result<bytes::Bytes> {
+        let get = self.store.get(&self.path).await.with_context(|| format!("reading {}", self.url))?;
+        get.bytes().await.with_context(|| format!("reading {}", self.url))
+    }
+
+    pub async fn write_all(&self, data: impl Into<PutPayload>) -> Result<()> {
+        self.store.put(&self.path, data.into()).await.with_context(|| format!("writing {}", self.url))?;
+        Ok(())
+    }
+
+    pub async fn exists(&self) -> Result<bool> {
+        match self.store.head(&self.path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("checking {}", self.url)),
+        }
+    }
+
+    /// A blocking reader streaming the object from byte `offset` on, for use on a thread that
+    /// is not a runtime worker (decode threads); nothing is buffered beyond the stream's chunks.
+    pub fn stream_from(&self, handle: &Handle, offset: u64) -> Result<Box<dyn Read + Send>> {
+        let opts = GetOptions { range: (offset > 0).then_some(GetRange::Offset(offset)), ..Default::default() };
+        let get =
+            handle.block_on(self.store.get_opts(&self.path, opts)).with_context(|| format!("opening {}", self.url))?;
+        let stream = get.into_stream().map_err(std::io::Error::other);
+        Ok(Box::new(SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone())))
+    }
+}
+
+fn key_of(url: &str) -> Result<StorePath> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let key = rest.split_once('/').map(|(_, k)| k).unwrap_or("");
+    StorePath::parse(key).with_context(|| format!("invalid object key in {url}"))
+}
+
+/// Expands `{000000..000127}` (zero padding kept) and `{a,b,c}` groups, left to right:
+/// `data/train-{000..002}.tar` -> `data/train-000.tar`, `data/train-001.tar`, `data/train-002.tar`.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
+    let Some(open) = pattern.find('{') else {
+        ensure!(!pattern.contains('}'), "unbalanced '}}' in {pattern:?}");
+        return Ok(vec![pattern.to_string()]);
+    };
+    let close =
+        pattern[open..].find('}').map(|i| open + i).with_context(|| format!("unbalanced '{{' in {pattern:?}"))?;
+    let (head, body, tail) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let choices: Vec<String> = if let Some((a, b)) = body.split_once("..") {
+        let (lo, hi): (u64, u64) = (
+            a.parse().with_context(|| format!("bad range start {a:?} in {pattern:?}"))?,
+            b.parse().with_context(|| format!("bad range end {b:?} in {pattern:?}"))?,
+        );
+        ensure!(lo <= hi, "empty range {{{body}}} in {pattern:?}");
+        ensure!(hi - lo < 10_000_000, "range {{{body}}} in {pattern:?} is implausibly large");
+        let width = if a.starts_with('0') && a.len() > 1 { a.len() } else { 0 };
+        (lo..=hi).map(|i| format!("{i:0width$}")).collect()
+    } else {
+        body.split(',').map(str::to_string).collect()
+    };
+    let rests = expand_braces(tail)?;
+    Ok(choices.iter().flat_map(|c| rests.iter().map(move |rest| format!("{head}{c}{rest}"))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces_expand_ranges_and_lists() {
+        assert_eq!(expand_braces("a-{08..11}.tar").unwrap(), vec!["a-08.tar", "a-09.tar", "a-10.tar", "a-11.tar"]);
+        assert_eq!(expand_braces("{x,y}/{1..2}").unwrap(), vec!["x/1", "x/2", "y/1", "y/2"]);
+        assert_eq!(expand_braces("{9..10}").unwrap(), vec!["9", "10"]);
+        assert_eq!(expand_braces("plain.tar").unwrap(), vec!["plain.tar"]);
+        assert!(expand_braces("bad-{1..").is_err());
+        assert!(expand_braces("bad-{5..1}").is_err());
+    }
+
+    #[test]
+    fn plain_paths_resolve_and_siblings_share_the_folder() {
+        let loc = Location::open("data/train-000.tar").unwrap();
+        assert!(loc.path.as_ref().ends_with("data/train-000.tar"));
+        let sib = loc.sibling("train-000_stats.json");
+        assert!(sib.path.as_ref().ends_with("data/train-000_stats.json"), "{}", sib.path);
+        assert_eq!(sib.url, "data/train-000_stats.json");
+        assert!(Location::open("ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn s3_urls_take_bucket_and_key() {
+        let loc = Location::open("s3://bucket/some/prefix/shard.tar").unwrap();
+        assert_eq!(loc.path.as_ref(), "some/prefix/shard.tar");
+    }
+}

@@ -1,0 +1,465 @@
+//! The image side of ALBEF's data pipeline: guarded decoding, the test transform (bicubic resize)
+//! and the pretraining transform (RandomResizedCrop, horizontal flip, ALBEF's RandomAugment),
+//! then CLIP normalisation.
+//!
+//! Every op reproduces the Pillow/torchvision operation ALBEF runs on PIL images, down to
+//! Pillow's float rounding, so `tests/transform.rs` can compare them pixel for pixel. All
+//! randomness comes from a caller-provided [`SplitMix64`], so a sample is the same on any thread.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io::Cursor;
+
+use fast_image_resize::images::{CroppedImage, Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Rgb, RgbImage};
+
+use crate::batch::normalize_rgb;
+use crate::rng::SplitMix64;
+
+/// Why an encoded image was skipped; [`DecodeError::reason`] is a stable label for skip counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// No bytes, or a header declaring a zero-sized image.
+    Empty,
+    /// The bytes are not in a format this build can decode.
+    NotAnImage,
+    /// A known format whose header or data does not decode.
+    Corrupt(String),
+    /// The header declares more pixels than allowed (a decompression bomb, or just too big).
+    TooManyPixels { width: u32, height: u32, max_pixels: u64 },
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::NotAnImage => "not_an_image",
+            DecodeError::Corrupt(_) => "corrupt_image",
+            DecodeError::TooManyPixels { .. } => "too_many_pixels",
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Empty => write!(f, "empty image"),
+            DecodeError::NotAnImage => write!(f, "not an image in a supported format"),
+            DecodeError::Corrupt(e) => write!(f, "corrupt image: {e}"),
+            DecodeError::TooManyPixels { width, height, max_pixels } => {
+                write!(f, "image of {width}x{height} exceeds {max_pixels} pixels")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes any supported format to 8-bit RGB. The header is read first and images over
+/// `max_pixels` are refused before any pixel buffer is allocated.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(DecodeError::NotAnImage);
+    }
+    // A recognised signature of a format compiled out (GIF, TIFF, ...) is as unreadable as noise.
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        ImageError::Unsupported(_) => DecodeError::NotAnImage,
+        e => DecodeError::Corrupt(e.to_string()),
+    })?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(DecodeError::TooManyPixels { width, height, max_pixels });
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        ImageError::Limits(_) => DecodeError::TooManyPixels { width, height, max_pixels },
+        e => DecodeError::Corrupt(e.to_string()),
+    })?;
+    // into_rgb8 reuses the buffer when the image already is RGB8 (the common JPEG case).
+    Ok(img.into_rgb8())
+}
+
+thread_local! {
+    // The resizer keeps scratch buffers; one per thread avoids reallocating them per image.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+/// torchvision's `F.resized_crop` on a PIL image: crop the box `(x, y, w, h)`, then Pillow
+/// BICUBIC resize to `width` x `height`. The crop is a view, so the filter clamps at the box
+/// edges exactly as resizing the cropped copy does.
+pub fn resized_crop(img: &RgbImage, crop: (u32, u32, u32, u32), width: u32, height: u32) -> RgbImage {
+    let (x, y, w, h) = crop;
+    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3).expect("RgbImage buffer");
+    let view = CroppedImage::new(&src, x, y, w, h).expect("crop box inside the image");
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    // Catmull-Rom is the a = -0.5 cubic of Pillow's BICUBIC, with the same support scaling.
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    RESIZER.with_borrow_mut(|r| r.resize(&view, &mut dst, &options)).expect("U8x3 to U8x3 resize");
+    RgbImage::from_raw(width, height, dst.into_vec()).expect("resizer output is width*height*3")
+}
+
+/// The test transform: bicubic resize of the whole image to `res` x `res`.
+pub fn resize_exact(img: &RgbImage, res: u32) -> RgbImage {
+    resized_crop(img, (0, 0, img.width(), img.height()), res, res)
+}
+
+/// torchvision's `RandomResizedCrop.get_params`, drawing from `rng`: returns `(x, y, w, h)`.
+pub fn random_resized_crop_params(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut SplitMix64,
+) -> (u32, u32, u32, u32) {
+    let area = f64::from(width) * f64::from(height);
+    let log_ratio = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale);
+        let aspect = uniform(rng, log_ratio).exp();
+        // Python's round() rounds half to even.
+        let w = (target_area * aspect).sqrt().round_ties_even();
+        let h = (target_area / aspect).sqrt().round_ties_even();
+        if 0.0 < w && w <= f64::from(width) && 0.0 < h && h <= f64::from(height) {
+            let (w, h) = (w as u32, h as u32);
+            // torchvision draws the row before the column.
+            let y = rng.below((height - h + 1) as usize) as u32;
+            let x = rng.below((width - w + 1) as usize) as u32;
+            return (x, y, w, h);
+        }
+    }
+    // Fallback: the largest centred crop whose aspect ratio is clamped into `ratio`.
+    let in_ratio = f64::from(width) / f64::from(height);
+    let (lo, hi) = (ratio.0.min(ratio.1), ratio.0.max(ratio.1));
+    let (w, h) = if in_ratio < lo {
+        (width, (f64::from(width) / lo).round_ties_even() as u32)
+    } else if in_ratio > hi {
+        ((f64::from(height) * hi).round_ties_even() as u32, height)
+    } else {
+        (width, height)
+    };
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+fn uniform(rng: &mut SplitMix64, (lo, hi): (f64, f64)) -> f64 {
+    lo + (hi - lo) * rng.next_f64()
+}
+
+/// Pillow's `transpose(FLIP_LEFT_RIGHT)`, in place.
+pub fn hflip_in_place(img: &mut RgbImage) {
+    image::imageops::flip_horizontal_in_place(img);
+}
+
+/// Grey fill of ALBEF's geometric augmentations (`replace_value = (128, 128, 128)`).
+pub const FILL: Rgb<u8> = Rgb([128, 128, 128]);
+
+fn histograms(img: &RgbImage) -> [[u64; 256]; 3] {
+    let mut h = [[0u64; 256]; 3];
+    for px in img.as_raw().chunks_exact(3) {
+        for c in 0..3 {
+            h[c][px[c] as usize] += 1;
+        }
+    }
+    h
+}
+
+fn apply_luts(img: &RgbImage, luts: &[[u8; 256]; 3]) -> RgbImage {
+    let mut out = img.clone();
+    for px in out.chunks_exact_mut(3) {
+        for c in 0..3 {
+            px[c] = luts[c][px[c] as usize];
+        }
+    }
+    out
+}
+
+const IDENTITY_LUT: [u8; 256] = {
+    let mut lut = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        lut[i] = i as u8;
+        i += 1;
+    }
+    lut
+};
+
+/// Pillow's `ImageOps.autocontrast` (cutoff 0): each channel's min..max stretched to 0..255;
+/// a channel with a single value is left as is.
+pub fn autocontrast(img: &RgbImage) -> RgbImage {
+    let luts = histograms(img).map(|h| {
+        let lo = h.iter().position(|&n| n > 0);
+        let hi = h.iter().rposition(|&n| n > 0);
+        match (lo, hi) {
+            (Some(lo), Some(hi)) if hi > lo => {
+                let scale = 255.0 / (hi - lo) as f64;
+                let offset = -(lo as f64) * scale;
+                // `as u8` truncates toward zero and saturates, like Pillow's int() then clip.
+                std::array::from_fn(|i| (i as f64 * scale + offset) as u8)
+            }
+            _ => IDENTITY_LUT,
+        }
+    });
+    apply_luts(img, &luts)
+}
+
+/// Pillow's `ImageOps.equalize`: per-channel lookup table from the cumulative histogram.
+pub fn equalize(img: &RgbImage) -> RgbImage {
+    let luts = histograms(img).map(|h| {
+        let last = h.iter().rposition(|&n| n > 0).map_or(0, |i| h[i]);
+        let total: u64 = h.iter().sum();
+        let step = (total - last) / 255;
+        // One distinct value (all pixels in the last bin) also gives step 0.
+        if step == 0 {
+            return IDENTITY_LUT;
+        }
+        let mut n = step / 2;
+        std::array::from_fn(|i| {
+            let v = (n / step).min(255) as u8;
+            n += h[i];
+            v
+        })
+    });
+    apply_luts(img, &luts)
+}
+
+/// Pillow's `Image.blend(a, b, alpha)`: `a + alpha * (b - a)` in f32, truncated (and clipped
+/// when extrapolating).
+fn blend(a: &[u8], b: &[u8], alpha: f32, out: &mut [u8]) {
+    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        let v = a as f32 + alpha * (b as i32 - a as i32) as f32;
+        // `as u8` truncates and saturates: Pillow's clip-then-truncate for extrapolation, and a
+        // no-op clip for interpolation, whose result is always in range.
+        *o = v as u8;
+    }
+}
+
+/// Pillow's `ImageEnhance.Brightness(img).enhance(factor)`: a blend with black.
+pub fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
+    let black = vec![0u8; img.as_raw().len()];
+    let mut out = img.clone();
+    blend(&black, img.as_raw(), factor as f32, &mut out);
+    out
+}
+
+/// Pillow's `ImageEnhance.Sharpness(img).enhance(factor)`: a blend with the image smoothed by
+/// `ImageFilter.SMOOTH` ([[1,1,1],[1,5,1],[1,1,1]] / 13, border pixels copied unchanged).
+pub fn sharpness(img: &RgbImage, factor: f64) -> RgbImage {
+    let mut out = img.clone();
+    blend(&smooth(img), img.as_raw(), factor as f32, &mut out);
+    out
+}
+
+/// Pillow's 3x3 `ImagingFilter3x3` for SMOOTH, with its f32 kernel, summation order and +0.5
+/// rounding bias, so results match bit for bit.
+fn smooth(img: &RgbImage) -> Vec<u8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    let mut out = src.clone();
+    if w < 3 || h < 3 {
+        return out;
+    }
+    let (k1, k5) = (1.0f32 / 13.0, 5.0f32 / 13.0);
+    let stride = w * 3;
+    for y in 1..h - 1 {
+        let (above, row, below) =
+            (&src[(y - 1) * stride..y * stride], &src[y * stride..(y + 1) * stride], &src[(y + 1) * stride..]);
+        for i in 3..stride - 3 {
+            let line = |r: &[u8], k: f32| r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1;
+            // Pillow adds the row below first, then the centre row, then the row above.
+            let mut ss = 0.5f32;
+            ss += line(below, k1);
+            ss += line(row, k5);
+            ss += line(above, k1);
+            out[y * stride + i] = ss as u8;
+        }
+    }
+    out
+}
+
+/// Pillow's `Image.transform(size, AFFINE, coeffs, BILINEAR, fillcolor=fill)`: `coeffs` map an
+/// output pixel centre to input coordinates; samples outside the image get `fill`.
+pub fn affine(img: &RgbImage, coeffs: [f64; 6], fill: Rgb<u8>) -> RgbImage {
+    let [a0, a1, a2, a3, a4, a5] = coeffs;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (wf, hf) = (w as f64, h as f64);
+    let src = img.as_raw();
+    let mut out = RgbImage::from_pixel(img.width(), img.height(), fill);
+    for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
+        let yc = y as f64 + 0.5;
+        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let xc = x as f64 + 0.5;
+            let xin = a0 * xc + a1 * yc + a2;
+            let yin = a3 * xc + a4 * yc + a5;
+            // Written so that NaN coordinates also keep the fill.
+            if !(xin >= 0.0 && xin < wf && yin >= 0.0 && yin < hf) {
+                continue;
+            }
+            let (xs, ys) = (xin - 0.5, yin - 0.5);
+            let (xf, yf) = (xs.floor(), ys.floor());
+            let (dx, dy) = (xs - xf, ys - yf);
+            // xf, yf >= -1: neighbours are clamped to the image, and the row below the last one
+            // is replaced by the last row's value, as in Pillow's BILINEAR_BODY.
+            let (xi, yi) = (xf as isize, yf as isize);
+            let x0 = xi.clamp(0, w as isize - 1) as usize * 3;
+            let x1 = (xi + 1).clamp(0, w as isize - 1) as usize * 3;
+            let r0 = &src[yi.clamp(0, h as isize - 1) as usize * w * 3..];
+            let r1 = ((yi + 1) < h as isize).then(|| &src[(yi + 1) as usize * w * 3..]);
+            for c in 0..3 {
+                let lerp = |a: u8, b: u8, d: f64| a as f64 + (b as f64 - a as f64) * d;
+                let v1 = lerp(r0[x0 + c], r0[x1 + c], dx);
+                let v2 = r1.map_or(v1, |r| lerp(r[x0 + c], r[x1 + c], dx));
+                px[c] = (v1 + (v2 - v1) * dy) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// `Image.transform` with `(1, factor, 0, 0, 1, 0)`: input x = x + factor * y.
+pub fn shear_x(img: &RgbImage, factor: f64, fill: Rgb<u8>) -> RgbImage {
+    affine(img, [1.0, factor, 0.0, 0.0, 1.0, 0.0], fill)
+}
+
+/// `Image.transform` with `(1, 0, 0, factor, 1, 0)`: input y = factor * x + y.
+pub fn shear_y(img: &RgbImage, factor: f64, fill: Rgb<u8>) -> RgbImage {
+    affine(img, [1.0, 0.0, 0.0, factor, 1.0, 0.0], fill)
+}
+
+/// `Image.transform` with `(1, 0, pixels, 0, 1, 0)`: positive `pixels` moves content left.
+pub fn translate_x(img: &RgbImage, pixels: f64, fill: Rgb<u8>) -> RgbImage {
+    affine(img, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], fill)
+}
+
+/// `Image.transform` with `(1, 0, 0, 0, 1, pixels)`: positive `pixels` moves content up.
+pub fn translate_y(img: &RgbImage, pixels: f64, fill: Rgb<u8>) -> RgbImage {
+    affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], fill)
+}
+
+/// Pillow's `Image.rotate(degrees, BILINEAR, fillcolor=fill)`: counter-clockwise about the
+/// centre, same size; the matrix is built exactly as Pillow builds it.
+pub fn rotate(img: &RgbImage, degrees: f64, fill: Rgb<u8>) -> RgbImage {
+    let (cx, cy) = (f64::from(img.width()) / 2.0, f64::from(img.height()) / 2.0);
+    let angle = -degrees.rem_euclid(360.0).to_radians();
+    // Pillow rounds to 15 decimals so that multiples of 90 degrees give exact 0 and 1.
+    let round15 = |v: f64| (v * 1e15).round() / 1e15;
+    let (cos, sin) = (round15(angle.cos()), round15(angle.sin()));
+    let (a, b, d, e) = (cos, sin, round15(-angle.sin()), cos);
+    let c = a * -cx + b * -cy + cx;
+    let f = d * -cx + e * -cy + cy;
+    affine(img, [a, b, c, d, e, f], fill)
+}
+
+/// The ops of ALBEF's pretraining `RandomAugment(2, 7, isPIL=True, augs=[...])`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AugOp {
+    Identity,
+    AutoContrast,
+    Equalize,
+    Brightness,
+    Sharpness,
+    ShearX,
+    ShearY,
+    TranslateX,
+    TranslateY,
+    Rotate,
+}
+
+/// ALBEF's `augs` list, in its order (np.random.choice draws an index into it).
+pub const ALBEF_AUGS: [AugOp; 10] = [
+    AugOp::Identity,
+    AugOp::AutoContrast,
+    AugOp::Equalize,
+    AugOp::Brightness,
+    AugOp::Sharpness,
+    AugOp::ShearX,
+    AugOp::ShearY,
+    AugOp::TranslateX,
+    AugOp::TranslateY,
+    AugOp::Rotate,
+];
+
+/// ALBEF's `MAX_LEVEL` and `translate_const`.
+const MAX_LEVEL: f64 = 10.0;
+const TRANSLATE_CONST: f64 = 10.0;
+
+impl AugOp {
+    /// Applies the op at `magnitude` (0..=10), drawing the sign of geometric ops from `rng` the
+    /// way ALBEF's `*_level_to_args` do.
+    pub fn apply(self, img: &RgbImage, magnitude: u32, rng: &mut SplitMix64) -> RgbImage {
+        let level = f64::from(magnitude) / MAX_LEVEL;
+        let mut sign = |negate: fn(f64) -> bool| if negate(rng.next_f64()) { -1.0 } else { 1.0 };
+        // ALBEF negates shear and translate when random() > 0.5, rotation when random() < 0.5.
+        match self {
+            AugOp::Identity => img.clone(),
+            AugOp::AutoContrast => autocontrast(img),
+            AugOp::Equalize => equalize(img),
+            AugOp::Brightness => brightness(img, level * 1.8 + 0.1),
+            AugOp::Sharpness => sharpness(img, level * 1.8 + 0.1),
+            AugOp::ShearX => shear_x(img, sign(|r| r > 0.5) * level * 0.3, FILL),
+            AugOp::ShearY => shear_y(img, sign(|r| r > 0.5) * level * 0.3, FILL),
+            AugOp::TranslateX => translate_x(img, sign(|r| r > 0.5) * level * TRANSLATE_CONST, FILL),
+            AugOp::TranslateY => translate_y(img, sign(|r| r > 0.5) * level * TRANSLATE_CONST, FILL),
+            AugOp::Rotate => rotate(img, sign(|r| r < 0.5) * level * 30.0, FILL),
+        }
+    }
+}
+
+/// ALBEF's pretraining transform, up to (not including) ToTensor/Normalize.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainTransform {
+    pub res: u32,
+    pub scale: (f64, f64),
+    pub ratio: (f64, f64),
+    pub hflip_p: f64,
+    pub randaug_n: usize,
+    pub randaug_m: u32,
+    pub randaug_p: f64,
+}
+
+impl Default for TrainTransform {
+    fn default() -> Self {
+        TrainTransform {
+            res: 256,
+            scale: (0.2, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            hflip_p: 0.5,
+            randaug_n: 2,
+            randaug_m: 7,
+            randaug_p: 0.5,
+        }
+    }
+}
+
+impl TrainTransform {
+    /// RandomResizedCrop (bicubic), RandomHorizontalFlip, RandomAugment, in ALBEF's order.
+    pub fn apply(&self, img: &RgbImage, rng: &mut SplitMix64) -> RgbImage {
+        let crop = random_resized_crop_params(img.width(), img.height(), self.scale, self.ratio, rng);
+        let mut out = resized_crop(img, crop, self.res, self.res);
+        if rng.next_f64() < self.hflip_p {
+            hflip_in_place(&mut out);
+        }
+        // ALBEF picks all N ops first (with replacement), then flips a coin per op.
+        let ops: Vec<AugOp> = (0..self.randaug_n).map(|_| *rng.pick(&ALBEF_AUGS)).collect();
+        for op in ops {
+            if rng.next_f64() > self.randaug_p {
+                continue;
+            }
+            out = op.apply(&out, self.randaug_m, rng);
+        }
+        out
+    }
+}
+
+/// ToTensor + Normalize: HWC u8 -> CHW f32 with the CLIP mean and std.
+pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
+    let mut out = Vec::with_capacity(img.as_raw().len());
+    normalize_rgb(img.as_raw(), img.width() as usize, &mut out);
+    out
+}

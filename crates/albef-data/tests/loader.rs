@@ -1,0 +1,221 @@
+//! The data path end to end on generated and deliberately broken datasets: index, plan, loader.
+
+use albef_data::bad::{SkipCounts, SkipReason};
+use albef_data::index::DatasetIndex;
+use albef_data::loader::{Loader, LoaderOptions};
+use albef_data::plan::{PlanSpec, plan_rank};
+use albef_data::sources::CaptionSource;
+use albef_data::store::Location;
+use albef_data::synth::{DatasetSpec, train_shards_pattern, write_dataset};
+use albef_data::tokenizer::Tokenizer;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+fn generate(dir: &Path, rt: &tokio::runtime::Runtime, train: u64, shards: u64) -> String {
+    let spec = DatasetSpec { seed: 3, image_res: 48, train, test: 6, shards };
+    write_dataset(&Location::open(dir.to_str().unwrap()).unwrap(), &spec, rt.handle()).unwrap();
+    train_shards_pattern(dir.to_str().unwrap(), shards)
+}
+
+fn options(threads: usize) -> LoaderOptions {
+    LoaderOptions {
+        image_res: 32,
+        threads,
+        prefetch: 2,
+        max_pixels: 10_000_000,
+        augment: true,
+        caption: CaptionSource::Txt,
+        image_root: String::new(),
+        max_words: 30,
+        seed: 9,
+    }
+}
+
+fn tokenizer(dir: &Path) -> Arc<Tokenizer> {
+    Arc::new(Tokenizer::from_file(dir.join("vocab.txt")).unwrap())
+}
+
+/// (step, keys, images, ids) of every batch a loader yields.
+type Seen = Vec<(u64, Vec<String>, Vec<f32>, Vec<i64>)>;
+
+fn run(
+    index: &Arc<DatasetIndex>,
+    spec: &PlanSpec,
+    rank: u64,
+    from: u64,
+    threads: usize,
+    dir: &Path,
+    rt: &tokio::runtime::Runtime,
+) -> (Seen, Arc<SkipCounts>) {
+    let plan = plan_rank(&index.counts(), spec, rank).unwrap();
+    let skips = Arc::new(SkipCounts::default());
+    let loader =
+        Loader::start(index.clone(), plan, from, options(threads), tokenizer(dir), rt.handle().clone(), skips.clone());
+    let seen = loader.map(|b| (b.step, b.batch.keys, b.batch.images, b.batch.input_ids)).collect();
+    (seen, skips)
+}
+
+#[test]
+fn ranks_cover_the_epoch_once_deterministically_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let pattern = generate(dir.path(), &rt, 70, 4);
+    let skips = SkipCounts::default();
+    let index = Arc::new(DatasetIndex::build(&[pattern], rt.handle(), &skips).unwrap());
+    assert_eq!(index.sources.len(), 4);
+    assert_eq!(index.total(), 70);
+    assert!(index.sources.iter().all(|s| s.offsets.len() as u64 == s.samples), "scanned shards carry offsets");
+    let sizes: BTreeSet<u64> = index.sources.iter().map(|s| s.samples).collect();
+    assert!(sizes.len() > 1, "generated shards have uneven sizes");
+
+    let spec = PlanSpec { seed: 1, epoch: 0, world_size: 2, batch_size: 4, window: 12 };
+    let (rank0, s0) = run(&index, &spec, 0, 0, 2, dir.path(), &rt);
+    let (rank1, _) = run(&index, &spec, 1, 0, 2, dir.path(), &rt);
+    assert_eq!(s0.total(), 0, "{:?}", s0.snapshot());
+    assert_eq!(rank0.len(), 8, "70 samples / (2 x 4) = 8 steps");
+    assert_eq!(rank1.len(), 8);
+    let mut keys = BTreeSet::new();
+    for (i, (step, k, images, ids)) in rank0.iter().chain(&rank1).enumerate() {
+        assert_eq!(*step, (i % 8) as u64);
+        assert_eq!(k.len(), 4);
+        assert_eq!(images.len(), 4 * 3 * 32 * 32);
+        assert!(ids.len() >= 4 * 2);
+        keys.extend(k.iter().cloned());
+    }
+    assert_eq!(keys.len(), 64, "no sample repeated across steps or ranks");
+
+    let (again, _) = run(&index, &spec, 0, 0, 1, dir.path(), &rt);
+    assert_eq!(again, rank0, "one thread or two, the same batches");
+    let (resumed, _) = run(&index, &spec, 0, 5, 3, dir.path(), &rt);
+    assert_eq!(resumed[..], rank0[5..], "a resumed loader continues exactly");
+
+    let next_epoch = PlanSpec { epoch: 1, ..spec };
+    let (other, _) = run(&index, &next_epoch, 0, 0, 2, dir.path(), &rt);
+    assert_ne!(other[0].1, rank0[0].1, "each epoch has its own order");
+}
+
+#[test]
+fn annotation_files_load_with_their_image_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    generate(dir.path(), &rt, 20, 2);
+    let skips = SkipCounts::default();
+    let json = dir.path().join("train.json").to_str().unwrap().to_string();
+    let index = Arc::new(DatasetIndex::build(&[json], rt.handle(), &skips).unwrap());
+    assert_eq!(index.total(), 20);
+    let plan = plan_rank(&index.counts(), &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 5, window: 8 }, 0)
+        .unwrap();
+    let opts = LoaderOptions { image_root: dir.path().to_str().unwrap().to_string(), augment: false, ..options(2) };
+    let loaded: Vec<_> = Loader::start(
+        index,
+        plan,
+        0,
+        opts,
+        tokenizer(dir.path()),
+        rt.handle().clone(),
+        Arc::new(SkipCounts::default()),
+    )
+    .collect();
+    assert_eq!(loaded.len(), 4);
+    assert!(loaded.iter().all(|b| b.batch.batch_size == 5));
+}
+
+fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn bad_input_is_skipped_counted_and_never_stops_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    generate(dir.path(), &rt, 12, 1);
+    let good = std::fs::read(dir.path().join("train-000000.tar")).unwrap();
+    let jpg = std::fs::read(dir.path().join("images/train/synth-00000000.jpg")).unwrap();
+    let big = {
+        let img = image::RgbImage::from_pixel(400, 400, image::Rgb([9, 9, 9]));
+        let mut out = std::io::Cursor::new(vec![]);
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let t = |s: &str| s.as_bytes().to_vec();
+    let bad = tar_of(&[
+        ("ok1.jpg".into(), jpg.clone()),
+        ("ok1.txt".into(), t("a red circle")),
+        ("corrupt.jpg".into(), jpg[..jpg.len() / 3].to_vec()),
+        ("corrupt.txt".into(), t("a blue square")),
+        ("text.jpg".into(), t("this is not an image at all")),
+        ("text.txt".into(), t("a red circle")),
+        ("huge.png".into(), big),
+        ("huge.txt".into(), t("a red circle")),
+        ("noimage.txt".into(), t("a red circle")),
+        ("nocaption.jpg".into(), jpg.clone()),
+        ("blank.jpg".into(), jpg.clone()),
+        ("blank.txt".into(), t(" \t\n")),
+        ("utf.jpg".into(), jpg.clone()),
+        ("utf.txt".into(), vec![0xC3, 0x28]),
+        ("ok2.jpg".into(), jpg.clone()),
+        ("ok2.txt".into(), t("a green triangle")),
+    ]);
+    std::fs::write(dir.path().join("bad.tar"), &bad).unwrap();
+    // A truncated copy of a good shard, and a shard that disappears after indexing.
+    std::fs::write(dir.path().join("cut.tar"), &good[..good.len() * 2 / 3]).unwrap();
+    std::fs::write(dir.path().join("gone.tar"), &good).unwrap();
+    std::fs::write(
+        dir.path().join("types.json"),
+        br#"[{"image": 1, "caption": "x"}, {"image": "images/train/synth-00000001.jpg", "caption": "a red circle"}]"#,
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let sources = vec![format!("{d}/{{bad,cut,gone}}.tar"), format!("{d}/missing.tar"), format!("{d}/types.json")];
+    let index_skips = SkipCounts::default();
+    let index = Arc::new(DatasetIndex::build(&sources, rt.handle(), &index_skips).unwrap());
+    assert_eq!(index_skips.get(SkipReason::UnreadableShard), 1, "missing.tar is reported at indexing");
+    assert_eq!(index_skips.get(SkipReason::TruncatedShard), 1);
+    assert_eq!(index_skips.get(SkipReason::BadAnnotation), 1);
+    std::fs::remove_file(dir.path().join("gone.tar")).unwrap();
+
+    // Batches of one: drop_last drops nothing, so every good sample must arrive.
+    let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 64 };
+    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let skips = Arc::new(SkipCounts::default());
+    let opts = LoaderOptions { max_pixels: 300 * 300, image_root: d.to_string(), ..options(2) };
+    let batches: Vec<_> =
+        Loader::start(index.clone(), plan.clone(), 0, opts, tokenizer(dir.path()), rt.handle().clone(), skips.clone())
+            .collect();
+    assert_eq!(batches.len() as u64, plan.steps, "every step is delivered");
+    let keys: BTreeSet<String> = batches.iter().flat_map(|b| b.batch.keys.clone()).collect();
+    for k in ["ok1", "ok2"] {
+        assert!(keys.contains(k), "{k} lost among bad samples");
+    }
+    for bad in ["corrupt", "text", "huge", "noimage", "nocaption", "blank", "utf"] {
+        assert!(!keys.contains(bad), "{bad} reached a batch");
+    }
+    let counts = skips.snapshot();
+    println!("skipped: {counts:?}");
+    for (reason, n) in [
+        (SkipReason::CorruptImage, 1),
+        (SkipReason::NotAnImage, 1),
+        (SkipReason::TooManyPixels, 1),
+        (SkipReason::MissingImage, 1),
+        (SkipReason::MissingCaption, 1),
+        (SkipReason::EmptyCaption, 1),
+        (SkipReason::InvalidUtf8, 1),
+    ] {
+        assert_eq!(skips.get(reason), n, "{} in {counts:?}", reason.as_str());
+    }
+    assert!(skips.get(SkipReason::TruncatedShard) >= 1, "{counts:?}");
+    assert!(skips.get(SkipReason::UnreadableShard) >= 1, "gone.tar's samples are counted: {counts:?}");
+}
