@@ -40,4 +40,9 @@ fi
 
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 ln -sfn "$torch_dir" .venv/libtorch
+# albef-dist's NCCL backend: cudarc loads "libnccl.so"; the wheel ships only libnccl.so.2 (the
+# binaries' rpath includes torch's lib directory, so a link there is found).
+if [ -e "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" ]; then
+    ln -sfn ../../nvidia/nccl/lib/libnccl.so.2 "$torch_dir/lib/libnccl.so"
+fi
 echo "setup: torch $installed at $torch_dir"

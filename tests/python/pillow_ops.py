@@ -30,6 +30,7 @@ OPS = {
     "translate_x": affine((1, 0, 7, 0, 1, 0)),
     "translate_y": affine((1, 0, 0, 0, 1, -7)),
     "rotate": lambda im: im.rotate(21, BILINEAR, fillcolor=FILL),
+    "rotate_neg": lambda im: im.rotate(-21, BILINEAR, fillcolor=FILL),
     "hflip": lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
     "resize": lambda im: im.resize((32, 32), BICUBIC),
     # torchvision's F.resized_crop on a PIL image is exactly crop() then resize().

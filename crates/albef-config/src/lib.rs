@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
-pub use train::{DataConfig, DeviceChoice, OptimizerConfig, ScheduleConfig, TrainConfig};
+pub use train::{CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, ScheduleConfig, TrainConfig};
 
 const ENV_PREFIX: &str = "ALBEF";
 const ENV_SEPARATOR: &str = "__";
@@ -26,6 +26,8 @@ pub struct AlbefConfig {
     pub schedular: ScheduleConfig,
     pub train: TrainConfig,
     pub data: DataConfig,
+    pub job: JobConfig,
+    pub coordinator: CoordinatorConfig,
 }
 
 impl AlbefConfig {
@@ -37,6 +39,8 @@ impl AlbefConfig {
             schedular: ScheduleConfig::default(),
             train: TrainConfig::default(),
             data: DataConfig::default(),
+            job: JobConfig::default(),
+            coordinator: CoordinatorConfig::default(),
         }
     }
 
@@ -52,6 +56,20 @@ impl AlbefConfig {
             "data.max_tokens ({}) exceeds model.bert.max_position_embeddings ({})",
             self.data.max_tokens,
             self.model.bert.max_position_embeddings
+        );
+        let j = &self.job;
+        ensure!(
+            j.min_workers >= 1 && j.min_workers <= j.max_workers,
+            "job.min_workers must lie in 1..=job.max_workers"
+        );
+        ensure!(
+            ["auto", "tcp", "nccl"].contains(&j.collective_backend.as_str()),
+            "job.collective_backend must be auto, tcp or nccl (got {:?})",
+            j.collective_backend
+        );
+        ensure!(
+            j.heartbeat_interval_ms > 0 && j.heartbeat_timeout_ms > j.heartbeat_interval_ms,
+            "job.heartbeat_timeout_ms must exceed job.heartbeat_interval_ms"
         );
         Ok(())
     }

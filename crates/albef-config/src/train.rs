@@ -154,3 +154,75 @@ impl Default for DataConfig {
         }
     }
 }
+
+/// The distributed job: rendezvous, failure detection, collectives, where state is kept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Run location (object store URL or path): coordinator state, checkpoints.
+    pub run_dir: String,
+    /// The rendezvous closes as soon as max_workers joined, or when min_workers joined and no
+    /// one else joined for rendezvous_grace_ms.
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub rendezvous_grace_ms: u64,
+    /// A worker silent for longer ends the generation.
+    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// `tcp` (CPU, any machine) or `nccl` (CUDA); `auto`: nccl when every worker has CUDA.
+    pub collective_backend: String,
+    /// Seconds after which a collective operation gives up (a dead peer never hangs a worker).
+    pub collective_timeout_s: u32,
+    /// Gradient all-reduce bucket size.
+    pub bucket_mb: u64,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            run_dir: "runs/job".into(),
+            min_workers: 1,
+            max_workers: 1,
+            rendezvous_grace_ms: 2000,
+            heartbeat_timeout_ms: 30_000,
+            heartbeat_interval_ms: 1000,
+            collective_backend: "auto".into(),
+            collective_timeout_s: 60,
+            bucket_mb: 25,
+        }
+    }
+}
+
+/// The coordinator's gRPC endpoint and its security.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address the coordinator listens on; workers and albefctl use `endpoint`.
+    pub listen: String,
+    pub endpoint: String,
+    /// Files holding the bearer tokens (Kubernetes secrets): workers use the worker token,
+    /// albefctl the admin token. Empty: authentication off (local runs only).
+    pub worker_token_file: String,
+    pub admin_token_file: String,
+    /// TLS: PEM certificate and key of the server; clients verify it with tls_ca.
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
+    /// Prometheus metrics address ("" to disable).
+    pub metrics_listen: String,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: "127.0.0.1:50051".into(),
+            endpoint: "http://127.0.0.1:50051".into(),
+            worker_token_file: String::new(),
+            admin_token_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+            metrics_listen: String::new(),
+        }
+    }
+}

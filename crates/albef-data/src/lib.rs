@@ -6,6 +6,7 @@
 pub mod bad;
 pub mod batch;
 pub mod caption;
+pub mod dataset;
 pub mod index;
 pub mod loader;
 pub mod plan;

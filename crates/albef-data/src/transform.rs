@@ -242,10 +242,10 @@ fn blend(a: &[u8], b: &[u8], alpha: f32, out: &mut [u8]) {
 
 /// Pillow's `ImageEnhance.Brightness(img).enhance(factor)`: a blend with black.
 pub fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
-    let black = vec![0u8; img.as_raw().len()];
-    let mut out = img.clone();
-    blend(&black, img.as_raw(), factor as f32, &mut out);
-    out
+    // Each output byte depends on its input byte only: blend the 256 values once into a table.
+    let mut lut = [0u8; 256];
+    blend(&[0; 256], &IDENTITY_LUT, factor as f32, &mut lut);
+    apply_luts(img, &[lut; 3])
 }
 
 /// Pillow's `ImageEnhance.Sharpness(img).enhance(factor)`: a blend with the image smoothed by
@@ -267,20 +267,49 @@ fn smooth(img: &RgbImage) -> Vec<u8> {
     }
     let (k1, k5) = (1.0f32 / 13.0, 5.0f32 / 13.0);
     let stride = w * 3;
+    // Interior samples of a row; their left and right neighbours are 3 bytes away.
+    let n = stride - 6;
+    fn taps(row: &[u8], n: usize) -> [&[u8]; 3] {
+        [&row[..n], &row[3..n + 3], &row[6..n + 6]]
+    }
     for y in 1..h - 1 {
-        let (above, row, below) =
-            (&src[(y - 1) * stride..y * stride], &src[y * stride..(y + 1) * stride], &src[(y + 1) * stride..]);
-        for i in 3..stride - 3 {
-            let line = |r: &[u8], k: f32| r[i - 3] as f32 * k1 + r[i] as f32 * k + r[i + 3] as f32 * k1;
-            // Pillow adds the row below first, then the centre row, then the row above.
+        // Pillow adds the row below first, then the centre row, then the row above.
+        let below = taps(&src[(y + 1) * stride..(y + 2) * stride], n);
+        let centre = taps(&src[y * stride..(y + 1) * stride], n);
+        let above = taps(&src[(y - 1) * stride..y * stride], n);
+        let out_row = &mut out[y * stride + 3..y * stride + 3 + n];
+        // Slices of equal length n let the compiler drop the bounds checks.
+        for i in 0..n {
+            let line = |r: [&[u8]; 3], k: f32| r[0][i] as f32 * k1 + r[1][i] as f32 * k + r[2][i] as f32 * k1;
             let mut ss = 0.5f32;
             ss += line(below, k1);
-            ss += line(row, k5);
+            ss += line(centre, k5);
             ss += line(above, k1);
-            out[y * stride + i] = ss as u8;
+            out_row[i] = ss as u8;
         }
     }
     out
+}
+
+/// One axis of Pillow's bilinear sample (`BILINEAR_HEAD` in Geometry.c): the two neighbouring
+/// indices, clamped to the image, and the weight of the second.
+#[derive(Clone, Copy)]
+struct Tap {
+    i0: usize,
+    i1: usize,
+    d: f64,
+}
+
+/// `None` outside `[0, size)`, where Pillow keeps the fill. Written so that NaN is outside too.
+fn tap(coord: f64, size: usize) -> Option<Tap> {
+    if !(coord >= 0.0 && coord < size as f64) {
+        return None;
+    }
+    let s = coord - 0.5;
+    // s >= -0.5: floor is truncation, minus one on [-0.5, 0).
+    let i = s as isize - isize::from(s < 0.0);
+    // Clamping the taps also covers Pillow's reuse of the top row when the one below is outside.
+    Some(Tap { i0: i.max(0) as usize, i1: (i + 1).min(size as isize - 1) as usize, d: s - i as f64 })
 }
 
 /// Pillow's `Image.transform(size, AFFINE, coeffs, BILINEAR, fillcolor=fill)`: `coeffs` map an
@@ -288,34 +317,36 @@ fn smooth(img: &RgbImage) -> Vec<u8> {
 pub fn affine(img: &RgbImage, coeffs: [f64; 6], fill: Rgb<u8>) -> RgbImage {
     let [a0, a1, a2, a3, a4, a5] = coeffs;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (wf, hf) = (w as f64, h as f64);
+    let stride = w * 3;
     let src = img.as_raw();
     let mut out = RgbImage::from_pixel(img.width(), img.height(), fill);
-    for (y, out_row) in out.chunks_exact_mut(w * 3).enumerate() {
-        let yc = y as f64 + 0.5;
+    // Products hoisted out of the loops; each coordinate is still Pillow's `a0*x + a1*y + a2`,
+    // evaluated in the same order, so it is the same double.
+    let (col_x, col_y): (Vec<f64>, Vec<f64>) = (0..w).map(|x| (a0 * (x as f64 + 0.5), a3 * (x as f64 + 0.5))).unzip();
+    // When a1 == 0, a1 * y is zero for every y and x taps depend on the column only (shear_y,
+    // translate_y); when a3 == 0, y taps depend on the row only (shear_x, translate_x).
+    let col_taps: Option<Vec<Option<Tap>>> =
+        (a1 == 0.0).then(|| col_x.iter().map(|&cx| tap(cx + a1 * 0.5 + a2, w)).collect());
+    for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let (row_x, row_y) = (a1 * (y as f64 + 0.5), a4 * (y as f64 + 0.5));
+        let row_tap = (a3 == 0.0).then(|| tap(a3 * 0.5 + row_y + a5, h));
         for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
-            let xc = x as f64 + 0.5;
-            let xin = a0 * xc + a1 * yc + a2;
-            let yin = a3 * xc + a4 * yc + a5;
-            // Written so that NaN coordinates also keep the fill.
-            if !(xin >= 0.0 && xin < wf && yin >= 0.0 && yin < hf) {
+            let tx = col_taps.as_ref().map_or_else(|| tap(col_x[x] + row_x + a2, w), |t| t[x]);
+            let ty = row_tap.unwrap_or_else(|| tap(col_y[x] + row_y + a5, h));
+            let (Some(tx), Some(ty)) = (tx, ty) else { continue };
+            let (x0, x1) = (tx.i0 * 3, tx.i1 * 3);
+            let (top, bottom) = (&src[ty.i0 * stride..][..stride], &src[ty.i1 * stride..][..stride]);
+            // Pillow's lerp a + (b - a) * d is exactly a when d == 0: integer translations are
+            // copies, and shears need one lerp per channel.
+            if tx.d == 0.0 && ty.d == 0.0 {
+                px.copy_from_slice(&top[x0..x0 + 3]);
                 continue;
             }
-            let (xs, ys) = (xin - 0.5, yin - 0.5);
-            let (xf, yf) = (xs.floor(), ys.floor());
-            let (dx, dy) = (xs - xf, ys - yf);
-            // xf, yf >= -1: neighbours are clamped to the image, and the row below the last one
-            // is replaced by the last row's value, as in Pillow's BILINEAR_BODY.
-            let (xi, yi) = (xf as isize, yf as isize);
-            let x0 = xi.clamp(0, w as isize - 1) as usize * 3;
-            let x1 = (xi + 1).clamp(0, w as isize - 1) as usize * 3;
-            let r0 = &src[yi.clamp(0, h as isize - 1) as usize * w * 3..];
-            let r1 = ((yi + 1) < h as isize).then(|| &src[(yi + 1) as usize * w * 3..]);
+            let lerp = |a: u8, b: u8, d: f64| if d == 0.0 { a as f64 } else { a as f64 + (b as f64 - a as f64) * d };
             for c in 0..3 {
-                let lerp = |a: u8, b: u8, d: f64| a as f64 + (b as f64 - a as f64) * d;
-                let v1 = lerp(r0[x0 + c], r0[x1 + c], dx);
-                let v2 = r1.map_or(v1, |r| lerp(r[x0 + c], r[x1 + c], dx));
-                px[c] = (v1 + (v2 - v1) * dy) as u8;
+                let v1 = lerp(top[x0 + c], top[x1 + c], tx.d);
+                let v2 = if ty.d == 0.0 { v1 } else { lerp(bottom[x0 + c], bottom[x1 + c], tx.d) };
+                px[c] = (v1 + (v2 - v1) * ty.d) as u8;
             }
         }
     }
@@ -459,7 +490,17 @@ impl TrainTransform {
 
 /// ToTensor + Normalize: HWC u8 -> CHW f32 with the CLIP mean and std.
 pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
-    let mut out = Vec::with_capacity(img.as_raw().len());
-    normalize_rgb(img.as_raw(), img.width() as usize, &mut out);
+    // `normalize_rgb` of a 16x16 image holding the 256 byte values is a per-channel table; a
+    // lookup gives the same floats without a division per element.
+    let ramp: Vec<u8> = (0..=255u8).flat_map(|v| [v; 3]).collect();
+    let mut table = Vec::with_capacity(3 * 256);
+    normalize_rgb(&ramp, 16, &mut table);
+    let plane = img.as_raw().len() / 3;
+    let mut out = vec![0.0; 3 * plane];
+    for ((c, lut), out) in table.chunks_exact(256).enumerate().zip(out.chunks_exact_mut(plane)) {
+        for (o, px) in out.iter_mut().zip(img.as_raw().chunks_exact(3)) {
+            *o = lut[px[c] as usize];
+        }
+    }
     out
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use albef_data::batch::{MEAN, STD};
+use albef_data::batch::{MEAN, STD, normalize_rgb};
 use albef_data::rng::SplitMix64;
 use albef_data::transform::{
     FILL, TrainTransform, autocontrast, brightness, decode_rgb, equalize, hflip_in_place, random_resized_crop_params,
@@ -79,7 +79,7 @@ fn ops_match_pillow() {
     // - point ops, flip and the bilinear warps replicate Pillow's arithmetic: exact;
     // - bicubic resizes: fast_image_resize rounds its fixed-point weights differently from Pillow,
     //   so a value may be off by one: max <= 1 and mean <= 1.0.
-    let ops: [(&str, Op, u8, f64); 12] = [
+    let ops: [(&str, Op, u8, f64); 13] = [
         ("autocontrast", autocontrast, 0, 0.0),
         ("equalize", equalize, 0, 0.0),
         ("brightness", |i| brightness(i, 1.36), 0, 0.0),
@@ -89,6 +89,7 @@ fn ops_match_pillow() {
         ("translate_x", |i| translate_x(i, 7.0, FILL), 0, 0.0),
         ("translate_y", |i| translate_y(i, -7.0, FILL), 0, 0.0),
         ("rotate", |i| rotate(i, 21.0, FILL), 0, 0.0),
+        ("rotate_neg", |i| rotate(i, -21.0, FILL), 0, 0.0),
         (
             "hflip",
             |i| {
@@ -252,4 +253,10 @@ fn normalisation_is_chw_with_clip_statistics() {
     assert!((at(0) - (120.0 / 255.0 - MEAN[0]) / STD[0]).abs() < 1e-6);
     assert!((at(1) - (60.0 / 255.0 - MEAN[1]) / STD[1]).abs() < 1e-6);
     assert!((at(2) - (1.0 - MEAN[2]) / STD[2]).abs() < 1e-6);
+
+    // Bit for bit what batch::normalize_rgb computes.
+    let img = photo(64, 64, 5);
+    let mut expected = Vec::new();
+    normalize_rgb(img.as_raw(), 64, &mut expected);
+    assert_eq!(to_normalized_chw(&img), expected);
 }

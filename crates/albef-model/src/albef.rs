@@ -9,27 +9,26 @@ use albef_config::{ItcNegatives, ModelConfig};
 use anyhow::{Result, ensure};
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
-/// Collects a tensor from every rank along dim 0, in rank order, without gradient.
+/// Every rank's rows of a tensor, concatenated along dim 0 in rank order.
+pub struct Gathered {
+    pub all: Tensor,
+    /// Row at which this rank's own rows start (ranks may hold different numbers of rows).
+    pub offset: i64,
+}
+
+/// Collects a tensor from every rank, without gradient.
 ///
 /// The distributed runtime plugs its all-gather in here; one process uses [`LocalGather`].
 pub trait FeatureGather {
-    fn rank(&self) -> i64;
-    fn world_size(&self) -> i64;
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+    fn all_gather(&self, t: &Tensor) -> Result<Gathered>;
 }
 
 /// The world of one process: gathering is the identity.
 pub struct LocalGather;
 
 impl FeatureGather for LocalGather {
-    fn rank(&self) -> i64 {
-        0
-    }
-    fn world_size(&self) -> i64 {
-        1
-    }
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.shallow_clone())
+    fn all_gather(&self, t: &Tensor) -> Result<Gathered> {
+        Ok(Gathered { all: t.shallow_clone(), offset: 0 })
     }
 }
 
@@ -258,7 +257,7 @@ impl Albef {
             let (image_cur, text_cur, offset) = match self.cfg.itc_negatives {
                 ItcNegatives::Local => (image_feat_m.shallow_clone(), text_feat_m.shallow_clone(), 0),
                 ItcNegatives::Global => {
-                    (image_gathered.shallow_clone(), text_gathered.shallow_clone(), gather.rank() * bsz)
+                    (image_gathered.all.shallow_clone(), text_gathered.all.shallow_clone(), image_gathered.offset)
                 }
             };
             let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.copy()], 1);
@@ -266,7 +265,7 @@ impl Albef {
             let temp = self.temp.detach();
             let targets_i2t = itc_targets(&(image_feat_m.matmul(&text_feat_all) / &temp), offset, alpha);
             let targets_t2i = itc_targets(&(text_feat_m.matmul(&image_feat_all) / &temp), offset, alpha);
-            self.enqueue(&image_gathered, &text_gathered);
+            self.enqueue(&image_gathered.all, &text_gathered.all);
             Ok((image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset))
         })?;
         let (image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset) = itc;

@@ -11,5 +11,5 @@ pub mod nn;
 pub mod vit;
 pub mod weights;
 
-pub use albef::{Albef, Batch, FeatureGather, LocalGather, Losses};
+pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather, Losses};
 pub use albef_config::ModelConfig;

@@ -34,6 +34,24 @@ pub struct StepStats {
     pub temp: f64,
 }
 
+impl StepStats {
+    /// The progress line printed by single-process runs and rank 0 of a job.
+    pub fn progress_line(&self, total_steps: u64, images_per_second: f64) -> String {
+        format!(
+            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} (ita {:.3} itm {:.3} mlm {:.3})  lr {:.2e} alpha {:.2} temp {:.4}  {images_per_second:.0} img/s",
+            self.step,
+            self.epoch,
+            self.loss,
+            self.loss_ita,
+            self.loss_itm,
+            self.loss_mlm,
+            self.lr,
+            self.alpha,
+            self.temp
+        )
+    }
+}
+
 pub struct Trainer {
     cfg: AlbefConfig,
     vs: nn::VarStore,

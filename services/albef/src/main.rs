@@ -7,6 +7,7 @@
 mod data;
 
 use albef_config::{AlbefConfig, ConfigSources};
+use albef_data::dataset::Dataset;
 use albef_model::{Batch, LocalGather, device};
 use albef_train::{Trainer, batch_tensors};
 use anyhow::{Context, Result};
@@ -97,7 +98,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let rt = data::runtime()?;
-    let dataset = data::Dataset::open(cfg, out, rt.handle())?;
+    let dataset = Dataset::open(cfg, out, rt.handle())?;
     let batch_size = cfg.train.batch_size_train as u64;
     let steps_per_epoch = dataset.steps_per_epoch(1, batch_size);
     let total_steps = match cfg.train.max_steps {
@@ -113,7 +114,8 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     'epochs: while trainer.state().step < total_steps {
         let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
         debug_assert!(from < steps_per_epoch);
-        for loaded in dataset.loader(cfg, epoch, 1, 0, batch_size, from, rt.handle())? {
+        let plan = dataset.plan(cfg, epoch, 1, 0)?;
+        for loaded in dataset.loader(cfg, plan, from, rt.handle()) {
             if loaded.batch.batch_size < 2 {
                 tracing::warn!(
                     step = loaded.step,
@@ -131,10 +133,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
             window.1 += loaded.batch.batch_size;
             if s.step % cfg.train.log_every == 0 || s.step + 1 == total_steps {
                 let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
-                println!(
-                    "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} (ita {:.3} itm {:.3} mlm {:.3})  lr {:.2e} alpha {:.2} temp {:.4}  {rate:.0} img/s",
-                    s.step, s.epoch, s.loss, s.loss_ita, s.loss_itm, s.loss_mlm, s.lr, s.alpha, s.temp
-                );
+                println!("{}", s.progress_line(total_steps, rate));
                 window = (Instant::now(), 0);
             }
             if trainer.state().step >= total_steps {

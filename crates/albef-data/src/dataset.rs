@@ -1,0 +1,178 @@
+//! A configured training dataset: sources from `data.train_file` (or a dataset generated into
+//! the run directory), its index, the tokenizer, and loaders of planned epochs. The same code
+//! serves `albef train`, the workers and (for the index) the coordinator.
+
+use crate::bad::SkipCounts;
+use crate::index::{DatasetIndex, INDEX_FILE};
+use crate::loader::{Loader, LoaderOptions};
+use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
+use crate::sources::CaptionSource;
+use crate::store::{Location, expand_braces};
+use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
+use crate::tokenizer::{Tokenizer, TokenizerOptions};
+use albef_config::AlbefConfig;
+use anyhow::{Context, Result, ensure};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// Writes a generated dataset and its index; returns the shard pattern.
+pub fn synthesize(out: &str, spec: &DatasetSpec, handle: &Handle) -> Result<String> {
+    write_dataset(&Location::open(out)?, spec, handle)?;
+    let pattern = train_shards_pattern(out, spec.shards);
+    let skips = SkipCounts::default();
+    let index = DatasetIndex::build(std::slice::from_ref(&pattern), handle, &skips)?;
+    index.save(&first_source(std::slice::from_ref(&pattern))?.sibling(INDEX_FILE), handle)?;
+    Ok(pattern)
+}
+
+/// The first object a list of source patterns names.
+pub fn first_source(patterns: &[String]) -> Result<Location> {
+    let first = patterns.first().context("no source given")?;
+    let url = expand_braces(first)?.into_iter().next().context("empty pattern")?;
+    Location::open(&url)
+}
+
+/// The training sources of a configuration: `data.train_file`, or the generated dataset under
+/// `<run>/data` (generated on first use).
+pub fn training_sources(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Vec<String>> {
+    let d = &cfg.data;
+    if !d.train_file.is_empty() {
+        return Ok(d.train_file.clone());
+    }
+    let dir = run.join("data");
+    let dir = dir.to_str().context("run directory is not UTF-8")?;
+    let spec = DatasetSpec {
+        seed: d.synth_seed,
+        image_res: d.synth_image_res,
+        train: d.synth_train,
+        test: d.synth_test,
+        shards: d.synth_shards,
+    };
+    if !Path::new(dir).join(INDEX_FILE).exists() {
+        tracing::info!(dir, "generating a dataset (data.train_file is empty)");
+        synthesize(dir, &spec, handle)?;
+    }
+    Ok(vec![train_shards_pattern(dir, spec.shards)])
+}
+
+/// Where the index of `sources` lives: `data.index`, else beside the first source.
+pub fn index_location(cfg: &AlbefConfig, sources: &[String]) -> Result<Location> {
+    if cfg.data.index.is_empty() {
+        Ok(first_source(sources)?.sibling(INDEX_FILE))
+    } else {
+        Location::open(&cfg.data.index)
+    }
+}
+
+/// A training dataset: its index, tokenizer and skip counters.
+pub struct Dataset {
+    pub index: Arc<DatasetIndex>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub skips: Arc<SkipCounts>,
+    image_root: String,
+}
+
+impl Dataset {
+    /// Opens the configured dataset, or generates one into `<run>/data` when `data.train_file`
+    /// is empty. The index is loaded from beside the data, or built and stored there.
+    pub fn open(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Self> {
+        let d = &cfg.data;
+        let sources = training_sources(cfg, run, handle)?;
+        let first = first_source(&sources)?;
+        let index_loc = index_location(cfg, &sources)?;
+        let index = if handle.block_on(index_loc.exists())? {
+            DatasetIndex::load(&index_loc, handle)?
+        } else {
+            tracing::info!(index = %index_loc.url, "no dataset index yet: building it");
+            let skips = SkipCounts::default();
+            let index = DatasetIndex::build(&sources, handle, &skips)?;
+            index.save(&index_loc, handle)?;
+            index
+        };
+        let tokenizer_loc =
+            if d.tokenizer.is_empty() { first.sibling(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
+        let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
+            .with_options(TokenizerOptions { max_tokens: d.max_tokens, add_sep: d.add_sep })?;
+        check_vocabulary(cfg, &tokenizer)?;
+        Ok(Dataset {
+            index: Arc::new(index),
+            tokenizer: Arc::new(tokenizer),
+            skips: Arc::new(SkipCounts::default()),
+            image_root: d.image_root.clone(),
+        })
+    }
+
+    pub fn steps_per_epoch(&self, world_size: u64, batch_size: u64) -> u64 {
+        steps_per_epoch(self.index.total(), world_size, batch_size)
+    }
+
+    /// `rank`'s plan of `epoch` (the coordinator hands out the same plan in a distributed job).
+    pub fn plan(&self, cfg: &AlbefConfig, epoch: u64, world_size: u64, rank: u64) -> Result<RankPlan> {
+        let spec = PlanSpec {
+            seed: cfg.train.seed,
+            epoch,
+            world_size,
+            batch_size: cfg.train.batch_size_train as u64,
+            window: cfg.data.shuffle_window,
+        };
+        plan_rank(&self.index.counts(), &spec, rank)
+    }
+
+    /// A loader of `plan`'s batches from step `from`.
+    pub fn loader(&self, cfg: &AlbefConfig, plan: RankPlan, from: u64, handle: &Handle) -> Loader {
+        let d = &cfg.data;
+        let threads = match d.loader_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1),
+            n => n,
+        };
+        let opts = LoaderOptions {
+            image_res: cfg.model.image_res as u32,
+            threads,
+            prefetch: d.prefetch,
+            max_pixels: d.max_pixels,
+            augment: true,
+            caption: if d.caption_field.is_empty() {
+                CaptionSource::Txt
+            } else {
+                CaptionSource::JsonField(d.caption_field.clone())
+            },
+            image_root: self.image_root.clone(),
+            max_words: d.max_words,
+            seed: cfg.train.seed,
+        };
+        Loader::start(self.index.clone(), plan, from, opts, self.tokenizer.clone(), handle.clone(), self.skips.clone())
+    }
+}
+
+/// Reads a vocabulary or tokenizer.json from any store (the tokenizers crate reads files).
+fn load_tokenizer(loc: &Location, handle: &Handle) -> Result<Tokenizer> {
+    let bytes = handle.block_on(loc.read_all()).with_context(|| format!("reading the tokenizer {}", loc.url))?;
+    let name = loc.url.rsplit('/').next().unwrap_or(VOCAB_TXT);
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(name);
+    std::fs::write(&path, &bytes)?;
+    Tokenizer::from_file(&path)
+}
+
+/// The model's token ids and vocabulary size must agree with the tokenizer's.
+fn check_vocabulary(cfg: &AlbefConfig, tok: &Tokenizer) -> Result<()> {
+    let b = &cfg.model.bert;
+    ensure!(
+        tok.vocab_size() as i64 <= b.vocab_size,
+        "the tokenizer has {} tokens but model.bert.vocab_size is {}",
+        tok.vocab_size(),
+        b.vocab_size
+    );
+    ensure!(
+        (tok.pad_id(), tok.cls_id(), tok.mask_id()) == (b.pad_token_id, b.cls_token_id, b.mask_token_id),
+        "model.bert pad/cls/mask ids ({}, {}, {}) differ from the tokenizer's ({}, {}, {})",
+        b.pad_token_id,
+        b.cls_token_id,
+        b.mask_token_id,
+        tok.pad_id(),
+        tok.cls_id(),
+        tok.mask_id()
+    );
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The worker's gRPC client: bearer token, optional TLS, and retries with backoff so that a
+//! restarting coordinator is waited for rather than fatal.
+
+use albef_config::CoordinatorConfig;
+use albef_proto::v1::coordinator_client::CoordinatorClient;
+use anyhow::{Context, Result};
+use std::time::Duration;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A lazily connecting client: calls fail while the coordinator is down and succeed once it is back.
+pub fn connect(cfg: &CoordinatorConfig) -> Result<Client> {
+    let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+        .with_context(|| format!("coordinator.endpoint {:?}", cfg.endpoint))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if cfg.endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if !cfg.tls_ca.is_empty() {
+            let pem = std::fs::read(&cfg.tls_ca).with_context(|| format!("reading {}", cfg.tls_ca))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let token = if cfg.worker_token_file.is_empty() {
+        None
+    } else {
+        let t = std::fs::read_to_string(&cfg.worker_token_file)
+            .with_context(|| format!("reading the worker token {}", cfg.worker_token_file))?;
+        Some(format!("Bearer {}", t.trim()).parse().context("the worker token is not valid ASCII")?)
+    };
+    Ok(CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Bearer(token)))
+}
+
+/// Whether a failed call is worth repeating (coordinator restarting, rendezvous still open).
+pub fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// Exponential backoff from 100 ms to 5 s.
+pub struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+
+    pub fn wait(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
