@@ -2,6 +2,7 @@
 //! cosine schedule with alpha warm-up, the training step, and its state on disk. The worker of
 //! the distributed runtime drives the same [`Trainer`].
 
+pub mod distributed;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

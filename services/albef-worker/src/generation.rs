@@ -1,17 +1,17 @@
 //! The worker's life: generations of join -> collective -> train -> (finish | rejoin).
 
 use crate::client::{self, Backoff, Client};
-use crate::gather::CollectiveGather;
 use albef_config::AlbefConfig;
 use albef_data::dataset::Dataset;
 use albef_data::plan::{Lease, PlanSpec, RankPlan};
 use albef_dist::tcp::{TcpCollective, TcpOptions};
-use albef_dist::{Collective, ReduceOp, bucket::all_reduce_buckets};
+use albef_dist::{Collective, ReduceOp};
 use albef_model::{Batch, device};
 use albef_proto::v1::{
     Command, GetLeasesRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
     ReportCheckpointRequest,
 };
+use albef_train::distributed::{CollectiveGather, average_gradients};
 use albef_train::{StepStats, Trainer, batch_tensors};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::VecDeque;
@@ -262,8 +262,7 @@ impl Worker {
                 let (image, ids, mask) = batch_tensors(&loaded.batch, trainer.device());
                 let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
                 let stats = trainer.forward_backward(&batch, steps_per_epoch, &CollectiveGather { collective })?;
-                let mut grads: Vec<tch::Tensor> = trainer.optimizer().gradients().into_iter().map(|(_, g)| g).collect();
-                all_reduce_buckets(collective, &mut grads, bucket_bytes, ReduceOp::Avg)?;
+                average_gradients(trainer, collective, bucket_bytes)?;
                 trainer.apply_update(&stats, steps_per_epoch)?;
                 rate.1 += loaded.batch.batch_size;
                 if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == total_steps) {

@@ -6,7 +6,6 @@
 //! generation end aborts its collective and joins again.
 
 mod client;
-mod gather;
 mod generation;
 
 use albef_config::ConfigSources;

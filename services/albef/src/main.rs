@@ -5,6 +5,7 @@
 //! configuration.
 
 mod data;
+mod launch;
 
 use albef_config::{AlbefConfig, ConfigSources};
 use albef_data::dataset::Dataset;
@@ -31,6 +32,14 @@ enum Command {
         /// Directory for the run (generated data when no train_file is set, final state).
         #[arg(long, default_value = "runs/train")]
         out: PathBuf,
+    },
+    /// Run a whole job on this machine: a coordinator and N workers (CPU, TCP collectives).
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Number of workers.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
     },
     /// Prepare datasets.
     Data {
@@ -82,6 +91,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data::run(command),
+        Command::Run { config, workers } => {
+            anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+            let cfg = config.load()?;
+            launch::run_local(&cfg, config.config.as_deref(), &config.overrides, workers)
+        }
         Command::Train { config, out } => {
             let cfg = config.load()?;
             eprintln!("effective configuration:\n{}", cfg.to_pretty_json());

@@ -1,7 +1,9 @@
-//! The model's feature gather over the job's collective: every rank's momentum features in rank
-//! order, also when ranks hold different numbers of rows (samples skipped by the loader).
+//! Data parallelism over a collective: the model's feature gather (every rank's momentum
+//! features in rank order, also when ranks hold different numbers of rows) and the gradient
+//! average.
 
-use albef_dist::Collective;
+use crate::Trainer;
+use albef_dist::{Collective, ReduceOp, bucket::all_reduce_buckets};
 use albef_model::{FeatureGather, Gathered};
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -30,4 +32,10 @@ impl FeatureGather for CollectiveGather<'_> {
         let blocks: Vec<Tensor> = sizes.iter().enumerate().map(|(r, &n)| all.narrow(0, r as i64 * max, n)).collect();
         Ok(Gathered { all: Tensor::cat(&blocks, 0).to_kind(Kind::Float), offset })
     }
+}
+
+/// Averages every gradient of the trainer across ranks, in buckets of `bucket_bytes`.
+pub fn average_gradients(trainer: &Trainer, collective: &dyn Collective, bucket_bytes: usize) -> Result<()> {
+    let mut grads: Vec<Tensor> = trainer.optimizer().gradients().into_iter().map(|(_, g)| g).collect();
+    all_reduce_buckets(collective, &mut grads, bucket_bytes, ReduceOp::Avg)
 }
