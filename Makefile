@@ -22,9 +22,11 @@ lint: $(VENV_STAMP)
 test: setup lint
 	$(CARGO) test --workspace
 
-# The main job on embedded defaults: the small model on generated pairs, on CPU.
+# The main job on embedded defaults: a local coordinator and 2 workers train the small model on
+# a generated dataset, on CPU with TCP collectives (a fresh job each time; the data is kept).
 demo: setup
-	$(CARGO) run -q -p albef -- train --config configs/small.yaml --out runs/demo
+	rm -rf runs/demo/coordinator runs/demo/checkpoints
+	./target/debug/albef run --config configs/small.yaml --workers 2 --set job.run_dir=runs/demo
 
 clean-runs:
 	rm -rf runs

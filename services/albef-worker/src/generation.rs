@@ -5,11 +5,11 @@ use albef_config::AlbefConfig;
 use albef_data::dataset::Dataset;
 use albef_data::plan::{Lease, PlanSpec, RankPlan};
 use albef_dist::tcp::{TcpCollective, TcpOptions};
-use albef_dist::{Collective, ReduceOp};
+use albef_dist::{Collective, NcclCollective, ReduceOp};
 use albef_model::{Batch, device};
 use albef_proto::v1::{
-    Command, GetLeasesRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
-    ReportCheckpointRequest,
+    Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
+    PublishNcclIdRequest, ReportCheckpointRequest,
 };
 use albef_train::distributed::{CollectiveGather, average_gradients};
 use albef_train::{StepStats, Trainer, batch_tensors};
@@ -65,6 +65,10 @@ impl Worker {
     pub fn run(&mut self) -> Result<()> {
         let dev = device::resolve(self.local.train.device)?;
         device::configure_cuda(self.local.train.tf32)?;
+        // Threads are a property of this machine (and of how many workers share it).
+        if self.local.train.num_threads > 0 {
+            tch::set_num_threads(self.local.train.num_threads);
+        }
         loop {
             let pending = TcpCollective::bind(self.listen)?;
             let assignment = self.join(&pending.local_addr().to_string(), dev)?;
@@ -110,6 +114,30 @@ impl Worker {
         }
     }
 
+    /// The generation's NCCL id: rank 0 makes and publishes it, the others fetch it.
+    fn nccl_id(&mut self, generation: u64, rank: usize) -> Result<[u8; 128]> {
+        if rank == 0 {
+            let id = NcclCollective::unique_id()?;
+            let req = PublishNcclIdRequest { generation, nccl_id: id.to_vec() };
+            self.rt.block_on(self.client.publish_nccl_id(req)).context("publishing the NCCL id")?;
+            return Ok(id);
+        }
+        let mut backoff = Backoff::new();
+        loop {
+            match self.rt.block_on(self.client.get_nccl_id(GetNcclIdRequest { generation })) {
+                Ok(r) => {
+                    let bytes = r.into_inner().nccl_id;
+                    return bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("an NCCL id of {} bytes", bytes.len()));
+                }
+                Err(s) if client::transient(&s) => backoff.wait(),
+                Err(s) => bail!("fetching the NCCL id: {s}"),
+            }
+        }
+    }
+
     fn leave(&mut self, generation: u64) {
         let req = LeaveRequest { worker_id: self.worker_id.clone(), generation };
         if let Err(e) = self.rt.block_on(self.client.leave(req)) {
@@ -135,7 +163,16 @@ impl Worker {
                 let opts = TcpOptions { timeout, ..TcpOptions::new(token_of(&params.token)) };
                 Arc::new(pending.connect(rank, peers, opts)?)
             }
-            other => bail!("collective backend {other:?} is not available in this worker build"),
+            "nccl" => {
+                drop(pending);
+                let id = self.nccl_id(a.generation, rank)?;
+                let device_index = match dev {
+                    tch::Device::Cuda(i) => i,
+                    _ => bail!("the coordinator chose NCCL but this worker runs on {dev:?}"),
+                };
+                Arc::new(NcclCollective::new(rank, world, &id, device_index, timeout)?)
+            }
+            other => bail!("unknown collective backend {other:?}"),
         };
         let run_dir = PathBuf::from(&cfg.job.run_dir);
         let dataset = Dataset::open(&cfg, &run_dir, self.rt.handle())?;
@@ -265,11 +302,11 @@ impl Worker {
                 average_gradients(trainer, collective, bucket_bytes)?;
                 trainer.apply_update(&stats, steps_per_epoch)?;
                 rate.1 += loaded.batch.batch_size;
+                self.report(shared, trainer, &stats, total_steps, &mut rate);
                 if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == total_steps) {
-                    let per_rank = rate.1 as f64 / rate.0.elapsed().as_secs_f64().max(1e-9);
-                    println!("{}", stats.progress_line(total_steps, per_rank * collective.world_size() as f64));
+                    let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
+                    println!("{}", stats.progress_line(total_steps, job_rate));
                 }
-                self.report(shared, trainer, &stats, &mut rate);
                 if trainer.state().step >= total_steps {
                     break;
                 }
@@ -341,14 +378,18 @@ impl Worker {
         Ok(RankPlan { spec, rank: u64::from(rank), steps: r.steps, leases })
     }
 
-    fn report(&self, shared: &Shared, trainer: &Trainer, s: &StepStats, rate: &mut (Instant, usize)) {
+    fn report(&self, shared: &Shared, trainer: &Trainer, s: &StepStats, total_steps: u64, rate: &mut (Instant, usize)) {
         let mut p = shared.progress.lock().unwrap();
         p.step = trainer.state().step;
         p.epoch = trainer.state().epoch;
         p.losses = Some(Losses { ita: s.loss_ita, itm: s.loss_itm, mlm: s.loss_mlm, total: s.loss });
         p.lr = s.lr;
         p.temp = s.temp;
-        p.params_hash = params_fingerprint(trainer);
+        // Every rank fingerprints after the same steps (it reads every parameter: not each step).
+        if p.step.is_multiple_of(FINGERPRINT_EVERY) || p.step == total_steps {
+            p.params_hash = params_fingerprint(trainer);
+            p.params_hash_step = p.step;
+        }
         let elapsed = rate.0.elapsed().as_secs_f64();
         if elapsed >= 1.0 {
             p.images_per_second = rate.1 as f64 / elapsed;
@@ -356,6 +397,9 @@ impl Worker {
         }
     }
 }
+
+/// Steps between parameter fingerprints (and after the last step).
+const FINGERPRINT_EVERY: u64 = 10;
 
 fn checkpoint_dir(run_dir: &str, step: u64) -> PathBuf {
     Path::new(run_dir).join("checkpoints").join(format!("step-{step}"))

@@ -17,7 +17,13 @@ use std::time::{Duration, Instant};
 /// How long children get to leave after a stop before they are killed.
 const GRACE: Duration = Duration::from_secs(30);
 
-pub fn run_local(cfg: &AlbefConfig, config_file: Option<&Path>, overrides: &[String], workers: u32) -> Result<()> {
+pub fn run_local(
+    cfg: &AlbefConfig,
+    config_file: Option<&Path>,
+    overrides: &[String],
+    workers: u32,
+    port: u16,
+) -> Result<()> {
     let exe_dir = std::env::current_exe()?.parent().context("binary directory")?.to_path_buf();
     let bin = |name: &str| -> Result<PathBuf> {
         let p = exe_dir.join(name);
@@ -29,7 +35,10 @@ pub fn run_local(cfg: &AlbefConfig, config_file: Option<&Path>, overrides: &[Str
     let rt = crate::data::runtime()?;
     Dataset::open(cfg, Path::new(&cfg.job.run_dir), rt.handle())?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = match port {
+        0 => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        p => p,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / workers as usize).max(1);
     let mut sets: Vec<String> = overrides.to_vec();

@@ -40,6 +40,9 @@ enum Command {
         /// Number of workers.
         #[arg(long, default_value_t = 2)]
         workers: u32,
+        /// Port of the coordinator on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
     },
     /// Prepare datasets.
     Data {
@@ -91,10 +94,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data::run(command),
-        Command::Run { config, workers } => {
+        Command::Run { config, workers, port } => {
             anyhow::ensure!(workers >= 1, "--workers must be at least 1");
             let cfg = config.load()?;
-            launch::run_local(&cfg, config.config.as_deref(), &config.overrides, workers)
+            launch::run_local(&cfg, config.config.as_deref(), &config.overrides, workers, port)
         }
         Command::Train { config, out } => {
             let cfg = config.load()?;

@@ -29,23 +29,29 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
         "job.heartbeat_timeout_ms=20000".to_string(),
         "job.rendezvous_grace_ms=500".to_string(),
         "job.collective_timeout_s=30".to_string(),
-        format!("coordinator.listen=127.0.0.1:{port}"),
-        format!("coordinator.endpoint=http://127.0.0.1:{port}"),
     ];
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_albef"));
     cmd.current_dir(repo()).args(["run", "--config", "configs/small.yaml", "--workers", &workers.to_string()]);
+    cmd.args(["--port", &port.to_string()]);
     for s in &sets {
         cmd.args(["--set", s]);
     }
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Drain stderr on a thread so that the children never block on a full pipe.
+    let mut err_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err_pipe, &mut s).unwrap();
+        s
+    });
 
     // Watch the job while it runs.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut by_step: BTreeMap<u64, BTreeMap<u32, String>> = BTreeMap::new();
     let started = Instant::now();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut finished_seen = false;
-    while started.elapsed() < Duration::from_secs(240) && !finished_seen {
+    while child.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(400), "the job did not finish in time");
         let status = rt.block_on(async {
             let mut c = ControlClient::connect(endpoint.clone()).await.ok()?;
             c.get_status(GetStatusRequest {}).await.ok().map(|r| r.into_inner())
@@ -53,15 +59,14 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
         if let Some(s) = status {
             for w in &s.workers {
                 if !w.params_hash.is_empty() {
-                    by_step.entry(w.step).or_default().insert(w.rank, w.params_hash.clone());
+                    by_step.entry(w.params_hash_step).or_default().insert(w.rank, w.params_hash.clone());
                 }
             }
-            finished_seen = s.state == "finished";
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), stderr.join().unwrap());
     assert!(out.status.success(), "job failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     let compared: Vec<_> = by_step.iter().filter(|(_, ranks)| ranks.len() > 1).collect();
     assert!(!compared.is_empty(), "never saw two ranks at the same step: {by_step:?}");

@@ -1,0 +1,195 @@
+//! albef-coordinator: forms the world of an ALBEF job, hands out data, tracks progress and
+//! checkpoints, and takes control commands (gRPC). It does not link libtorch.
+
+mod auth;
+mod service;
+mod state;
+
+use albef_config::{AlbefConfig, ConfigSources};
+use albef_data::index::{DatasetIndex, INDEX_FILE};
+use albef_data::plan::steps_per_epoch;
+use albef_data::store::Location;
+use albef_proto::v1::{FILE_DESCRIPTOR_SET, control_server::ControlServer, coordinator_server::CoordinatorServer};
+use anyhow::{Context, Result, ensure};
+use auth::{Auth, Guard};
+use clap::Parser;
+use service::{ControlService, CoordinatorService, Shared};
+use state::Job;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+const TICK: Duration = Duration::from_millis(200);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const STATE_FILE: &str = "coordinator/state.json";
+
+#[derive(Parser)]
+#[command(name = "albef-coordinator", version, about = "The coordinator of a distributed ALBEF job (gRPC)")]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a key: --set job.min_workers=2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `data.index`; else the index beside the first training source; else the one the local
+/// launcher generates under the run directory.
+fn index_location(cfg: &AlbefConfig) -> Result<Location> {
+    if cfg.data.index.is_empty() && cfg.data.train_file.is_empty() {
+        return Ok(Location::open(&cfg.job.run_dir)?.join("data").join(INDEX_FILE));
+    }
+    albef_data::dataset::index_location(cfg, &cfg.data.train_file)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = albef_config::load(&ConfigSources { file: cli.config, overrides: cli.overrides, environment: true })?;
+    eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The index is read through blocking calls, before the runtime serves anything.
+    let index_loc = index_location(&cfg)?;
+    let index = DatasetIndex::load(&index_loc, rt.handle())
+        .with_context(|| format!("loading the dataset index {} (`albef data index` builds it)", index_loc.url))?;
+    let batch = cfg.train.batch_size_train as u64;
+    ensure!(
+        steps_per_epoch(index.total(), cfg.job.max_workers.into(), batch) > 0,
+        "the dataset's {} samples cannot fill one global batch of {} workers x {batch}",
+        index.total(),
+        cfg.job.max_workers
+    );
+    info!(index = index_loc.url, sources = index.sources.len(), samples = index.total(), "dataset index loaded");
+    let auth = Auth::from_files(&cfg.coordinator.worker_token_file, &cfg.coordinator.admin_token_file)?;
+    let state_loc = Location::open(&cfg.job.run_dir)?.join(STATE_FILE);
+    let job = if rt.block_on(state_loc.exists())? {
+        let text = rt.block_on(state_loc.read_all())?;
+        let text = std::str::from_utf8(&text).with_context(|| format!("{} is not UTF-8", state_loc.url))?;
+        Job::from_json(cfg.clone(), index.counts(), text, Instant::now())
+            .with_context(|| format!("restoring {}", state_loc.url))?
+    } else {
+        Job::new(cfg.clone(), index.counts(), Instant::now())
+    };
+    rt.block_on(serve(&cfg, job, state_loc, auth))
+}
+
+async fn serve(cfg: &AlbefConfig, job: Job, state_loc: Location, auth: Auth) -> Result<()> {
+    let c = &cfg.coordinator;
+    if !auth.enabled() {
+        warn!("no token files configured: authentication is OFF (local runs only)");
+    } else if !auth.has_admin() {
+        warn!("no admin token file configured: the Control service refuses every call");
+    }
+    let listener =
+        tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Shared::new(job, state_loc, shutdown_rx.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    health.set_serving::<ControlServer<ControlService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut server = Server::builder();
+    if !c.tls_cert.is_empty() || !c.tls_key.is_empty() {
+        ensure!(!c.tls_cert.is_empty() && !c.tls_key.is_empty(), "TLS needs both coordinator.tls_cert and tls_key");
+        let cert = std::fs::read(&c.tls_cert).with_context(|| format!("reading {}", c.tls_cert))?;
+        let key = std::fs::read(&c.tls_key).with_context(|| format!("reading {}", c.tls_key))?;
+        // Err: a provider is already installed, which is all this needs.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    let router = server
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(CoordinatorServer::with_interceptor(
+            CoordinatorService(shared.clone()),
+            auth.interceptor(Guard::Coordinator),
+        ))
+        .add_service(ControlServer::with_interceptor(ControlService(shared.clone()), auth.interceptor(Guard::Control)));
+
+    // Installed before the address is announced: a launcher may signal as soon as it reads it.
+    let (term, int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    tokio::spawn(on_signals(term, int, shutdown_tx.clone()));
+    tokio::spawn(tick(shared.clone(), shutdown_tx));
+    info!(%addr, tls = !c.tls_cert.is_empty(), "serving");
+    // Tests and launchers read the bound address (the port may have been 0) from stdout.
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+
+    let mut stopped = shutdown_rx.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let serving = router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        for name in ["", "albef.v1.Coordinator", "albef.v1.Control"] {
+            health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+    });
+    // A graceful shutdown waits for every client to close its connection; one that never does
+    // must not keep a finished job's coordinator alive.
+    let mut stopped = shutdown_rx.clone();
+    let deadline = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = serving => served?,
+        () = deadline => warn!(grace = ?SHUTDOWN_GRACE, "clients still connected after the shutdown grace: exiting anyway"),
+    }
+    shared.persist().await?;
+    info!("coordinator stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM: stop serving gracefully (in-flight calls finish, state is written).
+async fn on_signals(mut term: Signal, mut int: Signal, shutdown: watch::Sender<bool>) {
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = shutdown.send(true);
+}
+
+/// Failure detection, the rendezvous grace, persistence, and the exit once the job is done.
+async fn tick(shared: Arc<Shared>, shutdown: watch::Sender<bool>) {
+    let mut stopped = shutdown.subscribe();
+    let mut every = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        shared.tick();
+        shared.persist_logged().await;
+        if shared.drained() {
+            info!("the job is finished and every worker left: shutting down");
+            let _ = shutdown.send(true);
+            return;
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Thin tonic handlers over the job state machine: validate the request, lock the job briefly
+//! (never across an await), translate, and persist what changed.
+
+use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome};
+use albef_data::store::Location;
+use albef_proto::v1 as pb;
+use albef_proto::v1::{control_server::Control, coordinator_server::Coordinator};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+/// How often a long poll looks again, and how long it waits before answering UNAVAILABLE.
+const POLL: Duration = Duration::from_millis(50);
+const LONG_POLL: Duration = Duration::from_secs(20);
+const MAX_ID: usize = 256;
+const MAX_LOCATION: usize = 4096;
+const MAX_ERROR: usize = 16 * 1024;
+const NCCL_ID_BYTES: usize = 128;
+const DEFAULT_WATCH_MS: u32 = 1000;
+const WATCH_MS: std::ops::RangeInclusive<u32> = 50..=3_600_000;
+
+/// The job, where its state is persisted, and the shutdown signal that ends long polls and
+/// status streams.
+pub struct Shared {
+    job: Mutex<Job>,
+    state: Location,
+    /// Revision of the job last written; the lock also orders the writes.
+    written: tokio::sync::Mutex<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn new(job: Job, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        let written = tokio::sync::Mutex::new(job.revision());
+        Arc::new(Shared { job: Mutex::new(job), state, written, shutdown })
+    }
+
+    fn job(&self) -> MutexGuard<'_, Job> {
+        // A panic elsewhere must not take the coordinator down with it: the state stays usable.
+        self.job.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes the job's state if it changed since the last write.
+    pub async fn persist(&self) -> anyhow::Result<()> {
+        let mut written = self.written.lock().await;
+        let snapshot = {
+            let job = self.job();
+            (job.revision() != *written).then(|| (job.revision(), job.to_json()))
+        };
+        if let Some((revision, json)) = snapshot {
+            self.state.write_all(json.into_bytes()).await?;
+            *written = revision;
+        }
+        Ok(())
+    }
+
+    /// Persists, logging a failure: the next change retries.
+    pub async fn persist_logged(&self) {
+        if let Err(e) = self.persist().await {
+            warn!(error = format!("{e:#}"), "cannot persist the coordinator state");
+        }
+    }
+
+    pub fn tick(&self) {
+        self.job().tick(Instant::now());
+    }
+
+    pub fn drained(&self) -> bool {
+        self.job().drained()
+    }
+
+    /// Calls `f` every POLL until it yields a value, the deadline passes or the coordinator
+    /// shuts down.
+    async fn long_poll<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&mut Job, Instant) -> state::Result<Option<T>>,
+    ) -> Result<T, Status> {
+        let deadline = Instant::now() + LONG_POLL;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if *shutdown.borrow() {
+                return Err(Status::unavailable("the coordinator is shutting down"));
+            }
+            let outcome = {
+                let mut job = self.job();
+                let now = Instant::now();
+                job.tick(now);
+                f(&mut job, now)
+            };
+            // Polls form generations: record them before answering.
+            self.persist_logged().await;
+            if let Some(value) = outcome.map_err(to_status)? {
+                return Ok(value);
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::unavailable(format!("{what} still open, call again")));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                // Err: the sender is gone, which only happens as the coordinator exits.
+                changed = shutdown.changed() => if changed.is_err() {
+                    return Err(Status::unavailable("the coordinator is shutting down"));
+                }
+            }
+        }
+    }
+}
+
+fn to_status(e: JobError) -> Status {
+    match e {
+        JobError::InvalidArgument(m) => Status::invalid_argument(m),
+        JobError::FailedPrecondition(m) => Status::failed_precondition(m),
+    }
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    check_text(field, value, MAX_ID)
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!("{field} is {} bytes long (at most {max})", value.len())));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("{field} contains control characters")));
+    }
+    Ok(())
+}
+
+fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
+    check_id("worker_id", &r.worker_id)?;
+    check_text("host", &r.host, MAX_ID)?;
+    if !["cuda", "cpu"].contains(&r.device_kind.as_str()) {
+        return Err(Status::invalid_argument(format!("device_kind must be cuda or cpu (got {:?})", r.device_kind)));
+    }
+    if r.device_count > 1024 {
+        return Err(Status::invalid_argument(format!("device_count {} is implausible", r.device_count)));
+    }
+    check_id("collective_address", &r.collective_address)?;
+    let port = r.collective_address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+    if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "collective_address must be host:port (got {:?})",
+            r.collective_address
+        )));
+    }
+    Ok(())
+}
+
+fn join_response(a: Assignment) -> pb::JoinResponse {
+    pb::JoinResponse {
+        generation: a.generation,
+        rank: a.rank,
+        world_size: a.world_size,
+        collective: Some(pb::CollectiveParams {
+            backend: a.backend,
+            peer_addresses: a.peers,
+            token: a.token,
+            timeout_seconds: a.timeout_s,
+        }),
+        resume: Some(pb::ResumePoint {
+            step: a.resume.step,
+            epoch: a.resume.epoch,
+            step_in_epoch: a.resume.step_in_epoch,
+            checkpoint: a.resume.checkpoint,
+        }),
+        config_json: a.config_json,
+    }
+}
+
+fn command(c: state::Command) -> pb::Command {
+    match c {
+        state::Command::Pause => pb::Command::Pause,
+        state::Command::Resume => pb::Command::Resume,
+        state::Command::Stop => pb::Command::Stop,
+        state::Command::Checkpoint => pb::Command::Checkpoint,
+        state::Command::Rejoin => pb::Command::Rejoin,
+    }
+}
+
+fn losses(l: state::Losses) -> pb::Losses {
+    pb::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total }
+}
+
+#[derive(Clone)]
+pub struct CoordinatorService(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = request.into_inner();
+        check_join(&r)?;
+        let assignment = self
+            .0
+            .long_poll("rendezvous", |job, now| {
+                Ok(match job.join(&r.worker_id, &r.host, &r.device_kind, &r.collective_address, now)? {
+                    JoinOutcome::Assigned(a) => Some(a),
+                    JoinOutcome::Wait => None,
+                })
+            })
+            .await?;
+        Ok(Response::new(join_response(assignment)))
+    }
+
+    async fn publish_nccl_id(
+        &self,
+        request: Request<pb::PublishNcclIdRequest>,
+    ) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
+        let r = request.into_inner();
+        if r.nccl_id.len() != NCCL_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "nccl_id must be {NCCL_ID_BYTES} bytes (an ncclUniqueId), got {}",
+                r.nccl_id.len()
+            )));
+        }
+        self.0.job().publish_nccl_id(r.generation, &r.nccl_id).map_err(to_status)?;
+        Ok(Response::new(pb::PublishNcclIdResponse {}))
+    }
+
+    async fn get_nccl_id(
+        &self,
+        request: Request<pb::GetNcclIdRequest>,
+    ) -> Result<Response<pb::GetNcclIdResponse>, Status> {
+        let generation = request.into_inner().generation;
+        let nccl_id = self.0.long_poll("the wait for rank 0's NCCL id", |job, _| job.nccl_id(generation)).await?;
+        Ok(Response::new(pb::GetNcclIdResponse { nccl_id }))
+    }
+
+    async fn get_leases(
+        &self,
+        request: Request<pb::GetLeasesRequest>,
+    ) -> Result<Response<pb::GetLeasesResponse>, Status> {
+        let r = request.into_inner();
+        let plan = self.0.job().leases(r.generation, r.rank, r.epoch).map_err(to_status)?;
+        Ok(Response::new(pb::GetLeasesResponse {
+            seed: plan.spec.seed,
+            epoch: plan.spec.epoch,
+            world_size: plan.spec.world_size as u32,
+            batch_size: plan.spec.batch_size,
+            window: plan.spec.window,
+            steps: plan.steps,
+            leases: plan.leases.iter().map(|l| pb::Lease { source: l.source, start: l.start, end: l.end }).collect(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        check_id("worker_id", &r.worker_id)?;
+        check_text("params_hash", &r.params_hash, MAX_ID)?;
+        if r.fatal_error.len() > MAX_ERROR {
+            return Err(Status::invalid_argument(format!("fatal_error is longer than {MAX_ERROR} bytes")));
+        }
+        if !(r.images_per_second.is_finite() && r.images_per_second >= 0.0) {
+            return Err(Status::invalid_argument(format!("images_per_second {} is not a rate", r.images_per_second)));
+        }
+        let l = r.losses.unwrap_or_default();
+        let hb = Heartbeat {
+            worker_id: r.worker_id,
+            generation: r.generation,
+            rank: r.rank,
+            step: r.step,
+            epoch: r.epoch,
+            losses: state::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total },
+            images_per_second: r.images_per_second,
+            params_hash: r.params_hash,
+            params_hash_step: r.params_hash_step,
+            lr: r.lr,
+            temp: r.temp,
+            fatal_error: r.fatal_error,
+            done: r.done,
+        };
+        let (commands, generation) = self.0.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
+        self.0.persist_logged().await;
+        Ok(Response::new(pb::HeartbeatResponse {
+            commands: commands.into_iter().map(|c| command(c) as i32).collect(),
+            generation,
+        }))
+    }
+
+    async fn report_checkpoint(
+        &self,
+        request: Request<pb::ReportCheckpointRequest>,
+    ) -> Result<Response<pb::ReportCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        check_id("location", &r.location).and_then(|()| check_text("location", &r.location, MAX_LOCATION))?;
+        self.0.job().report_checkpoint(r.generation, r.rank, r.step, &r.location, Instant::now()).map_err(to_status)?;
+        // The commit only counts once it would survive a restart; the worker retries on error.
+        self.0.persist().await.map_err(|e| Status::internal(format!("cannot persist the checkpoint: {e:#}")))?;
+        Ok(Response::new(pb::ReportCheckpointResponse {}))
+    }
+
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let r = request.into_inner();
+        check_id("worker_id", &r.worker_id)?;
+        self.0.job().leave(&r.worker_id, r.generation, Instant::now());
+        self.0.persist_logged().await;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}
+
+#[derive(Clone)]
+pub struct ControlService(pub Arc<Shared>);
+
+impl ControlService {
+    fn status(&self) -> pb::JobStatus {
+        let s = self.0.job().status(Instant::now());
+        pb::JobStatus {
+            state: s.state.to_string(),
+            generation: s.generation,
+            world_size: s.world_size,
+            workers: s
+                .workers
+                .into_iter()
+                .map(|w| pb::WorkerStatus {
+                    worker_id: w.worker_id,
+                    host: w.host,
+                    rank: w.rank,
+                    step: w.step,
+                    images_per_second: w.images_per_second,
+                    last_seen_ms: w.last_seen_ms,
+                    params_hash: w.params_hash,
+                    params_hash_step: w.params_hash_step,
+                })
+                .collect(),
+            step: s.step,
+            epoch: s.epoch,
+            total_steps: s.total_steps,
+            losses: Some(losses(s.losses)),
+            images_per_second: s.images_per_second,
+            lr: s.lr,
+            temp: s.temp,
+            last_checkpoint: s.last_checkpoint,
+            restarts: s.restarts,
+        }
+    }
+
+    async fn control(
+        &self,
+        f: impl FnOnce(&mut Job) -> state::Result<&'static str>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
+        let state = f(&mut self.0.job()).map_err(to_status)?;
+        self.0.persist_logged().await;
+        Ok(Response::new(pb::ControlResponse { state: state.to_string() }))
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    type WatchStatusStream = ReceiverStream<Result<pb::JobStatus, Status>>;
+
+    async fn watch_status(
+        &self,
+        request: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let interval_ms = match request.into_inner().interval_ms {
+            0 => DEFAULT_WATCH_MS,
+            ms if WATCH_MS.contains(&ms) => ms,
+            ms => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms {ms} outside {}..={} (0: {DEFAULT_WATCH_MS})",
+                    WATCH_MS.start(),
+                    WATCH_MS.end()
+                )));
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        let mut shutdown = self.0.shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(interval_ms.into()));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        if tx.send(Ok(this.status())).await.is_err() {
+                            break;
+                        }
+                    }
+                    // A stream that outlived the coordinator would hold its graceful shutdown.
+                    _ = shutdown.changed() => break,
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn pause(&self, _: Request<pb::ControlRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+        self.control(Job::pause).await
+    }
+
+    async fn resume(&self, _: Request<pb::ControlRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+        self.control(Job::resume).await
+    }
+
+    async fn stop(&self, _: Request<pb::ControlRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+        self.control(|job| Ok(job.stop())).await
+    }
+
+    async fn checkpoint(&self, _: Request<pb::ControlRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+        self.control(Job::checkpoint).await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let checkpoints = self
+            .0
+            .job()
+            .checkpoints()
+            .iter()
+            .map(|c| pb::CheckpointInfo { step: c.step, location: c.location.clone(), committed_at: c.committed_at })
+            .collect();
+        Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
+    }
+}

@@ -1,0 +1,945 @@
+//! The job as a plain state machine: rendezvous, generations, progress, commands, checkpoints and
+//! control. It knows nothing of gRPC (service.rs translates) and takes the time as an argument,
+//! so the tests drive it deterministically.
+//!
+//! A generation is one world formed by a rendezvous. It ends when a member goes silent, reports a
+//! fatal error, joins again after it started (a restarted process), or leaves; the survivors get
+//! REJOIN on their next heartbeat and form the next generation, which resumes from the latest
+//! committed checkpoint.
+
+use albef_config::AlbefConfig;
+use albef_data::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
+use anyhow::Context;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+const STATE_VERSION: u64 = 1;
+
+/// Why a request cannot be served; service.rs maps each kind to a gRPC status code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobError {
+    /// The request names something that does not exist (stale generation, rank outside the world).
+    InvalidArgument(String),
+    /// The request is valid but the job is not in a state to serve it.
+    FailedPrecondition(String),
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobError::InvalidArgument(m) | JobError::FailedPrecondition(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+pub type Result<T> = std::result::Result<T, JobError>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(JobError::InvalidArgument(msg.into()))
+}
+
+fn precondition<T>(msg: impl Into<String>) -> Result<T> {
+    Err(JobError::FailedPrecondition(msg.into()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Stop,
+    Checkpoint,
+    Rejoin,
+}
+
+/// Where a new generation starts: the latest committed checkpoint, or a fresh start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    pub step: u64,
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    /// Empty for a fresh start.
+    pub checkpoint: String,
+}
+
+/// What a worker needs to take part in a generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    /// "tcp" or "nccl".
+    pub backend: String,
+    /// Every rank's collective address, in rank order.
+    pub peers: Vec<String>,
+    /// Presented by every collective connection of this generation.
+    pub token: String,
+    pub timeout_s: u32,
+    pub resume: ResumePoint,
+    pub config_json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// The rendezvous is still open: poll again.
+    Wait,
+    Assigned(Assignment),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Losses {
+    pub ita: f64,
+    pub itm: f64,
+    pub mlm: f64,
+    pub total: f64,
+}
+
+/// One progress report of a rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub step: u64,
+    pub epoch: u64,
+    pub losses: Losses,
+    pub images_per_second: f64,
+    pub params_hash: String,
+    /// The step params_hash was taken after.
+    pub params_hash_step: u64,
+    pub lr: f64,
+    pub temp: f64,
+    /// Non-empty: the worker cannot go on, the generation ends.
+    pub fatal_error: String,
+    /// The worker finished the job's last step.
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub step: u64,
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    pub location: String,
+    /// Unix seconds.
+    pub committed_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    pub host: String,
+    pub rank: u32,
+    pub step: u64,
+    pub images_per_second: f64,
+    pub last_seen_ms: u64,
+    pub params_hash: String,
+    pub params_hash_step: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobStatus {
+    pub state: &'static str,
+    pub generation: u64,
+    pub world_size: u32,
+    pub workers: Vec<WorkerStatus>,
+    /// The slowest rank's step.
+    pub step: u64,
+    pub epoch: u64,
+    pub total_steps: u64,
+    /// Rank 0's.
+    pub losses: Losses,
+    /// Sum over the ranks.
+    pub images_per_second: f64,
+    pub lr: f64,
+    pub temp: f64,
+    pub last_checkpoint: String,
+    /// Generations ended by a failure.
+    pub restarts: u64,
+}
+
+/// A worker waiting for the next rendezvous to close.
+#[derive(Clone, Debug)]
+struct Candidate {
+    worker_id: String,
+    host: String,
+    device_kind: String,
+    address: String,
+    last_seen: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    worker_id: String,
+    host: String,
+    address: String,
+    last_seen: Instant,
+    /// Has sent a heartbeat in this generation (so a Join from it means it restarted).
+    reported: bool,
+    /// Left cleanly, or went silent once the job was ending.
+    gone: bool,
+    done: bool,
+    step: u64,
+    epoch: u64,
+    losses: Losses,
+    images_per_second: f64,
+    params_hash: String,
+    params_hash_step: u64,
+    lr: f64,
+    temp: f64,
+    commands: Vec<Command>,
+}
+
+#[derive(Clone, Debug)]
+struct Generation {
+    number: u64,
+    /// Indexed by rank.
+    members: Vec<Member>,
+    backend: String,
+    token: String,
+    resume: ResumePoint,
+    nccl_id: Option<Vec<u8>>,
+    /// Parameter hash first reported at each recent step; None once a mismatch was counted.
+    hashes: BTreeMap<u64, Option<(u32, String)>>,
+}
+
+impl Generation {
+    fn world(&self) -> u32 {
+        self.members.len() as u32
+    }
+
+    fn rank_of(&self, worker_id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.worker_id == worker_id)
+    }
+
+    fn push_command(&mut self, cmd: Command) {
+        for m in self.members.iter_mut().filter(|m| !m.gone) {
+            // A repeated request before delivery is one command; pause-resume-pause stays ordered.
+            if m.commands.last() != Some(&cmd) {
+                m.commands.push(cmd);
+            }
+        }
+    }
+}
+
+pub struct Job {
+    cfg: AlbefConfig,
+    config_json: String,
+    counts: Vec<u64>,
+    total: u64,
+    /// Number of the latest generation formed (0: none yet).
+    generation: u64,
+    current: Option<Generation>,
+    waiting: Vec<Candidate>,
+    /// The last join (or the reopening of the rendezvous): the grace counts from it.
+    last_join: Option<Instant>,
+    /// Ranks of the last generation's members, which they keep when they can.
+    previous_ranks: HashMap<String, u32>,
+    checkpoints: Vec<Checkpoint>,
+    paused: bool,
+    stopping: bool,
+    finished: bool,
+    restarts: u64,
+    hash_mismatches: u64,
+    /// Bumped by every change that must survive a restart of the coordinator.
+    revision: u64,
+    /// Wall-clock time at `clock.0`, for the commit times of checkpoints.
+    clock: (Instant, u64),
+}
+
+impl Job {
+    /// A fresh job over a dataset whose sources hold `counts` samples.
+    pub fn new(cfg: AlbefConfig, counts: Vec<u64>, now: Instant) -> Self {
+        let config_json = serde_json::to_string(&cfg).expect("configuration serialises");
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        Job {
+            cfg,
+            config_json,
+            total: counts.iter().sum(),
+            counts,
+            generation: 0,
+            current: None,
+            waiting: vec![],
+            last_join: None,
+            previous_ranks: HashMap::new(),
+            checkpoints: vec![],
+            paused: false,
+            stopping: false,
+            finished: false,
+            restarts: 0,
+            hash_mismatches: 0,
+            revision: 0,
+            clock: (now, unix),
+        }
+    }
+
+    pub fn state(&self) -> &'static str {
+        if self.finished {
+            "finished"
+        } else if self.stopping {
+            "stopping"
+        } else if self.current.is_none() {
+            "waiting"
+        } else if self.paused {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn changed(&mut self) {
+        self.revision += 1;
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.job.heartbeat_timeout_ms)
+    }
+
+    fn batch_size(&self) -> u64 {
+        self.cfg.train.batch_size_train as u64
+    }
+
+    /// The finished job has no one left to serve: the coordinator can exit.
+    pub fn drained(&self) -> bool {
+        self.finished && self.current.as_ref().is_none_or(|g| g.members.iter().all(|m| m.gone))
+    }
+
+    pub fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    /// Joins the rendezvous of the next generation, or returns the assignment once it closed.
+    /// Repeated calls (long polls) are one membership.
+    pub fn join(
+        &mut self,
+        worker_id: &str,
+        host: &str,
+        device_kind: &str,
+        address: &str,
+        now: Instant,
+    ) -> Result<JoinOutcome> {
+        if self.finished {
+            return precondition("the job is finished");
+        }
+        if self.stopping {
+            return precondition("the job is stopping");
+        }
+        if let Some(g) = &mut self.current
+            && let Some(rank) = g.rank_of(worker_id)
+        {
+            let m = &mut g.members[rank];
+            if !m.reported && m.host == host && m.address == address {
+                // It has not started yet: a repeated poll for its assignment.
+                m.last_seen = now;
+                return Ok(JoinOutcome::Assigned(self.assignment(rank)));
+            }
+            let reason = format!("worker {worker_id} (rank {rank}) joined again: it restarted");
+            self.end_generation(&reason, true, &[], now);
+        }
+        match self.waiting.iter_mut().find(|c| c.worker_id == worker_id) {
+            Some(c) => {
+                c.host = host.to_string();
+                c.device_kind = device_kind.to_string();
+                c.address = address.to_string();
+                c.last_seen = now;
+            }
+            None => {
+                self.waiting.push(Candidate {
+                    worker_id: worker_id.to_string(),
+                    host: host.to_string(),
+                    device_kind: device_kind.to_string(),
+                    address: address.to_string(),
+                    last_seen: now,
+                });
+                self.last_join = Some(now);
+                info!(
+                    worker = worker_id,
+                    host,
+                    device_kind,
+                    waiting = self.waiting.len(),
+                    max = self.cfg.job.max_workers,
+                    "worker joined the rendezvous"
+                );
+            }
+        }
+        self.try_close(now);
+        Ok(match self.current.as_ref().and_then(|g| g.rank_of(worker_id)) {
+            Some(rank) => JoinOutcome::Assigned(self.assignment(rank)),
+            None => JoinOutcome::Wait,
+        })
+    }
+
+    fn assignment(&self, rank: usize) -> Assignment {
+        let g = self.current.as_ref().expect("a generation is running");
+        Assignment {
+            generation: g.number,
+            rank: rank as u32,
+            world_size: g.world(),
+            backend: g.backend.clone(),
+            peers: g.members.iter().map(|m| m.address.clone()).collect(),
+            token: g.token.clone(),
+            timeout_s: self.cfg.job.collective_timeout_s,
+            resume: g.resume.clone(),
+            config_json: self.config_json.clone(),
+        }
+    }
+
+    /// Closes the rendezvous when max_workers joined, or min_workers joined and the grace passed.
+    fn try_close(&mut self, now: Instant) {
+        if self.current.is_some() || self.finished || self.stopping {
+            return;
+        }
+        let (min, max) = (self.cfg.job.min_workers as usize, self.cfg.job.max_workers as usize);
+        let grace = Duration::from_millis(self.cfg.job.rendezvous_grace_ms);
+        let n = self.waiting.len();
+        let quiet = self.last_join.is_some_and(|t| now.saturating_duration_since(t) >= grace);
+        if n >= max || (n >= min && quiet) {
+            let world: Vec<Candidate> = self.waiting.drain(..n.min(max)).collect();
+            self.form_generation(world, now);
+        }
+    }
+
+    fn form_generation(&mut self, joined: Vec<Candidate>, now: Instant) {
+        let world = joined.len();
+        // Previous ranks first, so that a survivor's rank (and its data position) is stable.
+        let mut slots: Vec<Option<Candidate>> = vec![None; world];
+        let mut rest = vec![];
+        for c in joined {
+            match self.previous_ranks.get(&c.worker_id).map(|&r| r as usize) {
+                Some(r) if r < world && slots[r].is_none() => slots[r] = Some(c),
+                _ => rest.push(c),
+            }
+        }
+        let mut rest = rest.into_iter();
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            *slot = rest.next();
+        }
+        let members: Vec<Candidate> = slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+        let backend = match self.cfg.job.collective_backend.as_str() {
+            "auto" if members.iter().all(|c| c.device_kind == "cuda") => "nccl",
+            "auto" => "tcp",
+            other => other,
+        }
+        .to_string();
+        self.generation += 1;
+        let resume = self
+            .checkpoints
+            .last()
+            .map(|c| ResumePoint {
+                step: c.step,
+                epoch: c.epoch,
+                step_in_epoch: c.step_in_epoch,
+                checkpoint: c.location.clone(),
+            })
+            .unwrap_or_default();
+        let paused = self.paused;
+        let members: Vec<Member> = members
+            .into_iter()
+            .map(|c| Member {
+                worker_id: c.worker_id,
+                host: c.host,
+                address: c.address,
+                last_seen: now,
+                reported: false,
+                gone: false,
+                done: false,
+                step: resume.step,
+                epoch: resume.epoch,
+                losses: Losses::default(),
+                images_per_second: 0.0,
+                params_hash: String::new(),
+                params_hash_step: 0,
+                lr: 0.0,
+                temp: 0.0,
+                commands: if paused { vec![Command::Pause] } else { vec![] },
+            })
+            .collect();
+        self.previous_ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect();
+        let ids: Vec<&str> = members.iter().map(|m| m.worker_id.as_str()).collect();
+        info!(
+            generation = self.generation,
+            world,
+            backend,
+            workers = ?ids,
+            resume_step = resume.step,
+            checkpoint = resume.checkpoint,
+            "rendezvous closed: generation formed"
+        );
+        self.current = Some(Generation {
+            number: self.generation,
+            members,
+            token: random_token(self.generation),
+            backend,
+            resume,
+            nccl_id: None,
+            hashes: BTreeMap::new(),
+        });
+        self.changed();
+    }
+
+    /// Ends the current generation; its members must Join again. The `lost` lose their ranks.
+    fn end_generation(&mut self, reason: &str, failure: bool, lost: &[String], now: Instant) {
+        let Some(g) = self.current.take() else { return };
+        warn!(generation = g.number, reason, "generation ended");
+        self.previous_ranks = g
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !lost.contains(&m.worker_id))
+            .map(|(r, m)| (m.worker_id.clone(), r as u32))
+            .collect();
+        if failure {
+            self.restarts += 1;
+        }
+        // The survivors need the grace to notice (heartbeat) and rejoin before spares close it.
+        self.last_join = Some(now);
+        self.changed();
+    }
+
+    /// Records a heartbeat; returns the commands for the worker and the current generation.
+    pub fn heartbeat(&mut self, hb: &Heartbeat, now: Instant) -> Result<(Vec<Command>, u64)> {
+        let generation = self.generation;
+        if self.finished {
+            if let Some(m) = self.member_mut(hb.generation, &hb.worker_id) {
+                m.last_seen = now;
+            }
+            return Ok((vec![Command::Stop], generation));
+        }
+        let Some(g) = self.current.as_mut().filter(|g| g.number == hb.generation) else {
+            return Ok((vec![if self.stopping { Command::Stop } else { Command::Rejoin }], generation));
+        };
+        if hb.rank >= g.world() {
+            return invalid(format!("rank {} outside generation {}'s world of {}", hb.rank, g.number, g.world()));
+        }
+        let rank = hb.rank as usize;
+        if g.members[rank].worker_id != hb.worker_id {
+            // Not this worker's rank in this generation: it must join to get one.
+            return Ok((vec![Command::Rejoin], generation));
+        }
+        let m = &mut g.members[rank];
+        m.last_seen = now;
+        m.reported = true;
+        m.step = hb.step;
+        m.epoch = hb.epoch;
+        m.losses = hb.losses;
+        m.images_per_second = hb.images_per_second;
+        m.params_hash.clone_from(&hb.params_hash);
+        m.params_hash_step = hb.params_hash_step;
+        m.lr = hb.lr;
+        m.temp = hb.temp;
+        if !hb.fatal_error.is_empty() {
+            let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
+            if self.stopping {
+                warn!(reason, "worker failed while the job stops");
+                m.gone = true;
+                self.finish_if_all_gone();
+                return Ok((vec![Command::Stop], generation));
+            }
+            self.end_generation(&reason, true, &[], now);
+            return Ok((vec![Command::Rejoin], generation));
+        }
+        m.done |= hb.done;
+        let mut commands = std::mem::take(&mut m.commands);
+        self.check_params_hash(hb);
+        let g = self.current.as_ref().expect("the generation still runs");
+        if g.members.iter().all(|m| m.done) {
+            info!(generation = g.number, step = hb.step, "every rank finished: the job is finished");
+            self.finished = true;
+            self.changed();
+            if !commands.contains(&Command::Stop) {
+                commands.push(Command::Stop);
+            }
+        }
+        Ok((commands, generation))
+    }
+
+    fn member_mut(&mut self, generation: u64, worker_id: &str) -> Option<&mut Member> {
+        let g = self.current.as_mut().filter(|g| g.number == generation)?;
+        let rank = g.rank_of(worker_id)?;
+        Some(&mut g.members[rank])
+    }
+
+    /// Ranks must hold identical parameters after each step; a divergence is a bug worth shouting.
+    fn check_params_hash(&mut self, hb: &Heartbeat) {
+        if hb.params_hash.is_empty() {
+            return;
+        }
+        let g = self.current.as_mut().expect("a generation is running");
+        let entry = g.hashes.entry(hb.params_hash_step).or_insert_with(|| Some((hb.rank, hb.params_hash.clone())));
+        if let Some((rank, hash)) = entry
+            && *hash != hb.params_hash
+        {
+            self.hash_mismatches += 1;
+            warn!(
+                generation = g.number,
+                step = hb.params_hash_step,
+                rank_a = *rank,
+                hash_a = hash.as_str(),
+                rank_b = hb.rank,
+                hash_b = hb.params_hash,
+                mismatches = self.hash_mismatches,
+                "ranks report different parameter hashes at the same step"
+            );
+            *entry = None;
+        }
+        let slowest = g.members.iter().map(|m| m.params_hash_step).min().unwrap_or(0);
+        g.hashes = g.hashes.split_off(&slowest);
+    }
+
+    /// Members silent past the heartbeat timeout end the generation (or, once the job is
+    /// ending, count as gone); waiting workers that stopped polling leave the rendezvous; the
+    /// rendezvous closes after its grace.
+    pub fn tick(&mut self, now: Instant) {
+        let timeout = self.timeout();
+        self.waiting.retain(|c| {
+            let alive = now.saturating_duration_since(c.last_seen) <= timeout;
+            if !alive {
+                info!(worker = c.worker_id, "worker stopped waiting for the rendezvous");
+            }
+            alive
+        });
+        let ending = self.finished || self.stopping;
+        if let Some(g) = &mut self.current {
+            let number = g.number;
+            let silent: Vec<(usize, u128)> = g
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| !m.gone)
+                .map(|(r, m)| (r, now.saturating_duration_since(m.last_seen).as_millis()))
+                .filter(|&(_, ms)| ms > timeout.as_millis())
+                .collect();
+            if !silent.is_empty() {
+                if ending {
+                    for &(r, ms) in &silent {
+                        let m = &mut g.members[r];
+                        info!(
+                            generation = number,
+                            worker = m.worker_id,
+                            rank = r,
+                            silent_ms = ms as u64,
+                            "worker lost"
+                        );
+                        m.gone = true;
+                    }
+                    self.finish_if_all_gone();
+                } else {
+                    let mut lost = vec![];
+                    for &(rank, ms) in &silent {
+                        let id = g.members[rank].worker_id.clone();
+                        warn!(generation = number, worker = id, rank, silent_ms = ms as u64, "worker lost");
+                        lost.push(format!("worker {id} (rank {rank}) silent for {ms} ms"));
+                    }
+                    let ids: Vec<String> = silent.iter().map(|&(r, _)| g.members[r].worker_id.clone()).collect();
+                    self.end_generation(&lost.join(", "), true, &ids, now);
+                }
+            }
+        }
+        self.try_close(now);
+    }
+
+    /// A stopping job is finished once no member is left.
+    fn finish_if_all_gone(&mut self) {
+        if self.stopping && self.current.as_ref().is_none_or(|g| g.members.iter().all(|m| m.gone)) {
+            info!("every worker stopped: the job is finished");
+            self.finished = true;
+            self.changed();
+        }
+    }
+
+    /// A clean departure. A member leaving a running generation ends it (without counting a
+    /// failure) and frees its rank.
+    pub fn leave(&mut self, worker_id: &str, generation: u64, now: Instant) {
+        self.waiting.retain(|c| c.worker_id != worker_id);
+        let ending = self.finished || self.stopping;
+        let Some(m) = self.member_mut(generation, worker_id) else { return };
+        if ending {
+            m.gone = true;
+            info!(worker = worker_id, generation, "worker left");
+            self.finish_if_all_gone();
+        } else {
+            let reason = format!("worker {worker_id} left");
+            self.end_generation(&reason, false, &[worker_id.to_string()], now);
+        }
+    }
+
+    fn current_checked(&self, generation: u64, rank: u32) -> Result<&Generation> {
+        let Some(g) = self.current.as_ref().filter(|g| g.number == generation) else {
+            let now = match &self.current {
+                Some(g) => format!("generation {} is running", g.number),
+                None => "no generation is running".to_string(),
+            };
+            return invalid(format!("generation {generation} is not the current one ({now})"));
+        };
+        if rank >= g.world() {
+            return invalid(format!("rank {rank} outside generation {generation}'s world of {}", g.world()));
+        }
+        Ok(g)
+    }
+
+    /// `rank`'s share of `epoch` in `generation`: the same plan a single process would compute.
+    pub fn leases(&self, generation: u64, rank: u32, epoch: u64) -> Result<RankPlan> {
+        let g = self.current_checked(generation, rank)?;
+        let spec = PlanSpec {
+            seed: self.cfg.train.seed,
+            epoch,
+            world_size: g.world() as u64,
+            batch_size: self.batch_size(),
+            window: self.cfg.data.shuffle_window,
+        };
+        plan_rank(&self.counts, &spec, rank as u64).map_err(|e| JobError::FailedPrecondition(format!("{e:#}")))
+    }
+
+    /// Rank 0 of an NCCL generation publishes its unique id (republishing the same id is a retry).
+    pub fn publish_nccl_id(&mut self, generation: u64, id: &[u8]) -> Result<()> {
+        self.current_checked(generation, 0)?;
+        let g = self.current.as_mut().expect("checked above");
+        if g.backend != "nccl" {
+            return precondition(format!("generation {generation} uses the {} backend, not nccl", g.backend));
+        }
+        match &g.nccl_id {
+            Some(existing) if existing != id => {
+                precondition(format!("generation {generation}'s NCCL id is already set"))
+            }
+            Some(_) => Ok(()),
+            None => {
+                info!(generation, "NCCL id published");
+                g.nccl_id = Some(id.to_vec());
+                Ok(())
+            }
+        }
+    }
+
+    /// The NCCL id of `generation`, once rank 0 published it.
+    pub fn nccl_id(&self, generation: u64) -> Result<Option<Vec<u8>>> {
+        let g = self.current_checked(generation, 0)?;
+        if g.backend != "nccl" {
+            // Else a confused worker would long-poll for an id that never comes.
+            return precondition(format!("generation {generation} uses the {} backend, not nccl", g.backend));
+        }
+        Ok(g.nccl_id.clone())
+    }
+
+    /// A checkpoint `rank` finished writing; rank 0's commits it (and returns true): the next
+    /// generation resumes from it.
+    pub fn report_checkpoint(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        step: u64,
+        location: &str,
+        now: Instant,
+    ) -> Result<bool> {
+        let world = self.current_checked(generation, rank)?.world() as u64;
+        if rank != 0 {
+            return Ok(false);
+        }
+        if self.checkpoints.last().is_some_and(|c| c.step == step && c.location == location) {
+            return Ok(true);
+        }
+        let per_epoch = steps_per_epoch(self.total, world, self.batch_size());
+        // main checks that an epoch has steps at max_workers (so at any world); never divide by zero.
+        let (epoch, step_in_epoch) = step.checked_div(per_epoch).zip(step.checked_rem(per_epoch)).unwrap_or((0, step));
+        let committed_at = self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs();
+        info!(generation, step, epoch, step_in_epoch, location, "checkpoint committed");
+        self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location: location.to_string(), committed_at });
+        self.changed();
+        Ok(true)
+    }
+
+    fn check_controllable(&self) -> Result<()> {
+        if self.finished {
+            return precondition("the job is finished");
+        }
+        if self.stopping {
+            return precondition("the job is stopping");
+        }
+        Ok(())
+    }
+
+    /// Pauses training (also every later generation until resumed).
+    pub fn pause(&mut self) -> Result<&'static str> {
+        self.check_controllable()?;
+        if !self.paused {
+            info!("job paused");
+            self.paused = true;
+            if let Some(g) = &mut self.current {
+                g.push_command(Command::Pause);
+            }
+            self.changed();
+        }
+        Ok(self.state())
+    }
+
+    pub fn resume(&mut self) -> Result<&'static str> {
+        self.check_controllable()?;
+        if self.paused {
+            info!("job resumed");
+            self.paused = false;
+            if let Some(g) = &mut self.current {
+                g.push_command(Command::Resume);
+            }
+            self.changed();
+        }
+        Ok(self.state())
+    }
+
+    /// Asks every worker to stop; the job is finished once all left (at once when none runs).
+    pub fn stop(&mut self) -> &'static str {
+        if !self.finished && !self.stopping {
+            info!("job stopping");
+            self.stopping = true;
+            self.waiting.clear();
+            if let Some(g) = &mut self.current {
+                g.push_command(Command::Stop);
+            }
+            self.finish_if_all_gone();
+            self.changed();
+        }
+        self.state()
+    }
+
+    /// Asks for a checkpoint at the next step.
+    pub fn checkpoint(&mut self) -> Result<&'static str> {
+        self.check_controllable()?;
+        let Some(g) = &mut self.current else { return precondition("no generation is running") };
+        info!(generation = g.number, "checkpoint requested");
+        g.push_command(Command::Checkpoint);
+        Ok(self.state())
+    }
+
+    fn total_steps(&self, world: u32) -> u64 {
+        if self.cfg.train.max_steps > 0 {
+            return self.cfg.train.max_steps;
+        }
+        let world = if world > 0 { world } else { self.cfg.job.max_workers };
+        steps_per_epoch(self.total, world as u64, self.batch_size()) * self.cfg.schedular.epochs
+    }
+
+    pub fn status(&self, now: Instant) -> JobStatus {
+        let last = self.checkpoints.last();
+        let (resume_step, resume_epoch) = last.map_or((0, 0), |c| (c.step, c.epoch));
+        let members: Vec<(usize, &Member)> =
+            self.current.iter().flat_map(|g| g.members.iter().enumerate()).filter(|(_, m)| !m.gone).collect();
+        let world = self.current.as_ref().map_or(0, Generation::world);
+        let rank0 = members.iter().find(|(r, _)| *r == 0).map(|(_, m)| *m);
+        JobStatus {
+            state: self.state(),
+            generation: self.generation,
+            world_size: world,
+            workers: members
+                .iter()
+                .map(|(r, m)| WorkerStatus {
+                    worker_id: m.worker_id.clone(),
+                    host: m.host.clone(),
+                    rank: *r as u32,
+                    step: m.step,
+                    images_per_second: m.images_per_second,
+                    last_seen_ms: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+                    params_hash: m.params_hash.clone(),
+                    params_hash_step: m.params_hash_step,
+                })
+                .collect(),
+            step: members.iter().map(|(_, m)| m.step).min().unwrap_or(resume_step),
+            epoch: rank0.map_or(resume_epoch, |m| m.epoch),
+            total_steps: self.total_steps(world),
+            losses: rank0.map(|m| m.losses).unwrap_or_default(),
+            images_per_second: members.iter().map(|(_, m)| m.images_per_second).sum(),
+            lr: rank0.map_or(0.0, |m| m.lr),
+            temp: rank0.map_or(0.0, |m| m.temp),
+            last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
+            restarts: self.restarts,
+        }
+    }
+
+    /// What must survive a restart of the coordinator: the generation counter (so stale workers
+    /// are told to rejoin), committed checkpoints, member ranks and the control state.
+    pub fn to_json(&self) -> String {
+        let ranks: serde_json::Map<String, Value> = match &self.current {
+            Some(g) => g.members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), json!(r))).collect(),
+            None => self.previous_ranks.iter().map(|(id, &r)| (id.clone(), json!(r))).collect(),
+        };
+        let checkpoints: Vec<Value> = self
+            .checkpoints
+            .iter()
+            .map(|c| {
+                json!({"step": c.step, "epoch": c.epoch, "step_in_epoch": c.step_in_epoch,
+                       "location": c.location, "committed_at": c.committed_at})
+            })
+            .collect();
+        let doc = json!({
+            "version": STATE_VERSION,
+            "generation": self.generation,
+            "state": self.state(),
+            "paused": self.paused,
+            "restarts": self.restarts,
+            "ranks": ranks,
+            "checkpoints": checkpoints,
+        });
+        serde_json::to_string_pretty(&doc).expect("state serialises")
+    }
+
+    /// A job restored from `to_json`'s output. Its generation is over: workers get REJOIN and form
+    /// the next one, which resumes from the latest checkpoint.
+    pub fn from_json(cfg: AlbefConfig, counts: Vec<u64>, text: &str, now: Instant) -> anyhow::Result<Self> {
+        let doc: Value = serde_json::from_str(text).context("coordinator state is not JSON")?;
+        let version = doc["version"].as_u64().context("coordinator state: no version")?;
+        anyhow::ensure!(version == STATE_VERSION, "coordinator state version {version} (expected {STATE_VERSION})");
+        let u64_of = |v: &Value, key: &str| v[key].as_u64().with_context(|| format!("coordinator state: no {key}"));
+        let mut job = Job::new(cfg, counts, now);
+        job.generation = u64_of(&doc, "generation")?;
+        job.restarts = u64_of(&doc, "restarts")?;
+        job.paused = doc["paused"].as_bool().unwrap_or(false);
+        let state = doc["state"].as_str().context("coordinator state: no state")?;
+        job.finished = matches!(state, "finished" | "stopping");
+        if let Some(ranks) = doc["ranks"].as_object() {
+            for (id, r) in ranks {
+                let r = r.as_u64().with_context(|| format!("coordinator state: rank of {id}"))?;
+                job.previous_ranks.insert(id.clone(), r as u32);
+            }
+        }
+        for c in doc["checkpoints"].as_array().context("coordinator state: no checkpoints")? {
+            job.checkpoints.push(Checkpoint {
+                step: u64_of(c, "step")?,
+                epoch: u64_of(c, "epoch")?,
+                step_in_epoch: u64_of(c, "step_in_epoch")?,
+                location: c["location"].as_str().context("coordinator state: checkpoint location")?.to_string(),
+                committed_at: u64_of(c, "committed_at")?,
+            });
+        }
+        info!(
+            generation = job.generation,
+            checkpoints = job.checkpoints.len(),
+            state,
+            "restored the coordinator state: workers will rejoin"
+        );
+        Ok(job)
+    }
+}
+
+/// A per-generation secret: SipHash under the process's random keys, over the generation and
+/// the time, so that a peer of an older generation cannot present it.
+fn random_token(generation: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    (0..2u64)
+        .map(|i| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(generation);
+            h.write_u128(nanos);
+            h.write_u64(i);
+            format!("{:016x}", h.finish())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,443 @@
+use super::*;
+use albef_config::Preset;
+use std::collections::BTreeSet;
+
+const GRACE: u64 = 1000;
+const TIMEOUT: u64 = 5000;
+
+fn config(min: u32, max: u32) -> AlbefConfig {
+    let mut c = AlbefConfig::defaults(Preset::AlbefSmall);
+    c.job.min_workers = min;
+    c.job.max_workers = max;
+    c.job.rendezvous_grace_ms = GRACE;
+    c.job.heartbeat_timeout_ms = TIMEOUT;
+    c.train.batch_size_train = 4;
+    c.data.shuffle_window = 8;
+    c
+}
+
+/// A job over 100 samples (world 2, batch 4: 12 steps per epoch), and its time zero.
+fn job(min: u32, max: u32) -> (Job, Instant) {
+    let t0 = Instant::now();
+    (Job::new(config(min, max), vec![60, 40], t0), t0)
+}
+
+fn at(t0: Instant, ms: u64) -> Instant {
+    t0 + Duration::from_millis(ms)
+}
+
+fn join_kind(job: &mut Job, id: &str, kind: &str, now: Instant) -> JoinOutcome {
+    job.join(id, &format!("host-{id}"), kind, &format!("{id}:7000"), now).unwrap()
+}
+
+fn join(job: &mut Job, id: &str, now: Instant) -> JoinOutcome {
+    join_kind(job, id, "cpu", now)
+}
+
+fn assigned(outcome: JoinOutcome) -> Assignment {
+    match outcome {
+        JoinOutcome::Assigned(a) => a,
+        JoinOutcome::Wait => panic!("expected an assignment, got Wait"),
+    }
+}
+
+fn beat(id: &str, a: &Assignment, step: u64) -> Heartbeat {
+    Heartbeat {
+        worker_id: id.into(),
+        generation: a.generation,
+        rank: a.rank,
+        step,
+        params_hash: format!("h{step}"),
+        ..Default::default()
+    }
+}
+
+fn commands(job: &mut Job, hb: &Heartbeat, now: Instant) -> Vec<Command> {
+    job.heartbeat(hb, now).unwrap().0
+}
+
+/// Forms a generation of `ids` (max_workers of them) and returns their assignments by id order.
+fn form(job: &mut Job, ids: &[&str], now: Instant) -> Vec<Assignment> {
+    for id in ids {
+        join(job, id, now);
+    }
+    ids.iter().map(|id| assigned(join(job, id, now))).collect()
+}
+
+#[test]
+fn rendezvous_closes_when_max_workers_joined() {
+    let (mut job, t0) = job(1, 2);
+    assert_eq!(join(&mut job, "a", t0), JoinOutcome::Wait);
+    assert_eq!(job.state(), "waiting");
+    let b = assigned(join(&mut job, "b", at(t0, 10)));
+    let a = assigned(join(&mut job, "a", at(t0, 20)));
+    assert_eq!((a.rank, b.rank), (0, 1));
+    assert_eq!((a.generation, a.world_size), (1, 2));
+    assert_eq!(a.peers, vec!["a:7000", "b:7000"]);
+    assert_eq!((&a.peers, &a.token, a.generation), (&b.peers, &b.token, b.generation));
+    assert_eq!(a.backend, "tcp");
+    assert_eq!(a.resume, ResumePoint::default());
+    assert_eq!(a.timeout_s, 60);
+    assert!(a.config_json.contains("\"job\""));
+    assert_eq!(job.state(), "running");
+}
+
+#[test]
+fn rendezvous_closes_after_the_grace_with_min_workers() {
+    let (mut job, t0) = job(2, 4);
+    join(&mut job, "a", t0);
+    job.tick(at(t0, 5 * GRACE));
+    assert_eq!(join(&mut job, "a", at(t0, 5 * GRACE)), JoinOutcome::Wait, "one is below min_workers");
+    join(&mut job, "b", at(t0, 5 * GRACE + 500));
+    job.tick(at(t0, 6 * GRACE + 499));
+    assert_eq!(job.state(), "waiting", "the grace counts from the last join");
+    job.tick(at(t0, 6 * GRACE + 500));
+    assert_eq!(job.state(), "running");
+    let a = assigned(join(&mut job, "a", at(t0, 6 * GRACE + 550)));
+    assert_eq!((a.rank, a.world_size), (0, 2));
+}
+
+#[test]
+fn repeated_joins_are_one_member() {
+    let (mut job, t0) = job(2, 3);
+    for i in 0..5 {
+        assert_eq!(join(&mut job, "a", at(t0, i * 50)), JoinOutcome::Wait);
+    }
+    join(&mut job, "b", at(t0, 300));
+    job.tick(at(t0, 300 + GRACE));
+    assert_eq!(assigned(join(&mut job, "a", at(t0, 300 + GRACE))).world_size, 2);
+    // A poll before it started returns the same assignment, not a new generation.
+    let again = assigned(join(&mut job, "b", at(t0, 400 + GRACE)));
+    assert_eq!((again.generation, again.rank), (1, 1));
+}
+
+#[test]
+fn waiting_workers_that_stop_polling_leave_the_rendezvous() {
+    let (mut job, t0) = job(2, 2);
+    join(&mut job, "a", t0);
+    job.tick(at(t0, TIMEOUT + 1));
+    join(&mut job, "b", at(t0, TIMEOUT + 2));
+    assert_eq!(job.state(), "waiting", "a is gone, b alone is below min_workers");
+}
+
+#[test]
+fn ranks_are_stable_across_generations() {
+    let (mut job, t0) = job(2, 3);
+    let g1 = form(&mut job, &["a", "b", "c"], t0);
+    assert_eq!(g1.iter().map(|a| a.rank).collect::<Vec<_>>(), vec![0, 1, 2]);
+    // b goes silent: its rank is freed; the others keep theirs, d fills the gap.
+    let t = at(t0, TIMEOUT - 100);
+    commands(&mut job, &beat("a", &g1[0], 1), t);
+    commands(&mut job, &beat("c", &g1[2], 1), t);
+    job.tick(at(t0, TIMEOUT + 1));
+    assert_eq!(job.state(), "waiting");
+    let g2 = form(&mut job, &["c", "a", "d"], at(t0, TIMEOUT + 10));
+    assert_eq!(g2.iter().map(|a| (a.generation, a.rank)).collect::<Vec<_>>(), vec![(2, 2), (2, 0), (2, 1)]);
+    // A smaller world: a rank beyond it moves into the gap.
+    let t = at(t0, TIMEOUT + 20);
+    commands(&mut job, &Heartbeat { fatal_error: "oom".into(), ..beat("d", &g2[2], 1) }, t);
+    join(&mut job, "c", t);
+    join(&mut job, "a", t);
+    job.tick(at(t0, TIMEOUT + 20 + GRACE));
+    let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 30 + GRACE)));
+    let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 30 + GRACE)));
+    assert_eq!((c.generation, c.world_size, a.rank, c.rank), (3, 2, 0, 1));
+}
+
+#[test]
+fn a_silent_worker_ends_the_generation_and_the_others_get_rejoin() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    assert!(commands(&mut job, &beat("a", &g[0], 1), at(t0, 1000)).is_empty());
+    assert!(commands(&mut job, &beat("b", &g[1], 1), at(t0, 1000)).is_empty());
+    commands(&mut job, &beat("a", &g[0], 2), at(t0, 5500));
+    job.tick(at(t0, 1000 + TIMEOUT));
+    assert_eq!(job.state(), "running", "b is silent for exactly the timeout: not yet lost");
+    job.tick(at(t0, 1001 + TIMEOUT));
+    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.status(at(t0, 1001 + TIMEOUT)).restarts, 1);
+    let (cmds, generation) = job.heartbeat(&beat("a", &g[0], 3), at(t0, 6100)).unwrap();
+    assert_eq!((cmds, generation), (vec![Command::Rejoin], 1));
+}
+
+#[test]
+fn a_fatal_error_ends_the_generation() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let fatal = Heartbeat { fatal_error: "CUDA error".into(), ..beat("b", &g[1], 4) };
+    assert_eq!(commands(&mut job, &fatal, at(t0, 100)), vec![Command::Rejoin]);
+    assert_eq!(job.state(), "waiting");
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 4), at(t0, 200)), vec![Command::Rejoin]);
+    let g2 = form(&mut job, &["b", "a"], at(t0, 300));
+    assert_eq!((g2[0].rank, g2[1].rank, g2[0].generation), (1, 0, 2), "both keep their ranks");
+    assert_eq!(job.status(at(t0, 300)).restarts, 1);
+}
+
+#[test]
+fn joining_again_after_starting_ends_the_generation() {
+    let (mut job, t0) = job(1, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    commands(&mut job, &beat("a", &g[0], 1), at(t0, 10));
+    // a restarted: the world it was part of is broken.
+    assert_eq!(join(&mut job, "a", at(t0, 20)), JoinOutcome::Wait);
+    assert_eq!(job.status(at(t0, 20)).restarts, 1);
+    assert_eq!(commands(&mut job, &beat("b", &g[1], 1), at(t0, 30)), vec![Command::Rejoin]);
+}
+
+#[test]
+fn leaving_ends_the_generation_without_a_restart() {
+    let (mut job, t0) = job(1, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    job.leave("b", g[1].generation, at(t0, 10));
+    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.status(at(t0, 10)).restarts, 0);
+    // b's rank was freed: a newcomer that joins first does not take a's.
+    join(&mut job, "c", at(t0, 20));
+    join(&mut job, "a", at(t0, 30));
+    let c = assigned(join(&mut job, "c", at(t0, 40)));
+    assert_eq!(c.rank, 1);
+}
+
+#[test]
+fn spares_wait_for_the_survivors_after_a_failure() {
+    let (mut job, t0) = job(1, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    join(&mut job, "c", at(t0, 10));
+    assert_eq!(job.state(), "running", "a spare does not disturb a running generation");
+    for t in (500..4000).step_by(500) {
+        commands(&mut job, &beat("a", &g[0], 1), at(t0, t));
+        join(&mut job, "c", at(t0, t));
+    }
+    job.tick(at(t0, TIMEOUT + 1));
+    assert_eq!(job.state(), "waiting", "the grace restarts when the rendezvous reopens");
+    commands(&mut job, &beat("a", &g[0], 1), at(t0, TIMEOUT + 100));
+    let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 200)));
+    let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 200)));
+    assert_eq!((a.rank, c.rank, a.generation), (0, 1, 2));
+}
+
+#[test]
+fn stale_generations_and_ranks_outside_the_world() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let stale = Heartbeat { generation: 7, ..beat("a", &g[0], 1) };
+    assert_eq!(commands(&mut job, &stale, t0), vec![Command::Rejoin]);
+    let wrong_worker = beat("z", &g[1], 1);
+    assert_eq!(commands(&mut job, &wrong_worker, t0), vec![Command::Rejoin]);
+    let outside = Heartbeat { rank: 2, ..beat("a", &g[0], 1) };
+    assert!(matches!(job.heartbeat(&outside, t0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(0, 0, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(2, 0, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(1, 2, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_checkpoint(3, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.nccl_id(5), Err(JobError::InvalidArgument(_))));
+}
+
+#[test]
+fn control_commands_are_delivered_once() {
+    let (mut job, t0) = job(2, 2);
+    assert!(matches!(job.checkpoint(), Err(JobError::FailedPrecondition(_))), "no generation yet");
+    let g = form(&mut job, &["a", "b"], t0);
+    assert_eq!(job.pause(), Ok("paused"));
+    assert_eq!(job.pause(), Ok("paused"));
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 1), t0), vec![Command::Pause]);
+    assert!(commands(&mut job, &beat("a", &g[0], 1), t0).is_empty());
+    assert_eq!(job.resume(), Ok("running"));
+    assert_eq!(job.checkpoint(), Ok("running"));
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 1), t0), vec![Command::Resume, Command::Checkpoint]);
+    assert_eq!(
+        commands(&mut job, &beat("b", &g[1], 1), t0),
+        vec![Command::Pause, Command::Resume, Command::Checkpoint]
+    );
+    assert!(commands(&mut job, &beat("b", &g[1], 1), t0).is_empty());
+}
+
+#[test]
+fn a_pause_carries_over_to_the_next_generation() {
+    let (mut job, t0) = job(1, 1);
+    assert_eq!(job.pause(), Ok("waiting"));
+    let g = form(&mut job, &["a"], t0);
+    assert_eq!(job.state(), "paused");
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 0), t0), vec![Command::Pause]);
+}
+
+#[test]
+fn every_rank_done_finishes_the_job() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let done = |id: &str, a: &Assignment| Heartbeat { done: true, ..beat(id, a, 24) };
+    assert!(commands(&mut job, &done("a", &g[0]), t0).is_empty());
+    assert_eq!(job.state(), "running");
+    assert_eq!(commands(&mut job, &done("b", &g[1]), t0), vec![Command::Stop]);
+    assert_eq!(job.state(), "finished");
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 24), t0), vec![Command::Stop]);
+    assert!(matches!(job.join("c", "h", "cpu", "c:1", t0), Err(JobError::FailedPrecondition(_))));
+    assert!(matches!(job.pause(), Err(JobError::FailedPrecondition(_))));
+    assert!(!job.drained(), "workers still attached");
+    job.leave("a", 1, t0);
+    job.leave("b", 1, t0);
+    assert!(job.drained());
+}
+
+#[test]
+fn stop_asks_every_worker_and_finishes_once_they_left() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    assert_eq!(job.stop(), "stopping");
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 3), t0), vec![Command::Stop]);
+    assert!(matches!(job.join("c", "h", "cpu", "c:1", t0), Err(JobError::FailedPrecondition(_))));
+    job.leave("a", 1, t0);
+    assert_eq!(job.state(), "stopping");
+    // b never says goodbye: the heartbeat timeout counts it out, without a new generation.
+    job.tick(at(t0, TIMEOUT + 1));
+    assert_eq!(job.state(), "finished");
+    assert!(job.drained());
+    assert_eq!(job.status(t0).restarts, 0);
+
+    let (mut idle, _) = self::job(1, 1);
+    assert_eq!(idle.stop(), "finished");
+    assert!(idle.drained());
+}
+
+#[test]
+fn a_committed_checkpoint_is_the_next_resume_point() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    assert_eq!(job.report_checkpoint(1, 1, 30, "run/checkpoints/step-30", t0), Ok(false), "only rank 0 commits");
+    assert!(job.checkpoints().is_empty());
+    assert_eq!(job.report_checkpoint(1, 0, 30, "run/checkpoints/step-30", at(t0, 2500)), Ok(true));
+    assert_eq!(job.report_checkpoint(1, 0, 30, "run/checkpoints/step-30", at(t0, 2600)), Ok(true));
+    let c = &job.checkpoints()[0];
+    assert_eq!(job.checkpoints().len(), 1, "a retried report is one checkpoint");
+    // 100 samples, world 2, batch 4: 12 steps per epoch.
+    assert_eq!((c.step, c.epoch, c.step_in_epoch), (30, 2, 6));
+    assert_eq!(c.committed_at, job.clock.1 + 2);
+    assert_eq!(job.status(t0).last_checkpoint, "run/checkpoints/step-30");
+    commands(&mut job, &Heartbeat { fatal_error: "boom".into(), ..beat("a", &g[0], 31) }, t0);
+    let g2 = form(&mut job, &["a", "b"], t0);
+    let want = ResumePoint { step: 30, epoch: 2, step_in_epoch: 6, checkpoint: "run/checkpoints/step-30".into() };
+    assert_eq!(g2[0].resume, want);
+    assert_eq!(g2[1].resume, want);
+}
+
+#[test]
+fn the_state_survives_a_restart_of_the_coordinator() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    job.report_checkpoint(1, 0, 12, "ck/step-12", t0).unwrap();
+    job.pause().unwrap();
+    let before = job.revision();
+    let text = job.to_json();
+    let mut restored = Job::from_json(config(2, 2), vec![60, 40], &text, t0).unwrap();
+    assert!(before > 0);
+    assert_eq!(restored.checkpoints(), job.checkpoints());
+    assert_eq!(restored.state(), "waiting");
+    assert_eq!(restored.status(t0).generation, 1);
+    // The workers of the old generation are told to rejoin, and keep their ranks.
+    assert_eq!(commands(&mut restored, &beat("a", &g[0], 13), t0), vec![Command::Rejoin]);
+    let g2 = form(&mut restored, &["b", "a"], t0);
+    assert_eq!((g2[0].generation, g2[0].rank, g2[1].rank), (2, 1, 0));
+    assert_eq!(g2[0].resume.checkpoint, "ck/step-12");
+    assert_eq!(restored.state(), "paused");
+    assert_eq!(restored.to_json().replace("\"generation\": 2", "\"generation\": 1"), text);
+
+    restored.stop();
+    let finished = Job::from_json(config(2, 2), vec![60, 40], &restored.to_json(), t0).unwrap();
+    assert_eq!(finished.state(), "finished");
+    assert!(finished.drained());
+    assert!(Job::from_json(config(2, 2), vec![1], "{\"version\": 9}", t0).is_err());
+}
+
+#[test]
+fn leases_are_the_plan_and_cover_the_epoch_once() {
+    let (mut job, t0) = job(3, 3);
+    form(&mut job, &["a", "b", "c"], t0);
+    let mut seen = BTreeSet::new();
+    for rank in 0..3u32 {
+        let plan = job.leases(1, rank, 5).unwrap();
+        let spec = PlanSpec { seed: 42, epoch: 5, world_size: 3, batch_size: 4, window: 8 };
+        assert_eq!(plan, plan_rank(&[60, 40], &spec, rank as u64).unwrap());
+        assert_eq!(plan.steps, 100 / 12);
+        for l in &plan.leases {
+            for s in l.start..l.end {
+                assert!(seen.insert((l.source, s)), "sample ({}, {s}) leased twice", l.source);
+            }
+        }
+    }
+    assert_eq!(seen.len(), 8 * 12);
+}
+
+#[test]
+fn nccl_generations_relay_rank_0s_id() {
+    let (mut job, t0) = job(2, 2);
+    join_kind(&mut job, "a", "cuda", t0);
+    let b = assigned(join_kind(&mut job, "b", "cuda", t0));
+    assert_eq!(b.backend, "nccl");
+    assert_eq!(job.nccl_id(1), Ok(None));
+    job.publish_nccl_id(1, &[7; 128]).unwrap();
+    job.publish_nccl_id(1, &[7; 128]).unwrap();
+    assert!(matches!(job.publish_nccl_id(1, &[8; 128]), Err(JobError::FailedPrecondition(_))));
+    assert_eq!(job.nccl_id(1), Ok(Some(vec![7; 128])));
+
+    let (mut mixed, t0) = self::job(2, 2);
+    join_kind(&mut mixed, "a", "cuda", t0);
+    let b = assigned(join_kind(&mut mixed, "b", "cpu", t0));
+    assert_eq!(b.backend, "tcp");
+    assert!(matches!(mixed.publish_nccl_id(1, &[7; 128]), Err(JobError::FailedPrecondition(_))));
+    assert!(matches!(mixed.nccl_id(1), Err(JobError::FailedPrecondition(_))));
+}
+
+#[test]
+fn generation_tokens_differ() {
+    let (mut job, t0) = job(1, 1);
+    let g1 = form(&mut job, &["a"], t0);
+    job.leave("a", 1, t0);
+    let g2 = form(&mut job, &["a"], t0);
+    assert_eq!(g1[0].token.len(), 32);
+    assert_ne!(g1[0].token, g2[0].token);
+}
+
+#[test]
+fn diverging_parameter_hashes_are_counted_once_per_step() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    commands(&mut job, &beat("a", &g[0], 5), t0);
+    commands(&mut job, &beat("b", &g[1], 5), t0);
+    assert_eq!(job.hash_mismatches, 0);
+    let odd = Heartbeat { params_hash: "other".into(), ..beat("b", &g[1], 6) };
+    commands(&mut job, &beat("a", &g[0], 6), t0);
+    commands(&mut job, &odd, t0);
+    commands(&mut job, &odd, t0);
+    assert_eq!(job.hash_mismatches, 1);
+}
+
+#[test]
+fn status_summarises_the_ranks() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let losses = Losses { ita: 1.0, itm: 0.5, mlm: 2.0, total: 3.5 };
+    let hb_a = Heartbeat { losses, images_per_second: 10.0, lr: 1e-4, temp: 0.07, ..beat("a", &g[0], 7) };
+    let hb_b = Heartbeat { images_per_second: 12.0, ..beat("b", &g[1], 6) };
+    commands(&mut job, &hb_a, t0);
+    commands(&mut job, &hb_b, at(t0, 300));
+    let s = job.status(at(t0, 1000));
+    assert_eq!((s.state, s.generation, s.world_size, s.step), ("running", 1, 2, 6));
+    assert_eq!((s.losses, s.images_per_second, s.lr, s.temp), (losses, 22.0, 1e-4, 0.07));
+    // max_steps is 0: epochs x steps per epoch.
+    assert_eq!(s.total_steps, 12 * job.cfg.schedular.epochs);
+    assert_eq!(s.workers.iter().map(|w| (w.rank, w.last_seen_ms)).collect::<Vec<_>>(), vec![(0, 1000), (1, 700)]);
+    assert_eq!(s.workers[1].params_hash, "h6");
+}
+
+#[test]
+fn every_silent_worker_loses_its_rank() {
+    let (mut job, t0) = job(1, 3);
+    let g = form(&mut job, &["a", "b", "c"], t0);
+    commands(&mut job, &beat("c", &g[2], 1), at(t0, 1000));
+    job.tick(at(t0, TIMEOUT + 1));
+    assert_eq!(job.state(), "waiting");
+    // a and b were lost: back, they are newcomers that fill the gaps in join order; c keeps 2.
+    let t = at(t0, TIMEOUT + 10);
+    let ranks: Vec<u32> = form(&mut job, &["c", "b", "a"], t).iter().map(|x| x.rank).collect();
+    assert_eq!(ranks, vec![2, 0, 1]);
+}

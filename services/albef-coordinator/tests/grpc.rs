@@ -1,0 +1,635 @@
+//! The coordinator binary on 127.0.0.1, driven by fake workers (plain tonic clients), by
+//! albefctl, and by a gRPC client that is not ours (Python grpcio).
+
+use albef_proto::v1::control_client::ControlClient;
+use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::{
+    Command as Cmd, ControlRequest, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest,
+    JoinRequest, JoinResponse, LeaveRequest, ListCheckpointsRequest, PublishNcclIdRequest, ReportCheckpointRequest,
+    WatchStatusRequest,
+};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+const WORKER_TOKEN: &str = "worker-secret";
+const ADMIN_TOKEN: &str = "admin-secret";
+/// Samples in the test dataset: 25 steps per epoch for one worker of batch 4.
+const SAMPLES: u64 = 100;
+
+/// A job's files: token files, a dataset index written by hand, the run directory.
+struct JobDir {
+    dir: tempfile::TempDir,
+}
+
+impl JobDir {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("worker.token"), format!("{WORKER_TOKEN}\n")).unwrap();
+        std::fs::write(dir.path().join("admin.token"), format!("  {ADMIN_TOKEN}\n")).unwrap();
+        std::fs::write(dir.path().join("wrong.token"), "not-the-token").unwrap();
+        let index = format!(r#"{{"version":1,"sources":[{{"url":"x.tar","kind":"webdataset","samples":{SAMPLES}}}]}}"#);
+        std::fs::write(dir.path().join("albef-index.json"), index).unwrap();
+        JobDir { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.path("run/coordinator/state.json")
+    }
+
+    /// Starts a coordinator of `workers` (min = max), with tokens, and `extra` settings.
+    fn start(&self, workers: u32, extra: &[String]) -> Coordinator {
+        let p = |name: &str| self.path(name).display().to_string();
+        let mut settings = vec![
+            "coordinator.listen=127.0.0.1:0".to_string(),
+            format!("data.index={}", p("albef-index.json")),
+            format!("job.run_dir={}", p("run")),
+            format!("job.min_workers={workers}"),
+            format!("job.max_workers={workers}"),
+            "job.rendezvous_grace_ms=300".into(),
+            "job.heartbeat_interval_ms=200".into(),
+            "job.heartbeat_timeout_ms=1500".into(),
+            "train.batch_size_train=4".into(),
+            format!("coordinator.worker_token_file={}", p("worker.token")),
+            format!("coordinator.admin_token_file={}", p("admin.token")),
+        ];
+        settings.extend_from_slice(extra);
+        Coordinator::start(&settings, &self.path(&format!("coordinator-{}.log", unique())))
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+struct Coordinator {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Coordinator {
+    fn start(settings: &[String], log: &Path) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_albef-coordinator"));
+        for s in settings {
+            cmd.args(["--set", s]);
+        }
+        // Only the settings above: no ALBEF__* from the environment of whoever runs the tests.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("ALBEF__")) {
+            cmd.env_remove(key);
+        }
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting albef-coordinator");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut coordinator = Coordinator { child, addr: String::new(), log: log.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while coordinator.addr.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        coordinator.addr = addr.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("the coordinator did not start:\n{}", coordinator.log()),
+            }
+        }
+        coordinator
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits without blocking the runtime, so that the test's clients answer the server's
+    /// shutdown (GOAWAY) as live clients would.
+    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the coordinator did not exit within {within:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- coordinator log ---\n{}", self.log());
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Token(Option<&'static str>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = self.0 {
+            request.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(request)
+    }
+}
+
+type Worker = CoordinatorClient<InterceptedService<Channel, Token>>;
+type Admin = ControlClient<InterceptedService<Channel, Token>>;
+
+async fn channel(c: &Coordinator) -> Channel {
+    Endpoint::from_shared(c.endpoint()).unwrap().connect().await.unwrap()
+}
+
+async fn worker_client(c: &Coordinator, token: Option<&'static str>) -> Worker {
+    CoordinatorClient::with_interceptor(channel(c).await, Token(token))
+}
+
+async fn admin_client(c: &Coordinator, token: Option<&'static str>) -> Admin {
+    ControlClient::with_interceptor(channel(c).await, Token(token))
+}
+
+fn join_request(id: &str, port: u16) -> JoinRequest {
+    JoinRequest {
+        worker_id: id.into(),
+        host: "127.0.0.1".into(),
+        device_kind: "cpu".into(),
+        device_count: 1,
+        collective_address: format!("127.0.0.1:{port}"),
+    }
+}
+
+fn beat(id: &str, a: &JoinResponse, step: u64) -> HeartbeatRequest {
+    HeartbeatRequest {
+        worker_id: id.into(),
+        generation: a.generation,
+        rank: a.rank,
+        step,
+        images_per_second: 10.0,
+        params_hash: format!("hash-{step}"),
+        ..Default::default()
+    }
+}
+
+async fn join(w: &mut Worker, id: &str, port: u16) -> JoinResponse {
+    w.join(join_request(id, port)).await.unwrap().into_inner()
+}
+
+fn commands(r: &albef_proto::v1::HeartbeatResponse) -> Vec<Cmd> {
+    r.commands.iter().map(|&c| Cmd::try_from(c).unwrap()).collect()
+}
+
+async fn forms_a_world_of_two(c: &Coordinator) -> (Worker, JoinResponse, Worker, JoinResponse) {
+    let (mut a, mut b) = (worker_client(c, Some(WORKER_TOKEN)).await, worker_client(c, Some(WORKER_TOKEN)).await);
+    let (ja, jb) = tokio::join!(join(&mut a, "worker-a", 7001), join(&mut b, "worker-b", 7002));
+    (a, ja, b, jb)
+}
+
+#[tokio::test]
+async fn two_workers_join_heartbeat_and_get_their_leases() {
+    let dir = JobDir::new();
+    let c = dir.start(2, &[]);
+    let (mut a, ja, mut b, jb) = forms_a_world_of_two(&c).await;
+    assert_eq!((ja.generation, jb.generation), (1, 1));
+    assert_eq!(BTreeSet::from([ja.rank, jb.rank]), BTreeSet::from([0, 1]));
+    assert_eq!((ja.world_size, jb.world_size), (2, 2));
+    let (ca, cb) = (ja.collective.clone().unwrap(), jb.collective.clone().unwrap());
+    assert_eq!(ca, cb, "one peer list, backend and token for the whole world");
+    assert_eq!(ca.backend, "tcp");
+    assert_eq!(ca.peer_addresses.len(), 2);
+    assert_eq!(ca.peer_addresses[ja.rank as usize], "127.0.0.1:7001");
+    assert_eq!(ca.token.len(), 32);
+    assert_eq!(ja.resume.clone().unwrap().checkpoint, "");
+    let config: serde_json::Value = serde_json::from_str(&ja.config_json).unwrap();
+    assert_eq!(config["job"]["min_workers"], 2);
+
+    for step in 1..3 {
+        let ra = a.heartbeat(beat("worker-a", &ja, step)).await.unwrap().into_inner();
+        let rb = b.heartbeat(beat("worker-b", &jb, step)).await.unwrap().into_inner();
+        assert!(ra.commands.is_empty() && rb.commands.is_empty());
+        assert_eq!((ra.generation, rb.generation), (1, 1));
+    }
+    let mut leased = 0;
+    for (w, j) in [(&mut a, &ja), (&mut b, &jb)] {
+        let l = w.get_leases(GetLeasesRequest { generation: 1, rank: j.rank, epoch: 0 }).await.unwrap().into_inner();
+        assert_eq!((l.world_size, l.batch_size, l.steps, l.seed), (2, 4, SAMPLES / 8, 42));
+        leased += l.leases.iter().map(|x| x.end - x.start).sum::<u64>();
+    }
+    assert_eq!(leased, SAMPLES / 8 * 8, "the ranks' leases cover the epoch's samples once");
+
+    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.state.as_str(), status.generation, status.world_size, status.step), ("running", 1, 2, 2));
+    assert_eq!(status.workers.len(), 2);
+    assert_eq!(status.images_per_second, 20.0);
+}
+
+#[tokio::test]
+async fn a_silent_worker_ends_the_generation_and_the_other_gets_rejoin() {
+    let dir = JobDir::new();
+    let c = dir.start(2, &[]);
+    let (mut a, ja, mut b, jb) = forms_a_world_of_two(&c).await;
+    b.heartbeat(beat("worker-b", &jb, 1)).await.unwrap();
+    // Only a keeps reporting; b's silence passes the 1.5 s timeout.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut step = 1;
+    loop {
+        let r = a.heartbeat(beat("worker-a", &ja, step)).await.unwrap().into_inner();
+        if commands(&r) == vec![Cmd::Rejoin] {
+            break;
+        }
+        assert!(r.commands.is_empty(), "{r:?}");
+        assert!(Instant::now() < deadline, "no REJOIN after b went silent");
+        step += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let late = b.heartbeat(beat("worker-b", &jb, 2)).await.unwrap().into_inner();
+    assert_eq!(commands(&late), vec![Cmd::Rejoin]);
+    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.state.as_str(), status.restarts), ("waiting", 1));
+    assert!(c.log().contains("generation ended"), "the end is logged");
+
+    // Both rejoin: generation 2, same ranks.
+    let (_, ja2, _, jb2) = forms_a_world_of_two(&c).await;
+    assert_eq!((ja2.generation, ja2.rank, jb2.rank), (2, ja.rank, jb.rank));
+}
+
+#[tokio::test]
+async fn tokens_guard_their_services_and_probes_stay_open() {
+    let dir = JobDir::new();
+    let c = dir.start(1, &[]);
+    let hb = HeartbeatRequest { worker_id: "w".into(), ..Default::default() };
+    for (token, want) in [
+        (None, Some(Code::Unauthenticated)),
+        (Some("wrong"), Some(Code::Unauthenticated)),
+        (Some(WORKER_TOKEN), None),
+        (Some(ADMIN_TOKEN), None),
+    ] {
+        let r = worker_client(&c, token).await.heartbeat(hb.clone()).await;
+        assert_eq!(r.as_ref().err().map(Status::code), want, "Coordinator with {token:?}: {r:?}");
+    }
+    for (token, want) in [
+        (None, Some(Code::Unauthenticated)),
+        (Some("wrong"), Some(Code::Unauthenticated)),
+        (Some(WORKER_TOKEN), Some(Code::PermissionDenied)),
+        (Some(ADMIN_TOKEN), None),
+    ] {
+        let r = admin_client(&c, token).await.get_status(GetStatusRequest {}).await;
+        assert_eq!(r.as_ref().err().map(Status::code), want, "Control with {token:?}: {r:?}");
+        let r = admin_client(&c, token).await.pause(ControlRequest {}).await;
+        assert_eq!(r.as_ref().err().map(Status::code), want, "Control.Pause with {token:?}: {r:?}");
+    }
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut health = HealthClient::new(channel(&c).await);
+    for service in ["", "albef.v1.Coordinator", "albef.v1.Control"] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "health of {service:?}");
+    }
+
+    // Without token files, authentication is off (and says so).
+    let open = dir.start(1, &["coordinator.worker_token_file=".into(), "coordinator.admin_token_file=".into()]);
+    admin_client(&open, None).await.get_status(GetStatusRequest {}).await.unwrap();
+    assert!(open.log().contains("authentication is OFF"));
+}
+
+/// The call was refused as INVALID_ARGUMENT, with a reason.
+#[track_caller]
+fn invalid<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: accepted: {v:?}"),
+        Err(e) => {
+            assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+            assert!(!e.message().is_empty(), "{what}: no reason given");
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_arguments() {
+    let dir = JobDir::new();
+    let c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let base = join_request("w", 7000);
+    invalid(w.join(JoinRequest { worker_id: String::new(), ..base.clone() }).await, "empty worker_id");
+    invalid(w.join(JoinRequest { worker_id: "x".repeat(10_000), ..base.clone() }).await, "long worker_id");
+    invalid(w.join(JoinRequest { device_kind: "tpu".into(), ..base.clone() }).await, "device_kind");
+    invalid(w.join(JoinRequest { collective_address: "nohost".into(), ..base.clone() }).await, "address");
+    invalid(w.get_leases(GetLeasesRequest { generation: 0, rank: 0, epoch: 0 }).await, "no generation");
+
+    let j = join(&mut w, "w", 7000).await;
+    assert_eq!((j.generation, j.rank, j.world_size), (1, 0, 1));
+    let leases = w.get_leases(GetLeasesRequest { generation: 1, rank: 0, epoch: 3 }).await.unwrap().into_inner();
+    assert_eq!((leases.steps, leases.epoch), (SAMPLES / 4, 3));
+    for (req, what) in [
+        (GetLeasesRequest { generation: 1, rank: 3, epoch: 0 }, "rank outside the world"),
+        (GetLeasesRequest { generation: 9, rank: 0, epoch: 0 }, "unknown generation"),
+    ] {
+        invalid(w.get_leases(req).await, what);
+    }
+    let hb = beat("w", &j, 1);
+    invalid(w.heartbeat(HeartbeatRequest { worker_id: String::new(), ..hb.clone() }).await, "heartbeat without id");
+    invalid(w.heartbeat(HeartbeatRequest { images_per_second: f64::NAN, ..hb.clone() }).await, "NaN rate");
+    invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
+    invalid(w.publish_nccl_id(PublishNcclIdRequest { generation: 1, nccl_id: vec![1, 2, 3] }).await, "short NCCL id");
+    invalid(w.get_nccl_id(GetNcclIdRequest { generation: 9 }).await, "NCCL id of an unknown generation");
+    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 1, location: String::new() };
+    invalid(w.report_checkpoint(ck).await, "empty location");
+    invalid(w.leave(LeaveRequest { worker_id: String::new(), generation: 1 }).await, "leave without id");
+
+    let mut admin = admin_client(&c, Some(ADMIN_TOKEN)).await;
+    invalid(admin.watch_status(WatchStatusRequest { interval_ms: 1 }).await, "1 ms interval");
+    // 0 means the default interval: a stream of statuses.
+    let mut stream = admin.watch_status(WatchStatusRequest { interval_ms: 0 }).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().state, "running");
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_keeps_the_generation_and_checkpoints() {
+    let dir = JobDir::new();
+    let mut c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let j = join(&mut w, "w", 7000).await;
+    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 7, location: "ck/step-7".into() };
+    w.report_checkpoint(ck).await.unwrap();
+    c.child.kill().unwrap();
+    c.wait_exit(Duration::from_secs(5)).await;
+    assert!(dir.state_file().exists());
+
+    let c2 = dir.start(1, &[]);
+    let status = admin_client(&c2, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.generation, status.state.as_str(), status.step), (1, "waiting", 7));
+    assert_eq!(status.last_checkpoint, "ck/step-7");
+    let mut w = worker_client(&c2, Some(WORKER_TOKEN)).await;
+    let r = w.heartbeat(beat("w", &j, 8)).await.unwrap().into_inner();
+    assert_eq!(commands(&r), vec![Cmd::Rejoin]);
+    let j2 = join(&mut w, "w", 7000).await;
+    let resume = j2.resume.unwrap();
+    assert_eq!((j2.generation, resume.step, resume.epoch, resume.step_in_epoch), (2, 7, 0, 7));
+    assert_eq!(resume.checkpoint, "ck/step-7");
+    let list = admin_client(&c2, Some(ADMIN_TOKEN)).await.list_checkpoints(ListCheckpointsRequest {}).await.unwrap();
+    assert_eq!(list.into_inner().checkpoints.len(), 1);
+}
+
+#[tokio::test]
+async fn the_coordinator_exits_after_stop_once_the_workers_left() {
+    let dir = JobDir::new();
+    let mut c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let j = join(&mut w, "w", 7000).await;
+    let state = admin_client(&c, Some(ADMIN_TOKEN)).await.stop(ControlRequest {}).await.unwrap().into_inner().state;
+    assert_eq!(state, "stopping");
+    let r = w.heartbeat(beat("w", &j, 3)).await.unwrap().into_inner();
+    assert_eq!(commands(&r), vec![Cmd::Stop]);
+    w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
+    assert!(c.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn the_coordinator_exits_once_the_job_is_finished() {
+    let dir = JobDir::new();
+    let mut c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let j = join(&mut w, "w", 7000).await;
+    let r = w.heartbeat(HeartbeatRequest { done: true, ..beat("w", &j, 25) }).await.unwrap().into_inner();
+    assert_eq!(commands(&r), vec![Cmd::Stop]);
+    w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
+    // This runtime now stays blocked, so the client never answers the server's GOAWAY: the
+    // coordinator must still exit, after its shutdown grace.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = c.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not exit:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(c.log().contains("exiting anyway"), "{}", c.log());
+}
+
+#[tokio::test]
+async fn sigterm_ends_long_polls_and_exits_cleanly() {
+    let dir = JobDir::new();
+    let mut c = dir.start(2, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    // Alone in a world of two: the Join long-polls until the signal.
+    let pending = tokio::spawn(async move { w.join(join_request("w", 7000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = Command::new("kill").args(["-TERM", &c.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let err = pending.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(c.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+fn albefctl() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_albef-coordinator")).with_file_name("albefctl");
+    assert!(
+        path.exists(),
+        "{} is not built: build it with the coordinator (`cargo test -p albef-coordinator -p albefctl`, or \
+         `make build`)",
+        path.display()
+    );
+    path
+}
+
+fn ctl(args: &[&str]) -> Output {
+    Command::new(albefctl())
+        .args(args)
+        .env_remove("ALBEF_ENDPOINT")
+        .env_remove("ALBEF_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn albefctl_reports_and_controls_with_exit_codes() {
+    let dir = JobDir::new();
+    let c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let j = join(&mut w, "worker-a", 7000).await;
+    w.heartbeat(beat("worker-a", &j, 5)).await.unwrap();
+    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 5, location: "ck/step-5".into() };
+    w.report_checkpoint(ck).await.unwrap();
+
+    let endpoint = c.endpoint();
+    let admin = dir.path("admin.token").display().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoint", &endpoint, "--token-file", &admin];
+        all.extend_from_slice(args);
+        ctl(&all)
+    };
+    let out = run(&["status"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for want in ["state       running", "step        5 / ", "checkpoint  ck/step-5", "worker-a", "hash-5"] {
+        assert!(stdout.contains(want), "status lacks {want:?}:\n{stdout}");
+    }
+    let out = run(&["pause"]);
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "state: paused\n".to_string()));
+    let out = run(&["checkpoints"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("ck/step-5"), "{}", text(&out.stdout));
+    // The endpoint and token also come from the environment.
+    let out = Command::new(albefctl())
+        .args(["resume"])
+        .env("ALBEF_ENDPOINT", &endpoint)
+        .env("ALBEF_ADMIN_TOKEN_FILE", &admin)
+        .output()
+        .unwrap();
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "state: running\n".to_string()));
+
+    // watch redraws at every update until stopped.
+    let mut watch = Command::new(albefctl())
+        .args(["--endpoint", &endpoint, "--token-file", &admin, "watch", "--interval-ms", "100"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap()).lines().map_while(Result::ok);
+    let updates = lines.filter(|l| l.starts_with("state ")).take(2).count();
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert_eq!(updates, 2);
+
+    for token in ["worker.token", "wrong.token"] {
+        let out = ctl(&["--endpoint", &endpoint, "--token-file", &dir.path(token).display().to_string(), "status"]);
+        assert_eq!(out.status.code(), Some(4), "{token}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("the coordinator refused the token"), "{}", text(&out.stderr));
+    }
+    let out = ctl(&["--endpoint", &endpoint, "status"]);
+    assert_eq!(out.status.code(), Some(4), "no token: {}", text(&out.stderr));
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let nowhere = format!("http://127.0.0.1:{closed}");
+    let out = ctl(&["--endpoint", &nowhere, "--token-file", &admin, "status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("cannot reach the coordinator at {nowhere}")), "{}", text(&out.stderr));
+
+    assert_eq!(ctl(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(ctl(&["--endpoint", "not a url", "status"]).status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_ca() {
+    let dir = JobDir::new();
+    let p = |name: &str| dir.path(name).display().to_string();
+    std::fs::write(dir.path("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let steps: Vec<Vec<String>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "2", "-subj", "/CN=albef test CA"],
+        ]
+        .concat(),
+        [&["req"][..], &ec, &["-keyout", &p("server.key"), "-out", &p("server.csr"), "-subj", "/CN=127.0.0.1"]]
+            .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("server.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &p("ext.cnf"),
+        ],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl makes the test certificates (apt-get install openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out.stderr));
+    }
+    let c = dir.start(
+        1,
+        &[format!("coordinator.tls_cert={}", p("server.pem")), format!("coordinator.tls_key={}", p("server.key"))],
+    );
+    let endpoint = format!("https://{}", c.addr);
+
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(p("ca.pem")).unwrap()));
+    let channel = Endpoint::from_shared(endpoint.clone()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let status =
+        ControlClient::with_interceptor(channel, Token(Some(ADMIN_TOKEN))).get_status(GetStatusRequest {}).await;
+    assert_eq!(status.unwrap().into_inner().state, "waiting");
+
+    let out = ctl(&["--endpoint", &endpoint, "--ca", &p("ca.pem"), "--token-file", &p("admin.token"), "status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = ctl(&["--endpoint", &endpoint, "--token-file", &p("admin.token"), "status"]);
+    assert_eq!(out.status.code(), Some(3), "a server nobody vouched for: {}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_grpc_client_that_is_not_ours_sees_health_and_reflection() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    let probe = Command::new(&python)
+        .args(["-c", "import grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2"])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        panic!(
+            "{} lacks grpcio, grpcio-health-checking or grpcio-reflection: run `make setup` ({:?})",
+            python.display(),
+            probe.map(|o| text(&o.stderr))
+        );
+    }
+    let dir = JobDir::new();
+    let c = dir.start(1, &[]);
+    let out = Command::new(&python).arg(root.join("tests/python/grpc_check.py")).arg(&c.addr).output().unwrap();
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "grpc_check.py failed:\n{report}\n{}", text(&out.stderr));
+    let found: serde_json::Value = serde_json::from_str(&report).unwrap();
+    for version in ["v1", "v1alpha"] {
+        let listed = found["reflection"][version].as_array().unwrap();
+        for service in ["albef.v1.Coordinator", "albef.v1.Control", "grpc.health.v1.Health"] {
+            assert!(listed.iter().any(|s| s == service), "reflection {version} lacks {service}: {listed:?}");
+        }
+    }
+    assert!(found["methods"]["albef.v1.Coordinator"].as_array().unwrap().iter().any(|m| m == "Join"));
+    assert_eq!(found["health"][""], "SERVING");
+}

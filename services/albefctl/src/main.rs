@@ -1,0 +1,320 @@
+//! albefctl: status and control of an ALBEF job through its coordinator's Control service.
+//!
+//! Exit codes: 0 ok, 1 other errors, 2 usage, 3 coordinator unreachable, 4 token refused.
+
+use albef_proto::v1::control_client::ControlClient;
+use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus, ListCheckpointsRequest, WatchStatusRequest};
+use clap::{Parser, Subcommand};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+#[derive(Parser)]
+#[command(name = "albefctl", version, about = "Status and control of an ALBEF job")]
+struct Cli {
+    /// The coordinator (https:// for TLS).
+    #[arg(long, env = "ALBEF_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// File holding the admin token.
+    #[arg(long, env = "ALBEF_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificate of the CA that signed the coordinator's (TLS).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the job's status.
+    Status,
+    /// Print the status again at every update.
+    Watch {
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u32,
+    },
+    /// Pause training (at the next step).
+    Pause,
+    /// Resume a paused job.
+    Resume,
+    /// Stop the job: the workers leave and the coordinator exits.
+    Stop,
+    /// Ask for a checkpoint at the next step.
+    Checkpoint,
+    /// List the committed checkpoints.
+    Checkpoints,
+}
+
+enum Failure {
+    Usage(String),
+    Unreachable(String),
+    Refused(String),
+    Other(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Other(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unreachable(_) => 3,
+            Failure::Refused(_) => 4,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::Usage(m) | Failure::Unreachable(m) | Failure::Refused(m) | Failure::Other(m) => m,
+        }
+    }
+
+    fn from_status(s: &Status, endpoint: &str) -> Self {
+        let detail = if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
+        match s.code() {
+            Code::Unauthenticated | Code::PermissionDenied => {
+                Failure::Refused(format!("the coordinator refused the token: {detail}"))
+            }
+            Code::Unavailable => Failure::Unreachable(format!("cannot reach the coordinator at {endpoint}: {detail}")),
+            code => Failure::Other(format!("{code:?}: {detail}")),
+        }
+    }
+}
+
+/// An error and its causes on one line (transport errors keep the useful part in the sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("albefctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("albefctl: {}", f.message());
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+/// Adds the admin token to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let url = &cli.endpoint;
+    let token = match &cli.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Other(format!("reading the token file {}: {e}", path.display())))?;
+            let header = MetadataValue::try_from(format!("Bearer {}", text.trim()))
+                .map_err(|_| Failure::Usage(format!("the token in {} is not printable ASCII", path.display())))?;
+            Some(header)
+        }
+        None => None,
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| Failure::Usage(format!("invalid endpoint {url:?}: {}", chain(&e))))?
+        .connect_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") || cli.ca.is_some() {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca {
+            let pem = std::fs::read(ca).map_err(|e| Failure::Other(format!("reading {}: {e}", ca.display())))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| Failure::Usage(format!("TLS for {url}: {}", chain(&e))))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("cannot reach the coordinator at {url}: {}", chain(&e))))?;
+    Ok(ControlClient::with_interceptor(channel, Bearer(token)))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut client = connect(&cli).await?;
+    let url = cli.endpoint.as_str();
+    let fail = |s: Status| Failure::from_status(&s, url);
+    match cli.command {
+        Cmd::Status => {
+            let status = client.get_status(GetStatusRequest {}).await.map_err(fail)?.into_inner();
+            print!("{}", render_status(&status));
+        }
+        Cmd::Watch { interval_ms } => {
+            let mut stream = client.watch_status(WatchStatusRequest { interval_ms }).await.map_err(fail)?.into_inner();
+            let redraw = std::io::stdout().is_terminal();
+            while let Some(status) = stream.message().await.map_err(fail)? {
+                let mut out = std::io::stdout().lock();
+                let clear = if redraw { "\x1b[2J\x1b[H" } else { "" };
+                let _ = writeln!(out, "{clear}{}", render_status(&status));
+                let _ = out.flush();
+            }
+        }
+        Cmd::Pause => println!("state: {}", client.pause(ControlRequest {}).await.map_err(fail)?.into_inner().state),
+        Cmd::Resume => println!("state: {}", client.resume(ControlRequest {}).await.map_err(fail)?.into_inner().state),
+        Cmd::Stop => println!("state: {}", client.stop(ControlRequest {}).await.map_err(fail)?.into_inner().state),
+        Cmd::Checkpoint => {
+            println!("state: {}", client.checkpoint(ControlRequest {}).await.map_err(fail)?.into_inner().state)
+        }
+        Cmd::Checkpoints => {
+            let list = client.list_checkpoints(ListCheckpointsRequest {}).await.map_err(fail)?.into_inner();
+            if list.checkpoints.is_empty() {
+                println!("no checkpoint committed yet");
+            }
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let rows: Vec<Vec<String>> = list
+                .checkpoints
+                .iter()
+                .map(|c| vec![c.step.to_string(), c.location.clone(), age(now.saturating_sub(c.committed_at))])
+                .collect();
+            if !rows.is_empty() {
+                print!("{}", table(&["STEP", "LOCATION", "AGE"], &rows));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render_status(s: &JobStatus) -> String {
+    let mut out = String::new();
+    let total = if s.total_steps > 0 { format!(" / {}", s.total_steps) } else { String::new() };
+    let l = s.losses.unwrap_or_default();
+    let fields = [
+        ("state", s.state.clone()),
+        ("generation", s.generation.to_string()),
+        ("world size", s.world_size.to_string()),
+        ("step", format!("{}{total}", s.step)),
+        ("epoch", s.epoch.to_string()),
+        ("losses", format!("ita {:.4}  itm {:.4}  mlm {:.4}  total {:.4}", l.ita, l.itm, l.mlm, l.total)),
+        ("images/s", format!("{:.1}", s.images_per_second)),
+        ("lr", format!("{:.3e}", s.lr)),
+        ("temp", format!("{:.4}", s.temp)),
+        ("checkpoint", if s.last_checkpoint.is_empty() { "-".into() } else { s.last_checkpoint.clone() }),
+        ("restarts", s.restarts.to_string()),
+    ];
+    for (name, value) in fields {
+        let _ = writeln!(out, "{name:<11} {value}");
+    }
+    if !s.workers.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .workers
+            .iter()
+            .map(|w| {
+                vec![
+                    w.rank.to_string(),
+                    w.worker_id.clone(),
+                    w.host.clone(),
+                    w.step.to_string(),
+                    format!("{:.1}", w.images_per_second),
+                    format!("{:.1}s ago", w.last_seen_ms as f64 / 1000.0),
+                    w.params_hash.chars().take(12).collect(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["RANK", "WORKER", "HOST", "STEP", "IMG/S", "LAST SEEN", "PARAMS"], &rows));
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use albef_proto::v1::{Losses, WorkerStatus};
+
+    #[test]
+    fn status_renders_as_a_table() {
+        let s = JobStatus {
+            state: "running".into(),
+            generation: 3,
+            world_size: 2,
+            step: 120,
+            total_steps: 1000,
+            losses: Some(Losses { ita: 1.0, itm: 0.5, mlm: 2.0, total: 3.5 }),
+            images_per_second: 55.0,
+            lr: 1e-4,
+            workers: vec![WorkerStatus {
+                worker_id: "worker-0".into(),
+                host: "node-a".into(),
+                rank: 0,
+                step: 120,
+                images_per_second: 27.5,
+                last_seen_ms: 1500,
+                params_hash: "0123456789abcdef".into(),
+                params_hash_step: 10,
+            }],
+            ..Default::default()
+        };
+        let text = render_status(&s);
+        assert!(text.contains("step        120 / 1000"), "{text}");
+        assert!(text.contains("lr          1.000e-4"), "{text}");
+        assert!(text.contains("checkpoint  -"), "{text}");
+        assert!(text.contains("RANK  WORKER    HOST    STEP  IMG/S  LAST SEEN  PARAMS"), "{text}");
+        assert!(text.contains("0     worker-0  node-a  120   27.5   1.5s ago   0123456789ab\n"), "{text}");
+    }
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(age(5), "5s");
+        assert_eq!(age(125), "2m 5s");
+        assert_eq!(age(7322), "2h 2m");
+        assert_eq!(age(90_000), "1d 1h");
+    }
+}
