@@ -5,6 +5,7 @@
 //! Unknown keys are errors that name the key. This crate does not link libtorch, so the
 //! coordinator can read the same file.
 
+mod cli;
 mod model;
 mod train;
 
@@ -12,6 +13,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::{CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, ScheduleConfig, TrainConfig};
 

@@ -1,5 +1,7 @@
 //! Structure and loss tests of the ALBEF model on CPU.
 
+mod common;
+
 use albef_config::{ItcNegatives, ModelConfig};
 use albef_model::albef::{
     hard_negative_weights, itc_targets, mask_tokens, mlm_distill_loss, online_name_of, soft_cross_entropy,
@@ -8,6 +10,7 @@ use albef_model::bert::BertForMaskedLm;
 use albef_model::nn::Scope;
 use albef_model::vit::VisionTransformer;
 use albef_model::{Albef, Batch, LocalGather};
+use common::tiny;
 use tch::{Device, Kind, Tensor, nn};
 
 /// libtorch's generator is process-wide and tests run on parallel threads: tests that draw
@@ -24,20 +27,6 @@ fn numel(vs: &nn::VarStore) -> i64 {
 
 fn within(actual: i64, expected: f64, tolerance: f64) -> bool {
     ((actual as f64 - expected) / expected).abs() <= tolerance
-}
-
-fn tiny() -> ModelConfig {
-    let mut cfg = ModelConfig::albef_small();
-    cfg.image_res = 32;
-    cfg.queue_size = 6;
-    cfg.vision.vision_width = 32;
-    cfg.vision.mlp_dim = 64;
-    cfg.bert.hidden_size = 32;
-    cfg.bert.intermediate_size = 64;
-    cfg.bert.encoder_width = 32;
-    cfg.bert.vocab_size = 50;
-    cfg.embed_dim = 16;
-    cfg
 }
 
 fn inputs(cfg: &ModelConfig, b: i64) -> (Tensor, Tensor, Tensor) {

@@ -1,27 +1,15 @@
 //! Weights by name: full-state round trips and imports of pretrained encoders.
 
-use albef_config::ModelConfig;
+mod common;
+
 use albef_model::Albef;
 use albef_model::bert::BertForMaskedLm;
 use albef_model::nn::Scope;
 use albef_model::vit::VisionTransformer;
 use albef_model::weights::{self, read_safetensors, write_safetensors};
+use common::tiny;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor, nn};
-
-fn tiny() -> ModelConfig {
-    let mut cfg = ModelConfig::albef_small();
-    cfg.image_res = 32;
-    cfg.vision.vision_width = 32;
-    cfg.vision.mlp_dim = 64;
-    cfg.bert.hidden_size = 32;
-    cfg.bert.intermediate_size = 64;
-    cfg.bert.encoder_width = 32;
-    cfg.bert.vocab_size = 50;
-    cfg.embed_dim = 16;
-    cfg.queue_size = 8;
-    cfg
-}
 
 fn variables(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().collect()

@@ -5,7 +5,7 @@ mod auth;
 mod service;
 mod state;
 
-use albef_config::{AlbefConfig, ConfigSources};
+use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::index::{DatasetIndex, INDEX_FILE};
 use albef_data::plan::steps_per_epoch;
 use albef_data::store::Location;
@@ -16,7 +16,6 @@ use clap::Parser;
 use service::{ControlService, CoordinatorService, Shared};
 use state::Job;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,19 +32,12 @@ const STATE_FILE: &str = "coordinator/state.json";
 #[derive(Parser)]
 #[command(name = "albef-coordinator", version, about = "The coordinator of a distributed ALBEF job (gRPC)")]
 struct Cli {
-    /// YAML configuration file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a key: --set job.min_workers=2 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    albef_telemetry::init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -65,7 +57,7 @@ fn index_location(cfg: &AlbefConfig) -> Result<Location> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let cfg = albef_config::load(&ConfigSources { file: cli.config, overrides: cli.overrides, environment: true })?;
+    let cfg = cli.config.load()?;
     eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // The index is read through blocking calls, before the runtime serves anything.

@@ -8,21 +8,17 @@
 mod client;
 mod generation;
 
-use albef_config::ConfigSources;
+use albef_config::ConfigArgs;
 use anyhow::Result;
 use clap::Parser;
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "albef-worker", version, about = "ALBEF training worker")]
 struct Cli {
-    /// YAML configuration (for the coordinator endpoint, tokens and device; the job's training
-    /// configuration comes from the coordinator).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a key: --set coordinator.endpoint=http://... (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    /// This machine's configuration (coordinator endpoint, tokens, device, threads); the job's
+    /// training configuration comes from the coordinator.
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Stable identity (pod name); default: host name and process id.
     #[arg(long)]
     worker_id: Option<String>,
@@ -32,10 +28,7 @@ struct Cli {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    albef_telemetry::init_logging();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -43,7 +36,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let local = albef_config::load(&ConfigSources { file: cli.config, overrides: cli.overrides, environment: true })?;
+    let local = cli.config.load()?;
     eprintln!("effective configuration:\n{}", local.to_pretty_json());
     let worker_id = cli.worker_id.unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());

@@ -7,12 +7,12 @@
 mod data;
 mod launch;
 
-use albef_config::{AlbefConfig, ConfigSources};
+use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::dataset::Dataset;
 use albef_model::{Batch, LocalGather, device};
 use albef_train::{Trainer, batch_tensors};
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -56,31 +56,8 @@ enum Command {
     },
 }
 
-#[derive(Args)]
-struct ConfigArgs {
-    /// YAML configuration file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a key: --set optimizer.lr=3e-4 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-}
-
-impl ConfigArgs {
-    fn load(&self) -> Result<AlbefConfig> {
-        albef_config::load(&ConfigSources {
-            file: self.config.clone(),
-            overrides: self.overrides.clone(),
-            environment: true,
-        })
-    }
-}
-
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    albef_telemetry::init_logging();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
