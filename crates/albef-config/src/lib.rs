@@ -52,6 +52,10 @@ impl AlbefConfig {
         ensure!(self.optimizer.opt.eq_ignore_ascii_case("adamw"), "optimizer.opt: only adamW is supported");
         ensure!(self.schedular.sched == "cosine", "schedular.sched: only cosine is supported");
         ensure!(self.train.batch_size_train > 0, "train.batch_size_train must be positive");
+        let [lo, hi] = self.data.crop_scale;
+        ensure!(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale must satisfy 0 < min <= max <= 1");
+        ensure!((0.0..=1.0).contains(&self.data.hflip_p), "data.hflip_p must lie in [0, 1]");
+        ensure!(self.data.randaug_m <= 10, "data.randaug_m is a magnitude out of 10");
         ensure!(self.data.max_tokens >= 2, "data.max_tokens must leave room for [CLS] and a word");
         ensure!(
             self.data.max_tokens as i64 <= self.model.bert.max_position_embeddings,
@@ -130,6 +134,8 @@ fn layered(
                 .separator(ENV_SEPARATOR)
                 .list_separator(",")
                 .with_list_parse_key("optimizer.betas")
+                .with_list_parse_key("data.crop_scale")
+                .with_list_parse_key("data.train_file")
                 .try_parsing(true),
         );
     }

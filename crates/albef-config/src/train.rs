@@ -115,6 +115,13 @@ pub struct DataConfig {
     pub max_tokens: usize,
     /// Append [SEP] (the reference does not).
     pub add_sep: bool,
+    /// RandomResizedCrop area range (fractions of the image).
+    pub crop_scale: [f64; 2],
+    /// Horizontal flip probability (0 for captions that say left and right).
+    pub hflip_p: f64,
+    /// RandAugment: ops per image (0: none) and magnitude out of 10.
+    pub randaug_n: usize,
+    pub randaug_m: u32,
     /// Images whose header declares more pixels are skipped undecoded (Pillow's default limit).
     pub max_pixels: u64,
     /// Decode threads per worker (0: the cores left after libtorch's threads, at least 1).
@@ -142,6 +149,10 @@ impl Default for DataConfig {
             max_words: 30,
             max_tokens: 25,
             add_sep: false,
+            crop_scale: [0.2, 1.0],
+            hflip_p: 0.5,
+            randaug_n: 2,
+            randaug_m: 7,
             max_pixels: 89_478_485,
             loader_threads: 0,
             prefetch: 4,

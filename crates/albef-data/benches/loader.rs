@@ -11,6 +11,7 @@ use albef_data::sources::CaptionSource;
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, train_shards_pattern, write_dataset};
 use albef_data::tokenizer::Tokenizer;
+use albef_data::transform::TrainTransform;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,7 +38,7 @@ fn main() {
             threads,
             prefetch: 4,
             max_pixels: 100_000_000,
-            augment: true,
+            augment: Some(TrainTransform::default()),
             caption: CaptionSource::Txt,
             image_root: String::new(),
             max_words: 30,

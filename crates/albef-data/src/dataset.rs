@@ -10,6 +10,7 @@ use crate::sources::CaptionSource;
 use crate::store::{Location, expand_braces};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
+use crate::transform::TrainTransform;
 use albef_config::AlbefConfig;
 use anyhow::{Context, Result, ensure};
 use std::path::Path;
@@ -131,7 +132,14 @@ impl Dataset {
             threads,
             prefetch: d.prefetch,
             max_pixels: d.max_pixels,
-            augment: true,
+            augment: Some(TrainTransform {
+                res: cfg.model.image_res as u32,
+                scale: (d.crop_scale[0], d.crop_scale[1]),
+                hflip_p: d.hflip_p,
+                randaug_n: d.randaug_n,
+                randaug_m: d.randaug_m,
+                ..TrainTransform::default()
+            }),
             caption: if d.caption_field.is_empty() {
                 CaptionSource::Txt
             } else {

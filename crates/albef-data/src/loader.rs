@@ -32,8 +32,8 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// Images whose header declares more pixels are skipped before decoding.
     pub max_pixels: u64,
-    /// Train transform (crop, flip, RandAugment) or the test transform (resize).
-    pub augment: bool,
+    /// The train transform (crop, flip, RandAugment); None: the test transform (resize).
+    pub augment: Option<TrainTransform>,
     pub caption: CaptionSource,
     /// Root that annotation-file image paths are relative to.
     pub image_root: String,
@@ -302,7 +302,6 @@ fn decode_step(
     tokenizer: &Tokenizer,
     skips: &SkipCounts,
 ) -> HostBatch {
-    let transform = TrainTransform { res: opts.image_res, ..TrainTransform::default() };
     let mut rows = vec![];
     for (id, record) in &job.samples {
         let mut rng = sample_rng(opts.seed, epoch, *id);
@@ -314,7 +313,10 @@ fn decode_step(
             }
         };
         let caption = &record.captions[rng.below(record.captions.len())];
-        let image = if opts.augment { transform.apply(&image, &mut rng) } else { resize_exact(&image, opts.image_res) };
+        let image = match &opts.augment {
+            Some(t) => t.apply(&image, &mut rng),
+            None => resize_exact(&image, opts.image_res),
+        };
         let text = pre_caption(caption, opts.max_words);
         if text.is_empty() {
             skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");

@@ -8,6 +8,7 @@ use albef_data::sources::CaptionSource;
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, train_shards_pattern, write_dataset};
 use albef_data::tokenizer::Tokenizer;
+use albef_data::transform::TrainTransform;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ fn options(threads: usize) -> LoaderOptions {
         threads,
         prefetch: 2,
         max_pixels: 10_000_000,
-        augment: true,
+        augment: Some(TrainTransform { res: 32, ..TrainTransform::default() }),
         caption: CaptionSource::Txt,
         image_root: String::new(),
         max_words: 30,
@@ -110,7 +111,7 @@ fn annotation_files_load_with_their_image_root() {
     assert_eq!(index.total(), 20);
     let plan = plan_rank(&index.counts(), &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 5, window: 8 }, 0)
         .unwrap();
-    let opts = LoaderOptions { image_root: dir.path().to_str().unwrap().to_string(), augment: false, ..options(2) };
+    let opts = LoaderOptions { image_root: dir.path().to_str().unwrap().to_string(), augment: None, ..options(2) };
     let loaded: Vec<_> = Loader::start(
         index,
         plan,
