@@ -8,6 +8,7 @@ use albef_data::dataset::Dataset;
 use albef_proto::v1::ControlRequest;
 use albef_proto::v1::control_client::ControlClient;
 use anyhow::{Context, Result, bail};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -52,6 +53,9 @@ pub fn run_local(
     ]);
     let command = |bin: &Path, extra: &[String]| {
         let mut c = Command::new(bin);
+        // Own process groups: a terminal's Ctrl-C reaches only this launcher, which stops the
+        // job through the coordinator (rank 0 checkpoints) instead of killing workers mid-step.
+        c.process_group(0);
         if let Some(f) = config_file {
             c.arg("--config").arg(f);
         }
