@@ -196,8 +196,7 @@ impl Albef {
     }
 
     /// Online image encoder and projection: (tokens, normalised features).
-    pub fn encode_image(&self, image: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let _ = train; // the ViT has no dropout; kept for symmetry with encode_text
+    pub fn encode_image(&self, image: &Tensor) -> (Tensor, Tensor) {
         let embeds = self.visual.encoder.forward(image);
         let feat = normalize(&self.visual.proj.forward(&embeds.select(1, 0)));
         (embeds, feat)
@@ -242,7 +241,7 @@ impl Albef {
             let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
         });
         let (ids, mask) = (batch.input_ids, batch.attention_mask);
-        let (image_embeds, image_feat) = self.encode_image(batch.image, true);
+        let (image_embeds, image_feat) = self.encode_image(batch.image);
         let (text_embeds, text_feat) = self.encode_text(ids, mask, true);
 
         // Momentum features, queues and ITC targets: no gradient anywhere in here.

@@ -6,7 +6,7 @@ use crate::Trainer;
 use albef_dist::{Collective, ReduceOp, bucket::all_reduce_buckets};
 use albef_model::{FeatureGather, Gathered};
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub struct CollectiveGather<'a> {
     pub collective: &'a dyn Collective,
@@ -30,7 +30,7 @@ impl FeatureGather for CollectiveGather<'_> {
         let padded = Tensor::cat(&[t.shallow_clone(), Tensor::zeros(&shape, (t.kind(), t.device()))], 0);
         let all = c.all_gather(&padded)?;
         let blocks: Vec<Tensor> = sizes.iter().enumerate().map(|(r, &n)| all.narrow(0, r as i64 * max, n)).collect();
-        Ok(Gathered { all: Tensor::cat(&blocks, 0).to_kind(Kind::Float), offset })
+        Ok(Gathered { all: Tensor::cat(&blocks, 0), offset })
     }
 }
 

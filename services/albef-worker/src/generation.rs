@@ -405,9 +405,14 @@ fn checkpoint_dir(run_dir: &str, step: u64) -> PathBuf {
     Path::new(run_dir).join("checkpoints").join(format!("step-{step}"))
 }
 
+/// FNV-1a over 64-bit words: a stable, dependency-free hash for tokens and fingerprints.
+fn fnv1a(words: impl IntoIterator<Item = u64>) -> u64 {
+    words.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ w).wrapping_mul(0x100_0000_01b3))
+}
+
 /// The generation token as the TCP handshake's number.
 fn token_of(token: &str) -> u64 {
-    token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    fnv1a(token.bytes().map(u64::from))
 }
 
 /// A fingerprint of every parameter's exact values: ranks that agree bit for bit report the
@@ -415,14 +420,14 @@ fn token_of(token: &str) -> u64 {
 fn params_fingerprint(trainer: &Trainer) -> String {
     let mut vars: Vec<_> = trainer.var_store().variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    tch::no_grad(|| {
-        for (_, t) in vars {
-            let t = t.to_kind(tch::Kind::Double);
-            for v in [t.sum(tch::Kind::Double).double_value(&[]), (&t * &t).sum(tch::Kind::Double).double_value(&[])] {
-                h = (h ^ v.to_bits()).wrapping_mul(0x100_0000_01b3);
-            }
-        }
+    let sums = tch::no_grad(|| {
+        vars.iter()
+            .flat_map(|(_, t)| {
+                let t = t.to_kind(tch::Kind::Double);
+                [t.sum(tch::Kind::Double).double_value(&[]), (&t * &t).sum(tch::Kind::Double).double_value(&[])]
+            })
+            .map(f64::to_bits)
+            .collect::<Vec<_>>()
     });
-    format!("{h:016x}")
+    format!("{:016x}", fnv1a(sums))
 }
