@@ -77,6 +77,9 @@ impl AlbefConfig {
             j.heartbeat_interval_ms > 0 && j.heartbeat_timeout_ms > j.heartbeat_interval_ms,
             "job.heartbeat_timeout_ms must exceed job.heartbeat_interval_ms"
         );
+        ensure!(j.keep_checkpoints >= 1, "job.keep_checkpoints must be at least 1");
+        ensure!(j.checkpoint_part_mb >= 5, "job.checkpoint_part_mb must be at least 5 (S3's smallest part)");
+        ensure!(j.max_bad_steps >= 1, "job.max_bad_steps must be at least 1");
         Ok(())
     }
 

@@ -186,6 +186,18 @@ pub struct JobConfig {
     pub collective_timeout_s: u32,
     /// Gradient all-reduce bucket size.
     pub bucket_mb: u64,
+    /// Checkpoint every this many steps (0: only at the end, on stop and on request).
+    pub checkpoint_every: u64,
+    /// Committed checkpoints kept; older ones are deleted.
+    pub keep_checkpoints: u32,
+    /// Checkpoint files larger than this go up as multipart uploads of parts this size (S3: >= 5).
+    pub checkpoint_part_mb: u64,
+    /// Consecutive steps with a non-finite loss (each skipped) before the job rolls back to the
+    /// last checkpoint.
+    pub max_bad_steps: u32,
+    /// A local directory where each worker appends the sample keys it trains at every step
+    /// (`<worker_id>.jsonl`), to audit that nothing is lost or repeated; "" for none.
+    pub audit_dir: String,
 }
 
 impl Default for JobConfig {
@@ -200,6 +212,11 @@ impl Default for JobConfig {
             collective_backend: "auto".into(),
             collective_timeout_s: 60,
             bucket_mb: 25,
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            checkpoint_part_mb: 16,
+            max_bad_steps: 3,
+            audit_dir: String::new(),
         }
     }
 }

@@ -88,41 +88,60 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     bytes
 }
 
-/// Writes named tensors as one safetensors file (names sorted), atomically: a temporary file
-/// renamed into place, so a crash never leaves a half-written file under `path`.
-pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    let mut owned = Vec::with_capacity(named.len());
-    for (name, t) in named {
-        owned.push((
-            name.clone(),
-            dtype_of(t.kind())?,
-            t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(),
-            tensor_bytes(t),
-        ));
-    }
-    let views = owned
+/// A tensor copied to host memory: what a checkpoint holds while it is written in the background.
+pub struct HostTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+/// Copies named tensors to host memory (the only part of a save that must wait for the device).
+pub fn to_host(named: &BTreeMap<String, Tensor>) -> Result<Vec<(String, HostTensor)>> {
+    named
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .map(|(name, t)| {
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            Ok((name.clone(), HostTensor { dtype: dtype_of(t.kind())?, shape, bytes: tensor_bytes(t) }))
+        })
+        .collect()
+}
+
+/// Host tensors as the bytes of one safetensors file (names sorted).
+pub fn serialize(host: &[(String, HostTensor)]) -> Result<Vec<u8>> {
+    let views = host
+        .iter()
+        .map(|(n, h)| Ok((n.clone(), TensorView::new(h.dtype, h.shape.clone(), &h.bytes)?)))
         .collect::<Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Writes named tensors as one safetensors file, atomically: a temporary file renamed into
+/// place, so a crash never leaves a half-written file under `path`.
+pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let bytes = serialize(&to_host(named)?)?;
     let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, None, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// Every tensor of safetensors bytes, on the CPU; `label` names the source in errors.
+pub fn deserialize(bytes: &[u8], label: &str) -> Result<BTreeMap<String, Tensor>> {
+    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{label} is not a valid safetensors file"))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)
+            .with_context(|| format!("{label}: tensor {name}"))?;
+        out.insert(name, t);
+    }
+    Ok(out)
 }
 
 /// Reads every tensor of a safetensors file onto the CPU.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)
-            .with_context(|| format!("{}: tensor {name}", path.display()))?;
-        out.insert(name, t);
-    }
-    Ok(out)
+    deserialize(&bytes, &path.display().to_string())
 }
 
 /// Every variable of the store plus the tied-decoder aliases, under the reference names.
@@ -210,10 +229,30 @@ pub fn load_named(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Resul
 /// Loads a full ALBEF state saved by [`save`] (or converted from the reference checkpoint).
 /// Every parameter must be present; on any error the model is left unchanged.
 pub fn load(vs: &nn::VarStore, path: &Path) -> Result<LoadReport> {
-    let prepared = prepare(vs, read_safetensors(path)?).with_context(|| format!("loading {}", path.display()))?;
+    load_complete(vs, read_safetensors(path)?, &path.display().to_string())
+}
+
+/// Checks that `tensors` hold every parameter of the store with the right shapes, and only
+/// then copies them in (so that a bad state leaves the model unchanged).
+pub fn prepare_complete(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>, label: &str) -> Result<PreparedLoad> {
+    let prepared = prepare(vs, tensors).with_context(|| format!("loading {label}"))?;
     let missing = &prepared.report.missing;
-    ensure!(missing.is_empty(), "{} lacks {} model parameters: {}", path.display(), missing.len(), abbreviate(missing));
-    Ok(prepared.commit())
+    ensure!(missing.is_empty(), "{label} lacks {} model parameters: {}", missing.len(), abbreviate(missing));
+    Ok(PreparedLoad(prepared))
+}
+
+/// [`prepare_complete`] then commit.
+pub fn load_complete(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>, label: &str) -> Result<LoadReport> {
+    Ok(prepare_complete(vs, tensors, label)?.commit())
+}
+
+/// A checked load, to commit once every other part of a restore has been checked too.
+pub struct PreparedLoad(Prepared);
+
+impl PreparedLoad {
+    pub fn commit(self) -> LoadReport {
+        self.0.commit()
+    }
 }
 
 /// Renames a Hugging Face BERT key to ALBEF's `text_encoder.*` names: accepts BertForMaskedLM /

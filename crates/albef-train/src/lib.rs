@@ -2,6 +2,7 @@
 //! cosine schedule with alpha warm-up, the training step, and its state on disk. The worker of
 //! the distributed runtime drives the same [`Trainer`].
 
+pub mod checkpoint;
 pub mod distributed;
 pub mod optim;
 pub mod schedule;
@@ -9,4 +10,4 @@ pub mod trainer;
 
 pub use optim::AdamW;
 pub use schedule::Schedule;
-pub use trainer::{StepStats, Trainer, TrainerState, batch_tensors};
+pub use trainer::{SavedState, Snapshot, StepStats, Trainer, TrainerState, batch_tensors};

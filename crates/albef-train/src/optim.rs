@@ -119,21 +119,35 @@ impl AdamW {
     /// Restores a state written by [`AdamW::state_dict`]; every entry must be present with its
     /// shape, else nothing changes.
     pub fn load_state_dict(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.prepare_state_dict(state)?.commit();
+        Ok(())
+    }
+
+    /// Checks a state written by [`AdamW::state_dict`] without changing anything.
+    pub fn prepare_state_dict(&self, state: &BTreeMap<String, Tensor>) -> Result<PreparedState> {
         let mut copies = vec![];
         for p in self.groups.iter().flat_map(|g| g.params.iter()) {
             for (suffix, dst) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq), ("step", &p.step)] {
                 let key = format!("{}.{suffix}", p.name);
                 let src = state.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
                 ensure!(src.size() == dst.size(), "{key}: shape {:?}, expected {:?}", src.size(), dst.size());
-                copies.push((dst.shallow_clone(), src));
+                copies.push((dst.shallow_clone(), src.shallow_clone()));
             }
         }
+        Ok(PreparedState(copies))
+    }
+}
+
+/// A checked optimiser state, copied in by [`PreparedState::commit`].
+pub struct PreparedState(Vec<(Tensor, Tensor)>);
+
+impl PreparedState {
+    pub fn commit(self) {
         tch::no_grad(|| {
-            for (mut dst, src) in copies {
+            for (mut dst, src) in self.0 {
                 dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
             }
         });
-        Ok(())
     }
 }
 

@@ -8,7 +8,6 @@ use albef_model::device::with_autocast;
 use albef_model::{Albef, Batch, FeatureGather, weights};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use tch::{Device, Kind, Tensor, nn};
 
 /// Where training stands; saved with every checkpoint.
@@ -62,9 +61,9 @@ pub struct Trainer {
     rank: u64,
 }
 
-const MODEL_FILE: &str = "model.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "trainer_state.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
 
 impl Trainer {
     /// A fresh model on `device`. Initialisation depends on the seed only, so every rank of a
@@ -176,24 +175,85 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// Writes model, optimiser and trainer state into `dir` (created if needed).
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        weights::save(&self.vs, &dir.join(MODEL_FILE))?;
-        weights::write_safetensors(&self.opt.state_dict(), &dir.join(OPTIMIZER_FILE))?;
-        let state = serde_json::to_vec_pretty(&self.state)?;
-        std::fs::write(dir.join(STATE_FILE), state).with_context(|| format!("writing {STATE_FILE}"))?;
-        Ok(())
+    /// Copies the whole training state to host memory: the only part of a checkpoint the step
+    /// waits for. `world_size` and `steps_per_epoch` place the data cursor.
+    pub fn snapshot(&self, world_size: u64, steps_per_epoch: u64) -> Result<Snapshot> {
+        let s = &self.state;
+        let saved = SavedState {
+            position: s.clone(),
+            world_size,
+            rng: RngState { seed: self.cfg.train.seed, scheme: RNG_SCHEME.into() },
+            lr: self.schedule.lr(s.step, s.epoch),
+            alpha: self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch),
+            temp: self.model.temp(),
+            config: serde_json::to_value(&self.cfg)?,
+        };
+        Ok(Snapshot {
+            step: s.step,
+            model: weights::to_host(&weights::state_dict(&self.vs))?,
+            optimizer: weights::to_host(&self.opt.state_dict())?,
+            state: serde_json::to_vec_pretty(&saved)?,
+        })
     }
 
-    /// Restores what [`Trainer::save`] wrote.
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        weights::load(&self.vs, &dir.join(MODEL_FILE))?;
-        self.opt.load_state_dict(&weights::read_safetensors(&dir.join(OPTIMIZER_FILE))?)?;
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        self.state = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Ok(())
+    /// Restores a checkpoint's files (`read` returns one by name). Everything is checked before
+    /// anything changes: a bad checkpoint leaves the trainer as it was.
+    pub fn restore(&mut self, read: &mut dyn FnMut(&str) -> Result<Vec<u8>>, label: &str) -> Result<SavedState> {
+        let text = read(STATE_FILE)?;
+        let saved: SavedState =
+            serde_json::from_slice(&text).with_context(|| format!("{label}/{STATE_FILE} is not a trainer state"))?;
+        let model = weights::deserialize(&read(MODEL_FILE)?, &format!("{label}/{MODEL_FILE}"))?;
+        let model = weights::prepare_complete(&self.vs, model, &format!("{label}/{MODEL_FILE}"))?;
+        let optimizer = weights::deserialize(&read(OPTIMIZER_FILE)?, &format!("{label}/{OPTIMIZER_FILE}"))?;
+        let optimizer =
+            self.opt.prepare_state_dict(&optimizer).with_context(|| format!("loading {label}/{OPTIMIZER_FILE}"))?;
+        model.commit();
+        optimizer.commit();
+        self.state = saved.position.clone();
+        Ok(saved)
+    }
+}
+
+/// How the step's random draws derive from the run (recorded so a resume can check it).
+const RNG_SCHEME: &str = "splitmix64(seed ^ rank << 48, step); data: splitmix64(seed, epoch, sample)";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RngState {
+    pub seed: u64,
+    pub scheme: String,
+}
+
+/// A checkpoint's `trainer_state.json`: the position (data cursor), what the schedule says there,
+/// the randomness and the job's configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SavedState {
+    #[serde(flatten)]
+    pub position: TrainerState,
+    /// The data plan of an epoch depends on the world size: the cursor is exact for this one.
+    pub world_size: u64,
+    pub rng: RngState,
+    pub lr: f64,
+    pub alpha: f64,
+    pub temp: f64,
+    pub config: serde_json::Value,
+}
+
+/// The training state in host memory, to be encoded and uploaded off the training thread.
+pub struct Snapshot {
+    pub step: u64,
+    model: Vec<(String, weights::HostTensor)>,
+    optimizer: Vec<(String, weights::HostTensor)>,
+    state: Vec<u8>,
+}
+
+impl Snapshot {
+    /// The checkpoint's files: model and optimiser as safetensors (reference names), the state.
+    pub fn encode(self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(vec![
+            (MODEL_FILE.into(), weights::serialize(&self.model)?),
+            (OPTIMIZER_FILE.into(), weights::serialize(&self.optimizer)?),
+            (STATE_FILE.into(), self.state),
+        ])
     }
 }
 

@@ -1,10 +1,11 @@
 //! The single-process trainer on generated pairs: learning, and exact resumption.
 
 use albef_config::{AlbefConfig, Preset};
+use albef_data::store::Location;
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
 use albef_data::{SynthSpec, collate, pre_caption, synth};
 use albef_model::{Batch, LocalGather};
-use albef_train::{Trainer, batch_tensors};
+use albef_train::{Trainer, batch_tensors, checkpoint};
 use tch::{Device, Tensor};
 
 /// libtorch's generator is process-wide and tests run on parallel threads: each test holds this
@@ -83,11 +84,14 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     let cfg = small_config();
     let batches = fixed_batches(&cfg, 8, 4);
     let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let ckpt = Location::open(dir.path().to_str().unwrap()).unwrap();
     let mut trainer = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
     for batch in batches.iter().cycle().take(3) {
         step(&mut trainer, batch, 5);
     }
-    trainer.save(dir.path()).unwrap();
+    let manifest = checkpoint::save(&trainer, &ckpt, 1, 5, rt.handle()).unwrap();
+    assert_eq!(manifest.step, 3);
     let expected = step(&mut trainer, &batches[1], 5);
 
     // A fresh trainer with other initial weights, restored from the checkpoint.
@@ -95,11 +99,26 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     other.train.seed = 1234;
     let mut resumed = Trainer::new(&other, Device::Cpu, 0).unwrap();
     assert_ne!(step(&mut Trainer::new(&other, Device::Cpu, 0).unwrap(), &batches[1], 5), expected);
-    resumed.load(dir.path()).unwrap();
-    assert_eq!(resumed.state().step, 3);
+    let saved = checkpoint::load(&mut resumed, &ckpt, rt.handle()).unwrap();
+    assert_eq!((resumed.state().step, saved.world_size, saved.rng.seed), (3, 1, cfg.train.seed));
     // The per-step seed comes from the run's seed: restore the run's configuration too.
     let mut resumed_same_seed = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
-    resumed_same_seed.load(dir.path()).unwrap();
+    checkpoint::load(&mut resumed_same_seed, &ckpt, rt.handle()).unwrap();
     let got = step(&mut resumed_same_seed, &batches[1], 5);
     assert_eq!(got.to_bits(), expected.to_bits(), "resumed loss {got} differs from {expected}");
+
+    // A flipped byte in the optimiser state: the error names the file, the trainer is unchanged.
+    let file = dir.path().join("optimizer.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let mut untouched = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let err = format!("{:#}", checkpoint::load(&mut untouched, &ckpt, rt.handle()).unwrap_err());
+    assert!(err.contains("optimizer.safetensors") && err.contains("SHA-256"), "{err}");
+    assert_eq!(untouched.state().step, 0);
+    let fresh = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    for (name, t) in fresh.var_store().variables() {
+        assert!(t.equal(&untouched.var_store().variables()[&name]), "{name} changed by a failed load");
+    }
 }

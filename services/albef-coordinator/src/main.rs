@@ -73,7 +73,8 @@ fn run(cli: Cli) -> Result<()> {
     );
     info!(index = index_loc.url, sources = index.sources.len(), samples = index.total(), "dataset index loaded");
     let auth = Auth::from_files(&cfg.coordinator.worker_token_file, &cfg.coordinator.admin_token_file)?;
-    let state_loc = Location::open(&cfg.job.run_dir)?.join(STATE_FILE);
+    let run = Location::open(&cfg.job.run_dir)?;
+    let state_loc = run.join(STATE_FILE);
     let job = if rt.block_on(state_loc.exists())? {
         let text = rt.block_on(state_loc.read_all())?;
         let text = std::str::from_utf8(&text).with_context(|| format!("{} is not UTF-8", state_loc.url))?;
@@ -82,10 +83,10 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Job::new(cfg.clone(), index.counts(), Instant::now())
     };
-    rt.block_on(serve(&cfg, job, state_loc, auth))
+    rt.block_on(serve(&cfg, job, run, state_loc, auth))
 }
 
-async fn serve(cfg: &AlbefConfig, job: Job, state_loc: Location, auth: Auth) -> Result<()> {
+async fn serve(cfg: &AlbefConfig, job: Job, run: Location, state_loc: Location, auth: Auth) -> Result<()> {
     let c = &cfg.coordinator;
     if !auth.enabled() {
         warn!("no token files configured: authentication is OFF (local runs only)");
@@ -96,7 +97,7 @@ async fn serve(cfg: &AlbefConfig, job: Job, state_loc: Location, auth: Auth) -> 
         tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shared = Shared::new(job, state_loc, shutdown_rx.clone());
+    let shared = Shared::new(job, run, state_loc, shutdown_rx.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;

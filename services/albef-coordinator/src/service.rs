@@ -26,6 +26,8 @@ const WATCH_MS: std::ops::RangeInclusive<u32> = 50..=3_600_000;
 /// status streams.
 pub struct Shared {
     job: Mutex<Job>,
+    /// The run location: checkpoints live under it.
+    run: Location,
     state: Location,
     /// Revision of the job last written; the lock also orders the writes.
     written: tokio::sync::Mutex<u64>,
@@ -33,9 +35,25 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(job: Job, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+    pub fn new(job: Job, run: Location, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let written = tokio::sync::Mutex::new(job.revision());
-        Arc::new(Shared { job: Mutex::new(job), state, written, shutdown })
+        Arc::new(Shared { job: Mutex::new(job), run, state, written, shutdown })
+    }
+
+    /// Deletes checkpoints that are no longer wanted, in the background.
+    fn delete_checkpoints(&self, locations: Vec<String>) {
+        for url in locations {
+            tokio::spawn(async move {
+                let removed = match Location::open(&url) {
+                    Ok(loc) => albef_checkpoint::remove(&loc).await,
+                    Err(e) => Err(e),
+                };
+                match removed {
+                    Ok(()) => tracing::info!(location = url, "checkpoint deleted"),
+                    Err(e) => warn!(location = url, "cannot delete a checkpoint: {e:#}"),
+                }
+            });
+        }
     }
 
     fn job(&self) -> MutexGuard<'_, Job> {
@@ -278,6 +296,7 @@ impl Coordinator for CoordinatorService {
             temp: r.temp,
             fatal_error: r.fatal_error,
             done: r.done,
+            nonfinite_steps: r.nonfinite_steps,
         };
         let (commands, generation) = self.0.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
         self.0.persist_logged().await;
@@ -292,11 +311,48 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::ReportCheckpointRequest>,
     ) -> Result<Response<pb::ReportCheckpointResponse>, Status> {
         let r = request.into_inner();
-        check_id("location", &r.location).and_then(|()| check_text("location", &r.location, MAX_LOCATION))?;
-        self.0.job().report_checkpoint(r.generation, r.rank, r.step, &r.location, Instant::now()).map_err(to_status)?;
+        check_text("location", &r.location, MAX_LOCATION)?;
+        let folder = albef_checkpoint::folder(&self.0.run, r.step);
+        if r.location != folder.url {
+            return Err(Status::invalid_argument(format!(
+                "the checkpoint of step {} belongs at {}, not {:?}",
+                r.step, folder.url, r.location
+            )));
+        }
+        if r.rank == 0 {
+            // A checkpoint without a verifying manifest does not exist.
+            albef_checkpoint::check(&folder)
+                .await
+                .map_err(|e| Status::failed_precondition(format!("not a complete checkpoint: {e:#}")))?;
+        }
+        let commit = self
+            .0
+            .job()
+            .report_checkpoint(r.generation, r.rank, r.step, r.epoch, r.step_in_epoch, &r.location, Instant::now())
+            .map_err(to_status)?;
         // The commit only counts once it would survive a restart; the worker retries on error.
         self.0.persist().await.map_err(|e| Status::internal(format!("cannot persist the checkpoint: {e:#}")))?;
-        Ok(Response::new(pb::ReportCheckpointResponse {}))
+        self.0.delete_checkpoints(commit.evicted);
+        Ok(Response::new(pb::ReportCheckpointResponse { committed: commit.committed }))
+    }
+
+    async fn reject_checkpoint(
+        &self,
+        request: Request<pb::RejectCheckpointRequest>,
+    ) -> Result<Response<pb::RejectCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        check_text("location", &r.location, MAX_LOCATION)?;
+        if r.reason.len() > MAX_ERROR {
+            return Err(Status::invalid_argument(format!("reason is longer than {MAX_ERROR} bytes")));
+        }
+        let dropped = self
+            .0
+            .job()
+            .reject_checkpoint(r.generation, r.rank, &r.location, &r.reason, Instant::now())
+            .map_err(to_status)?;
+        self.0.persist().await.map_err(|e| Status::internal(format!("cannot persist the rejection: {e:#}")))?;
+        self.0.delete_checkpoints(dropped.into_iter().collect());
+        Ok(Response::new(pb::RejectCheckpointResponse {}))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
@@ -341,6 +397,8 @@ impl ControlService {
             temp: s.temp,
             last_checkpoint: s.last_checkpoint,
             restarts: s.restarts,
+            nonfinite_steps: s.nonfinite_steps,
+            rejected_checkpoints: s.rejected_checkpoints,
         }
     }
 

@@ -117,6 +117,8 @@ pub struct Heartbeat {
     pub fatal_error: String,
     /// The worker finished the job's last step.
     pub done: bool,
+    /// Steps skipped in this generation because the loss was not finite.
+    pub nonfinite_steps: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +162,18 @@ pub struct JobStatus {
     pub last_checkpoint: String,
     /// Generations ended by a failure.
     pub restarts: u64,
+    /// Steps not applied because the loss was not finite (every rank skips the same ones).
+    pub nonfinite_steps: u64,
+    /// Checkpoints a worker could not read (corrupt): dropped, the previous one took over.
+    pub rejected_checkpoints: u64,
+}
+
+/// What a checkpoint report did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Commit {
+    pub committed: bool,
+    /// Older checkpoints beyond `job.keep_checkpoints`, to delete.
+    pub evicted: Vec<String>,
 }
 
 /// A worker waiting for the next rendezvous to close.
@@ -191,6 +205,8 @@ struct Member {
     params_hash_step: u64,
     lr: f64,
     temp: f64,
+    /// Rank 0's count of non-finite steps already added to the job's.
+    nonfinite_steps: u64,
     commands: Vec<Command>,
 }
 
@@ -244,6 +260,8 @@ pub struct Job {
     stopping: bool,
     finished: bool,
     restarts: u64,
+    nonfinite_steps: u64,
+    rejected_checkpoints: u64,
     hash_mismatches: u64,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
@@ -271,6 +289,8 @@ impl Job {
             stopping: false,
             finished: false,
             restarts: 0,
+            nonfinite_steps: 0,
+            rejected_checkpoints: 0,
             hash_mismatches: 0,
             revision: 0,
             clock: (now, unix),
@@ -278,7 +298,9 @@ impl Job {
     }
 
     pub fn state(&self) -> &'static str {
-        if self.finished {
+        if self.finished && self.stopping {
+            "stopped"
+        } else if self.finished {
             "finished"
         } else if self.stopping {
             "stopping"
@@ -459,6 +481,7 @@ impl Job {
                 params_hash_step: 0,
                 lr: 0.0,
                 temp: 0.0,
+                nonfinite_steps: 0,
                 commands: if paused { vec![Command::Pause] } else { vec![] },
             })
             .collect();
@@ -535,6 +558,11 @@ impl Job {
         m.params_hash_step = hb.params_hash_step;
         m.lr = hb.lr;
         m.temp = hb.temp;
+        if rank == 0 && hb.nonfinite_steps > m.nonfinite_steps {
+            self.nonfinite_steps += hb.nonfinite_steps - m.nonfinite_steps;
+            m.nonfinite_steps = hb.nonfinite_steps;
+            self.revision += 1;
+        }
         if !hb.fatal_error.is_empty() {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
             if self.stopping {
@@ -728,31 +756,76 @@ impl Job {
         Ok(g.nccl_id.clone())
     }
 
-    /// A checkpoint `rank` finished writing; rank 0's commits it (and returns true): the next
-    /// generation resumes from it.
+    /// A checkpoint `rank` finished writing (its manifest verified by the caller); rank 0's is
+    /// committed: the next generation resumes from it. A report may come from a generation that
+    /// has ended since the save began (the state it holds is as good). Older checkpoints beyond
+    /// `job.keep_checkpoints` are evicted.
+    #[allow(clippy::too_many_arguments)]
     pub fn report_checkpoint(
         &mut self,
         generation: u64,
         rank: u32,
         step: u64,
+        epoch: u64,
+        step_in_epoch: u64,
         location: &str,
         now: Instant,
-    ) -> Result<bool> {
-        let world = self.current_checked(generation, rank)?.world() as u64;
+    ) -> Result<Commit> {
+        match &self.current {
+            Some(g) if g.number == generation => {
+                self.current_checked(generation, rank)?;
+            }
+            _ if generation == 0 || generation > self.generation => {
+                return invalid(format!("generation {generation} was never formed (latest {})", self.generation));
+            }
+            _ => {}
+        }
         if rank != 0 {
-            return Ok(false);
+            return Ok(Commit::default());
         }
-        if self.checkpoints.last().is_some_and(|c| c.step == step && c.location == location) {
-            return Ok(true);
+        if let Some(last) = self.checkpoints.last() {
+            if last.step == step && last.location == location {
+                return Ok(Commit { committed: true, evicted: vec![] });
+            }
+            if step <= last.step {
+                warn!(step, latest = last.step, location, "a checkpoint older than the latest one: not committed");
+                return Ok(Commit::default());
+            }
         }
-        let per_epoch = steps_per_epoch(self.total, world, self.batch_size());
-        // main checks that an epoch has steps at max_workers (so at any world); never divide by zero.
-        let (epoch, step_in_epoch) = step.checked_div(per_epoch).zip(step.checked_rem(per_epoch)).unwrap_or((0, step));
         let committed_at = self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs();
         info!(generation, step, epoch, step_in_epoch, location, "checkpoint committed");
         self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location: location.to_string(), committed_at });
+        let keep = self.cfg.job.keep_checkpoints.max(1) as usize;
+        let excess = self.checkpoints.len().saturating_sub(keep);
+        let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
         self.changed();
-        Ok(true)
+        Ok(Commit { committed: true, evicted })
+    }
+
+    /// A rank could not read the checkpoint it was told to resume from: it is dropped (returned
+    /// for deletion when it was committed) and the generation ends, so that the next one resumes
+    /// from the previous checkpoint.
+    pub fn reject_checkpoint(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        location: &str,
+        reason: &str,
+        now: Instant,
+    ) -> Result<Option<String>> {
+        if generation == 0 || generation > self.generation {
+            return invalid(format!("generation {generation} was never formed (latest {})", self.generation));
+        }
+        let dropped = self.checkpoints.iter().position(|c| c.location == location).map(|i| {
+            self.rejected_checkpoints += 1;
+            warn!(location, rank, reason, "checkpoint rejected: falling back to the previous one");
+            self.checkpoints.remove(i).location
+        });
+        if self.current.as_ref().is_some_and(|g| g.number == generation) {
+            self.end_generation(&format!("rank {rank} cannot read {location}: {reason}"), true, &[], now);
+        }
+        self.changed();
+        Ok(dropped)
     }
 
     fn check_controllable(&self) -> Result<()> {
@@ -857,6 +930,8 @@ impl Job {
             temp: rank0.map_or(0.0, |m| m.temp),
             last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
             restarts: self.restarts,
+            nonfinite_steps: self.nonfinite_steps,
+            rejected_checkpoints: self.rejected_checkpoints,
         }
     }
 
@@ -881,6 +956,8 @@ impl Job {
             "state": self.state(),
             "paused": self.paused,
             "restarts": self.restarts,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rejected_checkpoints": self.rejected_checkpoints,
             "ranks": ranks,
             "checkpoints": checkpoints,
         });
@@ -888,7 +965,8 @@ impl Job {
     }
 
     /// A job restored from `to_json`'s output. Its generation is over: workers get REJOIN and form
-    /// the next one, which resumes from the latest checkpoint.
+    /// the next one, which resumes from the latest checkpoint. This is also how a whole job is
+    /// restarted on the same run location.
     pub fn from_json(cfg: AlbefConfig, counts: Vec<u64>, text: &str, now: Instant) -> anyhow::Result<Self> {
         let doc: Value = serde_json::from_str(text).context("coordinator state is not JSON")?;
         let version = doc["version"].as_u64().context("coordinator state: no version")?;
@@ -898,8 +976,12 @@ impl Job {
         job.generation = u64_of(&doc, "generation")?;
         job.restarts = u64_of(&doc, "restarts")?;
         job.paused = doc["paused"].as_bool().unwrap_or(false);
+        job.nonfinite_steps = doc["nonfinite_steps"].as_u64().unwrap_or(0);
+        job.rejected_checkpoints = doc["rejected_checkpoints"].as_u64().unwrap_or(0);
         let state = doc["state"].as_str().context("coordinator state: no state")?;
-        job.finished = matches!(state, "finished" | "stopping");
+        // A stopped (or stopping) job starts again from its latest checkpoint; a finished one
+        // stays finished.
+        job.finished = state == "finished";
         if let Some(ranks) = doc["ranks"].as_object() {
             for (id, r) in ranks {
                 let r = r.as_u64().with_context(|| format!("coordinator state: rank of {id}"))?;

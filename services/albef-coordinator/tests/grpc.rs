@@ -44,6 +44,20 @@ impl JobDir {
         self.dir.path().join(name)
     }
 
+    /// A complete checkpoint folder of `step` under the run directory (a file and its manifest),
+    /// as a rank 0 would leave it; returns its location.
+    fn checkpoint(&self, step: u64) -> String {
+        let location = format!("{}/checkpoints/step-{step}", self.path("run").display());
+        std::fs::create_dir_all(&location).unwrap();
+        std::fs::write(format!("{location}/trainer_state.json"), "{}").unwrap();
+        let manifest = format!(
+            r#"{{"version":1,"step":{step},"created_unix":0,"files":[{{"name":"trainer_state.json","size":2,"sha256":"{}"}}]}}"#,
+            "0".repeat(64)
+        );
+        std::fs::write(format!("{location}/manifest.json"), manifest).unwrap();
+        location
+    }
+
     fn state_file(&self) -> PathBuf {
         self.path("run/coordinator/state.json")
     }
@@ -359,8 +373,16 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
     invalid(w.publish_nccl_id(PublishNcclIdRequest { generation: 1, nccl_id: vec![1, 2, 3] }).await, "short NCCL id");
     invalid(w.get_nccl_id(GetNcclIdRequest { generation: 9 }).await, "NCCL id of an unknown generation");
-    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 1, location: String::new() };
-    invalid(w.report_checkpoint(ck).await, "empty location");
+    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 1, ..Default::default() };
+    invalid(w.report_checkpoint(ck.clone()).await, "empty location");
+    invalid(
+        w.report_checkpoint(ReportCheckpointRequest { location: "/tmp/x".into(), ..ck.clone() }).await,
+        "elsewhere",
+    );
+    // In its place but without a manifest: not a checkpoint.
+    let location = format!("{}/checkpoints/step-1", dir.path("run").display());
+    let status = w.report_checkpoint(ReportCheckpointRequest { location, ..ck }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     invalid(w.leave(LeaveRequest { worker_id: String::new(), generation: 1 }).await, "leave without id");
 
     let mut admin = admin_client(&c, Some(ADMIN_TOKEN)).await;
@@ -376,8 +398,16 @@ async fn a_restarted_coordinator_keeps_the_generation_and_checkpoints() {
     let mut c = dir.start(1, &[]);
     let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
     let j = join(&mut w, "w", 7000).await;
-    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 7, location: "ck/step-7".into() };
-    w.report_checkpoint(ck).await.unwrap();
+    let location = dir.checkpoint(7);
+    let ck = ReportCheckpointRequest {
+        generation: 1,
+        rank: 0,
+        step: 7,
+        location: location.clone(),
+        epoch: 0,
+        step_in_epoch: 7,
+    };
+    assert!(w.report_checkpoint(ck).await.unwrap().into_inner().committed);
     c.child.kill().unwrap();
     c.wait_exit(Duration::from_secs(5)).await;
     assert!(dir.state_file().exists());
@@ -385,14 +415,14 @@ async fn a_restarted_coordinator_keeps_the_generation_and_checkpoints() {
     let c2 = dir.start(1, &[]);
     let status = admin_client(&c2, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.generation, status.state.as_str(), status.step), (1, "waiting", 7));
-    assert_eq!(status.last_checkpoint, "ck/step-7");
+    assert_eq!(status.last_checkpoint, location);
     let mut w = worker_client(&c2, Some(WORKER_TOKEN)).await;
     let r = w.heartbeat(beat("w", &j, 8)).await.unwrap().into_inner();
     assert_eq!(commands(&r), vec![Cmd::Rejoin]);
     let j2 = join(&mut w, "w", 7000).await;
     let resume = j2.resume.unwrap();
     assert_eq!((j2.generation, resume.step, resume.epoch, resume.step_in_epoch), (2, 7, 0, 7));
-    assert_eq!(resume.checkpoint, "ck/step-7");
+    assert_eq!(resume.checkpoint, location);
     let list = admin_client(&c2, Some(ADMIN_TOKEN)).await.list_checkpoints(ListCheckpointsRequest {}).await.unwrap();
     assert_eq!(list.into_inner().checkpoints.len(), 1);
 }
@@ -480,7 +510,8 @@ async fn albefctl_reports_and_controls_with_exit_codes() {
     let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
     let j = join(&mut w, "worker-a", 7000).await;
     w.heartbeat(beat("worker-a", &j, 5)).await.unwrap();
-    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 5, location: "ck/step-5".into() };
+    let location = dir.checkpoint(5);
+    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 5, location, epoch: 0, step_in_epoch: 5 };
     w.report_checkpoint(ck).await.unwrap();
 
     let endpoint = c.endpoint();
@@ -493,14 +524,14 @@ async fn albefctl_reports_and_controls_with_exit_codes() {
     let out = run(&["status"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    for want in ["state       running", "step        5 / ", "checkpoint  ck/step-5", "worker-a", "hash-5"] {
+    for want in ["state       running", "step        5 / ", "checkpoints/step-5", "worker-a", "hash-5"] {
         assert!(stdout.contains(want), "status lacks {want:?}:\n{stdout}");
     }
     let out = run(&["pause"]);
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "state: paused\n".to_string()));
     let out = run(&["checkpoints"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(text(&out.stdout).contains("ck/step-5"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("checkpoints/step-5"), "{}", text(&out.stdout));
     // The endpoint and token also come from the environment.
     let out = Command::new(albefctl())
         .args(["resume"])

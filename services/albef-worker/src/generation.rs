@@ -1,20 +1,26 @@
 //! The worker's life: generations of join -> collective -> train -> (finish | rejoin).
 
 use crate::client::{self, Backoff, Client};
+use crate::faults::Faults;
+use albef_checkpoint::{FileEntry, WriteOptions};
 use albef_config::AlbefConfig;
 use albef_data::dataset::Dataset;
+use albef_data::loader::LoadedBatch;
 use albef_data::plan::{Lease, PlanSpec, RankPlan};
+use albef_data::store::Location;
 use albef_dist::tcp::{TcpCollective, TcpOptions};
 use albef_dist::{Collective, NcclCollective, ReduceOp};
 use albef_model::{Batch, device};
 use albef_proto::v1::{
     Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
-    PublishNcclIdRequest, ReportCheckpointRequest,
+    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest,
 };
+use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::distributed::{CollectiveGather, average_gradients};
 use albef_train::{StepStats, Trainer, batch_tensors};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::VecDeque;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +31,26 @@ pub struct Worker {
     local: AlbefConfig,
     worker_id: String,
     listen: SocketAddr,
+    /// The collective address peers dial (HOST or HOST:PORT), when it is not the listen address.
+    advertise: Option<String>,
     rt: tokio::runtime::Runtime,
     client: Client,
+    faults: Arc<Faults>,
+    /// Encodes and uploads checkpoints while training goes on (rank 0 saves).
+    uploader: Uploader,
+}
+
+/// What one generation trains with.
+struct Run<'a> {
+    cfg: &'a AlbefConfig,
+    run: Location,
+    dataset: &'a Dataset,
+    collective: &'a dyn Collective,
+    shared: &'a Shared,
+    generation: u64,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    audit: Option<std::fs::File>,
 }
 
 /// How a generation ended for this worker.
@@ -53,13 +77,24 @@ struct Shared {
 }
 
 impl Worker {
-    pub fn new(local: AlbefConfig, worker_id: String, listen: SocketAddr) -> Result<Self> {
+    pub fn new(local: AlbefConfig, worker_id: String, listen: SocketAddr, advertise: Option<String>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let client = {
             let _guard = rt.enter();
             client::connect(&local.coordinator)?
         };
-        Ok(Worker { local, worker_id, listen, rt, client })
+        let faults = Arc::new(Faults::from_env()?);
+        let crash_at = faults.crash_upload();
+        let after_file = Box::new(move |step: u64, f: &FileEntry| {
+            tracing::debug!(step, file = f.name, bytes = f.size, "checkpoint file stored");
+            if crash_at == Some(step) {
+                eprintln!("fault injection: crashing in the middle of the checkpoint of step {step}");
+                std::process::abort();
+            }
+        });
+        let part_bytes = (local.job.checkpoint_part_mb as usize) << 20;
+        let uploader = Uploader::start(rt.handle().clone(), WriteOptions { part_bytes, concurrency: 4 }, after_file);
+        Ok(Worker { local, worker_id, listen, advertise, rt, client, faults, uploader })
     }
 
     pub fn run(&mut self) -> Result<()> {
@@ -71,7 +106,13 @@ impl Worker {
         }
         loop {
             let pending = TcpCollective::bind(self.listen)?;
-            let assignment = self.join(&pending.local_addr().to_string(), dev)?;
+            let bound = pending.local_addr();
+            let address = match &self.advertise {
+                Some(a) if a.contains(':') => a.clone(),
+                Some(host) => format!("{host}:{}", bound.port()),
+                None => bound.to_string(),
+            };
+            let assignment = self.join(&address, dev)?;
             let generation = assignment.generation;
             tracing::info!(generation, rank = assignment.rank, world = assignment.world_size, "joined");
             match self.generation(assignment, pending, dev) {
@@ -94,7 +135,7 @@ impl Worker {
     fn join(&mut self, address: &str, dev: tch::Device) -> Result<JoinResponse> {
         let req = JoinRequest {
             worker_id: self.worker_id.clone(),
-            host: self.listen.ip().to_string(),
+            host: address.rsplit_once(':').map_or(address, |(h, _)| h).to_string(),
             device_kind: if dev.is_cuda() { "cuda" } else { "cpu" }.into(),
             device_count: if dev.is_cuda() { tch::Cuda::device_count() as u32 } else { 0 },
             collective_address: address.into(),
@@ -183,10 +224,21 @@ impl Worker {
             n => n,
         };
         let mut trainer = Trainer::new(&cfg, dev, rank as u64)?;
-        if let Some(resume) = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty()) {
-            trainer.load(Path::new(&resume.checkpoint))?;
-            tracing::info!(checkpoint = resume.checkpoint, step = trainer.state().step, "resumed");
+        if let Some(resume) = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty())
+            && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, world)
+        {
+            collective.abort();
+            return Ok(Ending::Rejoin(format!("{e:#}")));
         }
+        let audit = match cfg.job.audit_dir.as_str() {
+            "" => None,
+            dir => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+                let path = Path::new(dir).join(format!("{}.jsonl", self.worker_id));
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+                Some(file.with_context(|| format!("opening {}", path.display()))?)
+            }
+        };
 
         let shared = Arc::new(Shared::default());
         *shared.progress.lock().unwrap() = HeartbeatRequest {
@@ -196,16 +248,20 @@ impl Worker {
             ..Default::default()
         };
         let heartbeat = self.spawn_heartbeat(shared.clone(), collective.clone(), cfg.job.heartbeat_interval_ms);
-        let ending = self.train(
-            &cfg,
-            &dataset,
-            &mut trainer,
-            collective.as_ref(),
-            &shared,
-            a.generation,
+        let mut run = Run {
+            cfg: &cfg,
+            run: Location::open(&cfg.job.run_dir)?,
+            dataset: &dataset,
+            collective: collective.as_ref(),
+            shared: &shared,
+            generation: a.generation,
             steps_per_epoch,
             total_steps,
-        );
+            audit,
+        };
+        let ending = self.train(&mut run, &mut trainer);
+        // A checkpoint in flight is committed (or fails) before this worker moves on.
+        self.uploader.flush();
         if let Ok(Ending::Finished) = &ending {
             // The last heartbeat says done; the coordinator finishes the job once every rank did.
             shared.progress.lock().unwrap().done = true;
@@ -248,38 +304,33 @@ impl Worker {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn train(
-        &mut self,
-        cfg: &AlbefConfig,
-        dataset: &Dataset,
-        trainer: &mut Trainer,
-        collective: &dyn Collective,
-        shared: &Shared,
-        generation: u64,
-        steps_per_epoch: u64,
-        total_steps: u64,
-    ) -> Result<Ending> {
+    fn train(&mut self, r: &mut Run, trainer: &mut Trainer) -> Result<Ending> {
+        let (cfg, collective, shared) = (r.cfg, r.collective, r.shared);
         let rank = collective.rank();
         let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
         let mut rate = (Instant::now(), 0usize);
-        while trainer.state().step < total_steps {
+        // Consecutive steps with a non-finite loss: while any, the state may be poisoned (the
+        // queues took the bad features) and is not checkpointed.
+        let mut bad_streak = 0u32;
+        let mut saved_step = None;
+        while trainer.state().step < r.total_steps {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
-            let plan = self.leases(generation, rank as u32, epoch)?;
+            let plan = self.leases(r.generation, rank as u32, epoch)?;
             ensure!(
-                plan.steps == steps_per_epoch,
-                "the coordinator planned {} steps, this worker expects {steps_per_epoch}",
-                plan.steps
+                plan.steps == r.steps_per_epoch,
+                "the coordinator planned {} steps, this worker expects {}",
+                plan.steps,
+                r.steps_per_epoch
             );
-            for loaded in dataset.loader(cfg, plan, from, self.rt.handle()) {
+            for loaded in r.dataset.loader(cfg, plan, from, self.rt.handle()) {
                 match self.obey(shared) {
                     Directive::Continue => {}
-                    Directive::Checkpoint if rank == 0 => self.checkpoint(cfg, trainer, generation, rank)?,
+                    Directive::Checkpoint if rank == 0 && bad_streak == 0 => self.save(r, trainer, &mut saved_step)?,
                     Directive::Checkpoint => {}
                     Directive::End(Ending::Stopped) => {
                         // A stopped job can be resumed later from where it stopped.
-                        if rank == 0 {
-                            self.checkpoint(cfg, trainer, generation, rank)?;
+                        if rank == 0 && bad_streak == 0 {
+                            self.save(r, trainer, &mut saved_step)?;
                         }
                         return Ok(Ending::Stopped);
                     }
@@ -293,29 +344,104 @@ impl Worker {
                         step = loaded.step,
                         "a rank has too few good samples; the step is skipped by every rank"
                     );
-                    trainer.skip_step(steps_per_epoch);
+                    audit(r, trainer.state().step, &loaded, rank, "unfit")?;
+                    trainer.skip_step(r.steps_per_epoch);
                     continue;
                 }
-                let (image, ids, mask) = batch_tensors(&loaded.batch, trainer.device());
-                let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
-                let stats = trainer.forward_backward(&batch, steps_per_epoch, &CollectiveGather { collective })?;
-                average_gradients(trainer, collective, bucket_bytes)?;
-                trainer.apply_update(&stats, steps_per_epoch)?;
-                rate.1 += loaded.batch.batch_size;
-                self.report(shared, trainer, &stats, total_steps, &mut rate);
-                if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == total_steps) {
-                    let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
-                    println!("{}", stats.progress_line(total_steps, job_rate));
+                let (mut image, ids, mask) = batch_tensors(&loaded.batch, trainer.device());
+                if self.faults.take_nan(trainer.state().step) {
+                    tracing::warn!(step = trainer.state().step, "fault injection: a poisoned batch");
+                    image *= f64::NAN;
                 }
-                if trainer.state().step >= total_steps {
+                let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
+                let stats = trainer.forward_backward(&batch, r.steps_per_epoch, &CollectiveGather { collective })?;
+                // A non-finite loss on any rank: no rank applies the step.
+                let mut bad = tch::Tensor::from_slice(&[f32::from(u8::from(!stats.loss.is_finite()))]);
+                collective.all_reduce(&mut bad, ReduceOp::Sum)?;
+                if bad.double_value(&[0]) > 0.0 {
+                    bad_streak += 1;
+                    shared.progress.lock().unwrap().nonfinite_steps += 1;
+                    tracing::warn!(step = stats.step, bad_streak, "non-finite loss: the step is not applied");
+                    audit(r, stats.step, &loaded, rank, "nonfinite")?;
+                    trainer.skip_step(r.steps_per_epoch);
+                    if bad_streak >= cfg.job.max_bad_steps {
+                        let why = format!(
+                            "{bad_streak} consecutive steps with a non-finite loss (up to step {}): rolling back to the last checkpoint",
+                            stats.step
+                        );
+                        self.report_fatal(shared, &why);
+                        return Ok(Ending::Rejoin(why));
+                    }
+                    continue;
+                }
+                bad_streak = 0;
+                average_gradients(trainer, collective, bucket_bytes)?;
+                trainer.apply_update(&stats, r.steps_per_epoch)?;
+                audit(r, stats.step, &loaded, rank, "applied")?;
+                rate.1 += loaded.batch.batch_size;
+                self.report(shared, trainer, &stats, r.total_steps, &mut rate);
+                if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == r.total_steps) {
+                    let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
+                    println!("{}", stats.progress_line(r.total_steps, job_rate));
+                }
+                let step = trainer.state().step;
+                if step >= r.total_steps {
                     break;
+                }
+                if rank == 0 && cfg.job.checkpoint_every > 0 && step.is_multiple_of(cfg.job.checkpoint_every) {
+                    self.save(r, trainer, &mut saved_step)?;
                 }
             }
         }
         if rank == 0 {
-            self.checkpoint(cfg, trainer, generation, rank)?;
+            self.save(r, trainer, &mut saved_step)?;
         }
         Ok(Ending::Finished)
+    }
+
+    /// Restores the checkpoint of the resume point; one that cannot be read is reported, so that
+    /// the coordinator falls back to the previous one.
+    fn resume(
+        &mut self,
+        trainer: &mut Trainer,
+        checkpoint: &str,
+        generation: u64,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        let loaded =
+            Location::open(checkpoint).and_then(|dir| albef_train::checkpoint::load(trainer, &dir, self.rt.handle()));
+        match loaded {
+            Ok(saved) => {
+                if saved.world_size != world as u64 && saved.position.step_in_epoch > 0 {
+                    tracing::warn!(
+                        saved = saved.world_size,
+                        now = world,
+                        "resuming mid-epoch in a world of another size: the rest of this epoch is planned anew"
+                    );
+                }
+                tracing::info!(checkpoint, step = trainer.state().step, epoch = trainer.state().epoch, "resumed");
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(checkpoint, "cannot resume from the checkpoint: {reason}");
+                let req =
+                    RejectCheckpointRequest { generation, rank: rank as u32, location: checkpoint.into(), reason };
+                if let Err(s) = self.rt.block_on(self.client.reject_checkpoint(req)) {
+                    tracing::warn!("reporting the unreadable checkpoint: {s}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells the coordinator at once that this generation cannot go on.
+    fn report_fatal(&mut self, shared: &Shared, why: &str) {
+        let req = HeartbeatRequest { fatal_error: why.into(), ..shared.progress.lock().unwrap().clone() };
+        if let Err(s) = self.rt.block_on(self.client.heartbeat(req)) {
+            tracing::warn!("reporting a fatal error: {s}");
+        }
     }
 
     /// Applies the coordinator's commands before a step (waiting while paused).
@@ -344,17 +470,67 @@ impl Worker {
         }
     }
 
-    fn checkpoint(&mut self, cfg: &AlbefConfig, trainer: &Trainer, generation: u64, rank: usize) -> Result<()> {
-        let dir = checkpoint_dir(&cfg.job.run_dir, trainer.state().step);
-        trainer.save(&dir)?;
-        let req = ReportCheckpointRequest {
-            generation,
-            rank: rank as u32,
-            step: trainer.state().step,
-            location: dir.to_string_lossy().into_owned(),
-        };
-        self.rt.block_on(self.client.report_checkpoint(req)).context("reporting the checkpoint")?;
-        tracing::info!(dir = %dir.display(), "checkpoint saved");
+    /// Saves a checkpoint of the current step: the step waits for the copy to host memory, the
+    /// upload and the report to the coordinator run in the background.
+    fn save(&mut self, r: &Run, trainer: &Trainer, saved_step: &mut Option<u64>) -> Result<()> {
+        let state = trainer.state().clone();
+        if *saved_step == Some(state.step) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let snapshot = trainer.snapshot(r.collective.world_size() as u64, r.steps_per_epoch)?;
+        tracing::info!(
+            step = state.step,
+            copy_ms = started.elapsed().as_millis() as u64,
+            "checkpoint copied to host memory"
+        );
+        let (handle, mut client, generation) = (self.rt.handle().clone(), self.client.clone(), r.generation);
+        let rank = r.collective.rank() as u32;
+        let done = Box::new(move |saved: Saved| {
+            let manifest = match saved.manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(step = saved.step, "checkpoint save failed: {e:#}");
+                    return;
+                }
+            };
+            let upload_ms = saved.took.as_millis() as u64;
+            tracing::info!(
+                location = saved.location.url,
+                bytes = manifest.total_bytes(),
+                upload_ms,
+                "checkpoint stored"
+            );
+            let req = ReportCheckpointRequest {
+                generation,
+                rank,
+                step: saved.step,
+                location: saved.location.url.clone(),
+                epoch: state.epoch,
+                step_in_epoch: state.step_in_epoch,
+            };
+            let mut backoff = Backoff::new();
+            for _ in 0..8 {
+                match handle.block_on(client.report_checkpoint(req.clone())) {
+                    Ok(reply) if reply.get_ref().committed => {
+                        tracing::info!(location = req.location, "checkpoint committed");
+                        return;
+                    }
+                    Ok(_) => {
+                        tracing::warn!(location = req.location, "the coordinator did not commit the checkpoint");
+                        return;
+                    }
+                    Err(s) if client::transient(&s) => backoff.wait(),
+                    Err(s) => {
+                        tracing::warn!(location = req.location, "checkpoint report refused: {s}");
+                        return;
+                    }
+                }
+            }
+            tracing::warn!(location = req.location, "the coordinator stayed unreachable: checkpoint not committed");
+        });
+        self.uploader.save(&r.run, snapshot, done);
+        *saved_step = Some(state.step);
         Ok(())
     }
 
@@ -401,10 +577,6 @@ impl Worker {
 /// Steps between parameter fingerprints (and after the last step).
 const FINGERPRINT_EVERY: u64 = 10;
 
-fn checkpoint_dir(run_dir: &str, step: u64) -> PathBuf {
-    Path::new(run_dir).join("checkpoints").join(format!("step-{step}"))
-}
-
 /// FNV-1a over 64-bit words: a stable, dependency-free hash for tokens and fingerprints.
 fn fnv1a(words: impl IntoIterator<Item = u64>) -> u64 {
     words.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, w| (h ^ w).wrapping_mul(0x100_0000_01b3))
@@ -430,4 +602,17 @@ fn params_fingerprint(trainer: &Trainer) -> String {
             .collect::<Vec<_>>()
     });
     format!("{:016x}", fnv1a(sums))
+}
+
+/// Appends the sample keys of a step to the audit log (when one is configured).
+fn audit(r: &mut Run, step: u64, loaded: &LoadedBatch, rank: usize, outcome: &str) -> Result<()> {
+    let Some(file) = r.audit.as_mut() else { return Ok(()) };
+    let line = serde_json::json!({
+        "generation": r.generation,
+        "rank": rank,
+        "step": step,
+        "outcome": outcome,
+        "keys": loaded.batch.keys,
+    });
+    writeln!(file, "{line}").context("writing the audit log")
 }

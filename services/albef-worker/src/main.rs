@@ -6,6 +6,7 @@
 //! generation end aborts its collective and joins again.
 
 mod client;
+mod faults;
 mod generation;
 
 use albef_config::ConfigArgs;
@@ -25,6 +26,10 @@ struct Cli {
     /// Address the TCP collective listens on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     collective_listen: String,
+    /// Address peers dial for the collective, HOST or HOST:PORT (a pod IP), when the listen
+    /// address is not reachable as such (0.0.0.0).
+    #[arg(long)]
+    collective_advertise: Option<String>,
 }
 
 fn main() {
@@ -42,5 +47,6 @@ fn run(cli: Cli) -> Result<()> {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
-    generation::Worker::new(local, worker_id, cli.collective_listen.parse()?)?.run()
+    let listen = cli.collective_listen.parse()?;
+    generation::Worker::new(local, worker_id, listen, cli.collective_advertise)?.run()
 }

@@ -9,6 +9,7 @@ mod launch;
 
 use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::dataset::Dataset;
+use albef_data::store::Location;
 use albef_model::{Batch, LocalGather, device};
 use albef_train::{Trainer, batch_tensors};
 use anyhow::{Context, Result};
@@ -140,7 +141,8 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
         println!("skipped input: {skipped:?}");
     }
     let final_dir = out.join("final");
-    trainer.save(&final_dir)?;
+    let location = Location::open(&final_dir.to_string_lossy())?;
+    albef_train::checkpoint::save(&trainer, &location, 1, steps_per_epoch, rt.handle())?;
     println!(
         "trained {} steps in {:.0}s: loss {:.3} -> {:.3}; state saved in {}",
         trainer.state().step,

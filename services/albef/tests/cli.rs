@@ -78,7 +78,7 @@ fn train_runs_logs_falling_losses_and_saves_its_state() {
         .collect();
     assert_eq!(losses.len(), 7, "{stdout}");
     assert!(losses[6] < losses[0], "loss did not fall: {losses:?}");
-    for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+    for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "manifest.json"] {
         assert!(out_dir.join("final").join(file).exists(), "{file} missing");
     }
     for generated in ["data/vocab.txt", "data/albef-index.json", "data/train-000000.tar", "data/test.json"] {

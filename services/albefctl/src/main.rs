@@ -222,6 +222,7 @@ fn render_status(s: &JobStatus) -> String {
         ("temp", format!("{:.4}", s.temp)),
         ("checkpoint", if s.last_checkpoint.is_empty() { "-".into() } else { s.last_checkpoint.clone() }),
         ("restarts", s.restarts.to_string()),
+        ("bad steps", format!("{} non-finite, {} checkpoints rejected", s.nonfinite_steps, s.rejected_checkpoints)),
     ];
     for (name, value) in fields {
         let _ = writeln!(out, "{name:<11} {value}");

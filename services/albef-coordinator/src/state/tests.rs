@@ -229,7 +229,8 @@ fn stale_generations_and_ranks_outside_the_world() {
     assert!(matches!(job.leases(0, 0, 0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.leases(2, 0, 0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.leases(1, 2, 0), Err(JobError::InvalidArgument(_))));
-    assert!(matches!(job.report_checkpoint(3, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_checkpoint(3, 0, 1, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_checkpoint(1, 2, 1, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.nccl_id(5), Err(JobError::InvalidArgument(_))));
 }
 
@@ -290,12 +291,12 @@ fn stop_asks_every_worker_and_finishes_once_they_left() {
     assert_eq!(job.state(), "stopping");
     // b never says goodbye: the heartbeat timeout counts it out, without a new generation.
     job.tick(at(t0, TIMEOUT + 1));
-    assert_eq!(job.state(), "finished");
+    assert_eq!(job.state(), "stopped");
     assert!(job.drained());
     assert_eq!(job.status(t0).restarts, 0);
 
     let (mut idle, _) = self::job(1, 1);
-    assert_eq!(idle.stop(), "finished");
+    assert_eq!(idle.stop(), "stopped");
     assert!(idle.drained());
 }
 
@@ -303,28 +304,80 @@ fn stop_asks_every_worker_and_finishes_once_they_left() {
 fn a_committed_checkpoint_is_the_next_resume_point() {
     let (mut job, t0) = job(2, 2);
     let g = form(&mut job, &["a", "b"], t0);
-    assert_eq!(job.report_checkpoint(1, 1, 30, "run/checkpoints/step-30", t0), Ok(false), "only rank 0 commits");
+    let report = |job: &mut Job, generation, rank, step, ms| {
+        job.report_checkpoint(
+            generation,
+            rank,
+            step,
+            step / 12,
+            step % 12,
+            &format!("run/checkpoints/step-{step}"),
+            at(t0, ms),
+        )
+    };
+    assert!(!report(&mut job, 1, 1, 30, 0).unwrap().committed, "only rank 0 commits");
     assert!(job.checkpoints().is_empty());
-    assert_eq!(job.report_checkpoint(1, 0, 30, "run/checkpoints/step-30", at(t0, 2500)), Ok(true));
-    assert_eq!(job.report_checkpoint(1, 0, 30, "run/checkpoints/step-30", at(t0, 2600)), Ok(true));
+    assert!(report(&mut job, 1, 0, 30, 2500).unwrap().committed);
+    assert!(report(&mut job, 1, 0, 30, 2600).unwrap().committed);
     let c = &job.checkpoints()[0];
     assert_eq!(job.checkpoints().len(), 1, "a retried report is one checkpoint");
-    // 100 samples, world 2, batch 4: 12 steps per epoch.
     assert_eq!((c.step, c.epoch, c.step_in_epoch), (30, 2, 6));
     assert_eq!(c.committed_at, job.clock.1 + 2);
     assert_eq!(job.status(t0).last_checkpoint, "run/checkpoints/step-30");
+    assert!(!report(&mut job, 1, 0, 24, 2700).unwrap().committed, "older than the latest");
     commands(&mut job, &Heartbeat { fatal_error: "boom".into(), ..beat("a", &g[0], 31) }, t0);
+    // A save that finished after its generation ended still counts.
+    assert!(report(&mut job, 1, 0, 36, 2800).unwrap().committed);
     let g2 = form(&mut job, &["a", "b"], t0);
-    let want = ResumePoint { step: 30, epoch: 2, step_in_epoch: 6, checkpoint: "run/checkpoints/step-30".into() };
+    let want = ResumePoint { step: 36, epoch: 3, step_in_epoch: 0, checkpoint: "run/checkpoints/step-36".into() };
     assert_eq!(g2[0].resume, want);
     assert_eq!(g2[1].resume, want);
+    assert!(report(&mut job, 3, 0, 40, 2900).is_err(), "a generation never formed");
+}
+
+#[test]
+fn old_checkpoints_are_evicted_and_a_rejected_one_falls_back_to_the_previous() {
+    let (mut job, t0) = job(2, 2);
+    job.cfg.job.keep_checkpoints = 2;
+    let g = form(&mut job, &["a", "b"], t0);
+    let mut evicted = vec![];
+    for step in [4, 8, 12] {
+        let loc = format!("run/checkpoints/step-{step}");
+        evicted.extend(job.report_checkpoint(1, 0, step, 0, step, &loc, t0).unwrap().evicted);
+    }
+    assert_eq!(evicted, ["run/checkpoints/step-4"]);
+    assert_eq!(job.checkpoints().iter().map(|c| c.step).collect::<Vec<_>>(), [8, 12]);
+    // Both ranks fail to read step 12 in the next generation: dropped once, the world re-forms.
+    commands(&mut job, &Heartbeat { fatal_error: "boom".into(), ..beat("a", &g[0], 13) }, t0);
+    let g2 = form(&mut job, &["a", "b"], t0);
+    assert_eq!(g2[0].resume.step, 12);
+    let dropped = job.reject_checkpoint(2, 1, "run/checkpoints/step-12", "model.safetensors: SHA-256", t0).unwrap();
+    assert_eq!(dropped.as_deref(), Some("run/checkpoints/step-12"));
+    assert_eq!(job.reject_checkpoint(2, 0, "run/checkpoints/step-12", "again", t0).unwrap(), None);
+    assert_eq!(job.status(t0).rejected_checkpoints, 1);
+    assert_eq!(job.state(), "waiting", "the generation ended");
+    let g3 = form(&mut job, &["a", "b"], t0);
+    assert_eq!((g3[0].resume.step, g3[0].resume.checkpoint.as_str()), (8, "run/checkpoints/step-8"));
+    assert!(job.reject_checkpoint(9, 0, "x", "y", t0).is_err());
+}
+
+#[test]
+fn non_finite_steps_are_counted_once_from_rank_0() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    for (id, a, n) in [("a", &g[0], 1), ("b", &g[1], 1), ("a", &g[0], 3), ("a", &g[0], 3)] {
+        commands(&mut job, &Heartbeat { nonfinite_steps: n, ..beat(id, a, 5) }, t0);
+    }
+    assert_eq!(job.status(t0).nonfinite_steps, 3);
+    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.to_json(), t0).unwrap();
+    assert_eq!(restored.status(t0).nonfinite_steps, 3);
 }
 
 #[test]
 fn the_state_survives_a_restart_of_the_coordinator() {
     let (mut job, t0) = job(2, 2);
     let g = form(&mut job, &["a", "b"], t0);
-    job.report_checkpoint(1, 0, 12, "ck/step-12", t0).unwrap();
+    job.report_checkpoint(1, 0, 12, 0, 12, "ck/step-12", t0).unwrap();
     job.pause().unwrap();
     let before = job.revision();
     let text = job.to_json();
@@ -341,8 +394,17 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     assert_eq!(restored.state(), "paused");
     assert_eq!(restored.to_json().replace("\"generation\": 2", "\"generation\": 1"), text);
 
+    // A stopped job starts again (the same run location, a new coordinator) from its checkpoint.
     restored.stop();
-    let finished = Job::from_json(config(2, 2), vec![60, 40], &restored.to_json(), t0).unwrap();
+    let mut again = Job::from_json(config(2, 2), vec![60, 40], &restored.to_json(), t0).unwrap();
+    assert_eq!(again.state(), "waiting");
+    assert_eq!(form(&mut again, &["a", "b"], t0)[0].resume.checkpoint, "ck/step-12");
+    // A finished one stays finished.
+    let g3 = form(&mut job, &["a", "b"], t0);
+    for (id, a) in [("a", &g3[0]), ("b", &g3[1])] {
+        commands(&mut job, &Heartbeat { done: true, ..beat(id, a, 24) }, t0);
+    }
+    let finished = Job::from_json(config(2, 2), vec![60, 40], &job.to_json(), t0).unwrap();
     assert_eq!(finished.state(), "finished");
     assert!(finished.drained());
     assert!(Job::from_json(config(2, 2), vec![1], "{\"version\": 9}", t0).is_err());
