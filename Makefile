@@ -19,8 +19,13 @@ lint: $(VENV_STAMP)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: setup lint
+test: setup lint validate-deploy
 	$(CARGO) test --workspace
+
+# Renders deploy/'s kustomizations and validates every object (no cluster needed).
+.PHONY: validate-deploy
+validate-deploy: $(VENV_STAMP)
+	bash scripts/validate-deploy.sh
 
 # The main job on embedded defaults: a local coordinator and 2 workers train the small model on
 # a generated dataset, on CPU with TCP collectives (a fresh job each time; the data is kept).
