@@ -1,10 +1,12 @@
 //! `albef`: the command-line entry to ALBEF training.
 //!
-//! `albef train` trains in one process (the distributed job comes with the coordinator and
-//! workers); `albef data synth|index` prepare datasets; `albef config` prints the effective
-//! configuration.
+//! `albef train` trains in one process; `albef run` runs a whole local job (coordinator and
+//! workers); `albef eval` evaluates zero-shot retrieval; `albef embed` exports embeddings;
+//! `albef data synth|index` prepare datasets; `albef config` prints the effective configuration.
 
 mod data;
+mod embed;
+mod eval;
 mod launch;
 
 use albef_config::{AlbefConfig, ConfigArgs};
@@ -45,6 +47,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Zero-shot image-text retrieval of a checkpoint (or the untrained model) on a split.
+    Eval(Box<eval::EvalArgs>),
+    /// Normalised ITC embeddings of images or captions (safetensors).
+    Embed(Box<embed::EmbedArgs>),
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -72,6 +78,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data::run(command),
+        Command::Eval(args) => eval::run(*args),
+        Command::Embed(args) => embed::run(*args),
         Command::Run { config, workers, port } => {
             anyhow::ensure!(workers >= 1, "--workers must be at least 1");
             let cfg = config.load()?;

@@ -1,0 +1,94 @@
+//! A model to evaluate: from a checkpoint (its own configuration and weights, verified against
+//! the manifest), from a bare safetensors state with a configuration, or freshly initialised as
+//! a new job would start.
+
+use albef_config::{AlbefConfig, ConfigSources};
+use albef_data::store::Location;
+use albef_model::{Albef, weights};
+use albef_train::trainer::{MODEL_FILE, STATE_FILE, SavedState};
+use anyhow::{Context, Result, bail};
+use tch::{Device, nn};
+use tokio::runtime::Handle;
+
+pub struct EvalModel {
+    /// The configuration the model was trained with (a checkpoint's own), plus overrides.
+    pub cfg: AlbefConfig,
+    pub vs: nn::VarStore,
+    pub model: Albef,
+    /// Where the weights came from (a checkpoint URL, a file, "untrained").
+    pub source: String,
+    /// Optimiser steps the weights had taken (0 when untrained; None when unknown).
+    pub step: Option<u64>,
+}
+
+/// A freshly initialised model, exactly as `Trainer::new` initialises a job's (same seed, same
+/// order of draws, pretrained encoders imported when configured).
+pub fn untrained(cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
+    cfg.validate()?;
+    tch::manual_seed(cfg.train.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Albef::new(&vs, &cfg.model)?;
+    let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+    let (bert, vit) = (path(&cfg.model.text_encoder_checkpoint), path(&cfg.model.visual_encoder_checkpoint));
+    model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
+    Ok(EvalModel { cfg: cfg.clone(), vs, model, source: "untrained".into(), step: Some(0) })
+}
+
+/// A configuration from JSON (a checkpoint's) with `overrides` (`key=value`) and the ALBEF__*
+/// environment layered on top, as every binary layers its configuration.
+pub fn config_with_overrides(json: &serde_json::Value, overrides: &[String]) -> Result<AlbefConfig> {
+    let dir = tempfile::tempdir()?;
+    // JSON is YAML: the configuration loader reads it as a file layer.
+    let file = dir.path().join("checkpoint-config.yaml");
+    std::fs::write(&file, serde_json::to_vec_pretty(json)?)?;
+    albef_config::load(&ConfigSources { file: Some(file), overrides: overrides.to_vec(), environment: true })
+        .context("the checkpoint's configuration")
+}
+
+/// The checkpoint `url` names: a checkpoint folder (with manifest.json), or a run directory or
+/// its `checkpoints` folder, whose latest complete checkpoint is taken.
+pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
+    let loc = Location::open(url)?;
+    if handle.block_on(loc.join(albef_checkpoint::MANIFEST).exists())? {
+        return Ok(loc);
+    }
+    let trimmed = url.trim_end_matches('/');
+    let run = match trimmed.strip_suffix("/checkpoints") {
+        Some(parent) => Location::open(parent)?,
+        None if trimmed == "checkpoints" => Location::open(".")?,
+        None => loc,
+    };
+    let listed = handle.block_on(albef_checkpoint::list(&run))?;
+    match listed.into_iter().rev().find(|l| l.complete) {
+        Some(latest) => Ok(latest.location),
+        None => {
+            bail!("{url} is neither a checkpoint (no manifest.json) nor a run directory with a complete checkpoint")
+        }
+    }
+}
+
+/// Loads a checkpoint folder: its configuration from trainer_state.json (with `overrides`), its
+/// model state from model.safetensors, both verified against the manifest.
+pub fn from_checkpoint(dir: &Location, overrides: &[String], device: Device, handle: &Handle) -> Result<EvalModel> {
+    let (manifest, files) = handle.block_on(albef_train::checkpoint::read_verified(dir))?;
+    let file = |name: &str| files.get(name).with_context(|| format!("{}: the checkpoint has no {name}", dir.url));
+    let saved: SavedState = serde_json::from_slice(file(STATE_FILE)?)
+        .with_context(|| format!("{}/{STATE_FILE} is not a trainer state", dir.url))?;
+    let cfg = config_with_overrides(&saved.config, overrides)?;
+    let label = format!("{}/{MODEL_FILE}", dir.url);
+    let tensors = weights::deserialize(file(MODEL_FILE)?, &label)?;
+    let vs = nn::VarStore::new(device);
+    let model = Albef::new(&vs, &cfg.model)?;
+    weights::load_complete(&vs, tensors, &label)?;
+    Ok(EvalModel { cfg, vs, model, source: dir.url.clone(), step: Some(manifest.step) })
+}
+
+/// Loads a bare ALBEF state (safetensors with the reference names) into a model of `cfg`.
+pub fn from_safetensors(path: &str, cfg: &AlbefConfig, device: Device, handle: &Handle) -> Result<EvalModel> {
+    let bytes = handle.block_on(Location::open(path)?.read_all())?;
+    let tensors = weights::deserialize(&bytes, path)?;
+    let vs = nn::VarStore::new(device);
+    let model = Albef::new(&vs, &cfg.model)?;
+    weights::load_complete(&vs, tensors, path)?;
+    Ok(EvalModel { cfg: cfg.clone(), vs, model, source: path.to_string(), step: None })
+}

@@ -1,0 +1,180 @@
+//! A retrieval split in the reference's annotation format: a JSON list of
+//! `{"image": path, "caption": str | [str], "image_id": ...}`, one entry per image, its captions
+//! numbered in order (as the reference's `re_eval_dataset`). Captions go through pre_caption and
+//! the tokenizer; images are read once and decoded batch by batch with the test transform
+//! (bicubic resize to the model's resolution, no crop).
+
+use crate::metrics::GroundTruth;
+use albef_data::bad::SkipCounts;
+use albef_data::batch::normalize_rgb;
+use albef_data::pre_caption;
+use albef_data::sources::parse_annotations;
+use albef_data::store::Location;
+use albef_data::tokenizer::Tokenizer;
+use albef_data::transform::{decode_rgb, resize_exact};
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::runtime::Handle;
+
+/// Where images are read from, how captions are cleaned.
+#[derive(Clone, Debug)]
+pub struct SplitOptions {
+    /// Root of the annotation's image paths; None: the annotation file's directory.
+    pub image_root: Option<String>,
+    /// Words kept by pre_caption.
+    pub max_words: usize,
+    /// Images whose header declares more pixels are refused.
+    pub max_pixels: u64,
+}
+
+impl Default for SplitOptions {
+    fn default() -> Self {
+        SplitOptions { image_root: None, max_words: 30, max_pixels: 89_478_485 }
+    }
+}
+
+/// An image-text retrieval split, ready for the encoders.
+pub struct RetrievalSplit {
+    /// The annotation file it was read from.
+    pub source: String,
+    /// Image paths as the annotation names them, in order.
+    pub image_keys: Vec<String>,
+    images: Vec<Bytes>,
+    /// Every caption after pre_caption, image by image.
+    pub texts: Vec<String>,
+    pub truth: GroundTruth,
+    /// Token ids and mask of every text, (texts, seq_len) row-major, padded to the longest.
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub seq_len: usize,
+    max_pixels: u64,
+}
+
+/// The directory of an object URL or path (`data/test.json` -> `data`).
+pub fn parent_of(url: &str) -> String {
+    match url.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) => "/".into(),
+        Some((dir, _)) => dir.into(),
+        None => ".".into(),
+    }
+}
+
+impl RetrievalSplit {
+    /// Reads the annotation file `url` and every image it names.
+    pub fn load(url: &str, tokenizer: &Tokenizer, opts: &SplitOptions, handle: &Handle) -> Result<Self> {
+        let bytes = handle.block_on(Location::open(url)?.read_all())?;
+        let skips = SkipCounts::default();
+        let entries = parse_annotations(&bytes, url, &skips)?;
+        if skips.total() > 0 {
+            bail!("{url}: entries that are not retrieval annotations: {:?}", skips.snapshot());
+        }
+        ensure!(!entries.is_empty(), "{url} lists no images");
+        let entries: Vec<_> = entries.into_iter().flatten().collect();
+        let root = Location::open(&opts.image_root.clone().unwrap_or_else(|| parent_of(url)))?;
+
+        let mut texts = vec![];
+        let mut counts = vec![];
+        for (i, e) in entries.iter().enumerate() {
+            let cleaned: Vec<String> = e.captions.iter().map(|c| pre_caption(c, opts.max_words)).collect();
+            ensure!(
+                cleaned.iter().all(|c| !c.is_empty()),
+                "{url}: entry {i} ({}) has a caption that pre_caption empties",
+                e.image
+            );
+            counts.push(cleaned.len());
+            texts.extend(cleaned);
+        }
+        let truth = GroundTruth::consecutive(&counts)?;
+
+        let image_keys: Vec<String> = entries.iter().map(|e| e.image.clone()).collect();
+        let images: Vec<Bytes> = handle.block_on(async {
+            futures::stream::iter(image_keys.iter().map(|k| {
+                let loc = root.join(k);
+                async move { loc.read_all().await }
+            }))
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+        })?;
+
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (input_ids, attention_mask, seq_len) = tokenizer.encode_batch(&refs);
+        Ok(RetrievalSplit {
+            source: url.to_string(),
+            image_keys,
+            images,
+            texts,
+            truth,
+            input_ids,
+            attention_mask,
+            seq_len,
+            max_pixels: opts.max_pixels,
+        })
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn num_texts(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// Images `range` decoded, resized to `res` x `res` and normalised: (n, 3, res, res)
+    /// row-major. Decoding runs on up to `threads` threads.
+    pub fn pixels(&self, range: std::ops::Range<usize>, res: usize, threads: usize) -> Result<Vec<f32>> {
+        decode_images(&self.images[range.clone()], &self.image_keys[range], res, self.max_pixels, threads)
+    }
+}
+
+/// Decodes encoded images with the test transform into one (n, 3, res, res) buffer.
+pub fn decode_images(
+    images: &[Bytes],
+    names: &[String],
+    res: usize,
+    max_pixels: u64,
+    threads: usize,
+) -> Result<Vec<f32>> {
+    let per_image = 3 * res * res;
+    let mut out = vec![0f32; images.len() * per_image];
+    let chunk = images.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| -> Result<()> {
+        let jobs: Vec<_> = out
+            .chunks_mut(chunk * per_image)
+            .zip(images.chunks(chunk).zip(names.chunks(chunk)))
+            .map(|(dst, (imgs, names))| {
+                s.spawn(move || -> Result<()> {
+                    let mut buf = Vec::with_capacity(per_image);
+                    for ((bytes, name), dst) in imgs.iter().zip(names).zip(dst.chunks_mut(per_image)) {
+                        let rgb = decode_rgb(bytes, max_pixels).with_context(|| format!("decoding {name}"))?;
+                        buf.clear();
+                        normalize_rgb(resize_exact(&rgb, res as u32).as_raw(), res, &mut buf);
+                        dst.copy_from_slice(&buf);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for j in jobs {
+            j.join().map_err(|_| anyhow::anyhow!("an image decoding thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_of_paths_and_urls() {
+        assert_eq!(parent_of("data/test.json"), "data");
+        assert_eq!(parent_of("test.json"), ".");
+        assert_eq!(parent_of("/test.json"), "/");
+        assert_eq!(parent_of("s3://bucket/sets/coco/test.json"), "s3://bucket/sets/coco");
+    }
+}

@@ -1,0 +1,294 @@
+//! `albef eval`: zero-shot image-text retrieval of a checkpoint (or of the untrained model a job
+//! starts from) on a retrieval split; prints a table and writes JSON.
+
+use albef_config::{AlbefConfig, ConfigArgs};
+use albef_data::dataset::training_sources;
+use albef_data::store::Location;
+use albef_data::synth::{TEST_JSON, VOCAB_TXT};
+use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
+use albef_eval::metrics::{RetrievalMetrics, chance, table};
+use albef_eval::model::{EvalModel, from_checkpoint, from_safetensors, resolve_checkpoint, untrained};
+use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
+use albef_eval::split::{RetrievalSplit, SplitOptions, parent_of};
+use albef_model::device;
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio::runtime::Handle;
+
+/// Where the model comes from and how it runs, shared by `eval` and `embed`.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A checkpoint folder (`<run>/checkpoints/step-N`), a run directory (its latest complete
+    /// checkpoint), or a bare model.safetensors (then --config gives the model).
+    #[arg(long, conflicts_with = "untrained")]
+    pub checkpoint: Option<String>,
+    /// Evaluate the freshly initialised model a job with this configuration starts from.
+    #[arg(long)]
+    pub untrained: bool,
+    /// Configuration: for --untrained and bare safetensors; with a checkpoint, its own
+    /// configuration is used and --set overrides it (data.*, train.device, ...).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// WordPiece vocab.txt or tokenizer.json (default: data.tokenizer, else vocab.txt beside the
+    /// split or the training data).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Images or texts per encoder forward.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Retrieval annotation JSON (reference format: image, caption list, image_id). Default: the
+    /// held-out split of the generated dataset, `<job.run_dir>/data/test.json`.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Root of the split's image paths (default: the split's directory).
+    #[arg(long)]
+    pub image_root: Option<String>,
+    /// Candidates per query re-ranked by ITM.
+    #[arg(long, default_value_t = 128)]
+    pub k_test: usize,
+    /// Score of the main table: itm (ALBEF), itm+itc (LAVIS) or itc (no re-ranking).
+    #[arg(long, default_value = "itm+itc")]
+    pub score: String,
+    /// (query, candidate) pairs per fusion forward.
+    #[arg(long, default_value_t = 256)]
+    pub itm_batch: usize,
+    /// The JSON report (default: `<run>/eval/step-N.json` for a checkpoint of a run,
+    /// `<job.run_dir>/eval/untrained.json` for --untrained).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Name of this evaluation in tables (default: "untrained" or "step N").
+    #[arg(long)]
+    pub label: Option<String>,
+    /// An earlier report: print its table and this one side by side.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+}
+
+/// What `albef eval` writes.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct EvalReport {
+    pub label: String,
+    pub model: String,
+    pub step: Option<u64>,
+    pub split: String,
+    pub images: usize,
+    pub texts: usize,
+    pub k_test: usize,
+    /// The scoring of the top-level metrics.
+    pub score: Scoring,
+    #[serde(flatten)]
+    pub metrics: RetrievalMetrics,
+    /// The metrics under every scoring.
+    pub scores: RetrievalResults,
+    /// What a random ranking would score.
+    pub chance: RetrievalMetrics,
+    pub seconds: f64,
+    pub device: String,
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    crate::data::runtime()
+}
+
+/// The model asked for, on the configured device.
+pub fn load_model(args: &ModelArgs, handle: &Handle) -> Result<EvalModel> {
+    match (&args.checkpoint, args.untrained) {
+        (Some(path), _) if path.ends_with(".safetensors") => {
+            let cfg = args.config.load()?;
+            let dev = device_of(&cfg)?;
+            from_safetensors(path, &cfg, dev, handle)
+        }
+        (Some(path), _) => {
+            let dir = resolve_checkpoint(path, handle)?;
+            ensure!(
+                args.config.config.is_none(),
+                "--config applies to --untrained and bare .safetensors; a checkpoint brings its own (use --set to override)"
+            );
+            // The device is read from the overrides first, so the weights load straight onto it.
+            let probe = from_checkpoint_config(&dir, &args.config.overrides, handle)?;
+            from_checkpoint(&dir, &args.config.overrides, device_of(&probe)?, handle)
+        }
+        (None, true) => {
+            let cfg = args.config.load()?;
+            untrained(&cfg, device_of(&cfg)?)
+        }
+        (None, false) => bail!("name the model: --checkpoint PATH or --untrained"),
+    }
+}
+
+fn from_checkpoint_config(dir: &Location, overrides: &[String], handle: &Handle) -> Result<AlbefConfig> {
+    let bytes = handle.block_on(dir.join(albef_train::trainer::STATE_FILE).read_all())?;
+    let saved: albef_train::SavedState = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}/{} is not a trainer state", dir.url, albef_train::trainer::STATE_FILE))?;
+    albef_eval::model::config_with_overrides(&saved.config, overrides)
+}
+
+fn device_of(cfg: &AlbefConfig) -> Result<tch::Device> {
+    let dev = device::resolve(cfg.train.device)?;
+    device::configure_cuda(cfg.train.tf32)?;
+    if cfg.train.num_threads > 0 {
+        tch::set_num_threads(cfg.train.num_threads);
+    }
+    Ok(dev)
+}
+
+/// The tokenizer: --tokenizer, else data.tokenizer, else vocab.txt beside `beside`.
+pub fn load_tokenizer(explicit: Option<&str>, cfg: &AlbefConfig, beside: &str, handle: &Handle) -> Result<Tokenizer> {
+    let url = match (explicit, cfg.data.tokenizer.as_str()) {
+        (Some(t), _) => t.to_string(),
+        (None, t) if !t.is_empty() => t.to_string(),
+        (None, _) => format!("{}/{VOCAB_TXT}", parent_of(beside)),
+    };
+    let bytes =
+        handle.block_on(Location::open(&url)?.read_all()).with_context(|| format!("reading the tokenizer {url}"))?;
+    let dir = tempfile::tempdir()?;
+    let name = url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or(VOCAB_TXT);
+    let path = dir.path().join(name);
+    std::fs::write(&path, &bytes)?;
+    let tok = Tokenizer::from_file(&path)?
+        .with_options(TokenizerOptions { max_tokens: cfg.data.max_tokens, add_sep: cfg.data.add_sep })?;
+    ensure!(
+        tok.vocab_size() as i64 <= cfg.model.bert.vocab_size,
+        "the tokenizer {url} has {} tokens but the model's vocabulary has {}",
+        tok.vocab_size(),
+        cfg.model.bert.vocab_size
+    );
+    Ok(tok)
+}
+
+/// The split to evaluate: --data, else the generated dataset's held-out split (generated now if
+/// the job has not done it yet).
+fn split_url(data: Option<&str>, cfg: &AlbefConfig, handle: &Handle) -> Result<String> {
+    if let Some(d) = data {
+        return Ok(d.to_string());
+    }
+    ensure!(
+        cfg.data.train_file.is_empty(),
+        "--data is required when the configuration trains on data.train_file (there is no generated held-out split)"
+    );
+    let run = Path::new(&cfg.job.run_dir);
+    training_sources(cfg, run, handle)?;
+    Ok(run.join("data").join(TEST_JSON).to_string_lossy().into_owned())
+}
+
+fn default_out(model: &EvalModel, args: &EvalArgs) -> PathBuf {
+    let source = Path::new(&model.source);
+    if let (Some(step_dir), Some(ckpts)) = (source.file_name(), source.parent())
+        && ckpts.file_name().is_some_and(|n| n == "checkpoints")
+        && let Some(run) = ckpts.parent()
+    {
+        return run.join("eval").join(format!("{}.json", step_dir.to_string_lossy()));
+    }
+    if args.model.untrained {
+        return Path::new(&model.cfg.job.run_dir).join("eval").join("untrained.json");
+    }
+    PathBuf::from("retrieval-eval.json")
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let scoring: Scoring = args.score.parse()?;
+    let rt = runtime()?;
+    let handle = rt.handle();
+    let started = Instant::now();
+    let model = load_model(&args.model, handle)?;
+    let cfg = &model.cfg;
+    let split_url = split_url(args.data.as_deref(), cfg, handle)?;
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), cfg, &split_url, handle)?;
+    let split_opts = SplitOptions {
+        image_root: args.image_root.clone(),
+        max_words: cfg.data.max_words,
+        max_pixels: cfg.data.max_pixels,
+    };
+    let split = RetrievalSplit::load(&split_url, &tokenizer, &split_opts, handle)?;
+    let opts = EvalOptions {
+        k_test: args.k_test,
+        batch_size: args.model.batch_size,
+        itm_batch: args.itm_batch,
+        bf16: cfg.train.bf16,
+        ..EvalOptions::default()
+    };
+    let label = args.label.clone().unwrap_or_else(|| match model.step {
+        Some(0) if model.source == "untrained" => "untrained".into(),
+        Some(s) => format!("step {s}"),
+        None => "model".into(),
+    });
+    eprintln!(
+        "evaluating {} ({label}) on {split_url}: {} images, {} texts, k_test {}, on {:?}",
+        model.source,
+        split.num_images(),
+        split.num_texts(),
+        args.k_test,
+        model.model.device()
+    );
+    let results = evaluate(&model.model, &split, &opts)?;
+    let report = EvalReport {
+        label: label.clone(),
+        model: model.source.clone(),
+        step: model.step,
+        split: split_url.clone(),
+        images: split.num_images(),
+        texts: split.num_texts(),
+        k_test: args.k_test,
+        score: scoring,
+        metrics: *results.get(scoring),
+        scores: results,
+        chance: chance(&split.truth),
+        seconds: started.elapsed().as_secs_f64(),
+        device: format!("{:?}", model.model.device()),
+    };
+    let out = args.out.clone().unwrap_or_else(|| default_out(&model, &args));
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+
+    let mut columns: Vec<(String, RetrievalMetrics)> = vec![];
+    if let Some(path) = &args.compare {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let earlier: EvalReport =
+            serde_json::from_str(&text).with_context(|| format!("{} is no eval report", path.display()))?;
+        ensure!(
+            (earlier.images, earlier.texts) == (report.images, report.texts),
+            "{} evaluated another split ({} images, {} texts)",
+            path.display(),
+            earlier.images,
+            earlier.texts
+        );
+        columns.push((earlier.label.clone(), *earlier.scores.get(scoring)));
+    }
+    columns.push((label, report.metrics));
+    println!("{}", summary(&report, &columns, scoring));
+    println!("report written to {}", out.display());
+    Ok(())
+}
+
+/// The printed result: the split, the table (earlier evaluations first, then chance), and how
+/// re-ranking compares with ITC alone.
+pub fn summary(report: &EvalReport, columns: &[(String, RetrievalMetrics)], scoring: Scoring) -> String {
+    let mut cols: Vec<(&str, &RetrievalMetrics)> = columns.iter().map(|(l, m)| (l.as_str(), m)).collect();
+    cols.push(("chance", &report.chance));
+    let s = &report.scores;
+    format!(
+        "zero-shot retrieval on {} ({} images, {} texts; scores: {}, top {} re-ranked), in percent:\n{}\
+         r_mean of {}: itc alone {:.2}, itm {:.2}, itm+itc {:.2}",
+        report.split,
+        report.images,
+        report.texts,
+        scoring.name(),
+        report.k_test,
+        table(&cols),
+        report.label,
+        s.itc.r_mean,
+        s.itm.r_mean,
+        s.itm_itc.r_mean
+    )
+}
