@@ -1,18 +1,21 @@
 //! `albef run`: a whole job on this machine — one coordinator and N workers as child processes
 //! (CPU, TCP collectives, local object store under the run directory), each worker with its share
-//! of the cores. Progress streams from rank 0; Ctrl-C stops the job cleanly (Stop through the
-//! control API, so rank 0 checkpoints), and the children are killed only if they do not leave.
+//! of the cores. Progress streams from rank 0: the workers log every step, every line goes to
+//! `<run_dir>/progress.log` and every `train.log_every`-th to the terminal; when the job ends the
+//! loss curves are drawn into `<run_dir>/loss.png`. Ctrl-C stops the job cleanly (Stop through
+//! the control API, so rank 0 checkpoints), and the children are killed only if they do not leave.
 
 use albef_config::AlbefConfig;
 use albef_data::dataset::Dataset;
 use albef_proto::v1::ControlRequest;
 use albef_proto::v1::control_client::ControlClient;
 use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::Arc;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long children get to leave after a stop before they are killed.
@@ -50,6 +53,8 @@ pub fn run_local(
         format!("coordinator.endpoint=http://127.0.0.1:{port}"),
         format!("train.num_threads={threads}"),
         "data.loader_threads=1".to_string(),
+        // Every step's losses reach the progress log; the terminal shows every log_every-th.
+        "train.log_every=1".to_string(),
     ]);
     let command = |bin: &Path, extra: &[String]| {
         let mut c = Command::new(bin);
@@ -65,11 +70,19 @@ pub fn run_local(
         c.args(extra);
         c
     };
+    let progress = ProgressTee::open(&cfg.job.run_dir, cfg.train.log_every)?;
     let mut children: Vec<(String, Child)> = vec![];
     children.push(("coordinator".into(), command(&coordinator_bin, &[]).spawn().context("starting the coordinator")?));
+    let mut readers = vec![];
     for i in 0..workers {
         let id = format!("local-{i}");
-        let child = command(&worker_bin, &["--worker-id".into(), id.clone()]).spawn().context("starting a worker")?;
+        let mut child = command(&worker_bin, &["--worker-id".into(), id.clone()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a worker")?;
+        let stdout = child.stdout.take().expect("piped");
+        let tee = progress.clone();
+        readers.push(std::thread::spawn(move || tee.forward(stdout)));
         children.push((id, child));
     }
     eprintln!(
@@ -98,6 +111,10 @@ pub fn run_local(
             }
         }
         if running == 0 {
+            for r in readers {
+                let _ = r.join();
+            }
+            progress.plot();
             if !failed.is_empty() {
                 bail!("the job failed: {}", failed.join(", "));
             }
@@ -129,4 +146,77 @@ pub fn run_local(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Where rank 0's progress goes: every step into `<run_dir>/progress.log` (appended: a resumed
+/// job continues it), every `log_every`-th step and every other line to the terminal.
+#[derive(Clone)]
+struct ProgressTee {
+    log: Option<Arc<Mutex<std::fs::File>>>,
+    dir: Option<PathBuf>,
+    log_every: u64,
+}
+
+impl ProgressTee {
+    /// Logs beside a run directory on the local file system; other stores get no log.
+    fn open(run_dir: &str, log_every: u64) -> Result<Self> {
+        let local = match run_dir.split_once("://") {
+            None => Some(PathBuf::from(run_dir)),
+            Some(("file", path)) => Some(PathBuf::from(path)),
+            Some(_) => None,
+        };
+        let log = match &local {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(crate::PROGRESS_LOG);
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                Some(Arc::new(Mutex::new(file)))
+            }
+            None => None,
+        };
+        Ok(ProgressTee { log, dir: local, log_every: log_every.max(1) })
+    }
+
+    /// Copies a worker's output, line by line, until it closes.
+    fn forward(&self, stdout: ChildStdout) {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            match progress_step(&line) {
+                Some((step, total)) => {
+                    if let Some(log) = &self.log {
+                        let _ = writeln!(log.lock().unwrap(), "{line}");
+                    }
+                    if step.is_multiple_of(self.log_every) || step + 1 == total {
+                        println!("{line}");
+                    }
+                }
+                None => println!("{line}"),
+            }
+        }
+    }
+
+    /// Draws `<run_dir>/loss.png` from the log (a failure is reported, not fatal).
+    fn plot(&self) {
+        let Some(dir) = &self.dir else { return };
+        let (log, png) = (dir.join(crate::PROGRESS_LOG), dir.join(crate::LOSS_PNG));
+        let title = format!("loss per step: {}", dir.display());
+        match crate::plot::plot_file(&log, &title, &png) {
+            Ok(_) => eprintln!("loss curves: {}", png.display()),
+            Err(e) => eprintln!("no loss curves: {e:#}"),
+        }
+    }
+}
+
+/// (step, total) of a progress line `step N/T ...`.
+fn progress_step(line: &str) -> Option<(u64, u64)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "step" {
+        return None;
+    }
+    let (step, total) = words.next()?.split_once('/')?;
+    Some((step.parse().ok()?, total.parse().ok()?))
 }

@@ -8,6 +8,7 @@ mod data;
 mod embed;
 mod eval;
 mod launch;
+mod plot;
 
 use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::dataset::Dataset;
@@ -16,8 +17,14 @@ use albef_model::{Batch, LocalGather, device};
 use albef_train::{Trainer, batch_tensors};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// Every step's progress line, written beside a run.
+pub const PROGRESS_LOG: &str = "progress.log";
+/// The loss curves drawn from it.
+pub const LOSS_PNG: &str = "loss.png";
 
 #[derive(Parser)]
 #[command(name = "albef", version, about = "ALBEF vision-language pretraining")]
@@ -51,6 +58,15 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Normalised ITC embeddings of images or captions (safetensors).
     Embed(Box<embed::EmbedArgs>),
+    /// Draw the loss curves of a progress log (`albef run` and `albef train` write
+    /// `progress.log` and `loss.png` themselves).
+    Plot {
+        /// A progress log (lines `step N/T ... loss L (ita a itm b mlm c) ...`).
+        progress: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -79,6 +95,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Data { command } => data::run(command),
         Command::Eval(args) => eval::run(*args),
+        Command::Plot { progress, out } => {
+            let n = plot::plot_file(&progress, &format!("loss per step: {}", progress.display()), &out)?;
+            println!("{n} steps plotted in {}", out.display());
+            Ok(())
+        }
         Command::Embed(args) => embed::run(*args),
         Command::Run { config, workers, port } => {
             anyhow::ensure!(workers >= 1, "--workers must be at least 1");
@@ -111,6 +132,9 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     let mut trainer = Trainer::new(cfg, dev, 0)?;
     tracing::info!(device = ?dev, samples = dataset.index.total(), steps_per_epoch, total_steps, "training");
 
+    let progress_path = out.join(PROGRESS_LOG);
+    let mut progress =
+        std::fs::File::create(&progress_path).with_context(|| format!("creating {}", progress_path.display()))?;
     let started = Instant::now();
     let mut window = (Instant::now(), 0usize);
     let (mut first, mut last) = (None, 0.0);
@@ -134,9 +158,11 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
             first.get_or_insert(s.loss);
             last = s.loss;
             window.1 += loaded.batch.batch_size;
+            let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
+            let line = s.progress_line(total_steps, rate);
+            writeln!(progress, "{line}")?;
             if s.step % cfg.train.log_every == 0 || s.step + 1 == total_steps {
-                let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
-                println!("{}", s.progress_line(total_steps, rate));
+                println!("{line}");
                 window = (Instant::now(), 0);
             }
             if trainer.state().step >= total_steps {
@@ -148,6 +174,9 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     if !skipped.is_empty() {
         println!("skipped input: {skipped:?}");
     }
+    drop(progress);
+    let png = out.join(LOSS_PNG);
+    plot::plot_file(&progress_path, &format!("loss per step: {}", out.display()), &png)?;
     let final_dir = out.join("final");
     let location = Location::open(&final_dir.to_string_lossy())?;
     albef_train::checkpoint::save(&trainer, &location, 1, steps_per_epoch, rt.handle())?;
@@ -159,5 +188,6 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
         last,
         final_dir.display()
     );
+    println!("loss curves: {}", png.display());
     Ok(())
 }

@@ -1,0 +1,306 @@
+//! Loss curves: the progress lines of a run (`step N/T epoch E  loss L (ita a itm b mlm c) ...`)
+//! parsed back and drawn as a PNG, each loss and the total per step (faint) with a moving
+//! average on top. Drawn with the `image` crate and a built-in 5x7 bitmap font: no plotting
+//! library, no font files.
+
+use anyhow::{Context, Result, ensure};
+use image::{Rgb, RgbImage};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One step's losses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLosses {
+    pub total: f64,
+    pub ita: f64,
+    pub itm: f64,
+    pub mlm: f64,
+}
+
+/// Parses one progress line; None for any other line.
+pub fn parse_progress_line(line: &str) -> Option<(u64, StepLosses)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "step" {
+        return None;
+    }
+    let step = words.next()?.split('/').next()?.parse().ok()?;
+    let rest: Vec<&str> = words.map(|w| w.trim_matches(|c| c == '(' || c == ')')).collect();
+    let value = |name: &str| -> Option<f64> {
+        let i = rest.iter().position(|w| *w == name)?;
+        rest.get(i + 1)?.parse().ok()
+    };
+    Some((step, StepLosses { total: value("loss")?, ita: value("ita")?, itm: value("itm")?, mlm: value("mlm")? }))
+}
+
+/// Every step's losses in `text`; a step logged twice (a resumed generation) keeps its last line.
+pub fn parse_progress(text: &str) -> BTreeMap<u64, StepLosses> {
+    text.lines().filter_map(parse_progress_line).collect()
+}
+
+const WIDTH: u32 = 960;
+const HEIGHT: u32 = 540;
+const LEFT: i64 = 70;
+const RIGHT: i64 = 20;
+const TOP: i64 = 40;
+const BOTTOM: i64 = 50;
+const SCALE: i64 = 2;
+
+const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+const INK: Rgb<u8> = Rgb([40, 40, 40]);
+const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+/// (name, colour) of each series, total first.
+const SERIES: [(&str, Rgb<u8>); 4] = [
+    ("total", Rgb([30, 30, 30])),
+    ("ita", Rgb([31, 119, 180])),
+    ("itm", Rgb([214, 39, 40])),
+    ("mlm", Rgb([44, 160, 44])),
+];
+
+/// Draws the curves of `steps` into a PNG at `out`.
+pub fn plot_losses(steps: &BTreeMap<u64, StepLosses>, title: &str, out: &Path) -> Result<()> {
+    ensure!(!steps.is_empty(), "no progress lines to plot");
+    let img = render(steps, title);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    img.save(out).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Reads a progress log and plots it.
+pub fn plot_file(progress: &Path, title: &str, out: &Path) -> Result<usize> {
+    let text = std::fs::read_to_string(progress).with_context(|| format!("reading {}", progress.display()))?;
+    let steps = parse_progress(&text);
+    plot_losses(&steps, title, out)?;
+    Ok(steps.len())
+}
+
+fn series(l: &StepLosses, i: usize) -> f64 {
+    [l.total, l.ita, l.itm, l.mlm][i]
+}
+
+/// A tick step of 1, 2 or 5 times a power of ten giving about `n` intervals over `span`.
+fn nice_step(span: f64, n: f64) -> f64 {
+    let raw = (span / n).max(1e-12);
+    let p = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * p).find(|s| *s >= raw).unwrap_or(10.0 * p)
+}
+
+fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
+    let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, WHITE);
+    let (x0, x1) = (*steps.keys().next().unwrap() as f64, *steps.keys().last().unwrap() as f64);
+    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    let finite = steps.values().flat_map(|l| (0..4).map(move |i| series(l, i))).filter(|v| v.is_finite());
+    let y_max = finite.fold(0f64, f64::max).max(1e-6) * 1.05;
+    let (pw, ph) = (WIDTH as i64 - LEFT - RIGHT, HEIGHT as i64 - TOP - BOTTOM);
+    let px = |x: f64| LEFT + ((x - x0) / (x1 - x0) * pw as f64).round() as i64;
+    let py = |y: f64| TOP + ph - ((y / y_max).clamp(0.0, 1.0) * ph as f64).round() as i64;
+
+    // Grid and tick labels.
+    let ys = nice_step(y_max, 6.0);
+    let mut y = 0.0;
+    while y <= y_max {
+        let yy = py(y);
+        line(&mut img, LEFT, yy, LEFT + pw, yy, GRID);
+        let label = if ys < 1.0 { format!("{y:.1}") } else { format!("{y:.0}") };
+        text(&mut img, LEFT - 8 - text_width(&label), yy - 3 * SCALE, &label, INK);
+        y += ys;
+    }
+    let xs = nice_step(x1 - x0, 8.0).max(1.0);
+    let mut x = (x0 / xs).ceil() * xs;
+    while x <= x1 {
+        let xx = px(x);
+        line(&mut img, xx, TOP, xx, TOP + ph, GRID);
+        let label = format!("{x:.0}");
+        text(&mut img, xx - text_width(&label) / 2, TOP + ph + 8, &label, INK);
+        x += xs;
+    }
+    line(&mut img, LEFT, TOP, LEFT, TOP + ph, INK);
+    line(&mut img, LEFT, TOP + ph, LEFT + pw, TOP + ph, INK);
+    text(&mut img, LEFT + pw / 2 - text_width("step") / 2, HEIGHT as i64 - 20, "step", INK);
+    text(&mut img, LEFT, 12, title, INK);
+
+    // Curves: every step faint, then a moving average.
+    let points: Vec<(u64, &StepLosses)> = steps.iter().map(|(s, l)| (*s, l)).collect();
+    let window = (points.len() / 40).max(1);
+    for (i, (_, colour)) in SERIES.iter().enumerate().rev() {
+        // A third of the colour on white.
+        let faint = Rgb(colour.0.map(|c| ((u16::from(c) + 2 * 255) / 3) as u8));
+        polyline(&mut img, points.iter().map(|(s, l)| (px(*s as f64), py(series(l, i)))), faint, 1);
+        let smooth = points.iter().enumerate().map(|(j, (s, _))| {
+            let lo = j.saturating_sub(window / 2);
+            let hi = (j + window / 2 + 1).min(points.len());
+            let vals: Vec<f64> = points[lo..hi].iter().map(|(_, l)| series(l, i)).filter(|v| v.is_finite()).collect();
+            let mean = if vals.is_empty() { f64::NAN } else { vals.iter().sum::<f64>() / vals.len() as f64 };
+            (px(*s as f64), py(mean))
+        });
+        polyline(&mut img, smooth, *colour, 2);
+    }
+
+    // Legend, top right.
+    let mut lx = LEFT + pw - 4;
+    for (name, colour) in SERIES.iter().rev() {
+        lx -= text_width(name) + 34;
+        let ly = TOP + 12;
+        for t in 0..3 {
+            line(&mut img, lx, ly + t, lx + 20, ly + t, *colour);
+        }
+        text(&mut img, lx + 26, ly - 6, name, INK);
+    }
+    img
+}
+
+fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, c);
+    }
+}
+
+/// Bresenham.
+fn line(img: &mut RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb<u8>) {
+    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+    loop {
+        put(img, x, y, c);
+        if x == x1 && y == y1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y += sy;
+        }
+    }
+}
+
+/// Joins points (skipping breaks where a value was not finite), `thickness` pixels wide.
+fn polyline(img: &mut RgbImage, points: impl Iterator<Item = (i64, i64)>, c: Rgb<u8>, thickness: i64) {
+    let mut last: Option<(i64, i64)> = None;
+    for p in points {
+        if let Some(q) = last {
+            for t in 0..thickness {
+                line(img, q.0, q.1 + t, p.0, p.1 + t, c);
+            }
+        }
+        last = Some(p);
+    }
+}
+
+fn text_width(s: &str) -> i64 {
+    s.chars().count() as i64 * 6 * SCALE
+}
+
+/// Draws `s` with its top-left corner at (x, y), 5x7 glyphs scaled by SCALE; unknown characters
+/// are left blank.
+fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
+    for (i, ch) in s.chars().enumerate() {
+        let Some(rows) = glyph(ch.to_ascii_lowercase()) else { continue };
+        for (r, bits) in rows.iter().enumerate() {
+            for (col, b) in bits.bytes().enumerate() {
+                if b == b'#' {
+                    for dy in 0..SCALE {
+                        for dx in 0..SCALE {
+                            put(img, x + (i as i64 * 6 + col as i64) * SCALE + dx, y + r as i64 * SCALE + dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[rustfmt::skip]
+fn glyph(c: char) -> Option<[&'static str; 7]> {
+    Some(match c {
+        '0' => [" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "],
+        '1' => ["  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        '2' => [" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"],
+        '3' => ["#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "],
+        '4' => ["   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "],
+        '5' => ["#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "],
+        '6' => ["  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "],
+        '7' => ["#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "],
+        '8' => [" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "],
+        '9' => [" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "],
+        '.' => ["     ", "     ", "     ", "     ", "     ", " ##  ", " ##  "],
+        ',' => ["     ", "     ", "     ", "     ", " ##  ", "  #  ", " #   "],
+        ':' => ["     ", " ##  ", " ##  ", "     ", " ##  ", " ##  ", "     "],
+        '-' => ["     ", "     ", "     ", "#####", "     ", "     ", "     "],
+        '+' => ["     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     "],
+        '/' => ["     ", "    #", "   # ", "  #  ", " #   ", "#    ", "     "],
+        '_' => ["     ", "     ", "     ", "     ", "     ", "     ", "#####"],
+        '(' => ["   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # "],
+        ')' => [" #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   "],
+        '=' => ["     ", "     ", "#####", "     ", "#####", "     ", "     "],
+        'a' => ["     ", "     ", " ### ", "    #", " ####", "#   #", " ####"],
+        'b' => ["#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#### "],
+        'c' => ["     ", "     ", " ### ", "#    ", "#    ", "#   #", " ### "],
+        'd' => ["    #", "    #", " ## #", "#  ##", "#   #", "#   #", " ####"],
+        'e' => ["     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "],
+        'f' => ["  ## ", " #  #", " #   ", "###  ", " #   ", " #   ", " #   "],
+        'g' => ["     ", " ####", "#   #", "#   #", " ####", "    #", " ### "],
+        'h' => ["#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#   #"],
+        'i' => ["  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'j' => ["   # ", "     ", "  ## ", "   # ", "   # ", "#  # ", " ##  "],
+        'k' => ["#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # "],
+        'l' => [" ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'm' => ["     ", "     ", "## # ", "# # #", "# # #", "#   #", "#   #"],
+        'n' => ["     ", "     ", "# ## ", "##  #", "#   #", "#   #", "#   #"],
+        'o' => ["     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### "],
+        'p' => ["     ", "     ", "#### ", "#   #", "#### ", "#    ", "#    "],
+        'q' => ["     ", "     ", " ## #", "#  ##", " ####", "    #", "    #"],
+        'r' => ["     ", "     ", "# ## ", "##  #", "#    ", "#    ", "#    "],
+        's' => ["     ", "     ", " ### ", "#    ", " ### ", "    #", "#### "],
+        't' => [" #   ", " #   ", "###  ", " #   ", " #   ", " #  #", "  ## "],
+        'u' => ["     ", "     ", "#   #", "#   #", "#   #", "#  ##", " ## #"],
+        'v' => ["     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  "],
+        'w' => ["     ", "     ", "#   #", "#   #", "# # #", "# # #", " # # "],
+        'x' => ["     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #"],
+        'y' => ["     ", "     ", "#   #", "#   #", " ####", "    #", " ### "],
+        'z' => ["     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####"],
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "step    40/300 epoch   0  loss 7.708 (ita 4.119 itm 0.639 mlm 2.949)  lr 1.00e-3 alpha 0.12 temp 0.0662  22 img/s";
+
+    #[test]
+    fn progress_lines_parse_and_others_are_ignored() {
+        let (step, l) = parse_progress_line(LINE).unwrap();
+        assert_eq!(step, 40);
+        assert_eq!(l, StepLosses { total: 7.708, ita: 4.119, itm: 0.639, mlm: 2.949 });
+        assert!(parse_progress_line("trained 300 steps in 53s").is_none());
+        assert!(parse_progress_line("step x/300").is_none());
+        let log = format!("{LINE}\nnoise\n{}\n", LINE.replace("7.708", "7.000"));
+        let parsed = parse_progress(&log);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[&40].total, 7.0, "a repeated step keeps its last line");
+    }
+
+    #[test]
+    fn a_plot_is_written_with_every_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let steps: BTreeMap<u64, StepLosses> = (0..300)
+            .map(|s| {
+                let f = 1.0 + 5.0 / (1.0 + s as f64 / 30.0);
+                (s, StepLosses { total: 3.0 * f, ita: f, itm: 0.6, mlm: if s == 7 { f64::NAN } else { 1.4 * f } })
+            })
+            .collect();
+        let out = dir.path().join("loss.png");
+        plot_losses(&steps, "loss per step", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
+        for (name, colour) in SERIES {
+            assert!(img.pixels().filter(|p| **p == colour).count() > 300, "{name} curve missing");
+        }
+        assert!(plot_losses(&BTreeMap::new(), "empty", &out).is_err());
+    }
+}
