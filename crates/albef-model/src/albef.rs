@@ -370,7 +370,13 @@ pub fn soft_cross_entropy(sim: &Tensor, targets: &Tensor) -> Tensor {
 pub fn hard_negative_weights(sim: &Tensor, offset: i64) -> Tensor {
     let bsz = sim.size()[0];
     let eye = Tensor::eye(bsz, (Kind::Bool, sim.device()));
-    sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float)
+    let weights =
+        sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float);
+    // A non-finite similarity (a poisoned batch) must not crash the draw: such rows weigh the
+    // other samples uniformly, and the caller skips the step for its non-finite loss.
+    let finite = weights.isfinite().all_dim(1, true);
+    let uniform = eye.logical_not().to_kind(Kind::Float) / (bsz - 1).max(1) as f64;
+    weights.where_self(&finite, &uniform)
 }
 
 /// MLM loss with distillation: `(1 - alpha) * CE(labels, ignore -100) + alpha * mean over the

@@ -179,13 +179,21 @@ fn hard_negatives_never_pick_the_positive_even_when_temp_collapses() {
     // Similarities divided by the smallest temperature: huge and peaked on the diagonal.
     let sim =
         (Tensor::eye(4, (Kind::Float, Device::Cpu)) * 5.0 + Tensor::rand([4, 4], (Kind::Float, Device::Cpu))) / 0.001;
-    let padded = Tensor::cat(&[Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)), sim], 1);
+    let padded = Tensor::cat(&[Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)), sim.shallow_clone()], 1);
     let w = hard_negative_weights(&padded, 3);
     assert_eq!(w.isfinite().all().int64_value(&[]), 1, "weights must stay finite");
     assert_eq!(w.diagonal(0, 0, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);
     let draws = w.multinomial(2000, true);
     let rows = Tensor::arange(4, (Kind::Int64, Device::Cpu)).unsqueeze(1);
     assert_eq!(draws.eq_tensor(&rows).sum(Kind::Int64).int64_value(&[]), 0, "a positive was drawn");
+
+    // A poisoned row (NaN similarities) weighs the other samples uniformly instead of crashing.
+    let _ = sim.get(2).fill_(f64::NAN);
+    let w = hard_negative_weights(&sim, 0);
+    assert_eq!(w.isfinite().all().int64_value(&[]), 1);
+    let expected = Tensor::from_slice(&[1.0f32 / 3.0, 1.0 / 3.0, 0.0, 1.0 / 3.0]);
+    assert!(w.get(2).allclose(&expected, 1e-6, 1e-6, false), "{}", w.get(2));
+    assert!(w.multinomial(1, false).size() == [4, 1]);
 }
 
 #[test]

@@ -98,7 +98,7 @@ impl Uploader {
                         let manifest = handle.block_on(async {
                             let removed = albef_checkpoint::remove_incomplete(&run, Some(step)).await?;
                             if !removed.is_empty() {
-                                tracing::warn!(steps = ?removed, "removed the leftovers of failed checkpoint saves");
+                                tracing::info!(steps = ?removed, "removed checkpoint folders without a manifest");
                             }
                             write_snapshot(&location, snapshot, opts, &mut |f: &FileEntry| after_file(step, f)).await
                         });

@@ -205,8 +205,6 @@ struct Member {
     params_hash_step: u64,
     lr: f64,
     temp: f64,
-    /// Rank 0's count of non-finite steps already added to the job's.
-    nonfinite_steps: u64,
     commands: Vec<Command>,
 }
 
@@ -221,6 +219,8 @@ struct Generation {
     nccl_id: Option<Vec<u8>>,
     /// Parameter hash first reported at each recent step; None once a mismatch was counted.
     hashes: BTreeMap<u64, Option<(u32, String)>>,
+    /// The most non-finite steps a rank reported in this generation (already counted).
+    nonfinite_steps: u64,
 }
 
 impl Generation {
@@ -481,7 +481,6 @@ impl Job {
                 params_hash_step: 0,
                 lr: 0.0,
                 temp: 0.0,
-                nonfinite_steps: 0,
                 commands: if paused { vec![Command::Pause] } else { vec![] },
             })
             .collect();
@@ -504,6 +503,7 @@ impl Job {
             resume,
             nccl_id: None,
             hashes: BTreeMap::new(),
+            nonfinite_steps: 0,
         });
         self.changed();
     }
@@ -547,6 +547,12 @@ impl Job {
             // Not this worker's rank in this generation: it must join to get one.
             return Ok((vec![Command::Rejoin], generation));
         }
+        // Every rank skips the same steps: count the furthest report once.
+        if hb.nonfinite_steps > g.nonfinite_steps {
+            self.nonfinite_steps += hb.nonfinite_steps - g.nonfinite_steps;
+            g.nonfinite_steps = hb.nonfinite_steps;
+            self.revision += 1;
+        }
         let m = &mut g.members[rank];
         m.last_seen = now;
         m.reported = true;
@@ -558,11 +564,6 @@ impl Job {
         m.params_hash_step = hb.params_hash_step;
         m.lr = hb.lr;
         m.temp = hb.temp;
-        if rank == 0 && hb.nonfinite_steps > m.nonfinite_steps {
-            self.nonfinite_steps += hb.nonfinite_steps - m.nonfinite_steps;
-            m.nonfinite_steps = hb.nonfinite_steps;
-            self.revision += 1;
-        }
         if !hb.fatal_error.is_empty() {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
             if self.stopping {
@@ -689,7 +690,8 @@ impl Job {
         self.waiting.retain(|c| c.worker_id != worker_id);
         let ending = self.finished || self.stopping;
         let Some(m) = self.member_mut(generation, worker_id) else { return };
-        if ending {
+        if ending || m.done {
+            // A rank that trained its last step may leave before the others did theirs.
             m.gone = true;
             info!(worker = worker_id, generation, "worker left");
             self.finish_if_all_gone();

@@ -1,0 +1,477 @@
+//! Failures injected into whole jobs of real processes on 127.0.0.1 (a coordinator and two
+//! workers, CPU, TCP collectives): each interrupted job must end with parameters bitwise equal to
+//! those of the same job run without interruption, and every rank's sample audit (the keys it
+//! trained at each step) must equal the uninterrupted run's: nothing lost, nothing repeated.
+
+use albef_proto::v1::control_client::ControlClient;
+use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 24;
+const WORKERS: [&str; 2] = ["w0", "w1"];
+const DEADLINE: Duration = Duration::from_secs(420);
+/// The object-store secret of the S3 test: it must never reach a log.
+const SECRET: &str = "albef-s3-secret-9f27c1";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn bin(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_albef")).parent().unwrap().join(name)
+}
+
+/// The generated dataset every job of this file trains on (16 steps per epoch for 2 x 8).
+fn data() -> &'static Path {
+    static DATA: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(bin("albef"))
+            .args(["data", "synth", "--out", dir.path().to_str().unwrap()])
+            .args(["--train", "256", "--test", "8", "--shards", "4", "--image-res", "64"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+}
+
+/// One job's processes and files.
+struct Job {
+    dir: tempfile::TempDir,
+    run: String,
+    port: u16,
+    env: Vec<(String, String)>,
+    coordinator: Option<Child>,
+    workers: BTreeMap<&'static str, Child>,
+    spawned: usize,
+}
+
+impl Job {
+    fn new(run: Option<String>, env: &[(&str, &str)]) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run.unwrap_or_else(|| dir.path().join("run").display().to_string());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Job { dir, run, port, env, coordinator: None, workers: BTreeMap::new(), spawned: 0 }
+    }
+
+    fn settings(&self) -> Vec<String> {
+        let audit = self.dir.path().join("audit");
+        vec![
+            format!("data.train_file=[{}/train-{{000000..000003}}.tar]", data().display()),
+            "train.batch_size_train=8".into(),
+            format!("train.max_steps={STEPS}"),
+            "train.num_threads=1".into(),
+            "train.log_every=4".into(),
+            "data.loader_threads=1".into(),
+            format!("job.run_dir={}", self.run),
+            "job.min_workers=2".into(),
+            "job.max_workers=2".into(),
+            "job.heartbeat_interval_ms=200".into(),
+            "job.heartbeat_timeout_ms=3000".into(),
+            "job.rendezvous_grace_ms=500".into(),
+            "job.collective_timeout_s=20".into(),
+            "job.checkpoint_every=4".into(),
+            "job.keep_checkpoints=2".into(),
+            "job.checkpoint_part_mb=5".into(),
+            "job.max_bad_steps=2".into(),
+            format!("job.audit_dir={}", audit.display()),
+            format!("coordinator.listen=127.0.0.1:{}", self.port),
+            format!("coordinator.endpoint=http://127.0.0.1:{}", self.port),
+        ]
+    }
+
+    fn spawn(&mut self, name: &str, extra: &[&str], faults: Option<&str>) -> Child {
+        self.spawned += 1;
+        let log = self.dir.path().join(format!("{name}.{}.log", self.spawned));
+        let mut cmd = Command::new(bin(name));
+        cmd.current_dir(repo()).args(["--config", "configs/small.yaml"]);
+        for s in self.settings() {
+            cmd.args(["--set", &s]);
+        }
+        cmd.args(extra).envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(f) = faults {
+            cmd.env("ALBEF_FAULTS", f);
+        }
+        cmd.stdout(Stdio::from(File::create(&log).unwrap())).stderr(Stdio::from(File::create(&log).unwrap()));
+        cmd.spawn().unwrap()
+    }
+
+    fn start_coordinator(&mut self) {
+        let child = self.spawn("albef-coordinator", &[], None);
+        self.coordinator = Some(child);
+    }
+
+    fn start_worker(&mut self, id: &'static str, faults: Option<&str>) {
+        let child = self.spawn("albef-worker", &["--worker-id", id], faults);
+        self.workers.insert(id, child);
+    }
+
+    fn start(&mut self, faults: &[(&'static str, &str)]) {
+        self.start_coordinator();
+        for id in WORKERS {
+            let f = faults.iter().find(|(w, _)| *w == id).map(|(_, f)| *f);
+            self.start_worker(id, f);
+        }
+    }
+
+    fn status(&self) -> Option<JobStatus> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut c = ControlClient::connect(format!("http://127.0.0.1:{}", self.port)).await.ok()?;
+            c.get_status(GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+        })
+    }
+
+    fn stop(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut c = ControlClient::connect(format!("http://127.0.0.1:{}", self.port)).await.unwrap();
+            c.stop(ControlRequest {}).await.unwrap();
+        });
+    }
+
+    /// Waits until the job's slowest rank reached `step`.
+    fn wait_for_step(&mut self, step: u64) -> JobStatus {
+        let started = Instant::now();
+        loop {
+            self.check_alive();
+            if let Some(s) = self.status().filter(|s| s.state == "running" && s.step >= step) {
+                return s;
+            }
+            assert!(started.elapsed() < DEADLINE, "step {step} not reached\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn check_alive(&mut self) {
+        let died: Vec<String> = self
+            .workers
+            .iter_mut()
+            .filter_map(|(id, w)| w.try_wait().unwrap().filter(|s| !s.success()).map(|s| format!("{id} ({s})")))
+            .collect();
+        assert!(died.is_empty(), "workers died: {died:?}\n{}", self.logs());
+    }
+
+    fn kill_worker(&mut self, id: &'static str) {
+        let mut w = self.workers.remove(id).unwrap();
+        w.kill().unwrap(); // SIGKILL
+        w.wait().unwrap();
+    }
+
+    fn kill_coordinator(&mut self) {
+        let mut c = self.coordinator.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// Waits for every process to exit. With `respawn`, a worker that fails (an injected crash) is
+    /// started again once without faults, as Kubernetes would restart its pod; else a failed
+    /// worker fails the test.
+    fn finish(&mut self, respawn: bool) {
+        let started = Instant::now();
+        let mut respawned = vec![];
+        while !self.workers.is_empty() || self.coordinator.is_some() {
+            assert!(started.elapsed() < DEADLINE, "the job did not finish\n{}", self.logs());
+            let mut exited = vec![];
+            for (id, w) in self.workers.iter_mut() {
+                if let Some(status) = w.try_wait().unwrap() {
+                    exited.push((*id, status));
+                }
+            }
+            for (id, status) in exited {
+                self.workers.remove(id);
+                if !status.success() {
+                    assert!(respawn, "worker {id} failed ({status})\n{}", self.logs());
+                    assert!(!respawned.contains(&id), "worker {id} failed twice ({status})\n{}", self.logs());
+                    respawned.push(id);
+                    self.start_worker(id, None);
+                }
+            }
+            if let Some(c) = self.coordinator.as_mut()
+                && let Some(status) = c.try_wait().unwrap()
+            {
+                assert!(status.success(), "coordinator failed ({status})\n{}", self.logs());
+                self.coordinator = None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs_of(&self, prefix: &str) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| format!("==> {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        self.logs_of("albef")
+    }
+
+    /// The coordinator's persisted state (local runs).
+    fn state(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(Path::new(&self.run).join("coordinator/state.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// What a user compares: the final checkpoint's model and optimizer hashes.
+    fn final_hashes(&self, manifest: &str) -> BTreeMap<String, String> {
+        let m: serde_json::Value = serde_json::from_str(manifest).unwrap();
+        assert_eq!(m["step"], STEPS);
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["name"] != "trainer_state.json")
+            .map(|f| (f["name"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    fn local_final_hashes(&self) -> BTreeMap<String, String> {
+        let path = Path::new(&self.run).join(format!("checkpoints/step-{STEPS}/manifest.json"));
+        self.final_hashes(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}: {}", path.display())))
+    }
+
+    /// (rank, step) -> the keys trained there, the last record winning: a step redone after a
+    /// failure replaces the lost one.
+    fn audit(&self) -> BTreeMap<(u64, u64), Vec<String>> {
+        let mut records = vec![];
+        for e in std::fs::read_dir(self.dir.path().join("audit")).unwrap() {
+            for line in BufReader::new(File::open(e.unwrap().path()).unwrap()).lines() {
+                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                records.push(v);
+            }
+        }
+        records.sort_by_key(|v| v["generation"].as_u64().unwrap());
+        let mut out = BTreeMap::new();
+        for v in records {
+            let keys = v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+            out.insert((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap()), keys);
+        }
+        out
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for c in self.workers.values_mut().chain(self.coordinator.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The uninterrupted job, run once for every test of this file.
+struct Reference {
+    hashes: BTreeMap<String, String>,
+    audit: BTreeMap<(u64, u64), Vec<String>>,
+}
+
+fn reference() -> &'static Reference {
+    static REF: OnceLock<Reference> = OnceLock::new();
+    REF.get_or_init(|| {
+        let mut job = Job::new(None, &[]);
+        job.start(&[]);
+        job.finish(false);
+        let audit = job.audit();
+        // Two ranks x every step, and within an epoch (16 steps) no sample twice.
+        assert_eq!(audit.len() as u64, 2 * STEPS);
+        let epoch0: Vec<&String> = audit.iter().filter(|((_, s), _)| *s < 16).flat_map(|(_, k)| k).collect();
+        let unique: std::collections::BTreeSet<_> = epoch0.iter().collect();
+        assert_eq!((epoch0.len(), unique.len()), (256, 256), "epoch 0 trains every sample once");
+        let state = job.state();
+        assert_eq!(state["state"], "finished");
+        assert_eq!(state["restarts"], 0);
+        let kept: Vec<u64> =
+            state["checkpoints"].as_array().unwrap().iter().map(|c| c["step"].as_u64().unwrap()).collect();
+        assert_eq!(kept, [20, 24], "the last two checkpoints are kept");
+        let on_disk: Vec<_> = std::fs::read_dir(Path::new(&job.run).join("checkpoints"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().join("manifest.json").exists())
+            .collect();
+        assert_eq!(on_disk.len(), 2, "evicted checkpoints are deleted");
+        Reference { hashes: job.local_final_hashes(), audit }
+    })
+}
+
+fn assert_same_as_reference(job: &Job, hashes: BTreeMap<String, String>) {
+    let reference = reference();
+    assert_eq!(hashes, reference.hashes, "final parameters differ from the uninterrupted run\n{}", job.logs());
+    assert!(job.audit() == reference.audit, "the sample audit differs from the uninterrupted run");
+}
+
+/// A step in the middle of the run, different on every run.
+fn random_step(lo: u64, hi: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    lo + u64::from(nanos) % (hi - lo)
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
+    let _ = reference();
+    let mut job = Job::new(None, &[]);
+    job.start(&[]);
+    let at = random_step(5, 19);
+    job.wait_for_step(at);
+    job.kill_worker("w1");
+    println!("killed w1 at step >= {at}");
+    job.start_worker("w1", None);
+    job.finish(false);
+    assert!(job.state()["restarts"].as_u64().unwrap() >= 1);
+    assert_same_as_reference(&job, job.local_final_hashes());
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_in_charge() {
+    let _ = reference();
+    let mut job = Job::new(None, &[]);
+    // Only rank 0 saves: whichever worker it is aborts after the first file of step 8.
+    job.start(&[("w0", "crash_upload@8"), ("w1", "crash_upload@8")]);
+    job.finish(true);
+    let logs = job.logs();
+    assert!(logs.contains("crashing in the middle of the checkpoint of step 8"), "{logs}");
+    assert!(logs.contains("resumed") && logs.contains("step-4"), "the job resumed from step 4\n{logs}");
+    assert_same_as_reference(&job, job.local_final_hashes());
+}
+
+#[test]
+fn non_finite_losses_are_skipped_then_rolled_back() {
+    let _ = reference();
+    let mut job = Job::new(None, &[]);
+    // Step 6's batch on w1 is poisoned; the NaN features reach every queue, so step 7 is bad too:
+    // two bad steps in a row roll the job back to step 4.
+    job.start(&[("w1", "nan@6")]);
+    job.finish(false);
+    let state = job.state();
+    assert!(state["nonfinite_steps"].as_u64().unwrap() >= 2, "{state}\n{}", job.logs());
+    assert!(state["restarts"].as_u64().unwrap() >= 1, "{state}");
+    assert!(job.logs().contains("rolling back to the last checkpoint"));
+    assert_same_as_reference(&job, job.local_final_hashes());
+}
+
+#[test]
+fn a_stopped_job_restarts_and_falls_back_past_a_corrupt_checkpoint() {
+    let _ = reference();
+    let mut job = Job::new(None, &[]);
+    job.start(&[]);
+    job.wait_for_step(10);
+    job.stop();
+    job.finish(false);
+    let state = job.state();
+    assert_eq!(state["state"], "stopped");
+    let latest = state["checkpoints"].as_array().unwrap().last().unwrap()["location"].as_str().unwrap().to_string();
+    // Corrupt the latest checkpoint, then start the whole job again on the same run location.
+    let model = Path::new(&latest).join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&model, bytes).unwrap();
+    job.start(&[]);
+    job.finish(false);
+    let logs = job.logs();
+    assert!(logs.contains("model.safetensors") && logs.contains("SHA-256"), "the error names the file\n{logs}");
+    let state = job.state();
+    assert_eq!((state["state"].as_str(), state["rejected_checkpoints"].as_u64()), (Some("finished"), Some(1)));
+    assert_same_as_reference(&job, job.local_final_hashes());
+}
+
+/// moto's S3 server on a free port; killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(bucket: &str) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(repo().join(".venv/bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (make setup installs moto[server] into .venv)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let script = format!(
+            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', \
+             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').create_bucket(Bucket='{bucket}')"
+        );
+        let status = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).status().unwrap();
+        if !status.success() {
+            let _ = child.kill();
+            panic!("creating the bucket");
+        }
+        Moto { child, endpoint }
+    }
+
+    /// A whole object, through the S3 API.
+    fn get(&self, bucket: &str, key: &str) -> String {
+        let script = format!(
+            "import boto3,sys; sys.stdout.write(boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').get_object(Bucket='{bucket}', \
+             Key='{key}')['Body'].read().decode())",
+            self.endpoint
+        );
+        let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_killed_coordinator_restarts_from_its_state_in_s3() {
+    let _ = reference();
+    let moto = Moto::start("albef");
+    let env = [
+        ("AWS_ENDPOINT", moto.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "albef"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_REGION", "us-east-1"),
+        ("RUST_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info"),
+    ];
+    let mut job = Job::new(Some("s3://albef/jobs/fault-test".into()), &env);
+    job.start(&[]);
+    let at = random_step(5, 19);
+    job.wait_for_step(at);
+    job.kill_coordinator();
+    println!("killed the coordinator at step >= {at}");
+    std::thread::sleep(Duration::from_millis(1500));
+    job.start_coordinator();
+    job.finish(false);
+    let state: serde_json::Value =
+        serde_json::from_str(&moto.get("albef", "jobs/fault-test/coordinator/state.json")).unwrap();
+    assert_eq!(state["state"], "finished");
+    assert!(state["generation"].as_u64().unwrap() >= 2, "the workers rejoined the restarted coordinator");
+    let manifest = moto.get("albef", &format!("jobs/fault-test/checkpoints/step-{STEPS}/manifest.json"));
+    let logs = job.logs();
+    assert!(logs.contains("restored the coordinator state"), "{logs}");
+    assert!(!logs.contains(SECRET), "the S3 secret appears in a log");
+    assert_same_as_reference(&job, job.final_hashes(&manifest));
+}
