@@ -8,6 +8,7 @@ mod data;
 mod embed;
 mod eval;
 mod launch;
+mod model;
 mod plot;
 
 use albef_config::{AlbefConfig, ConfigArgs};
@@ -67,6 +68,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Work with trained models (export a checkpoint for PyTorch).
+    Model {
+        #[command(subcommand)]
+        command: model::ModelCommand,
+    },
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -94,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data::run(command),
+        Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(*args),
         Command::Plot { progress, out } => {
             let n = plot::plot_file(&progress, &format!("loss per step: {}", progress.display()), &out)?;

@@ -1,0 +1,60 @@
+//! `albef model export`: a checkpoint's model as one safetensors file a PyTorch user loads into
+//! the reference ALBEF model (`model.load_state_dict(safetensors.torch.load_file(path))`).
+
+use albef_data::store::Location;
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a checkpoint's model (verified against its manifest) as one safetensors file with the
+    /// reference ALBEF state-dict names; the step and the configuration go in its metadata.
+    Export {
+        /// The checkpoint folder (path or object-store URL), e.g. runs/job/checkpoints/step-1000.
+        #[arg(long)]
+        checkpoint: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only the online model (no momentum copies, queues or queue pointer): for inference and
+        /// fine-tuning; load it with strict=False.
+        #[arg(long)]
+        online_only: bool,
+    },
+}
+
+/// Entries that only pretraining needs: the momentum encoders and the feature queues.
+fn pretraining_only(name: &str) -> bool {
+    let root = name.split('.').next().unwrap_or(name);
+    root.ends_with("_m") || matches!(root, "image_queue" | "text_queue" | "queue_ptr")
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    let ModelCommand::Export { checkpoint, out, online_only } = cmd;
+    let rt = crate::data::runtime()?;
+    let dir = Location::open(&checkpoint)?;
+    let (manifest, model, state) = rt.block_on(async {
+        let manifest = albef_checkpoint::read_manifest(&dir).await?;
+        let model = albef_checkpoint::read_file(&dir, &manifest, albef_train::trainer::MODEL_FILE).await?;
+        let state = albef_checkpoint::read_file(&dir, &manifest, albef_train::trainer::STATE_FILE).await?;
+        anyhow::Ok((manifest, model, state))
+    })?;
+    let saved: albef_train::SavedState = serde_json::from_slice(&state).context("reading the trainer state")?;
+    let tensors = SafeTensors::deserialize(&model).context("the checkpoint's model is not safetensors")?;
+    let kept: Vec<_> =
+        tensors.tensors().into_iter().filter(|(name, _)| !(online_only && pretraining_only(name))).collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("albef.step".to_string(), manifest.step.to_string()),
+        ("albef.config".to_string(), saved.config.to_string()),
+    ]);
+    let count = kept.len();
+    let tmp = out.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(kept, Some(metadata), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("renaming into {}", out.display()))?;
+    println!("exported {count} tensors of step {} to {}", manifest.step, out.display());
+    Ok(())
+}
