@@ -15,7 +15,9 @@ use std::path::Path;
 
 pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
-pub use train::{CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, ScheduleConfig, TrainConfig};
+pub use train::{
+    CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, ScheduleConfig, TrainConfig, WorkerConfig,
+};
 
 const ENV_PREFIX: &str = "ALBEF";
 const ENV_SEPARATOR: &str = "__";
@@ -30,6 +32,7 @@ pub struct AlbefConfig {
     pub data: DataConfig,
     pub job: JobConfig,
     pub coordinator: CoordinatorConfig,
+    pub worker: WorkerConfig,
 }
 
 impl AlbefConfig {
@@ -43,6 +46,7 @@ impl AlbefConfig {
             data: DataConfig::default(),
             job: JobConfig::default(),
             coordinator: CoordinatorConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 

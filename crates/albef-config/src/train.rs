@@ -254,3 +254,14 @@ impl Default for CoordinatorConfig {
         }
     }
 }
+
+/// What belongs to one worker process (its machine), not to the job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Prometheus metrics address of the worker ("" to disable).
+    pub metrics_listen: String,
+    /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilisation (0: the device's
+    /// known figure when there is one, else MFU is not reported).
+    pub peak_tflops: f64,
+}

@@ -7,6 +7,7 @@
 //! failed: the coordinator ends the generation and builds a new collective for the next one.
 
 pub mod bucket;
+pub mod cuda;
 pub mod nccl;
 pub mod tcp;
 

@@ -7,6 +7,7 @@
 pub mod albef;
 pub mod bert;
 pub mod device;
+pub mod flops;
 pub mod nn;
 pub mod vit;
 pub mod weights;

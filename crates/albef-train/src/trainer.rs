@@ -31,6 +31,9 @@ pub struct StepStats {
     pub lr: f64,
     pub alpha: f64,
     pub temp: f64,
+    /// Wall time of the forward and the backward (launch time on CUDA: kernels run async).
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
 }
 
 impl StepStats {
@@ -127,9 +130,14 @@ impl Trainer {
         let lr = self.schedule.lr(s.step, s.epoch);
         let alpha = self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch);
         let device = self.device();
-        let losses = with_autocast(device, self.cfg.train.bf16, || self.model.forward_pretrain(batch, alpha, gather))?;
+        let started = std::time::Instant::now();
+        let losses = tracing::info_span!("forward").in_scope(|| {
+            with_autocast(device, self.cfg.train.bf16, || self.model.forward_pretrain(batch, alpha, gather))
+        })?;
         let total = losses.total();
-        total.backward();
+        let forward_seconds = started.elapsed().as_secs_f64();
+        tracing::info_span!("backward").in_scope(|| total.backward());
+        let backward_seconds = started.elapsed().as_secs_f64() - forward_seconds;
         let value = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
         Ok(StepStats {
             step: s.step,
@@ -141,6 +149,8 @@ impl Trainer {
             lr,
             alpha,
             temp: self.model.temp(),
+            forward_seconds,
+            backward_seconds,
         })
     }
 

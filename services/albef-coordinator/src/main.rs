@@ -2,6 +2,7 @@
 //! checkpoints, and takes control commands (gRPC). It does not link libtorch.
 
 mod auth;
+mod metrics;
 mod service;
 mod state;
 
@@ -37,8 +38,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    albef_telemetry::init_logging();
-    match run(Cli::parse()) {
+    let telemetry = albef_telemetry::init("albef-coordinator");
+    match run(Cli::parse(), &telemetry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -56,7 +57,7 @@ fn index_location(cfg: &AlbefConfig) -> Result<Location> {
     albef_data::dataset::index_location(cfg, &cfg.data.train_file)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     let cfg = cli.config.load()?;
     eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -83,10 +84,17 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Job::new(cfg.clone(), index.counts(), Instant::now())
     };
-    rt.block_on(serve(&cfg, job, run, state_loc, auth))
+    rt.block_on(serve(&cfg, job, run, state_loc, auth, telemetry))
 }
 
-async fn serve(cfg: &AlbefConfig, job: Job, run: Location, state_loc: Location, auth: Auth) -> Result<()> {
+async fn serve(
+    cfg: &AlbefConfig,
+    job: Job,
+    run: Location,
+    state_loc: Location,
+    auth: Auth,
+    telemetry: &albef_telemetry::Telemetry,
+) -> Result<()> {
     let c = &cfg.coordinator;
     if !auth.enabled() {
         warn!("no token files configured: authentication is OFF (local runs only)");
@@ -98,6 +106,12 @@ async fn serve(cfg: &AlbefConfig, job: Job, run: Location, state_loc: Location, 
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Shared::new(job, run, state_loc, shutdown_rx.clone());
+    let registry = metrics::registry(shared.clone());
+    telemetry.export_metrics(&registry);
+    if !c.metrics_listen.is_empty() {
+        let bound = albef_telemetry::metrics::spawn_prometheus(&c.metrics_listen, registry).await?;
+        println!("metrics on {bound}");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -107,7 +121,8 @@ async fn serve(cfg: &AlbefConfig, job: Job, run: Location, state_loc: Location, 
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let mut server = Server::builder();
+    // A span around every RPC (exported with the traces when OTLP is on).
+    let mut server = Server::builder().trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()));
     if !c.tls_cert.is_empty() || !c.tls_key.is_empty() {
         ensure!(!c.tls_cert.is_empty() && !c.tls_key.is_empty(), "TLS needs both coordinator.tls_cert and tls_key");
         let cert = std::fs::read(&c.tls_cert).with_context(|| format!("reading {}", c.tls_cert))?;

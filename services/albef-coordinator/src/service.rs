@@ -86,6 +86,10 @@ impl Shared {
         self.job().tick(Instant::now());
     }
 
+    pub fn status(&self) -> state::JobStatus {
+        self.job().status(Instant::now())
+    }
+
     pub fn drained(&self) -> bool {
         self.job().drained()
     }
@@ -297,6 +301,7 @@ impl Coordinator for CoordinatorService {
             fatal_error: r.fatal_error,
             done: r.done,
             nonfinite_steps: r.nonfinite_steps,
+            bad_samples: r.bad_samples.into_iter().collect(),
         };
         let (commands, generation) = self.0.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
         self.0.persist_logged().await;
@@ -399,6 +404,9 @@ impl ControlService {
             restarts: s.restarts,
             nonfinite_steps: s.nonfinite_steps,
             rejected_checkpoints: s.rejected_checkpoints,
+            bad_samples: s.bad_samples.into_iter().collect(),
+            checkpoints_committed: s.checkpoints_committed,
+            last_checkpoint_unix: s.last_checkpoint_unix,
         }
     }
 

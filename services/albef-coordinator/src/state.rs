@@ -119,6 +119,8 @@ pub struct Heartbeat {
     pub done: bool,
     /// Steps skipped in this generation because the loss was not finite.
     pub nonfinite_steps: u64,
+    /// Samples this worker process skipped so far, by reason.
+    pub bad_samples: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +168,12 @@ pub struct JobStatus {
     pub nonfinite_steps: u64,
     /// Checkpoints a worker could not read (corrupt): dropped, the previous one took over.
     pub rejected_checkpoints: u64,
+    /// Samples skipped by the workers, by reason.
+    pub bad_samples: BTreeMap<String, u64>,
+    pub checkpoints_committed: u64,
+    /// Unix seconds (0: none yet).
+    pub last_checkpoint_unix: u64,
+    pub last_checkpoint_step: u64,
 }
 
 /// What a checkpoint report did.
@@ -262,6 +270,9 @@ pub struct Job {
     restarts: u64,
     nonfinite_steps: u64,
     rejected_checkpoints: u64,
+    checkpoints_committed: u64,
+    /// The latest skip counts of each worker process.
+    bad_samples: HashMap<String, BTreeMap<String, u64>>,
     hash_mismatches: u64,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
@@ -291,6 +302,8 @@ impl Job {
             restarts: 0,
             nonfinite_steps: 0,
             rejected_checkpoints: 0,
+            checkpoints_committed: 0,
+            bad_samples: HashMap::new(),
             hash_mismatches: 0,
             revision: 0,
             clock: (now, unix),
@@ -564,6 +577,9 @@ impl Job {
         m.params_hash_step = hb.params_hash_step;
         m.lr = hb.lr;
         m.temp = hb.temp;
+        if !hb.bad_samples.is_empty() {
+            self.bad_samples.insert(hb.worker_id.clone(), hb.bad_samples.clone());
+        }
         if !hb.fatal_error.is_empty() {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
             if self.stopping {
@@ -797,6 +813,7 @@ impl Job {
         let committed_at = self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs();
         info!(generation, step, epoch, step_in_epoch, location, "checkpoint committed");
         self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location: location.to_string(), committed_at });
+        self.checkpoints_committed += 1;
         let keep = self.cfg.job.keep_checkpoints.max(1) as usize;
         let excess = self.checkpoints.len().saturating_sub(keep);
         let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
@@ -934,6 +951,13 @@ impl Job {
             restarts: self.restarts,
             nonfinite_steps: self.nonfinite_steps,
             rejected_checkpoints: self.rejected_checkpoints,
+            bad_samples: self.bad_samples.values().flatten().fold(BTreeMap::new(), |mut sum, (reason, n)| {
+                *sum.entry(reason.clone()).or_default() += n;
+                sum
+            }),
+            checkpoints_committed: self.checkpoints_committed,
+            last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
+            last_checkpoint_step: last.map_or(0, |c| c.step),
         }
     }
 
@@ -960,6 +984,7 @@ impl Job {
             "restarts": self.restarts,
             "nonfinite_steps": self.nonfinite_steps,
             "rejected_checkpoints": self.rejected_checkpoints,
+            "checkpoints_committed": self.checkpoints_committed,
             "ranks": ranks,
             "checkpoints": checkpoints,
         });
@@ -980,6 +1005,7 @@ impl Job {
         job.paused = doc["paused"].as_bool().unwrap_or(false);
         job.nonfinite_steps = doc["nonfinite_steps"].as_u64().unwrap_or(0);
         job.rejected_checkpoints = doc["rejected_checkpoints"].as_u64().unwrap_or(0);
+        job.checkpoints_committed = doc["checkpoints_committed"].as_u64().unwrap_or(0);
         let state = doc["state"].as_str().context("coordinator state: no state")?;
         // A stopped (or stopping) job starts again from its latest checkpoint; a finished one
         // stays finished.

@@ -2,6 +2,7 @@
 
 use crate::client::{self, Backoff, Client};
 use crate::faults::Faults;
+use crate::metrics::{StepTimes, WorkerMetrics};
 use albef_checkpoint::{FileEntry, WriteOptions};
 use albef_config::AlbefConfig;
 use albef_data::dataset::Dataset;
@@ -38,6 +39,9 @@ pub struct Worker {
     faults: Arc<Faults>,
     /// Encodes and uploads checkpoints while training goes on (rank 0 saves).
     uploader: Uploader,
+    metrics: WorkerMetrics,
+    /// Peak FLOP/s of the device, when known (for MFU).
+    peak_flops: Option<f64>,
 }
 
 /// What one generation trains with.
@@ -94,12 +98,31 @@ impl Worker {
         });
         let part_bytes = (local.job.checkpoint_part_mb as usize) << 20;
         let uploader = Uploader::start(rt.handle().clone(), WriteOptions { part_bytes, concurrency: 4 }, after_file);
-        Ok(Worker { local, worker_id, listen, advertise, rt, client, faults, uploader })
+        let metrics = WorkerMetrics::new(None);
+        Ok(Worker { local, worker_id, listen, advertise, rt, client, faults, uploader, metrics, peak_flops: None })
     }
 
-    pub fn run(&mut self) -> Result<()> {
+    pub fn run(&mut self, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
         let dev = device::resolve(self.local.train.device)?;
         device::configure_cuda(self.local.train.tf32)?;
+        let cuda = match dev {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        self.metrics = WorkerMetrics::new(cuda);
+        telemetry.export_metrics(&self.metrics.registry);
+        if !self.local.worker.metrics_listen.is_empty() {
+            let registry = self.metrics.registry.clone();
+            self.rt
+                .block_on(albef_telemetry::metrics::spawn_prometheus(&self.local.worker.metrics_listen, registry))?;
+        }
+        self.peak_flops = match (self.local.worker.peak_tflops, cuda) {
+            (t, _) if t > 0.0 => Some(t * 1e12),
+            (_, Some(i)) => {
+                albef_dist::cuda::name(i).ok().and_then(|n| albef_dist::cuda::known_peak_tflops(&n)).map(|t| t * 1e12)
+            }
+            _ => None,
+        };
         // Threads are a property of this machine (and of how many workers share it).
         if self.local.train.num_threads > 0 {
             tch::set_num_threads(self.local.train.num_threads);
@@ -308,7 +331,6 @@ impl Worker {
         let (cfg, collective, shared) = (r.cfg, r.collective, r.shared);
         let rank = collective.rank();
         let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
-        let mut rate = (Instant::now(), 0usize);
         // Consecutive steps with a non-finite loss: while any, the state may be poisoned (the
         // queues took the bad features) and is not checkpointed.
         let mut bad_streak = 0u32;
@@ -322,7 +344,14 @@ impl Worker {
                 plan.steps,
                 r.steps_per_epoch
             );
-            for loaded in r.dataset.loader(cfg, plan, from, self.rt.handle()) {
+            let mut batches = r.dataset.loader(cfg, plan, from, self.rt.handle()).into_iter();
+            loop {
+                let mut times = StepTimes::default();
+                let waited = Instant::now();
+                let Some(loaded) = tracing::info_span!("data_wait").in_scope(|| batches.next()) else { break };
+                times.add("data_wait", waited.elapsed());
+                let step_span = tracing::info_span!("step", step = trainer.state().step);
+                let _in_step = step_span.enter();
                 match self.obey(shared) {
                     Directive::Continue => {}
                     Directive::Checkpoint if rank == 0 && bad_streak == 0 => self.save(r, trainer, &mut saved_step)?,
@@ -337,8 +366,10 @@ impl Worker {
                     Directive::End(ending) => return Ok(ending),
                 }
                 // Every rank must take the same step: skip it everywhere if any rank cannot train.
-                let mut unfit = tch::Tensor::from_slice(&[f32::from(u8::from(loaded.batch.batch_size < 2))]);
-                collective.all_reduce(&mut unfit, ReduceOp::Sum)?;
+                let unfit = timed(&mut times, "communication", || {
+                    let mut unfit = tch::Tensor::from_slice(&[f32::from(u8::from(loaded.batch.batch_size < 2))]);
+                    collective.all_reduce(&mut unfit, ReduceOp::Sum).map(|()| unfit)
+                })?;
                 if unfit.double_value(&[0]) > 0.0 {
                     tracing::warn!(
                         step = loaded.step,
@@ -355,9 +386,13 @@ impl Worker {
                 }
                 let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
                 let stats = trainer.forward_backward(&batch, r.steps_per_epoch, &CollectiveGather { collective })?;
+                times.add("forward", std::time::Duration::from_secs_f64(stats.forward_seconds));
+                times.add("backward", std::time::Duration::from_secs_f64(stats.backward_seconds));
                 // A non-finite loss on any rank: no rank applies the step.
-                let mut bad = tch::Tensor::from_slice(&[f32::from(u8::from(!stats.loss.is_finite()))]);
-                collective.all_reduce(&mut bad, ReduceOp::Sum)?;
+                let bad = timed(&mut times, "communication", || {
+                    let mut bad = tch::Tensor::from_slice(&[f32::from(u8::from(!stats.loss.is_finite()))]);
+                    collective.all_reduce(&mut bad, ReduceOp::Sum).map(|()| bad)
+                })?;
                 if bad.double_value(&[0]) > 0.0 {
                     bad_streak += 1;
                     shared.progress.lock().unwrap().nonfinite_steps += 1;
@@ -375,21 +410,27 @@ impl Worker {
                     continue;
                 }
                 bad_streak = 0;
-                average_gradients(trainer, collective, bucket_bytes)?;
-                trainer.apply_update(&stats, r.steps_per_epoch)?;
+                timed(&mut times, "communication", || average_gradients(trainer, collective, bucket_bytes))?;
+                timed(&mut times, "optimizer", || trainer.apply_update(&stats, r.steps_per_epoch))?;
                 audit(r, stats.step, &loaded, rank, "applied")?;
-                rate.1 += loaded.batch.batch_size;
-                self.report(shared, trainer, &stats, r.total_steps, &mut rate);
                 if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == r.total_steps) {
                     let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
                     println!("{}", stats.progress_line(r.total_steps, job_rate));
                 }
                 let step = trainer.state().step;
+                if step < r.total_steps
+                    && rank == 0
+                    && cfg.job.checkpoint_every > 0
+                    && step.is_multiple_of(cfg.job.checkpoint_every)
+                {
+                    timed(&mut times, "checkpoint", || self.save(r, trainer, &mut saved_step))?;
+                }
+                let (b, len) = (loaded.batch.batch_size as i64, loaded.batch.seq_len as i64);
+                let flops = albef_model::flops::step_flops(&cfg.model, b, len, collective.world_size() as i64);
+                self.metrics.step(step, &times, loaded.batch.batch_size, flops, self.peak_flops);
+                self.report(r, trainer, &stats);
                 if step >= r.total_steps {
                     break;
-                }
-                if rank == 0 && cfg.job.checkpoint_every > 0 && step.is_multiple_of(cfg.job.checkpoint_every) {
-                    self.save(r, trainer, &mut saved_step)?;
                 }
             }
         }
@@ -554,8 +595,9 @@ impl Worker {
         Ok(RankPlan { spec, rank: u64::from(rank), steps: r.steps, leases })
     }
 
-    fn report(&self, shared: &Shared, trainer: &Trainer, s: &StepStats, total_steps: u64, rate: &mut (Instant, usize)) {
-        let mut p = shared.progress.lock().unwrap();
+    fn report(&self, r: &Run, trainer: &Trainer, s: &StepStats) {
+        let total_steps = r.total_steps;
+        let mut p = r.shared.progress.lock().unwrap();
         p.step = trainer.state().step;
         p.epoch = trainer.state().epoch;
         p.losses = Some(Losses { ita: s.loss_ita, itm: s.loss_itm, mlm: s.loss_mlm, total: s.loss });
@@ -566,11 +608,12 @@ impl Worker {
             p.params_hash = params_fingerprint(trainer);
             p.params_hash_step = p.step;
         }
-        let elapsed = rate.0.elapsed().as_secs_f64();
-        if elapsed >= 1.0 {
-            p.images_per_second = rate.1 as f64 / elapsed;
-            *rate = (Instant::now(), 0);
+        p.images_per_second = self.metrics.images_per_second();
+        p.bad_samples = r.dataset.skips.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        for (reason, n) in &p.bad_samples {
+            self.metrics.registry.set("albef_worker_bad_samples_total", &[("reason", reason)], *n as f64);
         }
+        self.metrics.registry.set("albef_worker_nonfinite_steps_total", &[], p.nonfinite_steps as f64);
     }
 }
 
@@ -615,4 +658,12 @@ fn audit(r: &mut Run, step: u64, loaded: &LoadedBatch, rank: usize, outcome: &st
         "keys": loaded.batch.keys,
     });
     writeln!(file, "{line}").context("writing the audit log")
+}
+
+/// Runs `f` inside a span named after `phase` and adds its time to the step's.
+fn timed<T>(times: &mut StepTimes, phase: &'static str, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = tracing::info_span!("phase", name = phase).in_scope(f);
+    times.add(phase, started.elapsed());
+    out
 }

@@ -8,6 +8,7 @@
 mod client;
 mod faults;
 mod generation;
+mod metrics;
 
 use albef_config::ConfigArgs;
 use anyhow::Result;
@@ -33,14 +34,14 @@ struct Cli {
 }
 
 fn main() {
-    albef_telemetry::init_logging();
-    if let Err(e) = run(Cli::parse()) {
+    let telemetry = albef_telemetry::init("albef-worker");
+    if let Err(e) = run(Cli::parse(), &telemetry) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     let local = cli.config.load()?;
     eprintln!("effective configuration:\n{}", local.to_pretty_json());
     let worker_id = cli.worker_id.unwrap_or_else(|| {
@@ -48,5 +49,5 @@ fn run(cli: Cli) -> Result<()> {
         format!("{host}-{}", std::process::id())
     });
     let listen = cli.collective_listen.parse()?;
-    generation::Worker::new(local, worker_id, listen, cli.collective_advertise)?.run()
+    generation::Worker::new(local, worker_id, listen, cli.collective_advertise)?.run(telemetry)
 }

@@ -86,7 +86,7 @@ enum Command {
 }
 
 fn main() {
-    albef_telemetry::init_logging();
+    let _telemetry = albef_telemetry::init("albef");
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

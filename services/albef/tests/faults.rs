@@ -84,6 +84,7 @@ impl Job {
             "job.checkpoint_part_mb=5".into(),
             "job.max_bad_steps=2".into(),
             format!("job.audit_dir={}", audit.display()),
+            "worker.metrics_listen=127.0.0.1:0".into(),
             format!("coordinator.listen=127.0.0.1:{}", self.port),
             format!("coordinator.endpoint=http://127.0.0.1:{}", self.port),
         ]
@@ -321,6 +322,26 @@ fn random_step(lo: u64, hi: u64) -> u64 {
     lo + u64::from(nanos) % (hi - lo)
 }
 
+/// The Prometheus endpoint a worker announced in its (JSON) log, scraped and parsed:
+/// `name{labels}` -> value.
+fn scrape_worker(log: &str) -> BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let line = log.lines().find(|l| l.contains("Prometheus metrics on /metrics")).expect("a metrics endpoint");
+    let addr = line.split("\"bound\":\"").nth(1).unwrap().split('"').next().unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
     let _ = reference();
@@ -328,6 +349,13 @@ fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
     job.start(&[]);
     let at = random_step(5, 19);
     job.wait_for_step(at);
+    // While it trains, w0 reports its step time split and FLOPs.
+    let m = scrape_worker(&job.logs_of("albef-worker"));
+    assert!(m["albef_worker_step"] >= 1.0, "{m:?}");
+    assert!(m["albef_worker_step_seconds{phase=\"forward\"}"] > 0.0, "{m:?}");
+    assert!(m["albef_worker_step_seconds{phase=\"communication\"}"] > 0.0, "{m:?}");
+    assert!(m["albef_worker_step_flops"] > 1e9, "{m:?}");
+    assert!(!m.contains_key("albef_worker_mfu"), "no MFU without a known peak (CPU)");
     job.kill_worker("w1");
     println!("killed w1 at step >= {at}");
     job.start_worker("w1", None);

@@ -1,0 +1,70 @@
+//! The coordinator's metrics (Prometheus `/metrics` and OTLP), computed from the job state at
+//! every read.
+
+use crate::service::Shared;
+use albef_telemetry::metrics::{Kind, Registry};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const STATES: [&str; 6] = ["waiting", "running", "paused", "stopping", "stopped", "finished"];
+
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let r = Registry::default();
+    for (name, kind, help) in [
+        ("albef_job_state", Kind::Gauge, "1 for the job's current state."),
+        ("albef_job_generation", Kind::Gauge, "Number of the latest generation (world) formed."),
+        ("albef_job_world_size", Kind::Gauge, "Ranks in the current generation."),
+        ("albef_workers_alive", Kind::Gauge, "Workers of the current generation that are still there."),
+        ("albef_job_restarts_total", Kind::Counter, "Generations ended by a failure."),
+        ("albef_job_step", Kind::Gauge, "Optimiser steps taken (slowest rank)."),
+        ("albef_job_epoch", Kind::Gauge, "Current epoch."),
+        ("albef_job_total_steps", Kind::Gauge, "Steps the job will take."),
+        ("albef_job_images_per_second", Kind::Gauge, "Training throughput summed over the ranks."),
+        ("albef_job_loss", Kind::Gauge, "Rank 0's last losses."),
+        ("albef_job_lr", Kind::Gauge, "Learning rate of the last step."),
+        ("albef_job_temp", Kind::Gauge, "ITC temperature."),
+        ("albef_job_nonfinite_steps_total", Kind::Counter, "Steps not applied because the loss was not finite."),
+        ("albef_checkpoints_committed_total", Kind::Counter, "Checkpoints committed."),
+        ("albef_checkpoints_rejected_total", Kind::Counter, "Checkpoints a worker could not read."),
+        ("albef_checkpoint_latest_step", Kind::Gauge, "Step of the latest committed checkpoint."),
+        ("albef_checkpoint_age_seconds", Kind::Gauge, "Seconds since the latest checkpoint was committed."),
+        ("albef_bad_samples_total", Kind::Counter, "Input samples the workers skipped, by reason."),
+    ] {
+        r.declare(name, kind, help);
+    }
+    r.on_read(move |r| {
+        let s = shared.status();
+        for state in STATES {
+            r.set("albef_job_state", &[("state", state)], f64::from(u8::from(s.state == state)));
+        }
+        r.set("albef_job_generation", &[], s.generation as f64);
+        r.set("albef_job_world_size", &[], f64::from(s.world_size));
+        r.set("albef_workers_alive", &[], s.workers.len() as f64);
+        r.set("albef_job_restarts_total", &[], s.restarts as f64);
+        r.set("albef_job_step", &[], s.step as f64);
+        r.set("albef_job_epoch", &[], s.epoch as f64);
+        r.set("albef_job_total_steps", &[], s.total_steps as f64);
+        r.set("albef_job_images_per_second", &[], s.images_per_second);
+        let l = s.losses;
+        for (name, v) in [("ita", l.ita), ("itm", l.itm), ("mlm", l.mlm), ("total", l.total)] {
+            r.set("albef_job_loss", &[("loss", name)], v);
+        }
+        r.set("albef_job_lr", &[], s.lr);
+        r.set("albef_job_temp", &[], s.temp);
+        r.set("albef_job_nonfinite_steps_total", &[], s.nonfinite_steps as f64);
+        r.set("albef_checkpoints_committed_total", &[], s.checkpoints_committed as f64);
+        r.set("albef_checkpoints_rejected_total", &[], s.rejected_checkpoints as f64);
+        r.clear("albef_checkpoint_latest_step");
+        r.clear("albef_checkpoint_age_seconds");
+        if s.last_checkpoint_unix > 0 {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            r.set("albef_checkpoint_age_seconds", &[], now.saturating_sub(s.last_checkpoint_unix) as f64);
+            r.set("albef_checkpoint_latest_step", &[], s.last_checkpoint_step as f64);
+        }
+        r.clear("albef_bad_samples_total");
+        for (reason, n) in &s.bad_samples {
+            r.set("albef_bad_samples_total", &[("reason", reason)], *n as f64);
+        }
+    });
+    r
+}
