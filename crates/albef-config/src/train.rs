@@ -238,6 +238,9 @@ pub struct CoordinatorConfig {
     pub tls_ca: String,
     /// Prometheus metrics address ("" to disable).
     pub metrics_listen: String,
+    /// Exit once the job is finished (or stopped) and every worker left; false keeps serving
+    /// status and metrics (a Kubernetes Deployment would otherwise restart it).
+    pub exit_when_finished: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -251,6 +254,7 @@ impl Default for CoordinatorConfig {
             tls_key: String::new(),
             tls_ca: String::new(),
             metrics_listen: String::new(),
+            exit_when_finished: true,
         }
     }
 }

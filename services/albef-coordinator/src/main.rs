@@ -144,7 +144,7 @@ async fn serve(
     // Installed before the address is announced: a launcher may signal as soon as it reads it.
     let (term, int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     tokio::spawn(on_signals(term, int, shutdown_tx.clone()));
-    tokio::spawn(tick(shared.clone(), shutdown_tx));
+    tokio::spawn(tick(shared.clone(), shutdown_tx, c.exit_when_finished));
     info!(%addr, tls = !c.tls_cert.is_empty(), "serving");
     // Tests and launchers read the bound address (the port may have been 0) from stdout.
     println!("listening on {addr}");
@@ -184,7 +184,7 @@ async fn on_signals(mut term: Signal, mut int: Signal, shutdown: watch::Sender<b
 }
 
 /// Failure detection, the rendezvous grace, persistence, and the exit once the job is done.
-async fn tick(shared: Arc<Shared>, shutdown: watch::Sender<bool>) {
+async fn tick(shared: Arc<Shared>, shutdown: watch::Sender<bool>, exit_when_finished: bool) {
     let mut stopped = shutdown.subscribe();
     let mut every = tokio::time::interval(TICK);
     loop {
@@ -194,7 +194,7 @@ async fn tick(shared: Arc<Shared>, shutdown: watch::Sender<bool>) {
         }
         shared.tick();
         shared.persist_logged().await;
-        if shared.drained() {
+        if exit_when_finished && shared.drained() {
             info!("the job is finished and every worker left: shutting down");
             let _ = shutdown.send(true);
             return;

@@ -451,6 +451,19 @@ async fn the_coordinator_exits_after_stop_once_the_workers_left() {
 }
 
 #[tokio::test]
+async fn a_coordinator_told_to_stay_serves_status_after_the_end() {
+    let dir = JobDir::new();
+    let c = dir.start(1, &["coordinator.exit_when_finished=false".into()]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    let j = join(&mut w, "w", 7000).await;
+    w.heartbeat(HeartbeatRequest { done: true, ..beat("w", &j, 25) }).await.unwrap();
+    w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap();
+    assert_eq!(status.into_inner().state, "finished");
+}
+
+#[tokio::test]
 async fn the_coordinator_exits_once_the_job_is_finished() {
     let dir = JobDir::new();
     let mut c = dir.start(1, &[]);
