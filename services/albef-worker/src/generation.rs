@@ -127,6 +127,7 @@ impl Worker {
         if self.local.train.num_threads > 0 {
             tch::set_num_threads(self.local.train.num_threads);
         }
+        let mut failures = Backoff::new();
         loop {
             let pending = TcpCollective::bind(self.listen)?;
             let bound = pending.local_addr();
@@ -138,7 +139,19 @@ impl Worker {
             let assignment = self.join(&address, dev)?;
             let generation = assignment.generation;
             tracing::info!(generation, rank = assignment.rank, world = assignment.world_size, "joined");
-            match self.generation(assignment, pending, dev) {
+            // A configuration this worker cannot read will not improve by rejoining (a worker
+            // older than its coordinator): fail, and leave, so the world forms without it.
+            let cfg = match serde_json::from_str::<AlbefConfig>(&assignment.config_json) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    self.leave(generation);
+                    bail!(
+                        "the job configuration from the coordinator: {e} (is this worker older than the coordinator?)"
+                    );
+                }
+            };
+            let started = Instant::now();
+            match self.generation(assignment, cfg, pending, dev) {
                 Ok(Ending::Finished) => {
                     self.leave(generation);
                     tracing::info!("job finished");
@@ -151,6 +164,12 @@ impl Worker {
                 }
                 Ok(Ending::Rejoin(why)) => tracing::warn!(generation, why, "generation ended; joining again"),
                 Err(e) => tracing::warn!(generation, "generation failed: {e:#}; joining again"),
+            }
+            // Generations that fail at once must not churn the world: back off before rejoining.
+            if started.elapsed() < Duration::from_secs(10) {
+                failures.wait();
+            } else {
+                failures = Backoff::new();
             }
         }
     }
@@ -212,11 +231,10 @@ impl Worker {
     fn generation(
         &mut self,
         a: JoinResponse,
+        cfg: AlbefConfig,
         pending: albef_dist::tcp::PendingTcp,
         dev: tch::Device,
     ) -> Result<Ending> {
-        let cfg: AlbefConfig =
-            serde_json::from_str(&a.config_json).context("the job configuration from the coordinator")?;
         let params = a.collective.clone().context("assignment without collective parameters")?;
         let (rank, world) = (a.rank as usize, a.world_size as usize);
         let timeout = Duration::from_secs(u64::from(params.timeout_seconds.max(1)));
