@@ -198,6 +198,15 @@ pub struct JobConfig {
     /// A local directory where each worker appends the sample keys it trains at every step
     /// (`<worker_id>.jsonl`), to audit that nothing is lost or repeated; "" for none.
     pub audit_dir: String,
+    /// Zero-shot retrieval evaluation every this many steps, split across the ranks and reported
+    /// to the coordinator (0: none during training).
+    pub eval_every: u64,
+    /// Also evaluate after the last step.
+    pub eval_at_end: bool,
+    /// The retrieval split (annotation JSON); "": the generated one when the data is generated.
+    pub eval_data: String,
+    /// Candidates re-ranked by ITM per query.
+    pub eval_k_test: u64,
 }
 
 impl Default for JobConfig {
@@ -217,6 +226,10 @@ impl Default for JobConfig {
             checkpoint_part_mb: 16,
             max_bad_steps: 3,
             audit_dir: String::new(),
+            eval_every: 0,
+            eval_at_end: false,
+            eval_data: String::new(),
+            eval_k_test: 128,
         }
     }
 }

@@ -29,6 +29,8 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_checkpoint_latest_step", Kind::Gauge, "Step of the latest committed checkpoint."),
         ("albef_checkpoint_age_seconds", Kind::Gauge, "Seconds since the latest checkpoint was committed."),
         ("albef_bad_samples_total", Kind::Counter, "Input samples the workers skipped, by reason."),
+        ("albef_eval_step", Kind::Gauge, "Step of the latest retrieval evaluation."),
+        ("albef_eval_retrieval", Kind::Gauge, "Latest zero-shot retrieval metrics (percent), by scoring."),
     ] {
         r.declare(name, kind, help);
     }
@@ -60,6 +62,15 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
             r.set("albef_checkpoint_age_seconds", &[], now.saturating_sub(s.last_checkpoint_unix) as f64);
             r.set("albef_checkpoint_latest_step", &[], s.last_checkpoint_step as f64);
+        }
+        r.clear("albef_eval_step");
+        r.clear("albef_eval_retrieval");
+        if let Some((step, metrics)) = &s.evaluation {
+            r.set("albef_eval_step", &[], *step as f64);
+            for (key, v) in metrics {
+                let (scoring, metric) = key.split_once('/').unwrap_or(("", key));
+                r.set("albef_eval_retrieval", &[("scoring", scoring), ("metric", metric)], *v);
+            }
         }
         r.clear("albef_bad_samples_total");
         for (reason, n) in &s.bad_samples {

@@ -360,6 +360,20 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::RejectCheckpointResponse {}))
     }
 
+    async fn report_evaluation(
+        &self,
+        request: Request<pb::ReportEvaluationRequest>,
+    ) -> Result<Response<pb::ReportEvaluationResponse>, Status> {
+        let r = request.into_inner();
+        check_text("split", &r.split, MAX_LOCATION)?;
+        if r.metrics.len() > 64 || r.metrics.keys().any(|k| k.is_empty() || k.len() > MAX_ID) {
+            return Err(Status::invalid_argument("metrics: at most 64, named by 1 to 256 bytes"));
+        }
+        let metrics = r.metrics.into_iter().collect();
+        self.0.job().report_evaluation(r.generation, r.rank, r.step, metrics).map_err(to_status)?;
+        Ok(Response::new(pb::ReportEvaluationResponse {}))
+    }
+
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         let r = request.into_inner();
         check_id("worker_id", &r.worker_id)?;
@@ -407,6 +421,8 @@ impl ControlService {
             bad_samples: s.bad_samples.into_iter().collect(),
             checkpoints_committed: s.checkpoints_committed,
             last_checkpoint_unix: s.last_checkpoint_unix,
+            eval_step: s.evaluation.as_ref().map_or(0, |(step, _)| *step),
+            eval_metrics: s.evaluation.map(|(_, m)| m.into_iter().collect()).unwrap_or_default(),
         }
     }
 

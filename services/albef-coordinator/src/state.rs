@@ -174,6 +174,8 @@ pub struct JobStatus {
     /// Unix seconds (0: none yet).
     pub last_checkpoint_unix: u64,
     pub last_checkpoint_step: u64,
+    /// The latest retrieval evaluation: step and "<scoring>/<metric>" -> percent.
+    pub evaluation: Option<(u64, BTreeMap<String, f64>)>,
 }
 
 /// What a checkpoint report did.
@@ -273,6 +275,7 @@ pub struct Job {
     checkpoints_committed: u64,
     /// The latest skip counts of each worker process.
     bad_samples: HashMap<String, BTreeMap<String, u64>>,
+    evaluation: Option<(u64, BTreeMap<String, f64>)>,
     hash_mismatches: u64,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
@@ -304,6 +307,7 @@ impl Job {
             rejected_checkpoints: 0,
             checkpoints_committed: 0,
             bad_samples: HashMap::new(),
+            evaluation: None,
             hash_mismatches: 0,
             revision: 0,
             clock: (now, unix),
@@ -847,6 +851,28 @@ impl Job {
         Ok(dropped)
     }
 
+    /// Rank 0's result of a retrieval evaluation; a later step replaces an earlier one.
+    pub fn report_evaluation(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        step: u64,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<()> {
+        self.current_checked(generation, rank)?;
+        if rank != 0 {
+            return invalid("only rank 0 reports evaluations");
+        }
+        if let Some(bad) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return invalid(format!("metric {} is {}", bad.0, bad.1));
+        }
+        info!(generation, step, r_mean = metrics.get("itm/r_mean").copied(), "retrieval evaluation");
+        if self.evaluation.as_ref().is_none_or(|(s, _)| *s <= step) {
+            self.evaluation = Some((step, metrics));
+        }
+        Ok(())
+    }
+
     fn check_controllable(&self) -> Result<()> {
         if self.finished {
             return precondition("the job is finished");
@@ -958,6 +984,7 @@ impl Job {
             checkpoints_committed: self.checkpoints_committed,
             last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
             last_checkpoint_step: last.map_or(0, |c| c.step),
+            evaluation: self.evaluation.clone(),
         }
     }
 

@@ -11,10 +11,11 @@ use albef_data::plan::{Lease, PlanSpec, RankPlan};
 use albef_data::store::Location;
 use albef_dist::tcp::{TcpCollective, TcpOptions};
 use albef_dist::{Collective, NcclCollective, ReduceOp};
+use albef_eval::{EvalOptions, RetrievalSplit, Scoring, SplitOptions, evaluate_shard};
 use albef_model::{Batch, device};
 use albef_proto::v1::{
     Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
-    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest,
+    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, ReportEvaluationRequest,
 };
 use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::distributed::{CollectiveGather, average_gradients};
@@ -55,6 +56,8 @@ struct Run<'a> {
     steps_per_epoch: u64,
     total_steps: u64,
     audit: Option<std::fs::File>,
+    /// The retrieval split, read at the first evaluation.
+    eval_split: Option<RetrievalSplit>,
 }
 
 /// How a generation ended for this worker.
@@ -299,6 +302,7 @@ impl Worker {
             steps_per_epoch,
             total_steps,
             audit,
+            eval_split: None,
         };
         let ending = self.train(&mut run, &mut trainer);
         // A checkpoint in flight is committed (or fails) before this worker moves on.
@@ -447,6 +451,10 @@ impl Worker {
                 let flops = albef_model::flops::step_flops(&cfg.model, b, len, collective.world_size() as i64);
                 self.metrics.step(step, &times, loaded.batch.batch_size, flops, self.peak_flops);
                 self.report(r, trainer, &stats);
+                let every = cfg.job.eval_every;
+                if (every > 0 && step.is_multiple_of(every)) || (step >= r.total_steps && cfg.job.eval_at_end) {
+                    self.evaluate(r, trainer, step)?;
+                }
                 if step >= r.total_steps {
                     break;
                 }
@@ -456,6 +464,65 @@ impl Worker {
             self.save(r, trainer, &mut saved_step)?;
         }
         Ok(Ending::Finished)
+    }
+
+    /// Zero-shot retrieval on the configured split, the re-ranking split across the ranks; rank 0
+    /// reports the metrics to the coordinator.
+    fn evaluate(&mut self, r: &mut Run, trainer: &Trainer, step: u64) -> Result<()> {
+        let (cfg, collective) = (r.cfg, r.collective);
+        let started = Instant::now();
+        if r.eval_split.is_none() {
+            let url = match (cfg.job.eval_data.as_str(), cfg.data.train_file.is_empty()) {
+                ("", true) => {
+                    format!("{}/data/{}", cfg.job.run_dir.trim_end_matches('/'), albef_data::synth::TEST_JSON)
+                }
+                ("", false) => bail!("job.eval_every / eval_at_end need job.eval_data (a retrieval annotation file)"),
+                (url, _) => url.to_string(),
+            };
+            let opts =
+                SplitOptions { image_root: None, max_words: cfg.data.max_words, max_pixels: cfg.data.max_pixels };
+            let split = RetrievalSplit::load(&url, &r.dataset.tokenizer, &opts, self.rt.handle())
+                .with_context(|| format!("loading the retrieval split {url}"))?;
+            r.eval_split = Some(split);
+        }
+        let split = r.eval_split.as_ref().expect("loaded above");
+        let opts = EvalOptions {
+            k_test: cfg.job.eval_k_test as usize,
+            bf16: cfg.train.bf16,
+            decode_threads: 1,
+            ..EvalOptions::default()
+        };
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let mut shard = tracing::info_span!("evaluate", step)
+            .in_scope(|| evaluate_shard(trainer.model(), split, &opts, rank, world))?;
+        for t in shard.reducible() {
+            collective.all_reduce(t, ReduceOp::Sum)?;
+        }
+        if rank != 0 {
+            return Ok(());
+        }
+        let results = shard.results(&split.truth)?;
+        let mut metrics = std::collections::HashMap::new();
+        for scoring in Scoring::ALL {
+            for (name, v) in results.get(scoring).entries() {
+                metrics.insert(format!("{}/{name}", scoring.name()), v);
+            }
+        }
+        let itm = results.get(Scoring::Itm);
+        println!(
+            "eval  {step:>5}  txt_r1 {:.1} img_r1 {:.1} r_mean {:.1} (ITM re-ranked, {} images, {:.1}s)",
+            itm.txt_r1,
+            itm.img_r1,
+            itm.r_mean,
+            split.num_images(),
+            started.elapsed().as_secs_f64()
+        );
+        let req =
+            ReportEvaluationRequest { generation: r.generation, rank: 0, step, split: split.source.clone(), metrics };
+        if let Err(s) = self.rt.block_on(self.client.report_evaluation(req)) {
+            tracing::warn!("reporting the evaluation: {s}");
+        }
+        Ok(())
     }
 
     /// Restores the checkpoint of the resume point; one that cannot be read is reported, so that

@@ -1,8 +1,8 @@
 //! A whole local job: `albef run` with a coordinator and several workers as real processes on
 //! 127.0.0.1, training the small preset with TCP collectives.
 
-use albef_proto::v1::GetStatusRequest;
 use albef_proto::v1::control_client::ControlClient;
+use albef_proto::v1::{GetStatusRequest, JobStatus};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +15,7 @@ fn repo() -> PathBuf {
 /// Runs a job of `workers` ranks for `steps` steps, watching the coordinator's status: every
 /// time two ranks report the same step, their parameter fingerprints (weights, momentum weights,
 /// queues) must be equal.
-fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempDir) {
+fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> (String, PathBuf, tempfile::TempDir, JobStatus) {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let sets = [
@@ -33,7 +33,7 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_albef"));
     cmd.current_dir(repo()).args(["run", "--config", "configs/small.yaml", "--workers", &workers.to_string()]);
     cmd.args(["--port", &port.to_string()]);
-    for s in &sets {
+    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
         cmd.args(["--set", s]);
     }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -48,6 +48,7 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
     // Watch the job while it runs.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut by_step: BTreeMap<u64, BTreeMap<u32, String>> = BTreeMap::new();
+    let mut last = JobStatus::default();
     let started = Instant::now();
     let endpoint = format!("http://127.0.0.1:{port}");
     while child.try_wait().unwrap().is_none() {
@@ -62,6 +63,7 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
                     by_step.entry(w.params_hash_step).or_default().insert(w.rank, w.params_hash.clone());
                 }
             }
+            last = s;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -75,15 +77,24 @@ fn job(workers: u32, steps: u64, port: u16) -> (String, PathBuf, tempfile::TempD
         assert!(ranks.values().all(|h| h == first), "ranks diverged at step {step}: {ranks:?}");
     }
     println!("fingerprints compared at {} steps", compared.len());
-    (stdout, run_dir, dir)
+    (stdout, run_dir, dir, last)
 }
 
 #[test]
 fn two_workers_train_identical_replicas_and_checkpoint() {
-    let (stdout, run_dir, _dir) = job(2, 16, 50731);
+    let (stdout, run_dir, _dir, status) = job(2, 16, 50731, &["job.eval_every=8", "job.eval_k_test=4"]);
     let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step")).collect();
     assert!(steps.len() >= 3, "rank 0 reports progress:\n{stdout}");
     assert!(steps.last().unwrap().starts_with("step    15/16"), "{stdout}");
+    // Retrieval evaluated together at steps 8 and 16, reported to the coordinator.
+    let evals: Vec<&str> = stdout.lines().filter(|l| l.starts_with("eval")).collect();
+    assert_eq!(evals.len(), 2, "{stdout}");
+    assert!(evals[1].starts_with("eval     16") && evals[1].contains("8 images"), "{stdout}");
+    assert!(status.eval_step >= 8, "{status:?}");
+    for key in ["itm/txt_r1", "itm/img_r1", "itc/r_mean", "itm+itc/r_mean"] {
+        let v = status.eval_metrics.get(key).copied().unwrap_or(f64::NAN);
+        assert!((0.0..=100.0).contains(&v), "{key}: {v}");
+    }
     let ckpt = run_dir.join("checkpoints/step-16");
     for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
         assert!(ckpt.join(f).exists(), "{f} missing in the final checkpoint");
@@ -92,6 +103,6 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
 
 #[test]
 fn three_workers_form_one_world() {
-    let (stdout, _run_dir, _dir) = job(3, 6, 50732);
+    let (stdout, _run_dir, _dir, _) = job(3, 6, 50732, &[]);
     assert!(stdout.lines().any(|l| l.starts_with("step     5/6")), "{stdout}");
 }

@@ -206,6 +206,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The latest in-job evaluation, ITM re-ranked as the reference reports it.
+fn retrieval_line(s: &JobStatus) -> String {
+    if s.eval_metrics.is_empty() {
+        return "-".into();
+    }
+    let m = |k: &str| s.eval_metrics.get(&format!("itm/{k}")).copied().unwrap_or(f64::NAN);
+    format!(
+        "step {}: txt_r1 {:.1}  txt_r5 {:.1}  img_r1 {:.1}  img_r5 {:.1}  r_mean {:.1} (ITM re-ranked)",
+        s.eval_step,
+        m("txt_r1"),
+        m("txt_r5"),
+        m("img_r1"),
+        m("img_r5"),
+        m("r_mean")
+    )
+}
+
 fn render_status(s: &JobStatus) -> String {
     let mut out = String::new();
     let total = if s.total_steps > 0 { format!(" / {}", s.total_steps) } else { String::new() };
@@ -223,6 +240,7 @@ fn render_status(s: &JobStatus) -> String {
         ("checkpoint", if s.last_checkpoint.is_empty() { "-".into() } else { s.last_checkpoint.clone() }),
         ("restarts", s.restarts.to_string()),
         ("bad steps", format!("{} non-finite, {} checkpoints rejected", s.nonfinite_steps, s.rejected_checkpoints)),
+        ("retrieval", retrieval_line(s)),
     ];
     for (name, value) in fields {
         let _ = writeln!(out, "{name:<11} {value}");

@@ -505,3 +505,16 @@ fn every_silent_worker_loses_its_rank() {
     let ranks: Vec<u32> = form(&mut job, &["c", "b", "a"], t).iter().map(|x| x.rank).collect();
     assert_eq!(ranks, vec![2, 0, 1]);
 }
+
+#[test]
+fn rank_0_reports_evaluations_and_the_latest_step_wins() {
+    let (mut job, t0) = job(2, 2);
+    form(&mut job, &["a", "b"], t0);
+    let m = |v: f64| BTreeMap::from([("itm/r_mean".to_string(), v)]);
+    assert!(matches!(job.report_evaluation(1, 1, 8, m(50.0)), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_evaluation(1, 0, 8, m(f64::NAN)), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_evaluation(7, 0, 8, m(50.0)), Err(JobError::InvalidArgument(_))));
+    job.report_evaluation(1, 0, 16, m(60.0)).unwrap();
+    job.report_evaluation(1, 0, 8, m(50.0)).unwrap();
+    assert_eq!(job.status(t0).evaluation, Some((16, m(60.0))));
+}
