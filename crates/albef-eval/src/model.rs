@@ -25,12 +25,7 @@ pub struct EvalModel {
 /// order of draws, pretrained encoders imported when configured).
 pub fn untrained(cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
     cfg.validate()?;
-    tch::manual_seed(cfg.train.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model)?;
-    let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
-    let (bert, vit) = (path(&cfg.model.text_encoder_checkpoint), path(&cfg.model.visual_encoder_checkpoint));
-    model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
+    let (vs, model, _) = Albef::fresh(&cfg.model, cfg.train.seed, device)?;
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: "untrained".into(), step: Some(0) })
 }
 

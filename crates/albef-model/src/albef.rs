@@ -163,6 +163,23 @@ impl Albef {
         });
     }
 
+    /// A new model as every rank of a job (and an evaluation of the untrained model) builds it:
+    /// `seed` fixes the initial weights, so ranks agree without a broadcast; the configured
+    /// pretrained encoders (`text_encoder_checkpoint`, `visual_encoder_checkpoint`) are imported.
+    pub fn fresh(
+        cfg: &ModelConfig,
+        seed: u64,
+        device: Device,
+    ) -> Result<(nn::VarStore, Albef, Vec<crate::weights::LoadReport>)> {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Albef::new(&vs, cfg)?;
+        let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+        let (bert, vit) = (path(&cfg.text_encoder_checkpoint), path(&cfg.visual_encoder_checkpoint));
+        let reports = model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
+        Ok((vs, model, reports))
+    }
+
     /// Initialises the encoders from pretrained checkpoints (safetensors) by name, as the
     /// reference does before training: a Hugging Face BERT into the text and fusion layers (the
     /// cross-attention stays new), a timm ViT/DeiT into the image encoder (position embedding

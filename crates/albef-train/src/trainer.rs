@@ -73,12 +73,8 @@ impl Trainer {
     /// job starts from the same weights without a broadcast.
     pub fn new(cfg: &AlbefConfig, device: Device, rank: u64) -> Result<Self> {
         cfg.validate()?;
-        tch::manual_seed(cfg.train.seed as i64);
-        let vs = nn::VarStore::new(device);
-        let model = Albef::new(&vs, &cfg.model)?;
-        let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
-        let (bert, vit) = (path(&cfg.model.text_encoder_checkpoint), path(&cfg.model.visual_encoder_checkpoint));
-        for report in model.import_encoders(&vs, bert.as_deref(), vit.as_deref())? {
+        let (vs, model, reports) = Albef::fresh(&cfg.model, cfg.train.seed, device)?;
+        for report in reports {
             tracing::info!("initialised from a pretrained checkpoint: {report}");
         }
         let opt = AdamW::new(&vs, &cfg.optimizer);
