@@ -38,11 +38,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
             let captions: Vec<String> =
                 text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
             ensure!(!captions.is_empty(), "{file} holds no caption");
-            let beside = match cfg.data.train_file.first() {
-                Some(first) => first.clone(),
-                None => format!("{}/data/{}", cfg.job.run_dir, albef_data::synth::TRAIN_JSON),
-            };
-            let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), cfg, &beside, handle)?;
+            let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, None, handle)?;
             let e = embed_texts(&model.model, &tokenizer, &captions, cfg.data.max_words, args.model.batch_size, bf16)?;
             ("text", captions, e)
         }

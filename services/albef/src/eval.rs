@@ -141,12 +141,39 @@ fn device_of(cfg: &AlbefConfig) -> Result<tch::Device> {
     Ok(dev)
 }
 
-/// The tokenizer: --tokenizer, else data.tokenizer, else vocab.txt beside `beside`.
-pub fn load_tokenizer(explicit: Option<&str>, cfg: &AlbefConfig, beside: &str, handle: &Handle) -> Result<Tokenizer> {
+/// The tokenizer: --tokenizer, else data.tokenizer, else the first `vocab.txt` found beside
+/// `beside` (a split or a data file), beside the training data, in the run's generated data, or
+/// in the generated data of a run the model's checkpoint lies in.
+pub fn load_tokenizer(
+    explicit: Option<&str>,
+    model: &EvalModel,
+    beside: Option<&str>,
+    handle: &Handle,
+) -> Result<Tokenizer> {
+    let cfg = &model.cfg;
     let url = match (explicit, cfg.data.tokenizer.as_str()) {
         (Some(t), _) => t.to_string(),
         (None, t) if !t.is_empty() => t.to_string(),
-        (None, _) => format!("{}/{VOCAB_TXT}", parent_of(beside)),
+        (None, _) => {
+            let mut candidates: Vec<String> =
+                beside.map(|b| format!("{}/{VOCAB_TXT}", parent_of(b))).into_iter().collect();
+            if let Some(first) = cfg.data.train_file.first() {
+                candidates.push(format!("{}/{VOCAB_TXT}", parent_of(first)));
+            }
+            candidates.push(format!("{}/data/{VOCAB_TXT}", cfg.job.run_dir.trim_end_matches('/')));
+            for dir in Path::new(&model.source).ancestors().skip(1).take(3) {
+                candidates.push(dir.join("data").join(VOCAB_TXT).to_string_lossy().into_owned());
+            }
+            let mut found = None;
+            for c in &candidates {
+                if Location::open(c).and_then(|l| handle.block_on(l.exists())).unwrap_or(false) {
+                    found = Some(c.clone());
+                    break;
+                }
+            }
+            found
+                .with_context(|| format!("no tokenizer given and none found (looked for {})", candidates.join(", ")))?
+        }
     };
     let bytes =
         handle.block_on(Location::open(&url)?.read_all()).with_context(|| format!("reading the tokenizer {url}"))?;
@@ -165,16 +192,26 @@ pub fn load_tokenizer(explicit: Option<&str>, cfg: &AlbefConfig, beside: &str, h
     Ok(tok)
 }
 
-/// The split to evaluate: --data, else the generated dataset's held-out split (generated now if
-/// the job has not done it yet).
-fn split_url(data: Option<&str>, cfg: &AlbefConfig, handle: &Handle) -> Result<String> {
+/// The split to evaluate: --data, else the held-out split of the generated dataset the model
+/// was trained on (`data/test.json` in the run the checkpoint lies in), else the one under
+/// `job.run_dir` (generated now if the job has not done it yet).
+fn split_url(data: Option<&str>, model: &EvalModel, handle: &Handle) -> Result<String> {
     if let Some(d) = data {
         return Ok(d.to_string());
     }
+    let cfg = &model.cfg;
     ensure!(
         cfg.data.train_file.is_empty(),
         "--data is required when the configuration trains on data.train_file (there is no generated held-out split)"
     );
+    if model.source != "untrained" {
+        for dir in Path::new(&model.source).ancestors().skip(1).take(3) {
+            let candidate = dir.join("data").join(TEST_JSON);
+            if candidate.exists() {
+                return Ok(candidate.to_string_lossy().into_owned());
+            }
+        }
+    }
     let run = Path::new(&cfg.job.run_dir);
     training_sources(cfg, run, handle)?;
     Ok(run.join("data").join(TEST_JSON).to_string_lossy().into_owned())
@@ -201,8 +238,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let model = load_model(&args.model, handle)?;
     let cfg = &model.cfg;
-    let split_url = split_url(args.data.as_deref(), cfg, handle)?;
-    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), cfg, &split_url, handle)?;
+    let split_url = split_url(args.data.as_deref(), &model, handle)?;
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&split_url), handle)?;
     let split_opts = SplitOptions {
         image_root: args.image_root.clone(),
         max_words: cfg.data.max_words,

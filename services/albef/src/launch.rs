@@ -203,7 +203,7 @@ impl ProgressTee {
     fn plot(&self) {
         let Some(dir) = &self.dir else { return };
         let (log, png) = (dir.join(crate::PROGRESS_LOG), dir.join(crate::LOSS_PNG));
-        let title = format!("loss per step: {}", dir.display());
+        let title = format!("loss per step (log scale): {}", dir.display());
         match crate::plot::plot_file(&log, &title, &png) {
             Ok(_) => eprintln!("loss curves: {}", png.display()),
             Err(e) => eprintln!("no loss curves: {e:#}"),

@@ -103,7 +103,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(*args),
         Command::Plot { progress, out } => {
-            let n = plot::plot_file(&progress, &format!("loss per step: {}", progress.display()), &out)?;
+            let n = plot::plot_file(&progress, &format!("loss per step (log scale): {}", progress.display()), &out)?;
             println!("{n} steps plotted in {}", out.display());
             Ok(())
         }
@@ -183,7 +183,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     }
     drop(progress);
     let png = out.join(LOSS_PNG);
-    plot::plot_file(&progress_path, &format!("loss per step: {}", out.display()), &png)?;
+    plot::plot_file(&progress_path, &format!("loss per step (log scale): {}", out.display()), &png)?;
     let final_dir = out.join("final");
     let location = Location::open(&final_dir.to_string_lossy())?;
     albef_train::checkpoint::save(&trainer, &location, 1, steps_per_epoch, rt.handle())?;

@@ -1,7 +1,8 @@
 //! Loss curves: the progress lines of a run (`step N/T epoch E  loss L (ita a itm b mlm c) ...`)
 //! parsed back and drawn as a PNG, each loss and the total per step (faint) with a moving
-//! average on top. Drawn with the `image` crate and a built-in 5x7 bitmap font: no plotting
-//! library, no font files.
+//! average on top, on a logarithmic loss axis (ITM sits near 0.6 while the total starts above 10).
+//! Drawn with the `image` crate and a built-in 5x7 bitmap font: no plotting library, no font
+//! files.
 
 use anyhow::{Context, Result, ensure};
 use image::{Rgb, RgbImage};
@@ -78,7 +79,7 @@ fn series(l: &StepLosses, i: usize) -> f64 {
     [l.total, l.ita, l.itm, l.mlm][i]
 }
 
-/// A tick step of 1, 2 or 5 times a power of ten giving about `n` intervals over `span`.
+/// A step of 1, 2 or 5 times a power of ten giving about `n` intervals over `span`.
 fn nice_step(span: f64, n: f64) -> f64 {
     let raw = (span / n).max(1e-12);
     let p = 10f64.powf(raw.log10().floor());
@@ -89,21 +90,39 @@ fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
     let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, WHITE);
     let (x0, x1) = (*steps.keys().next().unwrap() as f64, *steps.keys().last().unwrap() as f64);
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
-    let finite = steps.values().flat_map(|l| (0..4).map(move |i| series(l, i))).filter(|v| v.is_finite());
-    let y_max = finite.fold(0f64, f64::max).max(1e-6) * 1.05;
+    let finite: Vec<f64> =
+        steps.values().flat_map(|l| (0..4).map(move |i| series(l, i))).filter(|v| v.is_finite() && *v > 0.0).collect();
+    let lo = finite.iter().copied().fold(f64::INFINITY, f64::min).clamp(1e-3, 1.0);
+    let hi = finite.iter().copied().fold(0f64, f64::max).max(lo * 10.0);
+    // The 1-2-5 values just outside the data.
+    let ticks_of = |decade: f64| [1.0, 2.0, 5.0].map(|m| m * decade);
+    let first_decade = 10f64.powf(lo.log10().floor());
+    let y_lo = ticks_of(first_decade).into_iter().rfind(|t| *t <= lo * 1.0001).unwrap_or(first_decade);
+    let y_hi = (0..4)
+        .flat_map(|d| ticks_of(10f64.powf(hi.log10().floor() + d as f64)))
+        .find(|t| *t >= hi * 0.9999)
+        .unwrap_or(hi);
     let (pw, ph) = (WIDTH as i64 - LEFT - RIGHT, HEIGHT as i64 - TOP - BOTTOM);
     let px = |x: f64| LEFT + ((x - x0) / (x1 - x0) * pw as f64).round() as i64;
-    let py = |y: f64| TOP + ph - ((y / y_max).clamp(0.0, 1.0) * ph as f64).round() as i64;
+    let span = (y_hi / y_lo).log10();
+    let py = |y: f64| {
+        let f = if y > 0.0 { ((y / y_lo).log10() / span).clamp(0.0, 1.0) } else { 0.0 };
+        TOP + ph - (f * ph as f64).round() as i64
+    };
 
-    // Grid and tick labels.
-    let ys = nice_step(y_max, 6.0);
-    let mut y = 0.0;
-    while y <= y_max {
-        let yy = py(y);
-        line(&mut img, LEFT, yy, LEFT + pw, yy, GRID);
-        let label = if ys < 1.0 { format!("{y:.1}") } else { format!("{y:.0}") };
-        text(&mut img, LEFT - 8 - text_width(&label), yy - 3 * SCALE, &label, INK);
-        y += ys;
+    // Grid and tick labels: 1, 2 and 5 of every decade.
+    let mut decade = first_decade;
+    while decade < y_hi * 1.001 {
+        for y in ticks_of(decade) {
+            if y < y_lo * 0.999 || y > y_hi * 1.001 {
+                continue;
+            }
+            let yy = py(y);
+            line(&mut img, LEFT, yy, LEFT + pw, yy, GRID);
+            let label = if y < 1.0 { format!("{y}") } else { format!("{y:.0}") };
+            text(&mut img, LEFT - 8 - text_width(&label), yy - 3 * SCALE, &label, INK);
+        }
+        decade *= 10.0;
     }
     let xs = nice_step(x1 - x0, 8.0).max(1.0);
     let mut x = (x0 / xs).ceil() * xs;
@@ -119,13 +138,15 @@ fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
     text(&mut img, LEFT + pw / 2 - text_width("step") / 2, HEIGHT as i64 - 20, "step", INK);
     text(&mut img, LEFT, 12, title, INK);
 
-    // Curves: every step faint, then a moving average.
+    // Curves: every step faint, then the moving averages on top.
     let points: Vec<(u64, &StepLosses)> = steps.iter().map(|(s, l)| (*s, l)).collect();
     let window = (points.len() / 40).max(1);
     for (i, (_, colour)) in SERIES.iter().enumerate().rev() {
         // A third of the colour on white.
         let faint = Rgb(colour.0.map(|c| ((u16::from(c) + 2 * 255) / 3) as u8));
         polyline(&mut img, points.iter().map(|(s, l)| (px(*s as f64), py(series(l, i)))), faint, 1);
+    }
+    for (i, (_, colour)) in SERIES.iter().enumerate().rev() {
         let smooth = points.iter().enumerate().map(|(j, (s, _))| {
             let lo = j.saturating_sub(window / 2);
             let hi = (j + window / 2 + 1).min(points.len());
