@@ -366,7 +366,7 @@ impl Worker {
                 plan.steps,
                 r.steps_per_epoch
             );
-            let mut batches = r.dataset.loader(cfg, plan, from, self.rt.handle()).into_iter();
+            let mut batches = r.dataset.loader(cfg, plan, from, self.rt.handle());
             loop {
                 let mut times = StepTimes::default();
                 let waited = Instant::now();
