@@ -35,6 +35,15 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry with these families (name, kind, help).
+    pub fn with_families(families: &[(&str, Kind, &str)]) -> Registry {
+        let r = Registry::default();
+        for (name, kind, help) in families {
+            r.declare(name, *kind, help);
+        }
+        r
+    }
+
     /// Declares a family (idempotent).
     pub fn declare(&self, name: &str, kind: Kind, help: &str) {
         self.families.lock().unwrap().entry(name.to_string()).or_insert_with(|| Family {

@@ -9,8 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const STATES: [&str; 6] = ["waiting", "running", "paused", "stopping", "stopped", "finished"];
 
 pub fn registry(shared: Arc<Shared>) -> Registry {
-    let r = Registry::default();
-    for (name, kind, help) in [
+    let r = Registry::with_families(&[
         ("albef_job_state", Kind::Gauge, "1 for the job's current state."),
         ("albef_job_generation", Kind::Gauge, "Number of the latest generation (world) formed."),
         ("albef_job_world_size", Kind::Gauge, "Ranks in the current generation."),
@@ -31,9 +30,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_bad_samples_total", Kind::Counter, "Input samples the workers skipped, by reason."),
         ("albef_eval_step", Kind::Gauge, "Step of the latest retrieval evaluation."),
         ("albef_eval_retrieval", Kind::Gauge, "Latest zero-shot retrieval metrics (percent), by scoring."),
-    ] {
-        r.declare(name, kind, help);
-    }
+    ]);
     r.on_read(move |r| {
         let s = shared.status();
         for state in STATES {

@@ -30,8 +30,7 @@ impl StepTimes {
 impl WorkerMetrics {
     /// `cuda`: the device index, for memory readings at each scrape.
     pub fn new(cuda: Option<usize>) -> Self {
-        let registry = Registry::default();
-        for (name, kind, help) in [
+        let registry = Registry::with_families(&[
             ("albef_worker_step", Kind::Gauge, "Optimiser steps taken."),
             ("albef_worker_step_seconds", Kind::Gauge, "Time of the last step, by phase."),
             ("albef_worker_data_wait_share", Kind::Gauge, "Share of recent wall time spent waiting for data."),
@@ -41,9 +40,7 @@ impl WorkerMetrics {
             ("albef_worker_gpu_memory_bytes", Kind::Gauge, "Device memory (CUDA)."),
             ("albef_worker_nonfinite_steps_total", Kind::Counter, "Steps not applied: non-finite loss."),
             ("albef_worker_bad_samples_total", Kind::Counter, "Input samples skipped, by reason."),
-        ] {
-            registry.declare(name, kind, help);
-        }
+        ]);
         if let Some(index) = cuda {
             registry.on_read(move |r| {
                 if let Ok((used, total)) = albef_dist::cuda::memory(index) {
