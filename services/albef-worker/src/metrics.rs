@@ -10,8 +10,12 @@ pub const PHASES: [&str; 6] = ["data_wait", "forward", "backward", "communicatio
 
 pub struct WorkerMetrics {
     pub registry: Registry,
-    /// The window over which the data-wait share and the throughput are measured.
-    window: (Instant, Duration, Duration, usize),
+    /// The window over which the data-wait share and the throughput are measured: its start,
+    /// the data wait and the images in it.
+    window: (Instant, Duration, usize),
+    /// Images per second over the last full window (kept here: reading the registry would run
+    /// its refresh, a CUDA driver query, on every step).
+    images_per_second: f64,
 }
 
 /// One step's timings.
@@ -49,7 +53,7 @@ impl WorkerMetrics {
                 }
             });
         }
-        WorkerMetrics { registry, window: (Instant::now(), Duration::ZERO, Duration::ZERO, 0) }
+        WorkerMetrics { registry, window: (Instant::now(), Duration::ZERO, 0), images_per_second: 0.0 }
     }
 
     /// Records a finished step: its phases, its images, and (when the peak is known) the MFU.
@@ -64,19 +68,20 @@ impl WorkerMetrics {
         if let Some(peak) = peak_flops.filter(|_| wall > 0.0) {
             r.set("albef_worker_mfu", &[], flops / wall / peak);
         }
-        let (since, waited, _, n) = &mut self.window;
+        let (since, waited, n) = &mut self.window;
         *waited += Duration::from_secs_f64(times.seconds[0]);
         *n += images;
         let elapsed = since.elapsed();
         if elapsed >= Duration::from_secs(1) {
             r.set("albef_worker_data_wait_share", &[], waited.as_secs_f64() / elapsed.as_secs_f64());
-            r.set("albef_worker_images_per_second", &[], *n as f64 / elapsed.as_secs_f64());
-            self.window = (Instant::now(), Duration::ZERO, Duration::ZERO, 0);
+            self.images_per_second = *n as f64 / elapsed.as_secs_f64();
+            r.set("albef_worker_images_per_second", &[], self.images_per_second);
+            self.window = (Instant::now(), Duration::ZERO, 0);
         }
     }
 
     /// Images per second over the last full window (0 before the first).
     pub fn images_per_second(&self) -> f64 {
-        self.registry.samples("albef_worker_images_per_second").first().map_or(0.0, |(_, v)| *v)
+        self.images_per_second
     }
 }
