@@ -15,6 +15,12 @@ const TIED: [(&str, &str); 2] = [
     ("cls.predictions.decoder.bias", "cls.predictions.bias"),
 ];
 
+/// The reference BERT's persistent buffer: an int64 arange of shape `[1, max_position_embeddings]`
+/// (the rows of the position embedding). Written beside every text encoder so that the reference
+/// code loads our files strictly; on load it may be present (it must be an arange) or absent.
+const POSITION_IDS: &str = "bert.embeddings.position_ids";
+const POSITION_EMBEDDINGS: &str = "bert.embeddings.position_embeddings.weight";
+
 /// What a load matched, for the user to read.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LoadReport {
@@ -144,7 +150,8 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     deserialize(&bytes, &path.display().to_string())
 }
 
-/// Every variable of the store plus the tied-decoder aliases, under the reference names.
+/// Every variable of the store plus what the reference state dict derives from them (the
+/// tied-decoder aliases and BERT's `position_ids` buffer), under the reference names.
 pub fn state_dict(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
     let mut out: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     for prefix in ["text_encoder.", "text_encoder_m."] {
@@ -153,6 +160,10 @@ pub fn state_dict(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
                 let t = t.shallow_clone();
                 out.insert(format!("{prefix}{alias}"), t);
             }
+        }
+        if let Some(pe) = out.get(&format!("{prefix}{POSITION_EMBEDDINGS}")) {
+            let ids = Tensor::arange(pe.size()[0], (Kind::Int64, pe.device())).unsqueeze(0);
+            out.insert(format!("{prefix}{POSITION_IDS}"), ids);
         }
     }
     out
@@ -165,6 +176,18 @@ pub fn save(vs: &nn::VarStore, path: &Path) -> Result<()> {
 
 fn is_tied_alias(name: &str) -> bool {
     TIED.iter().any(|(alias, _)| name.ends_with(alias))
+}
+
+/// A `position_ids` buffer in a file must be what the reference registers: `arange` as `[1, n]`.
+fn check_position_ids(name: &str, value: &Tensor) -> Result<()> {
+    let size = value.size();
+    let n = match size[..] {
+        [1, n] => n,
+        _ => bail!("{name}: shape {size:?}, expected [1, max_position_embeddings]"),
+    };
+    let expected = Tensor::arange(n, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+    ensure!(value.to_kind(Kind::Int64).to_device(tch::Device::Cpu).equal(&expected), "{name} is not 0..{n}");
+    Ok(())
 }
 
 /// Tensors checked against the store and ready to copy in.
@@ -183,7 +206,9 @@ fn prepare(vs: &nn::VarStore, tensors: BTreeMap<String, Tensor>) -> Result<Prepa
     let mut seen = BTreeSet::new();
     for (name, value) in tensors {
         let Some(var) = vars.get(&name) else {
-            if !is_tied_alias(&name) {
+            if name.ends_with(POSITION_IDS) {
+                check_position_ids(&name, &value)?;
+            } else if !is_tied_alias(&name) {
                 report.unexpected.push(name);
             }
             continue;

@@ -35,6 +35,13 @@ fn full_state_round_trips_with_reference_aliases() {
     );
     assert_eq!(file["queue_ptr"].int64_value(&[0]), 3);
     assert_eq!(file["temp"].size(), Vec::<i64>::new());
+    // The reference BERT's persistent buffer, so that strict loading in PyTorch finds it.
+    let positions = cfg.bert.max_position_embeddings;
+    for prefix in ["text_encoder", "text_encoder_m"] {
+        let ids = &file[&format!("{prefix}.bert.embeddings.position_ids")];
+        assert_eq!((ids.kind(), ids.size()), (Kind::Int64, vec![1, positions]));
+        assert!(ids.equal(&Tensor::arange(positions, (Kind::Int64, Device::Cpu)).unsqueeze(0)));
+    }
 
     let other = nn::VarStore::new(Device::Cpu);
     let _m = Albef::new(&other, &cfg).unwrap();
@@ -44,6 +51,16 @@ fn full_state_round_trips_with_reference_aliases() {
     for (name, t) in &a {
         assert!(t.equal(&b[name]), "{name} differs after the round trip");
     }
+
+    // Files without the buffer (older exports) load too; a buffer that is not 0..n is refused.
+    let ids = "text_encoder.bert.embeddings.position_ids";
+    let mut without = read_safetensors(&path).unwrap();
+    without.retain(|name, _| !name.ends_with("position_ids"));
+    assert!(weights::load_complete(&other, without, "without").unwrap().unexpected.is_empty());
+    let mut shuffled = read_safetensors(&path).unwrap();
+    shuffled.insert(ids.into(), shuffled[ids].flip([1]));
+    let err = weights::load_complete(&other, shuffled, "shuffled").unwrap_err();
+    assert!(format!("{err:#}").contains("position_ids"), "{err:#}");
 }
 
 #[test]

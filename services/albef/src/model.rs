@@ -1,8 +1,9 @@
 //! `albef model export`: a checkpoint's model as one safetensors file a PyTorch user loads into
 //! the reference ALBEF model (`model.load_state_dict(safetensors.torch.load_file(path))`).
 
+use albef_config::ConfigArgs;
 use albef_data::store::Location;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Subcommand;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -14,8 +15,15 @@ pub enum ModelCommand {
     /// reference ALBEF state-dict names; the step and the configuration go in its metadata.
     Export {
         /// The checkpoint folder (path or object-store URL), e.g. runs/job/checkpoints/step-1000.
+        #[arg(long, conflicts_with = "untrained")]
+        checkpoint: Option<String>,
+        /// Export the model a job with --config starts from (seeded initialisation plus the
+        /// configured BERT/ViT checkpoints), as step 0.
         #[arg(long)]
-        checkpoint: String,
+        untrained: bool,
+        /// Configuration for --untrained.
+        #[command(flatten)]
+        config: ConfigArgs,
         /// The file to write.
         #[arg(long)]
         out: PathBuf,
@@ -33,9 +41,38 @@ fn pretraining_only(name: &str) -> bool {
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
-    let ModelCommand::Export { checkpoint, out, online_only } = cmd;
+    let ModelCommand::Export { checkpoint, untrained, config, out, online_only } = cmd;
+    let (model, step, config) = match (checkpoint, untrained) {
+        (Some(checkpoint), _) => {
+            ensure!(
+                config.config.is_none() && config.overrides.is_empty(),
+                "--config and --set apply to --untrained; a checkpoint brings its own configuration"
+            );
+            from_checkpoint(&checkpoint)?
+        }
+        (None, true) => untrained_model(&config)?,
+        (None, false) => bail!("name the model: --checkpoint DIR or --untrained --config FILE"),
+    };
+    let tensors = SafeTensors::deserialize(&model).context("the model is not safetensors")?;
+    let kept: Vec<_> =
+        tensors.tensors().into_iter().filter(|(name, _)| !(online_only && pretraining_only(name))).collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("albef.step".to_string(), step.to_string()),
+        ("albef.config".to_string(), config.to_string()),
+    ]);
+    let count = kept.len();
+    let tmp = out.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(kept, Some(metadata), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("renaming into {}", out.display()))?;
+    println!("exported {count} tensors of step {step} to {}", out.display());
+    Ok(())
+}
+
+/// A checkpoint's model file (verified), its step and its configuration.
+fn from_checkpoint(checkpoint: &str) -> Result<(Vec<u8>, u64, serde_json::Value)> {
     let rt = crate::data::runtime()?;
-    let dir = Location::open(&checkpoint)?;
+    let dir = Location::open(checkpoint)?;
     let (manifest, model, state) = rt.block_on(async {
         let manifest = albef_checkpoint::read_manifest(&dir).await?;
         let model = albef_checkpoint::read_file(&dir, &manifest, albef_train::trainer::MODEL_FILE).await?;
@@ -43,18 +80,17 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         anyhow::Ok((manifest, model, state))
     })?;
     let saved: albef_train::SavedState = serde_json::from_slice(&state).context("reading the trainer state")?;
-    let tensors = SafeTensors::deserialize(&model).context("the checkpoint's model is not safetensors")?;
-    let kept: Vec<_> =
-        tensors.tensors().into_iter().filter(|(name, _)| !(online_only && pretraining_only(name))).collect();
-    let metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("albef.step".to_string(), manifest.step.to_string()),
-        ("albef.config".to_string(), saved.config.to_string()),
-    ]);
-    let count = kept.len();
-    let tmp = out.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(kept, Some(metadata), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("renaming into {}", out.display()))?;
-    println!("exported {count} tensors of step {} to {}", manifest.step, out.display());
-    Ok(())
+    Ok((model.to_vec(), manifest.step, saved.config))
+}
+
+/// The model a job with this configuration starts from, serialised as a checkpoint holds it.
+fn untrained_model(args: &ConfigArgs) -> Result<(Vec<u8>, u64, serde_json::Value)> {
+    let cfg = args.load()?;
+    cfg.validate()?;
+    let (vs, _model, reports) = albef_model::Albef::fresh(&cfg.model, cfg.train.seed, tch::Device::Cpu)?;
+    for report in reports {
+        eprintln!("imported: {report}");
+    }
+    let host = albef_model::weights::to_host(&albef_model::weights::state_dict(&vs))?;
+    Ok((albef_model::weights::serialize(&host)?, 0, serde_json::to_value(&cfg)?))
 }

@@ -11,6 +11,37 @@ fn albef(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_albef")).current_dir(repo()).args(args).output().unwrap()
 }
 
+/// Runs tests/python/check_export.py (PyTorch, timm, transformers) and asserts it passed.
+fn check_export(args: &[&std::ffi::OsStr]) -> String {
+    let check = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/check_export.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(check.status.success(), "{stdout}{stderr}");
+    stdout.into_owned()
+}
+
+#[test]
+fn the_base_preset_exports_the_reference_layout_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("base.safetensors");
+    let exported = albef(&[
+        "model",
+        "export",
+        "--untrained",
+        "--config",
+        "configs/pretrain.yaml",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
+    // ALBEF's published model: 842 parameters and buffers plus the two BERT position_ids buffers.
+    let out = check_export(&["layout".as_ref(), file.as_os_str(), "844".as_ref(), "500372204".as_ref()]);
+    assert!(out.contains("albef-base"), "{out}");
+}
+
 #[test]
 fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,18 +62,13 @@ fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
         let exported = albef(&args);
         assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
     }
-    let check = Command::new(repo().join(".venv/bin/python"))
-        .arg(repo().join("tests/python/check_export.py"))
-        .args([&full, &checkpoint.join("model.safetensors"), &online])
-        .arg("2")
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    check_export(&[
+        "full".as_ref(),
+        full.as_os_str(),
+        checkpoint.join("model.safetensors").as_os_str(),
+        online.as_os_str(),
+        "2".as_ref(),
+    ]);
 
     // A corrupt checkpoint is refused, naming the file; nothing is written.
     let model = checkpoint.join("model.safetensors");
