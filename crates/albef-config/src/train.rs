@@ -124,6 +124,9 @@ pub struct DataConfig {
     pub randaug_m: u32,
     /// Images whose header declares more pixels are skipped undecoded (Pillow's default limit).
     pub max_pixels: u64,
+    /// Tar members declaring more MiB are skipped unread, counted as `oversized_member` (a
+    /// corrupt header must not size an allocation).
+    pub max_member_mb: u64,
     /// Decode threads per worker (0: the cores left after libtorch's threads, at least 1).
     pub loader_threads: usize,
     /// Batches decoded ahead.
@@ -154,6 +157,7 @@ impl Default for DataConfig {
             randaug_n: 2,
             randaug_m: 7,
             max_pixels: 89_478_485,
+            max_member_mb: 64,
             loader_threads: 0,
             prefetch: 4,
             shuffle_window: 4096,

@@ -7,7 +7,7 @@ use albef_data::bad::SkipCounts;
 use albef_data::index::DatasetIndex;
 use albef_data::loader::{Loader, LoaderOptions};
 use albef_data::plan::{PlanSpec, plan_rank};
-use albef_data::sources::CaptionSource;
+use albef_data::sources::TarOptions;
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, train_shards_pattern, write_dataset};
 use albef_data::tokenizer::Tokenizer;
@@ -39,7 +39,7 @@ fn main() {
             prefetch: 4,
             max_pixels: 100_000_000,
             augment: Some(TrainTransform::default()),
-            caption: CaptionSource::Txt,
+            tar: TarOptions::default(),
             image_root: String::new(),
             max_words: 30,
             seed: 0,

@@ -1,11 +1,17 @@
 //! Counting of skipped input by reason: bad samples never stop training, but they are counted
-//! (for metrics) and the first few per shard are logged with shard and key.
+//! (for metrics), the first few per shard are logged with shard and key, and the first few of
+//! each reason are kept as examples for the end-of-run summary and `albefctl status`.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::sync::Mutex;
 
 /// How many first occurrences per (shard, reason) are logged; later ones are only counted.
 const LOGGED_PER_SHARD: usize = 3;
+/// How many examples per reason are kept.
+pub const EXAMPLES_PER_REASON: usize = 3;
+/// Longest kept source, key or detail, in bytes (a hostile name must not grow the summary).
+pub const EXAMPLE_FIELD_BYTES: usize = 200;
 
 /// Why a sample or a shard was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -20,8 +26,18 @@ pub enum SkipReason {
     InvalidUtf8,
     BadAnnotation,
     BadJson,
+    /// A tar member declares more bytes than `data.max_member_mb`.
+    OversizedMember,
+    /// A macOS or Windows leftover (`._x`, `.DS_Store`, `__MACOSX/`, `Thumbs.db`): not a sample
+    /// (counted by the index, per member).
+    JunkMember,
+    /// The shard ended (or stopped being readable) before this sample.
     TruncatedShard,
     UnreadableShard,
+    /// A source that is not a tar archive (e.g. an HTML error page saved as `.tar`).
+    NotATar,
+    /// A source with no sample at all (0-byte or member-less tar, empty annotation list).
+    EmptySource,
 }
 
 impl SkipReason {
@@ -37,10 +53,62 @@ impl SkipReason {
             SkipReason::InvalidUtf8 => "invalid_utf8",
             SkipReason::BadAnnotation => "bad_annotation",
             SkipReason::BadJson => "bad_json",
+            SkipReason::OversizedMember => "oversized_member",
+            SkipReason::JunkMember => "junk_member",
             SkipReason::TruncatedShard => "truncated_shard",
             SkipReason::UnreadableShard => "unreadable_shard",
+            SkipReason::NotATar => "not_a_tar",
+            SkipReason::EmptySource => "empty_source",
         }
     }
+
+    /// Every reason, for validating names that arrive over the network.
+    pub const ALL: [SkipReason; 16] = [
+        SkipReason::NotAnImage,
+        SkipReason::CorruptImage,
+        SkipReason::TooManyPixels,
+        SkipReason::EmptyImage,
+        SkipReason::MissingImage,
+        SkipReason::MissingCaption,
+        SkipReason::EmptyCaption,
+        SkipReason::InvalidUtf8,
+        SkipReason::BadAnnotation,
+        SkipReason::BadJson,
+        SkipReason::OversizedMember,
+        SkipReason::JunkMember,
+        SkipReason::TruncatedShard,
+        SkipReason::UnreadableShard,
+        SkipReason::NotATar,
+        SkipReason::EmptySource,
+    ];
+
+    /// The reason with this name.
+    pub fn parse(name: &str) -> Option<SkipReason> {
+        SkipReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+/// One skipped sample or source, kept as an example of its reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkipExample {
+    pub reason: String,
+    pub source: String,
+    pub key: String,
+    pub detail: String,
+}
+
+/// `s` with control characters as spaces, cut to at most `max` bytes on a character boundary
+/// (then ending in "…").
+pub fn clip(s: &str, max: usize) -> String {
+    let s = s.replace(char::is_control, " ");
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Thread-safe skip counters shared by the readers and decoders of a loader.
@@ -53,6 +121,7 @@ pub struct SkipCounts {
 struct Counts {
     by_reason: BTreeMap<SkipReason, u64>,
     logged: BTreeMap<(String, SkipReason), usize>,
+    examples: BTreeMap<SkipReason, Vec<SkipExample>>,
 }
 
 impl SkipCounts {
@@ -64,6 +133,15 @@ impl SkipCounts {
         if *logged < LOGGED_PER_SHARD {
             *logged += 1;
             tracing::warn!(shard, key, reason = reason.as_str(), detail, "skipped bad input");
+        }
+        let examples = c.examples.entry(reason).or_default();
+        if examples.len() < EXAMPLES_PER_REASON {
+            examples.push(SkipExample {
+                reason: reason.as_str().to_string(),
+                source: clip(shard, EXAMPLE_FIELD_BYTES),
+                key: clip(key, EXAMPLE_FIELD_BYTES),
+                detail: clip(detail, EXAMPLE_FIELD_BYTES),
+            });
         }
     }
 
@@ -80,6 +158,43 @@ impl SkipCounts {
         let c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.by_reason.iter().map(|(r, n)| (r.as_str(), *n)).collect()
     }
+
+    /// The first few skips of every reason, reasons in declaration order.
+    pub fn examples(&self) -> Vec<SkipExample> {
+        let c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.examples.values().flatten().cloned().collect()
+    }
+
+    /// A few lines for a person: counts by reason, each with its first examples; empty when
+    /// nothing was skipped.
+    pub fn summary(&self) -> String {
+        let counts: Vec<(String, u64)> = self.snapshot().into_iter().map(|(r, n)| (r.to_string(), n)).collect();
+        summarize(&counts, &self.examples())
+    }
+}
+
+/// The summary of skip counts and examples (also used by `albefctl status` on what the
+/// coordinator aggregated).
+pub fn summarize(counts: &[(String, u64)], examples: &[SkipExample]) -> String {
+    let mut out = String::new();
+    for (reason, n) in counts {
+        let _ = write!(out, "  {reason}: {n}");
+        let mine: Vec<String> = examples
+            .iter()
+            .filter(|e| &e.reason == reason)
+            .map(|e| match (e.key.is_empty(), e.detail.is_empty()) {
+                (true, true) => e.source.clone(),
+                (true, false) => format!("{} ({})", e.source, e.detail),
+                (false, true) => format!("{} {}", e.source, e.key),
+                (false, false) => format!("{} {} ({})", e.source, e.key, e.detail),
+            })
+            .collect();
+        if !mine.is_empty() {
+            let _ = write!(out, ", e.g. {}", mine.join("; "));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -96,5 +211,26 @@ mod tests {
         assert_eq!(c.get(SkipReason::CorruptImage), 5);
         assert_eq!(c.total(), 6);
         assert_eq!(c.snapshot()["empty_caption"], 1);
+        // The first three of each reason are kept, short and on one line.
+        let examples = c.examples();
+        assert_eq!(examples.len(), 4);
+        assert_eq!(examples.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["k0", "k1", "k2", "k"]);
+        let summary = c.summary();
+        assert_eq!(
+            summary,
+            "  corrupt_image: 5, e.g. s0.tar k0 (bad); s0.tar k1 (bad); s0.tar k2 (bad)\n  empty_caption: 1, e.g. s1.tar k\n"
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_clipped_and_flattened() {
+        let c = SkipCounts::default();
+        c.record(SkipReason::MissingImage, "s.tar", &"é".repeat(500), "line one\nline two");
+        let e = &c.examples()[0];
+        assert!(e.key.len() <= EXAMPLE_FIELD_BYTES + "…".len() && e.key.ends_with('…'), "{}", e.key);
+        assert_eq!(e.detail, "line one line two");
+        assert_eq!(SkipReason::parse("junk_member"), Some(SkipReason::JunkMember));
+        assert!(SkipReason::ALL.iter().all(|r| SkipReason::parse(r.as_str()) == Some(*r)));
+        assert_eq!(SkipReason::parse("nonsense"), None);
     }
 }

@@ -6,7 +6,7 @@ use crate::bad::SkipCounts;
 use crate::index::{DatasetIndex, INDEX_FILE};
 use crate::loader::{Loader, LoaderOptions};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
-use crate::sources::CaptionSource;
+use crate::sources::{CaptionSource, TarOptions};
 use crate::store::{Location, expand_braces};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
@@ -82,11 +82,13 @@ impl Dataset {
         let sources = training_sources(cfg, run, handle)?;
         let first = first_source(&sources)?;
         let index_loc = index_location(cfg, &sources)?;
+        // What the index leaves out (sources that are no tar or empty, junk members) is part of
+        // this run's skip summary when the index is built here.
+        let skips = Arc::new(SkipCounts::default());
         let index = if handle.block_on(index_loc.exists())? {
             DatasetIndex::load(&index_loc, handle)?
         } else {
             tracing::info!(index = %index_loc.url, "no dataset index yet: building it");
-            let skips = SkipCounts::default();
             let index = DatasetIndex::build(&sources, handle, &skips)?;
             index.save(&index_loc, handle)?;
             index
@@ -96,12 +98,7 @@ impl Dataset {
         let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
             .with_options(TokenizerOptions { max_tokens: d.max_tokens, add_sep: d.add_sep })?;
         check_vocabulary(cfg, &tokenizer)?;
-        Ok(Dataset {
-            index: Arc::new(index),
-            tokenizer: Arc::new(tokenizer),
-            skips: Arc::new(SkipCounts::default()),
-            image_root: d.image_root.clone(),
-        })
+        Ok(Dataset { index: Arc::new(index), tokenizer: Arc::new(tokenizer), skips, image_root: d.image_root.clone() })
     }
 
     pub fn steps_per_epoch(&self, world_size: u64, batch_size: u64) -> u64 {
@@ -140,10 +137,13 @@ impl Dataset {
                 randaug_m: d.randaug_m,
                 ..TrainTransform::default()
             }),
-            caption: if d.caption_field.is_empty() {
-                CaptionSource::Txt
-            } else {
-                CaptionSource::JsonField(d.caption_field.clone())
+            tar: TarOptions {
+                caption: if d.caption_field.is_empty() {
+                    CaptionSource::Txt
+                } else {
+                    CaptionSource::JsonField(d.caption_field.clone())
+                },
+                max_member_bytes: d.max_member_mb.saturating_mul(1 << 20),
             },
             image_root: self.image_root.clone(),
             max_words: d.max_words,

@@ -5,7 +5,7 @@
 use crate::bad::{SkipCounts, SkipReason};
 use crate::sources::{parse_annotations, scan_tar};
 use crate::store::{Location, expand_braces};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
@@ -61,19 +61,32 @@ impl DatasetIndex {
     }
 
     /// Builds the index of the sources named by `patterns` (brace-expanded). Tar shards use
-    /// img2dataset's `<shard>_stats.json` count when present, else are scanned once; a source
-    /// that cannot be read is reported in `skips` and left out.
+    /// img2dataset's `<shard>_stats.json` count when present, else are scanned once. A source
+    /// that cannot be read, is not a tar, or holds no sample is reported in `skips` and left
+    /// out; when no source is left the error names each one and why.
     pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
         let mut sources = vec![];
+        let mut problems = vec![];
         for pattern in patterns {
             for url in expand_braces(pattern)? {
                 match index_source(&url, handle, skips) {
                     Ok(entry) => sources.push(entry),
-                    Err(e) => skips.record(SkipReason::UnreadableShard, &url, "", &format!("{e:#}")),
+                    Err((reason, detail)) => {
+                        skips.record(reason, &url, "", &detail);
+                        problems.push(format!("{url}: {} ({detail})", reason.as_str()));
+                    }
                 }
             }
         }
-        ensure!(!sources.is_empty(), "no readable source among {patterns:?}");
+        if sources.is_empty() {
+            const SHOWN: usize = 10;
+            let more = problems.len().saturating_sub(SHOWN);
+            let mut listed = problems.into_iter().take(SHOWN).collect::<Vec<_>>().join("\n  ");
+            if more > 0 {
+                listed.push_str(&format!("\n  ... and {more} more"));
+            }
+            bail!("no readable sample in any source of {patterns:?}:\n  {listed}");
+        }
         Ok(DatasetIndex { version: INDEX_VERSION, sources })
     }
 
@@ -96,22 +109,42 @@ impl DatasetIndex {
     }
 }
 
-fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> Result<SourceEntry> {
-    let loc = Location::open(url)?;
+/// Why a source is left out of the index.
+type Refusal = (SkipReason, String);
+
+fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::Result<SourceEntry, Refusal> {
+    let unreadable = |e: anyhow::Error| (SkipReason::UnreadableShard, format!("{e:#}"));
+    let loc = Location::open(url).map_err(unreadable)?;
     if url.ends_with(".json") {
-        let bytes = handle.block_on(loc.read_all())?;
-        let samples = parse_annotations(&bytes, url, skips)?.len() as u64;
+        let bytes = handle.block_on(loc.read_all()).map_err(unreadable)?;
+        let entries = parse_annotations(&bytes, url, skips).map_err(unreadable)?;
+        let usable = entries.iter().flatten().count();
+        if usable == 0 {
+            return Err((SkipReason::EmptySource, format!("none of its {} annotations is usable", entries.len())));
+        }
+        let samples = entries.len() as u64;
         return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::Annotation, samples, offsets: vec![] });
     }
     if let Some(samples) = stats_count(&loc, handle) {
         return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples, offsets: vec![] });
     }
-    let reader = loc.stream_from(handle, 0)?;
+    let reader = loc.stream_from(handle, 0).map_err(unreadable)?;
     let scan = std::thread::scope(|s| s.spawn(|| scan_tar(reader)).join().expect("tar scan thread"));
-    if scan.truncated {
-        skips.record(SkipReason::TruncatedShard, url, "", "the tar stream ends inside an entry");
+    for junk in &scan.junk {
+        skips.record(SkipReason::JunkMember, url, junk, "");
     }
-    Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples: scan.samples, offsets: scan.offsets })
+    match (&scan.error, scan.samples) {
+        (Some(e), 0) => return Err((SkipReason::NotATar, format!("not a tar archive: {e}"))),
+        (None, 0) => return Err((SkipReason::EmptySource, "holds no sample".into())),
+        (Some(e), _) => {
+            skips.record(SkipReason::TruncatedShard, url, "", &format!("readable up to sample {}: {e}", scan.samples))
+        }
+        (None, _) => {}
+    }
+    // Offsets into a gzip stream do not address the stored object: such shards are read from
+    // their start.
+    let offsets = if scan.gzip { vec![] } else { scan.offsets };
+    Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples: scan.samples, offsets })
 }
 
 /// img2dataset writes `<shard>_stats.json` with the number of samples in `successes`.

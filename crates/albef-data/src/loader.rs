@@ -12,7 +12,7 @@ use crate::caption::pre_caption;
 use crate::index::{DatasetIndex, SourceKind};
 use crate::plan::RankPlan;
 use crate::rng::SplitMix64;
-use crate::sources::{Annotation, CaptionSource, Record, parse_annotations, read_tar_samples};
+use crate::sources::{Annotation, Record, TarOptions, parse_annotations, read_tar_samples};
 use crate::store::Location;
 use crate::tokenizer::Tokenizer;
 use crate::transform::{TrainTransform, decode_rgb, resize_exact};
@@ -34,7 +34,8 @@ pub struct LoaderOptions {
     pub max_pixels: u64,
     /// The train transform (crop, flip, RandAugment); None: the test transform (resize).
     pub augment: Option<TrainTransform>,
-    pub caption: CaptionSource,
+    /// Caption member and member size limit of tar shards.
+    pub tar: TarOptions,
     /// Root that annotation-file image paths are relative to.
     pub image_root: String,
     pub max_words: usize,
@@ -218,8 +219,10 @@ fn read_plan(
             }
             step += 1;
         }
-        // Records of earlier windows are no longer needed.
-        records.retain(|&p, _| p + w >= window.end);
+        // Records before the first window of the next step are no longer needed (a step larger
+        // than the window spans several windows, all of whose records it needs).
+        let keep_from = (step * b / w) * w;
+        records.retain(|&p, _| p >= keep_from);
     }
 }
 
@@ -239,7 +242,7 @@ fn read_tar_range(
     let reader = Location::open(&entry.url).and_then(|loc| loc.stream_from(handle, offset));
     match reader {
         Ok(reader) => {
-            read_tar_samples(reader, &entry.url, first, wanted, &opts.caption, skips, put);
+            read_tar_samples(reader, &entry.url, first, wanted, &opts.tar, skips, put);
         }
         Err(e) => {
             // The shard is gone or unreachable: its samples are skipped, the epoch goes on.

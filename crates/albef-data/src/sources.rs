@@ -29,6 +29,20 @@ pub enum CaptionSource {
     JsonField(String),
 }
 
+/// How tar shards are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TarOptions {
+    pub caption: CaptionSource,
+    /// A member declaring more bytes is skipped unread (its sample counts as `oversized_member`).
+    pub max_member_bytes: u64,
+}
+
+impl Default for TarOptions {
+    fn default() -> Self {
+        TarOptions { caption: CaptionSource::Txt, max_member_bytes: 64 << 20 }
+    }
+}
+
 /// The members of one sample as found in the tar.
 #[derive(Default)]
 struct Members {
@@ -36,6 +50,8 @@ struct Members {
     image: Option<Vec<u8>>,
     txt: Option<Vec<u8>>,
     json: Option<Vec<u8>>,
+    /// A member that was too large to read: (name, declared size).
+    oversized: Option<(String, u64)>,
 }
 
 /// What a tar read saw.
@@ -43,10 +59,22 @@ struct Members {
 pub struct TarScan {
     /// Samples (keys) seen, good or bad.
     pub samples: u64,
-    /// Byte offset of each sample's first header, relative to the start of the stream.
+    /// Byte offset of each sample's first header, relative to the start of the (decompressed)
+    /// stream.
     pub offsets: Vec<u64>,
-    /// The stream ended in the middle of an entry.
-    pub truncated: bool,
+    /// Why the stream could not be read to its end (ends inside an entry, a corrupt header, a
+    /// corrupt gzip stream); None when it was read to its end.
+    pub error: Option<String>,
+    /// The stream was gzip-compressed (offsets then do not address the stored object).
+    pub gzip: bool,
+    /// macOS / Windows leftovers passed over, by member name.
+    pub junk: Vec<String>,
+}
+
+impl TarScan {
+    pub fn truncated(&self) -> bool {
+        self.error.is_some()
+    }
 }
 
 /// Splits `dir/name.ext.more` into (`dir/name`, `ext.more`), WebDataset's key rule.
@@ -61,30 +89,69 @@ fn split_key(path: &str) -> (String, String) {
     }
 }
 
+/// Files that archivers on macOS and Windows add beside the real ones: AppleDouble `._name`
+/// resource forks, `.DS_Store`, anything under `__MACOSX/`, `Thumbs.db`, `desktop.ini`. Hidden
+/// files in general are no samples either (their key would be empty).
+pub fn is_junk_member(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with('.')
+        || base.eq_ignore_ascii_case("thumbs.db")
+        || base.eq_ignore_ascii_case("desktop.ini")
+        || path.split('/').any(|part| part == "__MACOSX")
+}
+
+/// The stream with gzip undone when it starts with gzip's magic bytes (`.tar.gz`, `.tgz`, or a
+/// gzip stream in a file named `.tar`); concatenated gzip members are read as one stream.
+fn decompressed<'a>(mut reader: impl Read + 'a) -> (Box<dyn Read + 'a>, bool) {
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match reader.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break, // the tar reader sees the same error on its first read
+        }
+    }
+    let stream = std::io::Cursor::new(magic[..got].to_vec()).chain(reader);
+    if magic[..got] == [0x1f, 0x8b] {
+        (Box::new(flate2::read::MultiGzDecoder::new(stream)), true)
+    } else {
+        (Box::new(stream), false)
+    }
+}
+
 /// Reads a tar stream sample by sample. `first` is the ordinal of the first sample in the stream
 /// (non-zero when the stream starts at an indexed offset); `on_sample(ordinal, members)` may stop
-/// the read early. With `want_members` false only headers are read (indexing).
+/// the read early.
+/// With `options` None only headers are read (indexing). No allocation is sized from a header:
+/// members above `max_member_bytes` are passed over unread.
 fn read_tar(
     reader: impl Read,
     first: u64,
-    want_members: bool,
+    options: Option<&TarOptions>,
     mut on_sample: impl FnMut(u64, Members) -> ControlFlow<()>,
 ) -> TarScan {
+    let (reader, gzip) = decompressed(reader);
     let mut archive = tar::Archive::new(reader);
-    let mut scan = TarScan::default();
-    let Ok(entries) = archive.entries() else {
-        scan.truncated = true;
-        return scan;
+    let mut scan = TarScan { gzip, ..TarScan::default() };
+    let entries = match archive.entries() {
+        Ok(entries) => entries,
+        Err(e) => {
+            scan.error = Some(e.to_string());
+            return scan;
+        }
     };
     let mut current: Option<Members> = None;
-    let mut flush = |m: Members, scan: &mut TarScan| on_sample(first + scan.samples - 1, m);
+    let ordinal = |scan: &TarScan| first + scan.samples - 1;
     for entry in entries {
         let mut entry = match entry {
             Ok(e) => e,
-            Err(_) => {
-                // The group being read may be incomplete: it is dropped with the rest.
-                scan.truncated = true;
-                return scan;
+            Err(e) => {
+                // A corrupt or cut header: every member of the open sample was read whole, so
+                // it is complete as far as this shard goes (the index counted it too).
+                scan.error = Some(format!("{e}"));
+                break;
             }
         };
         if !entry.header().entry_type().is_file() {
@@ -94,14 +161,15 @@ fn read_tar(
             Ok(p) => p.to_string_lossy().into_owned(),
             Err(_) => continue,
         };
-        let (key, ext) = split_key(&path);
-        if key.rsplit('/').next().is_some_and(|b| b.starts_with('.')) {
-            continue; // hidden files (._ resource forks and the like) are no samples
+        if is_junk_member(&path) {
+            scan.junk.push(path);
+            continue;
         }
+        let (key, ext) = split_key(&path);
         let offset = entry.raw_header_position();
         if current.as_ref().is_none_or(|m| m.key != key) {
             if let Some(done) = current.take()
-                && flush(done, &mut scan).is_break()
+                && on_sample(ordinal(&scan), done).is_break()
             {
                 return scan;
             }
@@ -109,58 +177,82 @@ fn read_tar(
             scan.offsets.push(offset);
             current = Some(Members { key, ..Default::default() });
         }
-        if !want_members {
+        let Some(options) = options else { continue };
+        let m = current.as_mut().expect("a group is open");
+        let size = entry.size();
+        if size > options.max_member_bytes {
+            // Left unread: the archive skips its declared size (or finds the stream too short).
+            m.oversized.get_or_insert((path, size));
             continue;
         }
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        if entry.read_to_end(&mut data).is_err() {
-            scan.truncated = true;
-            return scan;
+        let wanted = IMAGE_EXTENSIONS.contains(&ext.as_str()) || ext == "txt" || ext == "json";
+        if !wanted {
+            continue;
         }
-        let m = current.as_mut().expect("a group is open");
+        // Grown by what is actually there, never reserved from the declared size alone.
+        let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
+        // A short read is no error to the archive: the stream ended inside this member, so the
+        // open sample is incomplete and is not delivered.
+        match entry.read_to_end(&mut data) {
+            Err(e) => {
+                scan.error = Some(format!("{path}: {e}"));
+                return scan;
+            }
+            Ok(n) if (n as u64) < size => {
+                scan.error = Some(format!("{path}: the stream ends after {n} of its {size} bytes"));
+                return scan;
+            }
+            Ok(_) => {}
+        }
         match ext.as_str() {
             e if IMAGE_EXTENSIONS.contains(&e) => m.image = Some(data),
             "txt" => m.txt = Some(data),
-            "json" => m.json = Some(data),
-            _ => {}
+            _ => m.json = Some(data),
         }
     }
     if let Some(done) = current.take() {
-        let _ = flush(done, &mut scan);
+        let _ = on_sample(ordinal(&scan), done);
     }
     scan
 }
 
 /// Counts the samples of a tar stream and where each starts (for the shard index).
 pub fn scan_tar(reader: impl Read) -> TarScan {
-    read_tar(reader, 0, false, |_, _| ControlFlow::Continue(()))
+    read_tar(reader, 0, None, |_, _| ControlFlow::Continue(()))
 }
 
 /// Reads the samples with ordinals in `wanted` from a tar stream whose first sample has ordinal
-/// `first`, calling `on_record` for each good one; bad ones are counted in `skips`.
+/// `first`, calling `on_record` for each good one. Every wanted sample is either delivered or
+/// counted once in `skips`: bad ones by their reason, ones the stream never reached as
+/// `truncated_shard`. (Junk members are counted by the index, once.)
 pub fn read_tar_samples(
     reader: impl Read,
     shard: &str,
     first: u64,
     wanted: Range<u64>,
-    caption: &CaptionSource,
+    options: &TarOptions,
     skips: &SkipCounts,
     mut on_record: impl FnMut(u64, Record),
 ) -> TarScan {
-    let scan = read_tar(reader, first, true, |ordinal, m| {
+    let mut next = wanted.start; // the first wanted ordinal not yet accounted for
+    let scan = read_tar(reader, first, Some(options), |ordinal, m| {
         if ordinal >= wanted.end {
             return ControlFlow::Break(());
         }
         if ordinal >= wanted.start {
-            match record_of(m, caption) {
+            next = ordinal + 1;
+            match record_of(m, &options.caption) {
                 Ok(r) => on_record(ordinal, r),
                 Err((reason, key, detail)) => skips.record(reason, shard, &key, &detail),
             }
         }
         ControlFlow::Continue(())
     });
-    if scan.truncated {
-        skips.record(SkipReason::TruncatedShard, shard, "", "the tar stream ends inside an entry");
+    if next < wanted.end {
+        let why = scan.error.clone().unwrap_or_else(|| "the shard holds fewer samples than its index says".into());
+        for ordinal in next..wanted.end {
+            skips.record(SkipReason::TruncatedShard, shard, &format!("#{ordinal}"), &why);
+        }
     }
     scan
 }
@@ -170,6 +262,9 @@ type Rejection = (SkipReason, String, String);
 fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record, Rejection> {
     let key = m.key;
     let reject = |reason, detail: &str| Err((reason, key.clone(), detail.to_string()));
+    if let Some((name, size)) = m.oversized {
+        return reject(SkipReason::OversizedMember, &format!("{name} declares {size} bytes"));
+    }
     let Some(image) = m.image else { return reject(SkipReason::MissingImage, "no .jpg/.jpeg/.png/.webp member") };
     let text = match caption {
         CaptionSource::Txt => match m.txt {
@@ -277,9 +372,10 @@ mod tests {
         ]);
         let skips = SkipCounts::default();
         let mut got = vec![];
-        let scan = read_tar_samples(&tar[..], "s.tar", 0, 0..100, &CaptionSource::Txt, &skips, |o, r| got.push((o, r)));
+        let scan =
+            read_tar_samples(&tar[..], "s.tar", 0, 0..5, &TarOptions::default(), &skips, |o, r| got.push((o, r)));
         assert_eq!(scan.samples, 5);
-        assert!(!scan.truncated);
+        assert!(!scan.truncated());
         assert_eq!(got.iter().map(|(o, r)| (*o, r.key.as_str())).collect::<Vec<_>>(), vec![(0, "d/000"), (4, "d/004")]);
         assert_eq!(got[1].1.captions, vec!["a dog"]);
         assert_eq!(skips.get(SkipReason::MissingCaption), 1);
@@ -288,7 +384,7 @@ mod tests {
         // Offsets let a reader start at any sample: start at #4.
         let from = scan_tar(&tar[..]).offsets[4] as usize;
         let mut again = vec![];
-        read_tar_samples(&tar[from..], "s.tar", 4, 4..5, &CaptionSource::Txt, &skips, |o, r| again.push((o, r.key)));
+        read_tar_samples(&tar[from..], "s.tar", 4, 4..5, &TarOptions::default(), &skips, |o, r| again.push((o, r.key)));
         assert_eq!(again, vec![(4, "d/004".to_string())]);
     }
 
@@ -297,7 +393,7 @@ mod tests {
         let tar = tar_of(&[("a.jpg", b"1"), ("a.json", br#"{"text": "hello"}"#), ("b.jpg", b"2"), ("b.json", b"{")]);
         let skips = SkipCounts::default();
         let mut got = vec![];
-        let field = CaptionSource::JsonField("text".into());
+        let field = TarOptions { caption: CaptionSource::JsonField("text".into()), ..TarOptions::default() };
         read_tar_samples(&tar[..], "s", 0, 0..2, &field, &skips, |_, r| got.push(r));
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].captions, vec!["hello"]);
@@ -311,10 +407,99 @@ mod tests {
         let cut = &tar[..3200];
         let skips = SkipCounts::default();
         let mut keys = vec![];
-        let scan = read_tar_samples(cut, "s", 0, 0..10, &CaptionSource::Txt, &skips, |_, r| keys.push(r.key));
-        assert!(scan.truncated);
+        let scan = read_tar_samples(cut, "s", 0, 0..2, &TarOptions::default(), &skips, |_, r| keys.push(r.key));
+        assert!(scan.truncated());
         assert_eq!(keys, vec!["a"]);
-        assert_eq!(skips.get(SkipReason::TruncatedShard), 1);
+        assert_eq!(skips.get(SkipReason::TruncatedShard), 1, "b, the one sample the cut lost");
+    }
+
+    /// A header block for `name` declaring `size` bytes, whatever follows it.
+    fn header_block(name: &str, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    fn read_all(tar: &[u8], options: &TarOptions) -> (Vec<String>, SkipCounts, TarScan) {
+        let skips = SkipCounts::default();
+        let mut keys = vec![];
+        // The range an index of this same stream would give.
+        let samples = scan_tar(tar).samples;
+        let scan = read_tar_samples(tar, "s.tar", 0, 0..samples, options, &skips, |_, r| keys.push(r.key));
+        (keys, skips, scan)
+    }
+
+    #[test]
+    fn a_member_declaring_a_petabyte_is_counted_not_allocated() {
+        let good = tar_of(&[("a.jpg", b"1"), ("a.txt", b"x")]);
+        // A member that claims 2^50 bytes while a few hundred follow: the stream ends inside it.
+        let mut tar = good[..good.len() - 1024].to_vec();
+        tar.extend(header_block("b.jpg", 1 << 50));
+        tar.extend([7u8; 700]);
+        let (keys, skips, scan) = read_all(&tar, &TarOptions::default());
+        assert_eq!(keys, vec!["a"]);
+        assert_eq!(skips.get(SkipReason::OversizedMember), 1);
+        assert_eq!(scan.samples, 2);
+        assert!(scan.truncated());
+        assert_eq!(scan_tar(&tar[..]).samples, 2, "the index counts the same samples");
+        // A real member over the limit is passed over and the rest of the shard is read.
+        let tar = tar_of(&[("a.jpg", &[1; 3000]), ("a.txt", b"x"), ("b.jpg", b"2"), ("b.txt", b"y")]);
+        let (keys, skips, scan) = read_all(&tar, &TarOptions { max_member_bytes: 2048, ..TarOptions::default() });
+        assert_eq!(keys, vec!["b"]);
+        assert_eq!(skips.get(SkipReason::OversizedMember), 1);
+        assert!(!scan.truncated());
+    }
+
+    #[test]
+    fn a_sample_read_whole_before_a_corrupt_header_is_delivered() {
+        let tar = tar_of(&[("a.jpg", b"1"), ("a.txt", b"x"), ("b.jpg", b"2"), ("b.txt", b"y"), ("c.jpg", b"3")]);
+        let mut broken = tar.clone();
+        broken[4 * 1024 + 10] = b'A'; // inside c.jpg's name (5th member, 1 KiB each): checksum off
+        let (keys, skips, scan) = read_all(&broken, &TarOptions::default());
+        assert_eq!(keys, vec!["a", "b"]);
+        assert!(scan.error.as_deref().unwrap().contains("checksum"), "{scan:?}");
+        assert_eq!(scan_tar(&broken[..]).samples, 2, "index and reader agree");
+        assert_eq!(skips.total(), 0, "{:?}", skips.snapshot());
+    }
+
+    #[test]
+    fn gzip_streams_are_read_whatever_the_name() {
+        use std::io::Write;
+        let tar = tar_of(&[("a.jpg", b"1"), ("a.txt", b"x"), ("b.jpg", b"2"), ("b.txt", b"y")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let (keys, _, scan) = read_all(&gz, &TarOptions::default());
+        assert_eq!(keys, vec!["a", "b"]);
+        assert!(scan.gzip && !scan.truncated());
+        let cut = &gz[..gz.len() / 2];
+        let (keys, skips, scan) = read_all(cut, &TarOptions::default());
+        assert!(scan.truncated() && keys.len() < 2, "{scan:?}");
+        assert_eq!(skips.get(SkipReason::TruncatedShard) + keys.len() as u64, scan_tar(cut).samples);
+    }
+
+    #[test]
+    fn macos_and_windows_leftovers_are_junk_not_samples() {
+        let tar = tar_of(&[
+            ("._a.jpg", b"fork"),
+            ("a.jpg", b"1"),
+            ("a.txt", b"x"),
+            (".DS_Store", b"ds"),
+            ("__MACOSX/._a.jpg", b"fork"),
+            ("__MACOSX/d/._b.txt", b"fork"),
+            ("d/Thumbs.db", b"t"),
+            ("b.jpg", b"2"),
+            ("b.txt", b"y"),
+        ]);
+        let (keys, skips, scan) = read_all(&tar, &TarOptions::default());
+        assert_eq!(keys, vec!["a", "b"]);
+        assert_eq!(scan.samples, 2);
+        assert_eq!(skips.total(), 0, "no sample is lost: {:?}", skips.snapshot());
+        let junk = ["._a.jpg", ".DS_Store", "__MACOSX/._a.jpg", "__MACOSX/d/._b.txt", "d/Thumbs.db"];
+        assert_eq!(scan_tar(&tar[..]).junk, junk, "the index counts them");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! (never across an await), translate, and persist what changed.
 
 use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome};
+use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason, clip};
 use albef_data::store::Location;
 use albef_proto::v1 as pb;
 use albef_proto::v1::{control_server::Control, coordinator_server::Coordinator};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -156,6 +158,42 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// Skip counts name known reasons, and examples are few and short: a worker cannot grow the
+/// coordinator's state or its status replies without bound.
+fn check_bad_samples(
+    counts: HashMap<String, u64>,
+    examples: Vec<pb::SkippedSample>,
+) -> Result<(BTreeMap<String, u64>, Vec<SkipExample>), Status> {
+    let known = |reason: &str| {
+        SkipReason::parse(reason).map(SkipReason::as_str).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown skip reason {:?}", clip(reason, EXAMPLE_FIELD_BYTES)))
+        })
+    };
+    let mut out = BTreeMap::new();
+    for (reason, n) in counts {
+        out.insert(known(&reason)?.to_string(), n);
+    }
+    let most = EXAMPLES_PER_REASON * SkipReason::ALL.len();
+    if examples.len() > most {
+        return Err(Status::invalid_argument(format!("{} skip examples (at most {most})", examples.len())));
+    }
+    // Room for the "…" that clipping appends.
+    let max = EXAMPLE_FIELD_BYTES + 4;
+    let mut kept = Vec::with_capacity(examples.len());
+    for e in examples {
+        check_text("bad_sample_examples.source", &e.source, max)?;
+        check_text("bad_sample_examples.key", &e.key, max)?;
+        check_text("bad_sample_examples.detail", &e.detail, max)?;
+        let reason = known(&e.reason)?.to_string();
+        kept.push(SkipExample { reason, source: e.source, key: e.key, detail: e.detail });
+    }
+    Ok((out, kept))
+}
+
+fn skipped_sample(e: SkipExample) -> pb::SkippedSample {
+    pb::SkippedSample { reason: e.reason, source: e.source, key: e.key, detail: e.detail }
+}
+
 fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
     check_id("worker_id", &r.worker_id)?;
     check_text("host", &r.host, MAX_ID)?;
@@ -285,6 +323,7 @@ impl Coordinator for CoordinatorService {
         if !(r.images_per_second.is_finite() && r.images_per_second >= 0.0) {
             return Err(Status::invalid_argument(format!("images_per_second {} is not a rate", r.images_per_second)));
         }
+        let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
         let l = r.losses.unwrap_or_default();
         let hb = Heartbeat {
             worker_id: r.worker_id,
@@ -301,7 +340,8 @@ impl Coordinator for CoordinatorService {
             fatal_error: r.fatal_error,
             done: r.done,
             nonfinite_steps: r.nonfinite_steps,
-            bad_samples: r.bad_samples.into_iter().collect(),
+            bad_samples,
+            bad_sample_examples,
         };
         let (commands, generation) = self.0.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
         self.0.persist_logged().await;
@@ -419,6 +459,7 @@ impl ControlService {
             nonfinite_steps: s.nonfinite_steps,
             rejected_checkpoints: s.rejected_checkpoints,
             bad_samples: s.bad_samples.into_iter().collect(),
+            bad_sample_examples: s.bad_sample_examples.into_iter().map(skipped_sample).collect(),
             checkpoints_committed: s.checkpoints_committed,
             last_checkpoint_unix: s.last_checkpoint_unix,
             eval_step: s.evaluation.as_ref().map_or(0, |(step, _)| *step),

@@ -8,6 +8,7 @@
 //! committed checkpoint.
 
 use albef_config::AlbefConfig;
+use albef_data::bad::{EXAMPLES_PER_REASON, SkipExample};
 use albef_data::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -121,6 +122,8 @@ pub struct Heartbeat {
     pub nonfinite_steps: u64,
     /// Samples this worker process skipped so far, by reason.
     pub bad_samples: BTreeMap<String, u64>,
+    /// The first few of each reason.
+    pub bad_sample_examples: Vec<SkipExample>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +173,8 @@ pub struct JobStatus {
     pub rejected_checkpoints: u64,
     /// Samples skipped by the workers, by reason.
     pub bad_samples: BTreeMap<String, u64>,
+    /// The first few skipped samples of each reason, over all workers.
+    pub bad_sample_examples: Vec<SkipExample>,
     pub checkpoints_committed: u64,
     /// Unix seconds (0: none yet).
     pub last_checkpoint_unix: u64,
@@ -273,8 +278,8 @@ pub struct Job {
     nonfinite_steps: u64,
     rejected_checkpoints: u64,
     checkpoints_committed: u64,
-    /// The latest skip counts of each worker process.
-    bad_samples: HashMap<String, BTreeMap<String, u64>>,
+    /// The latest skip counts and examples of each worker process.
+    bad_samples: HashMap<String, (BTreeMap<String, u64>, Vec<SkipExample>)>,
     evaluation: Option<(u64, BTreeMap<String, f64>)>,
     hash_mismatches: u64,
     /// Bumped by every change that must survive a restart of the coordinator.
@@ -582,7 +587,7 @@ impl Job {
         m.lr = hb.lr;
         m.temp = hb.temp;
         if !hb.bad_samples.is_empty() {
-            self.bad_samples.insert(hb.worker_id.clone(), hb.bad_samples.clone());
+            self.bad_samples.insert(hb.worker_id.clone(), (hb.bad_samples.clone(), hb.bad_sample_examples.clone()));
         }
         if !hb.fatal_error.is_empty() {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
@@ -977,15 +982,33 @@ impl Job {
             restarts: self.restarts,
             nonfinite_steps: self.nonfinite_steps,
             rejected_checkpoints: self.rejected_checkpoints,
-            bad_samples: self.bad_samples.values().flatten().fold(BTreeMap::new(), |mut sum, (reason, n)| {
-                *sum.entry(reason.clone()).or_default() += n;
-                sum
-            }),
+            bad_samples: self.bad_samples.values().flat_map(|(counts, _)| counts).fold(
+                BTreeMap::new(),
+                |mut sum, (reason, n)| {
+                    *sum.entry(reason.clone()).or_default() += n;
+                    sum
+                },
+            ),
+            bad_sample_examples: self.bad_sample_examples(),
             checkpoints_committed: self.checkpoints_committed,
             last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
             last_checkpoint_step: last.map_or(0, |c| c.step),
             evaluation: self.evaluation.clone(),
         }
+    }
+
+    /// The first few examples of each reason over the workers (in worker-id order).
+    fn bad_sample_examples(&self) -> Vec<SkipExample> {
+        let mut workers: Vec<_> = self.bad_samples.iter().collect();
+        workers.sort_by(|a, b| a.0.cmp(b.0));
+        let mut per_reason: BTreeMap<&str, Vec<SkipExample>> = BTreeMap::new();
+        for example in workers.into_iter().flat_map(|(_, (_, examples))| examples) {
+            let kept = per_reason.entry(&example.reason).or_default();
+            if kept.len() < EXAMPLES_PER_REASON {
+                kept.push(example.clone());
+            }
+        }
+        per_reason.into_values().flatten().collect()
     }
 
     /// What must survive a restart of the coordinator: the generation counter (so stale workers

@@ -6,7 +6,7 @@ use albef_proto::v1::coordinator_client::CoordinatorClient;
 use albef_proto::v1::{
     Command as Cmd, ControlRequest, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest,
     JoinRequest, JoinResponse, LeaveRequest, ListCheckpointsRequest, PublishNcclIdRequest, ReportCheckpointRequest,
-    WatchStatusRequest,
+    SkippedSample, WatchStatusRequest,
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -380,6 +380,13 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.heartbeat(HeartbeatRequest { worker_id: String::new(), ..hb.clone() }).await, "heartbeat without id");
     invalid(w.heartbeat(HeartbeatRequest { images_per_second: f64::NAN, ..hb.clone() }).await, "NaN rate");
     invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
+    let reasons = [("made_up_reason".to_string(), 1)].into();
+    invalid(w.heartbeat(HeartbeatRequest { bad_samples: reasons, ..hb.clone() }).await, "unknown skip reason");
+    let example = SkippedSample { reason: "corrupt_image".into(), source: "s.tar".into(), ..Default::default() };
+    let many = vec![example.clone(); 1000];
+    invalid(w.heartbeat(HeartbeatRequest { bad_sample_examples: many, ..hb.clone() }).await, "1000 examples");
+    let long = SkippedSample { key: "k".repeat(5000), ..example };
+    invalid(w.heartbeat(HeartbeatRequest { bad_sample_examples: vec![long], ..hb.clone() }).await, "a long key");
     invalid(w.publish_nccl_id(PublishNcclIdRequest { generation: 1, nccl_id: vec![1, 2, 3] }).await, "short NCCL id");
     invalid(w.get_nccl_id(GetNcclIdRequest { generation: 9 }).await, "NCCL id of an unknown generation");
     let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 1, ..Default::default() };
@@ -729,7 +736,17 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     let mut hb = beat("w", &j, 5);
     hb.losses = Some(albef_proto::v1::Losses { ita: 1.5, itm: 0.5, mlm: 2.0, total: 4.0 });
     hb.bad_samples = [("corrupt_image".to_string(), 3), ("empty_caption".to_string(), 1)].into();
+    let example = |key: &str| SkippedSample {
+        reason: "corrupt_image".into(),
+        source: "s3://b/shard-1.tar".into(),
+        key: key.into(),
+        detail: "bad Huffman code".into(),
+    };
+    hb.bad_sample_examples = vec![example("000007"), example("000019")];
     w.heartbeat(hb).await.unwrap();
+    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.bad_samples.get("corrupt_image"), Some(&3));
+    assert_eq!(status.bad_sample_examples, vec![example("000007"), example("000019")]);
     let location = dir.checkpoint(4);
     let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 4, location, epoch: 0, step_in_epoch: 4 };
     w.report_checkpoint(ck).await.unwrap();

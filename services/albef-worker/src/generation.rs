@@ -15,7 +15,7 @@ use albef_eval::{EvalOptions, RetrievalSplit, Scoring, SplitOptions, evaluate_sh
 use albef_model::{Batch, device};
 use albef_proto::v1::{
     Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
-    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, ReportEvaluationRequest, SkippedSample,
 };
 use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::distributed::{CollectiveGather, average_gradients};
@@ -307,6 +307,11 @@ impl Worker {
         let ending = self.train(&mut run, &mut trainer);
         // A checkpoint in flight is committed (or fails) before this worker moves on.
         self.uploader.flush();
+        let skipped = run.dataset.skips.summary();
+        if matches!(ending, Ok(Ending::Finished | Ending::Stopped)) && !skipped.is_empty() {
+            let n = run.dataset.skips.total();
+            println!("skipped input on {} ({n} in all, this generation):\n{skipped}", self.worker_id);
+        }
         if let Ok(Ending::Finished) = &ending {
             // The last heartbeat says done; the coordinator finishes the job once every rank did.
             shared.progress.lock().unwrap().done = true;
@@ -695,6 +700,13 @@ impl Worker {
         }
         p.images_per_second = self.metrics.images_per_second();
         p.bad_samples = r.dataset.skips.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        p.bad_sample_examples = r
+            .dataset
+            .skips
+            .examples()
+            .into_iter()
+            .map(|e| SkippedSample { reason: e.reason, source: e.source, key: e.key, detail: e.detail })
+            .collect();
         for (reason, n) in &p.bad_samples {
             self.metrics.registry.set("albef_worker_bad_samples_total", &[("reason", reason)], *n as f64);
         }

@@ -64,8 +64,9 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             };
             index.save(&out, rt.handle())?;
             println!("{} sources, {} samples -> {}", index.sources.len(), index.total(), out.url);
-            if skips.total() > 0 {
-                println!("problems: {:?}", skips.snapshot());
+            let problems = skips.summary();
+            if !problems.is_empty() {
+                println!("problems:\n{problems}");
             }
             Ok(())
         }

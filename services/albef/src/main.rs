@@ -132,6 +132,11 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     let dataset = Dataset::open(cfg, out, rt.handle())?;
     let batch_size = cfg.train.batch_size_train as u64;
     let steps_per_epoch = dataset.steps_per_epoch(1, batch_size);
+    anyhow::ensure!(
+        steps_per_epoch > 0,
+        "the dataset's {} samples cannot fill one batch of {batch_size} (train.batch_size_train)",
+        dataset.index.total()
+    );
     let total_steps = match cfg.train.max_steps {
         0 => steps_per_epoch * cfg.schedular.epochs,
         n => n,
@@ -147,7 +152,6 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     let (mut first, mut last) = (None, 0.0);
     'epochs: while trainer.state().step < total_steps {
         let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
-        debug_assert!(from < steps_per_epoch);
         let plan = dataset.plan(cfg, epoch, 1, 0)?;
         for loaded in dataset.loader(cfg, plan, from, rt.handle()) {
             if loaded.batch.batch_size < 2 {
@@ -177,9 +181,9 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
             }
         }
     }
-    let skipped = dataset.skips.snapshot();
+    let skipped = dataset.skips.summary();
     if !skipped.is_empty() {
-        println!("skipped input: {skipped:?}");
+        println!("skipped input ({} in all):\n{skipped}", dataset.skips.total());
     }
     drop(progress);
     let png = out.join(LOSS_PNG);

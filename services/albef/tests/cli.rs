@@ -92,3 +92,80 @@ fn a_mismatched_vocabulary_is_refused_before_training() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("vocab_size"), "{}", text(&out.stderr));
 }
+
+/// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and
+/// Pillow with byte-level edits (tests/python/make_hostile_shards.py): `albef data index` names
+/// each source it leaves out and why, `albef train` trains on the rest and ends with a summary of
+/// what was skipped, and a dataset with no readable sample is a clear error, not a panic.
+#[test]
+fn hostile_shards_are_reported_skipped_and_never_crash_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // The generated dataset's vocabulary tokenizes the captions.
+    let synth = albef(&["data", "synth", "--out", d, "--train", "16", "--test", "2", "--shards", "1"], &[]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let hostile = dir.path().join("hostile");
+    let made = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/make_hostile_shards.py"))
+        .arg(&hostile)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let at = |name: &str| hostile.join(name).to_str().unwrap().to_string();
+    let readable: Vec<String> =
+        ["mac.tar", "huge-header.tar", "bad-checksum.tar", "gz.tar.gz", "gz.tgz", "gz-named.tar"].map(at).into();
+    let unreadable: Vec<String> = ["error-page.tar", "zero.tar", "no-members.tar", "empty.json"].map(at).into();
+    let all: Vec<String> = readable.iter().chain(&unreadable).cloned().collect();
+
+    let mut args = vec!["data", "index", "--out"];
+    let index = format!("{d}/hostile/albef-index.json");
+    args.push(&index);
+    args.extend(all.iter().map(String::as_str));
+    let indexed = albef(&args, &[]);
+    let stdout = text(&indexed.stdout);
+    assert!(indexed.status.success(), "{}", text(&indexed.stderr));
+    // mac 4 + huge-header 4 (the oversized one included) + bad-checksum 3 + 3 x gzip 3.
+    assert!(stdout.contains("6 sources, 20 samples"), "{stdout}");
+    for needle in ["not_a_tar: 1", "error-page.tar", "empty_source: 3", "zero.tar", "no-members.tar", "empty.json"] {
+        assert!(stdout.contains(needle), "{needle} in\n{stdout}");
+    }
+    assert!(stdout.contains("junk_member: 4"), "{stdout}");
+
+    let list = |sources: &[String]| format!("data.train_file=[{}]", sources.join(","));
+    let train = |sources: &[String], run: &str| {
+        let out = format!("{d}/{run}");
+        let files = list(sources);
+        let tokenizer = format!("data.tokenizer={d}/vocab.txt");
+        let index = format!("data.index={d}/{run}-index.json");
+        let sets = [&files, &tokenizer, &index, "train.batch_size_train=4", "train.max_steps=5", "train.log_every=1"];
+        let mut args = vec!["train", "--config", "configs/small.yaml", "--out", out.as_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        albef(&args, &[])
+    };
+    let trained = train(&all, "run");
+    let (stdout, stderr) = (text(&trained.stdout), text(&trained.stderr));
+    assert!(trained.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("step")).count(), 5, "{stdout}");
+    for needle in [
+        "oversized_member: 1",
+        "huge-header.tar big0003",
+        "missing_caption: 1",
+        "bad-checksum.tar sum0002",
+        "not_a_tar: 1",
+        "empty_source: 3",
+        "junk_member: 4",
+    ] {
+        assert!(stdout.contains(needle), "{needle} in the summary:\n{stdout}");
+    }
+
+    let failed = train(&unreadable, "nothing");
+    let stderr = text(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("no readable sample"), "{stderr}");
+    for source in &unreadable {
+        assert!(stderr.contains(source.as_str()), "{source} named in\n{stderr}");
+    }
+}

@@ -241,9 +241,14 @@ fn render_status(s: &JobStatus) -> String {
         ("restarts", s.restarts.to_string()),
         ("bad steps", format!("{} non-finite, {} checkpoints rejected", s.nonfinite_steps, s.rejected_checkpoints)),
         ("retrieval", retrieval_line(s)),
+        ("skipped", format!("{} samples", s.bad_samples.values().sum::<u64>())),
     ];
     for (name, value) in fields {
         let _ = writeln!(out, "{name:<11} {value}");
+    }
+    if !s.bad_samples.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["SKIPPED", "COUNT", "FIRST EXAMPLES"], &skipped_rows(s)));
     }
     if !s.workers.is_empty() {
         let rows: Vec<Vec<String>> = s
@@ -265,6 +270,28 @@ fn render_status(s: &JobStatus) -> String {
         out.push_str(&table(&["RANK", "WORKER", "HOST", "STEP", "IMG/S", "LAST SEEN", "PARAMS"], &rows));
     }
     out
+}
+
+/// Skip counts by reason with the first few samples of each (source, key and why).
+fn skipped_rows(s: &JobStatus) -> Vec<Vec<String>> {
+    let mut reasons: Vec<_> = s.bad_samples.iter().collect();
+    reasons.sort();
+    reasons
+        .into_iter()
+        .map(|(reason, n)| {
+            let examples: Vec<String> = s
+                .bad_sample_examples
+                .iter()
+                .filter(|e| &e.reason == reason)
+                .map(|e| {
+                    let at = [e.source.as_str(), e.key.as_str()].into_iter().filter(|p| !p.is_empty());
+                    let at = at.collect::<Vec<_>>().join(" ");
+                    if e.detail.is_empty() { at } else { format!("{at} ({})", e.detail) }
+                })
+                .collect();
+            vec![reason.clone(), n.to_string(), examples.join("; ")]
+        })
+        .collect()
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -296,7 +323,7 @@ fn age(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use albef_proto::v1::{Losses, WorkerStatus};
+    use albef_proto::v1::{Losses, SkippedSample, WorkerStatus};
 
     #[test]
     fn status_renders_as_a_table() {
@@ -327,6 +354,37 @@ mod tests {
         assert!(text.contains("checkpoint  -"), "{text}");
         assert!(text.contains("RANK  WORKER    HOST    STEP  IMG/S  LAST SEEN  PARAMS"), "{text}");
         assert!(text.contains("0     worker-0  node-a  120   27.5   1.5s ago   0123456789ab\n"), "{text}");
+        assert!(text.contains("skipped     0 samples"), "{text}");
+        assert!(!text.contains("SKIPPED"), "{text}");
+    }
+
+    #[test]
+    fn skipped_samples_show_counts_and_examples() {
+        let example = |reason: &str, key: &str, detail: &str| SkippedSample {
+            reason: reason.into(),
+            source: "s3://b/shard-7.tar".into(),
+            key: key.into(),
+            detail: detail.into(),
+        };
+        let s = JobStatus {
+            bad_samples: [("corrupt_image".to_string(), 12), ("not_a_tar".to_string(), 1)].into(),
+            bad_sample_examples: vec![
+                example("corrupt_image", "000123", "bad Huffman code"),
+                example("corrupt_image", "000456", ""),
+                example("not_a_tar", "", "not a tar archive"),
+            ],
+            ..Default::default()
+        };
+        let text = render_status(&s);
+        assert!(text.contains("skipped     13 samples"), "{text}");
+        assert!(text.contains("SKIPPED        COUNT  FIRST EXAMPLES"), "{text}");
+        assert!(
+            text.contains(
+                "corrupt_image  12     s3://b/shard-7.tar 000123 (bad Huffman code); s3://b/shard-7.tar 000456\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("not_a_tar      1      s3://b/shard-7.tar (not a tar archive)\n"), "{text}");
     }
 
     #[test]

@@ -518,3 +518,26 @@ fn rank_0_reports_evaluations_and_the_latest_step_wins() {
     job.report_evaluation(1, 0, 8, m(50.0)).unwrap();
     assert_eq!(job.status(t0).evaluation, Some((16, m(60.0))));
 }
+
+#[test]
+fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let example = |key: &str| SkipExample {
+        reason: "corrupt_image".into(),
+        source: "s.tar".into(),
+        key: key.into(),
+        detail: String::new(),
+    };
+    for (id, a, keys) in [("b", &g[1], ["b1", "b2", "b3"]), ("a", &g[0], ["a1", "a2", "a3"])] {
+        let hb = Heartbeat {
+            bad_samples: [("corrupt_image".to_string(), 5)].into(),
+            bad_sample_examples: keys.map(example).into(),
+            ..beat(id, a, 1)
+        };
+        commands(&mut job, &hb, t0);
+    }
+    let s = job.status(t0);
+    assert_eq!(s.bad_samples["corrupt_image"], 10);
+    assert_eq!(s.bad_sample_examples, ["a1", "a2", "a3"].map(example), "three per reason, by worker id");
+}
