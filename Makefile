@@ -1,26 +1,41 @@
 # One entry point: `make setup`, `make test`, `make demo`. Every target is idempotent.
 SHELL := /bin/bash
 VENV_STAMP := .venv/.setup-done
+TORCH_STAMP := .venv/.torch-done
 CARGO ?= cargo
 
-.PHONY: setup build test lint demo clean-runs
+.PHONY: setup build build-demo test lint demo clean-runs
 
 setup: $(VENV_STAMP) build
 
-# Re-run the Python setup when its inputs change (or the venv is gone).
-$(VENV_STAMP): scripts/requirements.txt scripts/setup-venv.sh
-	bash scripts/setup-venv.sh
+# Re-run the Python setup when its inputs change (or the venv is gone). The binaries need only
+# torch (its libtorch); the tests need the rest too.
+$(TORCH_STAMP): scripts/requirements.txt scripts/setup-venv.sh
+	bash scripts/setup-venv.sh torch
+	touch $@
+
+$(VENV_STAMP): $(TORCH_STAMP)
+	bash scripts/setup-venv.sh all
 	touch $@
 
 build: $(VENV_STAMP)
+	@echo "setup: building the workspace with every test, bench and example (the first time takes a while on 2 cores)"
 	$(CARGO) build --workspace --all-targets
+
+# Only the three binaries the demo runs, in the dev profile (dependencies optimised, our crates
+# not: the fastest build + run; see README "The demo").
+DEMO_BINS := -p albef -p albef-coordinator -p albef-worker --bins
+build-demo: $(TORCH_STAMP)
+	@echo "setup: building albef, albef-coordinator and albef-worker (the first time takes a few minutes on 2 cores)"
+	$(CARGO) build $(DEMO_BINS)
 
 lint: $(VENV_STAMP)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Every test binary runs even when one fails, and every failure is reported.
 test: setup lint validate-deploy
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 # Renders deploy/'s kustomizations and validates every object (no cluster needed).
 .PHONY: validate-deploy
@@ -35,7 +50,7 @@ validate-deploy: $(VENV_STAMP)
 # the share the reference's 128 of Flickr30K's 1000 does.
 DEMO := runs/demo
 DEMO_K := 16
-demo: setup
+demo: build-demo
 	rm -rf $(DEMO)
 	./target/debug/albef eval --untrained --config configs/small.yaml --set job.run_dir=$(DEMO) --k-test $(DEMO_K) --out $(DEMO)/eval/untrained.json
 	./target/debug/albef run --config configs/small.yaml --workers 2 --set job.run_dir=$(DEMO) --set job.eval_every=500 --set job.eval_k_test=$(DEMO_K)

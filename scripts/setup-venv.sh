@@ -2,6 +2,8 @@
 # Creates .venv with torch==2.11.0 (the libtorch tch 0.24 binds) and the Python packages the tests
 # use, and links .venv/libtorch to the wheel's torch directory for torch-sys (.cargo/config.toml).
 # Idempotent: re-running only installs what is missing.
+#   setup-venv.sh torch   only torch (what building and running the binaries need: make demo)
+#   setup-venv.sh [all]   torch and everything the tests compare against (make test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,8 @@ need_apt() {
 
 command -v "$PYTHON" >/dev/null || need_apt python3
 command -v c++ >/dev/null || need_apt g++
+# The TensorBoard event format's protos are compiled at build time.
+command -v protoc >/dev/null || need_apt protobuf-compiler
 
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
@@ -29,7 +33,21 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 
-.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+WHAT=${1:-all}
+case "$WHAT" in
+    torch)
+        echo "setup: installing torch $TORCH_VERSION into .venv (about 2.7 GB the first time; pip is quiet meanwhile)" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check "$(grep '^torch==' scripts/requirements.txt)"
+        ;;
+    all)
+        echo "setup: installing the Python packages of the tests into .venv (torch is about 2.7 GB the first time)" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+        ;;
+    *)
+        echo "usage: setup-venv.sh [torch|all]" >&2
+        exit 2
+        ;;
+esac
 
 installed=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 if [ "$installed" != "$TORCH_VERSION" ]; then

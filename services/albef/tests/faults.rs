@@ -3,8 +3,11 @@
 //! those of the same job run without interruption, and every rank's sample audit (the keys it
 //! trained at each step) must equal the uninterrupted run's: nothing lost, nothing repeated.
 
+mod common;
+
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus};
+use common::{STALL, StallWatch, progress};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -15,7 +18,6 @@ use std::time::{Duration, Instant};
 
 const STEPS: u64 = 24;
 const WORKERS: [&str; 2] = ["w0", "w1"];
-const DEADLINE: Duration = Duration::from_secs(420);
 /// The object-store secret of the S3 test: it must never reach a log.
 const SECRET: &str = "albef-s3-secret-9f27c1";
 
@@ -142,13 +144,14 @@ impl Job {
 
     /// Waits until the job's slowest rank reached `step`.
     fn wait_for_step(&mut self, step: u64) -> JobStatus {
-        let started = Instant::now();
+        let mut watch = StallWatch::new(STALL);
         loop {
             self.check_alive();
-            if let Some(s) = self.status().filter(|s| s.state == "running" && s.step >= step) {
-                return s;
+            let status = self.status();
+            if let Some(s) = status.as_ref().filter(|s| s.state == "running" && s.step >= step) {
+                return s.clone();
             }
-            assert!(started.elapsed() < DEADLINE, "step {step} not reached\n{}", self.logs());
+            watch.observe(progress(status.as_ref()), || format!("step {step} not reached\n{}", self.logs()));
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -178,10 +181,14 @@ impl Job {
     /// started again once without faults, as Kubernetes would restart its pod; else a failed
     /// worker fails the test.
     fn finish(&mut self, respawn: bool) {
-        let started = Instant::now();
+        let mut watch = StallWatch::new(STALL);
         let mut respawned = vec![];
         while !self.workers.is_empty() || self.coordinator.is_some() {
-            assert!(started.elapsed() < DEADLINE, "the job did not finish\n{}", self.logs());
+            // Processes exiting are progress too (the coordinator may be gone by then).
+            let alive = (self.workers.len(), self.coordinator.is_some());
+            watch.observe((progress(self.status().as_ref()), alive), || {
+                format!("the job did not finish\n{}", self.logs())
+            });
             let mut exited = vec![];
             for (id, w) in self.workers.iter_mut() {
                 if let Some(status) = w.try_wait().unwrap() {
