@@ -1,9 +1,12 @@
-//! Build-script helpers for crates whose binaries or tests link libtorch.
+//! Build-script helpers for crates whose binaries or tests link libtorch: their `build.rs` calls
+//! `link_libtorch`, and `albef-torch-ext` finds the headers its shim compiles against through
+//! `libtorch_lib_dir`. Nothing here is linked into a binary.
 //!
-//! torch-sys tells its direct dependents where libtorch lives (`DEP_TCH_LIBTORCH_LIB`). A binary
-//! needs two things torch-sys does not give it: an rpath, so it runs without `LD_LIBRARY_PATH`,
-//! and `--no-as-needed` linking of `libtorch_cuda`, which no symbol references directly and which
-//! the linker would otherwise drop, leaving CUDA silently unavailable.
+//! torch-sys tells its direct dependents where libtorch lives (`DEP_TCH_LIBTORCH_LIB`;
+//! `.cargo/config.toml` points it at the `.venv/libtorch` that `make setup` links). A binary needs
+//! two things torch-sys does not give it: an rpath, so it runs without `LD_LIBRARY_PATH`, and
+//! `--no-as-needed` linking of `libtorch_cuda`, which no symbol references directly and which the
+//! linker would otherwise drop, leaving CUDA silently unavailable.
 
 use std::path::{Path, PathBuf};
 

@@ -1,10 +1,16 @@
-//! Checkpoints in object storage, without libtorch (the coordinator uses this crate too).
+//! Checkpoints in object storage, without libtorch: the workers write and read them, the
+//! coordinator verifies one before it commits it.
 //!
-//! A checkpoint is a folder `<run>/checkpoints/step-<N>/` holding its files and `manifest.json`,
-//! written last, with every file's size and SHA-256. A folder whose manifest is missing does not
-//! exist as a checkpoint: a save that dies half-way leaves only files that
-//! [`remove_incomplete`] cleans up, and [`read_file`] never returns bytes the manifest does not
-//! vouch for. Large files go up as multipart uploads.
+//! A checkpoint is a folder `<run>/checkpoints/step-<N>/` (`folder`) holding its files and
+//! `manifest.json` (`Manifest`), written last, with every file's size and SHA-256. A folder whose
+//! manifest is missing does not exist as a checkpoint: a save that dies half-way leaves only files
+//! that `remove_incomplete` cleans up (rank 0 calls it before each save), and `read_file` never
+//! returns bytes the manifest does not vouch for (a wrong size or hash is an error naming the
+//! file). `write` hashes each file while it uploads it, large files as multipart uploads
+//! (`WriteOptions`); `check` is the coordinator's cheap test before a commit (the manifest parses
+//! and every file it lists exists with its size); `list` finds a run's checkpoints and `remove`
+//! deletes one, manifest first. What the files hold (safetensors, the trainer state) is
+//! `albef-train`'s business: this crate moves and verifies bytes.
 
 use albef_data::store::Location;
 use anyhow::{Context, Result, ensure};

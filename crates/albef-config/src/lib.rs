@@ -1,9 +1,27 @@
-//! Configuration of an ALBEF job.
+//! Configuration of an ALBEF job: one `AlbefConfig` that every binary reads (`albef`, the
+//! coordinator, the workers), so that all processes of a job train with the same settings.
 //!
-//! Layers, lowest first: the compiled defaults of the chosen `model.preset`, a YAML file,
-//! environment variables `ALBEF__SECTION__KEY`, and `--set section.key=value` overrides.
-//! Unknown keys are errors that name the key. This crate does not link libtorch, so the
-//! coordinator can read the same file.
+//! Layers, lowest first: the compiled defaults of the chosen `model.preset` (`albef-base`, the
+//! published model with the reference pretraining setup, as `configs/pretrain.yaml` spells out; or
+//! `albef-small`, a model for CPU tests and the demo), a YAML file, environment variables
+//! `ALBEF__SECTION__KEY`, and `--set section.key=value` overrides. Unknown keys are errors that
+//! name the key; `AlbefConfig::validate` checks what serde cannot (the patch size divides the
+//! resolution, token ids lie inside the vocabulary, `job.min_workers <= job.max_workers`, ...).
+//! Keys reuse the reference ALBEF config names where it has them (`queue_size`, `momentum`,
+//! `alpha`, `batch_size_train`, `schedular`, ...).
+//!
+//! Sections: `model` (`ModelConfig` with `VisionConfig`, `BertConfig` and `ItcNegatives`),
+//! `optimizer`, `schedular`, `train` (seed, per-rank batch, device, bf16, TF32, steps), `data`
+//! (sources, tokenizer, transforms, loader, bad-input limits, generated data), `job` (rendezvous,
+//! heartbeats, collectives, checkpoints, evaluation), `coordinator` (addresses, tokens, TLS,
+//! metrics) and `worker` (this machine's metrics endpoint and peak FLOP/s).
+//!
+//! Entry points: `load` with `ConfigSources`, or `ConfigArgs`, the `--config` / `--set` flags every
+//! binary takes. `AlbefConfig::to_pretty_json` is what `albef train`, the coordinator and the
+//! workers print at start, and the coordinator hands the same JSON to every worker it assigns a
+//! rank.
+//!
+//! This crate does not link libtorch, so the coordinator can read the same file.
 
 mod cli;
 mod model;

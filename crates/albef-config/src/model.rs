@@ -11,7 +11,7 @@ pub enum Preset {
     /// ViT-B/16 at 256 px and BERT-base split 6 text + 6 fusion layers: the published model.
     #[default]
     AlbefBase,
-    /// A few-million-parameter model that trains in minutes on a CPU (tests, demos).
+    /// A model of about a million parameters that trains in minutes on a CPU (tests, demos).
     AlbefSmall,
 }
 

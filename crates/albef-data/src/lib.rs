@@ -1,7 +1,33 @@
-//! ALBEF data without libtorch: sources in object storage (WebDataset shards, annotation JSON),
-//! the dataset index and epoch plans (shared with the coordinator), image decoding and
-//! augmentation, caption cleaning and WordPiece tokenisation, the prefetching loader, bad-input
-//! accounting, and generated datasets for demos and tests.
+//! ALBEF's training data, without libtorch: the coordinator links this crate too, for the dataset
+//! index and the epoch plans.
+//!
+//! A sample's way to the trainer: `store::Location` (object storage: paths, file://, s3://, gs://,
+//! az://, with `store::expand_braces` for shard patterns) -> `sources` (WebDataset / img2dataset
+//! tar shards, plain or gzip-compressed, and ALBEF annotation JSON, read by sample ordinal) ->
+//! `loader::Loader` (a reader thread streams the rank's planned ranges; decoder threads run
+//! `transform`, guarded decoding and the Pillow-exact RandomResizedCrop, flip and RandAugment, then
+//! `pre_caption` and the WordPiece `tokenizer`) -> `batch::HostBatch` (normalised images, token
+//! ids, mask and sample keys), delivered in step order through a bounded prefetch queue.
+//!
+//! - `index::DatasetIndex`: the samples of every source (and each tar sample's byte offset), built
+//!   once by `albef data index` and stored beside the data as `albef-index.json`.
+//! - `plan`: an epoch's share of each rank as a pure function of (seed, epoch, counts, world size,
+//!   batch size, shuffle window): equal steps per rank, no sample repeated or lost within an epoch.
+//! - `dataset::Dataset`: the configured sources (or a generated dataset), their index, the
+//!   tokenizer and the skip counters, and loaders of planned epochs; `albef train` and the workers
+//!   use it.
+//! - `bad`: bad input never stops training, and nothing goes missing unnoticed: every planned
+//!   sample is delivered or counted once under a `bad::SkipReason` (`corrupt_image`,
+//!   `missing_caption`, `oversized_member` for a tar member above `data.max_member_mb`,
+//!   `truncated_shard`, ...). Sources that are no tar (`not_a_tar`), hold no sample
+//!   (`empty_source`) or cannot be read (`unreadable_shard`) are left out of the index and named;
+//!   macOS and Windows leftovers count as `junk_member`, not as samples. `bad::SkipCounts` keeps
+//!   the counts and the first examples of each reason for the end-of-run summary, the metrics and
+//!   `albefctl status`.
+//! - `rng::SplitMix64`: every random draw of a sample derives from (seed, epoch, sample id), so a
+//!   sample looks the same on any thread, on any rank and in a resumed run.
+//! - `synth`: generated, learnable image-text datasets (shards, annotation JSON, a retrieval split,
+//!   a vocabulary) for the demo and the tests.
 
 pub mod bad;
 pub mod batch;

@@ -99,6 +99,16 @@ impl Location {
     }
 }
 
+/// The local folder or file a location URL names (a plain path or `file://`); None for object
+/// stores.
+pub fn local_path(url: &str) -> Option<std::path::PathBuf> {
+    match url.split_once("://") {
+        None => Some(url.into()),
+        Some(("file", path)) => Some(path.into()),
+        Some(_) => None,
+    }
+}
+
 fn key_of(url: &str) -> Result<StorePath> {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let key = rest.split_once('/').map(|(_, k)| k).unwrap_or("");
@@ -153,6 +163,13 @@ mod tests {
         assert!(sib.path.as_ref().ends_with("data/train-000_stats.json"), "{}", sib.path);
         assert_eq!(sib.url, "data/train-000_stats.json");
         assert!(Location::open("ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn local_paths_are_told_from_object_stores() {
+        assert_eq!(local_path("runs/a"), Some("runs/a".into()));
+        assert_eq!(local_path("file:///tmp/x"), Some("/tmp/x".into()));
+        assert_eq!(local_path("s3://b/run"), None);
     }
 
     #[test]

@@ -1,10 +1,19 @@
-//! Collectives for data-parallel training: the [`Collective`] trait, a TCP backend for CPU tensors
-//! (tests, and the fallback when NCCL is unusable), an NCCL backend for CUDA tensors, and DDP-style
-//! gradient bucketing on top of either.
+//! Collectives for data-parallel training: the `Collective` trait (all-reduce, all-gather,
+//! broadcast, barrier, abort), a TCP ring backend for CPU tensors (CPU jobs, tests, and any job set
+//! to `job.collective_backend: tcp`; CUDA tensors make a round trip through host memory), an NCCL
+//! backend for CUDA tensors (through cudarc), `LocalCollective` for a world of one, and DDP-style
+//! gradient bucketing (`bucket::all_reduce_buckets`) on top of any of them. `cuda` reads a device's
+//! memory and name for the worker's metrics.
 //!
-//! Every rank of a job calls the same collectives, with tensors of the same shape and dtype, in
-//! the same order. A backend that fails (a dead or stalled peer, [`Collective::abort`]) stays
-//! failed: the coordinator ends the generation and builds a new collective for the next one.
+//! A worker builds one collective per generation from what the coordinator relays: every rank's TCP
+//! address and a per-generation token (a straggler of an older generation is refused when the ring
+//! forms), or the NCCL unique id that rank 0 made. The trainer uses it for the no-grad all-gather
+//! of momentum features into the queues and for the gradient average.
+//!
+//! Every rank of a job calls the same collectives, with tensors of the same shape and dtype, in the
+//! same order. Every operation is bounded by a timeout, so a dead or stalled peer never hangs a
+//! rank. A backend that fails (a dead or stalled peer, `Collective::abort`) stays failed: the
+//! coordinator ends the generation and the worker builds a new collective for the next one.
 
 pub mod bucket;
 pub mod cuda;

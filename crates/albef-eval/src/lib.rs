@@ -1,11 +1,19 @@
 //! Zero-shot image-text retrieval evaluation of ALBEF, as the reference's `evaluation()` and
-//! `itm_eval()`, and embeddings export.
+//! `itm_eval()`, and embeddings export: what `albef eval`, `albef embed` and the workers'
+//! evaluations during training (`job.eval_every`, `job.eval_at_end`) run.
 //!
-//! - [`metrics`]: Recall@K from score matrices (no libtorch), chance levels, tables.
-//! - [`split`]: a retrieval split in the reference's annotation format.
-//! - [`retrieval`]: features, ITC similarities, ITM re-ranking of the top k, sharded over ranks.
-//! - [`model`]: the model to evaluate (checkpoint, bare state, or untrained).
-//! - [`embed`]: normalised embeddings of images or texts as safetensors.
+//! - `metrics`: Recall@K from score matrices (no libtorch), chance levels, tables; ties are broken
+//!   against the model.
+//! - `split`: a retrieval split in the reference's annotation format, read with the test transform
+//!   (bicubic resize, no crop).
+//! - `retrieval`: features, ITC similarities, ITM re-ranking of the top `k_test` (`Scoring`: `itc`,
+//!   `itm` as ALBEF, `itm+itc` as LAVIS); `evaluate` in one process, `evaluate_shard` for one
+//!   rank's share of the re-ranking in a job (the ranks sum `ShardScores::reducible`, then
+//!   `ShardScores::results`).
+//! - `model`: the model to evaluate: a checkpoint verified against its manifest, a run directory's
+//!   latest complete checkpoint, a bare state with a configuration, or the untrained model a job
+//!   starts from.
+//! - `embed`: normalised ITC embeddings of images or texts as safetensors.
 
 pub mod embed;
 pub mod metrics;

@@ -1,6 +1,6 @@
 //! The ALBEF pretraining model: online encoders and heads, momentum copies, feature queues, and
 //! the forward that returns the three pretraining losses (ITC with momentum distillation, ITM
-//! with hard negatives, MLM with distillation), as ../shared/ALBEF_SPEC.md describes.
+//! with hard negatives, MLM with distillation), as the README's "What it reproduces" describes.
 
 use crate::bert::{BertForMaskedLm, Mode};
 use crate::nn::{Init, Linear, Scope, normalize};

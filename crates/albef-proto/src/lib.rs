@@ -1,5 +1,9 @@
-//! Generated code of `proto/albef/v1`: the worker protocol (`Coordinator` service) and the
-//! control protocol (`Control` service), clients and servers.
+//! Generated tonic/prost code of `proto/albef/v1` (compiled with protox: no protoc needed), nothing
+//! else: the worker protocol (`Coordinator` service: Join, PublishNcclId, GetNcclId, GetLeases,
+//! Heartbeat, ReportCheckpoint, RejectCheckpoint, ReportEvaluation, Leave) and the control protocol
+//! (`Control` service, for `albefctl`: GetStatus, WatchStatus, Pause, Resume, Stop, Checkpoint,
+//! ListCheckpoints), clients and servers under `v1`, and `v1::FILE_DESCRIPTOR_SET` for gRPC server
+//! reflection.
 
 pub mod v1 {
     tonic::include_proto!("albef.v1");

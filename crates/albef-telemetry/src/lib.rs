@@ -1,9 +1,19 @@
-//! Telemetry of the albef binaries: logs (JSON when stderr is not a terminal, readable on one;
-//! level from RUST_LOG), OpenTelemetry traces and metrics over OTLP/gRPC when
-//! OTEL_EXPORTER_OTLP_ENDPOINT (or a signal-specific OTEL_* endpoint) is set, and the metrics
-//! registry behind the Prometheus endpoints.
+//! Telemetry of the albef binaries, set up by `init` at the start of each: logs (JSON when stderr
+//! is not a terminal, readable on one; level from `RUST_LOG`), OpenTelemetry traces and metrics
+//! over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or a signal-specific `OTEL_*` endpoint) is
+//! set, and the metrics registry behind the Prometheus endpoints.
+//!
+//! - `init` returns a `Telemetry` guard to keep alive (dropping it flushes the exporters);
+//!   `Telemetry::export_metrics` exports a registry's families as OpenTelemetry instruments.
+//! - `metrics::Registry`: families declared up front, samples set by the program or computed at
+//!   read time by a refresh hook (the coordinator derives its metrics from the job state);
+//!   `metrics::spawn_prometheus` serves it as `/metrics`.
+//! - `tensorboard`: TensorBoard event files (scalars by step), written best effort.
+//!
+//! No libtorch: the coordinator uses it too.
 
 pub mod metrics;
+pub mod tensorboard;
 
 use metrics::{Kind, Registry};
 use opentelemetry::KeyValue;

@@ -1,6 +1,9 @@
-//! Extensions to tch for what it does not bind: the CUDA autocast dtype (tch's `autocast` is
-//! fp16-only), TF32 switches, and PyTorch's fused AdamW kernel (`at::_fused_adamw_`, on CPU and
-//! CUDA), reached through a small C++ shim compiled against the wheel's headers.
+//! Extensions to tch for what it does not bind, reached through a small C++ shim (`src/shim.cpp`)
+//! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
+//! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
+//! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA). `albef-model` uses the
+//! first two for `train.bf16` and `train.tf32`, `albef-train`'s optimiser the third. The shim
+//! catches C++ exceptions: libtorch errors come back as `Result` errors.
 
 use anyhow::{Result, bail};
 use std::ffi::{CStr, c_char};

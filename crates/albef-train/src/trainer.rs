@@ -52,6 +52,19 @@ impl StepStats {
             self.temp
         )
     }
+
+    /// The step's values by TensorBoard tag (losses, schedule, temperature).
+    pub fn scalars(&self) -> [(&'static str, f64); 7] {
+        [
+            ("loss/total", self.loss),
+            ("loss/ita", self.loss_ita),
+            ("loss/itm", self.loss_itm),
+            ("loss/mlm", self.loss_mlm),
+            ("schedule/lr", self.lr),
+            ("schedule/alpha", self.alpha),
+            ("model/temp", self.temp),
+        ]
+    }
 }
 
 pub struct Trainer {

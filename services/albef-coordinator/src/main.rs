@@ -1,5 +1,25 @@
-//! albef-coordinator: forms the world of an ALBEF job, hands out data, tracks progress and
-//! checkpoints, and takes control commands (gRPC). It does not link libtorch.
+//! `albef-coordinator`: the control plane of a distributed ALBEF job (gRPC). It forms the world
+//! (rendezvous, ranks, generations, collective parameters, the resume point), hands each rank its
+//! share of every epoch (leases planned from the dataset index), detects failures by heartbeat,
+//! commits and evicts checkpoints, and takes control commands from `albefctl`. It trains nothing
+//! and does not link libtorch: it starts in milliseconds and needs no GPU.
+//!
+//! - `state`: the job as a plain state machine (`state::Job`), with no gRPC and the time passed in,
+//!   so that tests drive it deterministically.
+//! - `service`: thin tonic handlers (`Coordinator` for the workers, `Control` for `albefctl`) that
+//!   validate requests (INVALID_ARGUMENT), lock the job briefly and persist what changed.
+//! - `auth`: bearer tokens: the worker token opens `Coordinator`, the admin token both; health and
+//!   reflection stay open for probes; no token file, no authentication (local runs).
+//! - `metrics`: Prometheus `/metrics` (`coordinator.metrics_listen`) and OTLP, from the job state.
+//!
+//! At start it loads the configuration and the dataset index (`data.index`, else beside the first
+//! source, else the generated one under `<job.run_dir>/data`), and restores
+//! `<job.run_dir>/coordinator/state.json` when there is one (a restarted coordinator, or a stopped
+//! job started again): the generation counter, committed checkpoints, ranks and control state; the
+//! workers then rejoin into a new generation. A tick every 200 ms detects silent workers, closes
+//! the rendezvous after its grace and persists changes. SIGTERM and SIGINT stop it gracefully; with
+//! `coordinator.exit_when_finished` it exits once the job is finished and every worker left. It
+//! prints `listening on ADDR` on stdout once it serves.
 
 mod auth;
 mod metrics;

@@ -1,5 +1,6 @@
 //! The worker's life: generations of join -> collective -> train -> (finish | rejoin).
 
+use crate::board::Board;
 use crate::client::{self, Backoff, Client};
 use crate::faults::Faults;
 use crate::metrics::{StepTimes, WorkerMetrics};
@@ -58,6 +59,8 @@ struct Run<'a> {
     audit: Option<std::fs::File>,
     /// The retrieval split, read at the first evaluation.
     eval_split: Option<RetrievalSplit>,
+    /// Rank 0's TensorBoard events.
+    board: Option<Board>,
 }
 
 /// How a generation ended for this worker.
@@ -303,10 +306,16 @@ impl Worker {
             total_steps,
             audit,
             eval_split: None,
+            board: (rank == 0)
+                .then(|| Board::open(&cfg.job.run_dir))
+                .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok()),
         };
         let ending = self.train(&mut run, &mut trainer);
         // A checkpoint in flight is committed (or fails) before this worker moves on.
         self.uploader.flush();
+        if let Some(board) = run.board.as_mut() {
+            board.publish(self.rt.handle());
+        }
         let skipped = run.dataset.skips.summary();
         if matches!(ending, Ok(Ending::Finished | Ending::Stopped)) && !skipped.is_empty() {
             let n = run.dataset.skips.total();
@@ -451,10 +460,19 @@ impl Worker {
                     && step.is_multiple_of(cfg.job.checkpoint_every)
                 {
                     timed(&mut times, "checkpoint", || self.save(r, trainer, &mut saved_step))?;
+                    if let Some(board) = r.board.as_mut() {
+                        board.publish(self.rt.handle());
+                    }
                 }
                 let (b, len) = (loaded.batch.batch_size as i64, loaded.batch.seq_len as i64);
                 let flops = albef_model::flops::step_flops(&cfg.model, b, len, collective.world_size() as i64);
-                self.metrics.step(step, &times, loaded.batch.batch_size, flops, self.peak_flops);
+                let measured = self.metrics.step(step, &times, loaded.batch.batch_size, flops, self.peak_flops);
+                if let Some(board) = r.board.as_mut() {
+                    board.events.scalars(stats.step, stats.scalars().into_iter().chain(measured));
+                    if stats.step % cfg.train.log_every == 0 {
+                        board.events.flush();
+                    }
+                }
                 self.report(r, trainer, &stats);
                 let every = cfg.job.eval_every;
                 if (every > 0 && step.is_multiple_of(every)) || (step >= r.total_steps && cfg.job.eval_at_end) {
@@ -512,6 +530,11 @@ impl Worker {
             for (name, v) in results.get(scoring).entries() {
                 metrics.insert(format!("{}/{name}", scoring.name()), v);
             }
+        }
+        if let Some(board) = r.board.as_mut() {
+            let tags: Vec<(String, f64)> = metrics.iter().map(|(k, v)| (format!("eval/{k}"), *v)).collect();
+            board.events.scalars(step, tags.iter().map(|(k, v)| (k.as_str(), *v)));
+            board.events.flush();
         }
         let itm = results.get(Scoring::Itm);
         println!(

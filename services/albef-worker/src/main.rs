@@ -1,10 +1,29 @@
-//! `albef-worker`: one rank of a data-parallel ALBEF job.
+//! `albef-worker`: one rank of a data-parallel ALBEF job, one process per GPU (or per CPU worker).
 //!
-//! Joins the coordinator's rendezvous, builds the collective of its generation, trains its
-//! share of every epoch (all-gathering momentum features into the queues, averaging gradients
-//! with a bucketed all-reduce), heartbeats, obeys pause / resume / stop / checkpoint, and on a
-//! generation end aborts its collective and joins again.
+//! Its life is a loop of generations (`generation::Worker::run`): bind the TCP collective's
+//! listener, Join the coordinator's rendezvous (a long poll), build the generation's collective (a
+//! TCP ring from the relayed peer addresses, or NCCL from the unique id rank 0 publishes), restore
+//! the resume point's checkpoint (or start fresh from the seed), then train: each epoch's leases
+//! from the coordinator, batches from `albef-data`'s loader, the step from `albef-train` (momentum
+//! features all-gathered into the queues, gradients averaged with a bucketed all-reduce), and a
+//! heartbeat thread that reports progress every `job.heartbeat_interval_ms` and brings back
+//! commands (pause, resume, stop, checkpoint, REJOIN). On REJOIN, a collective error or a fatal
+//! error it aborts its collective and joins again (backing off when generations fail fast); when
+//! the job is finished or stopped it leaves.
+//!
+//! Rank 0 saves checkpoints (every `job.checkpoint_every` steps, on request, on stop, at the end)
+//! in the background and reports them for commit. A step that some rank cannot train (fewer than 2
+//! good samples) or whose loss is not finite on some rank is skipped by every rank;
+//! `job.max_bad_steps` in a row end the generation, which rolls back to the last checkpoint.
+//! Evaluations (`job.eval_every`, `job.eval_at_end`) share the re-ranking among the ranks; rank 0
+//! reports the result.
+//!
+//! The command line gives this machine's configuration (coordinator endpoint, tokens, device,
+//! threads, metrics endpoint) and `--worker-id`, `--collective-listen`, `--collective-advertise`;
+//! the job's training configuration comes from the coordinator. `ALBEF_FAULTS` injects failures for
+//! the end-to-end tests only.
 
+mod board;
 mod client;
 mod faults;
 mod generation;

@@ -57,8 +57,26 @@ impl WorkerMetrics {
     }
 
     /// Records a finished step: its phases, its images, and (when the peak is known) the MFU.
-    pub fn step(&mut self, step: u64, times: &StepTimes, images: usize, flops: f64, peak_flops: Option<f64>) {
+    /// Returns what it recorded by TensorBoard tag (the throughput and data-wait share once per
+    /// window of at least a second).
+    pub fn step(
+        &mut self,
+        step: u64,
+        times: &StepTimes,
+        images: usize,
+        flops: f64,
+        peak_flops: Option<f64>,
+    ) -> Vec<(&'static str, f64)> {
+        const PHASE_TAGS: [&str; PHASES.len()] = [
+            "time/data_wait",
+            "time/forward",
+            "time/backward",
+            "time/communication",
+            "time/optimizer",
+            "time/checkpoint",
+        ];
         let r = &self.registry;
+        let mut recorded: Vec<(&'static str, f64)> = PHASE_TAGS.into_iter().zip(times.seconds).collect();
         r.set("albef_worker_step", &[], step as f64);
         for (phase, s) in PHASES.iter().zip(times.seconds) {
             r.set("albef_worker_step_seconds", &[("phase", phase)], s);
@@ -67,17 +85,24 @@ impl WorkerMetrics {
         r.set("albef_worker_step_flops", &[], flops);
         if let Some(peak) = peak_flops.filter(|_| wall > 0.0) {
             r.set("albef_worker_mfu", &[], flops / wall / peak);
+            recorded.push(("throughput/mfu", flops / wall / peak));
         }
         let (since, waited, n) = &mut self.window;
         *waited += Duration::from_secs_f64(times.seconds[0]);
         *n += images;
         let elapsed = since.elapsed();
         if elapsed >= Duration::from_secs(1) {
-            r.set("albef_worker_data_wait_share", &[], waited.as_secs_f64() / elapsed.as_secs_f64());
+            let share = waited.as_secs_f64() / elapsed.as_secs_f64();
+            r.set("albef_worker_data_wait_share", &[], share);
             self.images_per_second = *n as f64 / elapsed.as_secs_f64();
             r.set("albef_worker_images_per_second", &[], self.images_per_second);
+            recorded.extend([
+                ("throughput/images_per_second", self.images_per_second),
+                ("throughput/data_wait_share", share),
+            ]);
             self.window = (Instant::now(), Duration::ZERO, 0);
         }
+        recorded
     }
 
     /// Images per second over the last full window (0 before the first).

@@ -148,8 +148,9 @@ pub fn run_local(
     }
 }
 
-/// Where rank 0's progress goes: every step into `<run_dir>/progress.log` (appended: a resumed
-/// job continues it), every `log_every`-th step and every other line to the terminal.
+/// Where rank 0's progress goes: every step and evaluation line into `<run_dir>/progress.log`
+/// (appended: a resumed job continues it), every `log_every`-th step and every other line to the
+/// terminal.
 #[derive(Clone)]
 struct ProgressTee {
     log: Option<Arc<Mutex<std::fs::File>>>,
@@ -160,11 +161,7 @@ struct ProgressTee {
 impl ProgressTee {
     /// Logs beside a run directory on the local file system; other stores get no log.
     fn open(run_dir: &str, log_every: u64) -> Result<Self> {
-        let local = match run_dir.split_once("://") {
-            None => Some(PathBuf::from(run_dir)),
-            Some(("file", path)) => Some(PathBuf::from(path)),
-            Some(_) => None,
-        };
+        let local = albef_data::store::local_path(run_dir);
         let log = match &local {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -185,16 +182,13 @@ impl ProgressTee {
     fn forward(&self, stdout: ChildStdout) {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            let logged = progress_step(&line).is_some() || crate::plot::parse_eval_line(&line).is_some();
+            if let (true, Some(log)) = (logged, &self.log) {
+                let _ = writeln!(log.lock().unwrap(), "{line}");
+            }
             match progress_step(&line) {
-                Some((step, total)) => {
-                    if let Some(log) = &self.log {
-                        let _ = writeln!(log.lock().unwrap(), "{line}");
-                    }
-                    if step.is_multiple_of(self.log_every) || step + 1 == total {
-                        println!("{line}");
-                    }
-                }
-                None => println!("{line}"),
+                Some((step, total)) if !(step.is_multiple_of(self.log_every) || step + 1 == total) => {}
+                _ => println!("{line}"),
             }
         }
     }

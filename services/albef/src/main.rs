@@ -1,8 +1,21 @@
-//! `albef`: the command-line entry to ALBEF training.
+//! `albef`: the command-line entry to ALBEF training on one machine.
 //!
-//! `albef train` trains in one process; `albef run` runs a whole local job (coordinator and
-//! workers); `albef eval` evaluates zero-shot retrieval; `albef embed` exports embeddings;
-//! `albef data synth|index` prepare datasets; `albef config` prints the effective configuration.
+//! - `albef train`: trains in this process, no coordinator or launcher needed; every step's
+//!   progress line goes to `<out>/progress.log`, the loss curves to `<out>/loss.png`, the final
+//!   state to the checkpoint `<out>/final`.
+//! - `albef run --workers N`: a whole job on this machine: `albef-coordinator` and N `albef-worker`
+//!   processes (the binaries beside this one; CPU, TCP collectives), each with its share of the
+//!   cores; Ctrl-C stops the job cleanly.
+//! - `albef eval`: zero-shot retrieval of a checkpoint, a run directory's latest checkpoint or the
+//!   untrained model, with a table and a JSON report; `albef embed`: normalised embeddings of
+//!   images or captions as safetensors.
+//! - `albef model export`: a checkpoint (or the untrained model) as one safetensors file that the
+//!   reference PyTorch ALBEF loads strictly.
+//! - `albef data synth|index`: generate a dataset, build a dataset index.
+//! - `albef plot`: the loss curves of a progress log; `albef config`: the effective configuration.
+//!
+//! The work is the library crates' (`albef-data`, `albef-train`, `albef-eval`, ...): this binary
+//! parses flags, wires them together and reports.
 
 mod data;
 mod embed;
@@ -15,6 +28,7 @@ use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::dataset::Dataset;
 use albef_data::store::Location;
 use albef_model::{Batch, LocalGather, device};
+use albef_telemetry::tensorboard::{TENSORBOARD_DIR, TensorBoard};
 use albef_train::{Trainer, batch_tensors};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -147,6 +161,9 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     let progress_path = out.join(PROGRESS_LOG);
     let mut progress =
         std::fs::File::create(&progress_path).with_context(|| format!("creating {}", progress_path.display()))?;
+    let mut board = TensorBoard::create(&out.join(TENSORBOARD_DIR))
+        .map_err(|e| tracing::warn!("no TensorBoard events: {e:#}"))
+        .ok();
     let started = Instant::now();
     let mut window = (Instant::now(), 0usize);
     let (mut first, mut last) = (None, 0.0);
@@ -172,9 +189,20 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
             let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
             let line = s.progress_line(total_steps, rate);
             writeln!(progress, "{line}")?;
+            let measured = [
+                ("throughput/images_per_second", rate),
+                ("time/forward", s.forward_seconds),
+                ("time/backward", s.backward_seconds),
+            ];
+            if let Some(tb) = board.as_mut() {
+                tb.scalars(s.step, s.scalars().into_iter().chain(measured));
+            }
             if s.step % cfg.train.log_every == 0 || s.step + 1 == total_steps {
                 println!("{line}");
                 window = (Instant::now(), 0);
+                if let Some(tb) = board.as_mut() {
+                    tb.flush();
+                }
             }
             if trainer.state().step >= total_steps {
                 break 'epochs;
@@ -186,6 +214,9 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
         println!("skipped input ({} in all):\n{skipped}", dataset.skips.total());
     }
     drop(progress);
+    if let Some(tb) = board.as_mut() {
+        tb.flush();
+    }
     let png = out.join(LOSS_PNG);
     plot::plot_file(&progress_path, &format!("loss per step (log scale): {}", out.display()), &png)?;
     let final_dir = out.join("final");

@@ -1,6 +1,8 @@
 //! Loss curves: the progress lines of a run (`step N/T epoch E  loss L (ita a itm b mlm c) ...`)
 //! parsed back and drawn as a PNG, each loss and the total per step (faint) with a moving
-//! average on top, on a logarithmic loss axis (ITM sits near 0.6 while the total starts above 10).
+//! average on top, on a logarithmic loss axis (ITM sits near 0.6 while the total starts above 10);
+//! below it, when the run evaluated (`eval  N  txt_r1 a img_r1 b r_mean c ...` lines), a second
+//! panel with the retrieval recalls over the same steps.
 //! Drawn with the `image` crate and a built-in 5x7 bitmap font: no plotting library, no font
 //! files.
 
@@ -38,8 +40,33 @@ pub fn parse_progress(text: &str) -> BTreeMap<u64, StepLosses> {
     text.lines().filter_map(parse_progress_line).collect()
 }
 
+/// One in-job retrieval evaluation (percent, ITM re-ranked).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalPoint {
+    pub txt_r1: f64,
+    pub img_r1: f64,
+    pub r_mean: f64,
+}
+
+/// Parses an evaluation line (`eval  500  txt_r1 40.5 img_r1 38.5 r_mean 75.7 (...)`).
+pub fn parse_eval_line(line: &str) -> Option<(u64, EvalPoint)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "eval" {
+        return None;
+    }
+    let step = words.next()?.parse().ok()?;
+    let rest: Vec<&str> = words.collect();
+    let value = |name: &str| -> Option<f64> {
+        let i = rest.iter().position(|w| *w == name)?;
+        rest.get(i + 1)?.parse().ok()
+    };
+    Some((step, EvalPoint { txt_r1: value("txt_r1")?, img_r1: value("img_r1")?, r_mean: value("r_mean")? }))
+}
+
 const WIDTH: u32 = 960;
 const HEIGHT: u32 = 540;
+/// The evaluation panel below the losses.
+const EVAL_HEIGHT: u32 = 300;
 const LEFT: i64 = 70;
 const RIGHT: i64 = 20;
 const TOP: i64 = 40;
@@ -57,22 +84,99 @@ const SERIES: [(&str, Rgb<u8>); 4] = [
     ("mlm", Rgb([44, 160, 44])),
 ];
 
-/// Draws the curves of `steps` into a PNG at `out`.
-pub fn plot_losses(steps: &BTreeMap<u64, StepLosses>, title: &str, out: &Path) -> Result<()> {
+/// (name, colour) of each evaluation series.
+const EVAL_SERIES: [(&str, Rgb<u8>); 3] =
+    [("txt_r1", Rgb([148, 103, 189])), ("img_r1", Rgb([255, 127, 14])), ("r_mean", Rgb([23, 190, 207]))];
+
+/// Draws the curves of `steps` (and, below them, the evaluations, if any) into a PNG at `out`.
+pub fn plot_losses(
+    steps: &BTreeMap<u64, StepLosses>,
+    evals: &BTreeMap<u64, EvalPoint>,
+    title: &str,
+    out: &Path,
+) -> Result<()> {
     ensure!(!steps.is_empty(), "no progress lines to plot");
-    let img = render(steps, title);
+    // One step axis for both panels.
+    let keys = || steps.keys().chain(evals.keys()).copied();
+    let (x0, x1) = (keys().min().unwrap_or(0) as f64, keys().max().unwrap_or(0) as f64);
+    let x_range = (x0, if x1 > x0 { x1 } else { x0 + 1.0 });
+    let losses = render(steps, title, x_range);
+    let img = if evals.is_empty() {
+        losses
+    } else {
+        let mut both = RgbImage::from_pixel(WIDTH, HEIGHT + EVAL_HEIGHT, WHITE);
+        image::imageops::replace(&mut both, &losses, 0, 0);
+        image::imageops::replace(&mut both, &render_evals(evals, x_range), 0, i64::from(HEIGHT));
+        both
+    };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     img.save(out).with_context(|| format!("writing {}", out.display()))
 }
 
-/// Reads a progress log and plots it.
+/// Reads a progress log and plots it; returns the number of steps plotted.
 pub fn plot_file(progress: &Path, title: &str, out: &Path) -> Result<usize> {
     let text = std::fs::read_to_string(progress).with_context(|| format!("reading {}", progress.display()))?;
     let steps = parse_progress(&text);
-    plot_losses(&steps, title, out)?;
+    let evals: BTreeMap<u64, EvalPoint> = text.lines().filter_map(parse_eval_line).collect();
+    plot_losses(&steps, &evals, title, out)?;
     Ok(steps.len())
+}
+
+/// The step axis: grid lines and labels every 1-2-5 steps across `[x0, x1]`.
+fn step_axis(img: &mut RgbImage, (x0, x1): (f64, f64), px: impl Fn(f64) -> i64, top: i64, bottom: i64) {
+    let xs = nice_step(x1 - x0, 8.0).max(1.0);
+    let mut x = (x0 / xs).ceil() * xs;
+    while x <= x1 {
+        let xx = px(x);
+        line(img, xx, top, xx, bottom, GRID);
+        let label = format!("{x:.0}");
+        text(img, xx - text_width(&label) / 2, bottom + 8, &label, INK);
+        x += xs;
+    }
+}
+
+/// Draws the legend of `series`, right-aligned at `right`, at height `y`.
+fn legend(img: &mut RgbImage, series: &[(&str, Rgb<u8>)], right: i64, y: i64) {
+    let mut lx = right;
+    for (name, colour) in series.iter().rev() {
+        lx -= text_width(name) + 34;
+        for t in 0..3 {
+            line(img, lx, y + t, lx + 20, y + t, *colour);
+        }
+        text(img, lx + 26, y - 6, name, INK);
+    }
+}
+
+/// The evaluation panel: recalls in percent (0-100, linear) over the steps, a dot per evaluation.
+fn render_evals(evals: &BTreeMap<u64, EvalPoint>, x_range: (f64, f64)) -> RgbImage {
+    let mut img = RgbImage::from_pixel(WIDTH, EVAL_HEIGHT, WHITE);
+    let (top, ph, pw) = (30, EVAL_HEIGHT as i64 - 30 - BOTTOM, WIDTH as i64 - LEFT - RIGHT);
+    let (x0, x1) = x_range;
+    let px = |x: f64| LEFT + ((x - x0) / (x1 - x0) * pw as f64).round() as i64;
+    let py = |y: f64| top + ph - (y.clamp(0.0, 100.0) / 100.0 * ph as f64).round() as i64;
+    for y in [0.0, 25.0, 50.0, 75.0, 100.0] {
+        line(&mut img, LEFT, py(y), LEFT + pw, py(y), GRID);
+        let label = format!("{y:.0}");
+        text(&mut img, LEFT - 8 - text_width(&label), py(y) - 3 * SCALE, &label, INK);
+    }
+    step_axis(&mut img, x_range, px, top, top + ph);
+    line(&mut img, LEFT, top, LEFT, top + ph, INK);
+    line(&mut img, LEFT, top + ph, LEFT + pw, top + ph, INK);
+    text(&mut img, LEFT, 8, "retrieval (%, itm re-ranked)", INK);
+    for (i, (_, colour)) in EVAL_SERIES.iter().enumerate() {
+        let value = |e: &EvalPoint| [e.txt_r1, e.img_r1, e.r_mean][i];
+        let points: Vec<(i64, i64)> = evals.iter().map(|(s, e)| (px(*s as f64), py(value(e)))).collect();
+        polyline(&mut img, points.iter().copied(), *colour, 2);
+        for (x, y) in points {
+            for d in -3..=3 {
+                line(&mut img, x - 3, y + d, x + 3, y + d, *colour);
+            }
+        }
+    }
+    legend(&mut img, &EVAL_SERIES, LEFT + pw - 4, top + 12);
+    img
 }
 
 fn series(l: &StepLosses, i: usize) -> f64 {
@@ -86,10 +190,9 @@ fn nice_step(span: f64, n: f64) -> f64 {
     [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * p).find(|s| *s >= raw).unwrap_or(10.0 * p)
 }
 
-fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
+fn render(steps: &BTreeMap<u64, StepLosses>, title: &str, x_range: (f64, f64)) -> RgbImage {
     let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, WHITE);
-    let (x0, x1) = (*steps.keys().next().unwrap() as f64, *steps.keys().last().unwrap() as f64);
-    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    let (x0, x1) = x_range;
     let finite: Vec<f64> =
         steps.values().flat_map(|l| (0..4).map(move |i| series(l, i))).filter(|v| v.is_finite() && *v > 0.0).collect();
     let lo = finite.iter().copied().fold(f64::INFINITY, f64::min).clamp(1e-3, 1.0);
@@ -124,15 +227,7 @@ fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
         }
         decade *= 10.0;
     }
-    let xs = nice_step(x1 - x0, 8.0).max(1.0);
-    let mut x = (x0 / xs).ceil() * xs;
-    while x <= x1 {
-        let xx = px(x);
-        line(&mut img, xx, TOP, xx, TOP + ph, GRID);
-        let label = format!("{x:.0}");
-        text(&mut img, xx - text_width(&label) / 2, TOP + ph + 8, &label, INK);
-        x += xs;
-    }
+    step_axis(&mut img, x_range, px, TOP, TOP + ph);
     line(&mut img, LEFT, TOP, LEFT, TOP + ph, INK);
     line(&mut img, LEFT, TOP + ph, LEFT + pw, TOP + ph, INK);
     text(&mut img, LEFT + pw / 2 - text_width("step") / 2, HEIGHT as i64 - 20, "step", INK);
@@ -157,16 +252,7 @@ fn render(steps: &BTreeMap<u64, StepLosses>, title: &str) -> RgbImage {
         polyline(&mut img, smooth, *colour, 2);
     }
 
-    // Legend, top right.
-    let mut lx = LEFT + pw - 4;
-    for (name, colour) in SERIES.iter().rev() {
-        lx -= text_width(name) + 34;
-        let ly = TOP + 12;
-        for t in 0..3 {
-            line(&mut img, lx, ly + t, lx + 20, ly + t, *colour);
-        }
-        text(&mut img, lx + 26, ly - 6, name, INK);
-    }
+    legend(&mut img, &SERIES, LEFT + pw - 4, TOP + 12);
     img
 }
 
@@ -316,12 +402,26 @@ mod tests {
             })
             .collect();
         let out = dir.path().join("loss.png");
-        plot_losses(&steps, "loss per step", &out).unwrap();
+        let none = BTreeMap::new();
+        plot_losses(&steps, &none, "loss per step", &out).unwrap();
         let img = image::open(&out).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
         for (name, colour) in SERIES {
             assert!(img.pixels().filter(|p| **p == colour).count() > 300, "{name} curve missing");
         }
-        assert!(plot_losses(&BTreeMap::new(), "empty", &out).is_err());
+        assert!(plot_losses(&BTreeMap::new(), &none, "empty", &out).is_err());
+
+        // Evaluations add a panel below, each series drawn.
+        let log = "eval    100  txt_r1 10.0 img_r1 8.5 r_mean 30.2 (ITM re-ranked, 200 images, 3.1s)\n\
+                   eval    300  txt_r1 40.5 img_r1 38.5 r_mean 75.7 (ITM re-ranked, 200 images, 3.0s)";
+        let evals: BTreeMap<u64, EvalPoint> = log.lines().filter_map(parse_eval_line).collect();
+        assert_eq!(evals[&300], EvalPoint { txt_r1: 40.5, img_r1: 38.5, r_mean: 75.7 });
+        plot_losses(&steps, &evals, "loss per step", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT + EVAL_HEIGHT));
+        let panel = image::imageops::crop_imm(&img, 0, HEIGHT, WIDTH, EVAL_HEIGHT).to_image();
+        for (name, colour) in EVAL_SERIES {
+            assert!(panel.pixels().filter(|p| **p == colour).count() > 100, "{name} evaluations missing");
+        }
     }
 }

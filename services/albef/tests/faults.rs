@@ -87,6 +87,7 @@ impl Job {
             "job.max_bad_steps=2".into(),
             format!("job.audit_dir={}", audit.display()),
             "worker.metrics_listen=127.0.0.1:0".into(),
+            "coordinator.metrics_listen=127.0.0.1:0".into(),
             format!("coordinator.listen=127.0.0.1:{}", self.port),
             format!("coordinator.endpoint=http://127.0.0.1:{}", self.port),
         ]
@@ -329,9 +330,8 @@ fn random_step(lo: u64, hi: u64) -> u64 {
     lo + u64::from(nanos) % (hi - lo)
 }
 
-/// The Prometheus endpoint a worker announced in its (JSON) log, scraped and parsed:
-/// `name{labels}` -> value.
-fn scrape_worker(log: &str) -> BTreeMap<String, f64> {
+/// The body of the Prometheus endpoint a process announced in its (JSON) log.
+fn scrape(log: &str) -> String {
     use std::io::{Read, Write};
     let line = log.lines().find(|l| l.contains("Prometheus metrics on /metrics")).expect("a metrics endpoint");
     let addr = line.split("\"bound\":\"").nth(1).unwrap().split('"').next().unwrap();
@@ -339,8 +339,13 @@ fn scrape_worker(log: &str) -> BTreeMap<String, f64> {
     stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1;
-    body.lines()
+    response.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// A worker's metrics, parsed: `name{labels}` -> value.
+fn scrape_worker(log: &str) -> BTreeMap<String, f64> {
+    scrape(log)
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
             let (series, value) = l.rsplit_once(' ').unwrap();
@@ -509,4 +514,58 @@ fn a_killed_coordinator_restarts_from_its_state_in_s3() {
     assert!(logs.contains("restored the coordinator state"), "{logs}");
     assert!(!logs.contains(SECRET), "the S3 secret appears in a log");
     assert_same_as_reference(&job, job.final_hashes(&manifest));
+}
+
+/// Every series the Grafana dashboard (deploy/grafana/albef-dashboard.json) queries is one the
+/// coordinator or a worker of a real job exports, so the dashboard cannot drift from the code.
+#[test]
+fn the_grafana_dashboard_queries_only_series_a_job_exports() {
+    let mut job = Job::new(None, &[]);
+    job.start(&[]);
+    job.wait_for_step(3);
+    let families: std::collections::BTreeSet<String> =
+        [scrape(&job.logs_of("albef-coordinator")), scrape(&job.logs_of("albef-worker"))]
+            .iter()
+            .flat_map(|body| {
+                body.lines()
+                    .filter_map(|l| l.strip_prefix("# TYPE "))
+                    .map(|l| l.split(' ').next().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    job.stop();
+    job.finish(false);
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/albef-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} queries nothing", panel["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("albef_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr} names no albef series");
+            queried.extend(names.into_iter().map(str::to_string));
+        }
+    }
+    let unknown: Vec<_> = queried.iter().filter(|n| !families.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries series no process exports: {unknown:?} (exported: {families:?})"
+    );
+    // The job series a user watches first are all on it.
+    for needed in [
+        "albef_job_loss",
+        "albef_worker_step_seconds",
+        "albef_worker_mfu",
+        "albef_bad_samples_total",
+        "albef_eval_retrieval",
+    ] {
+        assert!(queried.contains(needed), "{needed} has no panel");
+    }
 }

@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
 /// Runs a job of `workers` ranks for `steps` steps, watching the coordinator's status: every
 /// time two ranks report the same step, their parameter fingerprints (weights, momentum weights,
 /// queues) must be equal.
-fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> (String, PathBuf, tempfile::TempDir, JobStatus) {
+fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> Job {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let sets = [
@@ -54,6 +54,7 @@ fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> (String, PathBuf,
     let mut last = JobStatus::default();
     let mut watch = StallWatch::new(STALL);
     let endpoint = format!("http://127.0.0.1:{port}");
+    let mut albefctl_json = None;
     while child.try_wait().unwrap().is_none() {
         let status = rt.block_on(async {
             let mut c = ControlClient::connect(endpoint.clone()).await.ok()?;
@@ -64,6 +65,9 @@ fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> (String, PathBuf,
                 if !w.params_hash.is_empty() {
                     by_step.entry(w.params_hash_step).or_default().insert(w.rank, w.params_hash.clone());
                 }
+            }
+            if albefctl_json.is_none() && last.state == "running" && last.step > 0 {
+                albefctl_json = Some(albefctl_status_json(&endpoint));
             }
             last = s;
         }
@@ -80,12 +84,37 @@ fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> (String, PathBuf,
         assert!(ranks.values().all(|h| h == first), "ranks diverged at step {step}: {ranks:?}");
     }
     println!("fingerprints compared at {} steps", compared.len());
-    (stdout, run_dir, dir, last)
+    Job { stdout, run_dir, _dir: dir, status: last, albefctl_json: albefctl_json.expect("the job was seen running") }
+}
+
+struct Job {
+    stdout: String,
+    run_dir: PathBuf,
+    _dir: tempfile::TempDir,
+    /// The last status seen.
+    status: JobStatus,
+    /// `albefctl status -o json` while the job ran.
+    albefctl_json: serde_json::Value,
+}
+
+/// `albefctl status -o json`, as a script would run it.
+fn albefctl_status_json(endpoint: &str) -> serde_json::Value {
+    let bin = Path::new(env!("CARGO_BIN_EXE_albef")).with_file_name("albefctl");
+    let out = Command::new(bin).args(["--endpoint", endpoint, "status", "-o", "json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("albefctl prints one JSON object")
 }
 
 #[test]
 fn two_workers_train_identical_replicas_and_checkpoint() {
-    let (stdout, run_dir, _dir, status) = job(2, 16, 50731, &["job.eval_every=8", "job.eval_k_test=4"]);
+    // The run directory lives as long as `_dir`.
+    let Job { stdout, run_dir, status, albefctl_json, _dir } =
+        job(2, 16, 50731, &["job.eval_every=8", "job.eval_k_test=4"]);
+    assert_eq!(albefctl_json["state"], "running", "{albefctl_json}");
+    assert_eq!(albefctl_json["world_size"], 2, "{albefctl_json}");
+    assert_eq!(albefctl_json["total_steps"], 16, "{albefctl_json}");
+    assert_eq!(albefctl_json["workers"].as_array().map(Vec::len), Some(2), "{albefctl_json}");
+    assert!(albefctl_json["losses"]["total"].as_f64().is_some_and(|l| l > 0.0), "{albefctl_json}");
     let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step")).collect();
     assert!(steps.len() >= 3, "rank 0 reports progress:\n{stdout}");
     assert!(steps.last().unwrap().starts_with("step    15/16"), "{stdout}");
@@ -102,10 +131,40 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
     for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
         assert!(ckpt.join(f).exists(), "{f} missing in the final checkpoint");
     }
+    // Rank 0's TensorBoard events, read back by TensorBoard's own EventAccumulator: every step's
+    // losses, schedule and phase times, the throughput, and both evaluations.
+    let tags = [
+        "loss/total",
+        "loss/ita",
+        "loss/itm",
+        "loss/mlm",
+        "schedule/lr",
+        "schedule/alpha",
+        "model/temp",
+        "time/data_wait",
+        "time/forward",
+        "time/backward",
+        "time/communication",
+        "time/optimizer",
+        "throughput/images_per_second=*",
+        "throughput/data_wait_share=*",
+        "eval/itm/txt_r1=2",
+        "eval/itm/img_r1=2",
+        "eval/itm+itc/r_mean=2",
+    ];
+    let check = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/check_tensorboard.py"))
+        .arg(run_dir.join("tensorboard"))
+        .arg("16")
+        .args(tags)
+        .output()
+        .unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(check.status.success(), "{report}");
 }
 
 #[test]
 fn three_workers_form_one_world() {
-    let (stdout, _run_dir, _dir, _) = job(3, 6, 50732, &[]);
+    let Job { stdout, .. } = job(3, 6, 50732, &[]);
     assert!(stdout.lines().any(|l| l.starts_with("step     5/6")), "{stdout}");
 }

@@ -1,10 +1,20 @@
-//! albefctl: status and control of an ALBEF job through its coordinator's Control service.
+//! `albefctl`: status and control of an ALBEF job through its coordinator's `Control` service (the
+//! admin token, when authentication is on).
+//!
+//! Commands: `status` (state, generation, world size, step, losses, throughput, lr, temp, the
+//! latest checkpoint, restarts, non-finite steps, the latest retrieval evaluation, skipped input by
+//! reason with examples, the workers; `-o json` for scripts), `watch` (the status at every update;
+//! `-o json`: one JSON object per line), `pause`, `resume`,
+//! `stop`, `checkpoint` (one at the next step) and `checkpoints` (the committed ones). The
+//! coordinator comes from `--endpoint` or `ALBEF_ENDPOINT` (default `http://127.0.0.1:50051`;
+//! `https://` for TLS, with `--ca`), the token from the file `--token-file` or
+//! `ALBEF_ADMIN_TOKEN_FILE` names.
 //!
 //! Exit codes: 0 ok, 1 other errors, 2 usage, 3 coordinator unreachable, 4 token refused.
 
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus, ListCheckpointsRequest, WatchStatusRequest};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
@@ -32,14 +42,28 @@ struct Cli {
     command: Cmd,
 }
 
+/// How a status is printed.
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// Aligned fields and tables, for people.
+    Table,
+    /// One JSON object per status (for scripts and CI), the fields of the table.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Print the job's status.
-    Status,
-    /// Print the status again at every update.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print the status again at every update (with -o json: one JSON object per line).
     Watch {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u32,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Pause training (at the next step).
     Pause,
@@ -167,17 +191,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.endpoint.as_str();
     let fail = |s: Status| Failure::from_status(&s, url);
     match cli.command {
-        Cmd::Status => {
+        Cmd::Status { output } => {
             let status = client.get_status(GetStatusRequest {}).await.map_err(fail)?.into_inner();
-            print!("{}", render_status(&status));
+            match output {
+                Output::Table => print!("{}", render_status(&status)),
+                Output::Json => println!("{:#}", status_json(&status)),
+            }
         }
-        Cmd::Watch { interval_ms } => {
+        Cmd::Watch { interval_ms, output } => {
             let mut stream = client.watch_status(WatchStatusRequest { interval_ms }).await.map_err(fail)?.into_inner();
             let redraw = std::io::stdout().is_terminal();
             while let Some(status) = stream.message().await.map_err(fail)? {
                 let mut out = std::io::stdout().lock();
-                let clear = if redraw { "\x1b[2J\x1b[H" } else { "" };
-                let _ = writeln!(out, "{clear}{}", render_status(&status));
+                let _ = match output {
+                    Output::Table => {
+                        let clear = if redraw { "\x1b[2J\x1b[H" } else { "" };
+                        writeln!(out, "{clear}{}", render_status(&status))
+                    }
+                    Output::Json => writeln!(out, "{}", status_json(&status)),
+                };
                 let _ = out.flush();
             }
         }
@@ -272,6 +304,64 @@ fn render_status(s: &JobStatus) -> String {
     out
 }
 
+/// The status as JSON: the fields of the table, with numbers as numbers.
+fn status_json(s: &JobStatus) -> serde_json::Value {
+    let l = s.losses.unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let checkpoint = (!s.last_checkpoint.is_empty()).then(|| {
+        serde_json::json!({
+            "location": s.last_checkpoint,
+            "age_seconds": now.saturating_sub(s.last_checkpoint_unix),
+            "committed": s.checkpoints_committed,
+        })
+    });
+    let retrieval = (!s.eval_metrics.is_empty()).then(|| {
+        let metrics: std::collections::BTreeMap<_, _> = s.eval_metrics.iter().collect();
+        serde_json::json!({ "step": s.eval_step, "metrics": metrics })
+    });
+    let by_reason: std::collections::BTreeMap<_, _> = s.bad_samples.iter().collect();
+    let examples: Vec<_> = s
+        .bad_sample_examples
+        .iter()
+        .map(|e| serde_json::json!({ "reason": e.reason, "source": e.source, "key": e.key, "detail": e.detail }))
+        .collect();
+    let workers: Vec<_> = s
+        .workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "rank": w.rank,
+                "worker_id": w.worker_id,
+                "host": w.host,
+                "step": w.step,
+                "images_per_second": w.images_per_second,
+                "last_seen_ms": w.last_seen_ms,
+                "params_hash": w.params_hash,
+                "params_hash_step": w.params_hash_step,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "state": s.state,
+        "generation": s.generation,
+        "world_size": s.world_size,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "epoch": s.epoch,
+        "losses": { "ita": l.ita, "itm": l.itm, "mlm": l.mlm, "total": l.total },
+        "images_per_second": s.images_per_second,
+        "lr": s.lr,
+        "temp": s.temp,
+        "checkpoint": checkpoint,
+        "restarts": s.restarts,
+        "nonfinite_steps": s.nonfinite_steps,
+        "rejected_checkpoints": s.rejected_checkpoints,
+        "retrieval": retrieval,
+        "skipped": { "total": s.bad_samples.values().sum::<u64>(), "by_reason": by_reason, "examples": examples },
+        "workers": workers,
+    })
+}
+
 /// Skip counts by reason with the first few samples of each (source, key and why).
 fn skipped_rows(s: &JobStatus) -> Vec<Vec<String>> {
     let mut reasons: Vec<_> = s.bad_samples.iter().collect();
@@ -348,6 +438,11 @@ mod tests {
             }],
             ..Default::default()
         };
+        let json = status_json(&s);
+        assert_eq!(json["step"], 120);
+        assert_eq!(json["losses"]["itm"], 0.5);
+        assert_eq!(json["workers"][0]["host"], "node-a");
+        assert!(json["checkpoint"].is_null() && json["retrieval"].is_null(), "{json}");
         let text = render_status(&s);
         assert!(text.contains("step        120 / 1000"), "{text}");
         assert!(text.contains("lr          1.000e-4"), "{text}");
@@ -375,6 +470,10 @@ mod tests {
             ],
             ..Default::default()
         };
+        let json = status_json(&s);
+        assert_eq!(json["skipped"]["total"], 13);
+        assert_eq!(json["skipped"]["by_reason"]["corrupt_image"], 12);
+        assert_eq!(json["skipped"]["examples"][0]["key"], "000123");
         let text = render_status(&s);
         assert!(text.contains("skipped     13 samples"), "{text}");
         assert!(text.contains("SKIPPED        COUNT  FIRST EXAMPLES"), "{text}");
