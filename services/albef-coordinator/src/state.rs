@@ -827,7 +827,28 @@ impl Job {
         let excess = self.checkpoints.len().saturating_sub(keep);
         let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
         self.changed();
+        self.finish_if_complete();
         Ok(Commit { committed: true, evicted })
+    }
+
+    /// With no generation running, a committed checkpoint of the job's last step finishes the
+    /// job: the workers may have trained to the end while this coordinator was down (restarting)
+    /// and left without anyone to tell they were done.
+    fn finish_if_complete(&mut self) {
+        let Some(last) = self.checkpoints.last() else { return };
+        let complete = match self.cfg.train.max_steps {
+            0 => last.epoch >= self.cfg.schedular.epochs,
+            max => last.step >= max,
+        };
+        if complete && !self.finished && self.current.is_none() {
+            info!(
+                step = last.step,
+                location = last.location,
+                "the latest checkpoint is the job's last step: the job is finished"
+            );
+            self.finished = true;
+            self.changed();
+        }
     }
 
     /// A rank could not read the checkpoint it was told to resume from: it is dropped (returned
@@ -1081,6 +1102,7 @@ impl Job {
             state,
             "restored the coordinator state: workers will rejoin"
         );
+        job.finish_if_complete();
         Ok(job)
     }
 }

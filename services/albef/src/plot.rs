@@ -164,7 +164,7 @@ fn render_evals(evals: &BTreeMap<u64, EvalPoint>, x_range: (f64, f64)) -> RgbIma
     step_axis(&mut img, x_range, px, top, top + ph);
     line(&mut img, LEFT, top, LEFT, top + ph, INK);
     line(&mut img, LEFT, top + ph, LEFT + pw, top + ph, INK);
-    text(&mut img, LEFT, 8, "retrieval (%, itm re-ranked)", INK);
+    text(&mut img, LEFT, 8, "retrieval recall, percent (itm re-ranked)", INK);
     for (i, (_, colour)) in EVAL_SERIES.iter().enumerate() {
         let value = |e: &EvalPoint| [e.txt_r1, e.img_r1, e.r_mean][i];
         let points: Vec<(i64, i64)> = evals.iter().map(|(s, e)| (px(*s as f64), py(value(e)))).collect();

@@ -475,6 +475,23 @@ impl Moto {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
+
+    /// (key, size) of the objects under `prefix`, through the S3 API.
+    fn list(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+        let script = format!(
+            "import boto3; r = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').list_objects_v2(Bucket='{bucket}', \
+             Prefix='{prefix}'); print('\\n'.join(f\"{{o['Key']}} {{o['Size']}}\" for o in r.get('Contents', [])))",
+            self.endpoint
+        );
+        let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, n)| (k.to_string(), n.parse().unwrap())))
+            .collect()
+    }
 }
 
 impl Drop for Moto {
@@ -498,7 +515,10 @@ fn a_killed_coordinator_restarts_from_its_state_in_s3() {
     ];
     let mut job = Job::new(Some("s3://albef/jobs/fault-test".into()), &env);
     job.start(&[]);
-    let at = random_step(5, 19);
+    // Before the epoch boundary (step 16), with a margin for the status poll: the workers need
+    // the next epoch's leases, so they must rejoin the restarted coordinator. (Killed later, they
+    // may finish while it is down; the final checkpoint then finishes the job, a state test.)
+    let at = random_step(5, 12);
     job.wait_for_step(at);
     job.kill_coordinator();
     println!("killed the coordinator at step >= {at}");
@@ -513,6 +533,12 @@ fn a_killed_coordinator_restarts_from_its_state_in_s3() {
     let logs = job.logs();
     assert!(logs.contains("restored the coordinator state"), "{logs}");
     assert!(!logs.contains(SECRET), "the S3 secret appears in a log");
+    // Rank 0's TensorBoard events went up beside the checkpoints (one file per generation).
+    let events = moto.list("albef", "jobs/fault-test/tensorboard/");
+    assert!(!events.is_empty(), "no TensorBoard events in S3");
+    for (key, size) in &events {
+        assert!(key.rsplit('/').next().unwrap().starts_with("events.out.tfevents.") && *size > 100, "{events:?}");
+    }
     assert_same_as_reference(&job, job.final_hashes(&manifest));
 }
 

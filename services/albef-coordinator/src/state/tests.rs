@@ -541,3 +541,29 @@ fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
     assert_eq!(s.bad_samples["corrupt_image"], 10);
     assert_eq!(s.bad_sample_examples, ["a1", "a2", "a3"].map(example), "three per reason, by worker id");
 }
+
+/// Workers that trained to the end while the coordinator was down (restarting) leave without
+/// anyone to tell they were done: the final checkpoint finishes the job, whether it was committed
+/// before the restart or reported to the restarted coordinator.
+#[test]
+fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
+    // 100 samples, world 2 x batch 4: 12 steps per epoch; one epoch.
+    let mut cfg = config(2, 2);
+    cfg.schedular.epochs = 1;
+    let t0 = Instant::now();
+    let mut job = Job::new(cfg.clone(), vec![60, 40], t0);
+    form(&mut job, &["a", "b"], t0);
+    job.report_checkpoint(1, 0, 8, 0, 8, "ck/step-8", t0).unwrap();
+    let text = job.to_json();
+    let mut restored = Job::from_json(cfg.clone(), vec![60, 40], &text, t0).unwrap();
+    assert_eq!(restored.state(), "waiting", "step 8 of 12: not the end");
+    // Rank 0 of the old generation reports its final checkpoint (epoch 1, step 0 of it).
+    assert!(restored.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap().committed);
+    assert_eq!(restored.state(), "finished");
+    assert!(restored.drained(), "the coordinator may exit");
+    // Committed before the restart: the restored job is finished at once.
+    job.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap();
+    assert_eq!(job.state(), "running", "a running generation finishes when its ranks say done");
+    let again = Job::from_json(cfg, vec![60, 40], &job.to_json(), t0).unwrap();
+    assert_eq!(again.state(), "finished");
+}
