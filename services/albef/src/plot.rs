@@ -20,18 +20,25 @@ pub struct StepLosses {
     pub mlm: f64,
 }
 
-/// Parses one progress line; None for any other line.
-pub fn parse_progress_line(line: &str) -> Option<(u64, StepLosses)> {
+/// A log line `KIND STEP[/TOTAL] name value name value ...` (parentheses around words ignored):
+/// its step and a lookup of the value after a name; None for a line of another kind.
+fn named_values(line: &str, kind: &str) -> Option<(u64, impl Fn(&str) -> Option<f64>)> {
     let mut words = line.split_whitespace();
-    if words.next()? != "step" {
+    if words.next()? != kind {
         return None;
     }
     let step = words.next()?.split('/').next()?.parse().ok()?;
     let rest: Vec<&str> = words.map(|w| w.trim_matches(|c| c == '(' || c == ')')).collect();
-    let value = |name: &str| -> Option<f64> {
+    let value = move |name: &str| -> Option<f64> {
         let i = rest.iter().position(|w| *w == name)?;
         rest.get(i + 1)?.parse().ok()
     };
+    Some((step, value))
+}
+
+/// Parses one progress line; None for any other line.
+pub fn parse_progress_line(line: &str) -> Option<(u64, StepLosses)> {
+    let (step, value) = named_values(line, "step")?;
     Some((step, StepLosses { total: value("loss")?, ita: value("ita")?, itm: value("itm")?, mlm: value("mlm")? }))
 }
 
@@ -50,16 +57,7 @@ pub struct EvalPoint {
 
 /// Parses an evaluation line (`eval  500  txt_r1 40.5 img_r1 38.5 r_mean 75.7 (...)`).
 pub fn parse_eval_line(line: &str) -> Option<(u64, EvalPoint)> {
-    let mut words = line.split_whitespace();
-    if words.next()? != "eval" {
-        return None;
-    }
-    let step = words.next()?.parse().ok()?;
-    let rest: Vec<&str> = words.collect();
-    let value = |name: &str| -> Option<f64> {
-        let i = rest.iter().position(|w| *w == name)?;
-        rest.get(i + 1)?.parse().ok()
-    };
+    let (step, value) = named_values(line, "eval")?;
     Some((step, EvalPoint { txt_r1: value("txt_r1")?, img_r1: value("img_r1")?, r_mean: value("r_mean")? }))
 }
 
