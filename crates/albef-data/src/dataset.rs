@@ -6,7 +6,7 @@ use crate::bad::SkipCounts;
 use crate::index::{DatasetIndex, INDEX_FILE};
 use crate::loader::{Loader, LoaderOptions};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
-use crate::sources::{CaptionSource, TarOptions};
+use crate::sources::TarOptions;
 use crate::store::{Location, expand_braces};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
@@ -137,14 +137,7 @@ impl Dataset {
                 randaug_m: d.randaug_m,
                 ..TrainTransform::default()
             }),
-            tar: TarOptions {
-                caption: if d.caption_field.is_empty() {
-                    CaptionSource::Txt
-                } else {
-                    CaptionSource::JsonField(d.caption_field.clone())
-                },
-                max_member_bytes: d.max_member_mb.saturating_mul(1 << 20),
-            },
+            tar: TarOptions::from_config(d),
             image_root: self.image_root.clone(),
             max_words: d.max_words,
             seed: cfg.train.seed,

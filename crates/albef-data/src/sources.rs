@@ -37,9 +37,21 @@ pub struct TarOptions {
     pub max_member_bytes: u64,
 }
 
+impl TarOptions {
+    /// The options `data.caption_field` and `data.max_member_mb` configure.
+    pub fn from_config(d: &albef_config::DataConfig) -> Self {
+        let caption = match d.caption_field.as_str() {
+            "" => CaptionSource::Txt,
+            field => CaptionSource::JsonField(field.to_string()),
+        };
+        TarOptions { caption, max_member_bytes: d.max_member_mb.saturating_mul(1 << 20) }
+    }
+}
+
 impl Default for TarOptions {
+    /// The configuration's defaults.
     fn default() -> Self {
-        TarOptions { caption: CaptionSource::Txt, max_member_bytes: 64 << 20 }
+        TarOptions::from_config(&albef_config::DataConfig::default())
     }
 }
 

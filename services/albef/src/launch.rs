@@ -182,11 +182,11 @@ impl ProgressTee {
     fn forward(&self, stdout: ChildStdout) {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            let logged = progress_step(&line).is_some() || crate::plot::parse_eval_line(&line).is_some();
-            if let (true, Some(log)) = (logged, &self.log) {
+            let step = progress_step(&line);
+            if let (true, Some(log)) = (step.is_some() || crate::plot::parse_eval_line(&line).is_some(), &self.log) {
                 let _ = writeln!(log.lock().unwrap(), "{line}");
             }
-            match progress_step(&line) {
+            match step {
                 Some((step, total)) if !(step.is_multiple_of(self.log_every) || step + 1 == total) => {}
                 _ => println!("{line}"),
             }
