@@ -232,6 +232,7 @@ fn join_response(a: Assignment) -> pb::JoinResponse {
             checkpoint: a.resume.checkpoint,
         }),
         config_json: a.config_json,
+        job_ended: String::new(),
     }
 }
 
@@ -257,16 +258,19 @@ impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let r = request.into_inner();
         check_join(&r)?;
-        let assignment = self
+        let response = self
             .0
             .long_poll("rendezvous", |job, now| {
                 Ok(match job.join(&r.worker_id, &r.host, &r.device_kind, &r.collective_address, now)? {
-                    JoinOutcome::Assigned(a) => Some(a),
+                    JoinOutcome::Assigned(a) => Some(join_response(a)),
+                    JoinOutcome::Ended(state) => {
+                        Some(pb::JoinResponse { job_ended: state.into(), ..Default::default() })
+                    }
                     JoinOutcome::Wait => None,
                 })
             })
             .await?;
-        Ok(Response::new(join_response(assignment)))
+        Ok(Response::new(response))
     }
 
     async fn publish_nccl_id(

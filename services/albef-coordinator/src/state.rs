@@ -89,6 +89,8 @@ pub enum JoinOutcome {
     /// The rendezvous is still open: poll again.
     Wait,
     Assigned(Assignment),
+    /// The job is finished, stopped or stopping (its state): a worker has nothing to join.
+    Ended(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -370,11 +372,9 @@ impl Job {
         address: &str,
         now: Instant,
     ) -> Result<JoinOutcome> {
-        if self.finished {
-            return precondition("the job is finished");
-        }
-        if self.stopping {
-            return precondition("the job is stopping");
+        // A worker restarted (or whose generation failed) as the job ends is done, not refused.
+        if self.finished || self.stopping {
+            return Ok(JoinOutcome::Ended(self.state()));
         }
         if let Some(g) = &mut self.current
             && let Some(rank) = g.rank_of(worker_id)

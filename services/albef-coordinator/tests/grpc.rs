@@ -453,6 +453,9 @@ async fn the_coordinator_exits_after_stop_once_the_workers_left() {
     assert_eq!(state, "stopping");
     let r = w.heartbeat(beat("w", &j, 3)).await.unwrap().into_inner();
     assert_eq!(commands(&r), vec![Cmd::Stop]);
+    // A worker (re)starting now learns that there is nothing to join: it exits successfully.
+    let late = w.join(join_request("late", 7001)).await.unwrap().into_inner();
+    assert_eq!((late.job_ended.as_str(), late.collective), ("stopping", None));
     w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
     assert!(c.wait_exit(Duration::from_secs(10)).await.success());
 }
@@ -468,6 +471,7 @@ async fn a_coordinator_told_to_stay_serves_status_after_the_end() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap();
     assert_eq!(status.into_inner().state, "finished");
+    assert_eq!(join(&mut w, "w", 7000).await.job_ended, "finished");
 }
 
 #[tokio::test]

@@ -2,16 +2,20 @@
 //! list; never set in production):
 //! - `nan@STEP`: this worker's batch of step STEP is poisoned (a non-finite loss), once per process;
 //! - `crash_upload@STEP`: the process aborts once the first file of the checkpoint of STEP is
-//!   stored and before its manifest is (a crash in the middle of a save).
+//!   stored and before its manifest is (a crash in the middle of a save);
+//! - `late_commands@MS`: the coordinator's commands (but REJOIN) reach this worker MS
+//!   milliseconds after its heartbeat brought them (a slow network).
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::time::Duration;
 
 #[derive(Default)]
 pub struct Faults {
     nan: Mutex<BTreeSet<u64>>,
     crash_upload: Option<u64>,
+    late_commands: Option<Duration>,
 }
 
 impl Faults {
@@ -25,15 +29,15 @@ impl Faults {
     fn parse(spec: &str) -> Result<Faults> {
         let mut faults = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (kind, step) =
-                item.split_once('@').with_context(|| format!("ALBEF_FAULTS: {item:?} is not KIND@STEP"))?;
-            let step: u64 = step.parse().with_context(|| format!("ALBEF_FAULTS: bad step in {item:?}"))?;
+            let (kind, n) = item.split_once('@').with_context(|| format!("ALBEF_FAULTS: {item:?} is not KIND@N"))?;
+            let n: u64 = n.parse().with_context(|| format!("ALBEF_FAULTS: bad number in {item:?}"))?;
             match kind {
                 "nan" => {
-                    faults.nan.get_mut().unwrap().insert(step);
+                    faults.nan.get_mut().unwrap().insert(n);
                 }
-                "crash_upload" => faults.crash_upload = Some(step),
-                other => bail!("ALBEF_FAULTS: unknown fault {other:?} (nan, crash_upload)"),
+                "crash_upload" => faults.crash_upload = Some(n),
+                "late_commands" => faults.late_commands = Some(Duration::from_millis(n)),
+                other => bail!("ALBEF_FAULTS: unknown fault {other:?} (nan, crash_upload, late_commands)"),
             }
         }
         if faults.any() {
@@ -43,7 +47,7 @@ impl Faults {
     }
 
     fn any(&mut self) -> bool {
-        !self.nan.get_mut().unwrap().is_empty() || self.crash_upload.is_some()
+        !self.nan.get_mut().unwrap().is_empty() || self.crash_upload.is_some() || self.late_commands.is_some()
     }
 
     /// Whether the batch of `step` is to be poisoned (each such step once).
@@ -54,6 +58,11 @@ impl Faults {
     pub fn crash_upload(&self) -> Option<u64> {
         self.crash_upload
     }
+
+    /// How late the coordinator's commands take effect (zero: at once).
+    pub fn command_delay(&self) -> Duration {
+        self.late_commands.unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -63,7 +72,8 @@ mod tests {
     #[test]
     fn specs_parse_and_nan_fires_once() {
         let f = Faults::parse("nan@5, crash_upload@8,nan@6").unwrap();
-        assert_eq!(f.crash_upload(), Some(8));
+        assert_eq!((f.crash_upload(), f.command_delay()), (Some(8), Duration::ZERO));
+        assert_eq!(Faults::parse("late_commands@1500").unwrap().command_delay(), Duration::from_millis(1500));
         assert!(f.take_nan(5) && !f.take_nan(5) && f.take_nan(6) && !f.take_nan(7));
         assert!(Faults::parse("boom@1").is_err());
         assert!(Faults::parse("nan").is_err());

@@ -2,6 +2,7 @@
 
 use crate::board::Board;
 use crate::client::{self, Backoff, Client};
+use crate::controls::{Decision, Heard, Verdict, decide};
 use crate::faults::Faults;
 use crate::metrics::{StepTimes, WorkerMetrics};
 use albef_checkpoint::{FileEntry, WriteOptions};
@@ -70,13 +71,6 @@ enum Ending {
     Rejoin(String),
 }
 
-/// What the coordinator's commands ask of the next step.
-enum Directive {
-    Continue,
-    Checkpoint,
-    End(Ending),
-}
-
 /// What the heartbeat thread reports and what it brings back.
 #[derive(Default)]
 struct Shared {
@@ -143,6 +137,10 @@ impl Worker {
                 None => bound.to_string(),
             };
             let assignment = self.join(&address, dev)?;
+            if !assignment.job_ended.is_empty() {
+                tracing::info!(state = assignment.job_ended, "the job has ended: nothing to join");
+                return Ok(());
+            }
             let generation = assignment.generation;
             tracing::info!(generation, rank = assignment.rank, world = assignment.world_size, "joined");
             // A configuration this worker cannot read will not improve by rejoining (a worker
@@ -341,7 +339,10 @@ impl Worker {
         interval_ms: u64,
     ) -> std::thread::JoinHandle<()> {
         let (handle, mut client) = (self.rt.handle().clone(), self.client.clone());
+        let delay = self.faults.command_delay();
         std::thread::spawn(move || {
+            // Commands brought back, and when they take effect (at once but under fault injection).
+            let mut arriving: VecDeque<(Instant, Command)> = VecDeque::new();
             while !shared.quit.load(Ordering::Relaxed) {
                 let req = shared.progress.lock().unwrap().clone();
                 match handle.block_on(client.heartbeat(req)) {
@@ -352,11 +353,15 @@ impl Worker {
                                 // Wake a rank blocked in a collective with a dead peer.
                                 collective.abort();
                             } else {
-                                shared.commands.lock().unwrap().push_back(c);
+                                arriving.push_back((Instant::now() + delay, c));
                             }
                         }
                     }
                     Err(s) => tracing::debug!("heartbeat: {s}"),
+                }
+                let now = Instant::now();
+                while let Some((_, c)) = arriving.pop_front_if(|(due, _)| *due <= now) {
+                    shared.commands.lock().unwrap().push_back(c);
                 }
                 std::thread::sleep(Duration::from_millis(interval_ms));
             }
@@ -371,6 +376,7 @@ impl Worker {
         // queues took the bad features) and is not checkpointed.
         let mut bad_streak = 0u32;
         let mut saved_step = None;
+        let mut heard = Heard::default();
         while trainer.state().step < r.total_steps {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
             let plan = self.leases(r.generation, rank as u32, epoch)?;
@@ -388,25 +394,21 @@ impl Worker {
                 times.add("data_wait", waited.elapsed());
                 let step_span = tracing::info_span!("step", step = trainer.state().step);
                 let _in_step = step_span.enter();
-                match self.obey(shared) {
-                    Directive::Continue => {}
-                    Directive::Checkpoint if rank == 0 && bad_streak == 0 => self.save(r, trainer, &mut saved_step)?,
-                    Directive::Checkpoint => {}
-                    Directive::End(Ending::Stopped) => {
-                        // A stopped job can be resumed later from where it stopped.
-                        if rank == 0 && bad_streak == 0 {
-                            self.save(r, trainer, &mut saved_step)?;
-                        }
-                        return Ok(Ending::Stopped);
-                    }
-                    Directive::End(ending) => return Ok(ending),
+                // Every rank must take the same step: the commands and the batch's fitness are agreed on.
+                let unfit = loaded.batch.batch_size < 2;
+                let Some(decision) = self.agree(shared, collective, trainer.device(), &mut heard, unfit, &mut times)?
+                else {
+                    return Ok(Ending::Rejoin("the coordinator ended the generation".into()));
+                };
+                // A stopped job can be resumed later from where it stopped.
+                let save = heard.take_checkpoint() || decision == Decision::Stop;
+                if save && rank == 0 && bad_streak == 0 {
+                    self.save(r, trainer, &mut saved_step)?;
                 }
-                // Every rank must take the same step: skip it everywhere if any rank cannot train.
-                let unfit = timed(&mut times, "communication", || {
-                    let mut unfit = tch::Tensor::from_slice(&[f32::from(u8::from(loaded.batch.batch_size < 2))]);
-                    collective.all_reduce(&mut unfit, ReduceOp::Sum).map(|()| unfit)
-                })?;
-                if unfit.double_value(&[0]) > 0.0 {
+                if decision == Decision::Stop {
+                    return Ok(Ending::Stopped);
+                }
+                if decision == Decision::Skip {
                     tracing::warn!(
                         step = loaded.step,
                         "a rank has too few good samples; the step is skipped by every rank"
@@ -426,7 +428,8 @@ impl Worker {
                 times.add("backward", std::time::Duration::from_secs_f64(stats.backward_seconds));
                 // A non-finite loss on any rank: no rank applies the step.
                 let bad = timed(&mut times, "communication", || {
-                    let mut bad = tch::Tensor::from_slice(&[f32::from(u8::from(!stats.loss.is_finite()))]);
+                    let flag = [f32::from(u8::from(!stats.loss.is_finite()))];
+                    let mut bad = tch::Tensor::from_slice(&flag).to_device(trainer.device());
                     collective.all_reduce(&mut bad, ReduceOp::Sum).map(|()| bad)
                 })?;
                 if bad.double_value(&[0]) > 0.0 {
@@ -598,29 +601,43 @@ impl Worker {
         }
     }
 
-    /// Applies the coordinator's commands before a step (waiting while paused).
-    fn obey(&self, shared: &Shared) -> Directive {
-        let mut paused = false;
+    /// What every rank does with the next step, from the commands each rank heard and the
+    /// fitness of each rank's batch (see controls.rs); waits while the job is paused. `None`: the
+    /// coordinator ended the generation.
+    fn agree(
+        &self,
+        shared: &Shared,
+        collective: &dyn Collective,
+        device: tch::Device,
+        heard: &mut Heard,
+        unfit: bool,
+        times: &mut StepTimes,
+    ) -> Result<Option<Decision>> {
+        let listen = |heard: &mut Heard| {
+            shared.commands.lock().unwrap().drain(..).for_each(|c| heard.hear(c));
+            !shared.rejoin.load(Ordering::Relaxed)
+        };
         loop {
-            if shared.rejoin.load(Ordering::Relaxed) {
-                return Directive::End(Ending::Rejoin("the coordinator ended the generation".into()));
+            if !listen(heard) {
+                return Ok(None);
             }
-            let next = shared.commands.lock().unwrap().pop_front();
-            match next {
-                Some(Command::Pause) => {
-                    tracing::info!("paused");
-                    paused = true;
+            let votes = timed(times, "communication", || -> Result<Vec<f32>> {
+                let mine = tch::Tensor::from_slice(&heard.vote(unfit)).to_device(device);
+                let all = collective.all_gather(&mine)?.to_device(tch::Device::Cpu);
+                Ok(Vec::<f32>::try_from(&all)?)
+            })?;
+            let toggles = match decide(&votes) {
+                Verdict::Decided(decision) => return Ok(Some(decision)),
+                Verdict::Paused { toggles } => toggles,
+            };
+            tracing::info!("paused");
+            while !heard.waited_for(toggles) {
+                std::thread::sleep(Duration::from_millis(50));
+                if !listen(heard) {
+                    return Ok(None);
                 }
-                Some(Command::Resume) => {
-                    tracing::info!("resumed");
-                    paused = false;
-                }
-                Some(Command::Stop) => return Directive::End(Ending::Stopped),
-                Some(Command::Checkpoint) => return Directive::Checkpoint,
-                Some(_) => {}
-                None if paused => std::thread::sleep(Duration::from_millis(50)),
-                None => return Directive::Continue,
             }
+            tracing::info!("the pause is over");
         }
     }
 

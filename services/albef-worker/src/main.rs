@@ -7,9 +7,11 @@
 //! from the coordinator, batches from `albef-data`'s loader, the step from `albef-train` (momentum
 //! features all-gathered into the queues, gradients averaged with a bucketed all-reduce), and a
 //! heartbeat thread that reports progress every `job.heartbeat_interval_ms` and brings back
-//! commands (pause, resume, stop, checkpoint, REJOIN). On REJOIN, a collective error or a fatal
-//! error it aborts its collective and joins again (backing off when generations fail fast); when
-//! the job is finished or stopped it leaves.
+//! commands (pause, resume, stop, checkpoint, REJOIN). Every rank hears the commands at its own
+//! time, so before each step the ranks gather what each heard and all pause, stop or skip at the
+//! same step (`controls`). On REJOIN, a collective error or a fatal error it aborts its collective
+//! and joins again (backing off when generations fail fast); when the job is finished or stopped
+//! it leaves, and a worker that joins a job that has ended exits successfully.
 //!
 //! Rank 0 saves checkpoints (every `job.checkpoint_every` steps, on request, on stop, at the end)
 //! in the background and reports them for commit. A step that some rank cannot train (fewer than 2
@@ -25,6 +27,7 @@
 
 mod board;
 mod client;
+mod controls;
 mod faults;
 mod generation;
 mod metrics;

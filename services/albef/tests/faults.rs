@@ -54,6 +54,10 @@ struct Job {
     coordinator: Option<Child>,
     workers: BTreeMap<&'static str, Child>,
     spawned: usize,
+    /// Settings of this job only, after the common ones.
+    extra: Vec<String>,
+    /// Each worker's latest log.
+    worker_logs: BTreeMap<&'static str, PathBuf>,
 }
 
 impl Job {
@@ -62,7 +66,17 @@ impl Job {
         let run = run.unwrap_or_else(|| dir.path().join("run").display().to_string());
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Job { dir, run, port, env, coordinator: None, workers: BTreeMap::new(), spawned: 0 }
+        Job {
+            dir,
+            run,
+            port,
+            env,
+            coordinator: None,
+            workers: BTreeMap::new(),
+            spawned: 0,
+            extra: vec![],
+            worker_logs: BTreeMap::new(),
+        }
     }
 
     fn settings(&self) -> Vec<String> {
@@ -91,9 +105,12 @@ impl Job {
             format!("coordinator.listen=127.0.0.1:{}", self.port),
             format!("coordinator.endpoint=http://127.0.0.1:{}", self.port),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
-    fn spawn(&mut self, name: &str, extra: &[&str], faults: Option<&str>) -> Child {
+    fn spawn(&mut self, name: &str, extra: &[&str], faults: Option<&str>) -> (Child, PathBuf) {
         self.spawned += 1;
         let log = self.dir.path().join(format!("{name}.{}.log", self.spawned));
         let mut cmd = Command::new(bin(name));
@@ -106,17 +123,17 @@ impl Job {
             cmd.env("ALBEF_FAULTS", f);
         }
         cmd.stdout(Stdio::from(File::create(&log).unwrap())).stderr(Stdio::from(File::create(&log).unwrap()));
-        cmd.spawn().unwrap()
+        (cmd.spawn().unwrap(), log)
     }
 
     fn start_coordinator(&mut self) {
-        let child = self.spawn("albef-coordinator", &[], None);
-        self.coordinator = Some(child);
+        self.coordinator = Some(self.spawn("albef-coordinator", &[], None).0);
     }
 
     fn start_worker(&mut self, id: &'static str, faults: Option<&str>) {
-        let child = self.spawn("albef-worker", &["--worker-id", id], faults);
+        let (child, log) = self.spawn("albef-worker", &["--worker-id", id], faults);
         self.workers.insert(id, child);
+        self.worker_logs.insert(id, log);
     }
 
     fn start(&mut self, faults: &[(&'static str, &str)]) {
@@ -135,12 +152,19 @@ impl Job {
         })
     }
 
-    fn stop(&self) {
+    /// What `albefctl pause|resume|stop` asks; returns the job's state.
+    fn control(&self, what: &str) -> String {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut c = ControlClient::connect(format!("http://127.0.0.1:{}", self.port)).await.unwrap();
-            c.stop(ControlRequest {}).await.unwrap();
-        });
+            let reply = match what {
+                "pause" => c.pause(ControlRequest {}).await,
+                "resume" => c.resume(ControlRequest {}).await,
+                "stop" => c.stop(ControlRequest {}).await,
+                other => panic!("no control {other}"),
+            };
+            reply.unwrap().into_inner().state
+        })
     }
 
     /// Waits until the job's slowest rank reached `step`.
@@ -158,11 +182,12 @@ impl Job {
     }
 
     fn check_alive(&mut self) {
-        let died: Vec<String> = self
+        let died: Vec<_> = self
             .workers
             .iter_mut()
-            .filter_map(|(id, w)| w.try_wait().unwrap().filter(|s| !s.success()).map(|s| format!("{id} ({s})")))
+            .filter_map(|(id, w)| w.try_wait().unwrap().filter(|s| !s.success()).map(|s| (*id, s)))
             .collect();
+        let died: Vec<String> = died.iter().map(|(id, s)| format!("{id} ({s}): {}", self.last_lines(id))).collect();
         assert!(died.is_empty(), "workers died: {died:?}\n{}", self.logs());
     }
 
@@ -199,8 +224,9 @@ impl Job {
             for (id, status) in exited {
                 self.workers.remove(id);
                 if !status.success() {
-                    assert!(respawn, "worker {id} failed ({status})\n{}", self.logs());
-                    assert!(!respawned.contains(&id), "worker {id} failed twice ({status})\n{}", self.logs());
+                    let (last, logs) = (self.last_lines(id), self.logs());
+                    assert!(respawn, "worker {id} failed ({status}): {last}\n{logs}");
+                    assert!(!respawned.contains(&id), "worker {id} failed twice ({status}): {last}\n{logs}");
                     respawned.push(id);
                     self.start_worker(id, None);
                 }
@@ -230,6 +256,13 @@ impl Job {
 
     fn logs(&self) -> String {
         self.logs_of("albef")
+    }
+
+    /// A worker's last log lines: a failure's message leads with them (CI shows its beginning).
+    fn last_lines(&self, id: &str) -> String {
+        let text = self.worker_logs.get(id).and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!("its last lines:\n{}\n", lines[lines.len().saturating_sub(12)..].join("\n"))
     }
 
     /// The coordinator's persisted state (local runs).
@@ -404,14 +437,32 @@ fn non_finite_losses_are_skipped_then_rolled_back() {
     assert_same_as_reference(&job, job.local_final_hashes());
 }
 
+/// w1 hears every command a second after w0 (a slow network); the ranks still pause and stop at
+/// the same step: a pause longer than the collective timeout breaks nothing, and the stop ends
+/// both ranks cleanly, not one of them in a collective whose peer left.
 #[test]
-fn a_stopped_job_restarts_and_falls_back_past_a_corrupt_checkpoint() {
+fn a_paused_then_stopped_job_restarts_and_falls_back_past_a_corrupt_checkpoint() {
+    const TIMEOUT_S: u64 = 6;
     let _ = reference();
     let mut job = Job::new(None, &[]);
-    job.start(&[]);
+    job.extra.push(format!("job.collective_timeout_s={TIMEOUT_S}"));
+    job.start(&[("w1", "late_commands@1000")]);
+    job.wait_for_step(6);
+    assert_eq!(job.control("pause"), "paused");
+    // Both ranks have heard the pause (w1 a second late) and reported where they wait.
+    std::thread::sleep(Duration::from_secs(2));
+    let paused_at = job.status().expect("the coordinator answers").step;
+    std::thread::sleep(Duration::from_secs(TIMEOUT_S + 2));
+    job.check_alive();
+    let status = job.status().expect("the coordinator answers");
+    assert_eq!((status.state.as_str(), status.step, status.restarts), ("paused", paused_at, 0), "{}", job.logs());
+    assert_eq!(job.control("resume"), "running");
     job.wait_for_step(10);
-    job.stop();
+    job.control("stop");
     job.finish(false);
+    let logs = job.logs_of("albef-worker");
+    assert_eq!(logs.matches("stopped by the coordinator").count(), 2, "both ranks stopped cleanly\n{logs}");
+    assert!(!logs.contains("joining again"), "no generation ended\n{logs}");
     let state = job.state();
     assert_eq!(state["state"], "stopped");
     let latest = state["checkpoints"].as_array().unwrap().last().unwrap()["location"].as_str().unwrap().to_string();
@@ -559,7 +610,7 @@ fn the_grafana_dashboard_queries_only_series_a_job_exports() {
                     .collect::<Vec<_>>()
             })
             .collect();
-    job.stop();
+    job.control("stop");
     job.finish(false);
     let text = std::fs::read_to_string(repo().join("deploy/grafana/albef-dashboard.json")).unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
