@@ -24,6 +24,11 @@ impl Location {
     /// `abfs(s)://`, `azure://`), `file:///abs/path`, or a plain (relative or absolute) path.
     pub fn open(url: &str) -> Result<Self> {
         let (scheme, _) = url.split_once("://").unwrap_or(("", url));
+        if !matches!(scheme, "" | "file") {
+            // The cloud stores' HTTP client takes TLS from the process's rustls provider: ring,
+            // the one tonic uses too. Err: one is installed already, which is all this needs.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let (store, path): (Arc<dyn ObjectStore>, StorePath) = match scheme {
             "" | "file" => {
                 let raw = url.strip_prefix("file://").unwrap_or(url);

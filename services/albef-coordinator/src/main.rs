@@ -147,8 +147,6 @@ async fn serve(
         ensure!(!c.tls_cert.is_empty() && !c.tls_key.is_empty(), "TLS needs both coordinator.tls_cert and tls_key");
         let cert = std::fs::read(&c.tls_cert).with_context(|| format!("reading {}", c.tls_cert))?;
         let key = std::fs::read(&c.tls_key).with_context(|| format!("reading {}", c.tls_key))?;
-        // Err: a provider is already installed, which is all this needs.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
     let router = server
