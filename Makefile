@@ -23,11 +23,20 @@ build: $(VENV_STAMP)
 	$(CARGO) build --workspace --all-targets
 
 # Only the three binaries the demo runs, in the dev profile (dependencies optimised, our crates
-# not: the fastest build + run; see README "The demo").
+# not: the fastest build + run; see README "The demo"). The first time, torch downloads while
+# cargo compiles: a first pass builds all that does not need libtorch (it goes on past torch-sys,
+# which fails while torch is not there yet; only its progress lines are shown), the second the rest.
 DEMO_BINS := -p albef -p albef-coordinator -p albef-worker --bins
-build-demo: $(TORCH_STAMP)
-	@echo "setup: building albef, albef-coordinator and albef-worker (the first time takes a few minutes on 2 cores)"
-	$(CARGO) build $(DEMO_BINS)
+build-demo:
+	@bash scripts/setup-venv.sh system
+	@if $(MAKE) -s -q $(TORCH_STAMP); then $(CARGO) build $(DEMO_BINS); else \
+	  echo "setup: installing torch into .venv while cargo builds albef, albef-coordinator and albef-worker (the first time takes several minutes on 2 cores)"; \
+	  $(MAKE) --no-print-directory $(TORCH_STAMP) & pip=$$!; \
+	  $(CARGO) build --keep-going $(DEMO_BINS) 2>&1 | grep --line-buffered -E '^ +(Compiling|Finished)'; \
+	  wait $$pip || exit 1; \
+	  echo "setup: torch is installed; building what links libtorch"; \
+	  $(CARGO) build $(DEMO_BINS); \
+	fi
 
 lint: $(VENV_STAMP)
 	$(CARGO) fmt --all --check

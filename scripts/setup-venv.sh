@@ -2,6 +2,7 @@
 # Creates .venv with torch==2.11.0 (the libtorch tch 0.24 binds) and the Python packages the tests
 # use, and links .venv/libtorch to the wheel's torch directory for torch-sys (.cargo/config.toml).
 # Idempotent: re-running only installs what is missing.
+#   setup-venv.sh system  only the Debian packages the build needs (a C++ compiler, protoc)
 #   setup-venv.sh torch   only torch (what building and running the binaries need: make demo)
 #   setup-venv.sh [all]   torch and everything the tests compare against (make test)
 set -euo pipefail
@@ -24,6 +25,8 @@ command -v "$PYTHON" >/dev/null || need_apt python3
 command -v c++ >/dev/null || need_apt g++
 # The TensorBoard event format's protos are compiled at build time.
 command -v protoc >/dev/null || need_apt protobuf-compiler
+WHAT=${1:-all}
+[ "$WHAT" = system ] && exit 0
 
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
@@ -33,7 +36,6 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 
-WHAT=${1:-all}
 case "$WHAT" in
     torch)
         echo "setup: installing torch $TORCH_VERSION into .venv (about 2.7 GB the first time; pip is quiet meanwhile)" >&2
@@ -44,7 +46,7 @@ case "$WHAT" in
         .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
         ;;
     *)
-        echo "usage: setup-venv.sh [torch|all]" >&2
+        echo "usage: setup-venv.sh [system|torch|all]" >&2
         exit 2
         ;;
 esac

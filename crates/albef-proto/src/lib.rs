@@ -1,4 +1,4 @@
-//! Generated tonic/prost code of `proto/albef/v1` (compiled with protox: no protoc needed), nothing
+//! Generated tonic/prost code of `proto/albef/v1` (compiled with protoc at build time), nothing
 //! else: the worker protocol (`Coordinator` service: Join, PublishNcclId, GetNcclId, GetLeases,
 //! Heartbeat, ReportCheckpoint, RejectCheckpoint, ReportEvaluation, Leave) and the control protocol
 //! (`Control` service, for `albefctl`: GetStatus, WatchStatus, Pause, Resume, Stop, Checkpoint,
