@@ -39,11 +39,14 @@ fi
 case "$WHAT" in
     torch)
         echo "setup: installing torch $TORCH_VERSION into .venv (about 2.7 GB the first time; pip is quiet meanwhile)" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check "$(grep '^torch==' scripts/requirements.txt)"
+        # Without bytecode: compiling torch's modules would take CPU the parallel build needs.
+        .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check "$(grep '^torch==' scripts/requirements.txt)"
         ;;
     all)
         echo "setup: installing the Python packages of the tests into .venv (torch is about 2.7 GB the first time)" >&2
         .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+        # torch may have come without bytecode (the demo's quicker install): the tests import it often.
+        .venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null || true
         ;;
     *)
         echo "usage: setup-venv.sh [system|torch|all]" >&2
@@ -51,14 +54,14 @@ case "$WHAT" in
         ;;
 esac
 
-installed=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+installed=$(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__.split("+")[0])')
 if [ "$installed" != "$TORCH_VERSION" ]; then
     echo "setup: .venv has torch $installed but tch 0.24 needs exactly torch $TORCH_VERSION;" \
          "remove .venv and run 'make setup' again" >&2
     exit 1
 fi
 
-torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+torch_dir=$(.venv/bin/python -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 ln -sfn "$torch_dir" .venv/libtorch
 # albef-dist's NCCL backend: cudarc loads "libnccl.so"; the wheel ships only libnccl.so.2 (the
 # binaries' rpath includes torch's lib directory, so a link there is found).

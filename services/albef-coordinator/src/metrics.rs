@@ -14,6 +14,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_job_generation", Kind::Gauge, "Number of the latest generation (world) formed."),
         ("albef_job_world_size", Kind::Gauge, "Ranks in the current generation."),
         ("albef_workers_alive", Kind::Gauge, "Workers of the current generation that are still there."),
+        ("albef_workers_silent", Kind::Gauge, "Of those, the ones silent for over two heartbeat intervals."),
         ("albef_job_restarts_total", Kind::Counter, "Generations ended by a failure."),
         ("albef_job_step", Kind::Gauge, "Optimiser steps taken (slowest rank)."),
         ("albef_job_epoch", Kind::Gauge, "Current epoch."),
@@ -30,15 +31,21 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_bad_samples_total", Kind::Counter, "Input samples the workers skipped, by reason."),
         ("albef_eval_step", Kind::Gauge, "Step of the latest retrieval evaluation."),
         ("albef_eval_retrieval", Kind::Gauge, "Latest zero-shot retrieval metrics (percent), by scoring."),
+        ("albef_coordinator_state_writes_total", Kind::Counter, "Writes of the coordinator's state."),
+        ("albef_coordinator_state_bytes_total", Kind::Counter, "Bytes of the coordinator's state written."),
     ]);
     r.on_read(move |r| {
+        let (writes, bytes) = shared.state_writes();
+        r.set("albef_coordinator_state_writes_total", &[], writes as f64);
+        r.set("albef_coordinator_state_bytes_total", &[], bytes as f64);
         let s = shared.status();
         for state in STATES {
             r.set("albef_job_state", &[("state", state)], f64::from(u8::from(s.state == state)));
         }
         r.set("albef_job_generation", &[], s.generation as f64);
         r.set("albef_job_world_size", &[], f64::from(s.world_size));
-        r.set("albef_workers_alive", &[], s.workers.len() as f64);
+        r.set("albef_workers_alive", &[], f64::from(s.workers_total));
+        r.set("albef_workers_silent", &[], f64::from(s.workers_silent));
         r.set("albef_job_restarts_total", &[], s.restarts as f64);
         r.set("albef_job_step", &[], s.step as f64);
         r.set("albef_job_epoch", &[], s.epoch as f64);

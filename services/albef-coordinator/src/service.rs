@@ -1,45 +1,55 @@
 //! Thin tonic handlers over the job state machine: validate the request, lock the job briefly
 //! (never across an await), translate, and persist what changed.
 
-use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome};
+use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome, WorkerView};
 use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason, clip};
 use albef_data::store::Location;
 use albef_proto::v1 as pb;
 use albef_proto::v1::{control_server::Control, coordinator_server::Coordinator};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-/// How often a long poll looks again, and how long it waits before answering UNAVAILABLE.
-const POLL: Duration = Duration::from_millis(50);
+/// How long a long poll waits before answering UNAVAILABLE (call again).
 const LONG_POLL: Duration = Duration::from_secs(20);
 const MAX_ID: usize = 256;
 const MAX_LOCATION: usize = 4096;
 const MAX_ERROR: usize = 16 * 1024;
 const NCCL_ID_BYTES: usize = 128;
 const DEFAULT_WATCH_MS: u32 = 1000;
+/// Workers of a status page, by default and at most.
+const DEFAULT_PAGE: u32 = 1000;
+const MAX_PAGE: u32 = 5000;
 const WATCH_MS: std::ops::RangeInclusive<u32> = 50..=3_600_000;
 
 /// The job, where its state is persisted, and the shutdown signal that ends long polls and
 /// status streams.
 pub struct Shared {
     job: Mutex<Job>,
+    /// Woken when the job's events change: the long polls look again then, and only then.
+    wake: Notify,
     /// The run location: checkpoints live under it.
     run: Location,
     state: Location,
     /// Revision of the job last written; the lock also orders the writes.
     written: tokio::sync::Mutex<u64>,
+    /// State writes so far, and their bytes (metrics: persistence must stay cheap at scale).
+    writes: AtomicU64,
+    written_bytes: AtomicU64,
     shutdown: watch::Receiver<bool>,
 }
 
 impl Shared {
     pub fn new(job: Job, run: Location, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let written = tokio::sync::Mutex::new(job.revision());
-        Arc::new(Shared { job: Mutex::new(job), run, state, written, shutdown })
+        let (writes, written_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+        let job = Mutex::new(job);
+        Arc::new(Shared { job, wake: Notify::new(), run, state, written, writes, written_bytes, shutdown })
     }
 
     /// Deletes checkpoints that are no longer wanted, in the background.
@@ -58,27 +68,43 @@ impl Shared {
         }
     }
 
-    fn job(&self) -> MutexGuard<'_, Job> {
+    fn job(&self) -> Locked<'_> {
         // A panic elsewhere must not take the coordinator down with it: the state stays usable.
-        self.job.lock().unwrap_or_else(PoisonError::into_inner)
+        let job = self.job.lock().unwrap_or_else(PoisonError::into_inner);
+        Locked { events: job.events(), job, wake: &self.wake }
     }
 
-    /// Writes the job's state if it changed since the last write.
-    pub async fn persist(&self) -> anyhow::Result<()> {
+    /// Writes the job's state if it changed since the last write. The write runs as a task of
+    /// its own: a caller that goes away (a cancelled RPC) does not cut it short, so it is not
+    /// done again and again.
+    pub async fn persist(self: &Arc<Self>) -> anyhow::Result<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.write_state().await }).await?
+    }
+
+    async fn write_state(&self) -> anyhow::Result<()> {
         let mut written = self.written.lock().await;
         let snapshot = {
             let job = self.job();
             (job.revision() != *written).then(|| (job.revision(), job.to_json()))
         };
         if let Some((revision, json)) = snapshot {
+            let bytes = json.len() as u64;
             self.state.write_all(json.into_bytes()).await?;
             *written = revision;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.written_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         Ok(())
     }
 
+    /// State writes so far and their bytes.
+    pub fn state_writes(&self) -> (u64, u64) {
+        (self.writes.load(Ordering::Relaxed), self.written_bytes.load(Ordering::Relaxed))
+    }
+
     /// Persists, logging a failure: the next change retries.
-    pub async fn persist_logged(&self) {
+    pub async fn persist_logged(self: &Arc<Self>) {
         if let Err(e) = self.persist().await {
             warn!(error = format!("{e:#}"), "cannot persist the coordinator state");
         }
@@ -96,40 +122,73 @@ impl Shared {
         self.job().drained()
     }
 
-    /// Calls `f` every POLL until it yields a value, the deadline passes or the coordinator
-    /// shuts down.
+    /// Calls `f` when the job's events change (and every `Job::poll_refresh`) until it yields a
+    /// value, the deadline passes or the coordinator shuts down.
     async fn long_poll<T>(
-        &self,
+        self: &Arc<Self>,
         what: &str,
         mut f: impl FnMut(&mut Job, Instant) -> state::Result<Option<T>>,
     ) -> Result<T, Status> {
-        let deadline = Instant::now() + LONG_POLL;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut shutdown = self.shutdown.clone();
         loop {
             if *shutdown.borrow() {
                 return Err(Status::unavailable("the coordinator is shutting down"));
             }
-            let outcome = {
+            // Listening before looking: a change between the look and the wait still wakes it.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let (outcome, refresh) = {
                 let mut job = self.job();
-                let now = Instant::now();
-                job.tick(now);
-                f(&mut job, now)
+                (f(&mut job, Instant::now()), job.poll_refresh())
             };
             // Polls form generations: record them before answering.
             self.persist_logged().await;
             if let Some(value) = outcome.map_err(to_status)? {
                 return Ok(value);
             }
-            if Instant::now() >= deadline {
-                return Err(Status::unavailable(format!("{what} still open, call again")));
-            }
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = woken => {}
+                // A waiting worker's poll also says it is still there (the tick drops the silent).
+                _ = tokio::time::sleep(refresh) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::unavailable(format!("{what} still open, call again")));
+                }
                 // Err: the sender is gone, which only happens as the coordinator exits.
                 changed = shutdown.changed() => if changed.is_err() {
                     return Err(Status::unavailable("the coordinator is shutting down"));
                 }
             }
+        }
+    }
+}
+
+/// The locked job. Dropping it wakes the long polls when an event they may wait for happened.
+struct Locked<'a> {
+    job: MutexGuard<'a, Job>,
+    events: u64,
+    wake: &'a Notify,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Job;
+
+    fn deref(&self) -> &Job {
+        &self.job
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Job {
+        &mut self.job
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if self.job.events() != self.events {
+            self.wake.notify_waiters();
         }
     }
 }
@@ -329,6 +388,19 @@ impl Coordinator for CoordinatorService {
         }
         let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
         let l = r.losses.unwrap_or_default();
+        // Workers report the losses of applied steps only: finite, as are lr and temp.
+        for (name, v) in [
+            ("losses.ita", l.ita),
+            ("losses.itm", l.itm),
+            ("losses.mlm", l.mlm),
+            ("losses.total", l.total),
+            ("lr", r.lr),
+            ("temp", r.temp),
+        ] {
+            if !v.is_finite() {
+                return Err(Status::invalid_argument(format!("{name} {v} is not finite")));
+            }
+        }
         let hb = Heartbeat {
             worker_id: r.worker_id,
             generation: r.generation,
@@ -431,8 +503,8 @@ impl Coordinator for CoordinatorService {
 pub struct ControlService(pub Arc<Shared>);
 
 impl ControlService {
-    fn status(&self) -> pb::JobStatus {
-        let s = self.0.job().status(Instant::now());
+    fn status(&self, view: WorkerView) -> pb::JobStatus {
+        let s = self.0.job().status_of(Instant::now(), view);
         pb::JobStatus {
             state: s.state.to_string(),
             generation: s.generation,
@@ -468,6 +540,9 @@ impl ControlService {
             last_checkpoint_unix: s.last_checkpoint_unix,
             eval_step: s.evaluation.as_ref().map_or(0, |(step, _)| *step),
             eval_metrics: s.evaluation.map(|(_, m)| m.into_iter().collect()).unwrap_or_default(),
+            workers_total: s.workers_total,
+            workers_silent: s.workers_silent,
+            next_page_token: s.next_page.map(|r| r.to_string()).unwrap_or_default(),
         }
     }
 
@@ -483,8 +558,25 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(self.status()))
+    async fn get_status(&self, request: Request<pb::GetStatusRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        let r = request.into_inner();
+        let view = if r.all_workers {
+            let from = match r.page_token.as_str() {
+                "" => 0,
+                token => {
+                    token.parse().map_err(|_| Status::invalid_argument(format!("page_token {token:?} is not ours")))?
+                }
+            };
+            let size = match r.page_size {
+                0 => DEFAULT_PAGE,
+                n if n <= MAX_PAGE => n,
+                n => return Err(Status::invalid_argument(format!("page_size {n} is over {MAX_PAGE}"))),
+            };
+            WorkerView::Page { from, size }
+        } else {
+            WorkerView::Summary
+        };
+        Ok(Response::new(self.status(view)))
     }
 
     type WatchStatusStream = ReceiverStream<Result<pb::JobStatus, Status>>;
@@ -513,7 +605,7 @@ impl Control for ControlService {
             loop {
                 tokio::select! {
                     _ = every.tick() => {
-                        if tx.send(Ok(this.status())).await.is_err() {
+                        if tx.send(Ok(this.status(WorkerView::Summary))).await.is_err() {
                             break;
                         }
                     }

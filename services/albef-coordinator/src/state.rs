@@ -12,12 +12,14 @@ use albef_data::bad::{EXAMPLES_PER_REASON, SkipExample};
 use albef_data::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use anyhow::Context;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 const STATE_VERSION: u64 = 1;
+/// Worker ids a log line names at most (a fleet's rendezvous must not write 10,000 of them).
+const LOGGED_IDS: usize = 8;
 
 /// Why a request cannot be served; service.rs maps each kind to a gRPC status code.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,12 +152,32 @@ pub struct WorkerStatus {
     pub params_hash_step: u64,
 }
 
+/// Which workers a status lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerView {
+    /// Every worker of a small world; of a large one, the silent and the slowest (at most
+    /// `SUMMARY_WORKERS`), so that a status of a fleet stays small.
+    Summary,
+    /// `size` ranks from `from` on.
+    Page { from: u32, size: u32 },
+}
+
+/// Workers a summary lists at most.
+pub const SUMMARY_WORKERS: usize = 16;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobStatus {
     pub state: &'static str,
     pub generation: u64,
     pub world_size: u32,
+    /// Those of the view, by rank.
     pub workers: Vec<WorkerStatus>,
+    /// Workers of the current generation still there, and those of them silent for longer than
+    /// two heartbeat intervals.
+    pub workers_total: u32,
+    pub workers_silent: u32,
+    /// With a page: the first rank of the next one, if any.
+    pub next_page: Option<u32>,
     /// The slowest rank's step.
     pub step: u64,
     pub epoch: u64,
@@ -203,6 +225,65 @@ struct Candidate {
     last_seen: Instant,
 }
 
+/// The workers waiting for the next rendezvous, in the order they came, found by id in O(1).
+#[derive(Debug, Default)]
+struct Rendezvous {
+    candidates: Vec<Candidate>,
+    index: HashMap<String, usize>,
+}
+
+impl Rendezvous {
+    fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// Records a (repeated) poll of `c`; true when it is new.
+    fn upsert(&mut self, c: Candidate) -> bool {
+        match self.index.get(&c.worker_id) {
+            Some(&i) => {
+                self.candidates[i] = c;
+                false
+            }
+            None => {
+                self.index.insert(c.worker_id.clone(), self.candidates.len());
+                self.candidates.push(c);
+                true
+            }
+        }
+    }
+
+    /// Keeps the candidates `keep` accepts (O(N): the tick calls it, not every poll).
+    fn retain(&mut self, keep: impl FnMut(&Candidate) -> bool) {
+        let before = self.candidates.len();
+        self.candidates.retain(keep);
+        if self.candidates.len() != before {
+            self.reindex();
+        }
+    }
+
+    fn remove(&mut self, worker_id: &str) {
+        if self.index.contains_key(worker_id) {
+            self.retain(|c| c.worker_id != worker_id);
+        }
+    }
+
+    /// The first `n` to come, out of the rendezvous.
+    fn take_first(&mut self, n: usize) -> Vec<Candidate> {
+        let taken = self.candidates.drain(..n.min(self.candidates.len())).collect();
+        self.reindex();
+        taken
+    }
+
+    fn clear(&mut self) {
+        self.candidates.clear();
+        self.index.clear();
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.candidates.iter().enumerate().map(|(i, c)| (c.worker_id.clone(), i)).collect();
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Member {
     worker_id: String,
@@ -230,6 +311,13 @@ struct Generation {
     number: u64,
     /// Indexed by rank.
     members: Vec<Member>,
+    /// Worker id -> rank.
+    ranks: HashMap<String, usize>,
+    /// How many members last hashed their parameters after each step (the first key is the
+    /// slowest member's), so that a heartbeat costs O(log N), not a scan of the world.
+    hash_steps: BTreeMap<u64, usize>,
+    /// Members that trained the last step.
+    done: usize,
     backend: String,
     token: String,
     resume: ResumePoint,
@@ -246,7 +334,22 @@ impl Generation {
     }
 
     fn rank_of(&self, worker_id: &str) -> Option<usize> {
-        self.members.iter().position(|m| m.worker_id == worker_id)
+        self.ranks.get(worker_id).copied()
+    }
+
+    /// Moves member `rank`'s hash step to `step`.
+    fn set_hash_step(&mut self, rank: usize, step: u64) {
+        let old = std::mem::replace(&mut self.members[rank].params_hash_step, step);
+        if old == step {
+            return;
+        }
+        if let Some(n) = self.hash_steps.get_mut(&old) {
+            *n -= 1;
+            if *n == 0 {
+                self.hash_steps.remove(&old);
+            }
+        }
+        *self.hash_steps.entry(step).or_default() += 1;
     }
 
     fn push_command(&mut self, cmd: Command) {
@@ -267,7 +370,7 @@ pub struct Job {
     /// Number of the latest generation formed (0: none yet).
     generation: u64,
     current: Option<Generation>,
-    waiting: Vec<Candidate>,
+    waiting: Rendezvous,
     /// The last join (or the reopening of the rendezvous): the grace counts from it.
     last_join: Option<Instant>,
     /// Ranks of the last generation's members, which they keep when they can.
@@ -286,6 +389,7 @@ pub struct Job {
     hash_mismatches: u64,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
+    events: u64,
     /// Wall-clock time at `clock.0`, for the commit times of checkpoints.
     clock: (Instant, u64),
 }
@@ -302,7 +406,7 @@ impl Job {
             counts,
             generation: 0,
             current: None,
-            waiting: vec![],
+            waiting: Rendezvous::default(),
             last_join: None,
             previous_ranks: HashMap::new(),
             checkpoints: vec![],
@@ -317,6 +421,7 @@ impl Job {
             evaluation: None,
             hash_mismatches: 0,
             revision: 0,
+            events: 0,
             clock: (now, unix),
         }
     }
@@ -343,10 +448,23 @@ impl Job {
 
     fn changed(&mut self) {
         self.revision += 1;
+        self.events += 1;
+    }
+
+    /// Counts the changes a long poll may wait for (every durable change, and the NCCL id).
+    pub fn events(&self) -> u64 {
+        self.events
     }
 
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.job.heartbeat_timeout_ms)
+    }
+
+    /// How often a long poll looks again without being woken: often enough that a waiting
+    /// worker counts as alive (a quarter of the heartbeat timeout), rarely enough that 10,000
+    /// waiting workers cost little (at most every 5 s).
+    pub fn poll_refresh(&self) -> Duration {
+        (self.timeout() / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 
     fn batch_size(&self) -> u64 {
@@ -388,27 +506,23 @@ impl Job {
             let reason = format!("worker {worker_id} (rank {rank}) joined again: it restarted");
             self.end_generation(&reason, true, &[], now);
         }
-        match self.waiting.iter_mut().find(|c| c.worker_id == worker_id) {
-            Some(c) => {
-                c.host = host.to_string();
-                c.device_kind = device_kind.to_string();
-                c.address = address.to_string();
-                c.last_seen = now;
-            }
-            None => {
-                self.waiting.push(Candidate {
-                    worker_id: worker_id.to_string(),
-                    host: host.to_string(),
-                    device_kind: device_kind.to_string(),
-                    address: address.to_string(),
-                    last_seen: now,
-                });
-                self.last_join = Some(now);
+        let candidate = Candidate {
+            worker_id: worker_id.to_string(),
+            host: host.to_string(),
+            device_kind: device_kind.to_string(),
+            address: address.to_string(),
+            last_seen: now,
+        };
+        if self.waiting.upsert(candidate) {
+            self.last_join = Some(now);
+            // One line a worker is what a small job's operator wants; a fleet's would drown the log.
+            let waiting = self.waiting.len();
+            if waiting <= LOGGED_IDS || waiting.is_power_of_two() {
                 info!(
                     worker = worker_id,
                     host,
                     device_kind,
-                    waiting = self.waiting.len(),
+                    waiting,
                     max = self.cfg.job.max_workers,
                     "worker joined the rendezvous"
                 );
@@ -428,7 +542,11 @@ impl Job {
             rank: rank as u32,
             world_size: g.world(),
             backend: g.backend.clone(),
-            peers: g.members.iter().map(|m| m.address.clone()).collect(),
+            // NCCL ranks find each other through the unique id: a fleet's assignment stays small.
+            peers: match g.backend.as_str() {
+                "tcp" => g.members.iter().map(|m| m.address.clone()).collect(),
+                _ => vec![],
+            },
             token: g.token.clone(),
             timeout_s: self.cfg.job.collective_timeout_s,
             resume: g.resume.clone(),
@@ -446,7 +564,7 @@ impl Job {
         let n = self.waiting.len();
         let quiet = self.last_join.is_some_and(|t| now.saturating_duration_since(t) >= grace);
         if n >= max || (n >= min && quiet) {
-            let world: Vec<Candidate> = self.waiting.drain(..n.min(max)).collect();
+            let world = self.waiting.take_first(max);
             self.form_generation(world, now);
         }
     }
@@ -507,18 +625,22 @@ impl Job {
             })
             .collect();
         self.previous_ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect();
-        let ids: Vec<&str> = members.iter().map(|m| m.worker_id.as_str()).collect();
+        let ids: Vec<&str> = members.iter().take(LOGGED_IDS).map(|m| m.worker_id.as_str()).collect();
         info!(
             generation = self.generation,
             world,
             backend,
-            workers = ?ids,
+            first_workers = ?ids,
             resume_step = resume.step,
             checkpoint = resume.checkpoint,
             "rendezvous closed: generation formed"
         );
+        let ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r)).collect();
         self.current = Some(Generation {
             number: self.generation,
+            hash_steps: BTreeMap::from([(0, members.len())]),
+            done: 0,
+            ranks,
             members,
             token: random_token(self.generation),
             backend,
@@ -532,13 +654,14 @@ impl Job {
 
     /// Ends the current generation; its members must Join again. The `lost` lose their ranks.
     fn end_generation(&mut self, reason: &str, failure: bool, lost: &[String], now: Instant) {
+        let lost: HashSet<&str> = lost.iter().map(String::as_str).collect();
         let Some(g) = self.current.take() else { return };
         warn!(generation = g.number, reason, "generation ended");
         self.previous_ranks = g
             .members
             .iter()
             .enumerate()
-            .filter(|(_, m)| !lost.contains(&m.worker_id))
+            .filter(|(_, m)| !lost.contains(&m.worker_id.as_str()))
             .map(|(r, m)| (m.worker_id.clone(), r as u32))
             .collect();
         if failure {
@@ -575,6 +698,7 @@ impl Job {
             g.nonfinite_steps = hb.nonfinite_steps;
             self.revision += 1;
         }
+        g.set_hash_step(rank, hb.params_hash_step);
         let m = &mut g.members[rank];
         m.last_seen = now;
         m.reported = true;
@@ -583,7 +707,6 @@ impl Job {
         m.losses = hb.losses;
         m.images_per_second = hb.images_per_second;
         m.params_hash.clone_from(&hb.params_hash);
-        m.params_hash_step = hb.params_hash_step;
         m.lr = hb.lr;
         m.temp = hb.temp;
         if !hb.bad_samples.is_empty() {
@@ -600,11 +723,13 @@ impl Job {
             self.end_generation(&reason, true, &[], now);
             return Ok((vec![Command::Rejoin], generation));
         }
+        let newly_done = hb.done && !m.done;
         m.done |= hb.done;
         let mut commands = std::mem::take(&mut m.commands);
+        g.done += usize::from(newly_done);
         self.check_params_hash(hb);
         let g = self.current.as_ref().expect("the generation still runs");
-        if g.members.iter().all(|m| m.done) {
+        if g.done == g.members.len() {
             info!(generation = g.number, step = hb.step, "every rank finished: the job is finished");
             self.finished = true;
             self.changed();
@@ -644,8 +769,10 @@ impl Job {
             );
             *entry = None;
         }
-        let slowest = g.members.iter().map(|m| m.params_hash_step).min().unwrap_or(0);
-        g.hashes = g.hashes.split_off(&slowest);
+        let slowest = g.hash_steps.keys().next().copied().unwrap_or(0);
+        if g.hashes.first_key_value().is_some_and(|(&s, _)| s < slowest) {
+            g.hashes = g.hashes.split_off(&slowest);
+        }
     }
 
     /// Members silent past the heartbeat timeout end the generation (or, once the job is
@@ -673,27 +800,32 @@ impl Job {
                 .collect();
             if !silent.is_empty() {
                 if ending {
-                    for &(r, ms) in &silent {
+                    for (i, &(r, ms)) in silent.iter().enumerate() {
                         let m = &mut g.members[r];
-                        info!(
-                            generation = number,
-                            worker = m.worker_id,
-                            rank = r,
-                            silent_ms = ms as u64,
-                            "worker lost"
-                        );
+                        if i < LOGGED_IDS {
+                            info!(
+                                generation = number,
+                                worker = m.worker_id,
+                                rank = r,
+                                silent_ms = ms as u64,
+                                "worker lost"
+                            );
+                        }
                         m.gone = true;
                     }
                     self.finish_if_all_gone();
                 } else {
-                    let mut lost = vec![];
-                    for &(rank, ms) in &silent {
-                        let id = g.members[rank].worker_id.clone();
+                    let mut named = vec![];
+                    for &(rank, ms) in silent.iter().take(LOGGED_IDS) {
+                        let id = &g.members[rank].worker_id;
                         warn!(generation = number, worker = id, rank, silent_ms = ms as u64, "worker lost");
-                        lost.push(format!("worker {id} (rank {rank}) silent for {ms} ms"));
+                        named.push(format!("worker {id} (rank {rank}) silent for {ms} ms"));
+                    }
+                    if silent.len() > LOGGED_IDS {
+                        named.push(format!("{} more", silent.len() - LOGGED_IDS));
                     }
                     let ids: Vec<String> = silent.iter().map(|&(r, _)| g.members[r].worker_id.clone()).collect();
-                    self.end_generation(&lost.join(", "), true, &ids, now);
+                    self.end_generation(&named.join(", "), true, &ids, now);
                 }
             }
         }
@@ -712,7 +844,7 @@ impl Job {
     /// A clean departure. A member leaving a running generation ends it (without counting a
     /// failure) and frees its rank.
     pub fn leave(&mut self, worker_id: &str, generation: u64, now: Instant) {
-        self.waiting.retain(|c| c.worker_id != worker_id);
+        self.waiting.remove(worker_id);
         let ending = self.finished || self.stopping;
         let Some(m) = self.member_mut(generation, worker_id) else { return };
         if ending || m.done {
@@ -768,6 +900,7 @@ impl Job {
             None => {
                 info!(generation, "NCCL id published");
                 g.nccl_id = Some(id.to_vec());
+                self.events += 1;
                 Ok(())
             }
         }
@@ -968,18 +1101,45 @@ impl Job {
         steps_per_epoch(self.total, world as u64, self.batch_size()) * self.cfg.schedular.epochs
     }
 
+    /// The job's status with a summary of its workers.
     pub fn status(&self, now: Instant) -> JobStatus {
+        self.status_of(now, WorkerView::Summary)
+    }
+
+    pub fn status_of(&self, now: Instant, view: WorkerView) -> JobStatus {
         let last = self.checkpoints.last();
         let (resume_step, resume_epoch) = last.map_or((0, 0), |c| (c.step, c.epoch));
         let members: Vec<(usize, &Member)> =
             self.current.iter().flat_map(|g| g.members.iter().enumerate()).filter(|(_, m)| !m.gone).collect();
         let world = self.current.as_ref().map_or(0, Generation::world);
         let rank0 = members.iter().find(|(r, _)| *r == 0).map(|(_, m)| *m);
+        let silent_after = Duration::from_millis(2 * self.cfg.job.heartbeat_interval_ms);
+        let silence = |m: &Member| now.saturating_duration_since(m.last_seen);
+        let (listed, next_page) = match view {
+            WorkerView::Summary if members.len() <= SUMMARY_WORKERS => (members.clone(), None),
+            WorkerView::Summary => {
+                // The most silent first, then the slowest: what an operator of a fleet looks for.
+                let mut ranked = members.clone();
+                ranked.sort_by_key(|&(r, m)| {
+                    let s = silence(m);
+                    (std::cmp::Reverse(if s >= silent_after { s } else { Duration::ZERO }), m.step, r)
+                });
+                ranked.truncate(SUMMARY_WORKERS);
+                ranked.sort_by_key(|(r, _)| *r);
+                (ranked, None)
+            }
+            WorkerView::Page { from, size } => {
+                let start = members.partition_point(|(r, _)| (*r as u32) < from);
+                let page: Vec<_> = members.iter().skip(start).take(size as usize).copied().collect();
+                let next = members.get(start + page.len()).map(|(r, _)| *r as u32);
+                (page, next)
+            }
+        };
         JobStatus {
             state: self.state(),
             generation: self.generation,
             world_size: world,
-            workers: members
+            workers: listed
                 .iter()
                 .map(|(r, m)| WorkerStatus {
                     worker_id: m.worker_id.clone(),
@@ -987,11 +1147,14 @@ impl Job {
                     rank: *r as u32,
                     step: m.step,
                     images_per_second: m.images_per_second,
-                    last_seen_ms: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+                    last_seen_ms: silence(m).as_millis() as u64,
                     params_hash: m.params_hash.clone(),
                     params_hash_step: m.params_hash_step,
                 })
                 .collect(),
+            workers_total: members.len() as u32,
+            workers_silent: members.iter().filter(|(_, m)| silence(m) >= silent_after).count() as u32,
+            next_page,
             step: members.iter().map(|(_, m)| m.step).min().unwrap_or(resume_step),
             epoch: rank0.map_or(resume_epoch, |m| m.epoch),
             total_steps: self.total_steps(world),

@@ -31,11 +31,16 @@ struct JobDir {
 
 impl JobDir {
     fn new() -> Self {
+        Self::with_samples(SAMPLES)
+    }
+
+    /// A job over a dataset of `samples`.
+    fn with_samples(samples: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("worker.token"), format!("{WORKER_TOKEN}\n")).unwrap();
         std::fs::write(dir.path().join("admin.token"), format!("  {ADMIN_TOKEN}\n")).unwrap();
         std::fs::write(dir.path().join("wrong.token"), "not-the-token").unwrap();
-        let index = format!(r#"{{"version":1,"sources":[{{"url":"x.tar","kind":"webdataset","samples":{SAMPLES}}}]}}"#);
+        let index = format!(r#"{{"version":1,"sources":[{{"url":"x.tar","kind":"webdataset","samples":{samples}}}]}}"#);
         std::fs::write(dir.path().join("albef-index.json"), index).unwrap();
         JobDir { dir }
     }
@@ -268,7 +273,8 @@ async fn two_workers_join_heartbeat_and_get_their_leases() {
     }
     assert_eq!(leased, SAMPLES / 8 * 8, "the ranks' leases cover the epoch's samples once");
 
-    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let status =
+        admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((status.state.as_str(), status.generation, status.world_size, status.step), ("running", 1, 2, 2));
     assert_eq!(status.workers.len(), 2);
     assert_eq!(status.images_per_second, 20.0);
@@ -295,7 +301,8 @@ async fn a_silent_worker_ends_the_generation_and_the_other_gets_rejoin() {
     }
     let late = b.heartbeat(beat("worker-b", &jb, 2)).await.unwrap().into_inner();
     assert_eq!(commands(&late), vec![Cmd::Rejoin]);
-    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let status =
+        admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((status.state.as_str(), status.restarts), ("waiting", 1));
     assert!(c.log().contains("generation ended"), "the end is logged");
 
@@ -324,7 +331,7 @@ async fn tokens_guard_their_services_and_probes_stay_open() {
         (Some(WORKER_TOKEN), Some(Code::PermissionDenied)),
         (Some(ADMIN_TOKEN), None),
     ] {
-        let r = admin_client(&c, token).await.get_status(GetStatusRequest {}).await;
+        let r = admin_client(&c, token).await.get_status(GetStatusRequest::default()).await;
         assert_eq!(r.as_ref().err().map(Status::code), want, "Control with {token:?}: {r:?}");
         let r = admin_client(&c, token).await.pause(ControlRequest {}).await;
         assert_eq!(r.as_ref().err().map(Status::code), want, "Control.Pause with {token:?}: {r:?}");
@@ -338,7 +345,7 @@ async fn tokens_guard_their_services_and_probes_stay_open() {
 
     // Without token files, authentication is off (and says so).
     let open = dir.start(1, &["coordinator.worker_token_file=".into(), "coordinator.admin_token_file=".into()]);
-    admin_client(&open, None).await.get_status(GetStatusRequest {}).await.unwrap();
+    admin_client(&open, None).await.get_status(GetStatusRequest::default()).await.unwrap();
     assert!(open.log().contains("authentication is OFF"));
 }
 
@@ -379,6 +386,9 @@ async fn malformed_requests_are_invalid_arguments() {
     let hb = beat("w", &j, 1);
     invalid(w.heartbeat(HeartbeatRequest { worker_id: String::new(), ..hb.clone() }).await, "heartbeat without id");
     invalid(w.heartbeat(HeartbeatRequest { images_per_second: f64::NAN, ..hb.clone() }).await, "NaN rate");
+    invalid(w.heartbeat(HeartbeatRequest { lr: f64::INFINITY, ..hb.clone() }).await, "infinite lr");
+    let nan = Some(albef_proto::v1::Losses { itm: f64::NAN, ..Default::default() });
+    invalid(w.heartbeat(HeartbeatRequest { losses: nan, ..hb.clone() }).await, "NaN loss");
     invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
     let reasons = [("made_up_reason".to_string(), 1)].into();
     invalid(w.heartbeat(HeartbeatRequest { bad_samples: reasons, ..hb.clone() }).await, "unknown skip reason");
@@ -429,7 +439,8 @@ async fn a_restarted_coordinator_keeps_the_generation_and_checkpoints() {
     assert!(dir.state_file().exists());
 
     let c2 = dir.start(1, &[]);
-    let status = admin_client(&c2, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let status =
+        admin_client(&c2, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((status.generation, status.state.as_str(), status.step), (1, "waiting", 7));
     assert_eq!(status.last_checkpoint, location);
     let mut w = worker_client(&c2, Some(WORKER_TOKEN)).await;
@@ -469,7 +480,7 @@ async fn a_coordinator_told_to_stay_serves_status_after_the_end() {
     w.heartbeat(HeartbeatRequest { done: true, ..beat("w", &j, 25) }).await.unwrap();
     w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap();
+    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap();
     assert_eq!(status.into_inner().state, "finished");
     assert_eq!(join(&mut w, "w", 7000).await.job_ended, "finished");
 }
@@ -658,8 +669,9 @@ async fn tls_serves_clients_that_trust_the_ca() {
 
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(p("ca.pem")).unwrap()));
     let channel = Endpoint::from_shared(endpoint.clone()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    let status =
-        ControlClient::with_interceptor(channel, Token(Some(ADMIN_TOKEN))).get_status(GetStatusRequest {}).await;
+    let status = ControlClient::with_interceptor(channel, Token(Some(ADMIN_TOKEN)))
+        .get_status(GetStatusRequest::default())
+        .await;
     assert_eq!(status.unwrap().into_inner().state, "waiting");
 
     let out = ctl(&["--endpoint", &endpoint, "--ca", &p("ca.pem"), "--token-file", &p("admin.token"), "status"]);
@@ -748,7 +760,8 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     };
     hb.bad_sample_examples = vec![example("000007"), example("000019")];
     w.heartbeat(hb).await.unwrap();
-    let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let status =
+        admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(status.bad_samples.get("corrupt_image"), Some(&3));
     assert_eq!(status.bad_sample_examples, vec![example("000007"), example("000019")]);
     let location = dir.checkpoint(4);
@@ -776,4 +789,64 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     let log = c.log();
     assert!(log.contains("exporting traces and metrics over OTLP"), "{log}");
     assert!(!log.contains("ERROR") && !log.contains("opentelemetry"), "a down collector is not logged:\n{log}");
+}
+
+/// A fleet's status stays small and readable: a summary of the silent and the slowest ranks, and
+/// every rank on request, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn albefctl_summarises_a_thousand_workers_and_lists_them_all_on_request() {
+    const N: usize = 1000;
+    let dir = JobDir::with_samples(N as u64 * 4 * 10);
+    let c = dir.start(N as u32, &["job.heartbeat_interval_ms=1000".into(), "job.heartbeat_timeout_ms=30000".into()]);
+    // A few connections carry the fleet's calls (each simulated worker is one id).
+    let mut clients = vec![];
+    for _ in 0..8 {
+        clients.push(worker_client(&c, Some(WORKER_TOKEN)).await);
+    }
+    let joins = (0..N).map(|i| {
+        let mut w = clients[i % clients.len()].clone();
+        async move {
+            let id = format!("gpu-{i:04}");
+            let request = JoinRequest { device_kind: "cuda".into(), ..join_request(&id, 7000) };
+            let a = loop {
+                match w.join(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(s) if s.code() == Code::Unavailable => {}
+                    Err(s) => panic!("{id}: {s}"),
+                }
+            };
+            assert!(a.collective.as_ref().unwrap().peer_addresses.is_empty(), "NCCL ranks get no peer table");
+            (id, a)
+        }
+    });
+    let world = futures::future::join_all(joins).await;
+    // Rank 7 lags behind the others; rank 3 never heartbeats (silent: two intervals without one).
+    let beats = |w: &mut Worker, (id, a): &(String, JoinResponse)| {
+        let request = beat(id, a, if a.rank == 7 { 2 } else { 9 });
+        let mut w = w.clone();
+        async move { w.heartbeat(request).await.unwrap() }
+    };
+    let speaking: Vec<_> = world.iter().filter(|(_, a)| a.rank != 3).collect();
+    for round in 0..2 {
+        let calls = speaking.iter().enumerate().map(|(i, member)| beats(&mut clients[i % 8], member));
+        futures::future::join_all(calls).await;
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(2100)).await;
+        }
+    }
+    let endpoint = c.endpoint();
+    let admin = dir.path("admin.token").display().to_string();
+    let out = ctl(&["--endpoint", &endpoint, "--token-file", &admin, "status"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("workers     1000 there, 1 silent (16 listed"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("RANK")).skip(1).collect();
+    assert_eq!(rows.len(), 16, "{stdout}");
+    assert!(rows.iter().any(|r| r.starts_with("3 ")) && rows.iter().any(|r| r.starts_with("7 ")), "{stdout}");
+    let out = ctl(&["--endpoint", &endpoint, "--token-file", &admin, "status", "--all", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ranks: BTreeSet<u64> =
+        json["workers"].as_array().unwrap().iter().map(|w| w["rank"].as_u64().unwrap()).collect();
+    assert_eq!(ranks.len(), N, "every rank, once");
 }

@@ -148,7 +148,7 @@ impl Job {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut c = ControlClient::connect(format!("http://127.0.0.1:{}", self.port)).await.ok()?;
-            c.get_status(GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+            c.get_status(GetStatusRequest::default()).await.ok().map(|r| r.into_inner())
         })
     }
 

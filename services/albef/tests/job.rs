@@ -58,7 +58,7 @@ fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> Job {
     while child.try_wait().unwrap().is_none() {
         let status = rt.block_on(async {
             let mut c = ControlClient::connect(endpoint.clone()).await.ok()?;
-            c.get_status(GetStatusRequest {}).await.ok().map(|r| r.into_inner())
+            c.get_status(GetStatusRequest::default()).await.ok().map(|r| r.into_inner())
         });
         if let Some(s) = status {
             for w in &s.workers {

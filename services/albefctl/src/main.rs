@@ -3,7 +3,8 @@
 //!
 //! Commands: `status` (state, generation, world size, step, losses, throughput, lr, temp, the
 //! latest checkpoint, restarts, non-finite steps, the latest retrieval evaluation, skipped input by
-//! reason with examples, the workers; `-o json` for scripts), `watch` (the status at every update;
+//! reason with examples, the workers: all of a small world, the silent and slowest 16 of a large
+//! one, every one with `--all`; `-o json` for scripts), `watch` (the status at every update;
 //! `-o json`: one JSON object per line), `pause`, `resume`,
 //! `stop`, `checkpoint` (one at the next step) and `checkpoints` (the committed ones). The
 //! coordinator comes from `--endpoint` or `ALBEF_ENDPOINT` (default `http://127.0.0.1:50051`;
@@ -57,6 +58,9 @@ enum Cmd {
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        /// List every worker (fetched page by page), not only a summary of a large world.
+        #[arg(long)]
+        all: bool,
     },
     /// Print the status again at every update (with -o json: one JSON object per line).
     Watch {
@@ -191,8 +195,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.endpoint.as_str();
     let fail = |s: Status| Failure::from_status(&s, url);
     match cli.command {
-        Cmd::Status { output } => {
-            let status = client.get_status(GetStatusRequest {}).await.map_err(fail)?.into_inner();
+        Cmd::Status { output, all } => {
+            let mut request = GetStatusRequest { all_workers: all, ..Default::default() };
+            let mut status = client.get_status(request.clone()).await.map_err(fail)?.into_inner();
+            while all && !status.next_page_token.is_empty() {
+                request.page_token = std::mem::take(&mut status.next_page_token);
+                let page = client.get_status(request.clone()).await.map_err(fail)?.into_inner();
+                status.workers.extend(page.workers);
+                status.next_page_token = page.next_page_token;
+            }
             match output {
                 Output::Table => print!("{}", render_status(&status)),
                 Output::Json => println!("{:#}", status_json(&status)),
@@ -238,6 +249,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How many workers are there, silent, and listed below.
+fn workers_line(s: &JobStatus) -> String {
+    let listed = match s.workers.len() as u32 {
+        n if n < s.workers_total => format!(" ({n} listed: the silent and the slowest; --all for every one)"),
+        _ => String::new(),
+    };
+    format!("{} there, {} silent{listed}", s.workers_total, s.workers_silent)
+}
+
 /// The latest in-job evaluation, ITM re-ranked as the reference reports it.
 fn retrieval_line(s: &JobStatus) -> String {
     if s.eval_metrics.is_empty() {
@@ -263,6 +283,7 @@ fn render_status(s: &JobStatus) -> String {
         ("state", s.state.clone()),
         ("generation", s.generation.to_string()),
         ("world size", s.world_size.to_string()),
+        ("workers", workers_line(s)),
         ("step", format!("{}{total}", s.step)),
         ("epoch", s.epoch.to_string()),
         ("losses", format!("ita {:.4}  itm {:.4}  mlm {:.4}  total {:.4}", l.ita, l.itm, l.mlm, l.total)),
@@ -345,6 +366,8 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "state": s.state,
         "generation": s.generation,
         "world_size": s.world_size,
+        "workers_total": s.workers_total,
+        "workers_silent": s.workers_silent,
         "step": s.step,
         "total_steps": s.total_steps,
         "epoch": s.epoch,

@@ -567,3 +567,45 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     let again = Job::from_json(cfg, vec![60, 40], &job.to_json(), t0).unwrap();
     assert_eq!(again.state(), "finished");
 }
+
+/// A fleet of `n` GPU workers joined; returns each one's id and assignment.
+fn fleet(job: &mut Job, n: usize, now: Instant) -> Vec<(String, Assignment)> {
+    let ids: Vec<String> = (0..n).map(|i| format!("gpu-{i:05}")).collect();
+    for id in &ids {
+        join_kind(job, id, "cuda", now);
+    }
+    ids.into_iter().map(|id| (id.clone(), assigned(join_kind(job, &id, "cuda", now)))).collect()
+}
+
+#[test]
+fn ten_thousand_joins_form_one_generation_with_assignments_that_do_not_grow() {
+    let n = 10_000;
+    let (mut job, t0) = job(n as u32, n as u32);
+    let world = fleet(&mut job, n, t0);
+    assert!(world.iter().all(|(_, a)| a.generation == 1 && a.world_size == n as u32 && a.backend == "nccl"));
+    let ranks: BTreeSet<u32> = world.iter().map(|(_, a)| a.rank).collect();
+    assert_eq!(ranks.len(), n, "every rank once");
+    // What a rank receives is the same size in a world of 2 as in one of 10,000 (but the digits
+    // of max_workers in the configuration).
+    let (mut small, _) = self::job(2, 2);
+    let pair = fleet(&mut small, 2, t0);
+    let size = |a: &Assignment| a.peers.iter().map(String::len).sum::<usize>() + a.token.len() + a.config_json.len();
+    assert_eq!(size(&world[n - 1].1), size(&pair[1].1) + 2 * "10000".len() - 2 * "2".len());
+    // Every rank heartbeats on time: the generation stands.
+    for (id, a) in &world {
+        assert!(commands(&mut job, &beat(id, a, 1), at(t0, 1000)).is_empty());
+    }
+    job.tick(at(t0, TIMEOUT));
+    let status = job.status(at(t0, TIMEOUT));
+    assert_eq!((status.generation, status.restarts, status.workers_total), (1, 0, n as u32));
+    assert_eq!(status.workers.len(), SUMMARY_WORKERS, "a summary, not 10,000 rows");
+    // Every rank, page by page, once.
+    let (mut from, mut seen) = (Some(0), BTreeSet::new());
+    while let Some(f) = from {
+        let page = job.status_of(at(t0, TIMEOUT), WorkerView::Page { from: f, size: 3000 });
+        assert!(page.workers.len() <= 3000);
+        seen.extend(page.workers.iter().map(|w| w.rank));
+        from = page.next_page;
+    }
+    assert_eq!(seen.len(), n);
+}

@@ -1,0 +1,402 @@
+//! The coordinator under a fleet's load: a real `albef-coordinator` process on 127.0.0.1 and N
+//! simulated workers in this process, each a tonic client on its own connection speaking the
+//! worker protocol as `albef-worker` does: Join (long poll), PublishNcclId / GetNcclId, GetLeases,
+//! a heartbeat a second with realistic fields (rank 0 also reports an evaluation and checkpoints),
+//! Leave. Bounded in count and time, loopback only.
+//!
+//! `cargo bench -p albef-coordinator --bench fleet -- [--workers 100,1000,10000] [--seconds 20]
+//! [--backend nccl|tcp]` (`make bench-coordinator`) prints, for each N: how long the world took to
+//! form after the last Join, heartbeat latency p50/p99/max in the steady state (from the time
+//! every rank had its assignment), errors by gRPC code, generations formed, the coordinator's
+//! CPU and RSS (per worker too), its state writes per second and bytes, and one GetStatus.
+
+use albef_proto::v1::control_client::ControlClient;
+use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::{
+    Command as Cmd, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest, JoinRequest, LeaveRequest,
+    Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+struct Args {
+    workers: Vec<usize>,
+    seconds: u64,
+    backend: String,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut args = Args { workers: vec![100, 1000, 10_000], seconds: 20, backend: "nccl".into() };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+            match a.as_str() {
+                "--workers" => {
+                    args.workers = value().split(',').map(|n| n.trim().parse().expect("--workers N,N")).collect()
+                }
+                "--seconds" => args.seconds = value().parse().expect("--seconds S"),
+                "--backend" => args.backend = value(),
+                // cargo bench passes --bench.
+                "--bench" => {}
+                other => panic!("unknown argument {other} (--workers N,N --seconds S --backend nccl|tcp)"),
+            }
+        }
+        assert!(matches!(args.backend.as_str(), "nccl" | "tcp"), "--backend nccl|tcp");
+        args
+    }
+}
+
+/// What the simulated workers observed.
+#[derive(Default)]
+struct Observed {
+    last_join_sent: Option<Instant>,
+    assigned: Vec<Instant>,
+    assignment_bytes: Vec<usize>,
+    /// (sent at, latency) of every answered heartbeat.
+    heartbeats: Vec<(Instant, Duration)>,
+    errors: BTreeMap<String, u64>,
+    rejoins: u64,
+    generations: std::collections::BTreeSet<u64>,
+}
+
+impl Observed {
+    fn error(&mut self, rpc: &str, s: &tonic::Status) {
+        *self.errors.entry(format!("{rpc}: {:?}", s.code())).or_default() += 1;
+    }
+}
+
+/// The coordinator process and what it printed of its addresses.
+struct Coordinator {
+    child: Child,
+    endpoint: String,
+    metrics: String,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, workers: usize, backend: &str) -> Coordinator {
+        // Ten steps per epoch at batch 4 for every rank.
+        let samples = workers * 4 * 10;
+        let index = format!(r#"{{"version":1,"sources":[{{"url":"x.tar","kind":"webdataset","samples":{samples}}}]}}"#);
+        std::fs::write(dir.join("albef-index.json"), index).unwrap();
+        let settings = [
+            "coordinator.listen=127.0.0.1:0".to_string(),
+            "coordinator.metrics_listen=127.0.0.1:0".into(),
+            format!("data.index={}", dir.join("albef-index.json").display()),
+            format!("job.run_dir={}", dir.join("run").display()),
+            format!("job.min_workers={workers}"),
+            format!("job.max_workers={workers}"),
+            format!("job.collective_backend={backend}"),
+            "train.batch_size_train=4".into(),
+        ];
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_albef-coordinator"));
+        for s in &settings {
+            cmd.args(["--set", s]);
+        }
+        let log = std::fs::File::create(dir.join("coordinator.log")).unwrap();
+        let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(log).spawn().expect("coordinator");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut endpoint, mut metrics) = (None, None);
+        while endpoint.is_none() || metrics.is_none() {
+            let line = lines.next().expect("the coordinator printed its addresses").unwrap();
+            if let Some(a) = line.strip_prefix("listening on ") {
+                endpoint = Some(format!("http://{a}"));
+            } else if let Some(a) = line.strip_prefix("metrics on ") {
+                metrics = Some(a.to_string());
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        Coordinator { child, endpoint: endpoint.unwrap(), metrics: metrics.unwrap() }
+    }
+
+    /// (user + system CPU seconds, RSS bytes, peak RSS bytes) from /proc.
+    fn usage(&self) -> (f64, u64, u64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb = |key: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        };
+        (ticks / 100.0, kb("VmRSS:"), kb("VmHWM:"))
+    }
+
+    /// One counter of the Prometheus endpoint.
+    fn counter(&self, name: &str) -> f64 {
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics).unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} not in the scrape"))
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(endpoint: &str) -> Channel {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match Endpoint::from_shared(endpoint.to_string())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One simulated worker's life: `seconds` heartbeats once it has its assignment.
+async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: u64, obs: Arc<Mutex<Observed>>) {
+    let mut c = CoordinatorClient::new(connect(&endpoint).await);
+    let worker_id = format!("sim-{i:05}");
+    let join = JoinRequest {
+        worker_id: worker_id.clone(),
+        host: "10.0.0.1".into(),
+        device_kind: device_kind.into(),
+        device_count: 8,
+        collective_address: format!("10.0.{}.{}:29500", i / 250, i % 250),
+    };
+    obs.lock().unwrap().last_join_sent = Some(Instant::now());
+    let a = loop {
+        match c.join(join.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("rendezvous") => {}
+            Err(s) => {
+                obs.lock().unwrap().error("Join", &s);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    {
+        let mut o = obs.lock().unwrap();
+        o.assigned.push(Instant::now());
+        o.assignment_bytes.push(a.encoded_len());
+        o.generations.insert(a.generation);
+    }
+    let (generation, rank) = (a.generation, a.rank);
+    if a.collective.as_ref().is_some_and(|p| p.backend == "nccl") {
+        if rank == 0 {
+            let req = PublishNcclIdRequest { generation, nccl_id: vec![7; 128] };
+            if let Err(s) = c.publish_nccl_id(req).await {
+                obs.lock().unwrap().error("PublishNcclId", &s);
+            }
+        } else {
+            loop {
+                match c.get_nccl_id(GetNcclIdRequest { generation }).await {
+                    Ok(_) => break,
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    Err(s) => {
+                        obs.lock().unwrap().error("GetNcclId", &s);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0 }).await {
+        obs.lock().unwrap().error("GetLeases", &s);
+    }
+    // Spread over the second as independent processes would be.
+    let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
+    let start = tokio::time::Instant::now() + phase;
+    for step in 0..seconds {
+        tokio::time::sleep_until(start + Duration::from_secs(step)).await;
+        let beat = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            generation,
+            rank,
+            step,
+            epoch: 0,
+            losses: Some(Losses { ita: 3.1, itm: 0.64, mlm: 2.0, total: 5.74 }),
+            images_per_second: 410.0,
+            params_hash: format!("{:016x}", step * 0x9e37_79b9),
+            params_hash_step: step,
+            lr: 1e-4,
+            temp: 0.07,
+            bad_samples: [("corrupt_image".to_string(), step / 4)].into(),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        match c.heartbeat(beat).await {
+            Ok(r) => {
+                let rejoin = r.get_ref().commands.contains(&(Cmd::Rejoin as i32));
+                let mut o = obs.lock().unwrap();
+                o.heartbeats.push((sent, sent.elapsed()));
+                o.rejoins += u64::from(rejoin);
+            }
+            Err(s) => obs.lock().unwrap().error("Heartbeat", &s),
+        }
+        if rank == 0 && step > 0 && step % 10 == 0 {
+            let req = ReportEvaluationRequest {
+                generation,
+                rank,
+                step,
+                split: "test.json".into(),
+                metrics: [("itm/r_mean".to_string(), 50.0)].into(),
+            };
+            if let Err(s) = c.report_evaluation(req).await {
+                obs.lock().unwrap().error("ReportEvaluation", &s);
+            }
+        }
+    }
+    let _ = c.leave(LeaveRequest { worker_id, generation }).await;
+}
+
+/// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit.
+async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs: &Mutex<Observed>) {
+    let location = dir.join(format!("run/checkpoints/step-{step}"));
+    std::fs::create_dir_all(&location).unwrap();
+    std::fs::write(location.join("trainer_state.json"), "{}").unwrap();
+    let manifest = format!(
+        r#"{{"version":1,"step":{step},"created_unix":0,"files":[{{"name":"trainer_state.json","size":2,"sha256":"{}"}}]}}"#,
+        "0".repeat(64)
+    );
+    std::fs::write(location.join("manifest.json"), manifest).unwrap();
+    let mut c = CoordinatorClient::new(connect(endpoint).await);
+    let req = ReportCheckpointRequest {
+        generation,
+        rank: 0,
+        step,
+        location: location.display().to_string(),
+        epoch: 0,
+        step_in_epoch: step,
+    };
+    if let Err(s) = c.report_checkpoint(req).await {
+        obs.lock().unwrap().error("ReportCheckpoint", &s);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn run(n: usize, args: &Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(dir.path(), n, &args.backend);
+    let (_, idle_rss, _) = coordinator.usage();
+    let obs = Arc::new(Mutex::new(Observed::default()));
+    let (device_kind, seconds) = (if args.backend == "nccl" { "cuda" } else { "cpu" }, args.seconds);
+    let started = Instant::now();
+    // Pods start over a few seconds, not in the same microsecond.
+    let spread = Duration::from_millis((n as u64).min(5000));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (endpoint, obs) = (coordinator.endpoint.clone(), obs.clone());
+        let delay = spread.mul_f64(i as f64 / n as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            worker(i, endpoint, device_kind, seconds, obs).await;
+        }));
+    }
+    // Wait for every assignment (or give up after a minute past the last join).
+    let formed = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let o = obs.lock().unwrap();
+        if o.assigned.len() == n {
+            break o.assigned.iter().max().copied();
+        }
+        if o.last_join_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+            break None;
+        }
+    };
+    let (cpu0, _, _) = coordinator.usage();
+    let (writes0, bytes0) = (
+        coordinator.counter("albef_coordinator_state_writes_total"),
+        coordinator.counter("albef_coordinator_state_bytes_total"),
+    );
+    let steady = Instant::now();
+    let generation = obs.lock().unwrap().generations.iter().max().copied().unwrap_or(1);
+    for step in [5, 15] {
+        if step < args.seconds {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(steady) + Duration::from_secs(step)).await;
+            checkpoint(dir.path(), &coordinator.endpoint, generation, step, &obs).await;
+        }
+    }
+    let status_started = Instant::now();
+    let status = ControlClient::new(connect(&coordinator.endpoint).await).get_status(GetStatusRequest::default()).await;
+    let status_took = status_started.elapsed();
+    let status_bytes = status.as_ref().map_or(0, |s| s.get_ref().encoded_len());
+    // Measured while every worker heartbeats, before they leave.
+    let wait_until = steady + Duration::from_secs(args.seconds.saturating_sub(2));
+    tokio::time::sleep_until(tokio::time::Instant::from_std(wait_until.max(Instant::now()))).await;
+    let (cpu1, rss, peak) = coordinator.usage();
+    let writes = coordinator.counter("albef_coordinator_state_writes_total") - writes0;
+    let bytes = coordinator.counter("albef_coordinator_state_bytes_total") - bytes0;
+    let window = steady.elapsed().as_secs_f64();
+    // The workers leave once their heartbeats are done; any still joining are given up on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(deadline, t).await.is_err() {
+            abort.abort();
+        }
+    }
+    let o = obs.lock().unwrap();
+    let last_join = o.last_join_sent.unwrap_or(started);
+    let mut steady_beats: Vec<Duration> =
+        o.heartbeats.iter().filter(|(sent, _)| *sent >= steady + Duration::from_secs(2)).map(|(_, l)| *l).collect();
+    steady_beats.sort();
+    let max_assignment = o.assignment_bytes.iter().max().copied().unwrap_or(0);
+    println!("## {n} workers ({} backend, {} s of heartbeats)", args.backend, args.seconds);
+    match formed {
+        Some(t) => println!("world formed        {} after the last Join", ms(t.saturating_duration_since(last_join))),
+        None => println!("world formed        NEVER ({} of {n} assigned)", o.assigned.len()),
+    }
+    println!("generations         {} (rejoin commands: {})", o.generations.len(), o.rejoins);
+    println!("assignment          {max_assignment} bytes (largest)");
+    println!(
+        "heartbeat latency   p50 {}  p99 {}  max {}  ({} steady-state beats)",
+        ms(percentile(&steady_beats, 0.5)),
+        ms(percentile(&steady_beats, 0.99)),
+        ms(steady_beats.last().copied().unwrap_or_default()),
+        steady_beats.len()
+    );
+    println!("errors              {:?}", o.errors);
+    println!(
+        "coordinator         CPU {:.0}% of one core in the steady state, RSS {:.1} MiB ({:.2} KiB per worker over idle), peak {:.1} MiB",
+        100.0 * (cpu1 - cpu0) / window,
+        rss as f64 / 1048576.0,
+        rss.saturating_sub(idle_rss) as f64 / 1024.0 / n as f64,
+        peak as f64 / 1048576.0
+    );
+    println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
+    println!("GetStatus           {} bytes in {}", status_bytes, ms(status_took));
+    println!();
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for &n in &args.workers {
+        rt.block_on(run(n, &args));
+    }
+}
