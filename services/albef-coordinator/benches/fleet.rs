@@ -261,6 +261,19 @@ async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: 
             }
         }
     }
+    // As a worker that trained the last step: done, then gone (a leave without it ends the
+    // generation for everyone).
+    let done = HeartbeatRequest {
+        worker_id: worker_id.clone(),
+        generation,
+        rank,
+        step: seconds,
+        done: true,
+        ..Default::default()
+    };
+    if let Err(s) = c.heartbeat(done).await {
+        obs.lock().unwrap().error("Heartbeat", &s);
+    }
     let _ = c.leave(LeaveRequest { worker_id, generation }).await;
 }
 
