@@ -26,7 +26,7 @@ use tch::Tensor;
 
 pub use bucket::{DEFAULT_BUCKET_BYTES, all_reduce_buckets};
 pub use nccl::NcclCollective;
-pub use tcp::{PendingTcp, TcpCollective, TcpOptions};
+pub use tcp::{Neighbours, PendingTcp, TcpCollective, TcpOptions};
 
 /// How [`Collective::all_reduce`] combines the ranks' tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

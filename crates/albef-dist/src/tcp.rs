@@ -58,8 +58,22 @@ impl PendingTcp {
     pub fn connect(self, rank: usize, peers: Vec<SocketAddr>, opts: TcpOptions) -> Result<TcpCollective> {
         let world = peers.len();
         ensure!(rank < world, "tcp connect: rank {rank} is outside a world of {world} addresses");
+        let neighbours = Neighbours { next: peers[(rank + 1) % world], prev: peers[(rank + world - 1) % world] };
+        self.connect_neighbours(rank, world, neighbours, opts)
+    }
+
+    /// Forms the ring from this rank's neighbours alone (all the coordinator sends a rank of a
+    /// large world). Same guarantees as [`PendingTcp::connect`].
+    pub fn connect_neighbours(
+        self,
+        rank: usize,
+        world: usize,
+        neighbours: Neighbours,
+        opts: TcpOptions,
+    ) -> Result<TcpCollective> {
+        ensure!(rank < world, "tcp connect: rank {rank} is outside a world of {world}");
         ensure!(!opts.timeout.is_zero(), "tcp connect: the timeout must be positive");
-        let ring = if world == 1 { None } else { Some(self.form_ring(rank, &peers, &opts)?) };
+        let ring = if world == 1 { None } else { Some(self.form_ring(rank, world, neighbours, &opts)?) };
         tracing::debug!(rank, world, "tcp collective ready");
         Ok(TcpCollective {
             rank,
@@ -72,8 +86,7 @@ impl PendingTcp {
         })
     }
 
-    fn form_ring(&self, rank: usize, peers: &[SocketAddr], opts: &TcpOptions) -> Result<Ring> {
-        let world = peers.len();
+    fn form_ring(&self, rank: usize, world: usize, addresses: Neighbours, opts: &TcpOptions) -> Result<Ring> {
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
         let deadline = Instant::now() + opts.timeout;
         // Which side failed first (0: none): its error is the cause, the other side's a consequence.
@@ -84,7 +97,7 @@ impl PendingTcp {
         let hello = Hello { version: PROTOCOL_VERSION, token: opts.token, world, from: rank, to: next };
         let (connected, accepted) = std::thread::scope(|s| {
             let connector = s.spawn(|| {
-                let r = connect_next(peers[next], next, &hello, deadline, &tripped);
+                let r = connect_next(addresses.next, next, &hello, deadline, &tripped);
                 if r.is_err() {
                     trip(1);
                 }
@@ -109,10 +122,19 @@ impl PendingTcp {
             stream.set_write_timeout(Some(opts.timeout))?;
         }
         Ok(Ring {
-            next: Link { stream: next_stream, rank: next, addr: peers[next] },
-            prev: Link { stream: prev_stream, rank: prev, addr: peers[prev] },
+            next: Link { stream: next_stream, rank: next, addr: addresses.next },
+            prev: Link { stream: prev_stream, rank: prev, addr: addresses.prev },
         })
     }
+}
+
+/// The collective addresses of a rank's ring neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbours {
+    /// Of rank (rank + 1) % world, which this rank connects to.
+    pub next: SocketAddr,
+    /// Of rank (rank - 1) % world, which connects to this rank (its address names it in errors).
+    pub prev: SocketAddr,
 }
 
 /// Ring collectives over TCP; see the module documentation.

@@ -5,16 +5,18 @@
 //! Leave. Bounded in count and time, loopback only.
 //!
 //! `cargo bench -p albef-coordinator --bench fleet -- [--workers 100,1000,10000] [--seconds 20]
-//! [--backend nccl|tcp]` (`make bench-coordinator`) prints, for each N: how long the world took to
-//! form after the last Join, heartbeat latency p50/p99/max in the steady state (from the time
-//! every rank had its assignment), errors by gRPC code, generations formed, the coordinator's
-//! CPU and RSS (per worker too), its state writes per second and bytes, and one GetStatus.
+//! [--backend nccl|tcp] [--heartbeats stream,unary]` (`make bench-coordinator`) prints, for each N
+//! and each way of sending heartbeats (on one stream per worker, as albef-worker does, or one
+//! call each): how long the world took to form after the last Join, heartbeat latency p50/p99/max
+//! in the steady state (from the time every rank had its assignment), errors by gRPC code,
+//! generations formed, the coordinator's CPU and RSS (per worker too), its state writes per
+//! second and bytes, and one GetStatus; then the ratios of stream to unary.
 
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::coordinator_client::CoordinatorClient;
 use albef_proto::v1::{
-    Command as Cmd, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest, JoinRequest, LeaveRequest,
-    Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+    Command as Cmd, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest, HeartbeatResponse,
+    JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
 };
 use prost::Message;
 use std::collections::BTreeMap;
@@ -29,11 +31,24 @@ struct Args {
     workers: Vec<usize>,
     seconds: u64,
     backend: String,
+    heartbeats: Vec<Transport>,
+}
+
+/// How the simulated workers send their heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Stream,
+    Unary,
 }
 
 impl Args {
     fn parse() -> Args {
-        let mut args = Args { workers: vec![100, 1000, 10_000], seconds: 20, backend: "nccl".into() };
+        let mut args = Args {
+            workers: vec![100, 1000, 10_000],
+            seconds: 20,
+            backend: "nccl".into(),
+            heartbeats: vec![Transport::Stream, Transport::Unary],
+        };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
             let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -43,9 +58,21 @@ impl Args {
                 }
                 "--seconds" => args.seconds = value().parse().expect("--seconds S"),
                 "--backend" => args.backend = value(),
+                "--heartbeats" => {
+                    args.heartbeats = value()
+                        .split(',')
+                        .map(|t| match t.trim() {
+                            "stream" => Transport::Stream,
+                            "unary" => Transport::Unary,
+                            other => panic!("--heartbeats stream,unary, not {other}"),
+                        })
+                        .collect()
+                }
                 // cargo bench passes --bench.
                 "--bench" => {}
-                other => panic!("unknown argument {other} (--workers N,N --seconds S --backend nccl|tcp)"),
+                other => panic!(
+                    "unknown argument {other} (--workers N,N --seconds S --backend nccl|tcp --heartbeats stream,unary)"
+                ),
             }
         }
         assert!(matches!(args.backend.as_str(), "nccl" | "tcp"), "--backend nccl|tcp");
@@ -168,7 +195,13 @@ async fn connect(endpoint: &str) -> Channel {
 }
 
 /// One simulated worker's life: `seconds` heartbeats once it has its assignment.
-async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: u64, obs: Arc<Mutex<Observed>>) {
+async fn worker(
+    i: usize,
+    endpoint: String,
+    (device_kind, transport): (&'static str, Transport),
+    seconds: u64,
+    obs: Arc<Mutex<Observed>>,
+) {
     let mut c = CoordinatorClient::new(connect(&endpoint).await);
     let worker_id = format!("sim-{i:05}");
     let join = JoinRequest {
@@ -218,6 +251,7 @@ async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: 
     if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0 }).await {
         obs.lock().unwrap().error("GetLeases", &s);
     }
+    let mut beats = Beats::default();
     // Spread over the second as independent processes would be.
     let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
     let start = tokio::time::Instant::now() + phase;
@@ -239,9 +273,9 @@ async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: 
             ..Default::default()
         };
         let sent = Instant::now();
-        match c.heartbeat(beat).await {
+        match beats.beat(&mut c, beat, transport).await {
             Ok(r) => {
-                let rejoin = r.get_ref().commands.contains(&(Cmd::Rejoin as i32));
+                let rejoin = r.commands.contains(&(Cmd::Rejoin as i32));
                 let mut o = obs.lock().unwrap();
                 o.heartbeats.push((sent, sent.elapsed()));
                 o.rejoins += u64::from(rejoin);
@@ -271,10 +305,44 @@ async fn worker(i: usize, endpoint: String, device_kind: &'static str, seconds: 
         done: true,
         ..Default::default()
     };
-    if let Err(s) = c.heartbeat(done).await {
+    if let Err(s) = beats.beat(&mut c, done, transport).await {
         obs.lock().unwrap().error("Heartbeat", &s);
     }
     let _ = c.leave(LeaveRequest { worker_id, generation }).await;
+}
+
+/// A simulated worker's heartbeats: on the stream it opened with the first, or a call each.
+#[derive(Default)]
+struct Beats {
+    open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatResponse>)>,
+}
+
+impl Beats {
+    async fn beat(
+        &mut self,
+        c: &mut CoordinatorClient<Channel>,
+        beat: HeartbeatRequest,
+        transport: Transport,
+    ) -> Result<HeartbeatResponse, tonic::Status> {
+        if transport == Transport::Unary {
+            return Ok(c.heartbeat(beat).await?.into_inner());
+        }
+        let ended = || tonic::Status::unavailable("heartbeat stream ended");
+        match &mut self.open {
+            Some((tx, _)) => tx.send(beat).await.map_err(|_| ended())?,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(beat).await.map_err(|_| ended())?;
+                let replies = c.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+                self.open = Some((tx, replies.into_inner()));
+            }
+        }
+        let reply = self.open.as_mut().expect("opened above").1.message().await;
+        if !matches!(reply, Ok(Some(_))) {
+            self.open = None;
+        }
+        reply?.ok_or_else(ended)
+    }
 }
 
 /// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit.
@@ -312,7 +380,15 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-async fn run(n: usize, args: &Args) {
+/// What one run measured, for the ratios.
+struct Summary {
+    cpu: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(dir.path(), n, &args.backend);
     let (_, idle_rss, _) = coordinator.usage();
@@ -327,7 +403,7 @@ async fn run(n: usize, args: &Args) {
         let delay = spread.mul_f64(i as f64 / n as f64);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            worker(i, endpoint, device_kind, seconds, obs).await;
+            worker(i, endpoint, (device_kind, transport), seconds, obs).await;
         }));
     }
     // Wait for every assignment (or give up after a minute past the last join).
@@ -379,24 +455,34 @@ async fn run(n: usize, args: &Args) {
         o.heartbeats.iter().filter(|(sent, _)| *sent >= steady + Duration::from_secs(2)).map(|(_, l)| *l).collect();
     steady_beats.sort();
     let max_assignment = o.assignment_bytes.iter().max().copied().unwrap_or(0);
-    println!("## {n} workers ({} backend, {} s of heartbeats)", args.backend, args.seconds);
+    let transport_name = match transport {
+        Transport::Stream => "one stream per worker",
+        Transport::Unary => "one call per beat",
+    };
+    println!("## {n} workers ({} backend, {} s of heartbeats, {transport_name})", args.backend, args.seconds);
     match formed {
         Some(t) => println!("world formed        {} after the last Join", ms(t.saturating_duration_since(last_join))),
         None => println!("world formed        NEVER ({} of {n} assigned)", o.assigned.len()),
     }
     println!("generations         {} (rejoin commands: {})", o.generations.len(), o.rejoins);
     println!("assignment          {max_assignment} bytes (largest)");
+    let summary = Summary {
+        cpu: 100.0 * (cpu1 - cpu0) / window,
+        p50: percentile(&steady_beats, 0.5),
+        p99: percentile(&steady_beats, 0.99),
+        max: steady_beats.last().copied().unwrap_or_default(),
+    };
     println!(
         "heartbeat latency   p50 {}  p99 {}  max {}  ({} steady-state beats)",
-        ms(percentile(&steady_beats, 0.5)),
-        ms(percentile(&steady_beats, 0.99)),
-        ms(steady_beats.last().copied().unwrap_or_default()),
+        ms(summary.p50),
+        ms(summary.p99),
+        ms(summary.max),
         steady_beats.len()
     );
     println!("errors              {:?}", o.errors);
     println!(
         "coordinator         CPU {:.0}% of one core in the steady state, RSS {:.1} MiB ({:.2} KiB per worker over idle), peak {:.1} MiB",
-        100.0 * (cpu1 - cpu0) / window,
+        summary.cpu,
         rss as f64 / 1048576.0,
         rss.saturating_sub(idle_rss) as f64 / 1024.0 / n as f64,
         peak as f64 / 1048576.0
@@ -404,12 +490,25 @@ async fn run(n: usize, args: &Args) {
     println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
     println!("GetStatus           {} bytes in {}", status_bytes, ms(status_took));
     println!();
+    summary
 }
 
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     for &n in &args.workers {
-        rt.block_on(run(n, &args));
+        let runs: Vec<(Transport, Summary)> =
+            args.heartbeats.iter().map(|&t| (t, rt.block_on(run(n, t, &args)))).collect();
+        let of = |want| runs.iter().find(|(t, _)| *t == want).map(|(_, s)| s);
+        if let (Some(stream), Some(unary)) = (of(Transport::Stream), of(Transport::Unary)) {
+            let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+            println!(
+                "## {n} workers, stream / unary: coordinator CPU {:.2}x, heartbeat p50 {:.2}x, p99 {:.2}x, max {:.2}x\n",
+                stream.cpu / unary.cpu.max(1e-9),
+                ratio(stream.p50, unary.p50),
+                ratio(stream.p99, unary.p99),
+                ratio(stream.max, unary.max)
+            );
+        }
     }
 }

@@ -6,7 +6,9 @@ use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, Ski
 use albef_data::store::Location;
 use albef_proto::v1 as pb;
 use albef_proto::v1::{control_server::Control, coordinator_server::Coordinator};
+use futures::{Stream, StreamExt};
 use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,6 +40,10 @@ pub struct Shared {
     state: Location,
     /// Revision of the job last written; the lock also orders the writes.
     written: tokio::sync::Mutex<u64>,
+    /// The job's revision when it was last unlocked, and the last written: equal, and a request
+    /// has nothing to persist without taking a lock or spawning a write (most heartbeats).
+    revision: AtomicU64,
+    written_revision: AtomicU64,
     /// State writes so far, and their bytes (metrics: persistence must stay cheap at scale).
     writes: AtomicU64,
     written_bytes: AtomicU64,
@@ -47,9 +53,21 @@ pub struct Shared {
 impl Shared {
     pub fn new(job: Job, run: Location, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let written = tokio::sync::Mutex::new(job.revision());
+        let (revision, written_revision) = (AtomicU64::new(job.revision()), AtomicU64::new(job.revision()));
         let (writes, written_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         let job = Mutex::new(job);
-        Arc::new(Shared { job, wake: Notify::new(), run, state, written, writes, written_bytes, shutdown })
+        Arc::new(Shared {
+            job,
+            wake: Notify::new(),
+            run,
+            state,
+            written,
+            revision,
+            written_revision,
+            writes,
+            written_bytes,
+            shutdown,
+        })
     }
 
     /// Deletes checkpoints that are no longer wanted, in the background.
@@ -71,13 +89,16 @@ impl Shared {
     fn job(&self) -> Locked<'_> {
         // A panic elsewhere must not take the coordinator down with it: the state stays usable.
         let job = self.job.lock().unwrap_or_else(PoisonError::into_inner);
-        Locked { events: job.events(), job, wake: &self.wake }
+        Locked { events: job.events(), job, wake: &self.wake, revision: &self.revision }
     }
 
     /// Writes the job's state if it changed since the last write. The write runs as a task of
     /// its own: a caller that goes away (a cancelled RPC) does not cut it short, so it is not
     /// done again and again.
     pub async fn persist(self: &Arc<Self>) -> anyhow::Result<()> {
+        if self.revision.load(Ordering::Acquire) == self.written_revision.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let me = self.clone();
         tokio::spawn(async move { me.write_state().await }).await?
     }
@@ -92,6 +113,7 @@ impl Shared {
             let bytes = json.len() as u64;
             self.state.write_all(json.into_bytes()).await?;
             *written = revision;
+            self.written_revision.store(revision, Ordering::Release);
             self.writes.fetch_add(1, Ordering::Relaxed);
             self.written_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -108,6 +130,55 @@ impl Shared {
         if let Err(e) = self.persist().await {
             warn!(error = format!("{e:#}"), "cannot persist the coordinator state");
         }
+    }
+
+    /// One heartbeat, from a call or a stream: validated, applied, and the state written if it
+    /// changed.
+    async fn heartbeat(self: &Arc<Self>, r: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+        check_id("worker_id", &r.worker_id)?;
+        check_text("params_hash", &r.params_hash, MAX_ID)?;
+        if r.fatal_error.len() > MAX_ERROR {
+            return Err(Status::invalid_argument(format!("fatal_error is longer than {MAX_ERROR} bytes")));
+        }
+        if !(r.images_per_second.is_finite() && r.images_per_second >= 0.0) {
+            return Err(Status::invalid_argument(format!("images_per_second {} is not a rate", r.images_per_second)));
+        }
+        let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
+        let l = r.losses.unwrap_or_default();
+        // Workers report the losses of applied steps only: finite, as are lr and temp.
+        for (name, v) in [
+            ("losses.ita", l.ita),
+            ("losses.itm", l.itm),
+            ("losses.mlm", l.mlm),
+            ("losses.total", l.total),
+            ("lr", r.lr),
+            ("temp", r.temp),
+        ] {
+            if !v.is_finite() {
+                return Err(Status::invalid_argument(format!("{name} {v} is not finite")));
+            }
+        }
+        let hb = Heartbeat {
+            worker_id: r.worker_id,
+            generation: r.generation,
+            rank: r.rank,
+            step: r.step,
+            epoch: r.epoch,
+            losses: state::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total },
+            images_per_second: r.images_per_second,
+            params_hash: r.params_hash,
+            params_hash_step: r.params_hash_step,
+            lr: r.lr,
+            temp: r.temp,
+            fatal_error: r.fatal_error,
+            done: r.done,
+            nonfinite_steps: r.nonfinite_steps,
+            bad_samples,
+            bad_sample_examples,
+        };
+        let (commands, generation) = self.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
+        self.persist_logged().await;
+        Ok(pb::HeartbeatResponse { commands: commands.into_iter().map(|c| command(c) as i32).collect(), generation })
     }
 
     pub fn tick(&self) {
@@ -169,6 +240,7 @@ struct Locked<'a> {
     job: MutexGuard<'a, Job>,
     events: u64,
     wake: &'a Notify,
+    revision: &'a AtomicU64,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -187,6 +259,7 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        self.revision.store(self.job.revision(), Ordering::Release);
         if self.job.events() != self.events {
             self.wake.notify_waiters();
         }
@@ -280,7 +353,8 @@ fn join_response(a: Assignment) -> pb::JoinResponse {
         world_size: a.world_size,
         collective: Some(pb::CollectiveParams {
             backend: a.backend,
-            peer_addresses: a.peers,
+            next_address: a.neighbours.as_ref().map(|n| n.next.clone()).unwrap_or_default(),
+            prev_address: a.neighbours.map(|n| n.prev).unwrap_or_default(),
             token: a.token,
             timeout_seconds: a.timeout_s,
         }),
@@ -377,54 +451,30 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let r = request.into_inner();
-        check_id("worker_id", &r.worker_id)?;
-        check_text("params_hash", &r.params_hash, MAX_ID)?;
-        if r.fatal_error.len() > MAX_ERROR {
-            return Err(Status::invalid_argument(format!("fatal_error is longer than {MAX_ERROR} bytes")));
-        }
-        if !(r.images_per_second.is_finite() && r.images_per_second >= 0.0) {
-            return Err(Status::invalid_argument(format!("images_per_second {} is not a rate", r.images_per_second)));
-        }
-        let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
-        let l = r.losses.unwrap_or_default();
-        // Workers report the losses of applied steps only: finite, as are lr and temp.
-        for (name, v) in [
-            ("losses.ita", l.ita),
-            ("losses.itm", l.itm),
-            ("losses.mlm", l.mlm),
-            ("losses.total", l.total),
-            ("lr", r.lr),
-            ("temp", r.temp),
-        ] {
-            if !v.is_finite() {
-                return Err(Status::invalid_argument(format!("{name} {v} is not finite")));
-            }
-        }
-        let hb = Heartbeat {
-            worker_id: r.worker_id,
-            generation: r.generation,
-            rank: r.rank,
-            step: r.step,
-            epoch: r.epoch,
-            losses: state::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total },
-            images_per_second: r.images_per_second,
-            params_hash: r.params_hash,
-            params_hash_step: r.params_hash_step,
-            lr: r.lr,
-            temp: r.temp,
-            fatal_error: r.fatal_error,
-            done: r.done,
-            nonfinite_steps: r.nonfinite_steps,
-            bad_samples,
-            bad_sample_examples,
-        };
-        let (commands, generation) = self.0.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
-        self.0.persist_logged().await;
-        Ok(Response::new(pb::HeartbeatResponse {
-            commands: commands.into_iter().map(|c| command(c) as i32).collect(),
-            generation,
-        }))
+        Ok(Response::new(self.0.heartbeat(request.into_inner()).await?))
+    }
+
+    type HeartbeatStreamStream = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+
+    async fn heartbeat_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        let shared = self.0.clone();
+        let mut shutdown = self.0.shutdown.clone();
+        // A reply per beat, in order, on the task that serves the stream; an error (a bad beat,
+        // the worker gone) ends it. A stream that outlived the coordinator would hold its
+        // graceful shutdown.
+        let replies = request
+            .into_inner()
+            .then(move |beat| {
+                let shared = shared.clone();
+                async move { shared.heartbeat(beat?).await }
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|down| *down).await;
+            });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn report_checkpoint(

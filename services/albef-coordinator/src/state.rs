@@ -69,6 +69,13 @@ pub struct ResumePoint {
     pub checkpoint: String,
 }
 
+/// A TCP rank's ring neighbours: what it needs of the world, at any size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbours {
+    pub next: String,
+    pub prev: String,
+}
+
 /// What a worker needs to take part in a generation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
@@ -77,8 +84,9 @@ pub struct Assignment {
     pub world_size: u32,
     /// "tcp" or "nccl".
     pub backend: String,
-    /// Every rank's collective address, in rank order.
-    pub peers: Vec<String>,
+    /// TCP: the collective addresses of the ring neighbours, (rank + 1) % world and
+    /// (rank - 1) % world. NCCL ranks find each other through the unique id.
+    pub neighbours: Option<Neighbours>,
     /// Presented by every collective connection of this generation.
     pub token: String,
     pub timeout_s: u32,
@@ -306,11 +314,48 @@ struct Member {
     commands: Vec<Command>,
 }
 
+/// A generation's members in rank order. A rank is found in O(1); every walk over them goes
+/// through `iter` or `iter_mut`, which count the members they visit, so that tests can hold
+/// what a request costs at any world size.
+#[derive(Clone, Debug)]
+struct Members {
+    ranks: Vec<Member>,
+    visits: std::cell::Cell<u64>,
+}
+
+impl Members {
+    fn len(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Member> {
+        self.ranks.iter().inspect(|_| self.visits.set(self.visits.get() + 1))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Member> {
+        let visits = &self.visits;
+        self.ranks.iter_mut().inspect(move |_| visits.set(visits.get() + 1))
+    }
+}
+
+impl std::ops::Index<usize> for Members {
+    type Output = Member;
+
+    fn index(&self, rank: usize) -> &Member {
+        &self.ranks[rank]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Members {
+    fn index_mut(&mut self, rank: usize) -> &mut Member {
+        &mut self.ranks[rank]
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Generation {
     number: u64,
-    /// Indexed by rank.
-    members: Vec<Member>,
+    members: Members,
     /// Worker id -> rank.
     ranks: HashMap<String, usize>,
     /// How many members last hashed their parameters after each step (the first key is the
@@ -542,11 +587,14 @@ impl Job {
             rank: rank as u32,
             world_size: g.world(),
             backend: g.backend.clone(),
-            // NCCL ranks find each other through the unique id: a fleet's assignment stays small.
-            peers: match g.backend.as_str() {
-                "tcp" => g.members.iter().map(|m| m.address.clone()).collect(),
-                _ => vec![],
-            },
+            // A rank's assignment stays the same size in a fleet of any size.
+            neighbours: (g.backend == "tcp").then(|| {
+                let world = g.members.len();
+                Neighbours {
+                    next: g.members[(rank + 1) % world].address.clone(),
+                    prev: g.members[(rank + world - 1) % world].address.clone(),
+                }
+            }),
             token: g.token.clone(),
             timeout_s: self.cfg.job.collective_timeout_s,
             resume: g.resume.clone(),
@@ -641,7 +689,7 @@ impl Job {
             hash_steps: BTreeMap::from([(0, members.len())]),
             done: 0,
             ranks,
-            members,
+            members: Members { ranks: members, visits: Default::default() },
             token: random_token(self.generation),
             backend,
             resume,

@@ -250,21 +250,31 @@ async fn two_workers_join_heartbeat_and_get_their_leases() {
     assert_eq!(BTreeSet::from([ja.rank, jb.rank]), BTreeSet::from([0, 1]));
     assert_eq!((ja.world_size, jb.world_size), (2, 2));
     let (ca, cb) = (ja.collective.clone().unwrap(), jb.collective.clone().unwrap());
-    assert_eq!(ca, cb, "one peer list, backend and token for the whole world");
+    assert_eq!((&ca.backend, &ca.token, ca.timeout_seconds), (&cb.backend, &cb.token, cb.timeout_seconds));
     assert_eq!(ca.backend, "tcp");
-    assert_eq!(ca.peer_addresses.len(), 2);
-    assert_eq!(ca.peer_addresses[ja.rank as usize], "127.0.0.1:7001");
+    // In a ring of two, each rank's neighbours are the other rank.
+    assert_eq!((ca.next_address.as_str(), ca.prev_address.as_str()), ("127.0.0.1:7002", "127.0.0.1:7002"));
+    assert_eq!((cb.next_address.as_str(), cb.prev_address.as_str()), ("127.0.0.1:7001", "127.0.0.1:7001"));
     assert_eq!(ca.token.len(), 32);
     assert_eq!(ja.resume.clone().unwrap().checkpoint, "");
     let config: serde_json::Value = serde_json::from_str(&ja.config_json).unwrap();
     assert_eq!(config["job"]["min_workers"], 2);
 
+    // a beats on a stream, as albef-worker does; b with single calls.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut stream = a.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     for step in 1..3 {
-        let ra = a.heartbeat(beat("worker-a", &ja, step)).await.unwrap().into_inner();
+        tx.send(beat("worker-a", &ja, step)).await.unwrap();
+        let ra = stream.message().await.unwrap().expect("a reply to each beat");
         let rb = b.heartbeat(beat("worker-b", &jb, step)).await.unwrap().into_inner();
         assert!(ra.commands.is_empty() && rb.commands.is_empty());
         assert_eq!((ra.generation, rb.generation), (1, 1));
     }
+    // A beat that is not valid ends the stream with the reason.
+    tx.send(HeartbeatRequest { lr: f64::NAN, ..beat("worker-a", &ja, 3) }).await.unwrap();
+    let refused = stream.message().await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("lr NaN is not finite"), "{refused:?}");
     let mut leased = 0;
     for (w, j) in [(&mut a, &ja), (&mut b, &jb)] {
         let l = w.get_leases(GetLeasesRequest { generation: 1, rank: j.rank, epoch: 0 }).await.unwrap().into_inner();
@@ -815,7 +825,8 @@ async fn albefctl_summarises_a_thousand_workers_and_lists_them_all_on_request() 
                     Err(s) => panic!("{id}: {s}"),
                 }
             };
-            assert!(a.collective.as_ref().unwrap().peer_addresses.is_empty(), "NCCL ranks get no peer table");
+            let params = a.collective.as_ref().unwrap();
+            assert!(params.next_address.is_empty() && params.prev_address.is_empty(), "NCCL ranks get no addresses");
             (id, a)
         }
     });

@@ -3,6 +3,7 @@
 
 use albef_config::CoordinatorConfig;
 use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::{HeartbeatRequest, HeartbeatResponse};
 use anyhow::{Context, Result};
 use std::time::Duration;
 use tonic::service::Interceptor;
@@ -66,5 +67,47 @@ impl Backoff {
     pub fn wait(&mut self) {
         std::thread::sleep(self.0);
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// This worker's heartbeats on one long-lived stream (a message each, not a call each: what
+/// keeps a fleet's heartbeats cheap for the coordinator). A beat that fails drops the stream, and
+/// the next one opens another: a restarted coordinator is reached again.
+pub struct HeartbeatStream {
+    client: Client,
+    open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatResponse>)>,
+    /// How long a beat waits for its reply.
+    timeout: Duration,
+}
+
+impl HeartbeatStream {
+    pub fn new(client: Client, timeout: Duration) -> Self {
+        HeartbeatStream { client, open: None, timeout }
+    }
+
+    /// Sends one beat and waits for its reply.
+    pub async fn beat(&mut self, beat: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
+        let reply = tokio::time::timeout(self.timeout, self.exchange(beat)).await;
+        let reply = reply.unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply to a heartbeat")));
+        if reply.is_err() {
+            self.open = None;
+        }
+        reply
+    }
+
+    async fn exchange(&mut self, beat: HeartbeatRequest) -> Result<HeartbeatResponse, Status> {
+        let ended = || Status::unavailable("the coordinator ended the heartbeat stream");
+        match &mut self.open {
+            Some((tx, _)) => tx.send(beat).await.map_err(|_| ended())?,
+            None => {
+                // The first beat goes with the call (one in flight at a time: a channel of one).
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(beat).await.map_err(|_| ended())?;
+                let replies = self.client.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+                self.open = Some((tx, replies.into_inner()));
+            }
+        }
+        let (_, replies) = self.open.as_mut().expect("opened above");
+        replies.message().await?.ok_or_else(ended)
     }
 }

@@ -1,7 +1,7 @@
 //! The worker's life: generations of join -> collective -> train -> (finish | rejoin).
 
 use crate::board::Board;
-use crate::client::{self, Backoff, Client};
+use crate::client::{self, Backoff, Client, HeartbeatStream};
 use crate::controls::{Decision, Heard, Verdict, decide};
 use crate::faults::Faults;
 use crate::metrics::{StepTimes, WorkerMetrics};
@@ -11,7 +11,7 @@ use albef_data::dataset::Dataset;
 use albef_data::loader::LoadedBatch;
 use albef_data::plan::{Lease, PlanSpec, RankPlan};
 use albef_data::store::Location;
-use albef_dist::tcp::{TcpCollective, TcpOptions};
+use albef_dist::tcp::{Neighbours, TcpCollective, TcpOptions};
 use albef_dist::{Collective, NcclCollective, ReduceOp};
 use albef_eval::{EvalOptions, RetrievalSplit, Scoring, SplitOptions, evaluate_shard};
 use albef_model::{Batch, device};
@@ -244,10 +244,13 @@ impl Worker {
         let timeout = Duration::from_secs(u64::from(params.timeout_seconds.max(1)));
         let collective: Arc<dyn Collective> = match params.backend.as_str() {
             "tcp" => {
-                let peers = params.peer_addresses.iter().map(|p| p.parse()).collect::<Result<Vec<SocketAddr>, _>>()?;
-                ensure!(peers.len() == world, "{} peer addresses for a world of {world}", peers.len());
+                let address = |a: &str| -> Result<SocketAddr> {
+                    a.parse().with_context(|| format!("the coordinator's ring neighbour address {a:?}"))
+                };
+                let neighbours =
+                    Neighbours { next: address(&params.next_address)?, prev: address(&params.prev_address)? };
                 let opts = TcpOptions { timeout, ..TcpOptions::new(token_of(&params.token)) };
-                Arc::new(pending.connect(rank, peers, opts)?)
+                Arc::new(pending.connect_neighbours(rank, world, neighbours, opts)?)
             }
             "nccl" => {
                 drop(pending);
@@ -292,7 +295,12 @@ impl Worker {
             rank: a.rank,
             ..Default::default()
         };
-        let heartbeat = self.spawn_heartbeat(shared.clone(), collective.clone(), cfg.job.heartbeat_interval_ms);
+        let heartbeat = self.spawn_heartbeat(
+            shared.clone(),
+            collective.clone(),
+            cfg.job.heartbeat_interval_ms,
+            cfg.job.heartbeat_timeout_ms,
+        );
         let mut run = Run {
             cfg: &cfg,
             run: Location::open(&cfg.job.run_dir)?,
@@ -337,17 +345,20 @@ impl Worker {
         shared: Arc<Shared>,
         collective: Arc<dyn Collective>,
         interval_ms: u64,
+        timeout_ms: u64,
     ) -> std::thread::JoinHandle<()> {
-        let (handle, mut client) = (self.rt.handle().clone(), self.client.clone());
+        let handle = self.rt.handle().clone();
+        // A beat waits for its reply at most as long as the coordinator waits for a beat.
+        let mut beats = HeartbeatStream::new(self.client.clone(), Duration::from_millis(timeout_ms));
         let delay = self.faults.command_delay();
         std::thread::spawn(move || {
             // Commands brought back, and when they take effect (at once but under fault injection).
             let mut arriving: VecDeque<(Instant, Command)> = VecDeque::new();
             while !shared.quit.load(Ordering::Relaxed) {
                 let req = shared.progress.lock().unwrap().clone();
-                match handle.block_on(client.heartbeat(req)) {
+                match handle.block_on(beats.beat(req)) {
                     Ok(reply) => {
-                        for c in reply.into_inner().commands() {
+                        for c in reply.commands() {
                             if c == Command::Rejoin {
                                 shared.rejoin.store(true, Ordering::Relaxed);
                                 // Wake a rank blocked in a collective with a dead peer.

@@ -73,8 +73,9 @@ fn rendezvous_closes_when_max_workers_joined() {
     let a = assigned(join(&mut job, "a", at(t0, 20)));
     assert_eq!((a.rank, b.rank), (0, 1));
     assert_eq!((a.generation, a.world_size), (1, 2));
-    assert_eq!(a.peers, vec!["a:7000", "b:7000"]);
-    assert_eq!((&a.peers, &a.token, a.generation), (&b.peers, &b.token, b.generation));
+    let ring = |next: &str, prev: &str| Some(Neighbours { next: next.into(), prev: prev.into() });
+    assert_eq!((a.neighbours.clone(), b.neighbours.clone()), (ring("b:7000", "b:7000"), ring("a:7000", "a:7000")));
+    assert_eq!((&a.token, a.generation), (&b.token, b.generation));
     assert_eq!(a.backend, "tcp");
     assert_eq!(a.resume, ResumePoint::default());
     assert_eq!(a.timeout_s, 60);
@@ -589,7 +590,8 @@ fn ten_thousand_joins_form_one_generation_with_assignments_that_do_not_grow() {
     // of max_workers in the configuration).
     let (mut small, _) = self::job(2, 2);
     let pair = fleet(&mut small, 2, t0);
-    let size = |a: &Assignment| a.peers.iter().map(String::len).sum::<usize>() + a.token.len() + a.config_json.len();
+    let size = |a: &Assignment| a.token.len() + a.config_json.len();
+    assert!(world.iter().all(|(_, a)| a.neighbours.is_none()), "NCCL ranks need no addresses");
     assert_eq!(size(&world[n - 1].1), size(&pair[1].1) + 2 * "10000".len() - 2 * "2".len());
     // Every rank heartbeats on time: the generation stands.
     for (id, a) in &world {
@@ -608,4 +610,54 @@ fn ten_thousand_joins_form_one_generation_with_assignments_that_do_not_grow() {
         from = page.next_page;
     }
     assert_eq!(seen.len(), n);
+}
+
+/// A heartbeat costs the same at any world size: it visits no member but its own (counted by
+/// `Members`, through which every walk over the world goes), whatever it carries.
+#[test]
+fn a_heartbeat_walks_no_member_at_any_world_size() {
+    for n in [10, 10_000] {
+        let (mut job, t0) = job(n as u32, n as u32);
+        let world = fleet(&mut job, n, t0);
+        let visits = |job: &Job| job.current.as_ref().expect("a generation").members.visits.get();
+        let before = visits(&job);
+        for round in 1..3 {
+            for (id, a) in &world {
+                let hb = Heartbeat {
+                    params_hash_step: round,
+                    losses: Losses { ita: 3.0, itm: 0.6, mlm: 2.0, total: 5.6 },
+                    bad_samples: [("corrupt_image".to_string(), round)].into(),
+                    ..beat(id, a, round)
+                };
+                assert!(commands(&mut job, &hb, at(t0, 1000 * round)).is_empty());
+            }
+        }
+        assert_eq!(visits(&job) - before, 0, "{} heartbeats in a world of {n} walked the members", 2 * n);
+        // The count is real: a status walks them.
+        job.status(at(t0, 2000));
+        assert!(visits(&job) - before >= n as u64);
+    }
+}
+
+/// A TCP rank receives its two ring neighbours' addresses, not the world's table.
+#[test]
+fn tcp_ranks_receive_their_ring_neighbours_only() {
+    let n = 1000;
+    let (mut job, t0) = job(n as u32, n as u32);
+    let ids: Vec<String> = (0..n).map(|i| format!("cpu-{i:04}")).collect();
+    for id in &ids {
+        join(&mut job, id, t0);
+    }
+    let mut address = vec![String::new(); n];
+    let mut ring = vec![None; n];
+    for id in &ids {
+        let a = assigned(join(&mut job, id, t0));
+        assert_eq!((a.backend.as_str(), a.world_size), ("tcp", n as u32));
+        address[a.rank as usize] = format!("{id}:7000");
+        ring[a.rank as usize] = a.neighbours;
+    }
+    for (r, neighbours) in ring.into_iter().enumerate() {
+        let want = Neighbours { next: address[(r + 1) % n].clone(), prev: address[(r + n - 1) % n].clone() };
+        assert_eq!(neighbours, Some(want), "rank {r}");
+    }
 }
