@@ -345,8 +345,9 @@ impl Beats {
     }
 }
 
-/// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit.
-async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs: &Mutex<Observed>) {
+/// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit; returns how long the
+/// report took.
+async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs: &Mutex<Observed>) -> Duration {
     let location = dir.join(format!("run/checkpoints/step-{step}"));
     std::fs::create_dir_all(&location).unwrap();
     std::fs::write(location.join("trainer_state.json"), "{}").unwrap();
@@ -364,9 +365,11 @@ async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs:
         epoch: 0,
         step_in_epoch: step,
     };
+    let sent = Instant::now();
     if let Err(s) = c.report_checkpoint(req).await {
         obs.lock().unwrap().error("ReportCheckpoint", &s);
     }
+    sent.elapsed()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -388,7 +391,7 @@ struct Summary {
     max: Duration,
 }
 
-async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
+async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runtime::Handle) -> Summary {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(dir.path(), n, &args.backend);
     let (_, idle_rss, _) = coordinator.usage();
@@ -401,7 +404,7 @@ async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
     for i in 0..n {
         let (endpoint, obs) = (coordinator.endpoint.clone(), obs.clone());
         let delay = spread.mul_f64(i as f64 / n as f64);
-        tasks.push(tokio::spawn(async move {
+        tasks.push(workers.spawn(async move {
             tokio::time::sleep(delay).await;
             worker(i, endpoint, (device_kind, transport), seconds, obs).await;
         }));
@@ -424,10 +427,11 @@ async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
     );
     let steady = Instant::now();
     let generation = obs.lock().unwrap().generations.iter().max().copied().unwrap_or(1);
+    let mut commits = vec![];
     for step in [5, 15] {
         if step < args.seconds {
             tokio::time::sleep_until(tokio::time::Instant::from_std(steady) + Duration::from_secs(step)).await;
-            checkpoint(dir.path(), &coordinator.endpoint, generation, step, &obs).await;
+            commits.push(checkpoint(dir.path(), &coordinator.endpoint, generation, step, &obs).await);
         }
     }
     let status_started = Instant::now();
@@ -451,8 +455,11 @@ async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
     }
     let o = obs.lock().unwrap();
     let last_join = o.last_join_sent.unwrap_or(started);
+    // The steady state: from 2 s after every rank had its assignment to 2 s before the workers
+    // end (the CPU's window); the line after shows the other seconds too.
+    let in_steady_state = |sent: &Instant| *sent >= steady + Duration::from_secs(2) && *sent < wait_until;
     let mut steady_beats: Vec<Duration> =
-        o.heartbeats.iter().filter(|(sent, _)| *sent >= steady + Duration::from_secs(2)).map(|(_, l)| *l).collect();
+        o.heartbeats.iter().filter(|(sent, _)| in_steady_state(sent)).map(|(_, l)| *l).collect();
     steady_beats.sort();
     let max_assignment = o.assignment_bytes.iter().max().copied().unwrap_or(0);
     let transport_name = match transport {
@@ -479,6 +486,15 @@ async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
         ms(summary.max),
         steady_beats.len()
     );
+    // The slowest beat of each second (a checkpoint is committed at +5 s and +15 s, the GetStatus
+    // follows the second, the workers end at +20 s).
+    let mut worst_by_second: BTreeMap<u64, Duration> = BTreeMap::new();
+    for (sent, latency) in &o.heartbeats {
+        let worst = worst_by_second.entry(sent.saturating_duration_since(steady).as_secs()).or_default();
+        *worst = (*worst).max(*latency);
+    }
+    let worst: Vec<String> = worst_by_second.values().map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
+    println!("slowest per second  {} ms", worst.join(" "));
     println!("errors              {:?}", o.errors);
     println!(
         "coordinator         CPU {:.0}% of one core in the steady state, RSS {:.1} MiB ({:.2} KiB per worker over idle), peak {:.1} MiB",
@@ -489,16 +505,21 @@ async fn run(n: usize, transport: Transport, args: &Args) -> Summary {
     );
     println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
     println!("GetStatus           {} bytes in {}", status_bytes, ms(status_took));
+    let commits: Vec<String> = commits.into_iter().map(ms).collect();
+    println!("checkpoint commits  {}", commits.join(", "));
     println!();
     summary
 }
 
 fn main() {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The simulated workers run on a runtime of their own: the bench's own blocking bookkeeping
+    // (scrapes, /proc, checkpoint files) on this thread must not delay their heartbeats.
+    let workers = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for &n in &args.workers {
         let runs: Vec<(Transport, Summary)> =
-            args.heartbeats.iter().map(|&t| (t, rt.block_on(run(n, t, &args)))).collect();
+            args.heartbeats.iter().map(|&t| (t, rt.block_on(run(n, t, &args, workers.handle())))).collect();
         let of = |want| runs.iter().find(|(t, _)| *t == want).map(|(_, s)| s);
         if let (Some(stream), Some(unary)) = (of(Transport::Stream), of(Transport::Unary)) {
             let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);

@@ -20,6 +20,8 @@ use tracing::warn;
 /// How long a long poll waits before answering UNAVAILABLE (call again).
 const LONG_POLL: Duration = Duration::from_secs(20);
 const MAX_ID: usize = 256;
+/// State writes are at most this frequent (5 a second).
+const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_LOCATION: usize = 4096;
 const MAX_ERROR: usize = 16 * 1024;
 const NCCL_ID_BYTES: usize = 128;
@@ -38,8 +40,8 @@ pub struct Shared {
     /// The run location: checkpoints live under it.
     run: Location,
     state: Location,
-    /// Revision of the job last written; the lock also orders the writes.
-    written: tokio::sync::Mutex<u64>,
+    /// Revision of the job last written and when; the lock also orders the writes.
+    written: tokio::sync::Mutex<(u64, Option<tokio::time::Instant>)>,
     /// The job's revision when it was last unlocked, and the last written: equal, and a request
     /// has nothing to persist without taking a lock or spawning a write (most heartbeats).
     revision: AtomicU64,
@@ -52,7 +54,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(job: Job, run: Location, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
-        let written = tokio::sync::Mutex::new(job.revision());
+        let written = tokio::sync::Mutex::new((job.revision(), None));
         let (revision, written_revision) = (AtomicU64::new(job.revision()), AtomicU64::new(job.revision()));
         let (writes, written_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         let job = Mutex::new(job);
@@ -92,9 +94,10 @@ impl Shared {
         Locked { events: job.events(), job, wake: &self.wake, revision: &self.revision }
     }
 
-    /// Writes the job's state if it changed since the last write. The write runs as a task of
-    /// its own: a caller that goes away (a cancelled RPC) does not cut it short, so it is not
-    /// done again and again.
+    /// Writes the job's state if it changed since the last write, at most every
+    /// `MIN_WRITE_INTERVAL`: the requests of an interval share one write (10,000 workers leaving
+    /// at once make a few writes, not 10,000). The write runs as a task of its own: a caller that
+    /// goes away (a cancelled RPC) does not cut it short, so it is not done again and again.
     pub async fn persist(self: &Arc<Self>) -> anyhow::Result<()> {
         if self.revision.load(Ordering::Acquire) == self.written_revision.load(Ordering::Acquire) {
             return Ok(());
@@ -105,15 +108,24 @@ impl Shared {
 
     async fn write_state(&self) -> anyhow::Result<()> {
         let mut written = self.written.lock().await;
+        // Written while this one waited for the lock: nothing to do (and no reason to wait).
+        if self.revision.load(Ordering::Acquire) == written.0 {
+            return Ok(());
+        }
+        if let Some(last) = written.1 {
+            tokio::time::sleep_until(last + MIN_WRITE_INTERVAL).await;
+        }
+        // Copied under the lock, serialised and written outside it.
         let snapshot = {
             let job = self.job();
-            (job.revision() != *written).then(|| (job.revision(), job.to_json()))
+            (job.revision() != written.0).then(|| job.snapshot())
         };
-        if let Some((revision, json)) = snapshot {
+        if let Some(snapshot) = snapshot {
+            let json = snapshot.to_json();
             let bytes = json.len() as u64;
             self.state.write_all(json.into_bytes()).await?;
-            *written = revision;
-            self.written_revision.store(revision, Ordering::Release);
+            *written = (snapshot.revision, Some(tokio::time::Instant::now()));
+            self.written_revision.store(snapshot.revision, Ordering::Release);
             self.writes.fetch_add(1, Ordering::Relaxed);
             self.written_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -176,8 +188,17 @@ impl Shared {
             bad_samples,
             bad_sample_examples,
         };
-        let (commands, generation) = self.job().heartbeat(&hb, Instant::now()).map_err(to_status)?;
-        self.persist_logged().await;
+        let (outcome, changed) = {
+            let mut job = self.job();
+            let before = job.revision();
+            (job.heartbeat(&hb, Instant::now()), job.revision() != before)
+        };
+        let (commands, generation) = outcome.map_err(to_status)?;
+        // Only a beat that changed the job waits for its write (the others' changes are not its
+        // to wait for: at fleet scale they would hold every beat behind every write).
+        if changed {
+            self.persist_logged().await;
+        }
         Ok(pb::HeartbeatResponse { commands: commands.into_iter().map(|c| command(c) as i32).collect(), generation })
     }
 

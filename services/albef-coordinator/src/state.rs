@@ -278,6 +278,8 @@ impl Rendezvous {
     /// The first `n` to come, out of the rendezvous.
     fn take_first(&mut self, n: usize) -> Vec<Candidate> {
         let taken = self.candidates.drain(..n.min(self.candidates.len())).collect();
+        // A fleet's rendezvous would otherwise keep its room (100 bytes a worker) for good.
+        self.candidates.shrink_to_fit();
         self.reindex();
         taken
     }
@@ -363,6 +365,8 @@ struct Generation {
     hash_steps: BTreeMap<u64, usize>,
     /// Members that trained the last step.
     done: usize,
+    /// Members gone (left, or silent once the job was ending).
+    gone: usize,
     backend: String,
     token: String,
     resume: ResumePoint,
@@ -397,6 +401,18 @@ impl Generation {
         *self.hash_steps.entry(step).or_default() += 1;
     }
 
+    /// Marks `rank` gone; returns how many are gone now.
+    fn set_gone(&mut self, rank: usize) -> usize {
+        if !std::mem::replace(&mut self.members[rank].gone, true) {
+            self.gone += 1;
+        }
+        self.gone
+    }
+
+    fn all_gone(&self) -> bool {
+        self.gone == self.members.len()
+    }
+
     fn push_command(&mut self, cmd: Command) {
         for m in self.members.iter_mut().filter(|m| !m.gone) {
             // A repeated request before delivery is one command; pause-resume-pause stays ordered.
@@ -404,6 +420,48 @@ impl Generation {
                 m.commands.push(cmd);
             }
         }
+    }
+}
+
+/// The job's durable state at one revision; `Job::from_json` restores it.
+pub struct Snapshot {
+    pub revision: u64,
+    generation: u64,
+    state: &'static str,
+    paused: bool,
+    restarts: u64,
+    nonfinite_steps: u64,
+    rejected_checkpoints: u64,
+    checkpoints_committed: u64,
+    /// Worker id -> rank, of the running generation or the last one.
+    ranks: Vec<(String, u32)>,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl Snapshot {
+    pub fn to_json(&self) -> String {
+        let ranks: serde_json::Map<String, Value> = self.ranks.iter().map(|(id, r)| (id.clone(), json!(r))).collect();
+        let checkpoints: Vec<Value> = self
+            .checkpoints
+            .iter()
+            .map(|c| {
+                json!({"step": c.step, "epoch": c.epoch, "step_in_epoch": c.step_in_epoch,
+                       "location": c.location, "committed_at": c.committed_at})
+            })
+            .collect();
+        let doc = json!({
+            "version": STATE_VERSION,
+            "generation": self.generation,
+            "state": self.state,
+            "paused": self.paused,
+            "restarts": self.restarts,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rejected_checkpoints": self.rejected_checkpoints,
+            "checkpoints_committed": self.checkpoints_committed,
+            "ranks": ranks,
+            "checkpoints": checkpoints,
+        });
+        serde_json::to_string_pretty(&doc).expect("state serialises")
     }
 }
 
@@ -518,7 +576,7 @@ impl Job {
 
     /// The finished job has no one left to serve: the coordinator can exit.
     pub fn drained(&self) -> bool {
-        self.finished && self.current.as_ref().is_none_or(|g| g.members.iter().all(|m| m.gone))
+        self.finished && self.current.as_ref().is_none_or(Generation::all_gone)
     }
 
     pub fn checkpoints(&self) -> &[Checkpoint] {
@@ -688,6 +746,7 @@ impl Job {
             number: self.generation,
             hash_steps: BTreeMap::from([(0, members.len())]),
             done: 0,
+            gone: 0,
             ranks,
             members: Members { ranks: members, visits: Default::default() },
             token: random_token(self.generation),
@@ -764,7 +823,7 @@ impl Job {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
             if self.stopping {
                 warn!(reason, "worker failed while the job stops");
-                m.gone = true;
+                g.set_gone(rank);
                 self.finish_if_all_gone();
                 return Ok((vec![Command::Stop], generation));
             }
@@ -849,17 +908,11 @@ impl Job {
             if !silent.is_empty() {
                 if ending {
                     for (i, &(r, ms)) in silent.iter().enumerate() {
-                        let m = &mut g.members[r];
                         if i < LOGGED_IDS {
-                            info!(
-                                generation = number,
-                                worker = m.worker_id,
-                                rank = r,
-                                silent_ms = ms as u64,
-                                "worker lost"
-                            );
+                            let worker = &g.members[r].worker_id;
+                            info!(generation = number, worker, rank = r, silent_ms = ms as u64, "worker lost");
                         }
-                        m.gone = true;
+                        g.set_gone(r);
                     }
                     self.finish_if_all_gone();
                 } else {
@@ -882,7 +935,7 @@ impl Job {
 
     /// A stopping job is finished once no member is left.
     fn finish_if_all_gone(&mut self) {
-        if self.stopping && self.current.as_ref().is_none_or(|g| g.members.iter().all(|m| m.gone)) {
+        if self.stopping && self.current.as_ref().is_none_or(Generation::all_gone) {
             info!("every worker stopped: the job is finished");
             self.finished = true;
             self.changed();
@@ -894,11 +947,15 @@ impl Job {
     pub fn leave(&mut self, worker_id: &str, generation: u64, now: Instant) {
         self.waiting.remove(worker_id);
         let ending = self.finished || self.stopping;
-        let Some(m) = self.member_mut(generation, worker_id) else { return };
-        if ending || m.done {
+        let Some(g) = self.current.as_mut().filter(|g| g.number == generation) else { return };
+        let Some(rank) = g.rank_of(worker_id) else { return };
+        if ending || g.members[rank].done {
             // A rank that trained its last step may leave before the others did theirs.
-            m.gone = true;
-            info!(worker = worker_id, generation, "worker left");
+            let gone = g.set_gone(rank);
+            // A fleet leaving does not write a line per worker.
+            if gone <= LOGGED_IDS || gone.is_power_of_two() || gone == g.members.len() {
+                info!(worker = worker_id, generation, gone, world = g.members.len(), "worker left");
+            }
             self.finish_if_all_gone();
         } else {
             let reason = format!("worker {worker_id} left");
@@ -1245,35 +1302,27 @@ impl Job {
 
     /// What must survive a restart of the coordinator: the generation counter (so stale workers
     /// are told to rejoin), committed checkpoints, member ranks and the control state.
-    pub fn to_json(&self) -> String {
-        let ranks: serde_json::Map<String, Value> = match &self.current {
-            Some(g) => g.members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), json!(r))).collect(),
-            None => self.previous_ranks.iter().map(|(id, &r)| (id.clone(), json!(r))).collect(),
+    /// What the coordinator persists (`Snapshot::to_json`), copied: taken under the job's lock, serialised outside it.
+    pub fn snapshot(&self) -> Snapshot {
+        let ranks = match &self.current {
+            Some(g) => g.members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect(),
+            None => self.previous_ranks.iter().map(|(id, &r)| (id.clone(), r)).collect(),
         };
-        let checkpoints: Vec<Value> = self
-            .checkpoints
-            .iter()
-            .map(|c| {
-                json!({"step": c.step, "epoch": c.epoch, "step_in_epoch": c.step_in_epoch,
-                       "location": c.location, "committed_at": c.committed_at})
-            })
-            .collect();
-        let doc = json!({
-            "version": STATE_VERSION,
-            "generation": self.generation,
-            "state": self.state(),
-            "paused": self.paused,
-            "restarts": self.restarts,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rejected_checkpoints": self.rejected_checkpoints,
-            "checkpoints_committed": self.checkpoints_committed,
-            "ranks": ranks,
-            "checkpoints": checkpoints,
-        });
-        serde_json::to_string_pretty(&doc).expect("state serialises")
+        Snapshot {
+            revision: self.revision,
+            generation: self.generation,
+            state: self.state(),
+            paused: self.paused,
+            restarts: self.restarts,
+            nonfinite_steps: self.nonfinite_steps,
+            rejected_checkpoints: self.rejected_checkpoints,
+            checkpoints_committed: self.checkpoints_committed,
+            ranks,
+            checkpoints: self.checkpoints.clone(),
+        }
     }
 
-    /// A job restored from `to_json`'s output. Its generation is over: workers get REJOIN and form
+    /// A job restored from `Snapshot::to_json`'s output. Its generation is over: workers get REJOIN and form
     /// the next one, which resumes from the latest checkpoint. This is also how a whole job is
     /// restarted on the same run location.
     pub fn from_json(cfg: AlbefConfig, counts: Vec<u64>, text: &str, now: Instant) -> anyhow::Result<Self> {

@@ -372,7 +372,7 @@ fn non_finite_steps_are_counted_once_from_rank_0() {
         commands(&mut job, &Heartbeat { nonfinite_steps: n, ..beat(id, a, 5) }, t0);
     }
     assert_eq!(job.status(t0).nonfinite_steps, 3);
-    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.to_json(), t0).unwrap();
+    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
     assert_eq!(restored.status(t0).nonfinite_steps, 3);
 }
 
@@ -383,7 +383,7 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     job.report_checkpoint(1, 0, 12, 0, 12, "ck/step-12", t0).unwrap();
     job.pause().unwrap();
     let before = job.revision();
-    let text = job.to_json();
+    let text = job.snapshot().to_json();
     let mut restored = Job::from_json(config(2, 2), vec![60, 40], &text, t0).unwrap();
     assert!(before > 0);
     assert_eq!(restored.checkpoints(), job.checkpoints());
@@ -395,11 +395,11 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     assert_eq!((g2[0].generation, g2[0].rank, g2[1].rank), (2, 1, 0));
     assert_eq!(g2[0].resume.checkpoint, "ck/step-12");
     assert_eq!(restored.state(), "paused");
-    assert_eq!(restored.to_json().replace("\"generation\": 2", "\"generation\": 1"), text);
+    assert_eq!(restored.snapshot().to_json().replace("\"generation\": 2", "\"generation\": 1"), text);
 
     // A stopped job starts again (the same run location, a new coordinator) from its checkpoint.
     restored.stop();
-    let mut again = Job::from_json(config(2, 2), vec![60, 40], &restored.to_json(), t0).unwrap();
+    let mut again = Job::from_json(config(2, 2), vec![60, 40], &restored.snapshot().to_json(), t0).unwrap();
     assert_eq!(again.state(), "waiting");
     assert_eq!(form(&mut again, &["a", "b"], t0)[0].resume.checkpoint, "ck/step-12");
     // A finished one stays finished.
@@ -407,7 +407,7 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     for (id, a) in [("a", &g3[0]), ("b", &g3[1])] {
         commands(&mut job, &Heartbeat { done: true, ..beat(id, a, 24) }, t0);
     }
-    let finished = Job::from_json(config(2, 2), vec![60, 40], &job.to_json(), t0).unwrap();
+    let finished = Job::from_json(config(2, 2), vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
     assert_eq!(finished.state(), "finished");
     assert!(finished.drained());
     assert!(Job::from_json(config(2, 2), vec![1], "{\"version\": 9}", t0).is_err());
@@ -555,7 +555,7 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     let mut job = Job::new(cfg.clone(), vec![60, 40], t0);
     form(&mut job, &["a", "b"], t0);
     job.report_checkpoint(1, 0, 8, 0, 8, "ck/step-8", t0).unwrap();
-    let text = job.to_json();
+    let text = job.snapshot().to_json();
     let mut restored = Job::from_json(cfg.clone(), vec![60, 40], &text, t0).unwrap();
     assert_eq!(restored.state(), "waiting", "step 8 of 12: not the end");
     // Rank 0 of the old generation reports its final checkpoint (epoch 1, step 0 of it).
@@ -565,7 +565,7 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     // Committed before the restart: the restored job is finished at once.
     job.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap();
     assert_eq!(job.state(), "running", "a running generation finishes when its ranks say done");
-    let again = Job::from_json(cfg, vec![60, 40], &job.to_json(), t0).unwrap();
+    let again = Job::from_json(cfg, vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
     assert_eq!(again.state(), "finished");
 }
 
