@@ -102,6 +102,12 @@ impl AlbefConfig {
         ensure!(j.keep_checkpoints >= 1, "job.keep_checkpoints must be at least 1");
         ensure!(j.checkpoint_part_mb >= 5, "job.checkpoint_part_mb must be at least 5 (S3's smallest part)");
         ensure!(j.max_bad_steps >= 1, "job.max_bad_steps must be at least 1");
+        ensure!(
+            j.straggler_factor.is_finite() && j.straggler_factor > 1.0,
+            "job.straggler_factor must be a number above 1 (got {})",
+            j.straggler_factor
+        );
+        ensure!(j.straggler_window >= 1, "job.straggler_window must be at least 1 step");
         Ok(())
     }
 

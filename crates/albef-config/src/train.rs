@@ -211,6 +211,14 @@ pub struct JobConfig {
     pub eval_data: String,
     /// Candidates re-ranked by ITM per query.
     pub eval_k_test: u64,
+    /// A rank whose steps take longer than this many times the median rank's (outside the
+    /// collectives) for straggler_window of its steps is a straggler: reported in the status,
+    /// the metrics and the log (with its host, and whether it waits on data or on compute).
+    pub straggler_factor: f64,
+    pub straggler_window: u64,
+    /// Stragglers are removed: the generation ends and the next one forms without them (down to
+    /// min_workers); they may join the one after.
+    pub evict_stragglers: bool,
 }
 
 impl Default for JobConfig {
@@ -234,6 +242,9 @@ impl Default for JobConfig {
             eval_at_end: false,
             eval_data: String::new(),
             eval_k_test: 128,
+            straggler_factor: 1.5,
+            straggler_window: 20,
+            evict_stragglers: false,
         }
     }
 }

@@ -15,6 +15,8 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_job_world_size", Kind::Gauge, "Ranks in the current generation."),
         ("albef_workers_alive", Kind::Gauge, "Workers of the current generation that are still there."),
         ("albef_workers_silent", Kind::Gauge, "Of those, the ones silent for over two heartbeat intervals."),
+        ("albef_stragglers", Kind::Gauge, "Of those, the ones slower than job.straggler_factor x the median rank."),
+        ("albef_straggler_evictions_total", Kind::Counter, "Stragglers removed from the job (job.evict_stragglers)."),
         ("albef_job_restarts_total", Kind::Counter, "Generations ended by a failure."),
         ("albef_job_step", Kind::Gauge, "Optimiser steps taken (slowest rank)."),
         ("albef_job_epoch", Kind::Gauge, "Current epoch."),
@@ -46,6 +48,8 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         r.set("albef_job_world_size", &[], f64::from(s.world_size));
         r.set("albef_workers_alive", &[], f64::from(s.workers_total));
         r.set("albef_workers_silent", &[], f64::from(s.workers_silent));
+        r.set("albef_stragglers", &[], f64::from(s.stragglers));
+        r.set("albef_straggler_evictions_total", &[], s.straggler_evictions as f64);
         r.set("albef_job_restarts_total", &[], s.restarts as f64);
         r.set("albef_job_step", &[], s.step as f64);
         r.set("albef_job_epoch", &[], s.epoch as f64);

@@ -155,6 +155,12 @@ impl Shared {
         if !(r.images_per_second.is_finite() && r.images_per_second >= 0.0) {
             return Err(Status::invalid_argument(format!("images_per_second {} is not a rate", r.images_per_second)));
         }
+        if !(r.busy_seconds.is_finite() && r.busy_seconds >= 0.0) {
+            return Err(Status::invalid_argument(format!("busy_seconds {} is not a duration", r.busy_seconds)));
+        }
+        if !(0.0..=1.0).contains(&r.data_wait_share) {
+            return Err(Status::invalid_argument(format!("data_wait_share {} is not in 0..=1", r.data_wait_share)));
+        }
         let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
         let l = r.losses.unwrap_or_default();
         // Workers report the losses of applied steps only: finite, as are lr and temp.
@@ -187,6 +193,8 @@ impl Shared {
             nonfinite_steps: r.nonfinite_steps,
             bad_samples,
             bad_sample_examples,
+            busy_seconds: r.busy_seconds,
+            data_wait_share: r.data_wait_share,
         };
         let (outcome, changed) = {
             let mut job = self.job();
@@ -416,15 +424,23 @@ impl Coordinator for CoordinatorService {
             .0
             .long_poll("rendezvous", |job, now| {
                 Ok(match job.join(&r.worker_id, &r.host, &r.device_kind, &r.collective_address, now)? {
-                    JoinOutcome::Assigned(a) => Some(join_response(a)),
+                    JoinOutcome::Assigned(a) => Some(Ok(join_response(a))),
                     JoinOutcome::Ended(state) => {
-                        Some(pb::JoinResponse { job_ended: state.into(), ..Default::default() })
+                        Some(Ok(pb::JoinResponse { job_ended: state.into(), ..Default::default() }))
                     }
                     JoinOutcome::Wait => None,
+                    // Why it waits while the job runs without it: told at once, and once.
+                    JoinOutcome::Spare { generation, world } => Some(Err(format!(
+                        "generation {generation} runs with {world} ranks without this worker: it waits as a spare \
+                         for the next rendezvous, call again"
+                    ))),
+                    JoinOutcome::Benched => Some(Err("this worker was evicted as a straggler: it sits out this \
+                         rendezvous (a spare for the one after), call again"
+                        .to_string())),
                 })
             })
             .await?;
-        Ok(Response::new(response))
+        response.map(Response::new).map_err(Status::unavailable)
     }
 
     async fn publish_nccl_id(
@@ -592,8 +608,13 @@ impl ControlService {
                     last_seen_ms: w.last_seen_ms,
                     params_hash: w.params_hash,
                     params_hash_step: w.params_hash_step,
+                    busy_seconds: w.busy_seconds,
+                    data_wait_share: w.data_wait_share,
+                    straggler: w.straggler,
                 })
                 .collect(),
+            stragglers: s.stragglers,
+            straggler_evictions: s.straggler_evictions,
             step: s.step,
             epoch: s.epoch,
             total_steps: s.total_steps,

@@ -20,6 +20,8 @@ use tracing::{info, warn};
 const STATE_VERSION: u64 = 1;
 /// Worker ids a log line names at most (a fleet's rendezvous must not write 10,000 of them).
 const LOGGED_IDS: usize = 8;
+/// How often the ranks are compared for stragglers.
+const STRAGGLER_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a request cannot be served; service.rs maps each kind to a gRPC status code.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +100,14 @@ pub struct Assignment {
 pub enum JoinOutcome {
     /// The rendezvous is still open: poll again.
     Wait,
+    /// A generation runs without this worker (its world was full, or formed before it came): it
+    /// waits as a spare for the next rendezvous. Said once; poll again.
+    Spare {
+        generation: u64,
+        world: u32,
+    },
+    /// This worker was evicted as a straggler: it sits out this rendezvous. Said once; poll again.
+    Benched,
     Assigned(Assignment),
     /// The job is finished, stopped or stopping (its state): a worker has nothing to join.
     Ended(&'static str),
@@ -136,6 +146,10 @@ pub struct Heartbeat {
     pub bad_samples: BTreeMap<String, u64>,
     /// The first few of each reason.
     pub bad_sample_examples: Vec<SkipExample>,
+    /// Seconds of a recent step outside the collectives (0: not measured), and the share of it
+    /// waiting for data.
+    pub busy_seconds: f64,
+    pub data_wait_share: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +172,9 @@ pub struct WorkerStatus {
     pub last_seen_ms: u64,
     pub params_hash: String,
     pub params_hash_step: u64,
+    pub busy_seconds: f64,
+    pub data_wait_share: f64,
+    pub straggler: bool,
 }
 
 /// Which workers a status lists.
@@ -184,6 +201,9 @@ pub struct JobStatus {
     /// two heartbeat intervals.
     pub workers_total: u32,
     pub workers_silent: u32,
+    /// Of those, the stragglers now; and the stragglers evicted over the job.
+    pub stragglers: u32,
+    pub straggler_evictions: u64,
     /// With a page: the first rank of the next one, if any.
     pub next_page: Option<u32>,
     /// The slowest rank's step.
@@ -231,6 +251,8 @@ struct Candidate {
     device_kind: String,
     address: String,
     last_seen: Instant,
+    /// It was told that a generation runs without it (once).
+    told_spare: bool,
 }
 
 /// The workers waiting for the next rendezvous, in the order they came, found by id in O(1).
@@ -249,7 +271,8 @@ impl Rendezvous {
     fn upsert(&mut self, c: Candidate) -> bool {
         match self.index.get(&c.worker_id) {
             Some(&i) => {
-                self.candidates[i] = c;
+                let told_spare = self.candidates[i].told_spare;
+                self.candidates[i] = Candidate { told_spare, ..c };
                 false
             }
             None => {
@@ -267,6 +290,10 @@ impl Rendezvous {
         if self.candidates.len() != before {
             self.reindex();
         }
+    }
+
+    fn get_mut(&mut self, worker_id: &str) -> Option<&mut Candidate> {
+        self.index.get(worker_id).map(|&i| &mut self.candidates[i])
     }
 
     fn remove(&mut self, worker_id: &str) {
@@ -314,6 +341,11 @@ struct Member {
     lr: f64,
     temp: f64,
     commands: Vec<Command>,
+    busy_seconds: f64,
+    data_wait_share: f64,
+    /// The step from which it has been slower than the straggler factor allows.
+    slow_since: Option<u64>,
+    straggler: bool,
 }
 
 /// A generation's members in rank order. A rank is found in O(1); every walk over them goes
@@ -433,6 +465,7 @@ pub struct Snapshot {
     nonfinite_steps: u64,
     rejected_checkpoints: u64,
     checkpoints_committed: u64,
+    straggler_evictions: u64,
     /// Worker id -> rank, of the running generation or the last one.
     ranks: Vec<(String, u32)>,
     checkpoints: Vec<Checkpoint>,
@@ -458,6 +491,7 @@ impl Snapshot {
             "nonfinite_steps": self.nonfinite_steps,
             "rejected_checkpoints": self.rejected_checkpoints,
             "checkpoints_committed": self.checkpoints_committed,
+            "straggler_evictions": self.straggler_evictions,
             "ranks": ranks,
             "checkpoints": checkpoints,
         });
@@ -495,6 +529,12 @@ pub struct Job {
     events: u64,
     /// Wall-clock time at `clock.0`, for the commit times of checkpoints.
     clock: (Instant, u64),
+    /// When the ranks were last compared for stragglers.
+    stragglers_checked: Option<Instant>,
+    straggler_evictions: u64,
+    /// Stragglers evicted from the generation that ended: they sit out the next rendezvous
+    /// (whether each was told so).
+    benched: HashMap<String, bool>,
 }
 
 impl Job {
@@ -526,6 +566,9 @@ impl Job {
             revision: 0,
             events: 0,
             clock: (now, unix),
+            stragglers_checked: None,
+            straggler_evictions: 0,
+            benched: HashMap::new(),
         }
     }
 
@@ -609,12 +652,18 @@ impl Job {
             let reason = format!("worker {worker_id} (rank {rank}) joined again: it restarted");
             self.end_generation(&reason, true, &[], now);
         }
+        if self.current.is_none()
+            && let Some(told) = self.benched.get_mut(worker_id)
+        {
+            return Ok(if std::mem::replace(told, true) { JoinOutcome::Wait } else { JoinOutcome::Benched });
+        }
         let candidate = Candidate {
             worker_id: worker_id.to_string(),
             host: host.to_string(),
             device_kind: device_kind.to_string(),
             address: address.to_string(),
             last_seen: now,
+            told_spare: false,
         };
         if self.waiting.upsert(candidate) {
             self.last_join = Some(now);
@@ -632,10 +681,13 @@ impl Job {
             }
         }
         self.try_close(now);
-        Ok(match self.current.as_ref().and_then(|g| g.rank_of(worker_id)) {
-            Some(rank) => JoinOutcome::Assigned(self.assignment(rank)),
-            None => JoinOutcome::Wait,
-        })
+        let Some(g) = &self.current else { return Ok(JoinOutcome::Wait) };
+        if let Some(rank) = g.rank_of(worker_id) {
+            return Ok(JoinOutcome::Assigned(self.assignment(rank)));
+        }
+        let spare = JoinOutcome::Spare { generation: g.number, world: g.world() };
+        let told = self.waiting.get_mut(worker_id).is_none_or(|c| std::mem::replace(&mut c.told_spare, true));
+        Ok(if told { JoinOutcome::Wait } else { spare })
     }
 
     fn assignment(&self, rank: usize) -> Assignment {
@@ -728,6 +780,10 @@ impl Job {
                 lr: 0.0,
                 temp: 0.0,
                 commands: if paused { vec![Command::Pause] } else { vec![] },
+                busy_seconds: 0.0,
+                data_wait_share: 0.0,
+                slow_since: None,
+                straggler: false,
             })
             .collect();
         self.previous_ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect();
@@ -742,6 +798,7 @@ impl Job {
             "rendezvous closed: generation formed"
         );
         let ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r)).collect();
+        self.benched.clear();
         self.current = Some(Generation {
             number: self.generation,
             hash_steps: BTreeMap::from([(0, members.len())]),
@@ -816,6 +873,8 @@ impl Job {
         m.params_hash.clone_from(&hb.params_hash);
         m.lr = hb.lr;
         m.temp = hb.temp;
+        m.busy_seconds = hb.busy_seconds;
+        m.data_wait_share = hb.data_wait_share;
         if !hb.bad_samples.is_empty() {
             self.bad_samples.insert(hb.worker_id.clone(), (hb.bad_samples.clone(), hb.bad_sample_examples.clone()));
         }
@@ -930,7 +989,51 @@ impl Job {
                 }
             }
         }
+        if !ending && self.stragglers_checked.is_none_or(|t| now.saturating_duration_since(t) >= STRAGGLER_CHECK) {
+            self.stragglers_checked = Some(now);
+            self.check_stragglers(now);
+        }
         self.try_close(now);
+    }
+
+    /// Marks the ranks that hold the others back (see stragglers.rs), says so, and with
+    /// `job.evict_stragglers` ends the generation so that the next one forms without them.
+    fn check_stragglers(&mut self, now: Instant) {
+        let (factor, window) = (self.cfg.job.straggler_factor, self.cfg.job.straggler_window);
+        let Some(g) = self.current.as_mut() else { return };
+        let (number, world) = (g.number, g.members.len());
+        let marked = stragglers::update(&mut g.members, factor, window);
+        for s in marked.iter().take(LOGGED_IDS) {
+            warn!(
+                generation = number,
+                worker = s.worker_id,
+                host = s.host,
+                rank = s.rank,
+                busy_seconds = s.busy_seconds,
+                median_seconds = s.median_seconds,
+                data_wait_share = s.data_wait_share,
+                "straggler: a step takes {:.3} s outside the collectives against the median rank's {:.3} s, for {} steps; it waits on {} ({:.0}% of its time on data)",
+                s.busy_seconds,
+                s.median_seconds,
+                s.steps,
+                s.waits_on(),
+                100.0 * s.data_wait_share
+            );
+        }
+        if marked.is_empty() || !self.cfg.job.evict_stragglers {
+            return;
+        }
+        let left = world - marked.len();
+        if left < self.cfg.job.min_workers as usize {
+            warn!(stragglers = marked.len(), left, "stragglers not evicted: fewer than job.min_workers would remain");
+            return;
+        }
+        let ids: Vec<String> = marked.iter().map(|s| s.worker_id.clone()).collect();
+        let named: Vec<String> = ids.iter().take(LOGGED_IDS).map(|id| format!("worker {id}")).collect();
+        let reason = format!("straggler{} evicted: {}", if ids.len() > 1 { "s" } else { "" }, named.join(", "));
+        self.straggler_evictions += ids.len() as u64;
+        self.end_generation(&reason, false, &ids, now);
+        self.benched = ids.into_iter().map(|id| (id, false)).collect();
     }
 
     /// A stopping job is finished once no member is left.
@@ -1223,11 +1326,12 @@ impl Job {
         let (listed, next_page) = match view {
             WorkerView::Summary if members.len() <= SUMMARY_WORKERS => (members.clone(), None),
             WorkerView::Summary => {
-                // The most silent first, then the slowest: what an operator of a fleet looks for.
+                // The most silent first, then the stragglers, then the furthest behind: what an
+                // operator of a fleet looks for.
                 let mut ranked = members.clone();
                 ranked.sort_by_key(|&(r, m)| {
                     let s = silence(m);
-                    (std::cmp::Reverse(if s >= silent_after { s } else { Duration::ZERO }), m.step, r)
+                    (std::cmp::Reverse(if s >= silent_after { s } else { Duration::ZERO }), !m.straggler, m.step, r)
                 });
                 ranked.truncate(SUMMARY_WORKERS);
                 ranked.sort_by_key(|(r, _)| *r);
@@ -1255,8 +1359,13 @@ impl Job {
                     last_seen_ms: silence(m).as_millis() as u64,
                     params_hash: m.params_hash.clone(),
                     params_hash_step: m.params_hash_step,
+                    busy_seconds: m.busy_seconds,
+                    data_wait_share: m.data_wait_share,
+                    straggler: m.straggler,
                 })
                 .collect(),
+            stragglers: members.iter().filter(|(_, m)| m.straggler).count() as u32,
+            straggler_evictions: self.straggler_evictions,
             workers_total: members.len() as u32,
             workers_silent: members.iter().filter(|(_, m)| silence(m) >= silent_after).count() as u32,
             next_page,
@@ -1300,9 +1409,9 @@ impl Job {
         per_reason.into_values().flatten().collect()
     }
 
-    /// What must survive a restart of the coordinator: the generation counter (so stale workers
-    /// are told to rejoin), committed checkpoints, member ranks and the control state.
-    /// What the coordinator persists (`Snapshot::to_json`), copied: taken under the job's lock, serialised outside it.
+    /// What must survive a restart of the coordinator (the generation counter, so that stale
+    /// workers are told to rejoin, committed checkpoints, member ranks, the control state and the
+    /// job's counters), copied: taken under the job's lock, serialised outside it.
     pub fn snapshot(&self) -> Snapshot {
         let ranks = match &self.current {
             Some(g) => g.members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect(),
@@ -1317,6 +1426,7 @@ impl Job {
             nonfinite_steps: self.nonfinite_steps,
             rejected_checkpoints: self.rejected_checkpoints,
             checkpoints_committed: self.checkpoints_committed,
+            straggler_evictions: self.straggler_evictions,
             ranks,
             checkpoints: self.checkpoints.clone(),
         }
@@ -1337,6 +1447,7 @@ impl Job {
         job.nonfinite_steps = doc["nonfinite_steps"].as_u64().unwrap_or(0);
         job.rejected_checkpoints = doc["rejected_checkpoints"].as_u64().unwrap_or(0);
         job.checkpoints_committed = doc["checkpoints_committed"].as_u64().unwrap_or(0);
+        job.straggler_evictions = doc["straggler_evictions"].as_u64().unwrap_or(0);
         let state = doc["state"].as_str().context("coordinator state: no state")?;
         // A stopped (or stopping) job starts again from its latest checkpoint; a finished one
         // stays finished.
@@ -1383,5 +1494,6 @@ fn random_token(generation: u64) -> String {
         .collect()
 }
 
+mod stragglers;
 #[cfg(test)]
 mod tests;

@@ -397,6 +397,8 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.heartbeat(HeartbeatRequest { worker_id: String::new(), ..hb.clone() }).await, "heartbeat without id");
     invalid(w.heartbeat(HeartbeatRequest { images_per_second: f64::NAN, ..hb.clone() }).await, "NaN rate");
     invalid(w.heartbeat(HeartbeatRequest { lr: f64::INFINITY, ..hb.clone() }).await, "infinite lr");
+    invalid(w.heartbeat(HeartbeatRequest { busy_seconds: -1.0, ..hb.clone() }).await, "negative step time");
+    invalid(w.heartbeat(HeartbeatRequest { data_wait_share: 1.5, ..hb.clone() }).await, "a share over 1");
     let nan = Some(albef_proto::v1::Losses { itm: f64::NAN, ..Default::default() });
     invalid(w.heartbeat(HeartbeatRequest { losses: nan, ..hb.clone() }).await, "NaN loss");
     invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
@@ -850,7 +852,7 @@ async fn albefctl_summarises_a_thousand_workers_and_lists_them_all_on_request() 
     let out = ctl(&["--endpoint", &endpoint, "--token-file", &admin, "status"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("workers     1000 there, 1 silent (16 listed"), "{stdout}");
+    assert!(stdout.contains("workers     1000 there, 1 silent, 0 stragglers (16 listed"), "{stdout}");
     let rows: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("RANK")).skip(1).collect();
     assert_eq!(rows.len(), 16, "{stdout}");
     assert!(rows.iter().any(|r| r.starts_with("3 ")) && rows.iter().any(|r| r.starts_with("7 ")), "{stdout}");

@@ -4,7 +4,9 @@
 //! - `crash_upload@STEP`: the process aborts once the first file of the checkpoint of STEP is
 //!   stored and before its manifest is (a crash in the middle of a save);
 //! - `late_commands@MS`: the coordinator's commands (but REJOIN) reach this worker MS
-//!   milliseconds after its heartbeat brought them (a slow network).
+//!   milliseconds after its heartbeat brought them (a slow network);
+//! - `slow_steps@MS`: every step of this worker computes MS milliseconds longer (a straggler:
+//!   a slower or throttled device).
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
@@ -16,6 +18,7 @@ pub struct Faults {
     nan: Mutex<BTreeSet<u64>>,
     crash_upload: Option<u64>,
     late_commands: Option<Duration>,
+    slow_steps: Option<Duration>,
 }
 
 impl Faults {
@@ -37,7 +40,8 @@ impl Faults {
                 }
                 "crash_upload" => faults.crash_upload = Some(n),
                 "late_commands" => faults.late_commands = Some(Duration::from_millis(n)),
-                other => bail!("ALBEF_FAULTS: unknown fault {other:?} (nan, crash_upload, late_commands)"),
+                "slow_steps" => faults.slow_steps = Some(Duration::from_millis(n)),
+                other => bail!("ALBEF_FAULTS: unknown fault {other:?} (nan, crash_upload, late_commands, slow_steps)"),
             }
         }
         if faults.any() {
@@ -47,7 +51,10 @@ impl Faults {
     }
 
     fn any(&mut self) -> bool {
-        !self.nan.get_mut().unwrap().is_empty() || self.crash_upload.is_some() || self.late_commands.is_some()
+        !self.nan.get_mut().unwrap().is_empty()
+            || self.crash_upload.is_some()
+            || self.late_commands.is_some()
+            || self.slow_steps.is_some()
     }
 
     /// Whether the batch of `step` is to be poisoned (each such step once).
@@ -63,6 +70,11 @@ impl Faults {
     pub fn command_delay(&self) -> Duration {
         self.late_commands.unwrap_or_default()
     }
+
+    /// How much longer each step computes (zero: as fast as it can).
+    pub fn step_delay(&self) -> Duration {
+        self.slow_steps.unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -74,6 +86,8 @@ mod tests {
         let f = Faults::parse("nan@5, crash_upload@8,nan@6").unwrap();
         assert_eq!((f.crash_upload(), f.command_delay()), (Some(8), Duration::ZERO));
         assert_eq!(Faults::parse("late_commands@1500").unwrap().command_delay(), Duration::from_millis(1500));
+        assert_eq!(Faults::parse("slow_steps@300").unwrap().step_delay(), Duration::from_millis(300));
+        assert_eq!(f.step_delay(), Duration::ZERO);
         assert!(f.take_nan(5) && !f.take_nan(5) && f.take_nan(6) && !f.take_nan(7));
         assert!(Faults::parse("boom@1").is_err());
         assert!(Faults::parse("nan").is_err());

@@ -190,8 +190,13 @@ impl Worker {
         loop {
             match self.rt.block_on(self.client.join(req.clone())) {
                 Ok(r) => return Ok(r.into_inner()),
-                // The rendezvous is still open: the long poll ended, ask again at once.
-                Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("rendezvous") => {}
+                // The rendezvous is still open (the long poll ended), or the job runs without this
+                // worker for now (said once): ask again at once.
+                Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("rendezvous") => {
+                    if s.message().contains("spare") {
+                        tracing::info!("{}", s.message());
+                    }
+                }
                 Err(s) if client::transient(&s) => {
                     tracing::info!("coordinator not reachable yet ({}); retrying", s.message());
                     backoff.wait();
@@ -436,6 +441,11 @@ impl Worker {
                 let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
                 let stats = trainer.forward_backward(&batch, r.steps_per_epoch, &CollectiveGather { collective })?;
                 times.add("forward", std::time::Duration::from_secs_f64(stats.forward_seconds));
+                let slow = self.faults.step_delay();
+                if !slow.is_zero() {
+                    std::thread::sleep(slow);
+                    times.add("forward", slow);
+                }
                 times.add("backward", std::time::Duration::from_secs_f64(stats.backward_seconds));
                 // A non-finite loss on any rank: no rank applies the step.
                 let bad = timed(&mut times, "communication", || {
@@ -749,7 +759,10 @@ impl Worker {
             p.params_hash = params_fingerprint(trainer);
             p.params_hash_step = p.step;
         }
-        p.images_per_second = self.metrics.images_per_second();
+        let recent = self.metrics.recent();
+        p.images_per_second = recent.images_per_second;
+        p.busy_seconds = recent.busy_seconds;
+        p.data_wait_share = recent.busy_data_wait_share;
         p.bad_samples = r.dataset.skips.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         p.bad_sample_examples = r
             .dataset

@@ -10,12 +10,37 @@ pub const PHASES: [&str; 6] = ["data_wait", "forward", "backward", "communicatio
 
 pub struct WorkerMetrics {
     pub registry: Registry,
-    /// The window over which the data-wait share and the throughput are measured: its start,
-    /// the data wait and the images in it.
-    window: (Instant, Duration, usize),
-    /// Images per second over the last full window (kept here: reading the registry would run
-    /// its refresh, a CUDA driver query, on every step).
-    images_per_second: f64,
+    /// The window over which the data-wait share, the throughput and the busy time are measured.
+    window: Window,
+    /// What the last full window measured (kept here: reading the registry would run its
+    /// refresh, a CUDA driver query, on every step).
+    recent: Recent,
+}
+
+/// A window of at least a second of steps.
+struct Window {
+    since: Instant,
+    data_wait: f64,
+    images: usize,
+    steps: u32,
+    /// Seconds outside the collectives and the checkpoint: this rank's own work.
+    busy: f64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { since: Instant::now(), data_wait: 0.0, images: 0, steps: 0, busy: 0.0 }
+    }
+}
+
+/// What a full window measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Recent {
+    pub images_per_second: f64,
+    /// A step's seconds outside the collectives (what tells a straggler from the ranks waiting
+    /// for it), and the share of them spent waiting for data.
+    pub busy_seconds: f64,
+    pub busy_data_wait_share: f64,
 }
 
 /// One step's timings.
@@ -53,7 +78,7 @@ impl WorkerMetrics {
                 }
             });
         }
-        WorkerMetrics { registry, window: (Instant::now(), Duration::ZERO, 0), images_per_second: 0.0 }
+        WorkerMetrics { registry, window: Window::new(), recent: Recent::default() }
     }
 
     /// Records a finished step: its phases, its images, and (when the peak is known) the MFU.
@@ -87,26 +112,37 @@ impl WorkerMetrics {
             r.set("albef_worker_mfu", &[], flops / wall / peak);
             recorded.push(("throughput/mfu", flops / wall / peak));
         }
-        let (since, waited, n) = &mut self.window;
-        *waited += Duration::from_secs_f64(times.seconds[0]);
-        *n += images;
-        let elapsed = since.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            let share = waited.as_secs_f64() / elapsed.as_secs_f64();
+        let w = &mut self.window;
+        w.data_wait += times.seconds[0];
+        w.images += images;
+        w.steps += 1;
+        w.busy += PHASES
+            .iter()
+            .zip(times.seconds)
+            .filter(|(phase, _)| !matches!(**phase, "communication" | "checkpoint"))
+            .map(|(_, s)| s)
+            .sum::<f64>();
+        let elapsed = w.since.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let share = w.data_wait / elapsed;
             r.set("albef_worker_data_wait_share", &[], share);
-            self.images_per_second = *n as f64 / elapsed.as_secs_f64();
-            r.set("albef_worker_images_per_second", &[], self.images_per_second);
+            self.recent = Recent {
+                images_per_second: w.images as f64 / elapsed,
+                busy_seconds: w.busy / f64::from(w.steps),
+                busy_data_wait_share: if w.busy > 0.0 { (w.data_wait / w.busy).clamp(0.0, 1.0) } else { 0.0 },
+            };
+            r.set("albef_worker_images_per_second", &[], self.recent.images_per_second);
             recorded.extend([
-                ("throughput/images_per_second", self.images_per_second),
+                ("throughput/images_per_second", self.recent.images_per_second),
                 ("throughput/data_wait_share", share),
             ]);
-            self.window = (Instant::now(), Duration::ZERO, 0);
+            self.window = Window::new();
         }
         recorded
     }
 
-    /// Images per second over the last full window (0 before the first).
-    pub fn images_per_second(&self) -> f64 {
-        self.images_per_second
+    /// What the last full window measured (zeros before the first).
+    pub fn recent(&self) -> Recent {
+        self.recent
     }
 }

@@ -481,6 +481,56 @@ fn a_paused_then_stopped_job_restarts_and_falls_back_past_a_corrupt_checkpoint()
     assert_same_as_reference(&job, job.local_final_hashes());
 }
 
+/// w2 computes 1.5 s longer at every step (a throttled device). The coordinator names it a
+/// straggler that waits on compute, evicts it, and the job goes on and finishes with the two
+/// others, while w2 waits as a spare and leaves with the job.
+#[test]
+fn a_straggler_is_named_evicted_and_the_job_finishes_without_it() {
+    let mut job = Job::new(None, &[]);
+    // A grace long enough for the three to form one world; an eviction after 2 slow steps.
+    job.extra.extend(
+        ["job.max_workers=3", "job.rendezvous_grace_ms=5000", "job.straggler_window=2", "job.evict_stragglers=true"]
+            .map(String::from),
+    );
+    job.start(&[]);
+    job.start_worker("w2", Some("slow_steps@1500"));
+    let mut watch = StallWatch::new(STALL);
+    loop {
+        job.check_alive();
+        let status = job.status();
+        if let Some(s) = status.as_ref().filter(|s| s.straggler_evictions >= 1) {
+            assert_eq!(s.straggler_evictions, 1, "{s:?}");
+            break;
+        }
+        watch.observe(progress(status.as_ref()), || format!("no straggler evicted\n{}", job.logs()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resumed = job.wait_for_step(STEPS - 8);
+    let mut world: Vec<&str> = resumed.workers.iter().map(|w| w.worker_id.as_str()).collect();
+    world.sort();
+    assert_eq!(world, ["w0", "w1"], "the world formed again without w2\n{}", job.logs());
+    job.finish(false);
+    let coordinator = job.logs_of("albef-coordinator");
+    let named: Vec<&str> = coordinator.lines().filter(|l| l.contains("straggler: a step takes")).collect();
+    assert!(
+        named.len() == 1 && named[0].contains("w2") && named[0].contains("it waits on compute"),
+        "one line names w2, waiting on compute: {named:?}\n{coordinator}"
+    );
+    assert!(coordinator.contains("straggler evicted: worker w2"), "{coordinator}");
+    let w2 = std::fs::read_to_string(&job.worker_logs["w2"]).unwrap();
+    assert!(w2.contains("evicted as a straggler"), "w2 is told why it waits\n{w2}");
+    let state = job.state();
+    assert_eq!(
+        (state["state"].as_str(), state["straggler_evictions"].as_u64()),
+        (Some("finished"), Some(1)),
+        "{state}"
+    );
+    // An eviction is not a failure.
+    assert_eq!(state["restarts"], 0, "{state}");
+    let finals = job.local_final_hashes();
+    assert!(finals.contains_key("model.safetensors"), "{finals:?}");
+}
+
 /// moto's S3 server on a free port; killed on drop.
 struct Moto {
     child: Child,

@@ -252,10 +252,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// How many workers are there, silent, and listed below.
 fn workers_line(s: &JobStatus) -> String {
     let listed = match s.workers.len() as u32 {
-        n if n < s.workers_total => format!(" ({n} listed: the silent and the slowest; --all for every one)"),
+        n if n < s.workers_total => {
+            format!(" ({n} listed: the silent, the stragglers and the slowest; --all for every one)")
+        }
         _ => String::new(),
     };
-    format!("{} there, {} silent{listed}", s.workers_total, s.workers_silent)
+    let evicted = match s.straggler_evictions {
+        0 => String::new(),
+        n => format!(" ({n} evicted so far)"),
+    };
+    format!("{} there, {} silent, {} stragglers{evicted}{listed}", s.workers_total, s.workers_silent, s.stragglers)
 }
 
 /// The latest in-job evaluation, ITM re-ranked as the reference reports it.
@@ -315,12 +321,17 @@ fn render_status(s: &JobStatus) -> String {
                     w.step.to_string(),
                     format!("{:.1}", w.images_per_second),
                     format!("{:.1}s ago", w.last_seen_ms as f64 / 1000.0),
+                    // A step outside the collectives: a straggler's is longer, and its data share
+                    // says whether input or compute holds it back.
+                    format!("{:.3}s {:.0}% data", w.busy_seconds, 100.0 * w.data_wait_share),
                     w.params_hash.chars().take(12).collect(),
+                    if w.straggler { "straggler".into() } else { String::new() },
                 ]
             })
             .collect();
         out.push('\n');
-        out.push_str(&table(&["RANK", "WORKER", "HOST", "STEP", "IMG/S", "LAST SEEN", "PARAMS"], &rows));
+        let header = ["RANK", "WORKER", "HOST", "STEP", "IMG/S", "LAST SEEN", "OWN STEP", "PARAMS", ""];
+        out.push_str(&table(&header, &rows));
     }
     out
 }
@@ -359,6 +370,9 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
                 "last_seen_ms": w.last_seen_ms,
                 "params_hash": w.params_hash,
                 "params_hash_step": w.params_hash_step,
+                "busy_seconds": w.busy_seconds,
+                "data_wait_share": w.data_wait_share,
+                "straggler": w.straggler,
             })
         })
         .collect();
@@ -368,6 +382,8 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "world_size": s.world_size,
         "workers_total": s.workers_total,
         "workers_silent": s.workers_silent,
+        "stragglers": s.stragglers,
+        "straggler_evictions": s.straggler_evictions,
         "step": s.step,
         "total_steps": s.total_steps,
         "epoch": s.epoch,
@@ -458,7 +474,12 @@ mod tests {
                 last_seen_ms: 1500,
                 params_hash: "0123456789abcdef".into(),
                 params_hash_step: 10,
+                busy_seconds: 0.25,
+                data_wait_share: 0.1,
+                straggler: true,
             }],
+            workers_total: 2,
+            stragglers: 1,
             ..Default::default()
         };
         let json = status_json(&s);
@@ -470,8 +491,13 @@ mod tests {
         assert!(text.contains("step        120 / 1000"), "{text}");
         assert!(text.contains("lr          1.000e-4"), "{text}");
         assert!(text.contains("checkpoint  -"), "{text}");
-        assert!(text.contains("RANK  WORKER    HOST    STEP  IMG/S  LAST SEEN  PARAMS"), "{text}");
-        assert!(text.contains("0     worker-0  node-a  120   27.5   1.5s ago   0123456789ab\n"), "{text}");
+        assert!(text.contains("RANK  WORKER    HOST    STEP  IMG/S  LAST SEEN  OWN STEP         PARAMS"), "{text}");
+        assert!(
+            text.contains("0     worker-0  node-a  120   27.5   1.5s ago   0.250s 10% data  0123456789ab  straggler\n"),
+            "{text}"
+        );
+        assert!(text.contains("workers     2 there, 0 silent, 1 stragglers (1 listed"), "{text}");
+        assert_eq!(json["workers"][0]["straggler"], true);
         assert!(text.contains("skipped     0 samples"), "{text}");
         assert!(!text.contains("SKIPPED"), "{text}");
     }

@@ -203,7 +203,8 @@ fn leaving_ends_the_generation_without_a_restart() {
 fn spares_wait_for_the_survivors_after_a_failure() {
     let (mut job, t0) = job(1, 2);
     let g = form(&mut job, &["a", "b"], t0);
-    join(&mut job, "c", at(t0, 10));
+    assert_eq!(join(&mut job, "c", at(t0, 10)), JoinOutcome::Spare { generation: 1, world: 2 });
+    assert_eq!(join(&mut job, "c", at(t0, 20)), JoinOutcome::Wait, "said once");
     assert_eq!(job.state(), "running", "a spare does not disturb a running generation");
     for t in (500..4000).step_by(500) {
         commands(&mut job, &beat("a", &g[0], 1), at(t0, t));
@@ -660,4 +661,82 @@ fn tcp_ranks_receive_their_ring_neighbours_only() {
         let want = Neighbours { next: address[(r + 1) % n].clone(), prev: address[(r + n - 1) % n].clone() };
         assert_eq!(neighbours, Some(want), "rank {r}");
     }
+}
+
+/// Four ranks beat once a second for `steps` steps (their own step time: 0.2 s, but rank 2's
+/// `slow`), the tick running after each round.
+fn run_with_a_slow_rank(job: &mut Job, g: &[Assignment], t0: Instant, steps: std::ops::Range<u64>, slow: f64) {
+    for step in steps {
+        let now = at(t0, 1000 * (step + 1));
+        for (i, a) in g.iter().enumerate() {
+            let busy = if a.rank == 2 { slow } else { 0.2 };
+            let hb = Heartbeat { busy_seconds: busy, data_wait_share: 0.8, ..beat(&format!("w{i}"), a, step) };
+            commands(job, &hb, now);
+        }
+        job.tick(now);
+    }
+}
+
+fn straggler_job(min: u32, evict: bool) -> (Job, Instant) {
+    let mut cfg = config(min, 4);
+    cfg.job.straggler_window = 10;
+    cfg.job.evict_stragglers = evict;
+    let t0 = Instant::now();
+    (Job::new(cfg, vec![60, 40], t0), t0)
+}
+
+#[test]
+fn a_rank_slower_than_the_median_for_the_window_is_a_straggler_until_it_catches_up() {
+    let (mut job, t0) = straggler_job(4, false);
+    let g = form(&mut job, &["w0", "w1", "w2", "w3"], t0);
+    let marked = |job: &Job| {
+        let s = job.status(at(t0, 0));
+        let ranks: Vec<u32> = s.workers.iter().filter(|w| w.straggler).map(|w| w.rank).collect();
+        (s.stragglers, ranks)
+    };
+    // Within the factor (1.5 x 0.2 s): never.
+    run_with_a_slow_rank(&mut job, &g, t0, 0..15, 0.29);
+    assert_eq!(marked(&job), (0, vec![]));
+    // Slower: only once it has been for the window of 10 steps.
+    run_with_a_slow_rank(&mut job, &g, t0, 15..24, 0.5);
+    assert_eq!(marked(&job), (0, vec![]), "8 slow steps are not yet the window");
+    run_with_a_slow_rank(&mut job, &g, t0, 24..27, 0.5);
+    assert_eq!(marked(&job), (1, vec![2]));
+    let w = job.status(at(t0, 0)).workers.into_iter().find(|w| w.rank == 2).unwrap();
+    assert_eq!((w.busy_seconds, w.data_wait_share), (0.5, 0.8));
+    assert_eq!(job.state(), "running", "without job.evict_stragglers it is only reported");
+    run_with_a_slow_rank(&mut job, &g, t0, 27..29, 0.2);
+    assert_eq!(marked(&job), (0, vec![]), "caught up");
+}
+
+#[test]
+fn an_evicted_straggler_sits_out_the_next_rendezvous_and_may_join_the_one_after() {
+    let (mut job, t0) = straggler_job(3, true);
+    let g = form(&mut job, &["w0", "w1", "w2", "w3"], t0);
+    run_with_a_slow_rank(&mut job, &g, t0, 0..12, 0.6);
+    assert_eq!(job.state(), "waiting", "the generation ended to leave the straggler out");
+    let s = job.status(at(t0, 0));
+    assert_eq!((s.straggler_evictions, s.restarts), (1, 0), "an eviction is no failure");
+    let evicted = format!("w{}", g.iter().position(|a| a.rank == 2).unwrap());
+    let now = at(t0, 13_000);
+    assert_eq!(join(&mut job, &evicted, now), JoinOutcome::Benched);
+    assert_eq!(join(&mut job, &evicted, now), JoinOutcome::Wait, "said once");
+    let others: Vec<String> = (0..4).map(|i| format!("w{i}")).filter(|id| *id != evicted).collect();
+    for id in &others {
+        join(&mut job, id, now);
+    }
+    // Three of four: the rendezvous closes after the grace.
+    let later = at(t0, 13_000 + GRACE + 1);
+    let second: Vec<Assignment> = others.iter().map(|id| assigned(join(&mut job, id, later))).collect();
+    assert!(second.iter().all(|a| a.generation == 2 && a.world_size == 3));
+    assert_eq!(join(&mut job, &evicted, later), JoinOutcome::Spare { generation: 2, world: 3 });
+}
+
+#[test]
+fn stragglers_stay_when_evicting_them_would_leave_fewer_than_min_workers() {
+    let (mut job, t0) = straggler_job(4, true);
+    let g = form(&mut job, &["w0", "w1", "w2", "w3"], t0);
+    run_with_a_slow_rank(&mut job, &g, t0, 0..12, 0.6);
+    let s = job.status(at(t0, 0));
+    assert_eq!((job.state(), s.stragglers, s.straggler_evictions), ("running", 1, 0));
 }
