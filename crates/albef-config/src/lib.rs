@@ -107,6 +107,11 @@ impl AlbefConfig {
             "job.straggler_factor must be a number above 1 (got {})",
             j.straggler_factor
         );
+        ensure!(
+            ["at_checkpoint", "immediately", "never"].contains(&j.scale_up.as_str()),
+            "job.scale_up must be at_checkpoint, immediately or never (got {:?})",
+            j.scale_up
+        );
         ensure!(j.straggler_window >= 1, "job.straggler_window must be at least 1 step");
         Ok(())
     }

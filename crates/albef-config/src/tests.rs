@@ -60,6 +60,14 @@ fn invalid_relations_are_reported() {
     assert!(err.contains("image_res"), "{err}");
     let err = format!("{:#}", load(&sources(None, &["model.preset=albef-huge"])).unwrap_err());
     assert!(err.contains("albef-huge"), "{err}");
+    for (setting, named) in [
+        ("job.scale_up=sometimes", "job.scale_up"),
+        ("job.straggler_factor=0.9", "job.straggler_factor"),
+        ("job.straggler_window=0", "job.straggler_window"),
+    ] {
+        let err = format!("{:#}", load(&sources(None, &[setting])).unwrap_err());
+        assert!(err.contains(named), "{setting}: {err}");
+    }
 }
 
 #[test]

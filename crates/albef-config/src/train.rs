@@ -181,6 +181,15 @@ pub struct JobConfig {
     pub min_workers: u32,
     pub max_workers: u32,
     pub rendezvous_grace_ms: u64,
+    /// After a failure, how long the rendezvous waits for the lost workers' replacements before
+    /// it forms a smaller world of the survivors (at least min_workers); a world as large as the
+    /// one that failed forms at once.
+    pub replace_grace_ms: u64,
+    /// When workers that come while a generation runs (spares) join it, up to max_workers:
+    /// `at_checkpoint` (the generation grows right after its next checkpoint commits),
+    /// `immediately` (a checkpoint is asked for at once, then the same) or `never` (they wait
+    /// for a rendezvous that a failure opens).
+    pub scale_up: String,
     /// A worker silent for longer ends the generation.
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
@@ -228,6 +237,8 @@ impl Default for JobConfig {
             min_workers: 1,
             max_workers: 1,
             rendezvous_grace_ms: 2000,
+            replace_grace_ms: 20_000,
+            scale_up: "at_checkpoint".into(),
             heartbeat_timeout_ms: 30_000,
             heartbeat_interval_ms: 1000,
             collective_backend: "auto".into(),

@@ -17,6 +17,12 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_workers_silent", Kind::Gauge, "Of those, the ones silent for over two heartbeat intervals."),
         ("albef_stragglers", Kind::Gauge, "Of those, the ones slower than job.straggler_factor x the median rank."),
         ("albef_straggler_evictions_total", Kind::Counter, "Stragglers removed from the job (job.evict_stragglers)."),
+        (
+            "albef_workers_waiting",
+            Kind::Gauge,
+            "Workers waiting for the next rendezvous (while a generation runs: spares).",
+        ),
+        ("albef_scale_ups_total", Kind::Counter, "Generations ended to let spares join (job.scale_up)."),
         ("albef_job_restarts_total", Kind::Counter, "Generations ended by a failure."),
         ("albef_job_step", Kind::Gauge, "Optimiser steps taken (slowest rank)."),
         ("albef_job_epoch", Kind::Gauge, "Current epoch."),
@@ -50,6 +56,8 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         r.set("albef_workers_silent", &[], f64::from(s.workers_silent));
         r.set("albef_stragglers", &[], f64::from(s.stragglers));
         r.set("albef_straggler_evictions_total", &[], s.straggler_evictions as f64);
+        r.set("albef_workers_waiting", &[], f64::from(s.waiting));
+        r.set("albef_scale_ups_total", &[], s.scale_ups as f64);
         r.set("albef_job_restarts_total", &[], s.restarts as f64);
         r.set("albef_job_step", &[], s.step as f64);
         r.set("albef_job_epoch", &[], s.epoch as f64);

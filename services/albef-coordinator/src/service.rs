@@ -615,6 +615,8 @@ impl ControlService {
                 .collect(),
             stragglers: s.stragglers,
             straggler_evictions: s.straggler_evictions,
+            waiting: s.waiting,
+            scale_ups: s.scale_ups,
             step: s.step,
             epoch: s.epoch,
             total_steps: s.total_steps,

@@ -204,6 +204,10 @@ pub struct JobStatus {
     /// Of those, the stragglers now; and the stragglers evicted over the job.
     pub stragglers: u32,
     pub straggler_evictions: u64,
+    /// Workers waiting for the next rendezvous (while a generation runs: spares).
+    pub waiting: u32,
+    /// Generations ended to let spares join (job.scale_up).
+    pub scale_ups: u64,
     /// With a page: the first rank of the next one, if any.
     pub next_page: Option<u32>,
     /// The slowest rank's step.
@@ -290,6 +294,10 @@ impl Rendezvous {
         if self.candidates.len() != before {
             self.reindex();
         }
+    }
+
+    fn count(&self, pred: impl Fn(&Candidate) -> bool) -> usize {
+        self.candidates.iter().filter(|c| pred(c)).count()
     }
 
     fn get_mut(&mut self, worker_id: &str) -> Option<&mut Candidate> {
@@ -466,6 +474,7 @@ pub struct Snapshot {
     rejected_checkpoints: u64,
     checkpoints_committed: u64,
     straggler_evictions: u64,
+    scale_ups: u64,
     /// Worker id -> rank, of the running generation or the last one.
     ranks: Vec<(String, u32)>,
     checkpoints: Vec<Checkpoint>,
@@ -492,6 +501,7 @@ impl Snapshot {
             "rejected_checkpoints": self.rejected_checkpoints,
             "checkpoints_committed": self.checkpoints_committed,
             "straggler_evictions": self.straggler_evictions,
+            "scale_ups": self.scale_ups,
             "ranks": ranks,
             "checkpoints": checkpoints,
         });
@@ -535,6 +545,22 @@ pub struct Job {
     /// Stragglers evicted from the generation that ended: they sit out the next rendezvous
     /// (whether each was told so).
     benched: HashMap<String, bool>,
+    /// Every worker evicted as a straggler: a spare that a scale-up does not wait for.
+    evicted: HashSet<String>,
+    /// What the next rendezvous waits for.
+    expected: Option<Expected>,
+    /// A checkpoint was asked for so that spares can join (job.scale_up: immediately).
+    scale_up_asked: bool,
+    scale_ups: u64,
+}
+
+/// The world the next rendezvous expects: it closes as soon as that many joined. After a
+/// failure it waits for them (the lost workers' replacements) until `patient_until`
+/// (job.replace_grace_ms), then forms with fewer, down to min_workers.
+#[derive(Clone, Copy, Debug)]
+struct Expected {
+    world: usize,
+    patient_until: Option<Instant>,
 }
 
 impl Job {
@@ -569,6 +595,10 @@ impl Job {
             stragglers_checked: None,
             straggler_evictions: 0,
             benched: HashMap::new(),
+            evicted: HashSet::new(),
+            expected: None,
+            scale_up_asked: false,
+            scale_ups: 0,
         }
     }
 
@@ -667,6 +697,7 @@ impl Job {
         };
         if self.waiting.upsert(candidate) {
             self.last_join = Some(now);
+            self.ask_checkpoint_to_scale_up(worker_id);
             // One line a worker is what a small job's operator wants; a fleet's would drown the log.
             let waiting = self.waiting.len();
             if waiting <= LOGGED_IDS || waiting.is_power_of_two() {
@@ -721,7 +752,9 @@ impl Job {
         let grace = Duration::from_millis(self.cfg.job.rendezvous_grace_ms);
         let n = self.waiting.len();
         let quiet = self.last_join.is_some_and(|t| now.saturating_duration_since(t) >= grace);
-        if n >= max || (n >= min && quiet) {
+        let full = n >= max || self.expected.is_some_and(|e| n >= e.world);
+        let patient = self.expected.and_then(|e| e.patient_until).is_some_and(|t| now < t);
+        if full || (n >= min && quiet && !patient) {
             let world = self.waiting.take_first(max);
             self.form_generation(world, now);
         }
@@ -799,6 +832,8 @@ impl Job {
         );
         let ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r)).collect();
         self.benched.clear();
+        self.expected = None;
+        self.scale_up_asked = false;
         self.current = Some(Generation {
             number: self.generation,
             hash_steps: BTreeMap::from([(0, members.len())]),
@@ -831,6 +866,8 @@ impl Job {
         if failure {
             self.restarts += 1;
         }
+        let replace = Duration::from_millis(self.cfg.job.replace_grace_ms);
+        self.expected = failure.then(|| Expected { world: g.members.len(), patient_until: Some(now + replace) });
         // The survivors need the grace to notice (heartbeat) and rejoin before spares close it.
         self.last_join = Some(now);
         self.changed();
@@ -1033,6 +1070,7 @@ impl Job {
         let reason = format!("straggler{} evicted: {}", if ids.len() > 1 { "s" } else { "" }, named.join(", "));
         self.straggler_evictions += ids.len() as u64;
         self.end_generation(&reason, false, &ids, now);
+        self.evicted.extend(ids.iter().cloned());
         self.benched = ids.into_iter().map(|id| (id, false)).collect();
     }
 
@@ -1169,7 +1207,59 @@ impl Job {
         let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
         self.changed();
         self.finish_if_complete();
+        self.scale_up(generation, now);
         Ok(Commit { committed: true, evicted })
+    }
+
+    /// Whether `c` is of the job's last step.
+    fn is_last(&self, c: &Checkpoint) -> bool {
+        match self.cfg.train.max_steps {
+            0 => c.epoch >= self.cfg.schedular.epochs,
+            max => c.step >= max,
+        }
+    }
+
+    /// Spares a scale-up admits now: as many waiting workers as the running world has room
+    /// for, not counting evicted stragglers (they join at a rendezvous that something else
+    /// opens).
+    fn spares_to_admit(&self) -> usize {
+        let Some(g) = &self.current else { return 0 };
+        let room = (self.cfg.job.max_workers as usize).saturating_sub(g.members.len());
+        if room == 0 || self.cfg.job.scale_up == "never" || self.stopping || self.finished {
+            return 0;
+        }
+        self.waiting.count(|c| !self.evicted.contains(&c.worker_id)).min(room)
+    }
+
+    /// With job.scale_up `immediately`, a spare that came makes the running generation
+    /// checkpoint at its next step (once), after which it grows (`scale_up`).
+    fn ask_checkpoint_to_scale_up(&mut self, worker_id: &str) {
+        if self.cfg.job.scale_up != "immediately" || self.scale_up_asked || self.evicted.contains(worker_id) {
+            return;
+        }
+        if self.spares_to_admit() > 0
+            && let Some(g) = &mut self.current
+        {
+            info!(generation = g.number, worker = worker_id, "a spare came: checkpoint requested to scale up");
+            g.push_command(Command::Checkpoint);
+            self.scale_up_asked = true;
+        }
+    }
+
+    /// Right after a checkpoint of the running generation committed (so that little work is
+    /// lost), ends it for a larger one when spares wait (job.scale_up).
+    fn scale_up(&mut self, generation: u64, now: Instant) {
+        let joining = self.spares_to_admit();
+        let Some(g) = self.current.as_ref().filter(|g| g.number == generation) else { return };
+        if joining == 0 || self.checkpoints.last().is_some_and(|c| self.is_last(c)) {
+            return;
+        }
+        let world = g.members.len();
+        self.scale_ups += 1;
+        let s = if joining > 1 { "s" } else { "" };
+        let reason = format!("scale up: {joining} spare worker{s} join the {world} ranks after the checkpoint");
+        self.end_generation(&reason, false, &[], now);
+        self.expected = Some(Expected { world: world + joining, patient_until: None });
     }
 
     /// With no generation running, a committed checkpoint of the job's last step finishes the
@@ -1177,11 +1267,7 @@ impl Job {
     /// and left without anyone to tell they were done.
     fn finish_if_complete(&mut self) {
         let Some(last) = self.checkpoints.last() else { return };
-        let complete = match self.cfg.train.max_steps {
-            0 => last.epoch >= self.cfg.schedular.epochs,
-            max => last.step >= max,
-        };
-        if complete && !self.finished && self.current.is_none() {
+        if self.is_last(last) && !self.finished && self.current.is_none() {
             info!(
                 step = last.step,
                 location = last.location,
@@ -1366,6 +1452,8 @@ impl Job {
                 .collect(),
             stragglers: members.iter().filter(|(_, m)| m.straggler).count() as u32,
             straggler_evictions: self.straggler_evictions,
+            waiting: self.waiting.len() as u32,
+            scale_ups: self.scale_ups,
             workers_total: members.len() as u32,
             workers_silent: members.iter().filter(|(_, m)| silence(m) >= silent_after).count() as u32,
             next_page,
@@ -1427,6 +1515,7 @@ impl Job {
             rejected_checkpoints: self.rejected_checkpoints,
             checkpoints_committed: self.checkpoints_committed,
             straggler_evictions: self.straggler_evictions,
+            scale_ups: self.scale_ups,
             ranks,
             checkpoints: self.checkpoints.clone(),
         }
@@ -1448,6 +1537,7 @@ impl Job {
         job.rejected_checkpoints = doc["rejected_checkpoints"].as_u64().unwrap_or(0);
         job.checkpoints_committed = doc["checkpoints_committed"].as_u64().unwrap_or(0);
         job.straggler_evictions = doc["straggler_evictions"].as_u64().unwrap_or(0);
+        job.scale_ups = doc["scale_ups"].as_u64().unwrap_or(0);
         let state = doc["state"].as_str().context("coordinator state: no state")?;
         // A stopped (or stopping) job starts again from its latest checkpoint; a finished one
         // stays finished.
@@ -1457,6 +1547,12 @@ impl Job {
                 let r = r.as_u64().with_context(|| format!("coordinator state: rank of {id}"))?;
                 job.previous_ranks.insert(id.clone(), r as u32);
             }
+        }
+        // The world that ran forms again as soon as its workers are back (or their
+        // replacements, within job.replace_grace_ms).
+        if !job.previous_ranks.is_empty() {
+            let replace = Duration::from_millis(job.cfg.job.replace_grace_ms);
+            job.expected = Some(Expected { world: job.previous_ranks.len(), patient_until: Some(now + replace) });
         }
         for c in doc["checkpoints"].as_array().context("coordinator state: no checkpoints")? {
             job.checkpoints.push(Checkpoint {

@@ -531,6 +531,44 @@ fn a_straggler_is_named_evicted_and_the_job_finishes_without_it() {
     assert!(finals.contains_key("model.safetensors"), "{finals:?}");
 }
 
+/// The job is elastic between 1 and 2 workers: w0 starts alone, w1 comes later and joins at
+/// the next checkpoint (job.scale_up), then dies for good: after job.replace_grace_ms without a
+/// replacement w0 goes on alone and finishes the job.
+#[test]
+fn a_job_grows_at_a_checkpoint_and_goes_on_without_a_worker_that_is_not_replaced() {
+    let mut job = Job::new(None, &[]);
+    job.extra.extend(["job.min_workers=1", "job.replace_grace_ms=2000"].map(String::from));
+    job.start_coordinator();
+    job.start_worker("w0", None);
+    job.wait_for_step(2);
+    job.start_worker("w1", None);
+    let wait_for = |job: &mut Job, what: &str, done: &dyn Fn(&JobStatus) -> bool| {
+        let mut watch = StallWatch::new(STALL);
+        loop {
+            job.check_alive();
+            let status = job.status();
+            if let Some(s) = status.as_ref().filter(|s| s.state == "running" && done(s)) {
+                return s.clone();
+            }
+            watch.observe(progress(status.as_ref()), || format!("{what}\n{}", job.logs()));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let grown = wait_for(&mut job, "the world did not grow", &|s| s.world_size == 2 && s.step >= 1);
+    assert_eq!((grown.scale_ups, grown.restarts, grown.generation), (1, 0, 2), "{grown:?}");
+    job.kill_worker("w1");
+    let shrunk = wait_for(&mut job, "w0 did not go on alone", &|s| s.generation == 3);
+    assert_eq!((shrunk.world_size, shrunk.restarts), (1, 1), "{shrunk:?}");
+    job.finish(false);
+    let coordinator = job.logs_of("albef-coordinator");
+    assert!(coordinator.contains("scale up: 1 spare worker join the 1 ranks after the checkpoint"), "{coordinator}");
+    let w1 = std::fs::read_to_string(&job.worker_logs["w1"]).unwrap();
+    assert!(w1.contains("waits as a spare"), "w1 is told why it waits\n{w1}");
+    let state = job.state();
+    assert_eq!((state["state"].as_str(), state["scale_ups"].as_u64()), (Some("finished"), Some(1)), "{state}");
+    assert!(job.local_final_hashes().contains_key("model.safetensors"));
+}
+
 /// moto's S3 server on a free port; killed on drop.
 struct Moto {
     child: Child,

@@ -261,7 +261,15 @@ fn workers_line(s: &JobStatus) -> String {
         0 => String::new(),
         n => format!(" ({n} evicted so far)"),
     };
-    format!("{} there, {} silent, {} stragglers{evicted}{listed}", s.workers_total, s.workers_silent, s.stragglers)
+    let waiting = match s.waiting {
+        0 => String::new(),
+        n if s.world_size > 0 => format!(", {n} spares waiting"),
+        n => format!(", {n} waiting for the rendezvous"),
+    };
+    format!(
+        "{} there, {} silent, {} stragglers{evicted}{waiting}{listed}",
+        s.workers_total, s.workers_silent, s.stragglers
+    )
 }
 
 /// The latest in-job evaluation, ITM re-ranked as the reference reports it.
@@ -298,6 +306,7 @@ fn render_status(s: &JobStatus) -> String {
         ("temp", format!("{:.4}", s.temp)),
         ("checkpoint", if s.last_checkpoint.is_empty() { "-".into() } else { s.last_checkpoint.clone() }),
         ("restarts", s.restarts.to_string()),
+        ("scale-ups", s.scale_ups.to_string()),
         ("bad steps", format!("{} non-finite, {} checkpoints rejected", s.nonfinite_steps, s.rejected_checkpoints)),
         ("retrieval", retrieval_line(s)),
         ("skipped", format!("{} samples", s.bad_samples.values().sum::<u64>())),
@@ -384,6 +393,8 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "workers_silent": s.workers_silent,
         "stragglers": s.stragglers,
         "straggler_evictions": s.straggler_evictions,
+        "waiting": s.waiting,
+        "scale_ups": s.scale_ups,
         "step": s.step,
         "total_steps": s.total_steps,
         "epoch": s.epoch,

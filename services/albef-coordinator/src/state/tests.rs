@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 const GRACE: u64 = 1000;
 const TIMEOUT: u64 = 5000;
+const REPLACE: u64 = 3000;
 
 fn config(min: u32, max: u32) -> AlbefConfig {
     let mut c = AlbefConfig::defaults(Preset::AlbefSmall);
@@ -11,6 +12,7 @@ fn config(min: u32, max: u32) -> AlbefConfig {
     c.job.max_workers = max;
     c.job.rendezvous_grace_ms = GRACE;
     c.job.heartbeat_timeout_ms = TIMEOUT;
+    c.job.replace_grace_ms = REPLACE;
     c.train.batch_size_train = 4;
     c.data.shuffle_window = 8;
     c
@@ -140,8 +142,10 @@ fn ranks_are_stable_across_generations() {
     join(&mut job, "c", t);
     join(&mut job, "a", t);
     job.tick(at(t0, TIMEOUT + 20 + GRACE));
-    let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 30 + GRACE)));
-    let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 30 + GRACE)));
+    assert_eq!(job.state(), "waiting", "d's replacement has job.replace_grace_ms to come");
+    job.tick(at(t0, TIMEOUT + 20 + REPLACE));
+    let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 30 + REPLACE)));
+    let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 30 + REPLACE)));
     assert_eq!((c.generation, c.world_size, a.rank, c.rank), (3, 2, 0, 1));
 }
 
@@ -730,6 +734,9 @@ fn an_evicted_straggler_sits_out_the_next_rendezvous_and_may_join_the_one_after(
     let second: Vec<Assignment> = others.iter().map(|id| assigned(join(&mut job, id, later))).collect();
     assert!(second.iter().all(|a| a.generation == 2 && a.world_size == 3));
     assert_eq!(join(&mut job, &evicted, later), JoinOutcome::Spare { generation: 2, world: 3 });
+    // The world has room, yet an evicted straggler is not what a scale-up waits for.
+    commit(&mut job, 2, 20, later);
+    assert_eq!((job.state(), job.status(later).scale_ups), ("running", 0));
 }
 
 #[test]
@@ -739,4 +746,97 @@ fn stragglers_stay_when_evicting_them_would_leave_fewer_than_min_workers() {
     run_with_a_slow_rank(&mut job, &g, t0, 0..12, 0.6);
     let s = job.status(at(t0, 0));
     assert_eq!((job.state(), s.stragglers, s.straggler_evictions), ("running", 1, 0));
+}
+
+#[test]
+fn after_a_failure_the_rendezvous_waits_for_a_replacement_then_goes_on_without_it() {
+    // c goes silent in a world of three; a and b are back at once.
+    let lose_c = || {
+        let (mut job, t0) = job(1, 3);
+        let g = form(&mut job, &["a", "b", "c"], t0);
+        for (id, a) in [("a", &g[0]), ("b", &g[1])] {
+            commands(&mut job, &beat(id, a, 1), at(t0, TIMEOUT - 100));
+        }
+        job.tick(at(t0, TIMEOUT + 1));
+        assert_eq!((job.state(), job.status(at(t0, TIMEOUT + 1)).restarts), ("waiting", 1));
+        join(&mut job, "a", at(t0, TIMEOUT + 100));
+        join(&mut job, "b", at(t0, TIMEOUT + 100));
+        job.tick(at(t0, TIMEOUT + 100 + 2 * GRACE));
+        assert_eq!(job.state(), "waiting", "within job.replace_grace_ms the world waits to be whole");
+        (job, t0)
+    };
+    // Its replacement comes in time: the world is whole again at once.
+    let (mut job, t0) = lose_c();
+    let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + REPLACE - 10)));
+    assert_eq!((c.generation, c.world_size, c.rank), (2, 3, 2));
+    // It does not: the survivors go on without it.
+    let (mut job, t0) = lose_c();
+    job.tick(at(t0, TIMEOUT + 1 + REPLACE));
+    let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 2 + REPLACE)));
+    assert_eq!((a.generation, a.world_size), (2, 2));
+}
+
+fn scale_up_job(mode: &str) -> (Job, Instant, Vec<Assignment>) {
+    let mut cfg = config(1, 4);
+    cfg.job.scale_up = mode.into();
+    cfg.train.max_steps = 40;
+    let t0 = Instant::now();
+    let mut job = Job::new(cfg, vec![60, 40], t0);
+    join(&mut job, "a", t0);
+    join(&mut job, "b", t0);
+    job.tick(at(t0, GRACE));
+    let g = ["a", "b"].iter().map(|id| assigned(join(&mut job, id, at(t0, GRACE)))).collect();
+    (job, t0, g)
+}
+
+fn commit(job: &mut Job, generation: u64, step: u64, now: Instant) {
+    let c = job.report_checkpoint(generation, 0, step, 0, step, &format!("run/checkpoints/step-{step}"), now);
+    assert!(c.unwrap().committed);
+}
+
+#[test]
+fn spares_join_a_running_job_right_after_its_next_checkpoint() {
+    let (mut job, t0, g) = scale_up_job("at_checkpoint");
+    assert_eq!(join(&mut job, "c", at(t0, 2000)), JoinOutcome::Spare { generation: 1, world: 2 });
+    assert_eq!(job.status(at(t0, 2000)).waiting, 1);
+    assert!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2500)).is_empty(), "no checkpoint asked for");
+    assert_eq!(job.state(), "running", "the spare waits for the checkpoint");
+    commit(&mut job, 1, 4, at(t0, 3000));
+    let s = job.status(at(t0, 3000));
+    assert_eq!((job.state(), s.scale_ups, s.restarts), ("waiting", 1, 0), "the world grows: no failure");
+    assert_eq!(commands(&mut job, &beat("b", &g[1], 5), at(t0, 3100)), vec![Command::Rejoin]);
+    // The three are the world expected: it forms once they are back, not after a grace.
+    join(&mut job, "c", at(t0, 3100));
+    join(&mut job, "b", at(t0, 3100));
+    let a = assigned(join(&mut job, "a", at(t0, 3200)));
+    assert_eq!((a.generation, a.world_size, a.rank, a.resume.step), (2, 3, 0, 4));
+    // The job's last checkpoint grows nothing.
+    assert_eq!(join(&mut job, "d", at(t0, 3300)), JoinOutcome::Spare { generation: 2, world: 3 });
+    commit(&mut job, 2, 40, at(t0, 4000));
+    assert_eq!(job.state(), "running");
+}
+
+#[test]
+fn with_scale_up_immediately_a_spare_asks_for_a_checkpoint_at_once() {
+    let (mut job, t0, g) = scale_up_job("immediately");
+    join(&mut job, "c", at(t0, 2000));
+    join(&mut job, "d", at(t0, 2000));
+    assert_eq!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2100)), vec![Command::Checkpoint], "asked once");
+    assert!(commands(&mut job, &beat("a", &g[0], 4), at(t0, 2200)).is_empty());
+    commit(&mut job, 1, 5, at(t0, 3000));
+    for id in ["c", "d", "b"] {
+        join(&mut job, id, at(t0, 3100));
+    }
+    let a = assigned(join(&mut job, "a", at(t0, 3100)));
+    assert_eq!((a.generation, a.world_size, a.resume.step), (2, 4, 5));
+}
+
+#[test]
+fn with_scale_up_never_spares_wait_for_a_failure() {
+    let (mut job, t0, g) = scale_up_job("never");
+    join(&mut job, "c", at(t0, 2000));
+    assert!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2100)).is_empty());
+    commit(&mut job, 1, 4, at(t0, 3000));
+    let s = job.status(at(t0, 3000));
+    assert_eq!((job.state(), s.waiting, s.scale_ups), ("running", 1, 0));
 }
