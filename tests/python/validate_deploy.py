@@ -615,6 +615,15 @@ def port_of(address: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def quantity_gib(q) -> float:
+    """A Kubernetes memory quantity ("16Gi", "512Mi", "1G", bytes) in GiB; 0 when absent."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q or "").strip())
+    if not m:
+        return 0.0
+    unit = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(m.group(1)) * unit[m.group(2)] / 2**30
+
+
 def effective_config(base: dict, container: dict, sets: list[str], tree: dict, where: str, report: Report) -> dict:
     """The configuration a container sees: file < ALBEF__ variables < --set."""
     cfg = dict(base)
@@ -896,8 +905,18 @@ def check_workers(name, w, spec, ports, volumes, base_cfg, tree, by_kind, profil
     flags, loose = parse_args(c.get("args") or [])
     check_flags(where, "albef-worker", flags, loose, report)
     cfg = effective_config(base_cfg, c, flags.get("--set", []), tree, where, report)
+    # A pod with local ranks (albef-worker --local-ranks, worker.local_ranks) is a node of that
+    # many ranks, one per GPU; `auto` is the pod's GPU count.
+    res = c.get("resources") or {}
+    gpus = [(res.get(k) or {}).get("nvidia.com/gpu") for k in ("requests", "limits")]
+    local = str((flags.get("--local-ranks") or [cfg.get("worker.local_ranks", "1")])[0]).strip()
+    per_pod = int(gpus[1] or 1) if local == "auto" else int(local) if local.isdigit() else 0
+    report.check(per_pod >= 1, f"{where}: worker.local_ranks {local!r} is neither auto nor a count")
+    if gpus[1] is not None and per_pod > 1:
+        report.check(per_pod == int(gpus[1]), f"{where}: {per_pod} local ranks on {gpus[1]} GPUs: one rank per GPU")
+    ranks = (n or 0) * per_pod
     lo, hi = int(cfg.get("job.min_workers", 1)), int(cfg.get("job.max_workers", 1))
-    report.check(lo <= (n or 0) <= hi, f"{where}: {n} workers outside job.min_workers..max_workers = {lo}..{hi}")
+    report.check(lo <= ranks <= hi, f"{where}: {n} pods x {per_pod} local ranks = {ranks} ranks outside job.min_workers..max_workers = {lo}..{hi}")
 
     env = {e["name"]: e for e in c.get("env") or []}
     field = lambda v: ((env.get(v) or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")  # noqa: E731
@@ -945,17 +964,20 @@ def check_workers(name, w, spec, ports, volumes, base_cfg, tree, by_kind, profil
             f"{where}: subdomain {spec['subdomain']} needs a headless Service selecting the workers",
         )
 
-    res = c.get("resources") or {}
-    gpus = [(res.get(k) or {}).get("nvidia.com/gpu") for k in ("requests", "limits")]
-    facts = {"workers": n, "gpus": gpus[1]}
+    facts = {"workers": n, "gpus": gpus[1], "ranks": ranks}
     if profile["gpu"]:
         report.check(gpus[1] is not None and int(gpus[1]) >= 1, f"{where}: nvidia.com/gpu limit expected")
         report.check(gpus[0] is not None and gpus[0] == gpus[1], f"{where}: nvidia.com/gpu requests must be set, equal to the limits")
         shm = next((m for m in c.get("volumeMounts") or [] if m["mountPath"] == "/dev/shm"), None)
+        shm_dir = (volumes.get(shm["name"], {}).get("emptyDir") or {}) if shm else {}
+        report.check(shm_dir.get("medium") == "Memory", f"{where}: /dev/shm must be a memory emptyDir")
+        # NCCL's intra-node transport and the loaders of every local rank share it.
         report.check(
-            shm is not None and (volumes.get(shm["name"], {}).get("emptyDir") or {}).get("medium") == "Memory",
-            f"{where}: /dev/shm must be a memory emptyDir",
+            quantity_gib(shm_dir.get("sizeLimit")) >= 2 * per_pod,
+            f"{where}: /dev/shm sizeLimit {shm_dir.get('sizeLimit')} is under 2 GiB per local rank",
         )
+        nccl_env = {e["name"] for e in c.get("env") or [] if e["name"].startswith("NCCL_")}
+        report.check({"NCCL_SOCKET_IFNAME", "NCCL_DEBUG"} <= nccl_env, f"{where}: set NCCL_SOCKET_IFNAME and NCCL_DEBUG (got {sorted(nccl_env)})")
         report.check(any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations") or []), f"{where}: tolerate the nvidia.com/gpu taint")
         report.check(bool(spec.get("nodeSelector") or spec.get("affinity")), f"{where}: select GPU nodes")
     return facts
@@ -1050,8 +1072,8 @@ def main() -> int:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(count_kinds(objs).items()))
         status = "ok" if len(report.errors) == before else f"{len(report.errors) - before} problems"
         print(
-            f"  {name}: {len(objs)} objects ({kinds}){extra}; workers {facts.get('workers')}, "
-            f"GPUs/worker {facts.get('gpus') or 0}; renderer vs kubectl: {compared}; {status}"
+            f"  {name}: {len(objs)} objects ({kinds}){extra}; worker pods {facts.get('workers')} "
+            f"({facts.get('ranks')} ranks), GPUs/pod {facts.get('gpus') or 0}; renderer vs kubectl: {compared}; {status}"
         )
     for n in report.notes:
         print(f"note: {n}")

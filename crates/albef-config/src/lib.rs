@@ -112,6 +112,7 @@ impl AlbefConfig {
             "job.scale_up must be at_checkpoint, immediately or never (got {:?})",
             j.scale_up
         );
+        self.worker.local_rank_count(|| 1)?;
         ensure!(j.straggler_window >= 1, "job.straggler_window must be at least 1 step");
         Ok(())
     }

@@ -299,12 +299,40 @@ impl Default for CoordinatorConfig {
 }
 
 /// What belongs to one worker process (its machine), not to the job.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Prometheus metrics address of the worker ("" to disable).
+    /// Prometheus metrics address of the worker ("" to disable); local rank i serves it at the
+    /// port plus i.
     pub metrics_listen: String,
     /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilisation (0: the device's
     /// known figure when there is one, else MFU is not reported).
     pub peak_tflops: f64,
+    /// Ranks this process runs as its children, one per local GPU: a count, or "auto" (one per
+    /// visible CUDA device). 1: this process is the rank.
+    pub local_ranks: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { metrics_listen: String::new(), peak_tflops: 0.0, local_ranks: "1".into() }
+    }
+}
+
+/// Local ranks a node runs at most.
+pub const MAX_LOCAL_RANKS: u32 = 64;
+
+impl WorkerConfig {
+    /// `local_ranks` as a count; `auto` is `cuda_devices()` (at least 1).
+    pub fn local_rank_count(&self, cuda_devices: impl FnOnce() -> u32) -> anyhow::Result<u32> {
+        let n = match self.local_ranks.trim() {
+            "auto" => cuda_devices().max(1),
+            n => n.parse().map_err(|_| anyhow::anyhow!("worker.local_ranks must be auto or a count (got {n:?})"))?,
+        };
+        anyhow::ensure!(
+            (1..=MAX_LOCAL_RANKS).contains(&n),
+            "worker.local_ranks must be 1..={MAX_LOCAL_RANKS} (got {n})"
+        );
+        Ok(n)
+    }
 }

@@ -210,6 +210,9 @@ async fn worker(
         device_kind: device_kind.into(),
         device_count: 8,
         collective_address: format!("10.0.{}.{}:29500", i / 250, i % 250),
+        // Nodes of 8 local ranks, as the GPU overlay runs them.
+        node_id: format!("sim-node-{:04}", i / 8),
+        local_rank: (i % 8) as u32,
     };
     obs.lock().unwrap().last_join_sent = Some(Instant::now());
     let a = loop {

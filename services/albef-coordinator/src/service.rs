@@ -1,7 +1,7 @@
 //! Thin tonic handlers over the job state machine: validate the request, lock the job briefly
 //! (never across an await), translate, and persist what changed.
 
-use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome, WorkerView};
+use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome, Joining, WorkerView};
 use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason, clip};
 use albef_data::store::Location;
 use albef_proto::v1 as pb;
@@ -365,6 +365,10 @@ fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
         return Err(Status::invalid_argument(format!("device_count {} is implausible", r.device_count)));
     }
     check_id("collective_address", &r.collective_address)?;
+    check_text("node_id", &r.node_id, MAX_ID)?;
+    if r.local_rank > 1024 {
+        return Err(Status::invalid_argument(format!("local_rank {} is implausible", r.local_rank)));
+    }
     let port = r.collective_address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
     if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
         return Err(Status::invalid_argument(format!(
@@ -395,6 +399,9 @@ fn join_response(a: Assignment) -> pb::JoinResponse {
         }),
         config_json: a.config_json,
         job_ended: String::new(),
+        node_rank: a.place.node_rank,
+        local_rank: a.place.local_rank,
+        local_world_size: a.place.local_world_size,
     }
 }
 
@@ -423,7 +430,15 @@ impl Coordinator for CoordinatorService {
         let response = self
             .0
             .long_poll("rendezvous", |job, now| {
-                Ok(match job.join(&r.worker_id, &r.host, &r.device_kind, &r.collective_address, now)? {
+                let who = Joining {
+                    worker_id: &r.worker_id,
+                    host: &r.host,
+                    device_kind: &r.device_kind,
+                    address: &r.collective_address,
+                    node: &r.node_id,
+                    local_rank: r.local_rank,
+                };
+                Ok(match job.join(who, now)? {
                     JoinOutcome::Assigned(a) => Some(Ok(join_response(a))),
                     JoinOutcome::Ended(state) => {
                         Some(Ok(pb::JoinResponse { job_ended: state.into(), ..Default::default() }))

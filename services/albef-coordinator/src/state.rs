@@ -94,6 +94,26 @@ pub struct Assignment {
     pub timeout_s: u32,
     pub resume: ResumePoint,
     pub config_json: String,
+    pub place: NodePlace,
+}
+
+/// Where a rank is among the generation's nodes (pods with several local ranks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodePlace {
+    pub node_rank: u32,
+    pub local_rank: u32,
+    pub local_world_size: u32,
+}
+
+/// Who joins: a worker, and the node it is a local rank of ("" for a node of its own).
+#[derive(Clone, Copy, Debug)]
+pub struct Joining<'a> {
+    pub worker_id: &'a str,
+    pub host: &'a str,
+    pub device_kind: &'a str,
+    pub address: &'a str,
+    pub node: &'a str,
+    pub local_rank: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,9 +274,46 @@ struct Candidate {
     host: String,
     device_kind: String,
     address: String,
+    /// Its node, and its local rank there.
+    node: String,
+    local_rank: u32,
     last_seen: Instant,
     /// It was told that a generation runs without it (once).
     told_spare: bool,
+}
+
+impl Candidate {
+    fn node(&self) -> &str {
+        if self.node.is_empty() { &self.worker_id } else { &self.node }
+    }
+}
+
+/// A node's workers (its local ranks) take contiguous ranks, in local-rank order, from where its
+/// first worker stands: NCCL then keeps their traffic on the node's own links, and a TCP ring
+/// crosses each node once. A previous world's ranks are contiguous already and stay as they are.
+fn group_nodes(mut members: Vec<Candidate>) -> Vec<(Candidate, NodePlace)> {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    for (i, c) in members.iter().enumerate() {
+        first.entry(c.node().to_string()).or_insert(i);
+    }
+    members.sort_by_key(|c| (first[c.node()], c.local_rank));
+    let mut sizes: HashMap<&str, u32> = HashMap::new();
+    for c in &members {
+        *sizes.entry(c.node()).or_default() += 1;
+    }
+    let sizes: HashMap<String, u32> = sizes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut placed: Vec<(Candidate, NodePlace)> = Vec::with_capacity(members.len());
+    let (mut node_rank, mut local_rank) = (0, 0);
+    for c in members {
+        if placed.last().is_some_and(|(prev, _)| prev.node() != c.node()) {
+            node_rank += 1;
+            local_rank = 0;
+        }
+        let place = NodePlace { node_rank, local_rank, local_world_size: sizes[c.node()] };
+        local_rank += 1;
+        placed.push((c, place));
+    }
+    placed
 }
 
 /// The workers waiting for the next rendezvous, in the order they came, found by id in O(1).
@@ -334,6 +391,7 @@ struct Member {
     worker_id: String,
     host: String,
     address: String,
+    place: NodePlace,
     last_seen: Instant,
     /// Has sent a heartbeat in this generation (so a Join from it means it restarted).
     reported: bool,
@@ -658,14 +716,8 @@ impl Job {
 
     /// Joins the rendezvous of the next generation, or returns the assignment once it closed.
     /// Repeated calls (long polls) are one membership.
-    pub fn join(
-        &mut self,
-        worker_id: &str,
-        host: &str,
-        device_kind: &str,
-        address: &str,
-        now: Instant,
-    ) -> Result<JoinOutcome> {
+    pub fn join(&mut self, who: Joining, now: Instant) -> Result<JoinOutcome> {
+        let Joining { worker_id, host, address, .. } = who;
         // A worker restarted (or whose generation failed) as the job ends is done, not refused.
         if self.finished || self.stopping {
             return Ok(JoinOutcome::Ended(self.state()));
@@ -690,8 +742,10 @@ impl Job {
         let candidate = Candidate {
             worker_id: worker_id.to_string(),
             host: host.to_string(),
-            device_kind: device_kind.to_string(),
+            device_kind: who.device_kind.to_string(),
             address: address.to_string(),
+            node: who.node.to_string(),
+            local_rank: who.local_rank,
             last_seen: now,
             told_spare: false,
         };
@@ -704,7 +758,7 @@ impl Job {
                 info!(
                     worker = worker_id,
                     host,
-                    device_kind,
+                    device_kind = who.device_kind,
                     waiting,
                     max = self.cfg.job.max_workers,
                     "worker joined the rendezvous"
@@ -740,6 +794,7 @@ impl Job {
             timeout_s: self.cfg.job.collective_timeout_s,
             resume: g.resume.clone(),
             config_json: self.config_json.clone(),
+            place: g.members[rank].place,
         }
     }
 
@@ -775,9 +830,9 @@ impl Job {
         for slot in slots.iter_mut().filter(|s| s.is_none()) {
             *slot = rest.next();
         }
-        let members: Vec<Candidate> = slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+        let members = group_nodes(slots.into_iter().map(|s| s.expect("every slot filled")).collect());
         let backend = match self.cfg.job.collective_backend.as_str() {
-            "auto" if members.iter().all(|c| c.device_kind == "cuda") => "nccl",
+            "auto" if members.iter().all(|(c, _)| c.device_kind == "cuda") => "nccl",
             "auto" => "tcp",
             other => other,
         }
@@ -796,10 +851,11 @@ impl Job {
         let paused = self.paused;
         let members: Vec<Member> = members
             .into_iter()
-            .map(|c| Member {
+            .map(|(c, place)| Member {
                 worker_id: c.worker_id,
                 host: c.host,
                 address: c.address,
+                place,
                 last_seen: now,
                 reported: false,
                 gone: false,

@@ -212,6 +212,7 @@ fn join_request(id: &str, port: u16) -> JoinRequest {
         device_kind: "cpu".into(),
         device_count: 1,
         collective_address: format!("127.0.0.1:{port}"),
+        ..Default::default()
     }
 }
 
@@ -381,6 +382,8 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.join(JoinRequest { worker_id: "x".repeat(10_000), ..base.clone() }).await, "long worker_id");
     invalid(w.join(JoinRequest { device_kind: "tpu".into(), ..base.clone() }).await, "device_kind");
     invalid(w.join(JoinRequest { collective_address: "nohost".into(), ..base.clone() }).await, "address");
+    invalid(w.join(JoinRequest { node_id: "n".repeat(10_000), ..base.clone() }).await, "long node_id");
+    invalid(w.join(JoinRequest { local_rank: 5000, ..base.clone() }).await, "local_rank");
     invalid(w.get_leases(GetLeasesRequest { generation: 0, rank: 0, epoch: 0 }).await, "no generation");
 
     let j = join(&mut w, "w", 7000).await;

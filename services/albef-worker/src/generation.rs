@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 pub struct Worker {
     local: AlbefConfig,
     worker_id: String,
+    place: Place,
     listen: SocketAddr,
     /// The collective address peers dial (HOST or HOST:PORT), when it is not the listen address.
     advertise: Option<String>,
@@ -64,6 +65,13 @@ struct Run<'a> {
     board: Option<Board>,
 }
 
+/// The node (pod) a worker is a local rank of (`--local-ranks`); a worker of its own has none.
+#[derive(Clone, Debug, Default)]
+pub struct Place {
+    pub node: String,
+    pub local_rank: u32,
+}
+
 /// How a generation ended for this worker.
 enum Ending {
     Finished,
@@ -81,7 +89,13 @@ struct Shared {
 }
 
 impl Worker {
-    pub fn new(local: AlbefConfig, worker_id: String, listen: SocketAddr, advertise: Option<String>) -> Result<Self> {
+    pub fn new(
+        local: AlbefConfig,
+        worker_id: String,
+        place: Place,
+        listen: SocketAddr,
+        advertise: Option<String>,
+    ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let client = {
             let _guard = rt.enter();
@@ -99,7 +113,19 @@ impl Worker {
         let part_bytes = (local.job.checkpoint_part_mb as usize) << 20;
         let uploader = Uploader::start(rt.handle().clone(), WriteOptions { part_bytes, concurrency: 4 }, after_file);
         let metrics = WorkerMetrics::new(None);
-        Ok(Worker { local, worker_id, listen, advertise, rt, client, faults, uploader, metrics, peak_flops: None })
+        Ok(Worker {
+            local,
+            worker_id,
+            place,
+            listen,
+            advertise,
+            rt,
+            client,
+            faults,
+            uploader,
+            metrics,
+            peak_flops: None,
+        })
     }
 
     pub fn run(&mut self, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
@@ -142,7 +168,15 @@ impl Worker {
                 return Ok(());
             }
             let generation = assignment.generation;
-            tracing::info!(generation, rank = assignment.rank, world = assignment.world_size, "joined");
+            tracing::info!(
+                generation,
+                rank = assignment.rank,
+                world = assignment.world_size,
+                node_rank = assignment.node_rank,
+                local_rank = assignment.local_rank,
+                local_world = assignment.local_world_size,
+                "joined"
+            );
             // A configuration this worker cannot read will not improve by rejoining (a worker
             // older than its coordinator): fail, and leave, so the world forms without it.
             let cfg = match serde_json::from_str::<AlbefConfig>(&assignment.config_json) {
@@ -185,6 +219,8 @@ impl Worker {
             device_kind: if dev.is_cuda() { "cuda" } else { "cpu" }.into(),
             device_count: if dev.is_cuda() { tch::Cuda::device_count() as u32 } else { 0 },
             collective_address: address.into(),
+            node_id: self.place.node.clone(),
+            local_rank: self.place.local_rank,
         };
         let mut backoff = Backoff::new();
         loop {

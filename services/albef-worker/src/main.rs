@@ -22,8 +22,9 @@
 //!
 //! The command line gives this machine's configuration (coordinator endpoint, tokens, device,
 //! threads, metrics endpoint) and `--worker-id`, `--collective-listen`, `--collective-advertise`;
-//! the job's training configuration comes from the coordinator. `ALBEF_FAULTS` injects failures for
-//! the end-to-end tests only.
+//! the job's training configuration comes from the coordinator. `--local-ranks N|auto` makes the
+//! process a node that runs one such worker per local GPU as its children (`node`).
+//! `ALBEF_FAULTS` injects failures for the end-to-end tests only.
 
 mod board;
 mod client;
@@ -31,6 +32,7 @@ mod controls;
 mod faults;
 mod generation;
 mod metrics;
+mod node;
 
 use albef_config::ConfigArgs;
 use anyhow::Result;
@@ -53,23 +55,82 @@ struct Cli {
     /// address is not reachable as such (0.0.0.0).
     #[arg(long)]
     collective_advertise: Option<String>,
+    /// Run this many ranks (a count, or auto: one per visible GPU) as children of this process,
+    /// one per local GPU, joining as one node (sets worker.local_ranks).
+    #[arg(long, value_name = "N|auto")]
+    local_ranks: Option<String>,
+    /// Set by a node for each of its children: this rank's index in the node, and the node's id.
+    #[arg(long, hide = true, requires = "node_id")]
+    local_rank: Option<u32>,
+    #[arg(long, hide = true, requires = "local_rank")]
+    node_id: Option<String>,
 }
 
 fn main() {
     let telemetry = albef_telemetry::init("albef-worker");
-    if let Err(e) = run(Cli::parse(), &telemetry) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(Cli::parse(), &telemetry) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
+/// Runs the worker, or the node of its local ranks; returns the exit code.
+fn run(mut cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<i32> {
+    if let Some(n) = &cli.local_ranks {
+        cli.config.overrides.push(format!("worker.local_ranks={n}"));
+    }
     let local = cli.config.load()?;
     eprintln!("effective configuration:\n{}", local.to_pretty_json());
-    let worker_id = cli.worker_id.unwrap_or_else(|| {
+    let worker_id = cli.worker_id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
+    let place = match (cli.node_id.clone(), cli.local_rank) {
+        (Some(node), Some(i)) => generation::Place { node, local_rank: i },
+        _ => {
+            let cuda_devices = || if tch::Cuda::is_available() { tch::Cuda::device_count() as u32 } else { 0 };
+            let n = local.worker.local_rank_count(cuda_devices)?;
+            if n > 1 {
+                return run_node(&cli, &local, &worker_id, n);
+            }
+            generation::Place::default()
+        }
+    };
     let listen = cli.collective_listen.parse()?;
-    generation::Worker::new(local, worker_id, listen, cli.collective_advertise)?.run(telemetry)
+    generation::Worker::new(local, worker_id, place, listen, cli.collective_advertise)?.run(telemetry)?;
+    Ok(0)
+}
+
+/// This process as a node: its `n` local ranks as children, each with this command line, its
+/// own device, ports and id.
+fn run_node(cli: &Cli, local: &albef_config::AlbefConfig, node: &str, n: u32) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    tracing::info!(node, local_ranks = n, "running one worker per local rank");
+    node::supervise(n, |i| {
+        let mut cmd = std::process::Command::new(&exe);
+        if let Some(config) = &cli.config.config {
+            cmd.arg("--config").arg(config);
+        }
+        for s in &cli.config.overrides {
+            cmd.args(["--set", s]);
+        }
+        cmd.args(["--set", "worker.local_ranks=1"]);
+        if !local.worker.metrics_listen.is_empty() {
+            let metrics = node::offset_port(&local.worker.metrics_listen, i)?;
+            cmd.args(["--set", &format!("worker.metrics_listen={metrics}")]);
+        }
+        cmd.args(["--worker-id", &format!("{node}-{i}"), "--node-id", node, "--local-rank", &i.to_string()]);
+        cmd.args(["--collective-listen", &node::offset_port(&cli.collective_listen, i)?]);
+        if let Some(a) = &cli.collective_advertise {
+            cmd.args(["--collective-advertise", &node::offset_port(a, i)?]);
+        }
+        cmd.env("CUDA_VISIBLE_DEVICES", node::visible_device(visible.as_deref(), i)?);
+        node::die_with_parent(&mut cmd);
+        Ok(cmd.spawn()?)
+    })
 }

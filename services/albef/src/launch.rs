@@ -43,12 +43,14 @@ pub fn run_local(
         0 => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
         p => p,
     };
+    // A worker with local ranks is a node of that many ranks (CPU here: `auto` is one).
+    let ranks = workers * cfg.worker.local_rank_count(|| 1)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / workers as usize).max(1);
+    let threads = (cores / ranks as usize).max(1);
     let mut sets: Vec<String> = overrides.to_vec();
     sets.extend([
-        format!("job.min_workers={workers}"),
-        format!("job.max_workers={workers}"),
+        format!("job.min_workers={ranks}"),
+        format!("job.max_workers={ranks}"),
         format!("coordinator.listen=127.0.0.1:{port}"),
         format!("coordinator.endpoint=http://127.0.0.1:{port}"),
         format!("train.num_threads={threads}"),
@@ -86,7 +88,7 @@ pub fn run_local(
         children.push((id, child));
     }
     eprintln!(
-        "job: coordinator on 127.0.0.1:{port}, {workers} workers x {threads} threads; run directory {}",
+        "job: coordinator on 127.0.0.1:{port}, {workers} workers ({ranks} ranks) x {threads} threads; run directory {}",
         cfg.job.run_dir
     );
 

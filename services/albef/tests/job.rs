@@ -168,3 +168,25 @@ fn three_workers_form_one_world() {
     let Job { stdout, .. } = job(3, 6, 50732, &[]);
     assert!(stdout.lines().any(|l| l.starts_with("step     5/6")), "{stdout}");
 }
+
+/// Two nodes (`albef-worker` processes) of two local ranks each: one world of four ranks, each
+/// node's ranks contiguous and in local-rank order, every rank's parameters equal.
+#[test]
+fn two_nodes_of_two_local_ranks_form_one_world_of_four() {
+    let Job { albefctl_json, status, .. } = job(2, 6, 50733, &["worker.local_ranks=2"]);
+    assert_eq!(albefctl_json["world_size"], 4, "{albefctl_json}");
+    let mut ids: Vec<(u64, String)> = albefctl_json["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["rank"].as_u64().unwrap(), w["worker_id"].as_str().unwrap().to_string()))
+        .collect();
+    ids.sort();
+    let ids: Vec<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
+    assert!(
+        ids == ["local-0-0", "local-0-1", "local-1-0", "local-1-1"]
+            || ids == ["local-1-0", "local-1-1", "local-0-0", "local-0-1"],
+        "{ids:?}"
+    );
+    assert_eq!((status.state.as_str(), status.restarts), ("finished", 0), "{status:?}");
+}

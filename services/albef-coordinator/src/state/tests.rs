@@ -28,8 +28,14 @@ fn at(t0: Instant, ms: u64) -> Instant {
     t0 + Duration::from_millis(ms)
 }
 
+fn join_on(job: &mut Job, id: &str, kind: &str, node: &str, local_rank: u32, now: Instant) -> JoinOutcome {
+    let (host, address) = (format!("host-{id}"), format!("{id}:7000"));
+    let who = Joining { worker_id: id, host: &host, device_kind: kind, address: &address, node, local_rank };
+    job.join(who, now).unwrap()
+}
+
 fn join_kind(job: &mut Job, id: &str, kind: &str, now: Instant) -> JoinOutcome {
-    job.join(id, &format!("host-{id}"), kind, &format!("{id}:7000"), now).unwrap()
+    join_on(job, id, kind, "", 0, now)
 }
 
 fn join(job: &mut Job, id: &str, now: Instant) -> JoinOutcome {
@@ -281,7 +287,7 @@ fn every_rank_done_finishes_the_job() {
     assert_eq!(commands(&mut job, &done("b", &g[1]), t0), vec![Command::Stop]);
     assert_eq!(job.state(), "finished");
     assert_eq!(commands(&mut job, &beat("a", &g[0], 24), t0), vec![Command::Stop]);
-    assert_eq!(job.join("c", "h", "cpu", "c:1", t0), Ok(JoinOutcome::Ended("finished")));
+    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended("finished"));
     assert!(matches!(job.pause(), Err(JobError::FailedPrecondition(_))));
     assert!(!job.drained(), "workers still attached");
     job.leave("b", 1, t0);
@@ -294,7 +300,7 @@ fn stop_asks_every_worker_and_finishes_once_they_left() {
     let g = form(&mut job, &["a", "b"], t0);
     assert_eq!(job.stop(), "stopping");
     assert_eq!(commands(&mut job, &beat("a", &g[0], 3), t0), vec![Command::Stop]);
-    assert_eq!(job.join("c", "h", "cpu", "c:1", t0), Ok(JoinOutcome::Ended("stopping")));
+    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended("stopping"));
     job.leave("a", 1, t0);
     assert_eq!(job.state(), "stopping");
     // b never says goodbye: the heartbeat timeout counts it out, without a new generation.
@@ -839,4 +845,40 @@ fn with_scale_up_never_spares_wait_for_a_failure() {
     commit(&mut job, 1, 4, at(t0, 3000));
     let s = job.status(at(t0, 3000));
     assert_eq!((job.state(), s.waiting, s.scale_ups), ("running", 1, 0));
+}
+
+#[test]
+fn a_nodes_local_ranks_take_contiguous_ranks_in_local_rank_order() {
+    let (mut job, t0) = job(6, 6);
+    // Two nodes of two local ranks and two workers of their own, joining interleaved.
+    let arrivals = [
+        ("n1-1", "n1", 1),
+        ("solo-a", "", 0),
+        ("n0-0", "n0", 0),
+        ("n1-0", "n1", 0),
+        ("solo-b", "", 0),
+        ("n0-1", "n0", 1),
+    ];
+    for (id, node, local_rank) in arrivals {
+        join_on(&mut job, id, "cuda", node, local_rank, t0);
+    }
+    let mut by_rank: Vec<(u32, &str, NodePlace)> = arrivals
+        .iter()
+        .map(|&(id, node, local_rank)| {
+            let a = assigned(join_on(&mut job, id, "cuda", node, local_rank, t0));
+            (a.rank, id, a.place)
+        })
+        .collect();
+    by_rank.sort_by_key(|r| r.0);
+    let place = |node_rank, local_rank, local_world_size| NodePlace { node_rank, local_rank, local_world_size };
+    let want = [
+        ("n1-0", place(0, 0, 2)),
+        ("n1-1", place(0, 1, 2)),
+        ("solo-a", place(1, 0, 1)),
+        ("n0-0", place(2, 0, 2)),
+        ("n0-1", place(2, 1, 2)),
+        ("solo-b", place(3, 0, 1)),
+    ];
+    let got: Vec<(&str, NodePlace)> = by_rank.iter().map(|&(_, id, p)| (id, p)).collect();
+    assert_eq!(got, want);
 }
