@@ -145,7 +145,7 @@ fn the_untrained_model_is_the_one_a_job_starts_from() {
     let _rng = serial();
     let cfg = config();
     let ours = untrained(&cfg, Device::Cpu).unwrap();
-    let trainer = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
     let theirs = trainer.var_store().variables();
     let mine = ours.vs.variables();
     assert_eq!(mine.len(), theirs.len());

@@ -39,6 +39,37 @@ pub struct Batch<'a> {
     pub attention_mask: &'a Tensor,
 }
 
+/// The momentum half of a micro-batch (no gradient): its image tokens, which the MLM
+/// distillation fuses, and its normalised image and text features.
+pub struct MomentumFeatures {
+    pub image_embeds: Tensor,
+    pub image_feat: Tensor,
+    pub text_feat: Tensor,
+}
+
+/// The momentum features of every micro-batch of a step, of every rank, in virtual-rank order:
+/// what the step puts into the queues (and, with global negatives, its in-step ITC candidates).
+pub struct StepFeatures {
+    pub image: Tensor,
+    pub text: Tensor,
+}
+
+/// ALBEF pretraining needs two pairs or more per micro-batch, and matching shapes.
+fn check_batch(batch: &Batch) -> Result<()> {
+    let bsz = batch.image.size()[0];
+    ensure!(
+        bsz >= 2,
+        "ALBEF pretraining needs at least 2 pairs per rank (hard negatives come from the other pairs of the batch), got {bsz}"
+    );
+    ensure!(
+        batch.input_ids.size()[0] == bsz && batch.attention_mask.size() == batch.input_ids.size(),
+        "batch mismatch: {bsz} images, ids {:?}, mask {:?}",
+        batch.input_ids.size(),
+        batch.attention_mask.size()
+    );
+    Ok(())
+}
+
 /// The losses of one pretraining step; their sum is what the step minimises (1:1:1).
 pub struct Losses {
     pub ita: Tensor,
@@ -238,61 +269,83 @@ impl Albef {
         self.text.encoder.mlm_logits(&h)
     }
 
-    /// One pretraining forward (in training mode). `alpha` weighs the momentum distillation;
-    /// `gather` brings every rank's momentum features for the queues (and, with
-    /// `itc_negatives: global`, for this step's ITC). Updates temp's clamp, the momentum
-    /// weights and the queues as side effects, like the reference.
+    /// One pretraining forward (in training mode) of a step of one micro-batch. `alpha` weighs
+    /// the momentum distillation; `gather` brings every rank's momentum features for the queues
+    /// (and, with `itc_negatives: global`, for this step's ITC). Updates temp's clamp, the
+    /// momentum weights and the queues as side effects, like the reference.
     pub fn forward_pretrain(&self, batch: &Batch, alpha: f64, gather: &dyn FeatureGather) -> Result<Losses> {
-        let bsz = batch.image.size()[0];
-        ensure!(
-            bsz >= 2,
-            "ALBEF pretraining needs at least 2 pairs per rank (hard negatives come from the other pairs of the batch), got {bsz}"
-        );
-        ensure!(
-            batch.input_ids.size()[0] == bsz && batch.attention_mask.size() == batch.input_ids.size(),
-            "batch mismatch: {bsz} images, ids {:?}, mask {:?}",
-            batch.input_ids.size(),
-            batch.attention_mask.size()
-        );
+        check_batch(batch)?;
+        self.begin_step();
+        let m = self.momentum_features(batch);
+        let (image, text) = (gather.all_gather(&m.image_feat)?, gather.all_gather(&m.text_feat)?);
+        let step = StepFeatures { image: image.all, text: text.all };
+        let losses = self.micro_losses(batch, &m, &step, image.offset, alpha)?;
+        self.end_step(&step);
+        Ok(losses)
+    }
+
+    /// Starts a step, whatever the number of its micro-batches: temp's clamp and the EMA of the
+    /// momentum weights.
+    pub fn begin_step(&self) {
         tch::no_grad(|| {
             let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
         });
+        self.momentum_update();
+    }
+
+    /// The momentum encoders on a micro-batch (no gradient): what its losses and the queues need.
+    pub fn momentum_features(&self, batch: &Batch) -> MomentumFeatures {
+        tch::no_grad(|| {
+            let image_embeds = self.visual_m.encoder.forward(batch.image);
+            let image_feat = normalize(&self.visual_m.proj.forward(&image_embeds.select(1, 0)));
+            let text = self.text_m.encoder.bert.forward(Mode::Text, batch.input_ids, batch.attention_mask, None, true);
+            let text_feat = normalize(&self.text_m.proj.forward(&text.select(1, 0)));
+            MomentumFeatures { image_embeds, image_feat, text_feat }
+        })
+    }
+
+    /// The online forward and the three losses of a micro-batch whose momentum half is `m`,
+    /// against the queues as they were before the step. `step` holds the momentum features of
+    /// every micro-batch of the step (with `itc_negatives: global` its in-step candidates), this
+    /// one's from row `offset` on.
+    pub fn micro_losses(
+        &self,
+        batch: &Batch,
+        m: &MomentumFeatures,
+        step: &StepFeatures,
+        offset: i64,
+        alpha: f64,
+    ) -> Result<Losses> {
+        check_batch(batch)?;
         let (ids, mask) = (batch.input_ids, batch.attention_mask);
         let (image_embeds, image_feat) = self.encode_image(batch.image);
         let (text_embeds, text_feat) = self.encode_text(ids, mask, true);
-
-        // Momentum features, queues and ITC targets: no gradient anywhere in here.
-        let itc = tch::no_grad(|| -> Result<_> {
-            self.momentum_update();
-            let image_embeds_m = self.visual_m.encoder.forward(batch.image);
-            let image_feat_m = normalize(&self.visual_m.proj.forward(&image_embeds_m.select(1, 0)));
-            let text_m = self.text_m.encoder.bert.forward(Mode::Text, ids, mask, None, true);
-            let text_feat_m = normalize(&self.text_m.proj.forward(&text_m.select(1, 0)));
-            let image_gathered = gather.all_gather(&image_feat_m)?;
-            let text_gathered = gather.all_gather(&text_feat_m)?;
+        // ITC candidates and targets: no gradient anywhere in here.
+        let (image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset) = tch::no_grad(|| {
             let (image_cur, text_cur, offset) = match self.cfg.itc_negatives {
-                ItcNegatives::Local => (image_feat_m.shallow_clone(), text_feat_m.shallow_clone(), 0),
-                ItcNegatives::Global => {
-                    (image_gathered.all.shallow_clone(), text_gathered.all.shallow_clone(), image_gathered.offset)
-                }
+                ItcNegatives::Local => (&m.image_feat, &m.text_feat, 0),
+                ItcNegatives::Global => (&step.image, &step.text, offset),
             };
-            let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.copy()], 1);
-            let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.copy()], 1);
+            let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.shallow_clone()], 1);
+            let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.shallow_clone()], 1);
             let temp = self.temp.detach();
-            let targets_i2t = itc_targets(&(image_feat_m.matmul(&text_feat_all) / &temp), offset, alpha);
-            let targets_t2i = itc_targets(&(text_feat_m.matmul(&image_feat_all) / &temp), offset, alpha);
-            self.enqueue(&image_gathered.all, &text_gathered.all);
-            Ok((image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset))
-        })?;
-        let (image_embeds_m, image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset) = itc;
-
+            let targets_i2t = itc_targets(&(m.image_feat.matmul(&text_feat_all) / &temp), offset, alpha);
+            let targets_t2i = itc_targets(&(m.text_feat.matmul(&image_feat_all) / &temp), offset, alpha);
+            (image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset)
+        });
         let sim_i2t = image_feat.matmul(&text_feat_all) / &self.temp;
         let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
         let ita = (soft_cross_entropy(&sim_i2t, &targets_i2t) + soft_cross_entropy(&sim_t2i, &targets_t2i)) / 2.0;
 
         let itm = self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
-        let mlm = self.mlm_loss(ids, mask, &image_embeds, &image_embeds_m, alpha);
+        let mlm = self.mlm_loss(ids, mask, &image_embeds, &m.image_embeds, alpha);
         Ok(Losses { ita, itm, mlm })
+    }
+
+    /// Ends a step: the momentum features of all its micro-batches (every rank's, in virtual-rank
+    /// order) go into the queues, once.
+    pub fn end_step(&self, step: &StepFeatures) {
+        self.enqueue(&step.image, &step.text);
     }
 
     /// Writes (N, D) features of every rank at queue_ptr, wrapping around any queue size, and

@@ -28,5 +28,5 @@ pub mod nn;
 pub mod vit;
 pub mod weights;
 
-pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather, Losses};
+pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather, Losses, MomentumFeatures, StepFeatures};
 pub use albef_config::ModelConfig;

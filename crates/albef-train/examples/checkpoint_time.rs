@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = AlbefConfig::defaults(preset);
     cfg.train.device = albef_config::DeviceChoice::Cpu;
     let device = albef_model::device::resolve(cfg.train.device)?;
-    let trainer = Trainer::new(&cfg, device, 0)?;
+    let trainer = Trainer::new(&cfg, device)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let uploader = Uploader::start(rt.handle().clone(), WriteOptions::default(), Box::new(|_: u64, _: &FileEntry| {}));
     let started = Instant::now();

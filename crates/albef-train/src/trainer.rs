@@ -2,11 +2,12 @@
 
 use crate::optim::AdamW;
 use crate::schedule::Schedule;
+use crate::virtual_ranks::{VirtualRanks, gather_step_features};
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
 use albef_model::device::with_autocast;
 use albef_model::{Albef, Batch, FeatureGather, weights};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -74,7 +75,6 @@ pub struct Trainer {
     opt: AdamW,
     schedule: Schedule,
     state: TrainerState,
-    rank: u64,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -84,7 +84,7 @@ pub const STATE_FILE: &str = "trainer_state.json";
 impl Trainer {
     /// A fresh model on `device`. Initialisation depends on the seed only, so every rank of a
     /// job starts from the same weights without a broadcast.
-    pub fn new(cfg: &AlbefConfig, device: Device, rank: u64) -> Result<Self> {
+    pub fn new(cfg: &AlbefConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
         let (vs, model, reports) = Albef::fresh(&cfg.model, cfg.train.seed, device)?;
         for report in reports {
@@ -98,7 +98,6 @@ impl Trainer {
             model,
             opt,
             state: TrainerState::default(),
-            rank,
         })
     }
 
@@ -122,39 +121,70 @@ impl Trainer {
         self.vs.device()
     }
 
-    /// Forward and backward of one step: gradients are left in place for the caller (the
-    /// distributed worker all-reduces them here) before [`Trainer::apply_update`].
+    /// Forward and backward of one step, one micro-batch per virtual rank of this rank (see
+    /// virtual_ranks.rs): gradients are left in place for the caller (the distributed worker
+    /// averages them over the ranks here) before [`Trainer::apply_update`]. The losses are the
+    /// mean over the micro-batches.
     ///
-    /// Every random draw of the step (dropout, MLM masks, hard negatives) derives from
-    /// (seed, step, rank), so a resumed run replays it exactly.
+    /// Every random draw of a micro-batch (dropout, MLM masks, hard negatives) derives from
+    /// (seed, step, virtual rank), so a resumed run replays it exactly, at any world size.
     pub fn forward_backward(
         &mut self,
-        batch: &Batch,
+        micro: &[Batch],
+        ranks: VirtualRanks,
         steps_per_epoch: u64,
         gather: &dyn FeatureGather,
     ) -> Result<StepStats> {
-        let s = &self.state;
-        let seed = SplitMix64::for_item(self.cfg.train.seed ^ (self.rank << 48), s.step).next_u64();
-        tch::manual_seed((seed >> 1) as i64);
+        let s = self.state.clone();
         let lr = self.schedule.lr(s.step, s.epoch);
         let alpha = self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch);
-        let device = self.device();
+        let (device, bf16) = (self.device(), self.cfg.train.bf16);
+        let virtual_ranks: Vec<u64> = ranks.local().collect();
+        ensure!(
+            micro.len() == virtual_ranks.len(),
+            "{} micro-batches for virtual ranks {virtual_ranks:?}",
+            micro.len()
+        );
+        let mut seeds: Vec<SplitMix64> =
+            virtual_ranks.iter().map(|&v| SplitMix64::for_item(self.cfg.train.seed ^ (v << 48), s.step)).collect();
         let started = std::time::Instant::now();
-        let losses = tracing::info_span!("forward").in_scope(|| {
-            with_autocast(device, self.cfg.train.bf16, || self.model.forward_pretrain(batch, alpha, gather))
-        })?;
-        let total = losses.total();
-        let forward_seconds = started.elapsed().as_secs_f64();
-        tracing::info_span!("backward").in_scope(|| total.backward());
-        let backward_seconds = started.elapsed().as_secs_f64() - forward_seconds;
+        self.model.begin_step();
+        let momentum = tracing::info_span!("forward").in_scope(|| {
+            let model = &self.model;
+            let features: Vec<_> = micro
+                .iter()
+                .zip(&mut seeds)
+                .map(|(b, seed)| seeded(seed, || with_autocast(device, bf16, || model.momentum_features(b))))
+                .collect();
+            gather_step_features(gather, &features, ranks).map(|(step, offsets)| (features, step, offsets))
+        });
+        let (features, step, offsets) = momentum?;
+        let (mut forward_seconds, mut backward_seconds) = (started.elapsed().as_secs_f64(), 0.0);
         let value = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+        let mut sums = [0.0; 4];
+        for (((b, seed), m), offset) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets) {
+            let started = std::time::Instant::now();
+            let losses = tracing::info_span!("forward").in_scope(|| {
+                seeded(seed, || with_autocast(device, bf16, || self.model.micro_losses(b, m, &step, offset, alpha)))
+            })?;
+            let total = losses.total();
+            forward_seconds += started.elapsed().as_secs_f64();
+            let started = std::time::Instant::now();
+            tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
+            backward_seconds += started.elapsed().as_secs_f64();
+            for (sum, t) in sums.iter_mut().zip([&losses.ita, &losses.itm, &losses.mlm, &total]) {
+                *sum += value(t) / micro.len() as f64;
+            }
+        }
+        self.model.end_step(&step);
+        let [loss_ita, loss_itm, loss_mlm, loss] = sums;
         Ok(StepStats {
             step: s.step,
             epoch: s.epoch,
-            loss_ita: value(&losses.ita),
-            loss_itm: value(&losses.itm),
-            loss_mlm: value(&losses.mlm),
-            loss: value(&total),
+            loss_ita,
+            loss_itm,
+            loss_mlm,
+            loss,
             lr,
             alpha,
             temp: self.model.temp(),
@@ -189,7 +219,8 @@ impl Trainer {
 
     /// One complete single-process step.
     pub fn train_step(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
-        let stats = self.forward_backward(batch, steps_per_epoch, gather)?;
+        let single = std::slice::from_ref(batch);
+        let stats = self.forward_backward(single, VirtualRanks::one_per_rank(0, 1), steps_per_epoch, gather)?;
         self.apply_update(&stats, steps_per_epoch)?;
         Ok(stats)
     }
@@ -233,8 +264,20 @@ impl Trainer {
     }
 }
 
+/// libtorch's generator is process-wide: a seeded section holds it, so that ranks running as
+/// threads of one process (tests) draw what they would alone. A worker's is never contended.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with libtorch's generator seeded from the next draw of `seed`.
+fn seeded<T>(seed: &mut SplitMix64, f: impl FnOnce() -> T) -> T {
+    let _held = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed((seed.next_u64() >> 1) as i64);
+    f()
+}
+
 /// How the step's random draws derive from the run (recorded so a resume can check it).
-const RNG_SCHEME: &str = "splitmix64(seed ^ rank << 48, step); data: splitmix64(seed, epoch, sample)";
+const RNG_SCHEME: &str =
+    "splitmix64(seed ^ virtual_rank << 48, step): momentum, then online draws; data: splitmix64(seed, epoch, sample)";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct RngState {

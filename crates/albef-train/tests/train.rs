@@ -65,7 +65,7 @@ fn the_small_preset_halves_its_loss_on_fixed_pairs() {
     let _rng = serial();
     let cfg = small_config();
     let batches = fixed_batches(&cfg, 16, 8);
-    let mut trainer = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let mut trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
     let mut losses = vec![];
     for i in 0..150 {
         losses.push(step(&mut trainer, &batches[i % batches.len()], 50));
@@ -86,7 +86,7 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let ckpt = Location::open(dir.path().to_str().unwrap()).unwrap();
-    let mut trainer = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let mut trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
     for batch in batches.iter().cycle().take(3) {
         step(&mut trainer, batch, 5);
     }
@@ -97,12 +97,12 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     // A fresh trainer with other initial weights, restored from the checkpoint.
     let mut other = small_config();
     other.train.seed = 1234;
-    let mut resumed = Trainer::new(&other, Device::Cpu, 0).unwrap();
-    assert_ne!(step(&mut Trainer::new(&other, Device::Cpu, 0).unwrap(), &batches[1], 5), expected);
+    let mut resumed = Trainer::new(&other, Device::Cpu).unwrap();
+    assert_ne!(step(&mut Trainer::new(&other, Device::Cpu).unwrap(), &batches[1], 5), expected);
     let saved = checkpoint::load(&mut resumed, &ckpt, rt.handle()).unwrap();
     assert_eq!((resumed.state().step, saved.world_size, saved.rng.seed), (3, 1, cfg.train.seed));
     // The per-step seed comes from the run's seed: restore the run's configuration too.
-    let mut resumed_same_seed = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let mut resumed_same_seed = Trainer::new(&cfg, Device::Cpu).unwrap();
     checkpoint::load(&mut resumed_same_seed, &ckpt, rt.handle()).unwrap();
     let got = step(&mut resumed_same_seed, &batches[1], 5);
     assert_eq!(got.to_bits(), expected.to_bits(), "resumed loss {got} differs from {expected}");
@@ -113,11 +113,11 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&file, bytes).unwrap();
-    let mut untouched = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let mut untouched = Trainer::new(&cfg, Device::Cpu).unwrap();
     let err = format!("{:#}", checkpoint::load(&mut untouched, &ckpt, rt.handle()).unwrap_err());
     assert!(err.contains("optimizer.safetensors") && err.contains("SHA-256"), "{err}");
     assert_eq!(untouched.state().step, 0);
-    let fresh = Trainer::new(&cfg, Device::Cpu, 0).unwrap();
+    let fresh = Trainer::new(&cfg, Device::Cpu).unwrap();
     for (name, t) in fresh.var_store().variables() {
         assert!(t.equal(&untouched.var_store().variables()[&name]), "{name} changed by a failed load");
     }

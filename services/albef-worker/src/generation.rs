@@ -21,7 +21,7 @@ use albef_proto::v1::{
 };
 use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::distributed::{CollectiveGather, average_gradients};
-use albef_train::{StepStats, Trainer, batch_tensors};
+use albef_train::{StepStats, Trainer, VirtualRanks, batch_tensors};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -312,7 +312,7 @@ impl Worker {
             0 => steps_per_epoch * cfg.schedular.epochs,
             n => n,
         };
-        let mut trainer = Trainer::new(&cfg, dev, rank as u64)?;
+        let mut trainer = Trainer::new(&cfg, dev)?;
         if let Some(resume) = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty())
             && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, world)
         {
@@ -475,7 +475,9 @@ impl Worker {
                     image *= f64::NAN;
                 }
                 let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
-                let stats = trainer.forward_backward(&batch, r.steps_per_epoch, &CollectiveGather { collective })?;
+                let ranks = VirtualRanks::one_per_rank(rank as u64, collective.world_size() as u64);
+                let gather = CollectiveGather { collective };
+                let stats = trainer.forward_backward(&[batch], ranks, r.steps_per_epoch, &gather)?;
                 times.add("forward", std::time::Duration::from_secs_f64(stats.forward_seconds));
                 let slow = self.faults.step_delay();
                 if !slow.is_zero() {

@@ -155,7 +155,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
         0 => steps_per_epoch * cfg.schedular.epochs,
         n => n,
     };
-    let mut trainer = Trainer::new(cfg, dev, 0)?;
+    let mut trainer = Trainer::new(cfg, dev)?;
     tracing::info!(device = ?dev, samples = dataset.index.total(), steps_per_epoch, total_steps, "training");
 
     let progress_path = out.join(PROGRESS_LOG);
