@@ -113,6 +113,12 @@ impl AlbefConfig {
             j.scale_up
         );
         self.worker.local_rank_count(|| 1)?;
+        ensure!(
+            j.virtual_rank_count() >= j.max_workers,
+            "job.virtual_ranks ({}) must be at least job.max_workers ({}): every rank computes one or more",
+            j.virtual_ranks,
+            j.max_workers
+        );
         ensure!(j.straggler_window >= 1, "job.straggler_window must be at least 1 step");
         Ok(())
     }

@@ -68,6 +68,8 @@ fn invalid_relations_are_reported() {
         let err = format!("{:#}", load(&sources(None, &[setting])).unwrap_err());
         assert!(err.contains(named), "{setting}: {err}");
     }
+    let err = format!("{:#}", load(&sources(None, &["job.max_workers=4", "job.virtual_ranks=2"])).unwrap_err());
+    assert!(err.contains("job.virtual_ranks"), "{err}");
 }
 
 #[test]

@@ -180,6 +180,11 @@ pub struct JobConfig {
     /// one else joined for rendezvous_grace_ms.
     pub min_workers: u32,
     pub max_workers: u32,
+    /// The ranks a step is defined over (0: max_workers), each with its micro-batch of
+    /// batch_size_train pairs: the global batch, the data plan and the draws of a step do not
+    /// depend on how many workers compute it (each takes virtual ranks r, r + W, ...). At least
+    /// max_workers.
+    pub virtual_ranks: u32,
     pub rendezvous_grace_ms: u64,
     /// After a failure, how long the rendezvous waits for the lost workers' replacements before
     /// it forms a smaller world of the survivors (at least min_workers); a world as large as the
@@ -236,6 +241,7 @@ impl Default for JobConfig {
             run_dir: "runs/job".into(),
             min_workers: 1,
             max_workers: 1,
+            virtual_ranks: 0,
             rendezvous_grace_ms: 2000,
             replace_grace_ms: 20_000,
             scale_up: "at_checkpoint".into(),
@@ -316,6 +322,13 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig { metrics_listen: String::new(), peak_tflops: 0.0, local_ranks: "1".into() }
+    }
+}
+
+impl JobConfig {
+    /// The virtual ranks of a step: `virtual_ranks`, or max_workers when 0.
+    pub fn virtual_rank_count(&self) -> u32 {
+        if self.virtual_ranks == 0 { self.max_workers } else { self.virtual_ranks }
     }
 }
 

@@ -29,6 +29,8 @@ pub struct StepStats {
     pub loss_itm: f64,
     pub loss_mlm: f64,
     pub loss: f64,
+    /// The total loss of each micro-batch (virtual rank) of this rank.
+    pub micro_losses: Vec<f64>,
     pub lr: f64,
     pub alpha: f64,
     pub temp: f64,
@@ -162,6 +164,7 @@ impl Trainer {
         let (mut forward_seconds, mut backward_seconds) = (started.elapsed().as_secs_f64(), 0.0);
         let value = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
         let mut sums = [0.0; 4];
+        let mut micro_losses = Vec::with_capacity(micro.len());
         for (((b, seed), m), offset) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets) {
             let started = std::time::Instant::now();
             let losses = tracing::info_span!("forward").in_scope(|| {
@@ -175,6 +178,7 @@ impl Trainer {
             for (sum, t) in sums.iter_mut().zip([&losses.ita, &losses.itm, &losses.mlm, &total]) {
                 *sum += value(t) / micro.len() as f64;
             }
+            micro_losses.push(value(&total));
         }
         self.model.end_step(&step);
         let [loss_ita, loss_itm, loss_mlm, loss] = sums;
@@ -185,6 +189,7 @@ impl Trainer {
             loss_itm,
             loss_mlm,
             loss,
+            micro_losses,
             lr,
             alpha,
             temp: self.model.temp(),

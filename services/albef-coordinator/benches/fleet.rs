@@ -251,7 +251,7 @@ async fn worker(
             }
         }
     }
-    if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0 }).await {
+    if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0, virtual_rank: rank }).await {
         obs.lock().unwrap().error("GetLeases", &s);
     }
     let mut beats = Beats::default();

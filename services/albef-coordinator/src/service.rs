@@ -487,7 +487,7 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::GetLeasesRequest>,
     ) -> Result<Response<pb::GetLeasesResponse>, Status> {
         let r = request.into_inner();
-        let plan = self.0.job().leases(r.generation, r.rank, r.epoch).map_err(to_status)?;
+        let plan = self.0.job().leases(r.generation, r.rank, r.virtual_rank, r.epoch).map_err(to_status)?;
         Ok(Response::new(pb::GetLeasesResponse {
             seed: plan.spec.seed,
             epoch: plan.spec.epoch,

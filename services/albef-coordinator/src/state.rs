@@ -1175,16 +1175,25 @@ impl Job {
     }
 
     /// `rank`'s share of `epoch` in `generation`: the same plan a single process would compute.
-    pub fn leases(&self, generation: u64, rank: u32, epoch: u64) -> Result<RankPlan> {
+    /// The share of the epoch of `virtual_rank`, one of `rank`'s (rank, rank + world, ...).
+    pub fn leases(&self, generation: u64, rank: u32, virtual_rank: u32, epoch: u64) -> Result<RankPlan> {
         let g = self.current_checked(generation, rank)?;
+        let virtual_ranks = self.cfg.job.virtual_rank_count();
+        if virtual_rank >= virtual_ranks || virtual_rank % g.world() != rank {
+            return invalid(format!(
+                "virtual rank {virtual_rank} is not one of rank {rank}'s ({virtual_ranks} virtual ranks over {})",
+                g.world()
+            ));
+        }
         let spec = PlanSpec {
             seed: self.cfg.train.seed,
             epoch,
-            world_size: g.world() as u64,
+            world_size: u64::from(virtual_ranks),
             batch_size: self.batch_size(),
             window: self.cfg.data.shuffle_window,
         };
-        plan_rank(&self.counts, &spec, rank as u64).map_err(|e| JobError::FailedPrecondition(format!("{e:#}")))
+        plan_rank(&self.counts, &spec, u64::from(virtual_rank))
+            .map_err(|e| JobError::FailedPrecondition(format!("{e:#}")))
     }
 
     /// Rank 0 of an NCCL generation publishes its unique id (republishing the same id is a retry).
@@ -1443,12 +1452,13 @@ impl Job {
         Ok(self.state())
     }
 
-    fn total_steps(&self, world: u32) -> u64 {
+    /// Steps of the job: an epoch is planned over the virtual ranks, whatever the world's size.
+    fn total_steps(&self) -> u64 {
         if self.cfg.train.max_steps > 0 {
             return self.cfg.train.max_steps;
         }
-        let world = if world > 0 { world } else { self.cfg.job.max_workers };
-        steps_per_epoch(self.total, world as u64, self.batch_size()) * self.cfg.schedular.epochs
+        let virtual_ranks = u64::from(self.cfg.job.virtual_rank_count());
+        steps_per_epoch(self.total, virtual_ranks, self.batch_size()) * self.cfg.schedular.epochs
     }
 
     /// The job's status with a summary of its workers.
@@ -1515,7 +1525,7 @@ impl Job {
             next_page,
             step: members.iter().map(|(_, m)| m.step).min().unwrap_or(resume_step),
             epoch: rank0.map_or(resume_epoch, |m| m.epoch),
-            total_steps: self.total_steps(world),
+            total_steps: self.total_steps(),
             losses: rank0.map(|m| m.losses).unwrap_or_default(),
             images_per_second: members.iter().map(|(_, m)| m.images_per_second).sum(),
             lr: rank0.map_or(0.0, |m| m.lr),

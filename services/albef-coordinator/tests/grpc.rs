@@ -278,7 +278,11 @@ async fn two_workers_join_heartbeat_and_get_their_leases() {
     assert!(refused.message().contains("lr NaN is not finite"), "{refused:?}");
     let mut leased = 0;
     for (w, j) in [(&mut a, &ja), (&mut b, &jb)] {
-        let l = w.get_leases(GetLeasesRequest { generation: 1, rank: j.rank, epoch: 0 }).await.unwrap().into_inner();
+        let l = w
+            .get_leases(GetLeasesRequest { generation: 1, rank: j.rank, epoch: 0, virtual_rank: j.rank })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!((l.world_size, l.batch_size, l.steps, l.seed), (2, 4, SAMPLES / 8, 42));
         leased += l.leases.iter().map(|x| x.end - x.start).sum::<u64>();
     }
@@ -384,15 +388,17 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.join(JoinRequest { collective_address: "nohost".into(), ..base.clone() }).await, "address");
     invalid(w.join(JoinRequest { node_id: "n".repeat(10_000), ..base.clone() }).await, "long node_id");
     invalid(w.join(JoinRequest { local_rank: 5000, ..base.clone() }).await, "local_rank");
-    invalid(w.get_leases(GetLeasesRequest { generation: 0, rank: 0, epoch: 0 }).await, "no generation");
+    invalid(w.get_leases(GetLeasesRequest { generation: 0, ..Default::default() }).await, "no generation");
 
     let j = join(&mut w, "w", 7000).await;
     assert_eq!((j.generation, j.rank, j.world_size), (1, 0, 1));
-    let leases = w.get_leases(GetLeasesRequest { generation: 1, rank: 0, epoch: 3 }).await.unwrap().into_inner();
+    let leases =
+        w.get_leases(GetLeasesRequest { generation: 1, epoch: 3, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!((leases.steps, leases.epoch), (SAMPLES / 4, 3));
     for (req, what) in [
-        (GetLeasesRequest { generation: 1, rank: 3, epoch: 0 }, "rank outside the world"),
-        (GetLeasesRequest { generation: 9, rank: 0, epoch: 0 }, "unknown generation"),
+        (GetLeasesRequest { generation: 1, rank: 3, ..Default::default() }, "rank outside the world"),
+        (GetLeasesRequest { generation: 9, ..Default::default() }, "unknown generation"),
+        (GetLeasesRequest { generation: 1, virtual_rank: 1, ..Default::default() }, "not one of its virtual ranks"),
     ] {
         invalid(w.get_leases(req).await, what);
     }

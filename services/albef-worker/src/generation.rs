@@ -51,6 +51,8 @@ pub struct Worker {
 /// What one generation trains with.
 struct Run<'a> {
     cfg: &'a AlbefConfig,
+    /// The virtual ranks this rank computes, one micro-batch each.
+    ranks: VirtualRanks,
     run: Location,
     dataset: &'a Dataset,
     collective: &'a dyn Collective,
@@ -307,14 +309,15 @@ impl Worker {
         let run_dir = PathBuf::from(&cfg.job.run_dir);
         let dataset = Dataset::open(&cfg, &run_dir, self.rt.handle())?;
         let batch = cfg.train.batch_size_train as u64;
-        let steps_per_epoch = dataset.steps_per_epoch(world as u64, batch);
+        let ranks = VirtualRanks::new(u64::from(cfg.job.virtual_rank_count()), world as u64, rank as u64)?;
+        let steps_per_epoch = dataset.steps_per_epoch(ranks.total, batch);
         let total_steps = match cfg.train.max_steps {
             0 => steps_per_epoch * cfg.schedular.epochs,
             n => n,
         };
         let mut trainer = Trainer::new(&cfg, dev)?;
         if let Some(resume) = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty())
-            && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, world)
+            && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, ranks.total)
         {
             collective.abort();
             return Ok(Ending::Rejoin(format!("{e:#}")));
@@ -344,6 +347,7 @@ impl Worker {
         );
         let mut run = Run {
             cfg: &cfg,
+            ranks,
             run: Location::open(&cfg.job.run_dir)?,
             dataset: &dataset,
             collective: collective.as_ref(),
@@ -431,23 +435,28 @@ impl Worker {
         let mut heard = Heard::default();
         while trainer.state().step < r.total_steps {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
-            let plan = self.leases(r.generation, rank as u32, epoch)?;
-            ensure!(
-                plan.steps == r.steps_per_epoch,
-                "the coordinator planned {} steps, this worker expects {}",
-                plan.steps,
-                r.steps_per_epoch
-            );
-            let mut batches = r.dataset.loader(cfg, plan, from, self.rt.handle());
+            // One loader per virtual rank of this rank: each step takes a micro-batch from each.
+            let mut loaders = vec![];
+            for v in r.ranks.local() {
+                let plan = self.leases(r.generation, rank as u32, v as u32, epoch)?;
+                ensure!(
+                    plan.steps == r.steps_per_epoch,
+                    "the coordinator planned {} steps, this worker expects {}",
+                    plan.steps,
+                    r.steps_per_epoch
+                );
+                loaders.push(r.dataset.loader(cfg, plan, from, self.rt.handle()));
+            }
             loop {
                 let mut times = StepTimes::default();
                 let waited = Instant::now();
-                let Some(loaded) = tracing::info_span!("data_wait").in_scope(|| batches.next()) else { break };
+                let next = || loaders.iter_mut().map(Iterator::next).collect::<Option<Vec<_>>>();
+                let Some(micro) = tracing::info_span!("data_wait").in_scope(next) else { break };
                 times.add("data_wait", waited.elapsed());
                 let step_span = tracing::info_span!("step", step = trainer.state().step);
                 let _in_step = step_span.enter();
-                // Every rank must take the same step: the commands and the batch's fitness are agreed on.
-                let unfit = loaded.batch.batch_size < 2;
+                // Every rank must take the same step: the commands and the batches' fitness are agreed on.
+                let unfit = micro.iter().any(|m| m.batch.batch_size < 2);
                 let Some(decision) = self.agree(shared, collective, trainer.device(), &mut heard, unfit, &mut times)?
                 else {
                     return Ok(Ending::Rejoin("the coordinator ended the generation".into()));
@@ -462,22 +471,24 @@ impl Worker {
                 }
                 if decision == Decision::Skip {
                     tracing::warn!(
-                        step = loaded.step,
-                        "a rank has too few good samples; the step is skipped by every rank"
+                        step = trainer.state().step,
+                        "a micro-batch has too few good samples; the step is skipped by every rank"
                     );
-                    audit(r, trainer.state().step, &loaded, rank, "unfit")?;
+                    audit(r, trainer.state().step, &micro, "unfit", &[])?;
                     trainer.skip_step(r.steps_per_epoch);
                     continue;
                 }
-                let (mut image, ids, mask) = batch_tensors(&loaded.batch, trainer.device());
+                let mut tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
                 if self.faults.take_nan(trainer.state().step) {
                     tracing::warn!(step = trainer.state().step, "fault injection: a poisoned batch");
-                    image *= f64::NAN;
+                    tensors[0].0 *= f64::NAN;
                 }
-                let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
-                let ranks = VirtualRanks::one_per_rank(rank as u64, collective.world_size() as u64);
+                let batches: Vec<Batch> = tensors
+                    .iter()
+                    .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
+                    .collect();
                 let gather = CollectiveGather { collective };
-                let stats = trainer.forward_backward(&[batch], ranks, r.steps_per_epoch, &gather)?;
+                let stats = trainer.forward_backward(&batches, r.ranks, r.steps_per_epoch, &gather)?;
                 times.add("forward", std::time::Duration::from_secs_f64(stats.forward_seconds));
                 let slow = self.faults.step_delay();
                 if !slow.is_zero() {
@@ -495,7 +506,7 @@ impl Worker {
                     bad_streak += 1;
                     shared.progress.lock().unwrap().nonfinite_steps += 1;
                     tracing::warn!(step = stats.step, bad_streak, "non-finite loss: the step is not applied");
-                    audit(r, stats.step, &loaded, rank, "nonfinite")?;
+                    audit(r, stats.step, &micro, "nonfinite", &[])?;
                     trainer.skip_step(r.steps_per_epoch);
                     if bad_streak >= cfg.job.max_bad_steps {
                         let why = format!(
@@ -510,7 +521,7 @@ impl Worker {
                 bad_streak = 0;
                 timed(&mut times, "communication", || average_gradients(trainer, collective, bucket_bytes))?;
                 timed(&mut times, "optimizer", || trainer.apply_update(&stats, r.steps_per_epoch))?;
-                audit(r, stats.step, &loaded, rank, "applied")?;
+                audit(r, stats.step, &micro, "applied", &stats.micro_losses)?;
                 if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == r.total_steps) {
                     let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
                     println!("{}", stats.progress_line(r.total_steps, job_rate));
@@ -526,9 +537,15 @@ impl Worker {
                         board.publish(self.rt.handle());
                     }
                 }
-                let (b, len) = (loaded.batch.batch_size as i64, loaded.batch.seq_len as i64);
-                let flops = albef_model::flops::step_flops(&cfg.model, b, len, collective.world_size() as i64);
-                let measured = self.metrics.step(step, &times, loaded.batch.batch_size, flops, self.peak_flops);
+                let flops: f64 = micro
+                    .iter()
+                    .map(|m| {
+                        let (b, len) = (m.batch.batch_size as i64, m.batch.seq_len as i64);
+                        albef_model::flops::step_flops(&cfg.model, b, len, r.ranks.total as i64)
+                    })
+                    .sum();
+                let images = micro.iter().map(|m| m.batch.batch_size).sum();
+                let measured = self.metrics.step(step, &times, images, flops, self.peak_flops);
                 if let Some(board) = r.board.as_mut() {
                     board.events.scalars(stats.step, stats.scalars().into_iter().chain(measured));
                     if stats.step % cfg.train.log_every == 0 {
@@ -623,17 +640,17 @@ impl Worker {
         checkpoint: &str,
         generation: u64,
         rank: usize,
-        world: usize,
+        virtual_ranks: u64,
     ) -> Result<()> {
         let loaded =
             Location::open(checkpoint).and_then(|dir| albef_train::checkpoint::load(trainer, &dir, self.rt.handle()));
         match loaded {
             Ok(saved) => {
-                if saved.world_size != world as u64 && saved.position.step_in_epoch > 0 {
+                if saved.world_size != virtual_ranks && saved.position.step_in_epoch > 0 {
                     tracing::warn!(
                         saved = saved.world_size,
-                        now = world,
-                        "resuming mid-epoch in a world of another size: the rest of this epoch is planned anew"
+                        now = virtual_ranks,
+                        "resuming mid-epoch over another number of virtual ranks: the rest of this epoch is planned anew"
                     );
                 }
                 tracing::info!(checkpoint, step = trainer.state().step, epoch = trainer.state().epoch, "resumed");
@@ -708,7 +725,7 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
-        let snapshot = trainer.snapshot(r.collective.world_size() as u64, r.steps_per_epoch)?;
+        let snapshot = trainer.snapshot(r.ranks.total, r.steps_per_epoch)?;
         tracing::info!(
             step = state.step,
             copy_ms = started.elapsed().as_millis() as u64,
@@ -764,10 +781,11 @@ impl Worker {
         Ok(())
     }
 
-    fn leases(&mut self, generation: u64, rank: u32, epoch: u64) -> Result<RankPlan> {
+    /// The share of the epoch of `virtual_rank`, one of this rank's.
+    fn leases(&mut self, generation: u64, rank: u32, virtual_rank: u32, epoch: u64) -> Result<RankPlan> {
         let mut backoff = Backoff::new();
         let r = loop {
-            match self.rt.block_on(self.client.get_leases(GetLeasesRequest { generation, rank, epoch })) {
+            match self.rt.block_on(self.client.get_leases(GetLeasesRequest { generation, rank, epoch, virtual_rank })) {
                 Ok(r) => break r.into_inner(),
                 Err(s) if client::transient(&s) => backoff.wait(),
                 Err(s) => bail!("leases refused: {s}"),
@@ -781,7 +799,7 @@ impl Worker {
             window: r.window,
         };
         let leases = r.leases.iter().map(|l| Lease { source: l.source, start: l.start, end: l.end }).collect();
-        Ok(RankPlan { spec, rank: u64::from(rank), steps: r.steps, leases })
+        Ok(RankPlan { spec, rank: u64::from(virtual_rank), steps: r.steps, leases })
     }
 
     fn report(&self, r: &Run, trainer: &Trainer, s: &StepStats) {
@@ -799,7 +817,8 @@ impl Worker {
         }
         let recent = self.metrics.recent();
         p.images_per_second = recent.images_per_second;
-        p.busy_seconds = recent.busy_seconds;
+        // Per micro-batch: a rank with more virtual ranks than another is not a straggler for it.
+        p.busy_seconds = recent.busy_seconds / r.ranks.local().count() as f64;
         p.data_wait_share = recent.busy_data_wait_share;
         p.bad_samples = r.dataset.skips.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         p.bad_sample_examples = r
@@ -847,16 +866,22 @@ fn params_fingerprint(trainer: &Trainer) -> String {
 }
 
 /// Appends the sample keys of a step to the audit log (when one is configured).
-fn audit(r: &mut Run, step: u64, loaded: &LoadedBatch, rank: usize, outcome: &str) -> Result<()> {
+/// Records the keys of each micro-batch of a step under its virtual rank ("rank"), and the
+/// micro-batch's loss when the step was applied.
+fn audit(r: &mut Run, step: u64, micro: &[LoadedBatch], outcome: &str, losses: &[f64]) -> Result<()> {
     let Some(file) = r.audit.as_mut() else { return Ok(()) };
-    let line = serde_json::json!({
-        "generation": r.generation,
-        "rank": rank,
-        "step": step,
-        "outcome": outcome,
-        "keys": loaded.batch.keys,
-    });
-    writeln!(file, "{line}").context("writing the audit log")
+    for (j, (v, m)) in r.ranks.local().zip(micro).enumerate() {
+        let line = serde_json::json!({
+            "generation": r.generation,
+            "rank": v,
+            "step": step,
+            "outcome": outcome,
+            "keys": m.batch.keys,
+            "loss": losses.get(j),
+        });
+        writeln!(file, "{line}").context("writing the audit log")?;
+    }
+    Ok(())
 }
 
 /// Runs `f` inside a span named after `phase` and adds its time to the step's.

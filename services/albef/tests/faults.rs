@@ -292,6 +292,18 @@ impl Job {
     /// (rank, step) -> the keys trained there, the last record winning: a step redone after a
     /// failure replaces the lost one.
     fn audit(&self) -> BTreeMap<(u64, u64), Vec<String>> {
+        self.audit_records(|v| v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect())
+    }
+
+    /// (virtual rank, step) -> the loss of its micro-batch, of the applied steps, the last record
+    /// winning.
+    fn audit_losses(&self) -> BTreeMap<(u64, u64), f64> {
+        let losses = self.audit_records(|v| v["loss"].as_f64());
+        losses.into_iter().filter_map(|(at, loss)| Some((at, loss?))).collect()
+    }
+
+    /// (rank, step) -> what `field` takes from the audit record, the last generation's winning.
+    fn audit_records<T>(&self, field: impl Fn(&serde_json::Value) -> T) -> BTreeMap<(u64, u64), T> {
         let mut records = vec![];
         for e in std::fs::read_dir(self.dir.path().join("audit")).unwrap() {
             for line in BufReader::new(File::open(e.unwrap().path()).unwrap()).lines() {
@@ -300,12 +312,7 @@ impl Job {
             }
         }
         records.sort_by_key(|v| v["generation"].as_u64().unwrap());
-        let mut out = BTreeMap::new();
-        for v in records {
-            let keys = v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-            out.insert((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap()), keys);
-        }
-        out
+        records.iter().map(|v| ((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap()), field(v))).collect()
     }
 }
 
@@ -322,6 +329,7 @@ impl Drop for Job {
 struct Reference {
     hashes: BTreeMap<String, String>,
     audit: BTreeMap<(u64, u64), Vec<String>>,
+    losses: BTreeMap<(u64, u64), f64>,
 }
 
 fn reference() -> &'static Reference {
@@ -347,7 +355,7 @@ fn reference() -> &'static Reference {
             .filter(|e| e.as_ref().unwrap().path().join("manifest.json").exists())
             .collect();
         assert_eq!(on_disk.len(), 2, "evicted checkpoints are deleted");
-        Reference { hashes: job.local_final_hashes(), audit }
+        Reference { hashes: job.local_final_hashes(), audit, losses: job.audit_losses() }
     })
 }
 
@@ -567,6 +575,35 @@ fn a_job_grows_at_a_checkpoint_and_goes_on_without_a_worker_that_is_not_replaced
     let state = job.state();
     assert_eq!((state["state"].as_str(), state["scale_ups"].as_u64()), (Some("finished"), Some(1)), "{state}");
     assert!(job.local_final_hashes().contains_key("model.safetensors"));
+}
+
+/// The job is defined over 2 virtual ranks. w1 is lost for good mid-epoch: after
+/// job.replace_grace_ms w0 goes on alone and computes both virtual ranks' micro-batches. Every
+/// sample is trained once, in the same micro-batch at the same step as in the uninterrupted run,
+/// and every micro-batch's loss stays within 1e-4 of it (only the order of sums differs).
+#[test]
+fn a_job_that_loses_a_rank_for_good_takes_the_same_steps() {
+    let reference = reference();
+    let mut job = Job::new(None, &[]);
+    job.extra.extend(["job.min_workers=1", "job.replace_grace_ms=1000"].map(String::from));
+    job.start(&[]);
+    let at = random_step(5, 19);
+    job.wait_for_step(at);
+    job.kill_worker("w1");
+    println!("killed w1 for good at step >= {at}");
+    let alone = job.wait_for_step(at + 1);
+    assert_eq!((alone.world_size, alone.restarts), (1, 1), "{alone:?}");
+    job.finish(false);
+    assert!(job.audit() == reference.audit, "the sample audit differs from the uninterrupted run\n{}", job.logs());
+    let losses = job.audit_losses();
+    assert_eq!(losses.len(), reference.losses.len(), "a loss for every micro-batch of every step");
+    let mut worst = 0.0f64;
+    for (at, want) in &reference.losses {
+        let got = losses[at];
+        worst = worst.max((got - want).abs() / want.abs());
+    }
+    println!("micro-batch losses within {worst:e} of the uninterrupted run");
+    assert!(worst <= 1e-4, "a loss differs by {worst:e} (relative)");
 }
 
 /// moto's S3 server on a free port; killed on drop.

@@ -238,9 +238,9 @@ fn stale_generations_and_ranks_outside_the_world() {
     assert_eq!(commands(&mut job, &wrong_worker, t0), vec![Command::Rejoin]);
     let outside = Heartbeat { rank: 2, ..beat("a", &g[0], 1) };
     assert!(matches!(job.heartbeat(&outside, t0), Err(JobError::InvalidArgument(_))));
-    assert!(matches!(job.leases(0, 0, 0), Err(JobError::InvalidArgument(_))));
-    assert!(matches!(job.leases(2, 0, 0), Err(JobError::InvalidArgument(_))));
-    assert!(matches!(job.leases(1, 2, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(0, 0, 0, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(2, 0, 0, 0), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.leases(1, 2, 2, 0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.report_checkpoint(3, 0, 1, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.report_checkpoint(1, 2, 1, 0, 1, "x", t0), Err(JobError::InvalidArgument(_))));
     assert!(matches!(job.nccl_id(5), Err(JobError::InvalidArgument(_))));
@@ -430,7 +430,7 @@ fn leases_are_the_plan_and_cover_the_epoch_once() {
     form(&mut job, &["a", "b", "c"], t0);
     let mut seen = BTreeSet::new();
     for rank in 0..3u32 {
-        let plan = job.leases(1, rank, 5).unwrap();
+        let plan = job.leases(1, rank, rank, 5).unwrap();
         let spec = PlanSpec { seed: 42, epoch: 5, world_size: 3, batch_size: 4, window: 8 };
         assert_eq!(plan, plan_rank(&[60, 40], &spec, rank as u64).unwrap());
         assert_eq!(plan.steps, 100 / 12);
@@ -881,4 +881,22 @@ fn a_nodes_local_ranks_take_contiguous_ranks_in_local_rank_order() {
     ];
     let got: Vec<(&str, NodePlace)> = by_rank.iter().map(|&(_, id, p)| (id, p)).collect();
     assert_eq!(got, want);
+}
+
+#[test]
+fn a_world_smaller_than_the_virtual_ranks_leases_each_rank_its_virtual_ranks_shares() {
+    let (mut job, t0) = job(1, 4);
+    join(&mut job, "a", t0);
+    join(&mut job, "b", t0);
+    job.tick(at(t0, GRACE));
+    assert_eq!(job.status(at(t0, GRACE)).total_steps, 100 / (4 * 4) * job.cfg.schedular.epochs, "planned over 4");
+    let spec = PlanSpec { seed: 42, epoch: 2, world_size: 4, batch_size: 4, window: 8 };
+    for (rank, virtual_rank) in [(0, 0), (1, 1), (0, 2), (1, 3)] {
+        let plan = job.leases(1, rank, virtual_rank, 2).unwrap();
+        assert_eq!(plan, plan_rank(&[60, 40], &spec, u64::from(virtual_rank)).unwrap());
+    }
+    for (rank, virtual_rank) in [(0, 1), (1, 2), (0, 4)] {
+        let refused = job.leases(1, rank, virtual_rank, 2);
+        assert!(matches!(refused, Err(JobError::InvalidArgument(_))), "rank {rank}, virtual rank {virtual_rank}");
+    }
 }
