@@ -13,6 +13,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_job_state", Kind::Gauge, "1 for the job's current state."),
         ("albef_job_generation", Kind::Gauge, "Number of the latest generation (world) formed."),
         ("albef_job_world_size", Kind::Gauge, "Ranks in the current generation."),
+        ("albef_job_virtual_ranks", Kind::Gauge, "Virtual ranks a step is defined over (job.virtual_ranks)."),
         ("albef_workers_alive", Kind::Gauge, "Workers of the current generation that are still there."),
         ("albef_workers_silent", Kind::Gauge, "Of those, the ones silent for over two heartbeat intervals."),
         ("albef_stragglers", Kind::Gauge, "Of those, the ones slower than job.straggler_factor x the median rank."),
@@ -52,6 +53,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         }
         r.set("albef_job_generation", &[], s.generation as f64);
         r.set("albef_job_world_size", &[], f64::from(s.world_size));
+        r.set("albef_job_virtual_ranks", &[], f64::from(s.virtual_ranks));
         r.set("albef_workers_alive", &[], f64::from(s.workers_total));
         r.set("albef_workers_silent", &[], f64::from(s.workers_silent));
         r.set("albef_stragglers", &[], f64::from(s.stragglers));

@@ -632,6 +632,7 @@ impl ControlService {
             straggler_evictions: s.straggler_evictions,
             waiting: s.waiting,
             scale_ups: s.scale_ups,
+            virtual_ranks: s.virtual_ranks,
             step: s.step,
             epoch: s.epoch,
             total_steps: s.total_steps,

@@ -215,6 +215,8 @@ pub struct JobStatus {
     pub state: &'static str,
     pub generation: u64,
     pub world_size: u32,
+    /// What a step is defined over (job.virtual_ranks): each rank computes world_size of them.
+    pub virtual_ranks: u32,
     /// Those of the view, by rank.
     pub workers: Vec<WorkerStatus>,
     /// Workers of the current generation still there, and those of them silent for longer than
@@ -1526,6 +1528,7 @@ impl Job {
             step: members.iter().map(|(_, m)| m.step).min().unwrap_or(resume_step),
             epoch: rank0.map_or(resume_epoch, |m| m.epoch),
             total_steps: self.total_steps(),
+            virtual_ranks: self.cfg.job.virtual_rank_count(),
             losses: rank0.map(|m| m.losses).unwrap_or_default(),
             images_per_second: members.iter().map(|(_, m)| m.images_per_second).sum(),
             lr: rank0.map_or(0.0, |m| m.lr),

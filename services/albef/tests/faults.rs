@@ -295,6 +295,19 @@ impl Job {
         self.audit_records(|v| v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect())
     }
 
+    /// Steps trained more than once (again after a membership change), over every virtual rank.
+    fn redone_steps(&self) -> usize {
+        let mut seen = std::collections::BTreeMap::<(u64, u64), usize>::new();
+        for e in std::fs::read_dir(self.dir.path().join("audit")).unwrap() {
+            for line in BufReader::new(File::open(e.unwrap().path()).unwrap()).lines() {
+                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                *seen.entry((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap())).or_default() += 1;
+            }
+        }
+        let virtual_ranks = seen.keys().map(|(r, _)| r + 1).max().unwrap_or(1) as usize;
+        seen.values().map(|n| n - 1).sum::<usize>() / virtual_ranks
+    }
+
     /// (virtual rank, step) -> the loss of its micro-batch, of the applied steps, the last record
     /// winning.
     fn audit_losses(&self) -> BTreeMap<(u64, u64), f64> {
@@ -563,6 +576,8 @@ fn a_job_grows_at_a_checkpoint_and_goes_on_without_a_worker_that_is_not_replaced
         }
     };
     let grown = wait_for(&mut job, "the world did not grow", &|s| s.world_size == 2 && s.step >= 1);
+    let before_kill = job.redone_steps();
+    println!("steps trained again after the scale-up: {before_kill}");
     assert_eq!((grown.scale_ups, grown.restarts, grown.generation), (1, 0, 2), "{grown:?}");
     job.kill_worker("w1");
     let shrunk = wait_for(&mut job, "w0 did not go on alone", &|s| s.generation == 3);
@@ -592,8 +607,12 @@ fn a_job_that_loses_a_rank_for_good_takes_the_same_steps() {
     job.kill_worker("w1");
     println!("killed w1 for good at step >= {at}");
     let alone = job.wait_for_step(at + 1);
-    assert_eq!((alone.world_size, alone.restarts), (1, 1), "{alone:?}");
+    assert_eq!((alone.world_size, alone.virtual_ranks, alone.restarts), (1, 2, 1), "{alone:?}");
     job.finish(false);
+    // What the loss cost: the steps since the last checkpoint (every 4), trained again.
+    let redone = job.redone_steps();
+    println!("steps trained again: {redone}");
+    assert!(redone <= 4, "{redone} steps redone with a checkpoint every 4");
     assert!(job.audit() == reference.audit, "the sample audit differs from the uninterrupted run\n{}", job.logs());
     let losses = job.audit_losses();
     assert_eq!(losses.len(), reference.losses.len(), "a loss for every micro-batch of every step");

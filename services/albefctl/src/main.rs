@@ -296,7 +296,7 @@ fn render_status(s: &JobStatus) -> String {
     let fields = [
         ("state", s.state.clone()),
         ("generation", s.generation.to_string()),
-        ("world size", s.world_size.to_string()),
+        ("world size", format!("{} ({} virtual ranks)", s.world_size, s.virtual_ranks)),
         ("workers", workers_line(s)),
         ("step", format!("{}{total}", s.step)),
         ("epoch", s.epoch.to_string()),
@@ -389,6 +389,7 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "state": s.state,
         "generation": s.generation,
         "world_size": s.world_size,
+        "virtual_ranks": s.virtual_ranks,
         "workers_total": s.workers_total,
         "workers_silent": s.workers_silent,
         "stragglers": s.stragglers,
@@ -491,6 +492,9 @@ mod tests {
             }],
             workers_total: 2,
             stragglers: 1,
+            virtual_ranks: 4,
+            waiting: 1,
+            scale_ups: 2,
             ..Default::default()
         };
         let json = status_json(&s);
@@ -500,6 +504,9 @@ mod tests {
         assert!(json["checkpoint"].is_null() && json["retrieval"].is_null(), "{json}");
         let text = render_status(&s);
         assert!(text.contains("step        120 / 1000"), "{text}");
+        assert!(text.contains("world size  2 (4 virtual ranks)"), "{text}");
+        assert!(text.contains("1 spares waiting") && text.contains("scale-ups   2"), "{text}");
+        assert_eq!((json["virtual_ranks"].as_u64(), json["scale_ups"].as_u64()), (Some(4), Some(2)));
         assert!(text.contains("lr          1.000e-4"), "{text}");
         assert!(text.contains("checkpoint  -"), "{text}");
         assert!(text.contains("RANK  WORKER    HOST    STEP  IMG/S  LAST SEEN  OWN STEP         PARAMS"), "{text}");
@@ -507,7 +514,7 @@ mod tests {
             text.contains("0     worker-0  node-a  120   27.5   1.5s ago   0.250s 10% data  0123456789ab  straggler\n"),
             "{text}"
         );
-        assert!(text.contains("workers     2 there, 0 silent, 1 stragglers (1 listed"), "{text}");
+        assert!(text.contains("workers     2 there, 0 silent, 1 stragglers, 1 spares waiting (1 listed"), "{text}");
         assert_eq!(json["workers"][0]["straggler"], true);
         assert!(text.contains("skipped     0 samples"), "{text}");
         assert!(!text.contains("SKIPPED"), "{text}");
