@@ -127,7 +127,8 @@ pub struct DataConfig {
     /// Tar members declaring more MiB are skipped unread, counted as `oversized_member` (a
     /// corrupt header must not size an allocation).
     pub max_member_mb: u64,
-    /// Decode threads per worker (0: the cores left after libtorch's threads, at least 1).
+    /// Decode threads per worker, shared by the loaders of its virtual ranks (0: the cores left
+    /// after libtorch's threads, at least 1).
     pub loader_threads: usize,
     /// Batches decoded ahead.
     pub prefetch: usize,

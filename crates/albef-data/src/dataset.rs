@@ -117,13 +117,15 @@ impl Dataset {
         plan_rank(&self.index.counts(), &spec, rank)
     }
 
-    /// A loader of `plan`'s batches from step `from`.
-    pub fn loader(&self, cfg: &AlbefConfig, plan: RankPlan, from: u64, handle: &Handle) -> Loader {
+    /// A loader of `plan`'s batches from step `from`, one of `sharing` loaders of this process
+    /// (a rank's virtual ranks) that share `data.loader_threads` decoders.
+    pub fn loader(&self, cfg: &AlbefConfig, plan: RankPlan, from: u64, sharing: usize, handle: &Handle) -> Loader {
         let d = &cfg.data;
         let threads = match d.loader_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1),
             n => n,
         };
+        let threads = (threads / sharing.max(1)).max(1);
         let opts = LoaderOptions {
             image_res: cfg.model.image_res as u32,
             threads,

@@ -437,6 +437,7 @@ impl Worker {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
             // One loader per virtual rank of this rank: each step takes a micro-batch from each.
             let mut loaders = vec![];
+            let sharing = r.ranks.local().count();
             for v in r.ranks.local() {
                 let plan = self.leases(r.generation, rank as u32, v as u32, epoch)?;
                 ensure!(
@@ -445,7 +446,7 @@ impl Worker {
                     plan.steps,
                     r.steps_per_epoch
                 );
-                loaders.push(r.dataset.loader(cfg, plan, from, self.rt.handle()));
+                loaders.push(r.dataset.loader(cfg, plan, from, sharing, self.rt.handle()));
             }
             loop {
                 let mut times = StepTimes::default();

@@ -170,7 +170,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
     'epochs: while trainer.state().step < total_steps {
         let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
         let plan = dataset.plan(cfg, epoch, 1, 0)?;
-        for loaded in dataset.loader(cfg, plan, from, rt.handle()) {
+        for loaded in dataset.loader(cfg, plan, from, 1, rt.handle()) {
             if loaded.batch.batch_size < 2 {
                 tracing::warn!(
                     step = loaded.step,
