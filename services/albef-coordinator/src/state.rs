@@ -299,23 +299,16 @@ fn group_nodes(mut members: Vec<Candidate>) -> Vec<(Candidate, NodePlace)> {
         first.entry(c.node().to_string()).or_insert(i);
     }
     members.sort_by_key(|c| (first[c.node()], c.local_rank));
-    let mut sizes: HashMap<&str, u32> = HashMap::new();
-    for c in &members {
-        *sizes.entry(c.node()).or_default() += 1;
-    }
-    let sizes: HashMap<String, u32> = sizes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    let mut placed: Vec<(Candidate, NodePlace)> = Vec::with_capacity(members.len());
-    let (mut node_rank, mut local_rank) = (0, 0);
-    for c in members {
-        if placed.last().is_some_and(|(prev, _)| prev.node() != c.node()) {
-            node_rank += 1;
-            local_rank = 0;
-        }
-        let place = NodePlace { node_rank, local_rank, local_world_size: sizes[c.node()] };
-        local_rank += 1;
-        placed.push((c, place));
-    }
-    placed
+    // Sorted, a node's workers are one run.
+    let sizes: Vec<usize> = members.chunk_by(|a, b| a.node() == b.node()).map(<[Candidate]>::len).collect();
+    let places = sizes.iter().enumerate().flat_map(|(node_rank, &n)| {
+        (0..n).map(move |local_rank| NodePlace {
+            node_rank: node_rank as u32,
+            local_rank: local_rank as u32,
+            local_world_size: n as u32,
+        })
+    });
+    members.into_iter().zip(places).collect()
 }
 
 /// The workers waiting for the next rendezvous, in the order they came, found by id in O(1).
@@ -623,6 +616,14 @@ struct Expected {
     patient_until: Option<Instant>,
 }
 
+impl Expected {
+    /// The world of `world` ranks that ran, whose lost workers' replacements have
+    /// job.replace_grace_ms from `now` to come.
+    fn again(cfg: &AlbefConfig, world: usize, now: Instant) -> Self {
+        Expected { world, patient_until: Some(now + Duration::from_millis(cfg.job.replace_grace_ms)) }
+    }
+}
+
 impl Job {
     /// A fresh job over a dataset whose sources hold `counts` samples.
     pub fn new(cfg: AlbefConfig, counts: Vec<u64>, now: Instant) -> Self {
@@ -924,8 +925,7 @@ impl Job {
         if failure {
             self.restarts += 1;
         }
-        let replace = Duration::from_millis(self.cfg.job.replace_grace_ms);
-        self.expected = failure.then(|| Expected { world: g.members.len(), patient_until: Some(now + replace) });
+        self.expected = failure.then(|| Expected::again(&self.cfg, g.members.len(), now));
         // The survivors need the grace to notice (heartbeat) and rejoin before spares close it.
         self.last_join = Some(now);
         self.changed();
@@ -1176,8 +1176,8 @@ impl Job {
         Ok(g)
     }
 
-    /// `rank`'s share of `epoch` in `generation`: the same plan a single process would compute.
-    /// The share of the epoch of `virtual_rank`, one of `rank`'s (rank, rank + world, ...).
+    /// The share of `epoch` in `generation` of `virtual_rank`, one of `rank`'s (rank, rank +
+    /// world, ...): the same plan a single process would compute.
     pub fn leases(&self, generation: u64, rank: u32, virtual_rank: u32, epoch: u64) -> Result<RankPlan> {
         let g = self.current_checked(generation, rank)?;
         let virtual_ranks = self.cfg.job.virtual_rank_count();
@@ -1620,8 +1620,7 @@ impl Job {
         // The world that ran forms again as soon as its workers are back (or their
         // replacements, within job.replace_grace_ms).
         if !job.previous_ranks.is_empty() {
-            let replace = Duration::from_millis(job.cfg.job.replace_grace_ms);
-            job.expected = Some(Expected { world: job.previous_ranks.len(), patient_until: Some(now + replace) });
+            job.expected = Some(Expected::again(&job.cfg, job.previous_ranks.len(), now));
         }
         for c in doc["checkpoints"].as_array().context("coordinator state: no checkpoints")? {
             job.checkpoints.push(Checkpoint {

@@ -110,8 +110,7 @@ fn wait_first_failure(children: &mut [Option<Child>]) -> Result<Option<(u32, Exi
 /// Kills the children still running (SIGKILL: a rank blocked in a collective would not answer
 /// anything gentler) and reaps them.
 fn stop(children: &mut [Option<Child>]) {
-    for child in children.iter_mut().filter_map(Option::take) {
-        let mut child = child;
+    for mut child in children.iter_mut().filter_map(Option::take) {
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -169,14 +169,19 @@ impl Job {
 
     /// Waits until the job's slowest rank reached `step`.
     fn wait_for_step(&mut self, step: u64) -> JobStatus {
+        self.wait_until(&format!("step {step} not reached"), |s| s.state == "running" && s.step >= step)
+    }
+
+    /// Waits until the job's status satisfies `done`; `what` says what did not happen.
+    fn wait_until(&mut self, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
         let mut watch = StallWatch::new(STALL);
         loop {
             self.check_alive();
             let status = self.status();
-            if let Some(s) = status.as_ref().filter(|s| s.state == "running" && s.step >= step) {
+            if let Some(s) = status.as_ref().filter(|s| done(s)) {
                 return s.clone();
             }
-            watch.observe(progress(status.as_ref()), || format!("step {step} not reached\n{}", self.logs()));
+            watch.observe(progress(status.as_ref()), || format!("{what}\n{}", self.logs()));
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -297,12 +302,9 @@ impl Job {
 
     /// Steps trained more than once (again after a membership change), over every virtual rank.
     fn redone_steps(&self) -> usize {
-        let mut seen = std::collections::BTreeMap::<(u64, u64), usize>::new();
-        for e in std::fs::read_dir(self.dir.path().join("audit")).unwrap() {
-            for line in BufReader::new(File::open(e.unwrap().path()).unwrap()).lines() {
-                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-                *seen.entry((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap())).or_default() += 1;
-            }
+        let mut seen = BTreeMap::<(u64, u64), usize>::new();
+        for v in self.audit_lines() {
+            *seen.entry(at(&v)).or_default() += 1;
         }
         let virtual_ranks = seen.keys().map(|(r, _)| r + 1).max().unwrap_or(1) as usize;
         seen.values().map(|n| n - 1).sum::<usize>() / virtual_ranks
@@ -317,16 +319,26 @@ impl Job {
 
     /// (rank, step) -> what `field` takes from the audit record, the last generation's winning.
     fn audit_records<T>(&self, field: impl Fn(&serde_json::Value) -> T) -> BTreeMap<(u64, u64), T> {
+        let mut records = self.audit_lines();
+        records.sort_by_key(|v| v["generation"].as_u64().unwrap());
+        records.iter().map(|v| (at(v), field(v))).collect()
+    }
+
+    /// Every record of every worker's audit log.
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
         let mut records = vec![];
         for e in std::fs::read_dir(self.dir.path().join("audit")).unwrap() {
             for line in BufReader::new(File::open(e.unwrap().path()).unwrap()).lines() {
-                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-                records.push(v);
+                records.push(serde_json::from_str(&line.unwrap()).unwrap());
             }
         }
-        records.sort_by_key(|v| v["generation"].as_u64().unwrap());
-        records.iter().map(|v| ((v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap()), field(v))).collect()
+        records
     }
+}
+
+/// An audit record's (virtual rank, step).
+fn at(v: &serde_json::Value) -> (u64, u64) {
+    (v["rank"].as_u64().unwrap(), v["step"].as_u64().unwrap())
 }
 
 impl Drop for Job {
@@ -515,17 +527,8 @@ fn a_straggler_is_named_evicted_and_the_job_finishes_without_it() {
     );
     job.start(&[]);
     job.start_worker("w2", Some("slow_steps@1500"));
-    let mut watch = StallWatch::new(STALL);
-    loop {
-        job.check_alive();
-        let status = job.status();
-        if let Some(s) = status.as_ref().filter(|s| s.straggler_evictions >= 1) {
-            assert_eq!(s.straggler_evictions, 1, "{s:?}");
-            break;
-        }
-        watch.observe(progress(status.as_ref()), || format!("no straggler evicted\n{}", job.logs()));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let evicted = job.wait_until("no straggler evicted", |s| s.straggler_evictions >= 1);
+    assert_eq!(evicted.straggler_evictions, 1, "{evicted:?}");
     let resumed = job.wait_for_step(STEPS - 8);
     let mut world: Vec<&str> = resumed.workers.iter().map(|w| w.worker_id.as_str()).collect();
     world.sort();
@@ -563,24 +566,13 @@ fn a_job_grows_at_a_checkpoint_and_goes_on_without_a_worker_that_is_not_replaced
     job.start_worker("w0", None);
     job.wait_for_step(2);
     job.start_worker("w1", None);
-    let wait_for = |job: &mut Job, what: &str, done: &dyn Fn(&JobStatus) -> bool| {
-        let mut watch = StallWatch::new(STALL);
-        loop {
-            job.check_alive();
-            let status = job.status();
-            if let Some(s) = status.as_ref().filter(|s| s.state == "running" && done(s)) {
-                return s.clone();
-            }
-            watch.observe(progress(status.as_ref()), || format!("{what}\n{}", job.logs()));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let grown = wait_for(&mut job, "the world did not grow", &|s| s.world_size == 2 && s.step >= 1);
+    let running = |s: &JobStatus| s.state == "running";
+    let grown = job.wait_until("the world did not grow", |s| running(s) && s.world_size == 2 && s.step >= 1);
     let before_kill = job.redone_steps();
     println!("steps trained again after the scale-up: {before_kill}");
     assert_eq!((grown.scale_ups, grown.restarts, grown.generation), (1, 0, 2), "{grown:?}");
     job.kill_worker("w1");
-    let shrunk = wait_for(&mut job, "w0 did not go on alone", &|s| s.generation == 3);
+    let shrunk = job.wait_until("w0 did not go on alone", |s| running(s) && s.generation == 3);
     assert_eq!((shrunk.world_size, shrunk.restarts), (1, 1), "{shrunk:?}");
     job.finish(false);
     let coordinator = job.logs_of("albef-coordinator");
