@@ -449,8 +449,8 @@ impl Coordinator for CoordinatorService {
                         "generation {generation} runs with {world} ranks without this worker: it waits as a spare \
                          for the next rendezvous, call again"
                     ))),
-                    JoinOutcome::Benched => Some(Err("this worker was evicted as a straggler: it sits out this \
-                         rendezvous (a spare for the one after), call again"
+                    JoinOutcome::Benched => Some(Err("this worker was evicted as a straggler: it sits out the \
+                         rendezvous after its generation and waits as a spare for the one after, call again"
                         .to_string())),
                 })
             })

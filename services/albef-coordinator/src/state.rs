@@ -339,13 +339,16 @@ impl Rendezvous {
         }
     }
 
-    /// Keeps the candidates `keep` accepts (O(N): the tick calls it, not every poll).
-    fn retain(&mut self, keep: impl FnMut(&Candidate) -> bool) {
+    /// Keeps the candidates `keep` accepts (O(N): the tick calls it, not every poll); true when
+    /// some left.
+    fn retain(&mut self, keep: impl FnMut(&Candidate) -> bool) -> bool {
         let before = self.candidates.len();
         self.candidates.retain(keep);
-        if self.candidates.len() != before {
+        let left = self.candidates.len() != before;
+        if left {
             self.reindex();
         }
+        left
     }
 
     fn count(&self, pred: impl Fn(&Candidate) -> bool) -> usize {
@@ -356,10 +359,9 @@ impl Rendezvous {
         self.index.get(worker_id).map(|&i| &mut self.candidates[i])
     }
 
-    fn remove(&mut self, worker_id: &str) {
-        if self.index.contains_key(worker_id) {
-            self.retain(|c| c.worker_id != worker_id);
-        }
+    /// True when it was there.
+    fn remove(&mut self, worker_id: &str) -> bool {
+        self.index.contains_key(worker_id) && self.retain(|c| c.worker_id != worker_id)
     }
 
     /// The first `n` to come, out of the rendezvous.
@@ -595,9 +597,9 @@ pub struct Job {
     /// When the ranks were last compared for stragglers.
     stragglers_checked: Option<Instant>,
     straggler_evictions: u64,
-    /// Stragglers evicted from the generation that ended: they sit out the next rendezvous
-    /// (whether each was told so).
-    benched: HashMap<String, bool>,
+    /// Evicted stragglers not yet told so: the generation they were evicted from (they sit out
+    /// the rendezvous after it), and whether they were told.
+    benched: HashMap<String, (u64, bool)>,
     /// Every worker evicted as a straggler: a spare that a scale-up does not wait for.
     evicted: HashSet<String>,
     /// What the next rendezvous waits for.
@@ -607,21 +609,17 @@ pub struct Job {
     scale_ups: u64,
 }
 
-/// The world the next rendezvous expects: it closes as soon as that many joined. After a
-/// failure it waits for them (the lost workers' replacements) until `patient_until`
-/// (job.replace_grace_ms), then forms with fewer, down to min_workers.
+/// What the rendezvous after a generation waits for: every survivor of that generation
+/// (`Job::previous_ranks`) back and `world` workers in all (survivors, replacements, spares). It
+/// closes as soon as both hold; until `patient_until` it waits for them (after a failure:
+/// job.replace_grace_ms for the lost workers' replacements; after a planned end: the heartbeat
+/// timeout, for the survivors to hear of it), then forms with fewer, down to min_workers.
 #[derive(Clone, Copy, Debug)]
 struct Expected {
     world: usize,
-    patient_until: Option<Instant>,
-}
-
-impl Expected {
-    /// The world of `world` ranks that ran, whose lost workers' replacements have
-    /// job.replace_grace_ms from `now` to come.
-    fn again(cfg: &AlbefConfig, world: usize, now: Instant) -> Self {
-        Expected { world, patient_until: Some(now + Duration::from_millis(cfg.job.replace_grace_ms)) }
-    }
+    /// Survivors waiting in the rendezvous.
+    back: usize,
+    patient_until: Instant,
 }
 
 impl Job {
@@ -737,10 +735,16 @@ impl Job {
             let reason = format!("worker {worker_id} (rank {rank}) joined again: it restarted");
             self.end_generation(&reason, true, &[], now);
         }
-        if self.current.is_none()
-            && let Some(told) = self.benched.get_mut(worker_id)
-        {
-            return Ok(if std::mem::replace(told, true) { JoinOutcome::Wait } else { JoinOutcome::Benched });
+        if let Some((from, told)) = self.benched.get_mut(worker_id) {
+            // Told once, even when the next world formed before it asked.
+            let sitting_out = self.current.is_none() && self.generation == *from;
+            if !std::mem::replace(told, true) {
+                return Ok(JoinOutcome::Benched);
+            }
+            if sitting_out {
+                return Ok(JoinOutcome::Wait);
+            }
+            self.benched.remove(worker_id);
         }
         let candidate = Candidate {
             worker_id: worker_id.to_string(),
@@ -754,6 +758,11 @@ impl Job {
         };
         if self.waiting.upsert(candidate) {
             self.last_join = Some(now);
+            if self.previous_ranks.contains_key(worker_id)
+                && let Some(e) = &mut self.expected
+            {
+                e.back += 1;
+            }
             self.ask_checkpoint_to_scale_up(worker_id);
             // One line a worker is what a small job's operator wants; a fleet's would drown the log.
             let waiting = self.waiting.len();
@@ -801,6 +810,20 @@ impl Job {
         }
     }
 
+    /// The next rendezvous waits for the survivors (`previous_ranks`) and `world` workers in all,
+    /// for `patience` from `now`.
+    fn expect(&mut self, world: usize, patience: Duration, now: Instant) {
+        self.expected = Some(Expected { world, back: 0, patient_until: now + patience });
+        self.recount_back();
+    }
+
+    /// Counts the survivors waiting again (after candidates left the rendezvous).
+    fn recount_back(&mut self) {
+        if let Some(e) = &mut self.expected {
+            e.back = self.waiting.count(|c| self.previous_ranks.contains_key(&c.worker_id));
+        }
+    }
+
     /// Closes the rendezvous when max_workers joined, or min_workers joined and the grace passed.
     fn try_close(&mut self, now: Instant) {
         if self.current.is_some() || self.finished || self.stopping {
@@ -810,8 +833,9 @@ impl Job {
         let grace = Duration::from_millis(self.cfg.job.rendezvous_grace_ms);
         let n = self.waiting.len();
         let quiet = self.last_join.is_some_and(|t| now.saturating_duration_since(t) >= grace);
-        let full = n >= max || self.expected.is_some_and(|e| n >= e.world);
-        let patient = self.expected.and_then(|e| e.patient_until).is_some_and(|t| now < t);
+        let survivors = self.previous_ranks.len();
+        let full = n >= max || self.expected.is_some_and(|e| e.back >= survivors && n >= e.world);
+        let patient = self.expected.is_some_and(|e| now < e.patient_until);
         if full || (n >= min && quiet && !patient) {
             let world = self.waiting.take_first(max);
             self.form_generation(world, now);
@@ -890,7 +914,6 @@ impl Job {
             "rendezvous closed: generation formed"
         );
         let ranks = members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r)).collect();
-        self.benched.clear();
         self.expected = None;
         self.scale_up_asked = false;
         self.current = Some(Generation {
@@ -925,8 +948,11 @@ impl Job {
         if failure {
             self.restarts += 1;
         }
-        self.expected = failure.then(|| Expected::again(&self.cfg, g.members.len(), now));
-        // The survivors need the grace to notice (heartbeat) and rejoin before spares close it.
+        let (world, patience) = match failure {
+            true => (g.members.len(), self.cfg.job.replace_grace_ms),
+            false => (self.previous_ranks.len(), self.cfg.job.heartbeat_timeout_ms),
+        };
+        self.expect(world, Duration::from_millis(patience), now);
         self.last_join = Some(now);
         self.changed();
     }
@@ -1041,13 +1067,16 @@ impl Job {
     /// rendezvous closes after its grace.
     pub fn tick(&mut self, now: Instant) {
         let timeout = self.timeout();
-        self.waiting.retain(|c| {
+        let left = self.waiting.retain(|c| {
             let alive = now.saturating_duration_since(c.last_seen) <= timeout;
             if !alive {
                 info!(worker = c.worker_id, "worker stopped waiting for the rendezvous");
             }
             alive
         });
+        if left {
+            self.recount_back();
+        }
         let ending = self.finished || self.stopping;
         if let Some(g) = &mut self.current {
             let number = g.number;
@@ -1129,7 +1158,8 @@ impl Job {
         self.straggler_evictions += ids.len() as u64;
         self.end_generation(&reason, false, &ids, now);
         self.evicted.extend(ids.iter().cloned());
-        self.benched = ids.into_iter().map(|id| (id, false)).collect();
+        let from = self.generation;
+        self.benched.extend(ids.into_iter().map(|id| (id, (from, false))));
     }
 
     /// A stopping job is finished once no member is left.
@@ -1144,7 +1174,9 @@ impl Job {
     /// A clean departure. A member leaving a running generation ends it (without counting a
     /// failure) and frees its rank.
     pub fn leave(&mut self, worker_id: &str, generation: u64, now: Instant) {
-        self.waiting.remove(worker_id);
+        if self.waiting.remove(worker_id) {
+            self.recount_back();
+        }
         let ending = self.finished || self.stopping;
         let Some(g) = self.current.as_mut().filter(|g| g.number == generation) else { return };
         let Some(rank) = g.rank_of(worker_id) else { return };
@@ -1326,7 +1358,9 @@ impl Job {
         let s = if joining > 1 { "s" } else { "" };
         let reason = format!("scale up: {joining} spare worker{s} join the {world} ranks after the checkpoint");
         self.end_generation(&reason, false, &[], now);
-        self.expected = Some(Expected { world: world + joining, patient_until: None });
+        if let Some(e) = &mut self.expected {
+            e.world = world + joining;
+        }
     }
 
     /// With no generation running, a committed checkpoint of the job's last step finishes the
@@ -1620,7 +1654,7 @@ impl Job {
         // The world that ran forms again as soon as its workers are back (or their
         // replacements, within job.replace_grace_ms).
         if !job.previous_ranks.is_empty() {
-            job.expected = Some(Expected::again(&job.cfg, job.previous_ranks.len(), now));
+            job.expect(job.previous_ranks.len(), Duration::from_millis(job.cfg.job.replace_grace_ms), now);
         }
         for c in doc["checkpoints"].as_array().context("coordinator state: no checkpoints")? {
             job.checkpoints.push(Checkpoint {

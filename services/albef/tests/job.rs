@@ -18,7 +18,9 @@ fn repo() -> PathBuf {
 /// Runs a job of `workers` ranks for `steps` steps, watching the coordinator's status: every
 /// time two ranks report the same step, their parameter fingerprints (weights, momentum weights,
 /// queues) must be equal.
-fn job(workers: u32, steps: u64, port: u16, extra: &[&str]) -> Job {
+fn job(workers: u32, steps: u64, extra: &[&str]) -> Job {
+    // A free port (a fixed one may be an ephemeral port of another test's connection).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let sets = [
@@ -108,8 +110,7 @@ fn albefctl_status_json(endpoint: &str) -> serde_json::Value {
 #[test]
 fn two_workers_train_identical_replicas_and_checkpoint() {
     // The run directory lives as long as `_dir`.
-    let Job { stdout, run_dir, status, albefctl_json, _dir } =
-        job(2, 16, 50731, &["job.eval_every=8", "job.eval_k_test=4"]);
+    let Job { stdout, run_dir, status, albefctl_json, _dir } = job(2, 16, &["job.eval_every=8", "job.eval_k_test=4"]);
     assert_eq!(albefctl_json["state"], "running", "{albefctl_json}");
     assert_eq!(albefctl_json["world_size"], 2, "{albefctl_json}");
     assert_eq!(albefctl_json["total_steps"], 16, "{albefctl_json}");
@@ -165,7 +166,7 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
 
 #[test]
 fn three_workers_form_one_world() {
-    let Job { stdout, .. } = job(3, 6, 50732, &[]);
+    let Job { stdout, .. } = job(3, 6, &[]);
     assert!(stdout.lines().any(|l| l.starts_with("step     5/6")), "{stdout}");
 }
 
@@ -173,7 +174,7 @@ fn three_workers_form_one_world() {
 /// node's ranks contiguous and in local-rank order, every rank's parameters equal.
 #[test]
 fn two_nodes_of_two_local_ranks_form_one_world_of_four() {
-    let Job { albefctl_json, status, .. } = job(2, 6, 50733, &["worker.local_ranks=2"]);
+    let Job { albefctl_json, status, .. } = job(2, 6, &["worker.local_ranks=2"]);
     assert_eq!(albefctl_json["world_size"], 4, "{albefctl_json}");
     let mut ids: Vec<(u64, String)> = albefctl_json["workers"]
         .as_array()
