@@ -100,6 +100,8 @@ pub struct Albef {
     image_queue: Tensor,
     text_queue: Tensor,
     queue_ptr: Tensor,
+    /// `queue_ptr` on the host, so that an enqueue never waits for the device to read it.
+    host_queue_ptr: std::cell::Cell<i64>,
     /// (online, momentum) parameter pairs, for the EMA.
     momentum_pairs: Vec<(Tensor, Tensor)>,
 }
@@ -155,6 +157,7 @@ impl Albef {
             image_queue,
             text_queue,
             queue_ptr,
+            host_queue_ptr: std::cell::Cell::new(0),
             momentum_pairs,
         };
         model.copy_params_to_momentum();
@@ -173,8 +176,18 @@ impl Albef {
         self.temp.double_value(&[])
     }
 
+    /// The temperature as a tensor on the device (read without waiting for it).
+    pub fn temp_tensor(&self) -> Tensor {
+        self.temp.detach()
+    }
+
     pub fn queue_ptr(&self) -> i64 {
-        self.queue_ptr.int64_value(&[0])
+        self.host_queue_ptr.get()
+    }
+
+    /// Re-reads `queue_ptr` from the variable store after its tensors were loaded.
+    pub fn reload_queue_ptr(&self) {
+        self.host_queue_ptr.set(self.queue_ptr.int64_value(&[0]));
     }
 
     pub fn image_queue(&self) -> &Tensor {
@@ -326,6 +339,8 @@ impl Albef {
                 ItcNegatives::Local => (&m.image_feat, &m.text_feat, 0),
                 ItcNegatives::Global => (&step.image, &step.text, offset),
             };
+            // Copies of the queues, not views: the backward needs them as they are now, and the
+            // step's enqueue writes them in place.
             let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.shallow_clone()], 1);
             let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.shallow_clone()], 1);
             let temp = self.temp.detach();
@@ -363,6 +378,7 @@ impl Albef {
                 let block = feat.narrow(0, n - keep, keep).tr().to_kind(queue.kind());
                 let _ = queue.shallow_clone().index_copy_(1, &columns, &block);
             }
+            self.host_queue_ptr.set((ptr + n) % q);
             let _ = self.queue_ptr.shallow_clone().fill_((ptr + n) % q);
         })
     }
@@ -451,19 +467,19 @@ pub fn hard_negative_weights(sim: &Tensor, offset: i64) -> Tensor {
 
 /// MLM loss with distillation: `(1 - alpha) * CE(labels, ignore -100) + alpha * mean over the
 /// masked tokens of -sum(log_softmax(logits) * softmax(logits_m))` over the vocabulary axis.
-/// Zero (still part of the graph) when no token is masked.
+/// Zero (still part of the graph) when no token is masked; decided on the device, so the step
+/// never waits to read how many tokens were masked.
 pub fn mlm_distill_loss(logits: &Tensor, logits_m: &Tensor, labels: &Tensor, alpha: f64) -> Tensor {
     let logits = logits.to_kind(Kind::Float);
     let selected = labels.ne(-100);
-    if selected.sum(Kind::Int64).int64_value(&[]) == 0 {
-        return logits.sum(Kind::Float) * 0.0;
-    }
+    let masked = selected.sum(Kind::Float).clamp_min(1.0);
     let vocab = logits.size()[2];
-    let ce =
-        logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Mean, -100, 0.0);
+    let ce = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Sum, -100, 0.0)
+        / &masked;
     let soft = logits_m.to_kind(Kind::Float).softmax(-1, Kind::Float);
     let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
-    ce * (1.0 - alpha) + distill.masked_select(&selected).mean(Kind::Float) * alpha
+    let distill = distill.where_self(&selected, &distill.zeros_like()).sum(Kind::Float) / &masked;
+    ce * (1.0 - alpha) + distill * alpha
 }
 
 /// The online parameter a momentum parameter mirrors (`text_encoder_m.x` -> `text_encoder.x`).

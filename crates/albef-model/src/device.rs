@@ -1,4 +1,5 @@
-//! Device selection and the CUDA numerics switches (bf16 autocast, TF32).
+//! Device selection, the CUDA numerics switches (bf16 autocast, TF32), synchronisation and the
+//! allocator's peak memory.
 
 use albef_config::DeviceChoice;
 use anyhow::{Result, bail};
@@ -29,4 +30,28 @@ pub fn configure_cuda(tf32: bool) -> Result<()> {
         albef_torch_ext::set_tf32(tf32)?;
     }
     Ok(())
+}
+
+/// Waits for every kernel queued on `device` (nothing to wait for on the CPU).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Peak (allocated, reserved) bytes of the caching allocator on a CUDA device since the last
+/// [`reset_memory_peaks`]; `None` on the CPU.
+pub fn memory_peaks(device: Device) -> Result<Option<(i64, i64)>> {
+    match device {
+        Device::Cuda(index) => Ok(Some(albef_torch_ext::device_memory_peaks(index)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Starts the peaks of [`memory_peaks`] afresh (a no-op on the CPU).
+pub fn reset_memory_peaks(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(index) => albef_torch_ext::reset_device_memory_peaks(index),
+        _ => Ok(()),
+    }
 }

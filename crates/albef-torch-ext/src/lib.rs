@@ -1,7 +1,8 @@
 //! Extensions to tch for what it does not bind, reached through a small C++ shim (`src/shim.cpp`)
 //! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
-//! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA). `albef-model` uses the
+//! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), and the caching
+//! allocator's peak memory (`device_memory_peaks`, for `albef bench`). `albef-model` uses the
 //! first two for `train.bf16` and `train.tf32`, `albef-train`'s optimiser the third. The shim
 //! catches C++ exceptions: libtorch errors come back as `Result` errors.
 
@@ -28,6 +29,8 @@ unsafe extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    fn albef_device_memory_peaks(device: i32, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
+    fn albef_reset_device_memory_peaks(device: i32) -> *mut c_char;
     fn albef_free_error(message: *mut c_char);
 }
 
@@ -51,6 +54,21 @@ pub fn set_cuda_autocast_bf16() -> Result<()> {
 pub fn set_tf32(enabled: bool) -> Result<()> {
     // SAFETY: plain flag; the shim catches every C++ exception.
     check(unsafe { albef_set_tf32(i32::from(enabled)) })
+}
+
+/// Peak (allocated to tensors, reserved by the caching allocator) bytes on an accelerator since
+/// the last [`reset_device_memory_peaks`]; an error where there is no accelerator.
+pub fn device_memory_peaks(device: usize) -> Result<(i64, i64)> {
+    let (mut allocated, mut reserved) = (0i64, 0i64);
+    // SAFETY: the shim writes the two out-parameters only on success and catches C++ exceptions.
+    check(unsafe { albef_device_memory_peaks(device as i32, &mut allocated, &mut reserved) })?;
+    Ok((allocated, reserved))
+}
+
+/// Starts the peaks of [`device_memory_peaks`] afresh.
+pub fn reset_device_memory_peaks(device: usize) -> Result<()> {
+    // SAFETY: plain index; the shim catches every C++ exception.
+    check(unsafe { albef_reset_device_memory_peaks(device as i32) })
 }
 
 /// Hyper-parameters of one AdamW parameter group.

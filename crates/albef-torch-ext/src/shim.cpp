@@ -1,6 +1,7 @@
 // libtorch calls that tch 0.24 does not expose. Every entry point catches C++ exceptions and
 // returns them as a malloc'ed message (NULL on success) for Rust to turn into an error.
 #include <ATen/Context.h>
+#include <ATen/DeviceAccelerator.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
@@ -59,6 +60,29 @@ char *albef_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **ex
     auto s = tensors(steps, n);
     at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+// Peak bytes allocated to tensors and reserved by the caching allocator on `device` since the
+// last reset (what torch.cuda.max_memory_allocated / max_memory_reserved report).
+char *albef_device_memory_peaks(int device, int64_t *allocated, int64_t *reserved) {
+  try {
+    auto stats = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[all].peak;
+    *reserved = stats.reserved_bytes[all].peak;
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+char *albef_reset_device_memory_peaks(int device) {
+  try {
+    at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
     return nullptr;
   } catch (const std::exception &e) {
     return error_message(e.what());

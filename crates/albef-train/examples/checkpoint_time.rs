@@ -1,5 +1,6 @@
 //! How long a checkpoint of a preset's full training state takes, split into what the step waits
-//! for (the copy to host memory) and what runs in the background (encoding, hashing, upload):
+//! for (the copy to host memory: the first into new buffers, the next into the same ones) and
+//! what runs in the background (encoding, hashing, upload):
 //!
 //!     cargo run --release -p albef-train --example checkpoint_time -- [albef-base|albef-small] [DIR]
 //!
@@ -9,7 +10,7 @@ use albef_checkpoint::{FileEntry, WriteOptions};
 use albef_config::{AlbefConfig, Preset};
 use albef_data::store::Location;
 use albef_train::Trainer;
-use albef_train::checkpoint::Uploader;
+use albef_train::checkpoint::{Saved, Uploader};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -24,19 +25,21 @@ fn main() -> anyhow::Result<()> {
     let trainer = Trainer::new(&cfg, device)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let uploader = Uploader::start(rt.handle().clone(), WriteOptions::default(), Box::new(|_: u64, _: &FileEntry| {}));
-    let started = Instant::now();
-    let snapshot = trainer.snapshot(1, 1000)?;
-    let copy = started.elapsed();
-    let (tx, rx) = mpsc::channel();
-    uploader.save(&run, snapshot, Box::new(move |saved| tx.send(saved).unwrap()));
-    let saved = rx.recv()?;
+    let save = |label: &str| -> anyhow::Result<Saved> {
+        let started = Instant::now();
+        let snapshot = trainer.snapshot(1, 1000)?;
+        println!("{preset:?}: the step waits {:.2} s ({label})", started.elapsed().as_secs_f64());
+        let (tx, rx) = mpsc::channel();
+        uploader.save(&run, snapshot, Box::new(move |saved| tx.send(saved).unwrap()));
+        Ok(rx.recv()?)
+    };
+    save("copy to host memory, new buffers")?;
+    let saved = save("copy to host memory, the buffers of the previous checkpoint")?;
     let manifest = saved.manifest?;
     println!(
-        "{preset:?}: {:.2} GB of state in {} files; the step waits {:.2} s (copy to host memory); \
-         encode + hash + upload in the background {:.2} s ({:.0} MB/s) to {}",
+        "{preset:?}: {:.2} GB of state in {} files; encode + hash + upload in the background {:.2} s ({:.0} MB/s) to {}",
         manifest.total_bytes() as f64 / 1e9,
         manifest.files.len(),
-        copy.as_secs_f64(),
         saved.took.as_secs_f64(),
         manifest.total_bytes() as f64 / 1e6 / saved.took.as_secs_f64(),
         saved.location.url

@@ -77,6 +77,11 @@ pub struct Trainer {
     opt: AdamW,
     schedule: Schedule,
     state: TrainerState,
+    /// Host buffers of the checkpoint snapshots, reused from one to the next.
+    host: weights::HostPool,
+    /// Wait for the device at the end of each phase, so that the phase times are its own
+    /// (benchmarks); otherwise CUDA phase times are launch times.
+    sync_phases: bool,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -100,6 +105,8 @@ impl Trainer {
             model,
             opt,
             state: TrainerState::default(),
+            host: weights::HostPool::default(),
+            sync_phases: false,
         })
     }
 
@@ -121,6 +128,18 @@ impl Trainer {
 
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// Makes [`StepStats`]' phase times the device's (a wait at the end of each phase).
+    pub fn synchronize_phases(&mut self, on: bool) {
+        self.sync_phases = on;
+    }
+
+    fn phase_end(&self, started: std::time::Instant) -> f64 {
+        if self.sync_phases {
+            albef_model::device::synchronize(self.device());
+        }
+        started.elapsed().as_secs_f64()
     }
 
     /// Forward and backward of one step, one micro-batch per virtual rank of this rank (see
@@ -161,27 +180,28 @@ impl Trainer {
             gather_step_features(gather, &features, ranks).map(|(step, offsets)| (features, step, offsets))
         });
         let (features, step, offsets) = momentum?;
-        let (mut forward_seconds, mut backward_seconds) = (started.elapsed().as_secs_f64(), 0.0);
-        let value = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-        let mut sums = [0.0; 4];
-        let mut micro_losses = Vec::with_capacity(micro.len());
+        let (mut forward_seconds, mut backward_seconds) = (self.phase_end(started), 0.0);
+        // The losses stay on the device until the end of the step: one read, one wait.
+        let mut readback = Vec::with_capacity(4 * micro.len() + 1);
         for (((b, seed), m), offset) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets) {
             let started = std::time::Instant::now();
             let losses = tracing::info_span!("forward").in_scope(|| {
                 seeded(seed, || with_autocast(device, bf16, || self.model.micro_losses(b, m, &step, offset, alpha)))
             })?;
             let total = losses.total();
-            forward_seconds += started.elapsed().as_secs_f64();
+            forward_seconds += self.phase_end(started);
             let started = std::time::Instant::now();
             tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
-            backward_seconds += started.elapsed().as_secs_f64();
-            for (sum, t) in sums.iter_mut().zip([&losses.ita, &losses.itm, &losses.mlm, &total]) {
-                *sum += value(t) / micro.len() as f64;
-            }
-            micro_losses.push(value(&total));
+            backward_seconds += self.phase_end(started);
+            readback.extend([losses.ita, losses.itm, losses.mlm, total].map(|t| t.detach().to_kind(Kind::Double)));
         }
         self.model.end_step(&step);
-        let [loss_ita, loss_itm, loss_mlm, loss] = sums;
+        readback.push(self.model.temp_tensor().to_kind(Kind::Double));
+        let values = Vec::<f64>::try_from(Tensor::stack(&readback, 0).to_device(Device::Cpu))?;
+        let (temp, per_micro) = values.split_last().context("a step without micro-batches")?;
+        let mean = |i: usize| per_micro.iter().skip(i).step_by(4).sum::<f64>() / micro.len() as f64;
+        let (loss_ita, loss_itm, loss_mlm, loss) = (mean(0), mean(1), mean(2), mean(3));
+        let micro_losses = per_micro.iter().skip(3).step_by(4).copied().collect();
         Ok(StepStats {
             step: s.step,
             epoch: s.epoch,
@@ -192,7 +212,7 @@ impl Trainer {
             micro_losses,
             lr,
             alpha,
-            temp: self.model.temp(),
+            temp: *temp,
             forward_seconds,
             backward_seconds,
         })
@@ -245,8 +265,8 @@ impl Trainer {
         };
         Ok(Snapshot {
             step: s.step,
-            model: weights::to_host(&weights::state_dict(&self.vs))?,
-            optimizer: weights::to_host(&self.opt.state_dict())?,
+            model: self.host.copy(&weights::state_dict(&self.vs))?,
+            optimizer: self.host.copy(&self.opt.state_dict())?,
             state: serde_json::to_vec_pretty(&saved)?,
         })
     }
@@ -264,6 +284,7 @@ impl Trainer {
             self.opt.prepare_state_dict(&optimizer).with_context(|| format!("loading {label}/{OPTIMIZER_FILE}"))?;
         model.commit();
         optimizer.commit();
+        self.model.reload_queue_ptr();
         self.state = saved.position.clone();
         Ok(saved)
     }
@@ -308,8 +329,8 @@ pub struct SavedState {
 /// The training state in host memory, to be encoded and uploaded off the training thread.
 pub struct Snapshot {
     pub step: u64,
-    model: Vec<(String, weights::HostTensor)>,
-    optimizer: Vec<(String, weights::HostTensor)>,
+    model: weights::HostTensors,
+    optimizer: weights::HostTensors,
     state: Vec<u8>,
 }
 
@@ -324,11 +345,16 @@ impl Snapshot {
     }
 }
 
-/// Host batch -> (images, ids, mask) tensors on `device`.
+/// Host batch -> (images, ids, mask) tensors on `device`. To a GPU through pinned memory and
+/// copies that do not wait: the step's kernels queue behind them on the same stream.
 pub fn batch_tensors(b: &HostBatch, device: Device) -> (Tensor, Tensor, Tensor) {
     let (n, l, r) = (b.batch_size as i64, b.seq_len as i64, b.image_res as i64);
-    let images = Tensor::from_slice(&b.images).view([n, 3, r, r]).to_device(device);
-    let ids = Tensor::from_slice(&b.input_ids).view([n, l]).to_device(device);
-    let mask = Tensor::from_slice(&b.attention_mask).view([n, l]).to_device(device);
+    let upload = |t: Tensor| match device {
+        Device::Cuda(_) => t.pin_memory(device).to_device_(device, t.kind(), true, false),
+        _ => t,
+    };
+    let images = upload(Tensor::from_slice(&b.images).view([n, 3, r, r]));
+    let ids = upload(Tensor::from_slice(&b.input_ids).view([n, l]));
+    let mask = upload(Tensor::from_slice(&b.attention_mask).view([n, l]));
     (images, ids, mask)
 }
