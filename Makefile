@@ -4,7 +4,7 @@ VENV_STAMP := .venv/.setup-done
 TORCH_STAMP := .venv/.torch-done
 CARGO ?= cargo
 
-.PHONY: setup build build-demo test lint demo clean-runs bench-coordinator
+.PHONY: setup build build-demo test lint demo clean-runs bench-coordinator bench
 
 setup: $(VENV_STAMP) build
 
@@ -76,3 +76,9 @@ FLEET ?= 100,1000,10000
 bench-coordinator:
 	@bash scripts/setup-venv.sh system
 	$(CARGO) bench -p albef-coordinator --bench fleet -- --workers $(FLEET)
+
+# The training step against the same step in eager PyTorch (tests/python/torch_step.py, reference
+# and best modes), on the CPU, same shapes and threads, interleaved rounds: prints torch / ours.
+bench: $(VENV_STAMP)
+	$(CARGO) build -p albef --bins
+	bash scripts/bench-step.sh

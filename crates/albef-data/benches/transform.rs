@@ -9,39 +9,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use albef_data::rng::SplitMix64;
+use albef_data::synth::photo;
 use albef_data::transform::{TrainTransform, decode_rgb, to_normalized_chw};
 use image::codecs::jpeg::JpegEncoder;
-use image::{Rgb, RgbImage};
 
 const FILES: u64 = 64;
 const PASSES: u64 = 5;
-
-/// Photo-like content: smooth colour waves at two scales, a few flat shapes and fine noise, so
-/// JPEG sizes and decode costs resemble real photos (about 60-100 KB at quality 90).
-fn photo(seed: u64) -> RgbImage {
-    let mut rng = SplitMix64::new(seed);
-    let shapes: Vec<[f64; 6]> = (0..6).map(|_| std::array::from_fn(|_| rng.next_f64())).collect();
-    let phase = rng.next_f64() * 6.0;
-    RgbImage::from_fn(500, 375, |x, y| {
-        let (xf, yf) = (f64::from(x), f64::from(y));
-        let shape = shapes.iter().find(|s| {
-            let (cx, cy, r) = (s[0] * 500.0, s[1] * 375.0, 20.0 + s[2] * 60.0);
-            (xf - cx).powi(2) + (yf - cy).powi(2) < r * r
-        });
-        Rgb(std::array::from_fn(|c| {
-            let v = match shape {
-                Some(s) => 40.0 + 180.0 * s[3 + c],
-                None => {
-                    let p = phase + c as f64;
-                    128.0
-                        + 50.0 * (xf * 0.013 + p).sin() * (yf * 0.021 - p).cos()
-                        + 25.0 * (xf * 0.11 + yf * 0.07 + p).sin()
-                }
-            };
-            (v + (rng.next_f64() - 0.5) * 16.0).clamp(0.0, 255.0) as u8
-        }))
-    })
-}
 
 fn write_jpegs(dir: &Path) {
     for i in 0..FILES {

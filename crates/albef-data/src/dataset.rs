@@ -131,14 +131,7 @@ impl Dataset {
             threads,
             prefetch: d.prefetch,
             max_pixels: d.max_pixels,
-            augment: Some(TrainTransform {
-                res: cfg.model.image_res as u32,
-                scale: (d.crop_scale[0], d.crop_scale[1]),
-                hflip_p: d.hflip_p,
-                randaug_n: d.randaug_n,
-                randaug_m: d.randaug_m,
-                ..TrainTransform::default()
-            }),
+            augment: Some(train_transform(cfg)),
             tar: TarOptions::from_config(d),
             image_root: self.image_root.clone(),
             max_words: d.max_words,
@@ -178,4 +171,17 @@ fn check_vocabulary(cfg: &AlbefConfig, tok: &Tokenizer) -> Result<()> {
         tok.mask_id()
     );
     Ok(())
+}
+
+/// The training augmentation the configuration asks for.
+pub fn train_transform(cfg: &AlbefConfig) -> TrainTransform {
+    let d = &cfg.data;
+    TrainTransform {
+        res: cfg.model.image_res as u32,
+        scale: (d.crop_scale[0], d.crop_scale[1]),
+        hflip_p: d.hflip_p,
+        randaug_n: d.randaug_n,
+        randaug_m: d.randaug_m,
+        ..TrainTransform::default()
+    }
 }

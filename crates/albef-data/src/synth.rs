@@ -155,6 +155,34 @@ impl SynthSpec {
     }
 }
 
+/// A 500x375 picture with photo-like content, for decode benchmarks (`albef bench`, the transform
+/// bench): smooth colour waves at two scales, a few flat shapes and fine noise, so
+/// JPEG sizes and decode costs resemble real photos (about 60-100 KB at quality 90).
+pub fn photo(seed: u64) -> image::RgbImage {
+    let mut rng = SplitMix64::new(seed);
+    let shapes: Vec<[f64; 6]> = (0..6).map(|_| std::array::from_fn(|_| rng.next_f64())).collect();
+    let phase = rng.next_f64() * 6.0;
+    image::RgbImage::from_fn(500, 375, |x, y| {
+        let (xf, yf) = (f64::from(x), f64::from(y));
+        let shape = shapes.iter().find(|s| {
+            let (cx, cy, r) = (s[0] * 500.0, s[1] * 375.0, 20.0 + s[2] * 60.0);
+            (xf - cx).powi(2) + (yf - cy).powi(2) < r * r
+        });
+        image::Rgb(std::array::from_fn(|c| {
+            let v = match shape {
+                Some(s) => 40.0 + 180.0 * s[3 + c],
+                None => {
+                    let p = phase + c as f64;
+                    128.0
+                        + 50.0 * (xf * 0.013 + p).sin() * (yf * 0.021 - p).cos()
+                        + 25.0 * (xf * 0.11 + yf * 0.07 + p).sin()
+                }
+            };
+            (v + (rng.next_f64() - 0.5) * 16.0).clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,12 +12,17 @@
 //! - `albef model export`: a checkpoint (or the untrained model) as one safetensors file that the
 //!   reference PyTorch ALBEF loads strictly.
 //! - `albef data synth|index`: generate a dataset, build a dataset index.
+//! - `albef bench`: times the training step on fixed batches (JSON, phases, FLOPs, MFU, peak
+//!   memory), in the fields of the PyTorch baseline `tests/python/torch_step.py`.
+//! - `albef device-check`: the CUDA forward against the CPU fp32 forward on the same weights.
 //! - `albef plot`: the loss curves of a progress log; `albef config`: the effective configuration.
 //!
 //! The work is the library crates' (`albef-data`, `albef-train`, `albef-eval`, ...): this binary
 //! parses flags, wires them together and reports.
 
+mod bench;
 mod data;
+mod device_check;
 mod embed;
 mod eval;
 mod launch;
@@ -69,6 +74,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Time the training step on fixed batches (the figures tests/python/torch_step.py gives for
+    /// the same step in PyTorch).
+    Bench(Box<bench::BenchArgs>),
+    /// Compare the CUDA forward (bf16 as training runs it) with the CPU fp32 forward.
+    DeviceCheck(Box<device_check::DeviceCheckArgs>),
     /// Zero-shot image-text retrieval of a checkpoint (or the untrained model) on a split.
     Eval(Box<eval::EvalArgs>),
     /// Normalised ITC embeddings of images or captions (safetensors).
@@ -122,6 +132,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Embed(args) => embed::run(*args),
+        Command::Bench(args) => bench::run(*args),
+        Command::DeviceCheck(args) => device_check::run(*args),
         Command::Run { config, workers, port } => {
             anyhow::ensure!(workers >= 1, "--workers must be at least 1");
             let cfg = config.load()?;

@@ -1,0 +1,297 @@
+//! `albef bench`: times the training step a worker runs, on fixed batches already on the device,
+//! and reports it in the fields `tests/python/torch_step.py` (the same step in eager PyTorch)
+//! reports, so that `make bench` can print the two side by side.
+//!
+//! The step is the worker's: `Trainer::forward_backward` (EMA, momentum features, the feature
+//! gather, the three losses of every micro-batch, backward), the gradient average (nothing to
+//! average in a world of one: the phase is measured and 0) and `Trainer::apply_update` (fused
+//! AdamW). Step times come from steps that wait for the device once, at the end; on CUDA the
+//! phases come from as many further steps that wait at the end of each phase.
+
+use albef_config::{AlbefConfig, ConfigArgs};
+use albef_data::rng::SplitMix64;
+use albef_data::transform::{decode_rgb, to_normalized_chw};
+use albef_model::{Batch, LocalGather, device, flops};
+use albef_train::{Trainer, VirtualRanks};
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Model preset (albef-small, albef-base): short for --set model.preset=P.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 64)]
+    batch: i64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Steps run first and not timed.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// cpu or cuda: short for --set train.device=D.
+    #[arg(long)]
+    device: Option<String>,
+    /// libtorch's intra-op threads (0: its default, one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// The accelerator's dense bf16 peak in TFLOP/s from its datasheet, for the MFU against it
+    /// (H100/H200 SXM: 989.4).
+    #[arg(long)]
+    datasheet_tflops: Option<f64>,
+    /// Also time the checkpoint snapshot (what a step waits for when it saves) every K steps.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The step in numbers: what `albef bench` and `torch_step.py` both report.
+pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(args.batch >= 2 && args.steps >= 1, "--batch must be at least 2 and --steps at least 1");
+    let mut config = args.config.clone();
+    config.overrides.extend(args.preset.iter().map(|p| format!("model.preset={p}")));
+    config.overrides.extend(args.device.iter().map(|d| format!("train.device={d}")));
+    let cfg = config.load()?;
+    let dev = device::resolve(cfg.train.device)?;
+    device::configure_cuda(cfg.train.tf32)?;
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    let peak_tflops = matmul_peak_tflops(dev);
+    let mut trainer = Trainer::new(&cfg, dev)?;
+    let text_len = cfg.data.max_tokens as i64;
+    let (image, ids, mask) = fixed_batch(&cfg, args.batch, text_len, dev);
+    let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
+    device::reset_memory_peaks(dev)?;
+
+    // Far from the end of an epoch, as most steps are.
+    let steps_per_epoch = 1 << 40;
+    let step = |trainer: &mut Trainer| -> Result<([f64; 5], f64)> {
+        let started = Instant::now();
+        let stats = trainer.forward_backward(
+            std::slice::from_ref(&batch),
+            VirtualRanks::one_per_rank(0, 1),
+            steps_per_epoch,
+            &LocalGather,
+        )?;
+        ensure!(stats.loss.is_finite(), "step {}: the loss is {}", stats.step, stats.loss);
+        // A world of one has no gradient to average (a job's ranks time theirs in heartbeats).
+        let communication = 0.0;
+        let optimizer = Instant::now();
+        trainer.apply_update(&stats, steps_per_epoch)?;
+        device::synchronize(dev);
+        let optimizer = optimizer.elapsed().as_secs_f64();
+        let total = started.elapsed().as_secs_f64();
+        Ok(([total, stats.forward_seconds, stats.backward_seconds, communication, optimizer], stats.loss))
+    };
+    for _ in 0..args.warmup {
+        step(&mut trainer)?;
+    }
+    let mut timed = Vec::with_capacity(args.steps);
+    let mut losses = Vec::with_capacity(args.steps);
+    let mut snapshots = Vec::new();
+    for i in 1..=args.steps {
+        let (times, loss) = step(&mut trainer)?;
+        timed.push(times);
+        losses.push(loss);
+        if args.checkpoint_every > 0 && i % args.checkpoint_every == 0 {
+            let started = Instant::now();
+            drop(trainer.snapshot(1, steps_per_epoch)?);
+            snapshots.push(started.elapsed().as_secs_f64());
+        }
+    }
+    // CUDA phases from steps that wait at each phase's end; on the CPU they are the same steps.
+    let phased = if dev.is_cuda() {
+        trainer.synchronize_phases(true);
+        (0..args.steps).map(|_| step(&mut trainer).map(|(times, _)| times)).collect::<Result<Vec<_>>>()?
+    } else {
+        timed.clone()
+    };
+    let column = |rows: &[[f64; 5]], i: usize| rows.iter().map(|r| r[i]).collect::<Vec<_>>();
+    let step_times = column(&timed, 0);
+    let p50 = percentile(&step_times, 0.5);
+    let flops_per_step = flops::step_flops(&cfg.model, args.batch, text_len, 1);
+    let achieved = flops_per_step / p50 / 1e12;
+    let parameters: i64 = trainer.var_store().trainable_variables().iter().map(Tensor::numel).map(|n| n as i64).sum();
+    let (allocated, reserved) = device::memory_peaks(dev)?.unzip();
+    let images_per_second = args.batch as f64 / p50;
+    let per_core = loader_images_per_core(&cfg)?;
+    let report = json!({
+        "implementation": "albef",
+        "preset": cfg.model.preset,
+        "device": if dev.is_cuda() { "cuda" } else { "cpu" },
+        "threads": tch::get_num_threads(),
+        "batch": args.batch,
+        "text_len": text_len,
+        "image_res": cfg.model.image_res,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "parameters": parameters,
+        "flops_per_step": flops_per_step,
+        "step_seconds": {
+            "p50": p50,
+            "p90": percentile(&step_times, 0.9),
+            "mean": step_times.iter().sum::<f64>() / step_times.len() as f64,
+            "min": step_times.iter().copied().fold(f64::INFINITY, f64::min),
+        },
+        "images_per_second": images_per_second,
+        "phases_seconds": {
+            "forward": percentile(&column(&phased, 1), 0.5),
+            "backward": percentile(&column(&phased, 2), 0.5),
+            "communication": percentile(&column(&phased, 3), 0.5),
+            "optimizer": percentile(&column(&phased, 4), 0.5),
+        },
+        "achieved_tflops": achieved,
+        "mfu": {
+            "datasheet_peak_tflops": args.datasheet_tflops,
+            "datasheet": args.datasheet_tflops.map(|peak| achieved / peak),
+            "measured_peak_tflops": peak_tflops,
+            "measured": achieved / peak_tflops,
+        },
+        "peak_memory_bytes": {
+            "cuda_allocated": allocated,
+            "cuda_reserved": reserved,
+            "host_rss": host_peak_rss(),
+        },
+        "losses": losses,
+        "loader_images_per_core": per_core,
+        "decode_threads_to_keep_up": (images_per_second / per_core).ceil(),
+        "checkpoint_snapshot_seconds": snapshots,
+    });
+    print_table(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Generated pairs of the preset's shapes: normal pixels, captions of random words after [CLS]
+/// with a few to no trailing [PAD]s (at least 3 real tokens each).
+pub fn fixed_batch(cfg: &AlbefConfig, batch: i64, text_len: i64, dev: Device) -> (Tensor, Tensor, Tensor) {
+    let b = &cfg.model.bert;
+    tch::manual_seed(cfg.train.seed as i64);
+    let r = cfg.model.image_res;
+    let image = Tensor::randn([batch, 3, r, r], (Kind::Float, dev));
+    let words = Tensor::randint_low(5, b.vocab_size, [batch, text_len], (Kind::Int64, dev));
+    let lengths = Tensor::randint_low(3.min(text_len), text_len + 1, [batch, 1], (Kind::Int64, dev));
+    let positions = Tensor::arange(text_len, (Kind::Int64, dev)).unsqueeze(0);
+    let ids = words.where_self(&positions.lt_tensor(&lengths), &Tensor::full_like(&words, b.pad_token_id));
+    let _ = ids.narrow(1, 0, 1).fill_(b.cls_token_id);
+    let mask = ids.ne(b.pad_token_id).to_kind(Kind::Int64);
+    (image, ids, mask)
+}
+
+/// TFLOP/s of a square matmul in this process: bf16 8192 on CUDA, fp32 2048 on the CPU.
+fn matmul_peak_tflops(dev: Device) -> f64 {
+    let (n, kind, reps) = if dev.is_cuda() { (8192, Kind::BFloat16, 20) } else { (2048, Kind::Float, 3) };
+    let (a, b) = (Tensor::randn([n, n], (kind, dev)), Tensor::randn([n, n], (kind, dev)));
+    let _ = a.matmul(&b);
+    device::synchronize(dev);
+    let started = Instant::now();
+    for _ in 0..reps {
+        let _ = a.matmul(&b);
+    }
+    device::synchronize(dev);
+    2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64() / 1e12
+}
+
+/// Images per second one loader thread decodes, augments and normalises at the preset's size
+/// (photo-like 500x375 JPEGs, the training transform).
+fn loader_images_per_core(cfg: &AlbefConfig) -> Result<f64> {
+    let jpegs = (0..8)
+        .map(|i| {
+            let mut bytes = Vec::new();
+            albef_data::synth::photo(i)
+                .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90))?;
+            Ok(bytes)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let transform = albef_data::dataset::train_transform(cfg);
+    let (started, mut done) = (Instant::now(), 0u64);
+    while done < 3 * jpegs.len() as u64 || started.elapsed() < Duration::from_millis(500) {
+        let bytes = &jpegs[done as usize % jpegs.len()];
+        let img = decode_rgb(bytes, cfg.data.max_pixels).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        std::hint::black_box(to_normalized_chw(&transform.apply(&img, &mut SplitMix64::for_item(7, done))));
+        done += 1;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+/// This process's peak resident memory (VmHWM), in bytes.
+fn host_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn print_table(r: &serde_json::Value) {
+    let ms = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |s| format!("{:.1} ms", s * 1e3));
+    let num = |v: &serde_json::Value, scale: f64, digits: usize| {
+        v.as_f64().map_or("-".into(), |x| format!("{:.*}", digits, x * scale))
+    };
+    println!(
+        "{} {} on {} ({} threads): batch {}, {} px, {} tokens, {} parameters",
+        r["implementation"].as_str().unwrap_or(""),
+        r["preset"].as_str().unwrap_or(""),
+        r["device"].as_str().unwrap_or(""),
+        r["threads"],
+        r["batch"],
+        r["image_res"],
+        r["text_len"],
+        r["parameters"]
+    );
+    let (s, p) = (&r["step_seconds"], &r["phases_seconds"]);
+    println!(
+        "  step          p50 {}  p90 {}  ({} images/s)",
+        ms(&s["p50"]),
+        ms(&s["p90"]),
+        num(&r["images_per_second"], 1.0, 1)
+    );
+    println!(
+        "  phases        forward {}  backward {}  communication {}  optimizer {}",
+        ms(&p["forward"]),
+        ms(&p["backward"]),
+        ms(&p["communication"]),
+        ms(&p["optimizer"])
+    );
+    let m = &r["mfu"];
+    println!(
+        "  compute       {} GFLOP/step, {} TFLOP/s; MFU {}% of the measured matmul peak ({} TFLOP/s), {}% of the datasheet's",
+        num(&r["flops_per_step"], 1e-9, 1),
+        num(&r["achieved_tflops"], 1.0, 3),
+        num(&m["measured"], 100.0, 1),
+        num(&m["measured_peak_tflops"], 1.0, 3),
+        num(&m["datasheet"], 100.0, 1)
+    );
+    let mem = &r["peak_memory_bytes"];
+    println!(
+        "  peak memory   host RSS {} GiB; CUDA allocated {} GiB, reserved {} GiB",
+        num(&mem["host_rss"], 1.0 / (1u64 << 30) as f64, 2),
+        num(&mem["cuda_allocated"], 1.0 / (1u64 << 30) as f64, 2),
+        num(&mem["cuda_reserved"], 1.0 / (1u64 << 30) as f64, 2)
+    );
+    println!(
+        "  data          one loader thread makes {} images/s: {} decode threads keep this step fed",
+        num(&r["loader_images_per_core"], 1.0, 0),
+        r["decode_threads_to_keep_up"]
+    );
+    if let Some(snaps) = r["checkpoint_snapshot_seconds"].as_array().filter(|s| !s.is_empty()) {
+        let list: Vec<String> = snaps.iter().map(ms).collect();
+        println!("  checkpoint    the step waits {} (snapshot to host memory, first one first)", list.join(", "));
+    }
+}

@@ -1,0 +1,106 @@
+//! `albef device-check`: the forward a CUDA worker runs (bf16 autocast when `train.bf16`, TF32
+//! as `train.tf32` says) against the CPU fp32 forward of the same weights on the same batch:
+//! image and text features, ITC similarities and loss, ITM logits and MLM logits, each as a
+//! relative L2 error, checked against a tolerance. With `--device cpu` both sides run on the CPU
+//! (a dry run of the check itself: every error is 0).
+
+use crate::bench::fixed_batch;
+use albef_config::ConfigArgs;
+use albef_model::albef::{itc_targets, soft_cross_entropy};
+use albef_model::{Albef, device};
+use anyhow::{Context, Result, ensure};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct DeviceCheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Model preset (albef-small, albef-base): short for --set model.preset=P.
+    #[arg(long)]
+    preset: Option<String>,
+    /// cuda (default) or cpu (a dry run).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    #[arg(long, default_value_t = 4)]
+    batch: i64,
+    /// The largest relative L2 error accepted for any output (bf16 keeps about 3 significant
+    /// digits; errors grow over the layers).
+    #[arg(long, default_value_t = 0.05)]
+    tolerance: f64,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(args: DeviceCheckArgs) -> Result<()> {
+    let mut config = args.config.clone();
+    config.overrides.extend(args.preset.iter().map(|p| format!("model.preset={p}")));
+    config.overrides.push(format!("train.device={}", args.device));
+    let cfg = config.load()?;
+    let target = device::resolve(cfg.train.device)?;
+    device::configure_cuda(cfg.train.tf32)?;
+    // Both models are built on the CPU from the seed (CUDA's generator draws other numbers),
+    // then one moves to the device.
+    let (_reference_vs, reference, _) = Albef::fresh(&cfg.model, cfg.train.seed, Device::Cpu)?;
+    let (mut vs, model, _) = Albef::fresh(&cfg.model, cfg.train.seed, Device::Cpu)?;
+    vs.set_device(target);
+    let (image, ids, mask) = fixed_batch(&cfg, args.batch, cfg.data.max_tokens as i64, Device::Cpu);
+    let expected = outputs(&reference, [&image, &ids, &mask]);
+    let on = |t: &Tensor| t.to_device(target);
+    let bf16 = cfg.train.bf16 && target.is_cuda();
+    let got = device::with_autocast(target, bf16, || outputs(&model, [&on(&image), &on(&ids), &on(&mask)]));
+    let mut errors = serde_json::Map::new();
+    let mut worst = 0.0f64;
+    for ((name, e), (_, g)) in expected.iter().zip(&got) {
+        let g = g.to_device(Device::Cpu).to_kind(Kind::Double);
+        let e = e.to_kind(Kind::Double);
+        let err = (&g - &e).norm().double_value(&[]) / e.norm().double_value(&[]).max(1e-30);
+        ensure!(err.is_finite(), "{name}: the {target:?} output is not finite");
+        println!("{name:<14} relative L2 error {err:.2e}");
+        worst = worst.max(err);
+        errors.insert(name.to_string(), err.into());
+    }
+    let ok = worst <= args.tolerance;
+    let report = serde_json::json!({
+        "preset": cfg.model.preset,
+        "device": format!("{target:?}"),
+        "bf16": bf16,
+        "tf32": cfg.train.tf32,
+        "batch": args.batch,
+        "relative_l2_errors": errors,
+        "tolerance": args.tolerance,
+        "ok": ok,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    ensure!(ok, "the {target:?} forward differs from the CPU fp32 one by {worst:.2e} (tolerance {})", args.tolerance);
+    println!("{target:?} forward (bf16 {bf16}) matches the CPU fp32 forward within {}", args.tolerance);
+    Ok(())
+}
+
+/// The deterministic outputs of a forward (no dropout, no masking draws), in fp32.
+fn outputs(model: &Albef, [image, ids, mask]: [&Tensor; 3]) -> Vec<(&'static str, Tensor)> {
+    tch::no_grad(|| {
+        let (image_embeds, image_feat) = model.encode_image(image);
+        let (text_embeds, text_feat) = model.encode_text(ids, mask, false);
+        let sim = image_feat.matmul(&text_feat.tr()).to_kind(Kind::Float) / model.temp();
+        let targets = itc_targets(&sim, 0, 0.0);
+        let ita = (soft_cross_entropy(&sim, &targets) + soft_cross_entropy(&sim.tr(), &targets)) / 2.0;
+        let itm = model.itm_logits(&text_embeds, mask, &image_embeds, false);
+        let mlm = model.mlm_logits(ids, mask, &image_embeds, false);
+        [
+            ("image_feat", image_feat),
+            ("text_feat", text_feat),
+            ("itc_sim", sim),
+            ("itc_loss", ita),
+            ("itm_logits", itm),
+            ("mlm_logits", mlm),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(Kind::Float)))
+        .collect()
+    })
+}
