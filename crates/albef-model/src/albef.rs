@@ -289,6 +289,7 @@ impl Albef {
     pub fn forward_pretrain(&self, batch: &Batch, alpha: f64, gather: &dyn FeatureGather) -> Result<Losses> {
         check_batch(batch)?;
         self.begin_step();
+        self.momentum_update();
         let m = self.momentum_features(batch);
         let (image, text) = (gather.all_gather(&m.image_feat)?, gather.all_gather(&m.text_feat)?);
         let step = StepFeatures { image: image.all, text: text.all };
@@ -297,13 +298,13 @@ impl Albef {
         Ok(losses)
     }
 
-    /// Starts a step, whatever the number of its micro-batches: temp's clamp and the EMA of the
-    /// momentum weights.
+    /// Starts a step, whatever the number of its micro-batches: temp's clamp. (The reference
+    /// also runs the EMA of the momentum weights here; `forward_pretrain` does, the trainer runs
+    /// it when it applies the step, on the updated weights the next step's EMA would read.)
     pub fn begin_step(&self) {
         tch::no_grad(|| {
             let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
         });
-        self.momentum_update();
     }
 
     /// The momentum encoders on a micro-batch (no gradient): what its losses and the queues need.
@@ -357,8 +358,8 @@ impl Albef {
         Ok(Losses { ita, itm, mlm })
     }
 
-    /// Ends a step: the momentum features of all its micro-batches (every rank's, in virtual-rank
-    /// order) go into the queues, once.
+    /// Ends a step that is applied: the momentum features of all its micro-batches (every rank's,
+    /// in virtual-rank order) go into the queues, once.
     pub fn end_step(&self, step: &StepFeatures) {
         self.enqueue(&step.image, &step.text);
     }

@@ -55,3 +55,22 @@ pub fn reset_memory_peaks(device: Device) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Keeps the host memory of freed CPU tensors mapped for the next step. libtorch's CPU tensors
+/// come from malloc, and glibc serves every block over 32 MB from a fresh mmap and unmaps it on
+/// free: every step then faulted its large activations and gradients in again, page by page (on
+/// our 2-core VM a base-preset step spent about a third of its time so). Served from the heap
+/// and never trimmed below 2 GB, the pages stay. Call it first thing in `main`; glibc only.
+pub fn keep_freed_host_memory() {
+    unsafe extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+    const M_MMAP_MAX: std::ffi::c_int = -4;
+    // SAFETY: mallopt only changes the allocator's tuning parameters; it returns 0 on error,
+    // which leaves the defaults in place (slower, not wrong).
+    unsafe {
+        mallopt(M_MMAP_MAX, 0);
+        mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX);
+    }
+}

@@ -1,8 +1,9 @@
 //! Extensions to tch for what it does not bind, reached through a small C++ shim (`src/shim.cpp`)
 //! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
-//! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), and the caching
-//! allocator's peak memory (`device_memory_peaks`, for `albef bench`). `albef-model` uses the
+//! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), `clear_grads`
+//! (`zero_grad(set_to_none=True)`), and the caching allocator's peak memory
+//! (`device_memory_peaks`, for `albef bench`). `albef-model` uses the
 //! first two for `train.bf16` and `train.tf32`, `albef-train`'s optimiser the third. The shim
 //! catches C++ exceptions: libtorch errors come back as `Result` errors.
 
@@ -29,6 +30,7 @@ unsafe extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    fn albef_clear_grads(params: *const CTensor, n: usize) -> *mut c_char;
     fn albef_device_memory_peaks(device: i32, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
     fn albef_reset_device_memory_peaks(device: i32) -> *mut c_char;
     fn albef_free_error(message: *mut c_char);
@@ -54,6 +56,14 @@ pub fn set_cuda_autocast_bf16() -> Result<()> {
 pub fn set_tf32(enabled: bool) -> Result<()> {
     // SAFETY: plain flag; the shim catches every C++ exception.
     check(unsafe { albef_set_tf32(i32::from(enabled)) })
+}
+
+/// Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`).
+pub fn clear_grads(params: &[Tensor]) -> Result<()> {
+    let ptrs: Vec<CTensor> = params.iter().map(|t| t.as_ptr() as CTensor).collect();
+    // SAFETY: the pointers come from live tch Tensors borrowed for the call; the shim only
+    // resets their gradient slots.
+    check(unsafe { albef_clear_grads(ptrs.as_ptr(), ptrs.len()) })
 }
 
 /// Peak (allocated to tensors, reserved by the caching allocator) bytes on an accelerator since

@@ -66,6 +66,17 @@ char *albef_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **ex
   }
 }
 
+// Drops the gradients of `params` (PyTorch's zero_grad(set_to_none=True)): the next backward
+// writes fresh gradients instead of adding into zeroed ones, and a dropped step leaves none.
+char *albef_clear_grads(at::Tensor **params, size_t n) {
+  try {
+    for (size_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
 // Peak bytes allocated to tensors and reserved by the caching allocator on `device` since the
 // last reset (what torch.cuda.max_memory_allocated / max_memory_reserved report).
 char *albef_device_memory_peaks(int device, int64_t *allocated, int64_t *reserved) {

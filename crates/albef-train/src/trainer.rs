@@ -6,7 +6,7 @@ use crate::virtual_ranks::{VirtualRanks, gather_step_features};
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
 use albef_model::device::with_autocast;
-use albef_model::{Albef, Batch, FeatureGather, weights};
+use albef_model::{Albef, Batch, FeatureGather, StepFeatures, weights};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
@@ -79,6 +79,9 @@ pub struct Trainer {
     state: TrainerState,
     /// Host buffers of the checkpoint snapshots, reused from one to the next.
     host: weights::HostPool,
+    /// The momentum features of the step whose gradients wait for `apply_update` (they enter
+    /// the queues only if the step is applied).
+    pending: Option<StepFeatures>,
     /// Wait for the device at the end of each phase, so that the phase times are its own
     /// (benchmarks); otherwise CUDA phase times are launch times.
     sync_phases: bool,
@@ -107,6 +110,7 @@ impl Trainer {
             state: TrainerState::default(),
             host: weights::HostPool::default(),
             sync_phases: false,
+            pending: None,
         })
     }
 
@@ -195,7 +199,7 @@ impl Trainer {
             backward_seconds += self.phase_end(started);
             readback.extend([losses.ita, losses.itm, losses.mlm, total].map(|t| t.detach().to_kind(Kind::Double)));
         }
-        self.model.end_step(&step);
+        self.pending = Some(step);
         readback.push(self.model.temp_tensor().to_kind(Kind::Double));
         let values = Vec::<f64>::try_from(Tensor::stack(&readback, 0).to_device(Device::Cpu))?;
         let (temp, per_micro) = values.split_last().context("a step without micro-batches")?;
@@ -218,18 +222,28 @@ impl Trainer {
         })
     }
 
-    /// Applies the gradients with the step's learning rate and advances the position.
+    /// Applies the step: the gradients with the step's learning rate, then the EMA of the
+    /// momentum weights (on the new weights: what the reference's EMA at the start of the next
+    /// step computes) and the step's features into the queues; advances the position. Until
+    /// here a step changes nothing but gradients, so a step that is not applied leaves no trace.
     pub fn apply_update(&mut self, stats: &StepStats, steps_per_epoch: u64) -> Result<()> {
         self.opt.step(stats.lr)?;
-        self.opt.zero_grad();
+        self.opt.clear_grads()?;
+        self.model.momentum_update();
+        if let Some(features) = self.pending.take() {
+            self.model.end_step(&features);
+        }
         self.advance(steps_per_epoch);
         Ok(())
     }
 
-    /// Moves past a step whose batch could not be trained (too few good samples), so that the
-    /// position stays aligned with the data plan.
-    pub fn skip_step(&mut self, steps_per_epoch: u64) {
+    /// Moves past a step that is not applied (too few good samples, a non-finite loss): its
+    /// gradients and features are dropped, and the position stays aligned with the data plan.
+    pub fn skip_step(&mut self, steps_per_epoch: u64) -> Result<()> {
+        self.opt.clear_grads()?;
+        self.pending = None;
         self.advance(steps_per_epoch);
+        Ok(())
     }
 
     fn advance(&mut self, steps_per_epoch: u64) {
@@ -285,6 +299,9 @@ impl Trainer {
         model.commit();
         optimizer.commit();
         self.model.reload_queue_ptr();
+        // A step cut short (a generation that ended mid-step) is gone with the restored state.
+        self.opt.clear_grads()?;
+        self.pending = None;
         self.state = saved.position.clone();
         Ok(saved)
     }

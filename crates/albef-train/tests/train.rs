@@ -122,3 +122,40 @@ fn save_then_load_reproduces_the_next_step_exactly() {
         assert!(t.equal(&untouched.var_store().variables()[&name]), "{name} changed by a failed load");
     }
 }
+
+/// A step whose loss is not finite and is not applied leaves no trace: not in the weights, the
+/// momentum weights or the queues, and not in the gradients the next step adds to. The next
+/// step is then bit for bit the one of a trainer that never computed the poisoned batch.
+#[test]
+fn a_step_that_is_not_applied_leaves_no_trace() {
+    let _rng = serial();
+    let cfg = small_config();
+    let batches = fixed_batches(&cfg, 12, 4);
+    let state = |t: &Trainer| -> Vec<(String, Tensor)> {
+        let mut vars: Vec<_> = t.var_store().variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.into_iter().map(|(n, v)| (n, v.detach().copy())).collect()
+    };
+    let (mut poisoned, mut clean) =
+        (Trainer::new(&cfg, Device::Cpu).unwrap(), Trainer::new(&cfg, Device::Cpu).unwrap());
+    for trainer in [&mut poisoned, &mut clean] {
+        step(trainer, &batches[0], 5);
+    }
+    let before = state(&poisoned);
+    let nan_image = &batches[1].0 * f64::NAN;
+    let bad = Batch { image: &nan_image, input_ids: &batches[1].1, attention_mask: &batches[1].2 };
+    let one = albef_train::VirtualRanks::one_per_rank(0, 1);
+    let stats = poisoned.forward_backward(std::slice::from_ref(&bad), one, 5, &LocalGather).unwrap();
+    assert!(!stats.loss.is_finite());
+    poisoned.skip_step(5).unwrap();
+    clean.skip_step(5).unwrap();
+    for ((name, b), (_, a)) in before.iter().zip(state(&poisoned)) {
+        assert!(b.equal(&a), "{name} changed by a step that was not applied");
+    }
+    assert_eq!(poisoned.model().queue_ptr(), clean.model().queue_ptr());
+    let (p, c) = (step(&mut poisoned, &batches[2], 5), step(&mut clean, &batches[2], 5));
+    assert!(p.is_finite() && p.to_bits() == c.to_bits(), "next step: {p} vs {c}");
+    for ((name, a), (_, b)) in state(&poisoned).iter().zip(state(&clean)) {
+        assert!(a.equal(&b), "{name} differs after the next step");
+    }
+}

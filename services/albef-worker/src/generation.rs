@@ -476,7 +476,7 @@ impl Worker {
                         "a micro-batch has too few good samples; the step is skipped by every rank"
                     );
                     audit(r, trainer.state().step, &micro, "unfit", &[])?;
-                    trainer.skip_step(r.steps_per_epoch);
+                    trainer.skip_step(r.steps_per_epoch)?;
                     continue;
                 }
                 let mut tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
@@ -508,7 +508,7 @@ impl Worker {
                     shared.progress.lock().unwrap().nonfinite_steps += 1;
                     tracing::warn!(step = stats.step, bad_streak, "non-finite loss: the step is not applied");
                     audit(r, stats.step, &micro, "nonfinite", &[])?;
-                    trainer.skip_step(r.steps_per_epoch);
+                    trainer.skip_step(r.steps_per_epoch)?;
                     if bad_streak >= cfg.job.max_bad_steps {
                         let why = format!(
                             "{bad_streak} consecutive steps with a non-finite loss (up to step {}): rolling back to the last checkpoint",

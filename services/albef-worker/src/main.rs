@@ -67,6 +67,7 @@ struct Cli {
 }
 
 fn main() {
+    albef_model::device::keep_freed_host_memory();
     let telemetry = albef_telemetry::init("albef-worker");
     match run(Cli::parse(), &telemetry) {
         Ok(0) => {}

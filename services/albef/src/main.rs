@@ -110,6 +110,7 @@ enum Command {
 }
 
 fn main() {
+    albef_model::device::keep_freed_host_memory();
     let _telemetry = albef_telemetry::init("albef");
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -189,7 +190,7 @@ fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
                     rows = loaded.batch.batch_size,
                     "too few good samples left in the batch; step skipped"
                 );
-                trainer.skip_step(steps_per_epoch);
+                trainer.skip_step(steps_per_epoch)?;
                 continue;
             }
             let (image, ids, mask) = batch_tensors(&loaded.batch, dev);
