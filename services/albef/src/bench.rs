@@ -56,10 +56,7 @@ pub struct BenchArgs {
 /// The step in numbers: what `albef bench` and `torch_step.py` both report.
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch >= 2 && args.steps >= 1, "--batch must be at least 2 and --steps at least 1");
-    let mut config = args.config.clone();
-    config.overrides.extend(args.preset.iter().map(|p| format!("model.preset={p}")));
-    config.overrides.extend(args.device.iter().map(|d| format!("train.device={d}")));
-    let cfg = config.load()?;
+    let cfg = load_config(&args.config, args.preset.as_deref(), args.device.as_deref())?;
     let dev = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
     if args.threads > 0 {
@@ -172,6 +169,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The configuration with `--preset` and `--device` applied (they beat the file and `--set`).
+pub fn load_config(config: &ConfigArgs, preset: Option<&str>, device: Option<&str>) -> Result<AlbefConfig> {
+    let mut config = config.clone();
+    config.overrides.extend(preset.map(|p| format!("model.preset={p}")));
+    config.overrides.extend(device.map(|d| format!("train.device={d}")));
+    config.load()
 }
 
 /// Generated pairs of the preset's shapes: normal pixels, captions of random words after [CLS]

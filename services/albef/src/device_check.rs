@@ -4,7 +4,7 @@
 //! relative L2 error, checked against a tolerance. With `--device cpu` both sides run on the CPU
 //! (a dry run of the check itself: every error is 0).
 
-use crate::bench::fixed_batch;
+use crate::bench::{fixed_batch, load_config};
 use albef_config::ConfigArgs;
 use albef_model::albef::{itc_targets, soft_cross_entropy};
 use albef_model::{Albef, device};
@@ -34,10 +34,7 @@ pub struct DeviceCheckArgs {
 }
 
 pub fn run(args: DeviceCheckArgs) -> Result<()> {
-    let mut config = args.config.clone();
-    config.overrides.extend(args.preset.iter().map(|p| format!("model.preset={p}")));
-    config.overrides.push(format!("train.device={}", args.device));
-    let cfg = config.load()?;
+    let cfg = load_config(&args.config, args.preset.as_deref(), Some(&args.device))?;
     let target = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
     // Both models are built on the CPU from the seed (CUDA's generator draws other numbers),
