@@ -1263,7 +1263,8 @@ impl Job {
 
     /// A checkpoint `rank` finished writing (its manifest verified by the caller); rank 0's is
     /// committed: the next generation resumes from it. A report may come from a generation that
-    /// has ended since the save began (the state it holds is as good). Older checkpoints beyond
+    /// has ended since the save began, or that rank 0 took as its generation ended (the state it
+    /// holds is as good: every rank takes the same steps). Older checkpoints beyond
     /// `job.keep_checkpoints` are evicted.
     #[allow(clippy::too_many_arguments)]
     pub fn report_checkpoint(

@@ -65,6 +65,21 @@ struct Run<'a> {
     eval_split: Option<RetrievalSplit>,
     /// Rank 0's TensorBoard events.
     board: Option<Board>,
+    /// The step of the last checkpoint rank 0 wrote or resumed from in this generation.
+    saved_step: Option<u64>,
+    /// Consecutive steps with a non-finite loss: while any, the weights that gave them are
+    /// suspect and are not checkpointed.
+    bad_streak: u32,
+    /// An update (or a skip) is being applied: a failure now leaves the state half-changed.
+    updating: bool,
+}
+
+impl Run<'_> {
+    /// Whether the trainer's state is one a checkpoint may hold: every applied step whole, and
+    /// no suspect weights.
+    fn checkpointable(&self) -> bool {
+        self.bad_streak == 0 && !self.updating
+    }
 }
 
 /// The node (pod) a worker is a local rank of (`--local-ranks`); a worker of its own has none.
@@ -316,7 +331,8 @@ impl Worker {
             n => n,
         };
         let mut trainer = Trainer::new(&cfg, dev)?;
-        if let Some(resume) = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty())
+        let resume = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty());
+        if let Some(resume) = resume
             && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, ranks.total)
         {
             collective.abort();
@@ -360,8 +376,14 @@ impl Worker {
             board: (rank == 0)
                 .then(|| Board::open(&cfg.job.run_dir))
                 .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok()),
+            saved_step: resume.map(|_| trainer.state().step),
+            bad_streak: 0,
+            updating: false,
         };
         let ending = self.train(&mut run, &mut trainer);
+        if rank == 0 && matches!(ending, Ok(Ending::Rejoin(_)) | Err(_)) {
+            self.save_at_the_end(&mut run, &trainer);
+        }
         // A checkpoint in flight is committed (or fails) before this worker moves on.
         self.uploader.flush();
         if let Some(board) = run.board.as_mut() {
@@ -428,10 +450,6 @@ impl Worker {
         let (cfg, collective, shared) = (r.cfg, r.collective, r.shared);
         let rank = collective.rank();
         let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
-        // Consecutive steps with a non-finite loss: while any, the state may be poisoned (the
-        // queues took the bad features) and is not checkpointed.
-        let mut bad_streak = 0u32;
-        let mut saved_step = None;
         let mut heard = Heard::default();
         while trainer.state().step < r.total_steps {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
@@ -464,8 +482,8 @@ impl Worker {
                 };
                 // A stopped job can be resumed later from where it stopped.
                 let save = heard.take_checkpoint() || decision == Decision::Stop;
-                if save && rank == 0 && bad_streak == 0 {
-                    self.save(r, trainer, &mut saved_step)?;
+                if save && rank == 0 && r.checkpointable() {
+                    self.save(r, trainer)?;
                 }
                 if decision == Decision::Stop {
                     return Ok(Ending::Stopped);
@@ -476,7 +494,7 @@ impl Worker {
                         "a micro-batch has too few good samples; the step is skipped by every rank"
                     );
                     audit(r, trainer.state().step, &micro, "unfit", &[])?;
-                    trainer.skip_step(r.steps_per_epoch)?;
+                    applying(&mut r.updating, || trainer.skip_step(r.steps_per_epoch))?;
                     continue;
                 }
                 let mut tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
@@ -504,11 +522,12 @@ impl Worker {
                     collective.all_reduce(&mut bad, ReduceOp::Sum).map(|()| bad)
                 })?;
                 if bad.double_value(&[0]) > 0.0 {
-                    bad_streak += 1;
+                    r.bad_streak += 1;
+                    let bad_streak = r.bad_streak;
                     shared.progress.lock().unwrap().nonfinite_steps += 1;
                     tracing::warn!(step = stats.step, bad_streak, "non-finite loss: the step is not applied");
                     audit(r, stats.step, &micro, "nonfinite", &[])?;
-                    trainer.skip_step(r.steps_per_epoch)?;
+                    applying(&mut r.updating, || trainer.skip_step(r.steps_per_epoch))?;
                     if bad_streak >= cfg.job.max_bad_steps {
                         let why = format!(
                             "{bad_streak} consecutive steps with a non-finite loss (up to step {}): rolling back to the last checkpoint",
@@ -519,10 +538,16 @@ impl Worker {
                     }
                     continue;
                 }
-                bad_streak = 0;
-                timed(&mut times, "communication", || average_gradients(trainer, collective, bucket_bytes))?;
-                timed(&mut times, "optimizer", || trainer.apply_update(&stats, r.steps_per_epoch))?;
+                r.bad_streak = 0;
+                // Recorded before the gradients go out: once this rank's share of the average is
+                // sent, the others may apply the step (and rank 0 checkpoint it) even if this rank
+                // dies the next moment. A step lost in flight is trained again, its later record
+                // winning.
                 audit(r, stats.step, &micro, "applied", &stats.micro_losses)?;
+                timed(&mut times, "communication", || average_gradients(trainer, collective, bucket_bytes))?;
+                timed(&mut times, "optimizer", || {
+                    applying(&mut r.updating, || trainer.apply_update(&stats, r.steps_per_epoch))
+                })?;
                 if rank == 0 && (stats.step % cfg.train.log_every == 0 || stats.step + 1 == r.total_steps) {
                     let job_rate = shared.progress.lock().unwrap().images_per_second * collective.world_size() as f64;
                     println!("{}", stats.progress_line(r.total_steps, job_rate));
@@ -533,7 +558,7 @@ impl Worker {
                     && cfg.job.checkpoint_every > 0
                     && step.is_multiple_of(cfg.job.checkpoint_every)
                 {
-                    timed(&mut times, "checkpoint", || self.save(r, trainer, &mut saved_step))?;
+                    timed(&mut times, "checkpoint", || self.save(r, trainer))?;
                     if let Some(board) = r.board.as_mut() {
                         board.publish(self.rt.handle());
                     }
@@ -564,7 +589,7 @@ impl Worker {
             }
         }
         if rank == 0 {
-            self.save(r, trainer, &mut saved_step)?;
+            self.save(r, trainer)?;
         }
         Ok(Ending::Finished)
     }
@@ -720,9 +745,23 @@ impl Worker {
 
     /// Saves a checkpoint of the current step: the step waits for the copy to host memory, the
     /// upload and the report to the coordinator run in the background.
-    fn save(&mut self, r: &Run, trainer: &Trainer, saved_step: &mut Option<u64>) -> Result<()> {
+    /// A generation that ends mid-progress (a rank lost, a straggler evicted) is checkpointed by
+    /// rank 0 before it rejoins, so that the next generation resumes where this one stopped: the
+    /// state holds every step applied so far (a step in flight was not applied by anyone or is
+    /// whole here), unless a failure struck while it was being changed.
+    fn save_at_the_end(&mut self, r: &mut Run, trainer: &Trainer) {
+        if !r.checkpointable() || r.saved_step == Some(trainer.state().step) || trainer.state().step == 0 {
+            return;
+        }
+        tracing::info!(step = trainer.state().step, "the generation ended: checkpointing before rejoining");
+        if let Err(e) = self.save(r, trainer) {
+            tracing::warn!("no checkpoint at the end of the generation: {e:#}");
+        }
+    }
+
+    fn save(&mut self, r: &mut Run, trainer: &Trainer) -> Result<()> {
         let state = trainer.state().clone();
-        if *saved_step == Some(state.step) {
+        if r.saved_step == Some(state.step) {
             return Ok(());
         }
         let started = Instant::now();
@@ -778,7 +817,7 @@ impl Worker {
             tracing::warn!(location = req.location, "the coordinator stayed unreachable: checkpoint not committed");
         });
         self.uploader.save(&r.run, snapshot, done);
-        *saved_step = Some(state.step);
+        r.saved_step = Some(state.step);
         Ok(())
     }
 
@@ -883,6 +922,14 @@ fn audit(r: &mut Run, step: u64, micro: &[LoadedBatch], outcome: &str, losses: &
         writeln!(file, "{line}").context("writing the audit log")?;
     }
     Ok(())
+}
+
+/// Runs `f`, a change of the trainer's state, with the run marked as updating until it succeeds.
+fn applying<T>(updating: &mut bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    *updating = true;
+    let out = f()?;
+    *updating = false;
+    Ok(out)
 }
 
 /// Runs `f` inside a span named after `phase` and adds its time to the step's.
