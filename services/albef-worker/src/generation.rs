@@ -743,8 +743,6 @@ impl Worker {
         }
     }
 
-    /// Saves a checkpoint of the current step: the step waits for the copy to host memory, the
-    /// upload and the report to the coordinator run in the background.
     /// A generation that ends mid-progress (a rank lost, a straggler evicted) is checkpointed by
     /// rank 0 before it rejoins, so that the next generation resumes where this one stopped: the
     /// state holds every step applied so far (a step in flight was not applied by anyone or is
@@ -759,6 +757,8 @@ impl Worker {
         }
     }
 
+    /// Saves a checkpoint of the current step (once per step): the step waits for the copy to
+    /// host memory, the upload and the report to the coordinator run in the background.
     fn save(&mut self, r: &mut Run, trainer: &Trainer) -> Result<()> {
         let state = trainer.state().clone();
         if r.saved_step == Some(state.step) {
