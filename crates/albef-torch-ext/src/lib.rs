@@ -3,12 +3,16 @@
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
 //! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), `clear_grads`
 //! (`zero_grad(set_to_none=True)`), and the caching allocator's peak memory
-//! (`device_memory_peaks`, for `albef bench`). `albef-model` uses the
-//! first two for `train.bf16` and `train.tf32`, `albef-train`'s optimiser the third. The shim
-//! catches C++ exceptions: libtorch errors come back as `Result` errors.
+//! (`device_memory_peaks`, for `albef bench`), and hooks that hand each parameter's gradient to
+//! Rust the moment a backward has accumulated it (`GradReadyHooks`, for the gradient all-reduce
+//! that overlaps the backward). `albef-model` uses the first two for `train.bf16` and
+//! `train.tf32`, `albef-train`'s optimiser the third. The shim catches C++ exceptions: libtorch
+//! errors come back as `Result` errors.
 
 use anyhow::{Result, bail};
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, PoisonError};
 use tch::Tensor;
 
 // tch's tensors are `at::Tensor*` on the C side (torch-sys's `typedef torch::Tensor *tensor`).
@@ -33,8 +37,16 @@ unsafe extern "C" {
     fn albef_clear_grads(params: *const CTensor, n: usize) -> *mut c_char;
     fn albef_device_memory_peaks(device: i32, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
     fn albef_reset_device_memory_peaks(device: i32) -> *mut c_char;
+    fn albef_set_grad_ready_hooks(
+        params: *const CTensor,
+        n: usize,
+        f: Option<GradReadyFn>,
+        target: *mut c_void,
+    ) -> *mut c_char;
     fn albef_free_error(message: *mut c_char);
 }
+
+type GradReadyFn = unsafe extern "C" fn(target: *mut c_void, index: usize, grad: CTensor);
 
 fn check(message: *mut c_char) -> Result<()> {
     if message.is_null() {
@@ -127,4 +139,75 @@ pub fn fused_adamw(
             hyper.eps,
         )
     })
+}
+
+/// What armed [`GradReadyHooks`] call: `(index of the parameter, its accumulated gradient)`.
+pub type GradReady = Arc<dyn Fn(usize, Tensor) + Send + Sync>;
+
+/// Post-accumulate-gradient hooks on a list of parameters (PyTorch's
+/// `register_post_accumulate_grad_hook`): while armed, every backward calls the armed function
+/// with a parameter's index and gradient as soon as that gradient is complete, on the autograd
+/// thread of its device, while the backward goes on with the other parameters. Unarmed, they do
+/// nothing. A parameter holds one such hook; dropping this removes them.
+pub struct GradReadyHooks {
+    params: Vec<Tensor>,
+    /// Boxed: the hooks hold its address.
+    armed: Box<Mutex<Option<GradReady>>>,
+}
+
+impl GradReadyHooks {
+    pub fn register(params: &[Tensor]) -> Result<Self> {
+        let hooks = GradReadyHooks {
+            params: params.iter().map(Tensor::shallow_clone).collect(),
+            armed: Box::new(Mutex::new(None)),
+        };
+        let target = &*hooks.armed as *const Mutex<Option<GradReady>> as *mut c_void;
+        hooks.set(Some(grad_ready), target)?;
+        Ok(hooks)
+    }
+
+    fn set(&self, f: Option<GradReadyFn>, target: *mut c_void) -> Result<()> {
+        let ptrs: Vec<CTensor> = self.params.iter().map(|t| t.as_ptr() as CTensor).collect();
+        // SAFETY: the pointers come from live tch Tensors; `target` is the boxed slot, which
+        // outlives the hooks (they are removed in Drop before it is freed).
+        check(unsafe { albef_set_grad_ready_hooks(ptrs.as_ptr(), ptrs.len(), f, target) })
+    }
+
+    /// Calls `f` from every gradient that completes until the returned guard is dropped.
+    pub fn arm(&self, f: GradReady) -> ArmedHooks<'_> {
+        *self.armed.lock().unwrap_or_else(PoisonError::into_inner) = Some(f);
+        ArmedHooks(self)
+    }
+}
+
+impl Drop for GradReadyHooks {
+    fn drop(&mut self) {
+        if let Err(e) = self.set(None, std::ptr::null_mut()) {
+            // The hooks would point at freed memory: better to keep the slot alive forever.
+            eprintln!("albef-torch-ext: removing the gradient hooks failed ({e}); their slot is leaked");
+            std::mem::forget(std::mem::replace(&mut self.armed, Box::new(Mutex::new(None))));
+        }
+    }
+}
+
+/// Disarms its [`GradReadyHooks`] when dropped (also when a backward unwinds).
+pub struct ArmedHooks<'a>(&'a GradReadyHooks);
+
+impl Drop for ArmedHooks<'_> {
+    fn drop(&mut self) {
+        *self.0.armed.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+unsafe extern "C" fn grad_ready(target: *mut c_void, index: usize, grad: CTensor) {
+    // SAFETY: the shim passes a new `at::Tensor*` that we own, and the slot registered with it.
+    let grad = unsafe { Tensor::from_ptr(grad) };
+    let slot = unsafe { &*(target as *const Mutex<Option<GradReady>>) };
+    let f = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if let Some(f) = f {
+        // A panic must not unwind into libtorch; the armed function records its own errors.
+        if catch_unwind(AssertUnwindSafe(|| f(index, grad))).is_err() {
+            eprintln!("albef-torch-ext: a gradient hook panicked (parameter {index})");
+        }
+    }
 }

@@ -5,6 +5,8 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +19,21 @@ char *error_message(const char *what) {
   if (copy != nullptr) std::strcpy(copy, what);
   return copy;
 }
+
+// Hands a parameter's gradient to Rust once the backward has accumulated it (what Python's
+// register_post_accumulate_grad_hook does). Runs on the autograd thread of the parameter's device.
+typedef void (*grad_ready_fn)(void *target, size_t index, at::Tensor *grad);
+
+struct GradReadyHook : torch::autograd::PostAccumulateGradHook {
+  GradReadyHook(grad_ready_fn fn, void *target, size_t index) : fn(fn), target(target), index(index) {}
+  void operator()(const torch::autograd::Variable &param) override {
+    // Rust owns the new handle (tch's Tensor::from_ptr) and drops it.
+    fn(target, index, new at::Tensor(param.grad()));
+  }
+  grad_ready_fn fn;
+  void *target;
+  size_t index;
+};
 
 std::vector<at::Tensor> tensors(at::Tensor **ptrs, size_t n) {
   std::vector<at::Tensor> out;
@@ -71,6 +88,21 @@ char *albef_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **ex
 char *albef_clear_grads(at::Tensor **params, size_t n) {
   try {
     for (size_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+// Calls `fn(target, i, grad)` each time the gradient of params[i] has been accumulated; a
+// parameter holds one such hook, which replaces any earlier one. `fn` NULL removes them.
+char *albef_set_grad_ready_hooks(at::Tensor **params, size_t n, grad_ready_fn fn, void *target) {
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      std::unique_ptr<torch::autograd::PostAccumulateGradHook> hook;
+      if (fn != nullptr) hook = std::make_unique<GradReadyHook>(fn, target, i);
+      torch::autograd::impl::set_post_acc_grad_hooks(*params[i], std::move(hook));
+    }
     return nullptr;
   } catch (const std::exception &e) {
     return error_message(e.what());
