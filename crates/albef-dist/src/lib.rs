@@ -3,7 +3,8 @@
 //! to `job.collective_backend: tcp`; CUDA tensors make a round trip through host memory), an NCCL
 //! backend for CUDA tensors (through cudarc), `LocalCollective` for a world of one, and DDP-style
 //! gradient bucketing (`bucket::all_reduce_buckets`) on top of any of them. `cuda` reads a device's
-//! memory and name for the worker's metrics.
+//! memory and name for the worker's metrics. `bucket::all_reduce_while` reduces gradient buckets
+//! on a thread of its own as a backward produces them, so that communication overlaps compute.
 //!
 //! A worker builds one collective per generation from what the coordinator relays: every rank's TCP
 //! address and a per-generation token (a straggler of an older generation is refused when the ring
@@ -24,7 +25,9 @@ use anyhow::{Result, bail, ensure};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::Tensor;
 
-pub use bucket::{DEFAULT_BUCKET_BYTES, all_reduce_buckets};
+pub use bucket::{
+    BucketPlan, DEFAULT_BUCKET_BYTES, OverlapTimes, ReadyGradients, all_reduce_buckets, all_reduce_while,
+};
 pub use nccl::NcclCollective;
 pub use tcp::{Neighbours, PendingTcp, TcpCollective, TcpOptions};
 
@@ -45,6 +48,18 @@ pub trait Collective: Send + Sync {
     fn world_size(&self) -> usize;
     /// Reduces `t` across ranks, in place.
     fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()>;
+    /// Starts reducing `t` across ranks, in place, and tells whether it is done. When it is not
+    /// (the NCCL backend reduces on a stream of its own, alongside the kernels of the default
+    /// stream), `t` holds the result, and may be freed, only for device work that comes after
+    /// [`Collective::wait_started`]; meanwhile nothing may write `t`. The default is the blocking
+    /// [`Collective::all_reduce`].
+    fn start_all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<bool> {
+        self.all_reduce(t, op).map(|()| true)
+    }
+    /// Orders the device work that comes after this call after every started all-reduce.
+    fn wait_started(&self) -> Result<()> {
+        Ok(())
+    }
     /// Concatenates every rank's `t` (all of the same shape) along dim 0, in rank order; a 0-dim
     /// tensor counts as shape `[1]`.
     fn all_gather(&self, t: &Tensor) -> Result<Tensor>;

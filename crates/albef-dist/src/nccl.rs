@@ -6,6 +6,12 @@
 //! freed meanwhile are safe for the same reason: the caching allocator hands their memory only to
 //! later work on that stream.
 //!
+//! `start_all_reduce` (the gradient buckets) goes on a stream of the communicator's own instead,
+//! after everything the default stream holds at that moment, so that the reduce runs alongside
+//! the backward's later kernels; `wait_started` makes the default stream wait for that stream.
+//! The default stream is the legacy one, which waits for blocking streams: this stream is
+//! non-blocking.
+//!
 //! The communicator is non-blocking, so initialisation can time out and [`Collective::abort`]
 //! (`ncclCommAbort`) can interrupt it, or kernels stuck waiting on a dead peer, at any time.
 //!
@@ -20,7 +26,7 @@
 
 use crate::{Collective, ReduceOp, check_reduce_kind, gathered_shape};
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result, sys};
 use std::ffi::{CStr, c_char, c_int};
 use std::path::Path;
@@ -39,6 +45,10 @@ pub struct NcclCollective {
     device: usize,
     timeout: Duration,
     ctx: Arc<CudaContext>,
+    /// libtorch's stream (the legacy default stream), and this communicator's own for the
+    /// started all-reduces.
+    legacy: Arc<CudaStream>,
+    side: Arc<CudaStream>,
     /// None once aborted. The lock serialises NCCL calls on the communicator, which is not
     /// thread-safe.
     comm: Mutex<Option<Comm>>,
@@ -79,6 +89,7 @@ impl NcclCollective {
         // The primary context, the one libtorch uses: NCCL binds the communicator to the device
         // current on this thread.
         let ctx = CudaContext::new(device_index).map_err(|e| anyhow!("{what}: cannot make the device current: {e}"))?;
+        let side = ctx.new_stream().map_err(|e| anyhow!("{what}: cannot create a stream: {e}"))?;
         let mut config = nonblocking_config();
         let id = sys::ncclUniqueId { internal: id.map(|b| b as c_char) };
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
@@ -90,6 +101,8 @@ impl NcclCollective {
             world: world_size,
             device: device_index,
             timeout,
+            legacy: ctx.default_stream(),
+            side,
             ctx,
             comm: Mutex::new((!comm.is_null()).then_some(Comm(comm))),
             aborted: AtomicBool::new(false),
@@ -152,6 +165,29 @@ impl NcclCollective {
         outcome.with_context(what)
     }
 
+    /// Enqueues the all-reduce of the contiguous `work` in place on `stream`.
+    fn reduce_on(&self, what: &str, work: &Tensor, op: ReduceOp, stream: sys::cudaStream_t) -> Result<()> {
+        let count = work.numel();
+        if count == 0 {
+            return Ok(());
+        }
+        let ptr = work.data_ptr();
+        let dtype = match work.kind() {
+            Kind::Float => sys::ncclDataType_t::ncclFloat32,
+            Kind::Double => sys::ncclDataType_t::ncclFloat64,
+            Kind::BFloat16 => sys::ncclDataType_t::ncclBfloat16,
+            Kind::Half => sys::ncclDataType_t::ncclFloat16,
+            _ => sys::ncclDataType_t::ncclInt64,
+        };
+        let redop = match op {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
+        };
+        // SAFETY: `ptr` addresses `count` contiguous elements of `dtype` on this device; see the
+        // module documentation for why `work` may be freed before the kernel runs.
+        self.launch(what, |comm| unsafe { result::all_reduce(ptr, ptr, count, dtype, redop, comm, stream) })
+    }
+
     fn check_device(&self, op: &str, t: &Tensor) -> Result<()> {
         ensure!(
             t.device() == Device::Cuda(self.device),
@@ -178,30 +214,32 @@ impl Collective for NcclCollective {
         let _no_grad = tch::no_grad_guard();
         let aliased = t.is_contiguous();
         let work = if aliased { t.shallow_clone() } else { t.f_contiguous()? };
-        let count = work.numel();
-        if count > 0 {
-            let ptr = work.data_ptr();
-            let dtype = match t.kind() {
-                Kind::Float => sys::ncclDataType_t::ncclFloat32,
-                Kind::Double => sys::ncclDataType_t::ncclFloat64,
-                Kind::BFloat16 => sys::ncclDataType_t::ncclBfloat16,
-                Kind::Half => sys::ncclDataType_t::ncclFloat16,
-                _ => sys::ncclDataType_t::ncclInt64,
-            };
-            let redop = match op {
-                ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
-                ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
-            };
-            // SAFETY: `ptr` addresses `count` contiguous elements of `dtype` on this device; see
-            // the module documentation for why `work` may be freed before the kernel runs.
-            self.launch("all_reduce", |comm| unsafe {
-                result::all_reduce(ptr, ptr, count, dtype, redop, comm, std::ptr::null_mut())
-            })?;
-        }
+        self.reduce_on("all_reduce", &work, op, std::ptr::null_mut())?;
         if !aliased {
             t.f_copy_(&work)?;
         }
         Ok(())
+    }
+
+    fn start_all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<bool> {
+        check_reduce_kind("nccl all_reduce", t.kind(), op)?;
+        self.check_device("all_reduce", t)?;
+        ensure!(
+            t.is_contiguous(),
+            "nccl start_all_reduce: the tensor must be contiguous (it is reduced where it lies)"
+        );
+        // After everything the default stream holds now: the bucket's gradients and its copy.
+        self.side
+            .join(&self.legacy)
+            .map_err(|e| anyhow!("nccl start_all_reduce (rank {}): ordering the streams: {e}", self.rank))?;
+        self.reduce_on("start_all_reduce", t, op, self.side.cu_stream() as _)?;
+        Ok(false)
+    }
+
+    fn wait_started(&self) -> Result<()> {
+        self.legacy
+            .join(&self.side)
+            .map_err(|e| anyhow!("nccl wait_started (rank {}): ordering the streams: {e}", self.rank))
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {

@@ -46,6 +46,18 @@ fn world_of_one_on_cuda() {
         c.broadcast(&mut b, 0).unwrap();
         assert!(b.equal(&x));
     }
+    // Started all-reduces run on the communicator's own stream, after the kernels that made their
+    // inputs; the default stream's later work sees their results once it waits for them.
+    let x = Tensor::arange(1_000_003, (Kind::Float, device));
+    let mut grads: Vec<Tensor> = (0..4).map(|i| &x * (i + 1) as f64).collect();
+    albef_dist::all_reduce_buckets(&c, &mut grads, 1 << 20, ReduceOp::Avg).unwrap();
+    for (i, g) in grads.iter().enumerate() {
+        assert!(g.equal(&(&x * (i + 1) as f64)), "bucketed gradient {i}");
+    }
+    let mut started = &x * 3.0;
+    assert!(!c.start_all_reduce(&mut started, ReduceOp::Sum).unwrap(), "NCCL reduces on its own stream");
+    c.wait_started().unwrap();
+    assert!((&started * 1.0).equal(&(&x * 3.0)));
     c.barrier().unwrap();
     let mut on_cpu = Tensor::zeros([3], (Kind::Float, Device::Cpu));
     assert!(c.all_reduce(&mut on_cpu, ReduceOp::Sum).is_err(), "CPU tensors are refused");
