@@ -12,7 +12,8 @@
 # Steps: (1) NCCL collectives in a world of one (all-reduce, all-gather, broadcast, abort);
 # (2) the bf16 CUDA forward against the CPU fp32 forward, small and base presets; (3) 2 workers
 # on the one GPU with TCP collectives and 1 worker with NCCL, 50 steps each, each ending with a
-# committed checkpoint; (4) `albef bench` base at batch 64 against tests/python/torch_step.py in
+# committed checkpoint, and `albef bench` of 2 ranks over TCP (the overlapped gradient
+# all-reduce on CUDA); (4) `albef bench` base at batch 64 against tests/python/torch_step.py in
 # both modes (ratios, MFU); (5) peak memory, from the bench reports.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +89,11 @@ job() {  # job NAME WORKERS BACKEND
 }
 check job-tcp-2 job tcp-2 2 tcp
 check "job-$NCCL_BACKEND-1" job "$NCCL_BACKEND-1" 1 "$NCCL_BACKEND"
+
+# (3b) Two ranks on the one GPU over the TCP ring: the gradient all-reduce overlapped with a CUDA
+# backward (its hooks run on libtorch's device thread), with its timing.
+check bench-world-2 "$BIN/albef" bench --preset albef-small --device "$DEVICE" --world 2 --batch 8 --steps 4 \
+  --warmup 2 --set job.bucket_mb=1 --json "$OUT/bench-world-2.json"
 
 # (4) + (5) The step against PyTorch, both modes; peak memory is in each report.
 check bench env DEVICE="$DEVICE" CASES="$BENCH_CASES" ROUNDS=1 THREADS="$BENCH_THREADS" ALBEF="$BIN/albef" \

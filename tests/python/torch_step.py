@@ -511,6 +511,7 @@ def main():
         "preset": model_cfg["preset"],
         "device": device.type,
         "threads": torch.get_num_threads(),
+        "world": 1,
         "batch": args.batch, "text_len": text_len, "image_res": model_cfg["image_res"],
         "steps": args.steps, "warmup": args.warmup,
         "parameters": trainable_elements(model),

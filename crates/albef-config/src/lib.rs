@@ -34,7 +34,8 @@ use std::path::Path;
 pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::{
-    CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, ScheduleConfig, TrainConfig, WorkerConfig,
+    CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, OverlapGradReduce, ScheduleConfig,
+    TrainConfig, WorkerConfig,
 };
 
 const ENV_PREFIX: &str = "ALBEF";

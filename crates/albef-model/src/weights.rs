@@ -119,6 +119,30 @@ impl HostTensor {
 pub struct HostPool(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Tensor>>>);
 
 impl HostPool {
+    /// Makes, on a thread of its own, the buffers a copy of tensors like `named` takes, their
+    /// memory mapped (pinned where a tensor is on a GPU), so that even the first checkpoint copies
+    /// into ready memory instead of faulting in several GB while the step waits. A copy asked for
+    /// meanwhile waits for them. The handle tells when they are ready (dropping it is fine).
+    pub fn reserve(&self, named: &BTreeMap<String, Tensor>) -> std::thread::JoinHandle<()> {
+        let wanted: Vec<(String, Vec<i64>, Kind, tch::Device)> =
+            named.iter().map(|(n, t)| (n.clone(), t.size(), t.kind(), t.device())).collect();
+        let pool = self.clone();
+        let (locked, wait_for_lock) = std::sync::mpsc::channel();
+        let reserving = std::thread::spawn(move || {
+            let mut spare = pool.0.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = locked.send(());
+            for (name, shape, kind, device) in wanted {
+                if spare.get(&name).is_some_and(|h| h.size() == shape && h.kind() == kind) {
+                    continue;
+                }
+                spare.insert(name, host_buffer(&shape, kind, device, true));
+            }
+        });
+        // Holding the lock before returning: no copy can take new buffers of its own first.
+        let _ = wait_for_lock.recv();
+        reserving
+    }
+
     /// Copies named tensors to host memory (the only part of a save that must wait for the
     /// device), into this pool's buffers where it has ones of the right shape and dtype.
     pub fn copy(&self, named: &BTreeMap<String, Tensor>) -> Result<HostTensors> {
@@ -129,10 +153,7 @@ impl HostPool {
                 .map(|(name, t)| {
                     let host = match spare.remove(name) {
                         Some(h) if h.size() == t.size() && h.kind() == t.kind() => h,
-                        _ => {
-                            let h = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
-                            if t.device().is_cuda() { h.pin_memory(t.device()) } else { h }
-                        }
+                        _ => host_buffer(&t.size(), t.kind(), t.device(), false),
                     };
                     host.shallow_clone().copy_(t);
                     let shape = t.size().iter().map(|&d| d as usize).collect();
@@ -142,6 +163,19 @@ impl HostPool {
         })?;
         drop(spare);
         Ok(HostTensors { tensors, pool: self.clone() })
+    }
+}
+
+/// A CPU buffer for a tensor of `device`: pinned for a GPU's (copies from it do not wait), and its
+/// pages touched when asked (the first write into untouched memory faults every page in).
+fn host_buffer(shape: &[i64], kind: Kind, device: tch::Device, touched: bool) -> Tensor {
+    if device.is_cuda() {
+        // Pinning maps every page.
+        Tensor::empty(shape, (kind, tch::Device::Cpu)).pin_memory(device)
+    } else if touched {
+        Tensor::zeros(shape, (kind, tch::Device::Cpu))
+    } else {
+        Tensor::empty(shape, (kind, tch::Device::Cpu))
     }
 }
 

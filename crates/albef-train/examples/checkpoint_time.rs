@@ -1,6 +1,7 @@
 //! How long a checkpoint of a preset's full training state takes, split into what the step waits
-//! for (the copy to host memory: the first into new buffers, the next into the same ones) and
-//! what runs in the background (encoding, hashing, upload):
+//! for (the copy to host memory: the first into new buffers, the next into the same ones, then a
+//! first one into buffers reserved at the start, as a worker's are) and what runs in the
+//! background (encoding, hashing, upload):
 //!
 //!     cargo run --release -p albef-train --example checkpoint_time -- [albef-base|albef-small] [DIR]
 //!
@@ -35,6 +36,16 @@ fn main() -> anyhow::Result<()> {
     };
     save("copy to host memory, new buffers")?;
     let saved = save("copy to host memory, the buffers of the previous checkpoint")?;
+    let reserved = Trainer::new(&cfg, device)?;
+    let started = Instant::now();
+    reserved.reserve_snapshot_memory().join().map_err(|_| anyhow::anyhow!("the reservation panicked"))?;
+    println!(
+        "{preset:?}: reserving the host memory takes {:.2} s (in the background: a worker's first steps run meanwhile)",
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    drop(reserved.snapshot(1, 1000)?);
+    println!("{preset:?}: then the first snapshot waits {:.2} s", started.elapsed().as_secs_f64());
     let manifest = saved.manifest?;
     println!(
         "{preset:?}: {:.2} GB of state in {} files; encode + hash + upload in the background {:.2} s ({:.0} MB/s) to {}",

@@ -92,9 +92,13 @@ impl AdamW {
     /// Drops every gradient (PyTorch's `zero_grad(set_to_none=True)`): the next backward writes
     /// them anew rather than adding into zeros, one pass over the gradients less.
     pub fn clear_grads(&mut self) -> Result<()> {
-        let params: Vec<Tensor> =
-            self.groups.iter().flat_map(|g| g.params.iter()).map(|p| p.value.shallow_clone()).collect();
+        let params: Vec<Tensor> = self.parameters().into_iter().map(|(_, p)| p).collect();
         albef_torch_ext::clear_grads(&params)
+    }
+
+    /// Every trainable parameter by name, in the order of [`AdamW::gradients`].
+    pub fn parameters(&self) -> Vec<(&str, Tensor)> {
+        self.groups.iter().flat_map(|g| g.params.iter()).map(|p| (p.name.as_str(), p.value.shallow_clone())).collect()
     }
 
     /// Every trainable parameter's gradient, by name (for the distributed all-reduce and tests).

@@ -1,5 +1,6 @@
 //! The training step and the trainer's state.
 
+use crate::distributed::GradientAverager;
 use crate::optim::AdamW;
 use crate::schedule::Schedule;
 use crate::virtual_ranks::{VirtualRanks, gather_step_features};
@@ -37,6 +38,10 @@ pub struct StepStats {
     /// Wall time of the forward and the backward (launch time on CUDA: kernels run async).
     pub forward_seconds: f64,
     pub backward_seconds: f64,
+    /// The gradient average: the wait after the backward (what the step pays) and the time spent
+    /// in all-reduces, most of it during the backward.
+    pub communication_seconds: f64,
+    pub reduce_seconds: f64,
 }
 
 impl StepStats {
@@ -85,6 +90,8 @@ pub struct Trainer {
     /// Wait for the device at the end of each phase, so that the phase times are its own
     /// (benchmarks); otherwise CUDA phase times are launch times.
     sync_phases: bool,
+    /// Hooks on the optimised parameters for the gradient average, once a step averages.
+    grad_hooks: Option<albef_torch_ext::GradReadyHooks>,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -111,6 +118,7 @@ impl Trainer {
             host: weights::HostPool::default(),
             sync_phases: false,
             pending: None,
+            grad_hooks: None,
         })
     }
 
@@ -147,9 +155,9 @@ impl Trainer {
     }
 
     /// Forward and backward of one step, one micro-batch per virtual rank of this rank (see
-    /// virtual_ranks.rs): gradients are left in place for the caller (the distributed worker
-    /// averages them over the ranks here) before [`Trainer::apply_update`]. The losses are the
-    /// mean over the micro-batches.
+    /// virtual_ranks.rs), leaving the gradients for [`Trainer::apply_update`]. With `average`,
+    /// the gradients are averaged over its ranks while the last micro-batch's backward runs.
+    /// The losses are the mean over the micro-batches.
     ///
     /// Every random draw of a micro-batch (dropout, MLM masks, hard negatives) derives from
     /// (seed, step, virtual rank), so a resumed run replays it exactly, at any world size.
@@ -159,6 +167,7 @@ impl Trainer {
         ranks: VirtualRanks,
         steps_per_epoch: u64,
         gather: &dyn FeatureGather,
+        mut average: Option<&mut GradientAverager>,
     ) -> Result<StepStats> {
         let s = self.state.clone();
         let lr = self.schedule.lr(s.step, s.epoch);
@@ -185,9 +194,10 @@ impl Trainer {
         });
         let (features, step, offsets) = momentum?;
         let (mut forward_seconds, mut backward_seconds) = (self.phase_end(started), 0.0);
+        let mut communication = albef_dist::OverlapTimes::default();
         // The losses stay on the device until the end of the step: one read, one wait.
         let mut readback = Vec::with_capacity(4 * micro.len() + 1);
-        for (((b, seed), m), offset) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets) {
+        for (j, (((b, seed), m), offset)) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets).enumerate() {
             let started = std::time::Instant::now();
             let losses = tracing::info_span!("forward").in_scope(|| {
                 seeded(seed, || with_autocast(device, bf16, || self.model.micro_losses(b, m, &step, offset, alpha)))
@@ -195,8 +205,20 @@ impl Trainer {
             let total = losses.total();
             forward_seconds += self.phase_end(started);
             let started = std::time::Instant::now();
-            tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
-            backward_seconds += self.phase_end(started);
+            let backward = || tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
+            match average.as_deref_mut().filter(|a| a.averages() && j + 1 == micro.len()) {
+                Some(average) => {
+                    let params = self.opt.parameters();
+                    if self.grad_hooks.is_none() {
+                        let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+                        self.grad_hooks = Some(albef_torch_ext::GradReadyHooks::register(&tensors)?);
+                    }
+                    let hooks = self.grad_hooks.as_ref().expect("registered above");
+                    communication = average.backward_and_average(&params, hooks, backward)?;
+                }
+                None => backward(),
+            }
+            backward_seconds += self.phase_end(started) - communication.waited_seconds;
             readback.extend([losses.ita, losses.itm, losses.mlm, total].map(|t| t.detach().to_kind(Kind::Double)));
         }
         self.pending = Some(step);
@@ -219,6 +241,8 @@ impl Trainer {
             temp: *temp,
             forward_seconds,
             backward_seconds,
+            communication_seconds: communication.waited_seconds,
+            reduce_seconds: communication.busy_seconds,
         })
     }
 
@@ -259,9 +283,18 @@ impl Trainer {
     /// One complete single-process step.
     pub fn train_step(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
         let single = std::slice::from_ref(batch);
-        let stats = self.forward_backward(single, VirtualRanks::one_per_rank(0, 1), steps_per_epoch, gather)?;
+        let stats = self.forward_backward(single, VirtualRanks::one_per_rank(0, 1), steps_per_epoch, gather, None)?;
         self.apply_update(&stats, steps_per_epoch)?;
         Ok(stats)
+    }
+
+    /// Prepares, in the background, the host memory [`Trainer::snapshot`] copies into (a process
+    /// that will checkpoint calls this at its start): the first snapshot then waits for one copy,
+    /// not for several GB of page faults. The handle tells when it is ready (dropping it is fine).
+    pub fn reserve_snapshot_memory(&self) -> std::thread::JoinHandle<()> {
+        let mut everything = weights::state_dict(&self.vs);
+        everything.extend(self.opt.state_dict());
+        self.host.reserve(&everything)
     }
 
     /// Copies the whole training state to host memory: the only part of a checkpoint the step

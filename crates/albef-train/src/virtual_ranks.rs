@@ -7,7 +7,7 @@
 
 use albef_model::{FeatureGather, MomentumFeatures, StepFeatures};
 use anyhow::{Result, ensure};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// How a step's virtual ranks lie on the world's ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,19 +54,30 @@ pub fn gather_step_features(
     ranks: VirtualRanks,
 ) -> Result<(StepFeatures, Vec<i64>)> {
     ensure!(local.len() == ranks.local().count(), "{} micro-batches for virtual ranks {:?}", local.len(), ranks);
-    let cat = |f: fn(&MomentumFeatures) -> &Tensor| Tensor::cat(&local.iter().map(f).collect::<Vec<_>>(), 0);
-    let (image, text) = (cat(|m| &m.image_feat), cat(|m| &m.text_feat));
+    // Image and text features side by side: one gather (and one wait for the sizes) for both,
+    // in a dtype that holds either exactly.
+    let (image_kind, text_kind) =
+        local.first().map_or((Kind::Float, Kind::Float), |m| (m.image_feat.kind(), m.text_feat.kind()));
+    let common = if image_kind == text_kind { image_kind } else { Kind::Float };
+    let pairs: Vec<Tensor> =
+        local.iter().map(|m| Tensor::cat(&[m.image_feat.to_kind(common), m.text_feat.to_kind(common)], 1)).collect();
+    let both = Tensor::cat(&pairs, 0);
+    let width = local.first().map_or(0, |m| m.image_feat.size()[1]);
+    let split = |all: &Tensor| StepFeatures {
+        image: all.narrow(1, 0, width).to_kind(image_kind).contiguous(),
+        text: all.narrow(1, width, all.size()[1] - width).to_kind(text_kind).contiguous(),
+    };
     if ranks.total == ranks.world {
         // One micro-batch per rank: rank order is virtual-rank order.
-        let (image, text) = (gather.all_gather(&image)?, gather.all_gather(&text)?);
-        return Ok((StepFeatures { image: image.all, text: text.all }, vec![image.offset]));
+        let gathered = gather.all_gather(&both)?;
+        return Ok((split(&gathered.all), vec![gathered.offset]));
     }
     let k = ranks.per_rank_max();
     let mut sizes = vec![0f32; k];
     for (s, m) in sizes.iter_mut().zip(local) {
         *s = m.image_feat.size()[0] as f32;
     }
-    let device = image.device();
+    let device = both.device();
     let all_sizes = gather.all_gather(&Tensor::from_slice(&sizes).to_device(device))?.all;
     let all_sizes: Vec<i64> =
         Vec::<f32>::try_from(all_sizes.to_device(tch::Device::Cpu))?.into_iter().map(|s| s as i64).collect();
@@ -79,24 +90,20 @@ pub fn gather_step_features(
         start[i] = at;
         at += n;
     }
-    let reorder = |all: &Tensor| {
-        let mut pieces = vec![];
-        let mut offsets = vec![0; local.len()];
-        let mut row = 0;
-        for v in 0..ranks.total as usize {
-            let (r, j) = (v % world, v / world);
-            let n = all_sizes[r * k + j];
-            if r as u64 == ranks.rank {
-                offsets[j] = row;
-            }
-            pieces.push(all.narrow(0, start[r * k + j], n));
-            row += n;
+    let all = gather.all_gather(&both)?.all;
+    let mut pieces = vec![];
+    let mut offsets = vec![0; local.len()];
+    let mut row = 0;
+    for v in 0..ranks.total as usize {
+        let (r, j) = (v % world, v / world);
+        let n = all_sizes[r * k + j];
+        if r as u64 == ranks.rank {
+            offsets[j] = row;
         }
-        (Tensor::cat(&pieces, 0), offsets)
-    };
-    let (image, offsets) = reorder(&gather.all_gather(&image)?.all);
-    let (text, _) = reorder(&gather.all_gather(&text)?.all);
-    Ok((StepFeatures { image, text }, offsets))
+        pieces.push(all.narrow(0, start[r * k + j], n));
+        row += n;
+    }
+    Ok((split(&Tensor::cat(&pieces, 0)), offsets))
 }
 
 #[cfg(test)]

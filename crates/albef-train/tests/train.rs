@@ -145,7 +145,7 @@ fn a_step_that_is_not_applied_leaves_no_trace() {
     let nan_image = &batches[1].0 * f64::NAN;
     let bad = Batch { image: &nan_image, input_ids: &batches[1].1, attention_mask: &batches[1].2 };
     let one = albef_train::VirtualRanks::one_per_rank(0, 1);
-    let stats = poisoned.forward_backward(std::slice::from_ref(&bad), one, 5, &LocalGather).unwrap();
+    let stats = poisoned.forward_backward(std::slice::from_ref(&bad), one, 5, &LocalGather, None).unwrap();
     assert!(!stats.loss.is_finite());
     poisoned.skip_step(5).unwrap();
     clean.skip_step(5).unwrap();

@@ -20,7 +20,7 @@ use albef_proto::v1::{
     PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, ReportEvaluationRequest, SkippedSample,
 };
 use albef_train::checkpoint::{Saved, Uploader};
-use albef_train::distributed::{CollectiveGather, average_gradients};
+use albef_train::distributed::{CollectiveGather, GradientAverager};
 use albef_train::{StepStats, Trainer, VirtualRanks, batch_tensors};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::VecDeque;
@@ -331,6 +331,10 @@ impl Worker {
             n => n,
         };
         let mut trainer = Trainer::new(&cfg, dev)?;
+        if rank == 0 {
+            // Rank 0 saves the checkpoints.
+            trainer.reserve_snapshot_memory();
+        }
         let resume = a.resume.as_ref().filter(|r| !r.checkpoint.is_empty());
         if let Some(resume) = resume
             && let Err(e) = self.resume(&mut trainer, &resume.checkpoint, a.generation, rank, ranks.total)
@@ -450,6 +454,8 @@ impl Worker {
         let (cfg, collective, shared) = (r.cfg, r.collective, r.shared);
         let rank = collective.rank();
         let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
+        let overlap = cfg.job.overlap_grad_reduce.enabled(trainer.device().is_cuda());
+        let mut averager = GradientAverager::new(collective, bucket_bytes, overlap);
         let mut heard = Heard::default();
         while trainer.state().step < r.total_steps {
             let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
@@ -507,7 +513,8 @@ impl Worker {
                     .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
                     .collect();
                 let gather = CollectiveGather { collective };
-                let stats = trainer.forward_backward(&batches, r.ranks, r.steps_per_epoch, &gather)?;
+                let stats =
+                    trainer.forward_backward(&batches, r.ranks, r.steps_per_epoch, &gather, Some(&mut averager))?;
                 times.add("forward", std::time::Duration::from_secs_f64(stats.forward_seconds));
                 let slow = self.faults.step_delay();
                 if !slow.is_zero() {
@@ -515,9 +522,18 @@ impl Worker {
                     times.add("forward", slow);
                 }
                 times.add("backward", std::time::Duration::from_secs_f64(stats.backward_seconds));
+                times.add("communication", std::time::Duration::from_secs_f64(stats.communication_seconds));
+                // Recorded before this rank's vote below goes out: once it is sent, the others may
+                // apply the step (and rank 0 checkpoint it) even if this rank dies the next
+                // moment. A step lost in flight is trained again, its later record winning; so is
+                // one that another rank's non-finite loss voids.
+                let finite = stats.loss.is_finite();
+                let (outcome, losses) =
+                    if finite { ("applied", &stats.micro_losses[..]) } else { ("nonfinite", &[][..]) };
+                audit(r, stats.step, &micro, outcome, losses)?;
                 // A non-finite loss on any rank: no rank applies the step.
                 let bad = timed(&mut times, "communication", || {
-                    let flag = [f32::from(u8::from(!stats.loss.is_finite()))];
+                    let flag = [f32::from(u8::from(!finite))];
                     let mut bad = tch::Tensor::from_slice(&flag).to_device(trainer.device());
                     collective.all_reduce(&mut bad, ReduceOp::Sum).map(|()| bad)
                 })?;
@@ -526,7 +542,9 @@ impl Worker {
                     let bad_streak = r.bad_streak;
                     shared.progress.lock().unwrap().nonfinite_steps += 1;
                     tracing::warn!(step = stats.step, bad_streak, "non-finite loss: the step is not applied");
-                    audit(r, stats.step, &micro, "nonfinite", &[])?;
+                    if finite {
+                        audit(r, stats.step, &micro, "nonfinite", &[])?;
+                    }
                     applying(&mut r.updating, || trainer.skip_step(r.steps_per_epoch))?;
                     if bad_streak >= cfg.job.max_bad_steps {
                         let why = format!(
@@ -539,12 +557,6 @@ impl Worker {
                     continue;
                 }
                 r.bad_streak = 0;
-                // Recorded before the gradients go out: once this rank's share of the average is
-                // sent, the others may apply the step (and rank 0 checkpoint it) even if this rank
-                // dies the next moment. A step lost in flight is trained again, its later record
-                // winning.
-                audit(r, stats.step, &micro, "applied", &stats.micro_losses)?;
-                timed(&mut times, "communication", || average_gradients(trainer, collective, bucket_bytes))?;
                 timed(&mut times, "optimizer", || {
                     applying(&mut r.updating, || trainer.apply_update(&stats, r.steps_per_epoch))
                 })?;

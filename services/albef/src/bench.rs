@@ -3,19 +3,26 @@
 //! reports, so that `make bench` can print the two side by side.
 //!
 //! The step is the worker's: `Trainer::forward_backward` (EMA, momentum features, the feature
-//! gather, the three losses of every micro-batch, backward), the gradient average (nothing to
-//! average in a world of one: the phase is measured and 0) and `Trainer::apply_update` (fused
-//! AdamW). Step times come from steps that wait for the device once, at the end; on CUDA the
-//! phases come from as many further steps that wait at the end of each phase.
+//! gather, the three losses of every micro-batch, backward with the gradient average overlapped)
+//! and `Trainer::apply_update` (fused AdamW). `--world N` runs N ranks as processes on
+//! 127.0.0.1 over the TCP ring (this process is rank 0 and reports; a world of one has nothing to
+//! average), so that the communication's share of the step, and how much of it the backward
+//! hides, can be seen. Step times come from steps that wait for the device once, at the end; on
+//! CUDA the phases come from as many further steps that wait at the end of each phase.
 
 use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::rng::SplitMix64;
 use albef_data::transform::{decode_rgb, to_normalized_chw};
-use albef_model::{Batch, LocalGather, device, flops};
+use albef_dist::{Collective, LocalCollective, TcpCollective, TcpOptions};
+use albef_model::{Batch, FeatureGather, LocalGather, device, flops};
+use albef_train::distributed::{CollectiveGather, GradientAverager};
 use albef_train::{Trainer, VirtualRanks};
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -48,46 +55,121 @@ pub struct BenchArgs {
     /// Also time the checkpoint snapshot (what a step waits for when it saves) every K steps.
     #[arg(long, default_value_t = 0)]
     checkpoint_every: usize,
+    /// Ranks, as processes on this machine joined by the TCP ring (the job's CPU collective).
+    #[arg(long, default_value_t = 1)]
+    world: usize,
     /// Write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Set by rank 0 for the ranks it starts: this process is that rank, prints its ring address
+    /// and reads the ring's addresses from its standard input.
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+}
+
+/// Every rank's TCP ring, formed through rank 0: the other ranks are its children, each telling
+/// the address it bound on its standard output and learning everyone's on its standard input.
+fn form_ring(args: &BenchArgs, seed: u64) -> Result<(Box<dyn Collective>, Vec<Child>)> {
+    let world = args.world;
+    if world == 1 {
+        return Ok((Box::new(LocalCollective::new()), vec![]));
+    }
+    let pending = TcpCollective::bind("127.0.0.1:0".parse()?)?;
+    // Long enough for the slowest rank to build its model and reach the first collective.
+    let opts = TcpOptions { timeout: Duration::from_secs(600), ..TcpOptions::new(seed) };
+    if let Some(rank) = args.rank {
+        println!("{}", pending.local_addr());
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let peers = line.split_whitespace().map(str::parse).collect::<Result<Vec<SocketAddr>, _>>()?;
+        return Ok((Box::new(pending.connect(rank, peers, opts)?), vec![]));
+    }
+    let mut children = vec![];
+    let mut peers = vec![pending.local_addr()];
+    for rank in 1..world {
+        let child_args: Vec<String> = std::env::args().skip(1).chain(["--rank".into(), rank.to_string()]).collect();
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(child_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a rank")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("a rank's output")?).read_line(&mut line)?;
+        peers.push(line.trim().parse().with_context(|| format!("rank {rank} told no address: {line:?}"))?);
+        children.push(child);
+    }
+    let list = peers.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(" ");
+    for child in &mut children {
+        writeln!(child.stdin.take().context("a rank's input")?, "{list}")?;
+    }
+    Ok((Box::new(pending.connect(0, peers, opts)?), children))
 }
 
 /// The step in numbers: what `albef bench` and `torch_step.py` both report.
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch >= 2 && args.steps >= 1, "--batch must be at least 2 and --steps at least 1");
+    ensure!(args.world >= 1 && args.rank.is_none_or(|r| r < args.world), "--world must be at least 1");
     let cfg = load_config(&args.config, args.preset.as_deref(), args.device.as_deref())?;
     let dev = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let peak_tflops = matmul_peak_tflops(dev);
-    let mut trainer = Trainer::new(&cfg, dev)?;
+    let (collective, children) = form_ring(&args, cfg.train.seed)?;
+    let outcome = run_rank(&args, &cfg, dev, collective.as_ref());
+    for mut child in children {
+        let status = child.wait()?;
+        ensure!(status.success(), "a rank of the benchmark failed: {status}");
+    }
+    let Some(report) = outcome? else { return Ok(()) };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One rank's steps; rank 0's report.
+fn run_rank(
+    args: &BenchArgs,
+    cfg: &AlbefConfig,
+    dev: Device,
+    collective: &dyn Collective,
+) -> Result<Option<serde_json::Value>> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mut trainer = Trainer::new(cfg, dev)?;
+    if rank == 0 && args.checkpoint_every > 0 {
+        trainer.reserve_snapshot_memory();
+    }
     let text_len = cfg.data.max_tokens as i64;
-    let (image, ids, mask) = fixed_batch(&cfg, args.batch, text_len, dev);
+    let (image, ids, mask) = fixed_batch(cfg, args.batch, text_len, dev);
     let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
+    let gather: Box<dyn FeatureGather + '_> =
+        if world == 1 { Box::new(LocalGather) } else { Box::new(CollectiveGather { collective }) };
+    let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
+    let overlap = cfg.job.overlap_grad_reduce.enabled(dev.is_cuda());
+    let mut averager = GradientAverager::new(collective, bucket_bytes, overlap);
     device::reset_memory_peaks(dev)?;
 
     // Far from the end of an epoch, as most steps are.
     let steps_per_epoch = 1 << 40;
-    let step = |trainer: &mut Trainer| -> Result<([f64; 5], f64)> {
+    let ranks = VirtualRanks::one_per_rank(rank as u64, world as u64);
+    // [step, forward, backward, communication waited, optimizer, all-reduces]
+    let mut step = |trainer: &mut Trainer| -> Result<([f64; 6], f64)> {
         let started = Instant::now();
-        let stats = trainer.forward_backward(
-            std::slice::from_ref(&batch),
-            VirtualRanks::one_per_rank(0, 1),
-            steps_per_epoch,
-            &LocalGather,
-        )?;
+        let micro = std::slice::from_ref(&batch);
+        let stats = trainer.forward_backward(micro, ranks, steps_per_epoch, gather.as_ref(), Some(&mut averager))?;
         ensure!(stats.loss.is_finite(), "step {}: the loss is {}", stats.step, stats.loss);
-        // A world of one has no gradient to average (a job's ranks time theirs in heartbeats).
-        let communication = 0.0;
         let optimizer = Instant::now();
         trainer.apply_update(&stats, steps_per_epoch)?;
         device::synchronize(dev);
         let optimizer = optimizer.elapsed().as_secs_f64();
         let total = started.elapsed().as_secs_f64();
-        Ok(([total, stats.forward_seconds, stats.backward_seconds, communication, optimizer], stats.loss))
+        let phases = [stats.forward_seconds, stats.backward_seconds, stats.communication_seconds];
+        Ok(([total, phases[0], phases[1], phases[2], optimizer, stats.reduce_seconds], stats.loss))
     };
     for _ in 0..args.warmup {
         step(&mut trainer)?;
@@ -99,7 +181,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (times, loss) = step(&mut trainer)?;
         timed.push(times);
         losses.push(loss);
-        if args.checkpoint_every > 0 && i % args.checkpoint_every == 0 {
+        if rank == 0 && args.checkpoint_every > 0 && i % args.checkpoint_every == 0 {
             let started = Instant::now();
             drop(trainer.snapshot(1, steps_per_epoch)?);
             snapshots.push(started.elapsed().as_secs_f64());
@@ -112,20 +194,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         timed.clone()
     };
-    let column = |rows: &[[f64; 5]], i: usize| rows.iter().map(|r| r[i]).collect::<Vec<_>>();
+    if rank != 0 {
+        return Ok(None);
+    }
+    // Measured after the steps: the other ranks are done by now.
+    let peak_tflops = matmul_peak_tflops(dev);
+    let column = |rows: &[[f64; 6]], i: usize| rows.iter().map(|r| r[i]).collect::<Vec<_>>();
     let step_times = column(&timed, 0);
     let p50 = percentile(&step_times, 0.5);
-    let flops_per_step = flops::step_flops(&cfg.model, args.batch, text_len, 1);
+    let flops_per_step = flops::step_flops(&cfg.model, args.batch, text_len, world as i64);
     let achieved = flops_per_step / p50 / 1e12;
     let parameters: i64 = trainer.var_store().trainable_variables().iter().map(Tensor::numel).map(|n| n as i64).sum();
     let (allocated, reserved) = device::memory_peaks(dev)?.unzip();
     let images_per_second = args.batch as f64 / p50;
-    let per_core = loader_images_per_core(&cfg)?;
+    let per_core = loader_images_per_core(cfg)?;
     let report = json!({
         "implementation": "albef",
         "preset": cfg.model.preset,
         "device": if dev.is_cuda() { "cuda" } else { "cpu" },
         "threads": tch::get_num_threads(),
+        "world": world,
+        "overlap_grad_reduce": overlap,
         "batch": args.batch,
         "text_len": text_len,
         "image_res": cfg.model.image_res,
@@ -145,6 +234,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "backward": percentile(&column(&phased, 2), 0.5),
             "communication": percentile(&column(&phased, 3), 0.5),
             "optimizer": percentile(&column(&phased, 4), 0.5),
+            "all_reduce_busy": percentile(&column(&phased, 5), 0.5),
         },
         "achieved_tflops": achieved,
         "mfu": {
@@ -163,12 +253,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_threads_to_keep_up": (images_per_second / per_core).ceil(),
         "checkpoint_snapshot_seconds": snapshots,
     });
-    print_table(&report);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    Ok(Some(report))
 }
 
 /// The configuration with `--preset` and `--device` applied (they beat the file and `--set`).
@@ -254,10 +339,11 @@ fn print_table(r: &serde_json::Value) {
         v.as_f64().map_or("-".into(), |x| format!("{:.*}", digits, x * scale))
     };
     println!(
-        "{} {} on {} ({} threads): batch {}, {} px, {} tokens, {} parameters",
+        "{} {} on {} (world {}, {} threads each): batch {}, {} px, {} tokens, {} parameters",
         r["implementation"].as_str().unwrap_or(""),
         r["preset"].as_str().unwrap_or(""),
         r["device"].as_str().unwrap_or(""),
+        r["world"],
         r["threads"],
         r["batch"],
         r["image_res"],
@@ -278,6 +364,14 @@ fn print_table(r: &serde_json::Value) {
         ms(&p["communication"]),
         ms(&p["optimizer"])
     );
+    if r["world"].as_u64().unwrap_or(1) > 1 {
+        println!(
+            "  all-reduces   {} in all, {} of it after the backward (overlap {})",
+            ms(&p["all_reduce_busy"]),
+            ms(&p["communication"]),
+            if r["overlap_grad_reduce"].as_bool().unwrap_or(false) { "on" } else { "off" }
+        );
+    }
     let m = &r["mfu"];
     println!(
         "  compute       {} GFLOP/step, {} TFLOP/s; MFU {}% of the measured matmul peak ({} TFLOP/s), {}% of the datasheet's",

@@ -43,7 +43,10 @@ fn the_bench_reports_the_step_and_agrees_with_pytorch_on_parameters_and_flops() 
     for phase in ["forward", "backward", "optimizer"] {
         assert!(r["phases_seconds"][phase].as_f64().unwrap() > 0.0, "{phase}: {r}");
     }
-    assert_eq!(r["phases_seconds"]["communication"].as_f64(), Some(0.0), "a world of one averages nothing");
+    assert_eq!(r["world"].as_i64(), Some(1));
+    for phase in ["communication", "all_reduce_busy"] {
+        assert_eq!(r["phases_seconds"][phase].as_f64(), Some(0.0), "a world of one averages nothing");
+    }
     assert!(r["mfu"]["measured"].as_f64().unwrap() > 0.0 && r["mfu"]["datasheet"].is_null(), "{r}");
     assert!(
         r["peak_memory_bytes"]["host_rss"].as_u64().unwrap() > 0 && r["peak_memory_bytes"]["cuda_allocated"].is_null()
@@ -75,7 +78,8 @@ fn the_bench_reports_the_step_and_agrees_with_pytorch_on_parameters_and_flops() 
     // embedding's backward, for one, computes no input gradient).
     let (ours, counted) = (r["flops_per_step"].as_f64().unwrap(), t["flops_per_step"].as_f64().unwrap());
     assert!((ours / counted - 1.0).abs() < 0.02, "FLOPs per step: albef {ours:e}, torch counted {counted:e}");
-    let ours_only = ["loader_images_per_core", "decode_threads_to_keep_up", "checkpoint_snapshot_seconds"];
+    let ours_only =
+        ["loader_images_per_core", "decode_threads_to_keep_up", "checkpoint_snapshot_seconds", "overlap_grad_reduce"];
     for key in r.as_object().unwrap().keys().filter(|k| !ours_only.contains(&k.as_str())) {
         assert!(t.get(key).is_some(), "torch_step.py lacks {key}");
     }
@@ -83,4 +87,30 @@ fn the_bench_reports_the_step_and_agrees_with_pytorch_on_parameters_and_flops() 
     // The device check's dry run: the CPU against itself is exact.
     let check = run(albef().args(["device-check", "--preset", "albef-small", "--device", "cpu"]));
     assert!(check.contains("relative L2 error 0.00e0") && check.contains("matches"), "{check}");
+}
+
+/// Two ranks as processes over the TCP ring: rank 0 reports the step of a world of two, its
+/// FLOPs (ITC over both ranks' features) and the gradient all-reduces, overlapped or not.
+#[test]
+fn the_bench_runs_a_world_of_two_ranks_and_reports_the_communication() {
+    let dir = tempfile::tempdir().unwrap();
+    for (setting, overlap) in [("always", true), ("never", false)] {
+        let json = dir.path().join(format!("world2-{setting}.json"));
+        let table = run(albef()
+            .args(["bench", "--preset", "albef-small", "--device", "cpu", "--world", "2", "--json"])
+            .arg(&json)
+            .arg("--set")
+            .arg(format!("job.overlap_grad_reduce={setting}"))
+            .args(SHAPE));
+        assert!(table.contains("world 2") && table.contains("all-reduces"), "{table}");
+        let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!((r["world"].as_i64(), r["overlap_grad_reduce"].as_bool()), (Some(2), Some(overlap)));
+        let phases = &r["phases_seconds"];
+        assert!(phases["all_reduce_busy"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(phases["communication"].as_f64().unwrap() > 0.0, "the last bucket is always waited for: {r}");
+        assert!(r["losses"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap().is_finite()), "{r}");
+        let cfg = albef_config::AlbefConfig::defaults("albef-small".parse().unwrap());
+        let text_len = r["text_len"].as_i64().unwrap();
+        assert_eq!(r["flops_per_step"].as_f64(), Some(albef_model::flops::step_flops(&cfg.model, 4, text_len, 2)));
+    }
 }

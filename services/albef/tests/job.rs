@@ -171,10 +171,12 @@ fn three_workers_form_one_world() {
 }
 
 /// Two nodes (`albef-worker` processes) of two local ranks each: one world of four ranks, each
-/// node's ranks contiguous and in local-rank order, every rank's parameters equal.
+/// node's ranks contiguous and in local-rank order, every rank's parameters equal, with the
+/// gradient buckets reduced during the backward.
 #[test]
 fn two_nodes_of_two_local_ranks_form_one_world_of_four() {
-    let Job { albefctl_json, status, .. } = job(2, 6, &["worker.local_ranks=2"]);
+    let overlapped = ["worker.local_ranks=2", "job.overlap_grad_reduce=always", "job.bucket_mb=1"];
+    let Job { albefctl_json, status, .. } = job(2, 6, &overlapped);
     assert_eq!(albefctl_json["world_size"], 4, "{albefctl_json}");
     let mut ids: Vec<(u64, String)> = albefctl_json["workers"]
         .as_array()
