@@ -63,11 +63,14 @@ check() {  # check NAME COMMAND...: runs it, logs to $OUT/NAME.log, records pass
   echo "gpu-check: $name: ${status[$name]} in $((SECONDS - started)) s" >&2
 }
 
-# (1) NCCL in a world of one (on the CPU: the clear error where CUDA is missing).
+# (1) NCCL in a world of one (on the CPU: the clear error where CUDA is missing). A cargo target
+# directory as GPU_BIN has the test binary under deps/.
+NCCL_TEST=$BIN/nccl-test
+[[ -x $NCCL_TEST ]] || NCCL_TEST=$(ls -t "$BIN"/deps/nccl-* 2>/dev/null | grep -v '\.d$' | head -1)
 if [[ $DEVICE == cuda ]]; then
-  check nccl "$BIN/nccl-test" --ignored --exact world_of_one_on_cuda --nocapture
+  check nccl "$NCCL_TEST" --ignored --exact world_of_one_on_cuda --nocapture
 else
-  check nccl "$BIN/nccl-test" --exact without_cuda_nccl_fails_with_a_clear_error
+  check nccl "$NCCL_TEST" --exact without_cuda_nccl_fails_with_a_clear_error
 fi
 
 # (2) The device forward against the CPU fp32 forward.

@@ -63,9 +63,9 @@ pub enum DeviceChoice {
 #[serde(rename_all = "lowercase")]
 pub enum OverlapGradReduce {
     /// On a GPU, where the backward leaves the host's cores free for the communication; not on a
-    /// CPU, where the ring's copies and sums would take cores from the backward (2 ranks of 1
-    /// thread on 2 cores: the step 6-8% slower overlapped, though only 1-2% of it waits for the
-    /// reduce instead of 12-16%).
+    /// CPU, where the ring's copies and sums take cores from the backward (2 ranks of 1 thread on
+    /// 2 cores: the step waits 1-2% of its time for the reduce instead of 16-18%, but the
+    /// backward slows by about as much; no faster, within noise).
     #[default]
     Auto,
     Always,

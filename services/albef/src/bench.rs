@@ -119,6 +119,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let (collective, children) = form_ring(&args, cfg.train.seed)?;
     let outcome = run_rank(&args, &cfg, dev, collective.as_ref());
+    // Closed first: a rank still waiting on this one fails at once instead of at the timeout.
+    drop(collective);
     for mut child in children {
         let status = child.wait()?;
         ensure!(status.success(), "a rank of the benchmark failed: {status}");
