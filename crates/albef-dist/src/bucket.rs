@@ -248,8 +248,9 @@ impl Drop for EndMarker {
 /// all-reduced in place, bucket by bucket (see [`BucketPlan`]), on a thread of their own. When
 /// `work` returns, the buckets that are still incomplete go out with `grad_of(i)` (the tensor's
 /// current gradient) for the gradients that were not reported, zeros for those that have none,
-/// and this waits for every reduce. Returns `work`'s result, the order in which the gradients
-/// came (a plan made from it reduces each bucket as early as possible) and the times.
+/// and this waits for every reduce. Returns `work`'s result, the order in which the buckets were
+/// complete, all of them (a plan launching in that order reduces each as early as possible), and
+/// the times.
 ///
 /// Every rank must use the same plan; the sequence of all-reduces is then the same on every rank
 /// whatever the order of the gradients.
