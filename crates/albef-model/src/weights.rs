@@ -106,7 +106,8 @@ impl HostTensor {
     fn bytes(&self) -> &[u8] {
         let n = self.host.numel() * self.host.kind().elt_size_in_bytes();
         // SAFETY: `host` is a contiguous CPU tensor of n bytes that this struct owns and nobody
-        // writes while it is borrowed (it is only written by `HostPool::copy`, before this exists).
+        // writes while it is borrowed: `HostPool::copy` writes it, or queues the device's copy
+        // into it, which `serialize` waits for before it borrows this.
         unsafe { std::slice::from_raw_parts(self.host.data_ptr() as *const u8, n) }
     }
 }
@@ -143,10 +144,12 @@ impl HostPool {
         reserving
     }
 
-    /// Copies named tensors to host memory (the only part of a save that must wait for the
-    /// device), into this pool's buffers where it has ones of the right shape and dtype.
+    /// Copies named tensors to host memory, into this pool's buffers where it has ones of the
+    /// right shape and dtype. From a GPU the copies are queued on its stream and this returns at
+    /// once (the step does not wait): [`serialize`] waits for them.
     pub fn copy(&self, named: &BTreeMap<String, Tensor>) -> Result<HostTensors> {
         let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut filling = None;
         let tensors = tch::no_grad(|| {
             named
                 .iter()
@@ -155,14 +158,20 @@ impl HostPool {
                         Some(h) if h.size() == t.size() && h.kind() == t.kind() => h,
                         _ => host_buffer(&t.size(), t.kind(), t.device(), false),
                     };
-                    host.shallow_clone().copy_(t);
+                    if t.device().is_cuda() {
+                        // Queued behind the step's kernels, ahead of the next step's updates.
+                        albef_torch_ext::copy_non_blocking(&host, t)?;
+                        filling = Some(t.device());
+                    } else {
+                        host.shallow_clone().copy_(t);
+                    }
                     let shape = t.size().iter().map(|&d| d as usize).collect();
                     Ok((name.clone(), HostTensor { dtype: dtype_of(t.kind())?, shape, host }))
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
         drop(spare);
-        Ok(HostTensors { tensors, pool: self.clone() })
+        Ok(HostTensors { tensors, filling, pool: self.clone() })
     }
 }
 
@@ -182,6 +191,8 @@ fn host_buffer(shape: &[i64], kind: Kind, device: tch::Device, touched: bool) ->
 /// Named host copies whose buffers go back to their pool when dropped.
 pub struct HostTensors {
     tensors: Vec<(String, HostTensor)>,
+    /// The GPU whose stream still fills the buffers, if any.
+    filling: Option<tch::Device>,
     pool: HostPool,
 }
 
@@ -201,6 +212,9 @@ pub fn to_host(named: &BTreeMap<String, Tensor>) -> Result<HostTensors> {
 
 /// Host tensors as the bytes of one safetensors file (names sorted).
 pub fn serialize(host: &HostTensors) -> Result<Vec<u8>> {
+    if let Some(device) = host.filling {
+        crate::device::synchronize(device);
+    }
     let views = host
         .tensors
         .iter()

@@ -2,8 +2,9 @@
 //! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
 //! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), `clear_grads`
-//! (`zero_grad(set_to_none=True)`), and the caching allocator's peak memory
-//! (`device_memory_peaks`, for `albef bench`), and hooks that hand each parameter's gradient to
+//! (`zero_grad(set_to_none=True)`), copies that do not wait (`copy_non_blocking`, for checkpoint
+//! snapshots), the caching allocator's peak memory (`device_memory_peaks`, for `albef bench`), and
+//! hooks that hand each parameter's gradient to
 //! Rust the moment a backward has accumulated it (`GradReadyHooks`, for the gradient all-reduce
 //! that overlaps the backward). `albef-model` uses the first two for `train.bf16` and
 //! `train.tf32`, `albef-train`'s optimiser the third. The shim catches C++ exceptions: libtorch
@@ -35,6 +36,7 @@ unsafe extern "C" {
         eps: f64,
     ) -> *mut c_char;
     fn albef_clear_grads(params: *const CTensor, n: usize) -> *mut c_char;
+    fn albef_copy_non_blocking(dst: CTensor, src: CTensor) -> *mut c_char;
     fn albef_device_memory_peaks(device: i32, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
     fn albef_reset_device_memory_peaks(device: i32) -> *mut c_char;
     fn albef_set_grad_ready_hooks(
@@ -76,6 +78,15 @@ pub fn clear_grads(params: &[Tensor]) -> Result<()> {
     // SAFETY: the pointers come from live tch Tensors borrowed for the call; the shim only
     // resets their gradient slots.
     check(unsafe { albef_clear_grads(ptrs.as_ptr(), ptrs.len()) })
+}
+
+/// `dst.copy_(src)` without waiting (`non_blocking=True`): from a GPU into pinned host memory the
+/// copy is queued on the current stream, and `dst` holds the values only once the device has
+/// reached it (`tch::Cuda::synchronize`). Elsewhere it is the ordinary copy.
+pub fn copy_non_blocking(dst: &Tensor, src: &Tensor) -> Result<()> {
+    // SAFETY: both pointers come from live tch Tensors borrowed for the call; the shim copies
+    // into `dst`'s storage.
+    check(unsafe { albef_copy_non_blocking(dst.as_ptr() as CTensor, src.as_ptr() as CTensor) })
 }
 
 /// Peak (allocated to tensors, reserved by the caching allocator) bytes on an accelerator since

@@ -109,6 +109,17 @@ char *albef_set_grad_ready_hooks(at::Tensor **params, size_t n, grad_ready_fn fn
   }
 }
 
+// dst.copy_(src) without waiting: from a GPU into pinned host memory, the copy is queued on the
+// current stream and the call returns at once.
+char *albef_copy_non_blocking(at::Tensor *dst, at::Tensor *src) {
+  try {
+    dst->copy_(*src, /*non_blocking=*/true);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
 // Peak bytes allocated to tensors and reserved by the caching allocator on `device` since the
 // last reset (what torch.cuda.max_memory_allocated / max_memory_reserved report).
 char *albef_device_memory_peaks(int device, int64_t *allocated, int64_t *reserved) {

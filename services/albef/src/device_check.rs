@@ -1,13 +1,14 @@
 //! `albef device-check`: the forward a CUDA worker runs (bf16 autocast when `train.bf16`, TF32
 //! as `train.tf32` says) against the CPU fp32 forward of the same weights on the same batch:
 //! image and text features, ITC similarities and loss, ITM logits and MLM logits, each as a
-//! relative L2 error, checked against a tolerance. With `--device cpu` both sides run on the CPU
-//! (a dry run of the check itself: every error is 0).
+//! relative L2 error, checked against a tolerance; and that a checkpoint snapshot, whose copies
+//! from the device are queued rather than waited for, holds the values of its moment. With
+//! `--device cpu` both sides run on the CPU (a dry run of the check itself: every error is 0).
 
 use crate::bench::{fixed_batch, load_config};
 use albef_config::ConfigArgs;
 use albef_model::albef::{itc_targets, soft_cross_entropy};
-use albef_model::{Albef, device};
+use albef_model::{Albef, device, weights};
 use anyhow::{Context, Result, ensure};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -58,7 +59,8 @@ pub fn run(args: DeviceCheckArgs) -> Result<()> {
         worst = worst.max(err);
         errors.insert(name.to_string(), err.into());
     }
-    let ok = worst <= args.tolerance;
+    let snapshot_ok = snapshot_holds_the_values_of_its_moment(&vs)?;
+    let ok = worst <= args.tolerance && snapshot_ok;
     let report = serde_json::json!({
         "preset": cfg.model.preset,
         "device": format!("{target:?}"),
@@ -67,15 +69,38 @@ pub fn run(args: DeviceCheckArgs) -> Result<()> {
         "batch": args.batch,
         "relative_l2_errors": errors,
         "tolerance": args.tolerance,
+        "snapshot_holds_its_moment": snapshot_ok,
         "ok": ok,
     });
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    ensure!(snapshot_ok, "a checkpoint snapshot on {target:?} took values written after it");
     ensure!(ok, "the {target:?} forward differs from the CPU fp32 one by {worst:.2e} (tolerance {})", args.tolerance);
     println!("{target:?} forward (bf16 {bf16}) matches the CPU fp32 forward within {}", args.tolerance);
     Ok(())
+}
+
+/// A checkpoint snapshot's copies from a GPU are queued, not waited for: updates queued after them
+/// (as the next step's are) must not reach the snapshot. Checks it on the model's weights (which
+/// it changes) and says so.
+fn snapshot_holds_the_values_of_its_moment(vs: &tch::nn::VarStore) -> Result<bool> {
+    let named = weights::state_dict(vs);
+    // A copy of its own (on the CPU, to_device would return the tensor itself).
+    let before: Vec<(String, Tensor)> =
+        named.iter().map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).copy())).collect();
+    let snapshot = weights::HostPool::default().copy(&named)?;
+    tch::no_grad(|| {
+        for t in named.values() {
+            let _ = t.shallow_clone().g_add_scalar_(1);
+        }
+    });
+    let saved = weights::deserialize(&weights::serialize(&snapshot)?, "the snapshot")?;
+    let ok = before.iter().all(|(n, t)| saved.get(n).is_some_and(|s| s.equal(t)));
+    let outcome = if ok { "holds" } else { "does NOT hold" };
+    println!("checkpoint snapshot {outcome} the values of its moment ({} tensors)", before.len());
+    Ok(ok)
 }
 
 /// The deterministic outputs of a forward (no dropout, no masking draws), in fp32.
