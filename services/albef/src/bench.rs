@@ -110,7 +110,8 @@ fn form_ring(args: &BenchArgs, seed: u64) -> Result<(Box<dyn Collective>, Vec<Ch
 /// The step in numbers: what `albef bench` and `torch_step.py` both report.
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch >= 2 && args.steps >= 1, "--batch must be at least 2 and --steps at least 1");
-    ensure!(args.world >= 1 && args.rank.is_none_or(|r| r < args.world), "--world must be at least 1");
+    ensure!(args.world >= 1, "--world must be at least 1");
+    ensure!(args.rank.is_none_or(|r| r < args.world), "--rank must be below --world");
     let cfg = load_config(&args.config, args.preset.as_deref(), args.device.as_deref())?;
     let dev = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
@@ -121,11 +122,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let outcome = run_rank(&args, &cfg, dev, collective.as_ref());
     // Closed first: a rank still waiting on this one fails at once instead of at the timeout.
     drop(collective);
-    for mut child in children {
-        let status = child.wait()?;
-        ensure!(status.success(), "a rank of the benchmark failed: {status}");
+    let statuses = children.into_iter().map(|mut child| child.wait()).collect::<Result<Vec<_>, _>>()?;
+    // This rank's own error first: the others fail because it left.
+    let report = outcome?;
+    if let Some(status) = statuses.iter().find(|s| !s.success()) {
+        anyhow::bail!("a rank of the benchmark failed: {status}");
     }
-    let Some(report) = outcome? else { return Ok(()) };
+    let Some(report) = report else { return Ok(()) };
     print_table(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
