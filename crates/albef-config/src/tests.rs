@@ -62,6 +62,7 @@ fn invalid_relations_are_reported() {
     assert!(err.contains("albef-huge"), "{err}");
     for (setting, named) in [
         ("job.scale_up=sometimes", "job.scale_up"),
+        ("job.collective_backend=gloo", "job.collective_backend"),
         ("job.straggler_factor=0.9", "job.straggler_factor"),
         ("job.straggler_window=0", "job.straggler_window"),
     ] {
@@ -70,6 +71,19 @@ fn invalid_relations_are_reported() {
     }
     let err = format!("{:#}", load(&sources(None, &["job.max_workers=4", "job.virtual_ranks=2"])).unwrap_err());
     assert!(err.contains("job.virtual_ranks"), "{err}");
+}
+
+#[test]
+fn closed_sets_keep_their_spellings() {
+    let cfg = load(&sources(None, &["job.scale_up=immediately", "job.collective_backend=nccl"])).unwrap();
+    assert_eq!((cfg.job.scale_up, cfg.job.collective_backend), (ScaleUp::Immediately, CollectiveBackend::Nccl));
+    let f = yaml("job:\n  scale_up: never\n  collective_backend: tcp\n");
+    let cfg = load(&sources(Some(&f), &[])).unwrap();
+    assert_eq!((cfg.job.scale_up, cfg.job.collective_backend), (ScaleUp::Never, CollectiveBackend::Tcp));
+    let printed: serde_json::Value = serde_json::from_str(&cfg.to_pretty_json()).unwrap();
+    assert_eq!((&printed["job"]["scale_up"], &printed["job"]["collective_backend"]), (&"never".into(), &"tcp".into()));
+    let defaults = AlbefConfig::defaults(Preset::AlbefSmall).job;
+    assert_eq!((defaults.scale_up, defaults.collective_backend), (ScaleUp::AtCheckpoint, CollectiveBackend::Auto));
 }
 
 #[test]

@@ -83,6 +83,32 @@ impl OverlapGradReduce {
     }
 }
 
+/// When spares join a running generation (`job.scale_up`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleUp {
+    /// Right after the generation's next checkpoint commits.
+    #[default]
+    AtCheckpoint,
+    /// A checkpoint is asked for at once, then the same.
+    Immediately,
+    /// They wait for a rendezvous that a failure opens.
+    Never,
+}
+
+/// The collective the ranks of a generation use (`job.collective_backend`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveBackend {
+    /// NCCL when every worker of the generation has CUDA, else TCP.
+    #[default]
+    Auto,
+    /// The TCP ring: CPU, any machine.
+    Tcp,
+    /// NCCL: CUDA.
+    Nccl,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -220,12 +246,12 @@ pub struct JobConfig {
     /// `at_checkpoint` (the generation grows right after its next checkpoint commits),
     /// `immediately` (a checkpoint is asked for at once, then the same) or `never` (they wait
     /// for a rendezvous that a failure opens).
-    pub scale_up: String,
+    pub scale_up: ScaleUp,
     /// A worker silent for longer ends the generation.
     pub heartbeat_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     /// `tcp` (CPU, any machine) or `nccl` (CUDA); `auto`: nccl when every worker has CUDA.
-    pub collective_backend: String,
+    pub collective_backend: CollectiveBackend,
     /// Seconds after which a collective operation gives up (a dead peer never hangs a worker).
     pub collective_timeout_s: u32,
     /// Gradient all-reduce bucket size.
@@ -273,10 +299,10 @@ impl Default for JobConfig {
             virtual_ranks: 0,
             rendezvous_grace_ms: 2000,
             replace_grace_ms: 20_000,
-            scale_up: "at_checkpoint".into(),
+            scale_up: ScaleUp::AtCheckpoint,
             heartbeat_timeout_ms: 30_000,
             heartbeat_interval_ms: 1000,
-            collective_backend: "auto".into(),
+            collective_backend: CollectiveBackend::Auto,
             collective_timeout_s: 60,
             bucket_mb: 25,
             overlap_grad_reduce: OverlapGradReduce::Auto,

@@ -14,9 +14,11 @@
 
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{
-    Command as Cmd, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest, HeartbeatResponse,
-    JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+    CollectiveBackend, Command as Cmd, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest,
+    HeartbeatResponse, JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest,
+    ReportEvaluationRequest,
 };
 use prost::Message;
 use std::collections::BTreeMap;
@@ -215,10 +217,16 @@ async fn worker(
         local_rank: (i % 8) as u32,
     };
     obs.lock().unwrap().last_join_sent = Some(Instant::now());
-    let a = loop {
-        match c.join(join.clone()).await {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("rendezvous") => {}
+    let (a, bytes) = loop {
+        match c.join(join.clone()).await.map(|r| r.into_inner()) {
+            Ok(r) => {
+                let bytes = r.encoded_len();
+                match r.outcome {
+                    Some(Outcome::Assigned(a)) => break (a, bytes),
+                    Some(Outcome::Wait(_) | Outcome::Spare(_) | Outcome::Evicted(_)) => {}
+                    other => panic!("{worker_id}: a Join that answers {other:?}"),
+                }
+            }
             Err(s) => {
                 obs.lock().unwrap().error("Join", &s);
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -228,11 +236,11 @@ async fn worker(
     {
         let mut o = obs.lock().unwrap();
         o.assigned.push(Instant::now());
-        o.assignment_bytes.push(a.encoded_len());
+        o.assignment_bytes.push(bytes);
         o.generations.insert(a.generation);
     }
     let (generation, rank) = (a.generation, a.rank);
-    if a.collective.as_ref().is_some_and(|p| p.backend == "nccl") {
+    if a.collective.as_ref().is_some_and(|p| p.backend() == CollectiveBackend::Nccl) {
         if rank == 0 {
             let req = PublishNcclIdRequest { generation, nccl_id: vec![7; 128] };
             if let Err(s) = c.publish_nccl_id(req).await {

@@ -2,11 +2,10 @@
 //! every read.
 
 use crate::service::Shared;
+use crate::state::JobState;
 use albef_telemetry::metrics::{Kind, Registry};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-const STATES: [&str; 6] = ["waiting", "running", "paused", "stopping", "stopped", "finished"];
 
 pub fn registry(shared: Arc<Shared>) -> Registry {
     let r = Registry::with_families(&[
@@ -35,6 +34,11 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         ("albef_job_nonfinite_steps_total", Kind::Counter, "Steps not applied because the loss was not finite."),
         ("albef_checkpoints_committed_total", Kind::Counter, "Checkpoints committed."),
         ("albef_checkpoints_rejected_total", Kind::Counter, "Checkpoints a worker could not read."),
+        (
+            "albef_params_hash_mismatches_total",
+            Kind::Counter,
+            "Steps after which ranks reported different parameter hashes (ranks must agree).",
+        ),
         ("albef_checkpoint_latest_step", Kind::Gauge, "Step of the latest committed checkpoint."),
         ("albef_checkpoint_age_seconds", Kind::Gauge, "Seconds since the latest checkpoint was committed."),
         ("albef_bad_samples_total", Kind::Counter, "Input samples the workers skipped, by reason."),
@@ -48,8 +52,8 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         r.set("albef_coordinator_state_writes_total", &[], writes as f64);
         r.set("albef_coordinator_state_bytes_total", &[], bytes as f64);
         let s = shared.status();
-        for state in STATES {
-            r.set("albef_job_state", &[("state", state)], f64::from(u8::from(s.state == state)));
+        for state in JobState::ALL {
+            r.set("albef_job_state", &[("state", state.as_str())], f64::from(u8::from(s.state == state)));
         }
         r.set("albef_job_generation", &[], s.generation as f64);
         r.set("albef_job_world_size", &[], f64::from(s.world_size));
@@ -57,10 +61,10 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         r.set("albef_workers_alive", &[], f64::from(s.workers_total));
         r.set("albef_workers_silent", &[], f64::from(s.workers_silent));
         r.set("albef_stragglers", &[], f64::from(s.stragglers));
-        r.set("albef_straggler_evictions_total", &[], s.straggler_evictions as f64);
+        r.set("albef_straggler_evictions_total", &[], s.counters.straggler_evictions as f64);
         r.set("albef_workers_waiting", &[], f64::from(s.waiting));
-        r.set("albef_scale_ups_total", &[], s.scale_ups as f64);
-        r.set("albef_job_restarts_total", &[], s.restarts as f64);
+        r.set("albef_scale_ups_total", &[], s.counters.scale_ups as f64);
+        r.set("albef_job_restarts_total", &[], s.counters.restarts as f64);
         r.set("albef_job_step", &[], s.step as f64);
         r.set("albef_job_epoch", &[], s.epoch as f64);
         r.set("albef_job_total_steps", &[], s.total_steps as f64);
@@ -71,9 +75,10 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         }
         r.set("albef_job_lr", &[], s.lr);
         r.set("albef_job_temp", &[], s.temp);
-        r.set("albef_job_nonfinite_steps_total", &[], s.nonfinite_steps as f64);
-        r.set("albef_checkpoints_committed_total", &[], s.checkpoints_committed as f64);
-        r.set("albef_checkpoints_rejected_total", &[], s.rejected_checkpoints as f64);
+        r.set("albef_job_nonfinite_steps_total", &[], s.counters.nonfinite_steps as f64);
+        r.set("albef_checkpoints_committed_total", &[], s.counters.checkpoints_committed as f64);
+        r.set("albef_checkpoints_rejected_total", &[], s.counters.rejected_checkpoints as f64);
+        r.set("albef_params_hash_mismatches_total", &[], s.counters.params_hash_mismatches as f64);
         r.clear("albef_checkpoint_latest_step");
         r.clear("albef_checkpoint_age_seconds");
         if s.last_checkpoint_unix > 0 {

@@ -1,10 +1,11 @@
 //! Thin tonic handlers over the job state machine: validate the request, lock the job briefly
 //! (never across an await), translate, and persist what changed.
 
-use crate::state::{self, Assignment, Heartbeat, Job, JobError, JoinOutcome, Joining, WorkerView};
+use crate::state::{self, Assignment, Backend, Heartbeat, Job, JobError, JobState, JoinOutcome, Joining, WorkerView};
 use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason, clip};
 use albef_data::store::Location;
 use albef_proto::v1 as pb;
+use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{control_server::Control, coordinator_server::Coordinator};
 use futures::{Stream, StreamExt};
 use std::collections::{BTreeMap, HashMap};
@@ -223,12 +224,11 @@ impl Shared {
     }
 
     /// Calls `f` when the job's events change (and every `Job::poll_refresh`) until it yields a
-    /// value, the deadline passes or the coordinator shuts down.
+    /// value (`Some`), the deadline passes (`None`) or the coordinator shuts down (UNAVAILABLE).
     async fn long_poll<T>(
         self: &Arc<Self>,
-        what: &str,
         mut f: impl FnMut(&mut Job, Instant) -> state::Result<Option<T>>,
-    ) -> Result<T, Status> {
+    ) -> Result<Option<T>, Status> {
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -246,15 +246,13 @@ impl Shared {
             // Polls form generations: record them before answering.
             self.persist_logged().await;
             if let Some(value) = outcome.map_err(to_status)? {
-                return Ok(value);
+                return Ok(Some(value));
             }
             tokio::select! {
                 _ = woken => {}
                 // A waiting worker's poll also says it is still there (the tick drops the silent).
                 _ = tokio::time::sleep(refresh) => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Status::unavailable(format!("{what} still open, call again")));
-                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
                 // Err: the sender is gone, which only happens as the coordinator exits.
                 changed = shutdown.changed() => if changed.is_err() {
                     return Err(Status::unavailable("the coordinator is shutting down"));
@@ -379,13 +377,17 @@ fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn join_response(a: Assignment) -> pb::JoinResponse {
-    pb::JoinResponse {
+fn assignment(a: Assignment) -> pb::Assignment {
+    let backend = match a.backend {
+        Backend::Tcp => pb::CollectiveBackend::Tcp,
+        Backend::Nccl => pb::CollectiveBackend::Nccl,
+    };
+    pb::Assignment {
         generation: a.generation,
         rank: a.rank,
         world_size: a.world_size,
         collective: Some(pb::CollectiveParams {
-            backend: a.backend,
+            backend: backend as i32,
             next_address: a.neighbours.as_ref().map(|n| n.next.clone()).unwrap_or_default(),
             prev_address: a.neighbours.map(|n| n.prev).unwrap_or_default(),
             token: a.token,
@@ -398,11 +400,20 @@ fn join_response(a: Assignment) -> pb::JoinResponse {
             checkpoint: a.resume.checkpoint,
         }),
         config_json: a.config_json,
-        job_ended: String::new(),
         node_rank: a.place.node_rank,
         local_rank: a.place.local_rank,
         local_world_size: a.place.local_world_size,
     }
+}
+
+fn join_outcome(outcome: JoinOutcome) -> Option<Outcome> {
+    Some(match outcome {
+        JoinOutcome::Wait => return None,
+        JoinOutcome::Assigned(a) => Outcome::Assigned(assignment(a)),
+        JoinOutcome::Spare { generation, world } => Outcome::Spare(pb::JoinSpare { generation, world_size: world }),
+        JoinOutcome::Evicted => Outcome::Evicted(pb::JoinEvicted {}),
+        JoinOutcome::Ended(state) => Outcome::Ended(pb::JobEnded { state: state.as_str().to_string() }),
+    })
 }
 
 fn command(c: state::Command) -> pb::Command {
@@ -427,9 +438,9 @@ impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let r = request.into_inner();
         check_join(&r)?;
-        let response = self
+        let outcome = self
             .0
-            .long_poll("rendezvous", |job, now| {
+            .long_poll(|job, now| {
                 let who = Joining {
                     worker_id: &r.worker_id,
                     host: &r.host,
@@ -438,24 +449,12 @@ impl Coordinator for CoordinatorService {
                     node: &r.node_id,
                     local_rank: r.local_rank,
                 };
-                Ok(match job.join(who, now)? {
-                    JoinOutcome::Assigned(a) => Some(Ok(join_response(a))),
-                    JoinOutcome::Ended(state) => {
-                        Some(Ok(pb::JoinResponse { job_ended: state.into(), ..Default::default() }))
-                    }
-                    JoinOutcome::Wait => None,
-                    // Why it waits while the job runs without it: told at once, and once.
-                    JoinOutcome::Spare { generation, world } => Some(Err(format!(
-                        "generation {generation} runs with {world} ranks without this worker: it waits as a spare \
-                         for the next rendezvous, call again"
-                    ))),
-                    JoinOutcome::Benched => Some(Err("this worker was evicted as a straggler: it sits out the \
-                         rendezvous after its generation and waits as a spare for the one after, call again"
-                        .to_string())),
-                })
+                job.join(who, now).map(join_outcome)
             })
-            .await?;
-        response.map(Response::new).map_err(Status::unavailable)
+            .await?
+            // The long poll's deadline passed with the rendezvous still open.
+            .unwrap_or(Outcome::Wait(pb::JoinWait {}));
+        Ok(Response::new(pb::JoinResponse { outcome: Some(outcome) }))
     }
 
     async fn publish_nccl_id(
@@ -478,7 +477,11 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::GetNcclIdRequest>,
     ) -> Result<Response<pb::GetNcclIdResponse>, Status> {
         let generation = request.into_inner().generation;
-        let nccl_id = self.0.long_poll("the wait for rank 0's NCCL id", |job, _| job.nccl_id(generation)).await?;
+        let nccl_id = self
+            .0
+            .long_poll(|job, _| job.nccl_id(generation))
+            .await?
+            .ok_or_else(|| Status::unavailable("rank 0 has not published the NCCL id yet, call again"))?;
         Ok(Response::new(pb::GetNcclIdResponse { nccl_id }))
     }
 
@@ -608,7 +611,7 @@ impl ControlService {
     fn status(&self, view: WorkerView) -> pb::JobStatus {
         let s = self.0.job().status_of(Instant::now(), view);
         pb::JobStatus {
-            state: s.state.to_string(),
+            state: s.state.as_str().to_string(),
             generation: s.generation,
             world_size: s.world_size,
             workers: s
@@ -629,9 +632,9 @@ impl ControlService {
                 })
                 .collect(),
             stragglers: s.stragglers,
-            straggler_evictions: s.straggler_evictions,
+            straggler_evictions: s.counters.straggler_evictions,
             waiting: s.waiting,
-            scale_ups: s.scale_ups,
+            scale_ups: s.counters.scale_ups,
             virtual_ranks: s.virtual_ranks,
             step: s.step,
             epoch: s.epoch,
@@ -641,28 +644,29 @@ impl ControlService {
             lr: s.lr,
             temp: s.temp,
             last_checkpoint: s.last_checkpoint,
-            restarts: s.restarts,
-            nonfinite_steps: s.nonfinite_steps,
-            rejected_checkpoints: s.rejected_checkpoints,
+            restarts: s.counters.restarts,
+            nonfinite_steps: s.counters.nonfinite_steps,
+            rejected_checkpoints: s.counters.rejected_checkpoints,
             bad_samples: s.bad_samples.into_iter().collect(),
             bad_sample_examples: s.bad_sample_examples.into_iter().map(skipped_sample).collect(),
-            checkpoints_committed: s.checkpoints_committed,
+            checkpoints_committed: s.counters.checkpoints_committed,
             last_checkpoint_unix: s.last_checkpoint_unix,
             eval_step: s.evaluation.as_ref().map_or(0, |(step, _)| *step),
             eval_metrics: s.evaluation.map(|(_, m)| m.into_iter().collect()).unwrap_or_default(),
             workers_total: s.workers_total,
             workers_silent: s.workers_silent,
             next_page_token: s.next_page.map(|r| r.to_string()).unwrap_or_default(),
+            params_hash_mismatches: s.counters.params_hash_mismatches,
         }
     }
 
     async fn control(
         &self,
-        f: impl FnOnce(&mut Job) -> state::Result<&'static str>,
+        f: impl FnOnce(&mut Job) -> state::Result<JobState>,
     ) -> Result<Response<pb::ControlResponse>, Status> {
         let state = f(&mut self.0.job()).map_err(to_status)?;
         self.0.persist_logged().await;
-        Ok(Response::new(pb::ControlResponse { state: state.to_string() }))
+        Ok(Response::new(pb::ControlResponse { state: state.as_str().to_string() }))
     }
 }
 

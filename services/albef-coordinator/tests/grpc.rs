@@ -3,10 +3,11 @@
 
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{
-    Command as Cmd, ControlRequest, GetLeasesRequest, GetNcclIdRequest, GetStatusRequest, HeartbeatRequest,
-    JoinRequest, JoinResponse, LeaveRequest, ListCheckpointsRequest, PublishNcclIdRequest, ReportCheckpointRequest,
-    SkippedSample, WatchStatusRequest,
+    Assignment, CollectiveBackend, Command as Cmd, ControlRequest, GetLeasesRequest, GetNcclIdRequest,
+    GetStatusRequest, HeartbeatRequest, JobEnded, JoinRequest, JoinSpare, LeaveRequest, ListCheckpointsRequest,
+    PublishNcclIdRequest, ReportCheckpointRequest, SkippedSample, WatchStatusRequest,
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -216,7 +217,7 @@ fn join_request(id: &str, port: u16) -> JoinRequest {
     }
 }
 
-fn beat(id: &str, a: &JoinResponse, step: u64) -> HeartbeatRequest {
+fn beat(id: &str, a: &Assignment, step: u64) -> HeartbeatRequest {
     HeartbeatRequest {
         worker_id: id.into(),
         generation: a.generation,
@@ -228,15 +229,27 @@ fn beat(id: &str, a: &JoinResponse, step: u64) -> HeartbeatRequest {
     }
 }
 
-async fn join(w: &mut Worker, id: &str, port: u16) -> JoinResponse {
-    w.join(join_request(id, port)).await.unwrap().into_inner()
+/// What one Join call answers.
+async fn join_outcome(w: &mut Worker, id: &str, port: u16) -> Outcome {
+    w.join(join_request(id, port)).await.unwrap().into_inner().outcome.expect("a Join answers an outcome")
+}
+
+async fn join(w: &mut Worker, id: &str, port: u16) -> Assignment {
+    match join_outcome(w, id, port).await {
+        Outcome::Assigned(a) => a,
+        other => panic!("{id}: no assignment but {other:?}"),
+    }
+}
+
+fn ended(state: &str) -> Outcome {
+    Outcome::Ended(JobEnded { state: state.into() })
 }
 
 fn commands(r: &albef_proto::v1::HeartbeatResponse) -> Vec<Cmd> {
     r.commands.iter().map(|&c| Cmd::try_from(c).unwrap()).collect()
 }
 
-async fn forms_a_world_of_two(c: &Coordinator) -> (Worker, JoinResponse, Worker, JoinResponse) {
+async fn forms_a_world_of_two(c: &Coordinator) -> (Worker, Assignment, Worker, Assignment) {
     let (mut a, mut b) = (worker_client(c, Some(WORKER_TOKEN)).await, worker_client(c, Some(WORKER_TOKEN)).await);
     let (ja, jb) = tokio::join!(join(&mut a, "worker-a", 7001), join(&mut b, "worker-b", 7002));
     (a, ja, b, jb)
@@ -251,8 +264,8 @@ async fn two_workers_join_heartbeat_and_get_their_leases() {
     assert_eq!(BTreeSet::from([ja.rank, jb.rank]), BTreeSet::from([0, 1]));
     assert_eq!((ja.world_size, jb.world_size), (2, 2));
     let (ca, cb) = (ja.collective.clone().unwrap(), jb.collective.clone().unwrap());
-    assert_eq!((&ca.backend, &ca.token, ca.timeout_seconds), (&cb.backend, &cb.token, cb.timeout_seconds));
-    assert_eq!(ca.backend, "tcp");
+    assert_eq!((ca.backend, &ca.token, ca.timeout_seconds), (cb.backend, &cb.token, cb.timeout_seconds));
+    assert_eq!(ca.backend(), CollectiveBackend::Tcp);
     // In a ring of two, each rank's neighbours are the other rank.
     assert_eq!((ca.next_address.as_str(), ca.prev_address.as_str()), ("127.0.0.1:7002", "127.0.0.1:7002"));
     assert_eq!((cb.next_address.as_str(), cb.prev_address.as_str()), ("127.0.0.1:7001", "127.0.0.1:7001"));
@@ -481,13 +494,15 @@ async fn the_coordinator_exits_after_stop_once_the_workers_left() {
     let mut c = dir.start(1, &[]);
     let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
     let j = join(&mut w, "w", 7000).await;
+    // The world of one is full: another worker is told once that it waits as a spare.
+    let spare = Outcome::Spare(JoinSpare { generation: 1, world_size: 1 });
+    assert_eq!(join_outcome(&mut w, "spare", 7001).await, spare);
     let state = admin_client(&c, Some(ADMIN_TOKEN)).await.stop(ControlRequest {}).await.unwrap().into_inner().state;
     assert_eq!(state, "stopping");
     let r = w.heartbeat(beat("w", &j, 3)).await.unwrap().into_inner();
     assert_eq!(commands(&r), vec![Cmd::Stop]);
     // A worker (re)starting now learns that there is nothing to join: it exits successfully.
-    let late = w.join(join_request("late", 7001)).await.unwrap().into_inner();
-    assert_eq!((late.job_ended.as_str(), late.collective), ("stopping", None));
+    assert_eq!(join_outcome(&mut w, "late", 7002).await, ended("stopping"));
     w.leave(LeaveRequest { worker_id: "w".into(), generation: j.generation }).await.unwrap();
     assert!(c.wait_exit(Duration::from_secs(10)).await.success());
 }
@@ -503,7 +518,7 @@ async fn a_coordinator_told_to_stay_serves_status_after_the_end() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap();
     assert_eq!(status.into_inner().state, "finished");
-    assert_eq!(join(&mut w, "w", 7000).await.job_ended, "finished");
+    assert_eq!(join_outcome(&mut w, "w", 7000).await, ended("finished"));
 }
 
 #[tokio::test]
@@ -830,10 +845,10 @@ async fn albefctl_summarises_a_thousand_workers_and_lists_them_all_on_request() 
             let id = format!("gpu-{i:04}");
             let request = JoinRequest { device_kind: "cuda".into(), ..join_request(&id, 7000) };
             let a = loop {
-                match w.join(request.clone()).await {
-                    Ok(r) => break r.into_inner(),
-                    Err(s) if s.code() == Code::Unavailable => {}
-                    Err(s) => panic!("{id}: {s}"),
+                match w.join(request.clone()).await.unwrap().into_inner().outcome {
+                    Some(Outcome::Assigned(a)) => break a,
+                    Some(Outcome::Wait(_)) => {}
+                    other => panic!("{id}: {other:?}"),
                 }
             };
             let params = a.collective.as_ref().unwrap();
@@ -843,7 +858,7 @@ async fn albefctl_summarises_a_thousand_workers_and_lists_them_all_on_request() 
     });
     let world = futures::future::join_all(joins).await;
     // Rank 7 lags behind the others; rank 3 never heartbeats (silent: two intervals without one).
-    let beats = |w: &mut Worker, (id, a): &(String, JoinResponse)| {
+    let beats = |w: &mut Worker, (id, a): &(String, Assignment)| {
         let request = beat(id, a, if a.rank == 7 { 2 } else { 9 });
         let mut w = w.clone();
         async move { w.heartbeat(request).await.unwrap() }

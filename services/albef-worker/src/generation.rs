@@ -16,8 +16,9 @@ use albef_dist::{Collective, NcclCollective, ReduceOp};
 use albef_eval::{EvalOptions, RetrievalSplit, Scoring, SplitOptions, evaluate_shard};
 use albef_model::{Batch, device};
 use albef_proto::v1::{
-    Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest, JoinResponse, LeaveRequest, Losses,
-    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, ReportEvaluationRequest, SkippedSample,
+    Assignment, CollectiveBackend, Command, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, JoinRequest,
+    LeaveRequest, Losses, PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest,
+    ReportEvaluationRequest, SkippedSample,
 };
 use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::distributed::{CollectiveGather, GradientAverager};
@@ -179,11 +180,7 @@ impl Worker {
                 Some(host) => format!("{host}:{}", bound.port()),
                 None => bound.to_string(),
             };
-            let assignment = self.join(&address, dev)?;
-            if !assignment.job_ended.is_empty() {
-                tracing::info!(state = assignment.job_ended, "the job has ended: nothing to join");
-                return Ok(());
-            }
+            let Some(assignment) = self.join(&address, dev)? else { return Ok(()) };
             let generation = assignment.generation;
             tracing::info!(
                 generation,
@@ -229,7 +226,8 @@ impl Worker {
         }
     }
 
-    fn join(&mut self, address: &str, dev: tch::Device) -> Result<JoinResponse> {
+    fn join(&mut self, address: &str, dev: tch::Device) -> Result<Option<Assignment>> {
+        use albef_proto::v1::join_response::Outcome;
         let req = JoinRequest {
             worker_id: self.worker_id.clone(),
             host: address.rsplit_once(':').map_or(address, |(h, _)| h).to_string(),
@@ -241,15 +239,25 @@ impl Worker {
         };
         let mut backoff = Backoff::new();
         loop {
-            match self.rt.block_on(self.client.join(req.clone())) {
-                Ok(r) => return Ok(r.into_inner()),
-                // The rendezvous is still open (the long poll ended), or the job runs without this
-                // worker for now (said once): ask again at once.
-                Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("rendezvous") => {
-                    if s.message().contains("spare") {
-                        tracing::info!("{}", s.message());
-                    }
+            match self.rt.block_on(self.client.join(req.clone())).map(|r| r.into_inner().outcome) {
+                Ok(Some(Outcome::Assigned(a))) => return Ok(Some(a)),
+                Ok(Some(Outcome::Ended(e))) => {
+                    tracing::info!(state = e.state, "the job has ended: nothing to join");
+                    return Ok(None);
                 }
+                // The rendezvous is still open (the long poll ended): ask again at once.
+                Ok(Some(Outcome::Wait(_))) => {}
+                // The job runs without this worker for now (said once): ask again at once.
+                Ok(Some(Outcome::Spare(s))) => tracing::info!(
+                    generation = s.generation,
+                    world = s.world_size,
+                    "a generation runs without this worker: it waits as a spare for the next rendezvous"
+                ),
+                Ok(Some(Outcome::Evicted(_))) => tracing::info!(
+                    "this worker was evicted as a straggler: it sits out the next rendezvous and waits as a spare \
+                     for the one after"
+                ),
+                Ok(None) => bail!("the coordinator's Join answered no outcome (is it older than this worker?)"),
                 Err(s) if client::transient(&s) => {
                     tracing::info!("coordinator not reachable yet ({}); retrying", s.message());
                     backoff.wait();
@@ -292,7 +300,7 @@ impl Worker {
 
     fn generation(
         &mut self,
-        a: JoinResponse,
+        a: Assignment,
         cfg: AlbefConfig,
         pending: albef_dist::tcp::PendingTcp,
         dev: tch::Device,
@@ -300,8 +308,8 @@ impl Worker {
         let params = a.collective.clone().context("assignment without collective parameters")?;
         let (rank, world) = (a.rank as usize, a.world_size as usize);
         let timeout = Duration::from_secs(u64::from(params.timeout_seconds.max(1)));
-        let collective: Arc<dyn Collective> = match params.backend.as_str() {
-            "tcp" => {
+        let collective: Arc<dyn Collective> = match params.backend() {
+            CollectiveBackend::Tcp => {
                 let address = |a: &str| -> Result<SocketAddr> {
                     a.parse().with_context(|| format!("the coordinator's ring neighbour address {a:?}"))
                 };
@@ -310,7 +318,7 @@ impl Worker {
                 let opts = TcpOptions { timeout, ..TcpOptions::new(token_of(&params.token)) };
                 Arc::new(pending.connect_neighbours(rank, world, neighbours, opts)?)
             }
-            "nccl" => {
+            CollectiveBackend::Nccl => {
                 drop(pending);
                 let id = self.nccl_id(a.generation, rank)?;
                 let device_index = match dev {
@@ -319,7 +327,7 @@ impl Worker {
                 };
                 Arc::new(NcclCollective::new(rank, world, &id, device_index, timeout)?)
             }
-            other => bail!("unknown collective backend {other:?}"),
+            CollectiveBackend::Unspecified => bail!("the coordinator named no collective backend"),
         };
         let run_dir = PathBuf::from(&cfg.job.run_dir);
         let dataset = Dataset::open(&cfg, &run_dir, self.rt.handle())?;

@@ -307,7 +307,13 @@ fn render_status(s: &JobStatus) -> String {
         ("checkpoint", if s.last_checkpoint.is_empty() { "-".into() } else { s.last_checkpoint.clone() }),
         ("restarts", s.restarts.to_string()),
         ("scale-ups", s.scale_ups.to_string()),
-        ("bad steps", format!("{} non-finite, {} checkpoints rejected", s.nonfinite_steps, s.rejected_checkpoints)),
+        (
+            "bad steps",
+            format!(
+                "{} non-finite, {} checkpoints rejected, {} parameter hash mismatches",
+                s.nonfinite_steps, s.rejected_checkpoints, s.params_hash_mismatches
+            ),
+        ),
         ("retrieval", retrieval_line(s)),
         ("skipped", format!("{} samples", s.bad_samples.values().sum::<u64>())),
     ];
@@ -407,6 +413,7 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "restarts": s.restarts,
         "nonfinite_steps": s.nonfinite_steps,
         "rejected_checkpoints": s.rejected_checkpoints,
+        "params_hash_mismatches": s.params_hash_mismatches,
         "retrieval": retrieval,
         "skipped": { "total": s.bad_samples.values().sum::<u64>(), "by_reason": by_reason, "examples": examples },
         "workers": workers,

@@ -3,7 +3,7 @@
 //! (their own data wait and compute, which each heartbeat carries): a rank slower than `factor`
 //! times the median rank for `window` of its steps is a straggler.
 
-use super::Members;
+use super::generation::Members;
 
 /// A rank that just became a straggler.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,6 +1,8 @@
 use super::*;
-use albef_config::Preset;
+use albef_config::{Preset, ScaleUp};
+use albef_data::plan::{PlanSpec, plan_rank};
 use std::collections::BTreeSet;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 const GRACE: u64 = 1000;
 const TIMEOUT: u64 = 5000;
@@ -76,7 +78,7 @@ fn form(job: &mut Job, ids: &[&str], now: Instant) -> Vec<Assignment> {
 fn rendezvous_closes_when_max_workers_joined() {
     let (mut job, t0) = job(1, 2);
     assert_eq!(join(&mut job, "a", t0), JoinOutcome::Wait);
-    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.state(), JobState::Waiting);
     let b = assigned(join(&mut job, "b", at(t0, 10)));
     let a = assigned(join(&mut job, "a", at(t0, 20)));
     assert_eq!((a.rank, b.rank), (0, 1));
@@ -84,11 +86,11 @@ fn rendezvous_closes_when_max_workers_joined() {
     let ring = |next: &str, prev: &str| Some(Neighbours { next: next.into(), prev: prev.into() });
     assert_eq!((a.neighbours.clone(), b.neighbours.clone()), (ring("b:7000", "b:7000"), ring("a:7000", "a:7000")));
     assert_eq!((&a.token, a.generation), (&b.token, b.generation));
-    assert_eq!(a.backend, "tcp");
+    assert_eq!(a.backend, Backend::Tcp);
     assert_eq!(a.resume, ResumePoint::default());
     assert_eq!(a.timeout_s, 60);
     assert!(a.config_json.contains("\"job\""));
-    assert_eq!(job.state(), "running");
+    assert_eq!(job.state(), JobState::Running);
 }
 
 #[test]
@@ -99,9 +101,9 @@ fn rendezvous_closes_after_the_grace_with_min_workers() {
     assert_eq!(join(&mut job, "a", at(t0, 5 * GRACE)), JoinOutcome::Wait, "one is below min_workers");
     join(&mut job, "b", at(t0, 5 * GRACE + 500));
     job.tick(at(t0, 6 * GRACE + 499));
-    assert_eq!(job.state(), "waiting", "the grace counts from the last join");
+    assert_eq!(job.state(), JobState::Waiting, "the grace counts from the last join");
     job.tick(at(t0, 6 * GRACE + 500));
-    assert_eq!(job.state(), "running");
+    assert_eq!(job.state(), JobState::Running);
     let a = assigned(join(&mut job, "a", at(t0, 6 * GRACE + 550)));
     assert_eq!((a.rank, a.world_size), (0, 2));
 }
@@ -126,7 +128,7 @@ fn waiting_workers_that_stop_polling_leave_the_rendezvous() {
     join(&mut job, "a", t0);
     job.tick(at(t0, TIMEOUT + 1));
     join(&mut job, "b", at(t0, TIMEOUT + 2));
-    assert_eq!(job.state(), "waiting", "a is gone, b alone is below min_workers");
+    assert_eq!(job.state(), JobState::Waiting, "a is gone, b alone is below min_workers");
 }
 
 #[test]
@@ -139,7 +141,7 @@ fn ranks_are_stable_across_generations() {
     commands(&mut job, &beat("a", &g1[0], 1), t);
     commands(&mut job, &beat("c", &g1[2], 1), t);
     job.tick(at(t0, TIMEOUT + 1));
-    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.state(), JobState::Waiting);
     let g2 = form(&mut job, &["c", "a", "d"], at(t0, TIMEOUT + 10));
     assert_eq!(g2.iter().map(|a| (a.generation, a.rank)).collect::<Vec<_>>(), vec![(2, 2), (2, 0), (2, 1)]);
     // A smaller world: a rank beyond it moves into the gap.
@@ -148,7 +150,7 @@ fn ranks_are_stable_across_generations() {
     join(&mut job, "c", t);
     join(&mut job, "a", t);
     job.tick(at(t0, TIMEOUT + 20 + GRACE));
-    assert_eq!(job.state(), "waiting", "d's replacement has job.replace_grace_ms to come");
+    assert_eq!(job.state(), JobState::Waiting, "d's replacement has job.replace_grace_ms to come");
     job.tick(at(t0, TIMEOUT + 20 + REPLACE));
     let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 30 + REPLACE)));
     let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 30 + REPLACE)));
@@ -163,10 +165,10 @@ fn a_silent_worker_ends_the_generation_and_the_others_get_rejoin() {
     assert!(commands(&mut job, &beat("b", &g[1], 1), at(t0, 1000)).is_empty());
     commands(&mut job, &beat("a", &g[0], 2), at(t0, 5500));
     job.tick(at(t0, 1000 + TIMEOUT));
-    assert_eq!(job.state(), "running", "b is silent for exactly the timeout: not yet lost");
+    assert_eq!(job.state(), JobState::Running, "b is silent for exactly the timeout: not yet lost");
     job.tick(at(t0, 1001 + TIMEOUT));
-    assert_eq!(job.state(), "waiting");
-    assert_eq!(job.status(at(t0, 1001 + TIMEOUT)).restarts, 1);
+    assert_eq!(job.state(), JobState::Waiting);
+    assert_eq!(job.status(at(t0, 1001 + TIMEOUT)).counters.restarts, 1);
     let (cmds, generation) = job.heartbeat(&beat("a", &g[0], 3), at(t0, 6100)).unwrap();
     assert_eq!((cmds, generation), (vec![Command::Rejoin], 1));
 }
@@ -177,11 +179,11 @@ fn a_fatal_error_ends_the_generation() {
     let g = form(&mut job, &["a", "b"], t0);
     let fatal = Heartbeat { fatal_error: "CUDA error".into(), ..beat("b", &g[1], 4) };
     assert_eq!(commands(&mut job, &fatal, at(t0, 100)), vec![Command::Rejoin]);
-    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.state(), JobState::Waiting);
     assert_eq!(commands(&mut job, &beat("a", &g[0], 4), at(t0, 200)), vec![Command::Rejoin]);
     let g2 = form(&mut job, &["b", "a"], at(t0, 300));
     assert_eq!((g2[0].rank, g2[1].rank, g2[0].generation), (1, 0, 2), "both keep their ranks");
-    assert_eq!(job.status(at(t0, 300)).restarts, 1);
+    assert_eq!(job.status(at(t0, 300)).counters.restarts, 1);
 }
 
 #[test]
@@ -191,7 +193,7 @@ fn joining_again_after_starting_ends_the_generation() {
     commands(&mut job, &beat("a", &g[0], 1), at(t0, 10));
     // a restarted: the world it was part of is broken.
     assert_eq!(join(&mut job, "a", at(t0, 20)), JoinOutcome::Wait);
-    assert_eq!(job.status(at(t0, 20)).restarts, 1);
+    assert_eq!(job.status(at(t0, 20)).counters.restarts, 1);
     assert_eq!(commands(&mut job, &beat("b", &g[1], 1), at(t0, 30)), vec![Command::Rejoin]);
 }
 
@@ -200,8 +202,8 @@ fn leaving_ends_the_generation_without_a_restart() {
     let (mut job, t0) = job(1, 2);
     let g = form(&mut job, &["a", "b"], t0);
     job.leave("b", g[1].generation, at(t0, 10));
-    assert_eq!(job.state(), "waiting");
-    assert_eq!(job.status(at(t0, 10)).restarts, 0);
+    assert_eq!(job.state(), JobState::Waiting);
+    assert_eq!(job.status(at(t0, 10)).counters.restarts, 0);
     // b's rank was freed: a newcomer that joins first does not take a's.
     join(&mut job, "c", at(t0, 20));
     join(&mut job, "a", at(t0, 30));
@@ -215,13 +217,13 @@ fn spares_wait_for_the_survivors_after_a_failure() {
     let g = form(&mut job, &["a", "b"], t0);
     assert_eq!(join(&mut job, "c", at(t0, 10)), JoinOutcome::Spare { generation: 1, world: 2 });
     assert_eq!(join(&mut job, "c", at(t0, 20)), JoinOutcome::Wait, "said once");
-    assert_eq!(job.state(), "running", "a spare does not disturb a running generation");
+    assert_eq!(job.state(), JobState::Running, "a spare does not disturb a running generation");
     for t in (500..4000).step_by(500) {
         commands(&mut job, &beat("a", &g[0], 1), at(t0, t));
         join(&mut job, "c", at(t0, t));
     }
     job.tick(at(t0, TIMEOUT + 1));
-    assert_eq!(job.state(), "waiting", "the grace restarts when the rendezvous reopens");
+    assert_eq!(job.state(), JobState::Waiting, "the grace restarts when the rendezvous reopens");
     commands(&mut job, &beat("a", &g[0], 1), at(t0, TIMEOUT + 100));
     let a = assigned(join(&mut job, "a", at(t0, TIMEOUT + 200)));
     let c = assigned(join(&mut job, "c", at(t0, TIMEOUT + 200)));
@@ -251,12 +253,12 @@ fn control_commands_are_delivered_once() {
     let (mut job, t0) = job(2, 2);
     assert!(matches!(job.checkpoint(), Err(JobError::FailedPrecondition(_))), "no generation yet");
     let g = form(&mut job, &["a", "b"], t0);
-    assert_eq!(job.pause(), Ok("paused"));
-    assert_eq!(job.pause(), Ok("paused"));
+    assert_eq!(job.pause(), Ok(JobState::Paused));
+    assert_eq!(job.pause(), Ok(JobState::Paused));
     assert_eq!(commands(&mut job, &beat("a", &g[0], 1), t0), vec![Command::Pause]);
     assert!(commands(&mut job, &beat("a", &g[0], 1), t0).is_empty());
-    assert_eq!(job.resume(), Ok("running"));
-    assert_eq!(job.checkpoint(), Ok("running"));
+    assert_eq!(job.resume(), Ok(JobState::Running));
+    assert_eq!(job.checkpoint(), Ok(JobState::Running));
     assert_eq!(commands(&mut job, &beat("a", &g[0], 1), t0), vec![Command::Resume, Command::Checkpoint]);
     assert_eq!(
         commands(&mut job, &beat("b", &g[1], 1), t0),
@@ -268,9 +270,9 @@ fn control_commands_are_delivered_once() {
 #[test]
 fn a_pause_carries_over_to_the_next_generation() {
     let (mut job, t0) = job(1, 1);
-    assert_eq!(job.pause(), Ok("waiting"));
+    assert_eq!(job.pause(), Ok(JobState::Waiting));
     let g = form(&mut job, &["a"], t0);
-    assert_eq!(job.state(), "paused");
+    assert_eq!(job.state(), JobState::Paused);
     assert_eq!(commands(&mut job, &beat("a", &g[0], 0), t0), vec![Command::Pause]);
 }
 
@@ -280,14 +282,14 @@ fn every_rank_done_finishes_the_job() {
     let g = form(&mut job, &["a", "b"], t0);
     let done = |id: &str, a: &Assignment| Heartbeat { done: true, ..beat(id, a, 24) };
     assert!(commands(&mut job, &done("a", &g[0]), t0).is_empty());
-    assert_eq!(job.state(), "running");
+    assert_eq!(job.state(), JobState::Running);
     // a is done and leaves before b finished its last step: nothing fails.
     job.leave("a", 1, t0);
-    assert_eq!((job.state(), job.status(t0).restarts), ("running", 0));
+    assert_eq!((job.state(), job.status(t0).counters.restarts), (JobState::Running, 0));
     assert_eq!(commands(&mut job, &done("b", &g[1]), t0), vec![Command::Stop]);
-    assert_eq!(job.state(), "finished");
+    assert_eq!(job.state(), JobState::Finished);
     assert_eq!(commands(&mut job, &beat("a", &g[0], 24), t0), vec![Command::Stop]);
-    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended("finished"));
+    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended(JobState::Finished));
     assert!(matches!(job.pause(), Err(JobError::FailedPrecondition(_))));
     assert!(!job.drained(), "workers still attached");
     job.leave("b", 1, t0);
@@ -298,25 +300,28 @@ fn every_rank_done_finishes_the_job() {
 fn stop_asks_every_worker_and_finishes_once_they_left() {
     let (mut job, t0) = job(2, 2);
     let g = form(&mut job, &["a", "b"], t0);
-    assert_eq!(job.stop(), "stopping");
+    assert_eq!(job.stop(), JobState::Stopping);
     assert_eq!(commands(&mut job, &beat("a", &g[0], 3), t0), vec![Command::Stop]);
-    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended("stopping"));
+    assert_eq!(join(&mut job, "c", t0), JoinOutcome::Ended(JobState::Stopping));
     job.leave("a", 1, t0);
-    assert_eq!(job.state(), "stopping");
+    assert_eq!(job.state(), JobState::Stopping);
     // b never says goodbye: the heartbeat timeout counts it out, without a new generation.
     job.tick(at(t0, TIMEOUT + 1));
-    assert_eq!(job.state(), "stopped");
+    assert_eq!(job.state(), JobState::Stopped);
     assert!(job.drained());
-    assert_eq!(job.status(t0).restarts, 0);
+    assert_eq!(job.status(t0).counters.restarts, 0);
 
     let (mut idle, _) = self::job(1, 1);
-    assert_eq!(idle.stop(), "stopped");
+    assert_eq!(idle.stop(), JobState::Stopped);
     assert!(idle.drained());
 }
 
 #[test]
 fn a_committed_checkpoint_is_the_next_resume_point() {
+    let unix = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let before = unix();
     let (mut job, t0) = job(2, 2);
+    let after = unix();
     let g = form(&mut job, &["a", "b"], t0);
     let report = |job: &mut Job, generation, rank, step, ms| {
         job.report_checkpoint(
@@ -336,8 +341,10 @@ fn a_committed_checkpoint_is_the_next_resume_point() {
     let c = &job.checkpoints()[0];
     assert_eq!(job.checkpoints().len(), 1, "a retried report is one checkpoint");
     assert_eq!((c.step, c.epoch, c.step_in_epoch), (30, 2, 6));
-    assert_eq!(c.committed_at, job.clock.1 + 2);
-    assert_eq!(job.status(t0).last_checkpoint, "run/checkpoints/step-30");
+    // Committed 2.5 s after the job's time zero: the wall clock then, in whole seconds.
+    assert!((before + 2..=after + 2).contains(&c.committed_at), "{} not {before}..={after} + 2", c.committed_at);
+    let s = job.status(t0);
+    assert_eq!((s.last_checkpoint.as_str(), s.last_checkpoint_unix), ("run/checkpoints/step-30", c.committed_at));
     assert!(!report(&mut job, 1, 0, 24, 2700).unwrap().committed, "older than the latest");
     commands(&mut job, &Heartbeat { fatal_error: "boom".into(), ..beat("a", &g[0], 31) }, t0);
     // A save that finished after its generation ended still counts.
@@ -351,8 +358,10 @@ fn a_committed_checkpoint_is_the_next_resume_point() {
 
 #[test]
 fn old_checkpoints_are_evicted_and_a_rejected_one_falls_back_to_the_previous() {
-    let (mut job, t0) = job(2, 2);
-    job.cfg.job.keep_checkpoints = 2;
+    let mut cfg = config(2, 2);
+    cfg.job.keep_checkpoints = 2;
+    let t0 = Instant::now();
+    let mut job = Job::new(cfg, vec![60, 40], t0);
     let g = form(&mut job, &["a", "b"], t0);
     let mut evicted = vec![];
     for step in [4, 8, 12] {
@@ -368,8 +377,8 @@ fn old_checkpoints_are_evicted_and_a_rejected_one_falls_back_to_the_previous() {
     let dropped = job.reject_checkpoint(2, 1, "run/checkpoints/step-12", "model.safetensors: SHA-256", t0).unwrap();
     assert_eq!(dropped.as_deref(), Some("run/checkpoints/step-12"));
     assert_eq!(job.reject_checkpoint(2, 0, "run/checkpoints/step-12", "again", t0).unwrap(), None);
-    assert_eq!(job.status(t0).rejected_checkpoints, 1);
-    assert_eq!(job.state(), "waiting", "the generation ended");
+    assert_eq!(job.status(t0).counters.rejected_checkpoints, 1);
+    assert_eq!(job.state(), JobState::Waiting, "the generation ended");
     let g3 = form(&mut job, &["a", "b"], t0);
     assert_eq!((g3[0].resume.step, g3[0].resume.checkpoint.as_str()), (8, "run/checkpoints/step-8"));
     assert!(job.reject_checkpoint(9, 0, "x", "y", t0).is_err());
@@ -382,9 +391,9 @@ fn non_finite_steps_are_counted_once_from_rank_0() {
     for (id, a, n) in [("a", &g[0], 1), ("b", &g[1], 1), ("a", &g[0], 3), ("a", &g[0], 3)] {
         commands(&mut job, &Heartbeat { nonfinite_steps: n, ..beat(id, a, 5) }, t0);
     }
-    assert_eq!(job.status(t0).nonfinite_steps, 3);
+    assert_eq!(job.status(t0).counters.nonfinite_steps, 3);
     let restored = Job::from_json(config(2, 2), vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
-    assert_eq!(restored.status(t0).nonfinite_steps, 3);
+    assert_eq!(restored.status(t0).counters.nonfinite_steps, 3);
 }
 
 #[test]
@@ -398,20 +407,20 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     let mut restored = Job::from_json(config(2, 2), vec![60, 40], &text, t0).unwrap();
     assert!(before > 0);
     assert_eq!(restored.checkpoints(), job.checkpoints());
-    assert_eq!(restored.state(), "waiting");
+    assert_eq!(restored.state(), JobState::Waiting);
     assert_eq!(restored.status(t0).generation, 1);
     // The workers of the old generation are told to rejoin, and keep their ranks.
     assert_eq!(commands(&mut restored, &beat("a", &g[0], 13), t0), vec![Command::Rejoin]);
     let g2 = form(&mut restored, &["b", "a"], t0);
     assert_eq!((g2[0].generation, g2[0].rank, g2[1].rank), (2, 1, 0));
     assert_eq!(g2[0].resume.checkpoint, "ck/step-12");
-    assert_eq!(restored.state(), "paused");
+    assert_eq!(restored.state(), JobState::Paused);
     assert_eq!(restored.snapshot().to_json().replace("\"generation\": 2", "\"generation\": 1"), text);
 
     // A stopped job starts again (the same run location, a new coordinator) from its checkpoint.
     restored.stop();
     let mut again = Job::from_json(config(2, 2), vec![60, 40], &restored.snapshot().to_json(), t0).unwrap();
-    assert_eq!(again.state(), "waiting");
+    assert_eq!(again.state(), JobState::Waiting);
     assert_eq!(form(&mut again, &["a", "b"], t0)[0].resume.checkpoint, "ck/step-12");
     // A finished one stays finished.
     let g3 = form(&mut job, &["a", "b"], t0);
@@ -419,7 +428,7 @@ fn the_state_survives_a_restart_of_the_coordinator() {
         commands(&mut job, &Heartbeat { done: true, ..beat(id, a, 24) }, t0);
     }
     let finished = Job::from_json(config(2, 2), vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
-    assert_eq!(finished.state(), "finished");
+    assert_eq!(finished.state(), JobState::Finished);
     assert!(finished.drained());
     assert!(Job::from_json(config(2, 2), vec![1], "{\"version\": 9}", t0).is_err());
 }
@@ -448,7 +457,7 @@ fn nccl_generations_relay_rank_0s_id() {
     let (mut job, t0) = job(2, 2);
     join_kind(&mut job, "a", "cuda", t0);
     let b = assigned(join_kind(&mut job, "b", "cuda", t0));
-    assert_eq!(b.backend, "nccl");
+    assert_eq!(b.backend, Backend::Nccl);
     assert_eq!(job.nccl_id(1), Ok(None));
     job.publish_nccl_id(1, &[7; 128]).unwrap();
     job.publish_nccl_id(1, &[7; 128]).unwrap();
@@ -458,7 +467,7 @@ fn nccl_generations_relay_rank_0s_id() {
     let (mut mixed, t0) = self::job(2, 2);
     join_kind(&mut mixed, "a", "cuda", t0);
     let b = assigned(join_kind(&mut mixed, "b", "cpu", t0));
-    assert_eq!(b.backend, "tcp");
+    assert_eq!(b.backend, Backend::Tcp);
     assert!(matches!(mixed.publish_nccl_id(1, &[7; 128]), Err(JobError::FailedPrecondition(_))));
     assert!(matches!(mixed.nccl_id(1), Err(JobError::FailedPrecondition(_))));
 }
@@ -479,12 +488,12 @@ fn diverging_parameter_hashes_are_counted_once_per_step() {
     let g = form(&mut job, &["a", "b"], t0);
     commands(&mut job, &beat("a", &g[0], 5), t0);
     commands(&mut job, &beat("b", &g[1], 5), t0);
-    assert_eq!(job.hash_mismatches, 0);
+    assert_eq!(job.status(t0).counters.params_hash_mismatches, 0);
     let odd = Heartbeat { params_hash: "other".into(), ..beat("b", &g[1], 6) };
     commands(&mut job, &beat("a", &g[0], 6), t0);
     commands(&mut job, &odd, t0);
     commands(&mut job, &odd, t0);
-    assert_eq!(job.hash_mismatches, 1);
+    assert_eq!(job.status(t0).counters.params_hash_mismatches, 1);
 }
 
 #[test]
@@ -497,10 +506,10 @@ fn status_summarises_the_ranks() {
     commands(&mut job, &hb_a, t0);
     commands(&mut job, &hb_b, at(t0, 300));
     let s = job.status(at(t0, 1000));
-    assert_eq!((s.state, s.generation, s.world_size, s.step), ("running", 1, 2, 6));
+    assert_eq!((s.state, s.generation, s.world_size, s.step), (JobState::Running, 1, 2, 6));
     assert_eq!((s.losses, s.images_per_second, s.lr, s.temp), (losses, 22.0, 1e-4, 0.07));
     // max_steps is 0: epochs x steps per epoch.
-    assert_eq!(s.total_steps, 12 * job.cfg.schedular.epochs);
+    assert_eq!(s.total_steps, 12 * config(2, 2).schedular.epochs);
     assert_eq!(s.workers.iter().map(|w| (w.rank, w.last_seen_ms)).collect::<Vec<_>>(), vec![(0, 1000), (1, 700)]);
     assert_eq!(s.workers[1].params_hash, "h6");
 }
@@ -511,7 +520,7 @@ fn every_silent_worker_loses_its_rank() {
     let g = form(&mut job, &["a", "b", "c"], t0);
     commands(&mut job, &beat("c", &g[2], 1), at(t0, 1000));
     job.tick(at(t0, TIMEOUT + 1));
-    assert_eq!(job.state(), "waiting");
+    assert_eq!(job.state(), JobState::Waiting);
     // a and b were lost: back, they are newcomers that fill the gaps in join order; c keeps 2.
     let t = at(t0, TIMEOUT + 10);
     let ranks: Vec<u32> = form(&mut job, &["c", "b", "a"], t).iter().map(|x| x.rank).collect();
@@ -568,16 +577,16 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     job.report_checkpoint(1, 0, 8, 0, 8, "ck/step-8", t0).unwrap();
     let text = job.snapshot().to_json();
     let mut restored = Job::from_json(cfg.clone(), vec![60, 40], &text, t0).unwrap();
-    assert_eq!(restored.state(), "waiting", "step 8 of 12: not the end");
+    assert_eq!(restored.state(), JobState::Waiting, "step 8 of 12: not the end");
     // Rank 0 of the old generation reports its final checkpoint (epoch 1, step 0 of it).
     assert!(restored.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap().committed);
-    assert_eq!(restored.state(), "finished");
+    assert_eq!(restored.state(), JobState::Finished);
     assert!(restored.drained(), "the coordinator may exit");
     // Committed before the restart: the restored job is finished at once.
     job.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap();
-    assert_eq!(job.state(), "running", "a running generation finishes when its ranks say done");
+    assert_eq!(job.state(), JobState::Running, "a running generation finishes when its ranks say done");
     let again = Job::from_json(cfg, vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
-    assert_eq!(again.state(), "finished");
+    assert_eq!(again.state(), JobState::Finished);
 }
 
 /// A fleet of `n` GPU workers joined; returns each one's id and assignment.
@@ -594,7 +603,7 @@ fn ten_thousand_joins_form_one_generation_with_assignments_that_do_not_grow() {
     let n = 10_000;
     let (mut job, t0) = job(n as u32, n as u32);
     let world = fleet(&mut job, n, t0);
-    assert!(world.iter().all(|(_, a)| a.generation == 1 && a.world_size == n as u32 && a.backend == "nccl"));
+    assert!(world.iter().all(|(_, a)| a.generation == 1 && a.world_size == n as u32 && a.backend == Backend::Nccl));
     let ranks: BTreeSet<u32> = world.iter().map(|(_, a)| a.rank).collect();
     assert_eq!(ranks.len(), n, "every rank once");
     // What a rank receives is the same size in a world of 2 as in one of 10,000 (but the digits
@@ -610,7 +619,7 @@ fn ten_thousand_joins_form_one_generation_with_assignments_that_do_not_grow() {
     }
     job.tick(at(t0, TIMEOUT));
     let status = job.status(at(t0, TIMEOUT));
-    assert_eq!((status.generation, status.restarts, status.workers_total), (1, 0, n as u32));
+    assert_eq!((status.generation, status.counters.restarts, status.workers_total), (1, 0, n as u32));
     assert_eq!(status.workers.len(), SUMMARY_WORKERS, "a summary, not 10,000 rows");
     // Every rank, page by page, once.
     let (mut from, mut seen) = (Some(0), BTreeSet::new());
@@ -663,7 +672,7 @@ fn tcp_ranks_receive_their_ring_neighbours_only() {
     let mut ring = vec![None; n];
     for id in &ids {
         let a = assigned(join(&mut job, id, t0));
-        assert_eq!((a.backend.as_str(), a.world_size), ("tcp", n as u32));
+        assert_eq!((a.backend, a.world_size), (Backend::Tcp, n as u32));
         address[a.rank as usize] = format!("{id}:7000");
         ring[a.rank as usize] = a.neighbours;
     }
@@ -714,7 +723,7 @@ fn a_rank_slower_than_the_median_for_the_window_is_a_straggler_until_it_catches_
     assert_eq!(marked(&job), (1, vec![2]));
     let w = job.status(at(t0, 0)).workers.into_iter().find(|w| w.rank == 2).unwrap();
     assert_eq!((w.busy_seconds, w.data_wait_share), (0.5, 0.8));
-    assert_eq!(job.state(), "running", "without job.evict_stragglers it is only reported");
+    assert_eq!(job.state(), JobState::Running, "without job.evict_stragglers it is only reported");
     run_with_a_slow_rank(&mut job, &g, t0, 27..29, 0.2);
     assert_eq!(marked(&job), (0, vec![]), "caught up");
 }
@@ -724,12 +733,12 @@ fn an_evicted_straggler_sits_out_the_next_rendezvous_and_may_join_the_one_after(
     let (mut job, t0) = straggler_job(3, true);
     let g = form(&mut job, &["w0", "w1", "w2", "w3"], t0);
     run_with_a_slow_rank(&mut job, &g, t0, 0..12, 0.6);
-    assert_eq!(job.state(), "waiting", "the generation ended to leave the straggler out");
+    assert_eq!(job.state(), JobState::Waiting, "the generation ended to leave the straggler out");
     let s = job.status(at(t0, 0));
-    assert_eq!((s.straggler_evictions, s.restarts), (1, 0), "an eviction is no failure");
+    assert_eq!((s.counters.straggler_evictions, s.counters.restarts), (1, 0), "an eviction is no failure");
     let evicted = format!("w{}", g.iter().position(|a| a.rank == 2).unwrap());
     let now = at(t0, 13_000);
-    assert_eq!(join(&mut job, &evicted, now), JoinOutcome::Benched);
+    assert_eq!(join(&mut job, &evicted, now), JoinOutcome::Evicted);
     assert_eq!(join(&mut job, &evicted, now), JoinOutcome::Wait, "said once");
     let others: Vec<String> = (0..4).map(|i| format!("w{i}")).filter(|id| *id != evicted).collect();
     for id in &others {
@@ -742,7 +751,7 @@ fn an_evicted_straggler_sits_out_the_next_rendezvous_and_may_join_the_one_after(
     assert_eq!(join(&mut job, &evicted, later), JoinOutcome::Spare { generation: 2, world: 3 });
     // The world has room, yet an evicted straggler is not what a scale-up waits for.
     commit(&mut job, 2, 20, later);
-    assert_eq!((job.state(), job.status(later).scale_ups), ("running", 0));
+    assert_eq!((job.state(), job.status(later).counters.scale_ups), (JobState::Running, 0));
 }
 
 #[test]
@@ -751,7 +760,7 @@ fn stragglers_stay_when_evicting_them_would_leave_fewer_than_min_workers() {
     let g = form(&mut job, &["w0", "w1", "w2", "w3"], t0);
     run_with_a_slow_rank(&mut job, &g, t0, 0..12, 0.6);
     let s = job.status(at(t0, 0));
-    assert_eq!((job.state(), s.stragglers, s.straggler_evictions), ("running", 1, 0));
+    assert_eq!((job.state(), s.stragglers, s.counters.straggler_evictions), (JobState::Running, 1, 0));
 }
 
 #[test]
@@ -764,11 +773,11 @@ fn after_a_failure_the_rendezvous_waits_for_a_replacement_then_goes_on_without_i
             commands(&mut job, &beat(id, a, 1), at(t0, TIMEOUT - 100));
         }
         job.tick(at(t0, TIMEOUT + 1));
-        assert_eq!((job.state(), job.status(at(t0, TIMEOUT + 1)).restarts), ("waiting", 1));
+        assert_eq!((job.state(), job.status(at(t0, TIMEOUT + 1)).counters.restarts), (JobState::Waiting, 1));
         join(&mut job, "a", at(t0, TIMEOUT + 100));
         join(&mut job, "b", at(t0, TIMEOUT + 100));
         job.tick(at(t0, TIMEOUT + 100 + 2 * GRACE));
-        assert_eq!(job.state(), "waiting", "within job.replace_grace_ms the world waits to be whole");
+        assert_eq!(job.state(), JobState::Waiting, "within job.replace_grace_ms the world waits to be whole");
         (job, t0)
     };
     // Its replacement comes in time: the world is whole again at once.
@@ -782,9 +791,9 @@ fn after_a_failure_the_rendezvous_waits_for_a_replacement_then_goes_on_without_i
     assert_eq!((a.generation, a.world_size), (2, 2));
 }
 
-fn scale_up_job(mode: &str) -> (Job, Instant, Vec<Assignment>) {
+fn scale_up_job(mode: ScaleUp) -> (Job, Instant, Vec<Assignment>) {
     let mut cfg = config(1, 4);
-    cfg.job.scale_up = mode.into();
+    cfg.job.scale_up = mode;
     cfg.train.max_steps = 40;
     let t0 = Instant::now();
     let mut job = Job::new(cfg, vec![60, 40], t0);
@@ -802,32 +811,36 @@ fn commit(job: &mut Job, generation: u64, step: u64, now: Instant) {
 
 #[test]
 fn spares_join_a_running_job_right_after_its_next_checkpoint() {
-    let (mut job, t0, g) = scale_up_job("at_checkpoint");
+    let (mut job, t0, g) = scale_up_job(ScaleUp::AtCheckpoint);
     assert_eq!(join(&mut job, "c", at(t0, 2000)), JoinOutcome::Spare { generation: 1, world: 2 });
     assert_eq!(job.status(at(t0, 2000)).waiting, 1);
     assert!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2500)).is_empty(), "no checkpoint asked for");
-    assert_eq!(job.state(), "running", "the spare waits for the checkpoint");
+    assert_eq!(job.state(), JobState::Running, "the spare waits for the checkpoint");
     commit(&mut job, 1, 4, at(t0, 3000));
     let s = job.status(at(t0, 3000));
-    assert_eq!((job.state(), s.scale_ups, s.restarts), ("waiting", 1, 0), "the world grows: no failure");
+    assert_eq!(
+        (job.state(), s.counters.scale_ups, s.counters.restarts),
+        (JobState::Waiting, 1, 0),
+        "the world grows: no failure"
+    );
     assert_eq!(commands(&mut job, &beat("b", &g[1], 5), at(t0, 3100)), vec![Command::Rejoin]);
     // The three are the world expected: it forms once they are back, not after a grace, and
     // not without the survivors, however slow they are to hear of it.
     join(&mut job, "c", at(t0, 3100));
     job.tick(at(t0, 3100 + 2 * GRACE));
-    assert_eq!(job.state(), "waiting", "the spare alone does not form the next world");
+    assert_eq!(job.state(), JobState::Waiting, "the spare alone does not form the next world");
     join(&mut job, "b", at(t0, 3100 + 2 * GRACE));
     let a = assigned(join(&mut job, "a", at(t0, 3200 + 2 * GRACE)));
     assert_eq!((a.generation, a.world_size, a.rank, a.resume.step), (2, 3, 0, 4));
     // The job's last checkpoint grows nothing.
     assert_eq!(join(&mut job, "d", at(t0, 3300)), JoinOutcome::Spare { generation: 2, world: 3 });
     commit(&mut job, 2, 40, at(t0, 4000));
-    assert_eq!(job.state(), "running");
+    assert_eq!(job.state(), JobState::Running);
 }
 
 #[test]
 fn with_scale_up_immediately_a_spare_asks_for_a_checkpoint_at_once() {
-    let (mut job, t0, g) = scale_up_job("immediately");
+    let (mut job, t0, g) = scale_up_job(ScaleUp::Immediately);
     join(&mut job, "c", at(t0, 2000));
     join(&mut job, "d", at(t0, 2000));
     assert_eq!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2100)), vec![Command::Checkpoint], "asked once");
@@ -842,12 +855,12 @@ fn with_scale_up_immediately_a_spare_asks_for_a_checkpoint_at_once() {
 
 #[test]
 fn with_scale_up_never_spares_wait_for_a_failure() {
-    let (mut job, t0, g) = scale_up_job("never");
+    let (mut job, t0, g) = scale_up_job(ScaleUp::Never);
     join(&mut job, "c", at(t0, 2000));
     assert!(commands(&mut job, &beat("a", &g[0], 3), at(t0, 2100)).is_empty());
     commit(&mut job, 1, 4, at(t0, 3000));
     let s = job.status(at(t0, 3000));
-    assert_eq!((job.state(), s.waiting, s.scale_ups), ("running", 1, 0));
+    assert_eq!((job.state(), s.waiting, s.counters.scale_ups), (JobState::Running, 1, 0));
 }
 
 #[test]
@@ -892,7 +905,7 @@ fn a_world_smaller_than_the_virtual_ranks_leases_each_rank_its_virtual_ranks_sha
     join(&mut job, "a", t0);
     join(&mut job, "b", t0);
     job.tick(at(t0, GRACE));
-    assert_eq!(job.status(at(t0, GRACE)).total_steps, 100 / (4 * 4) * job.cfg.schedular.epochs, "planned over 4");
+    assert_eq!(job.status(at(t0, GRACE)).total_steps, 100 / (4 * 4) * config(1, 4).schedular.epochs, "planned over 4");
     let spec = PlanSpec { seed: 42, epoch: 2, world_size: 4, batch_size: 4, window: 8 };
     for (rank, virtual_rank) in [(0, 0), (1, 1), (0, 2), (1, 3)] {
         let plan = job.leases(1, rank, virtual_rank, 2).unwrap();

@@ -1,0 +1,113 @@
+//! The checkpoint ledger: rank 0's reports commit checkpoints (the next generation resumes from
+//! the latest), old ones are evicted beyond job.keep_checkpoints, one a worker cannot read is
+//! dropped, and the last step's finishes the job.
+
+use super::Job;
+use super::types::{Checkpoint, Commit, Result, invalid};
+use std::time::Instant;
+use tracing::{info, warn};
+
+impl Job {
+    pub fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    /// A checkpoint `rank` finished writing (its manifest verified by the caller); rank 0's is
+    /// committed: the next generation resumes from it. A report may come from a generation that
+    /// has ended since the save began, or that rank 0 took as its generation ended (the state it
+    /// holds is as good: every rank takes the same steps). Older checkpoints beyond
+    /// `job.keep_checkpoints` are evicted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn report_checkpoint(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        step: u64,
+        epoch: u64,
+        step_in_epoch: u64,
+        location: &str,
+        now: Instant,
+    ) -> Result<Commit> {
+        match &self.current {
+            Some(g) if g.number == generation => {
+                self.current_checked(generation, rank)?;
+            }
+            _ if generation == 0 || generation > self.generation => {
+                return invalid(format!("generation {generation} was never formed (latest {})", self.generation));
+            }
+            _ => {}
+        }
+        if rank != 0 {
+            return Ok(Commit::default());
+        }
+        if let Some(last) = self.checkpoints.last() {
+            if last.step == step && last.location == location {
+                return Ok(Commit { committed: true, evicted: vec![] });
+            }
+            if step <= last.step {
+                warn!(step, latest = last.step, location, "a checkpoint older than the latest one: not committed");
+                return Ok(Commit::default());
+            }
+        }
+        let committed_at = self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs();
+        info!(generation, step, epoch, step_in_epoch, location, "checkpoint committed");
+        self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location: location.to_string(), committed_at });
+        self.counters.checkpoints_committed += 1;
+        let keep = self.cfg.job.keep_checkpoints.max(1) as usize;
+        let excess = self.checkpoints.len().saturating_sub(keep);
+        let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
+        self.changed();
+        self.finish_if_complete();
+        self.scale_up(generation, now);
+        Ok(Commit { committed: true, evicted })
+    }
+
+    /// Whether `c` is of the job's last step.
+    pub(super) fn is_last(&self, c: &Checkpoint) -> bool {
+        match self.cfg.train.max_steps {
+            0 => c.epoch >= self.cfg.schedular.epochs,
+            max => c.step >= max,
+        }
+    }
+
+    /// With no generation running, a committed checkpoint of the job's last step finishes the
+    /// job: the workers may have trained to the end while this coordinator was down (restarting)
+    /// and left without anyone to tell they were done.
+    pub(super) fn finish_if_complete(&mut self) {
+        let Some(last) = self.checkpoints.last() else { return };
+        if self.is_last(last) && !self.lifecycle.over() && self.current.is_none() {
+            info!(
+                step = last.step,
+                location = last.location,
+                "the latest checkpoint is the job's last step: the job is finished"
+            );
+            self.finish();
+        }
+    }
+
+    /// A rank could not read the checkpoint it was told to resume from: it is dropped (returned
+    /// for deletion when it was committed) and the generation ends, so that the next one resumes
+    /// from the previous checkpoint.
+    pub fn reject_checkpoint(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        location: &str,
+        reason: &str,
+        now: Instant,
+    ) -> Result<Option<String>> {
+        if generation == 0 || generation > self.generation {
+            return invalid(format!("generation {generation} was never formed (latest {})", self.generation));
+        }
+        let dropped = self.checkpoints.iter().position(|c| c.location == location).map(|i| {
+            self.counters.rejected_checkpoints += 1;
+            warn!(location, rank, reason, "checkpoint rejected: falling back to the previous one");
+            self.checkpoints.remove(i).location
+        });
+        if self.current.as_ref().is_some_and(|g| g.number == generation) {
+            self.end_generation(&format!("rank {rank} cannot read {location}: {reason}"), true, &[], now);
+        }
+        self.changed();
+        Ok(dropped)
+    }
+}
