@@ -1,0 +1,57 @@
+//! What the status reports.
+
+use super::*;
+
+#[test]
+fn status_summarises_the_ranks() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let losses = Losses { ita: 1.0, itm: 0.5, mlm: 2.0, total: 3.5 };
+    let hb_a = Heartbeat { losses, images_per_second: 10.0, lr: 1e-4, temp: 0.07, ..beat("a", &g[0], 7) };
+    let hb_b = Heartbeat { images_per_second: 12.0, ..beat("b", &g[1], 6) };
+    commands(&mut job, &hb_a, t0);
+    commands(&mut job, &hb_b, at(t0, 300));
+    let s = job.status(at(t0, 1000));
+    assert_eq!((s.state, s.generation, s.world_size, s.step), (JobState::Running, 1, 2, 6));
+    assert_eq!((s.losses, s.images_per_second, s.lr, s.temp), (losses, 22.0, 1e-4, 0.07));
+    // max_steps is 0: epochs x steps per epoch.
+    assert_eq!(s.total_steps, 12 * config(2, 2).schedular.epochs);
+    assert_eq!(s.workers.iter().map(|w| (w.rank, w.last_seen_ms)).collect::<Vec<_>>(), vec![(0, 1000), (1, 700)]);
+    assert_eq!(s.workers[1].params_hash, "h6");
+}
+
+#[test]
+fn rank_0_reports_evaluations_and_the_latest_step_wins() {
+    let (mut job, t0) = job(2, 2);
+    form(&mut job, &["a", "b"], t0);
+    let m = |v: f64| BTreeMap::from([("itm/r_mean".to_string(), v)]);
+    assert!(matches!(job.report_evaluation(1, 1, 8, m(50.0)), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_evaluation(1, 0, 8, m(f64::NAN)), Err(JobError::InvalidArgument(_))));
+    assert!(matches!(job.report_evaluation(7, 0, 8, m(50.0)), Err(JobError::InvalidArgument(_))));
+    job.report_evaluation(1, 0, 16, m(60.0)).unwrap();
+    job.report_evaluation(1, 0, 8, m(50.0)).unwrap();
+    assert_eq!(job.status(t0).evaluation, Some((16, m(60.0))));
+}
+
+#[test]
+fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
+    let (mut job, t0) = job(2, 2);
+    let g = form(&mut job, &["a", "b"], t0);
+    let example = |key: &str| SkipExample {
+        reason: "corrupt_image".into(),
+        source: "s.tar".into(),
+        key: key.into(),
+        detail: String::new(),
+    };
+    for (id, a, keys) in [("b", &g[1], ["b1", "b2", "b3"]), ("a", &g[0], ["a1", "a2", "a3"])] {
+        let hb = Heartbeat {
+            bad_samples: [("corrupt_image".to_string(), 5)].into(),
+            bad_sample_examples: keys.map(example).into(),
+            ..beat(id, a, 1)
+        };
+        commands(&mut job, &hb, t0);
+    }
+    let s = job.status(t0);
+    assert_eq!(s.bad_samples["corrupt_image"], 10);
+    assert_eq!(s.bad_sample_examples, ["a1", "a2", "a3"].map(example), "three per reason, by worker id");
+}
