@@ -1,5 +1,5 @@
 //! The job as a plain state machine: rendezvous, generations, progress, commands, checkpoints and
-//! control. It knows nothing of gRPC (service.rs translates) and takes the time as an argument,
+//! control. It knows nothing of gRPC (the service translates) and takes the time as an argument,
 //! so the tests drive it deterministically.
 //!
 //! A generation is one world formed by a rendezvous. It ends when a member goes silent, reports a

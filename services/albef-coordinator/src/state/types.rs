@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Why a request cannot be served; service.rs maps each kind to a gRPC status code.
+/// Why a request cannot be served; the service maps each kind to a gRPC status code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobError {
     /// The request names something that does not exist (stale generation, rank outside the world).
