@@ -1,0 +1,259 @@
+//! The coordinator under a fleet's load: a real `albef-coordinator` process on 127.0.0.1 and N
+//! simulated workers in this process, each a tonic client on its own connection speaking the
+//! worker protocol as `albef-worker` does: Join (long poll), PublishNcclId / GetNcclId, GetLeases,
+//! a heartbeat a second with realistic fields (rank 0 also reports an evaluation and checkpoints),
+//! Leave. Bounded in count and time, loopback only.
+//!
+//! `cargo bench -p albef-coordinator --bench fleet -- [--workers 100,1000,10000] [--seconds 20]
+//! [--backend nccl|tcp] [--heartbeats stream,unary]` (`make bench-coordinator`) prints, for each N
+//! and each way of sending heartbeats (on one stream per worker, as albef-worker does, or one
+//! call each): how long the world took to form after the last Join, heartbeat latency p50/p99/max
+//! in the steady state (from the time every rank had its assignment), errors by gRPC code,
+//! generations formed, the coordinator's CPU and RSS (per worker too), its state writes per
+//! second and bytes, and one GetStatus; then the ratios of stream to unary.
+
+mod process;
+mod simulated;
+
+use albef_proto::v1::GetStatusRequest;
+use albef_proto::v1::control_client::ControlClient;
+use process::{Coordinator, connect};
+use prost::Message;
+use simulated::{checkpoint, worker};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Args {
+    workers: Vec<usize>,
+    seconds: u64,
+    backend: String,
+    heartbeats: Vec<Transport>,
+}
+
+/// How the simulated workers send their heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Stream,
+    Unary,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut args = Args {
+            workers: vec![100, 1000, 10_000],
+            seconds: 20,
+            backend: "nccl".into(),
+            heartbeats: vec![Transport::Stream, Transport::Unary],
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+            match a.as_str() {
+                "--workers" => {
+                    args.workers = value().split(',').map(|n| n.trim().parse().expect("--workers N,N")).collect()
+                }
+                "--seconds" => args.seconds = value().parse().expect("--seconds S"),
+                "--backend" => args.backend = value(),
+                "--heartbeats" => {
+                    args.heartbeats = value()
+                        .split(',')
+                        .map(|t| match t.trim() {
+                            "stream" => Transport::Stream,
+                            "unary" => Transport::Unary,
+                            other => panic!("--heartbeats stream,unary, not {other}"),
+                        })
+                        .collect()
+                }
+                // cargo bench passes --bench.
+                "--bench" => {}
+                other => panic!(
+                    "unknown argument {other} (--workers N,N --seconds S --backend nccl|tcp --heartbeats stream,unary)"
+                ),
+            }
+        }
+        assert!(matches!(args.backend.as_str(), "nccl" | "tcp"), "--backend nccl|tcp");
+        args
+    }
+}
+
+/// What the simulated workers observed.
+#[derive(Default)]
+struct Observed {
+    last_join_sent: Option<Instant>,
+    assigned: Vec<Instant>,
+    assignment_bytes: Vec<usize>,
+    /// (sent at, latency) of every answered heartbeat.
+    heartbeats: Vec<(Instant, Duration)>,
+    errors: BTreeMap<String, u64>,
+    rejoins: u64,
+    generations: std::collections::BTreeSet<u64>,
+}
+
+impl Observed {
+    fn error(&mut self, rpc: &str, s: &tonic::Status) {
+        *self.errors.entry(format!("{rpc}: {:?}", s.code())).or_default() += 1;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// What one run measured, for the ratios.
+struct Summary {
+    cpu: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runtime::Handle) -> Summary {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(dir.path(), n, &args.backend);
+    let (_, idle_rss, _) = coordinator.usage();
+    let obs = Arc::new(Mutex::new(Observed::default()));
+    let (device_kind, seconds) = (if args.backend == "nccl" { "cuda" } else { "cpu" }, args.seconds);
+    let started = Instant::now();
+    // Pods start over a few seconds, not in the same microsecond.
+    let spread = Duration::from_millis((n as u64).min(5000));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (endpoint, obs) = (coordinator.endpoint.clone(), obs.clone());
+        let delay = spread.mul_f64(i as f64 / n as f64);
+        tasks.push(workers.spawn(async move {
+            tokio::time::sleep(delay).await;
+            worker(i, endpoint, (device_kind, transport), seconds, obs).await;
+        }));
+    }
+    // Wait for every assignment (or give up after a minute past the last join).
+    let formed = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let o = obs.lock().unwrap();
+        if o.assigned.len() == n {
+            break o.assigned.iter().max().copied();
+        }
+        if o.last_join_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+            break None;
+        }
+    };
+    let (cpu0, _, _) = coordinator.usage();
+    let (writes0, bytes0) = (
+        coordinator.counter("albef_coordinator_state_writes_total"),
+        coordinator.counter("albef_coordinator_state_bytes_total"),
+    );
+    let steady = Instant::now();
+    let generation = obs.lock().unwrap().generations.iter().max().copied().unwrap_or(1);
+    let mut commits = vec![];
+    for step in [5, 15] {
+        if step < args.seconds {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(steady) + Duration::from_secs(step)).await;
+            commits.push(checkpoint(dir.path(), &coordinator.endpoint, generation, step, &obs).await);
+        }
+    }
+    let status_started = Instant::now();
+    let status = ControlClient::new(connect(&coordinator.endpoint).await).get_status(GetStatusRequest::default()).await;
+    let status_took = status_started.elapsed();
+    let status_bytes = status.as_ref().map_or(0, |s| s.get_ref().encoded_len());
+    // Measured while every worker heartbeats, before they leave.
+    let wait_until = steady + Duration::from_secs(args.seconds.saturating_sub(2));
+    tokio::time::sleep_until(tokio::time::Instant::from_std(wait_until.max(Instant::now()))).await;
+    let (cpu1, rss, peak) = coordinator.usage();
+    let writes = coordinator.counter("albef_coordinator_state_writes_total") - writes0;
+    let bytes = coordinator.counter("albef_coordinator_state_bytes_total") - bytes0;
+    let window = steady.elapsed().as_secs_f64();
+    // The workers leave once their heartbeats are done; any still joining are given up on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(deadline, t).await.is_err() {
+            abort.abort();
+        }
+    }
+    let o = obs.lock().unwrap();
+    let last_join = o.last_join_sent.unwrap_or(started);
+    // The steady state: from 2 s after every rank had its assignment to 2 s before the workers
+    // end (the CPU's window); the line after shows the other seconds too.
+    let in_steady_state = |sent: &Instant| *sent >= steady + Duration::from_secs(2) && *sent < wait_until;
+    let mut steady_beats: Vec<Duration> =
+        o.heartbeats.iter().filter(|(sent, _)| in_steady_state(sent)).map(|(_, l)| *l).collect();
+    steady_beats.sort();
+    let max_assignment = o.assignment_bytes.iter().max().copied().unwrap_or(0);
+    let transport_name = match transport {
+        Transport::Stream => "one stream per worker",
+        Transport::Unary => "one call per beat",
+    };
+    println!("## {n} workers ({} backend, {} s of heartbeats, {transport_name})", args.backend, args.seconds);
+    match formed {
+        Some(t) => println!("world formed        {} after the last Join", ms(t.saturating_duration_since(last_join))),
+        None => println!("world formed        NEVER ({} of {n} assigned)", o.assigned.len()),
+    }
+    println!("generations         {} (rejoin commands: {})", o.generations.len(), o.rejoins);
+    println!("assignment          {max_assignment} bytes (largest)");
+    let summary = Summary {
+        cpu: 100.0 * (cpu1 - cpu0) / window,
+        p50: percentile(&steady_beats, 0.5),
+        p99: percentile(&steady_beats, 0.99),
+        max: steady_beats.last().copied().unwrap_or_default(),
+    };
+    println!(
+        "heartbeat latency   p50 {}  p99 {}  max {}  ({} steady-state beats)",
+        ms(summary.p50),
+        ms(summary.p99),
+        ms(summary.max),
+        steady_beats.len()
+    );
+    // The slowest beat of each second (a checkpoint is committed at +5 s and +15 s, the GetStatus
+    // follows the second, the workers end at +20 s).
+    let mut worst_by_second: BTreeMap<u64, Duration> = BTreeMap::new();
+    for (sent, latency) in &o.heartbeats {
+        let worst = worst_by_second.entry(sent.saturating_duration_since(steady).as_secs()).or_default();
+        *worst = (*worst).max(*latency);
+    }
+    let worst: Vec<String> = worst_by_second.values().map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
+    println!("slowest per second  {} ms", worst.join(" "));
+    println!("errors              {:?}", o.errors);
+    println!(
+        "coordinator         CPU {:.0}% of one core in the steady state, RSS {:.1} MiB ({:.2} KiB per worker over idle), peak {:.1} MiB",
+        summary.cpu,
+        rss as f64 / 1048576.0,
+        rss.saturating_sub(idle_rss) as f64 / 1024.0 / n as f64,
+        peak as f64 / 1048576.0
+    );
+    println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
+    println!("GetStatus           {} bytes in {}", status_bytes, ms(status_took));
+    let commits: Vec<String> = commits.into_iter().map(ms).collect();
+    println!("checkpoint commits  {}", commits.join(", "));
+    println!();
+    summary
+}
+
+fn main() {
+    let args = Args::parse();
+    // The simulated workers run on a runtime of their own: the bench's own blocking bookkeeping
+    // (scrapes, /proc, checkpoint files) on this thread must not delay their heartbeats.
+    let workers = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for &n in &args.workers {
+        let runs: Vec<(Transport, Summary)> =
+            args.heartbeats.iter().map(|&t| (t, rt.block_on(run(n, t, &args, workers.handle())))).collect();
+        let of = |want| runs.iter().find(|(t, _)| *t == want).map(|(_, s)| s);
+        if let (Some(stream), Some(unary)) = (of(Transport::Stream), of(Transport::Unary)) {
+            let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+            println!(
+                "## {n} workers, stream / unary: coordinator CPU {:.2}x, heartbeat p50 {:.2}x, p99 {:.2}x, max {:.2}x\n",
+                stream.cpu / unary.cpu.max(1e-9),
+                ratio(stream.p50, unary.p50),
+                ratio(stream.p99, unary.p99),
+                ratio(stream.max, unary.max)
+            );
+        }
+    }
+}

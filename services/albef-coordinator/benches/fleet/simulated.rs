@@ -1,0 +1,202 @@
+//! A simulated worker: the worker protocol as `albef-worker` speaks it, and rank 0's checkpoints.
+
+use crate::process::connect;
+use crate::{Observed, Transport};
+use albef_proto::v1::coordinator_client::CoordinatorClient;
+use albef_proto::v1::join_response::Outcome;
+use albef_proto::v1::{
+    CollectiveBackend, Command as Cmd, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, HeartbeatResponse,
+    JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+};
+use prost::Message;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// One simulated worker's life: `seconds` heartbeats once it has its assignment.
+pub async fn worker(
+    i: usize,
+    endpoint: String,
+    (device_kind, transport): (&'static str, Transport),
+    seconds: u64,
+    obs: Arc<Mutex<Observed>>,
+) {
+    let mut c = CoordinatorClient::new(connect(&endpoint).await);
+    let worker_id = format!("sim-{i:05}");
+    let join = JoinRequest {
+        worker_id: worker_id.clone(),
+        host: "10.0.0.1".into(),
+        device_kind: device_kind.into(),
+        device_count: 8,
+        collective_address: format!("10.0.{}.{}:29500", i / 250, i % 250),
+        // Nodes of 8 local ranks, as the GPU overlay runs them.
+        node_id: format!("sim-node-{:04}", i / 8),
+        local_rank: (i % 8) as u32,
+    };
+    obs.lock().unwrap().last_join_sent = Some(Instant::now());
+    let (a, bytes) = loop {
+        match c.join(join.clone()).await.map(|r| r.into_inner()) {
+            Ok(r) => {
+                let bytes = r.encoded_len();
+                match r.outcome {
+                    Some(Outcome::Assigned(a)) => break (a, bytes),
+                    Some(Outcome::Wait(_) | Outcome::Spare(_) | Outcome::Evicted(_)) => {}
+                    other => panic!("{worker_id}: a Join that answers {other:?}"),
+                }
+            }
+            Err(s) => {
+                obs.lock().unwrap().error("Join", &s);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    {
+        let mut o = obs.lock().unwrap();
+        o.assigned.push(Instant::now());
+        o.assignment_bytes.push(bytes);
+        o.generations.insert(a.generation);
+    }
+    let (generation, rank) = (a.generation, a.rank);
+    if a.collective.as_ref().is_some_and(|p| p.backend() == CollectiveBackend::Nccl) {
+        if rank == 0 {
+            let req = PublishNcclIdRequest { generation, nccl_id: vec![7; 128] };
+            if let Err(s) = c.publish_nccl_id(req).await {
+                obs.lock().unwrap().error("PublishNcclId", &s);
+            }
+        } else {
+            loop {
+                match c.get_nccl_id(GetNcclIdRequest { generation }).await {
+                    Ok(_) => break,
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    Err(s) => {
+                        obs.lock().unwrap().error("GetNcclId", &s);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0, virtual_rank: rank }).await {
+        obs.lock().unwrap().error("GetLeases", &s);
+    }
+    let mut beats = Beats::default();
+    // Spread over the second as independent processes would be.
+    let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
+    let start = tokio::time::Instant::now() + phase;
+    for step in 0..seconds {
+        tokio::time::sleep_until(start + Duration::from_secs(step)).await;
+        let beat = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            generation,
+            rank,
+            step,
+            epoch: 0,
+            losses: Some(Losses { ita: 3.1, itm: 0.64, mlm: 2.0, total: 5.74 }),
+            images_per_second: 410.0,
+            params_hash: format!("{:016x}", step * 0x9e37_79b9),
+            params_hash_step: step,
+            lr: 1e-4,
+            temp: 0.07,
+            bad_samples: [("corrupt_image".to_string(), step / 4)].into(),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        match beats.beat(&mut c, beat, transport).await {
+            Ok(r) => {
+                let rejoin = r.commands.contains(&(Cmd::Rejoin as i32));
+                let mut o = obs.lock().unwrap();
+                o.heartbeats.push((sent, sent.elapsed()));
+                o.rejoins += u64::from(rejoin);
+            }
+            Err(s) => obs.lock().unwrap().error("Heartbeat", &s),
+        }
+        if rank == 0 && step > 0 && step % 10 == 0 {
+            let req = ReportEvaluationRequest {
+                generation,
+                rank,
+                step,
+                split: "test.json".into(),
+                metrics: [("itm/r_mean".to_string(), 50.0)].into(),
+            };
+            if let Err(s) = c.report_evaluation(req).await {
+                obs.lock().unwrap().error("ReportEvaluation", &s);
+            }
+        }
+    }
+    // As a worker that trained the last step: done, then gone (a leave without it ends the
+    // generation for everyone).
+    let done = HeartbeatRequest {
+        worker_id: worker_id.clone(),
+        generation,
+        rank,
+        step: seconds,
+        done: true,
+        ..Default::default()
+    };
+    if let Err(s) = beats.beat(&mut c, done, transport).await {
+        obs.lock().unwrap().error("Heartbeat", &s);
+    }
+    let _ = c.leave(LeaveRequest { worker_id, generation }).await;
+}
+
+/// A simulated worker's heartbeats: on the stream it opened with the first, or a call each.
+#[derive(Default)]
+struct Beats {
+    open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatResponse>)>,
+}
+
+impl Beats {
+    async fn beat(
+        &mut self,
+        c: &mut CoordinatorClient<Channel>,
+        beat: HeartbeatRequest,
+        transport: Transport,
+    ) -> Result<HeartbeatResponse, tonic::Status> {
+        if transport == Transport::Unary {
+            return Ok(c.heartbeat(beat).await?.into_inner());
+        }
+        let ended = || tonic::Status::unavailable("heartbeat stream ended");
+        match &mut self.open {
+            Some((tx, _)) => tx.send(beat).await.map_err(|_| ended())?,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(beat).await.map_err(|_| ended())?;
+                let replies = c.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+                self.open = Some((tx, replies.into_inner()));
+            }
+        }
+        let reply = self.open.as_mut().expect("opened above").1.message().await;
+        if !matches!(reply, Ok(Some(_))) {
+            self.open = None;
+        }
+        reply?.ok_or_else(ended)
+    }
+}
+
+/// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit; returns how long the
+/// report took.
+pub async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs: &Mutex<Observed>) -> Duration {
+    let location = dir.join(format!("run/checkpoints/step-{step}"));
+    std::fs::create_dir_all(&location).unwrap();
+    std::fs::write(location.join("trainer_state.json"), "{}").unwrap();
+    let manifest = format!(
+        r#"{{"version":1,"step":{step},"created_unix":0,"files":[{{"name":"trainer_state.json","size":2,"sha256":"{}"}}]}}"#,
+        "0".repeat(64)
+    );
+    std::fs::write(location.join("manifest.json"), manifest).unwrap();
+    let mut c = CoordinatorClient::new(connect(endpoint).await);
+    let req = ReportCheckpointRequest {
+        generation,
+        rank: 0,
+        step,
+        location: location.display().to_string(),
+        epoch: 0,
+        step_in_epoch: step,
+    };
+    let sent = Instant::now();
+    if let Err(s) = c.report_checkpoint(req).await {
+        obs.lock().unwrap().error("ReportCheckpoint", &s);
+    }
+    sent.elapsed()
+}
