@@ -38,3 +38,31 @@ fn the_state_survives_a_restart_of_the_coordinator() {
     assert!(finished.drained());
     assert!(Job::from_json(config(2, 2), vec![1], "{\"version\": 9}", t0).is_err());
 }
+
+/// A state file as the coordinator wrote it before the file was a serde type (the same keys, in
+/// alphabetical order) restores.
+#[test]
+fn an_earlier_state_file_of_the_same_version_restores() {
+    let text = r#"{
+      "checkpoints": [{"committed_at": 1700000000, "epoch": 1, "location": "ck/step-12", "step": 12, "step_in_epoch": 0}],
+      "checkpoints_committed": 2, "generation": 3, "nonfinite_steps": 1, "paused": true,
+      "ranks": {"a": 0, "b": 1}, "rejected_checkpoints": 1, "restarts": 2, "scale_ups": 1,
+      "state": "stopped", "straggler_evictions": 0, "version": 1
+    }"#;
+    let t0 = Instant::now();
+    let mut job = Job::from_json(config(2, 2), vec![60, 40], text, t0).unwrap();
+    let s = job.status(t0);
+    assert_eq!((s.state, s.generation, s.last_checkpoint.as_str()), (JobState::Waiting, 3, "ck/step-12"));
+    let counters = Counters {
+        restarts: 2,
+        nonfinite_steps: 1,
+        rejected_checkpoints: 1,
+        checkpoints_committed: 2,
+        scale_ups: 1,
+        ..Counters::default()
+    };
+    assert_eq!(s.counters, counters);
+    // A stopped job runs again: its world forms with the same ranks, still paused.
+    let g = form(&mut job, &["b", "a"], t0);
+    assert_eq!((g[0].rank, g[1].rank, g[0].resume.step, job.state()), (1, 0, 12, JobState::Paused));
+}
