@@ -64,14 +64,17 @@ fn assignment(a: Assignment) -> pb::Assignment {
     }
 }
 
+/// What a Join answers now; `None` (the rendezvous is still open) keeps the long poll going.
 fn join_outcome(outcome: JoinOutcome) -> Option<Outcome> {
-    Some(match outcome {
-        JoinOutcome::Wait => return None,
-        JoinOutcome::Assigned(a) => Outcome::Assigned(assignment(a)),
-        JoinOutcome::Spare { generation, world } => Outcome::Spare(pb::JoinSpare { generation, world_size: world }),
-        JoinOutcome::Evicted => Outcome::Evicted(pb::JoinEvicted {}),
-        JoinOutcome::Ended(state) => Outcome::Ended(pb::JobEnded { state: state.as_str().to_string() }),
-    })
+    match outcome {
+        JoinOutcome::Wait => None,
+        JoinOutcome::Assigned(a) => Some(Outcome::Assigned(assignment(a))),
+        JoinOutcome::Spare { generation, world } => {
+            Some(Outcome::Spare(pb::JoinSpare { generation, world_size: world }))
+        }
+        JoinOutcome::Evicted => Some(Outcome::Evicted(pb::JoinEvicted {})),
+        JoinOutcome::Ended(state) => Some(Outcome::Ended(pb::JobEnded { state: state.as_str().to_string() })),
+    }
 }
 
 fn command(c: state::Command) -> pb::Command {
