@@ -1,13 +1,53 @@
-//! Data parallelism over a collective: the model's feature gather (every rank's momentum
-//! features in rank order, also when ranks hold different numbers of rows) and the gradient
-//! average, overlapped with the backward.
+//! Data parallelism over a collective: `DataParallel` (a rank's place in its world and the
+//! collectives of a step), the model's feature gather (every rank's momentum features in rank
+//! order, also when ranks hold different numbers of rows) and the gradient average, overlapped
+//! with the backward.
 
+use crate::VirtualRanks;
 use albef_dist::{BucketPlan, Collective, OverlapTimes, ReduceOp, all_reduce_while};
 use albef_model::{FeatureGather, Gathered};
 use albef_torch_ext::GradReadyHooks;
 use anyhow::{Context, Result, ensure};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
+
+/// A rank's part in data-parallel training: its collective, the virtual ranks it computes and
+/// the gradient average of its steps. One per generation; a single process is a world of one
+/// (`albef_dist::LocalCollective`).
+pub struct DataParallel<'c> {
+    collective: &'c dyn Collective,
+    ranks: VirtualRanks,
+    averager: GradientAverager<'c>,
+}
+
+impl<'c> DataParallel<'c> {
+    /// `bucket_bytes` and `overlap`: see [`GradientAverager::new`].
+    pub fn new(collective: &'c dyn Collective, ranks: VirtualRanks, bucket_bytes: usize, overlap: bool) -> Self {
+        DataParallel { collective, ranks, averager: GradientAverager::new(collective, bucket_bytes, overlap) }
+    }
+
+    pub fn collective(&self) -> &'c dyn Collective {
+        self.collective
+    }
+
+    pub fn ranks(&self) -> VirtualRanks {
+        self.ranks
+    }
+
+    pub(crate) fn averager(&mut self) -> &mut GradientAverager<'c> {
+        &mut self.averager
+    }
+
+    /// Whether this rank's `finite` holds on every rank (one all-reduce; none in a world of one).
+    pub(crate) fn all_finite(&self, finite: bool, device: tch::Device) -> Result<bool> {
+        if self.collective.world_size() == 1 {
+            return Ok(finite);
+        }
+        let mut bad = Tensor::from_slice(&[f32::from(u8::from(!finite))]).to_device(device);
+        self.collective.all_reduce(&mut bad, ReduceOp::Sum).context("the vote on the step's finiteness")?;
+        Ok(bad.double_value(&[0]) == 0.0)
+    }
+}
 
 pub struct CollectiveGather<'a> {
     pub collective: &'a dyn Collective,

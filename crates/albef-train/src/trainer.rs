@@ -1,13 +1,13 @@
 //! The training step and the trainer's state.
 
-use crate::distributed::GradientAverager;
+use crate::distributed::{CollectiveGather, DataParallel};
 use crate::optim::AdamW;
 use crate::schedule::Schedule;
-use crate::virtual_ranks::{VirtualRanks, gather_step_features};
+use crate::virtual_ranks::gather_step_features;
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
 use albef_model::device::with_autocast;
-use albef_model::{Albef, Batch, FeatureGather, StepFeatures, weights};
+use albef_model::{Albef, Batch, StepFeatures, weights};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
@@ -38,10 +38,22 @@ pub struct StepStats {
     /// Wall time of the forward and the backward (launch time on CUDA: kernels run async).
     pub forward_seconds: f64,
     pub backward_seconds: f64,
-    /// The gradient average: the wait after the backward (what the step pays) and the time spent
-    /// in all-reduces, most of it during the backward.
+    /// The gradient average and the vote on finiteness: the wait after the backward (what the
+    /// step pays), and the time spent in the gradient all-reduces, most of it during the backward.
     pub communication_seconds: f64,
     pub reduce_seconds: f64,
+    /// The update (optimizer step, EMA, enqueue), when the step is applied.
+    pub optimizer_seconds: f64,
+}
+
+/// How a step ended; every rank of the world has the same outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutcome {
+    /// The update is applied and the position advanced.
+    Applied(StepStats),
+    /// A loss was not finite on some rank: no rank applies the step, its gradients and
+    /// features are dropped and the position advances past it.
+    NonFinite(StepStats),
 }
 
 impl StepStats {
@@ -92,6 +104,12 @@ pub struct Trainer {
     sync_phases: bool,
     /// Hooks on the optimised parameters for the gradient average, once a step averages.
     grad_hooks: Option<albef_torch_ext::GradReadyHooks>,
+    /// An update or a skip is being applied (or failed halfway): the state is not one a
+    /// checkpoint may hold.
+    changing: bool,
+    /// Consecutive steps not applied for a non-finite loss: while any, the weights that gave
+    /// them are suspect.
+    nonfinite_streak: u32,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -119,6 +137,8 @@ impl Trainer {
             sync_phases: false,
             pending: None,
             grad_hooks: None,
+            changing: false,
+            nonfinite_streak: 0,
         })
     }
 
@@ -154,21 +174,71 @@ impl Trainer {
         started.elapsed().as_secs_f64()
     }
 
+    /// Whether the state is one a checkpoint may hold: every applied step whole, and no suspect
+    /// weights (a non-finite loss in the last step).
+    pub fn checkpointable(&self) -> bool {
+        !self.changing && self.nonfinite_streak == 0
+    }
+
+    /// Consecutive steps not applied for a non-finite loss.
+    pub fn nonfinite_streak(&self) -> u32 {
+        self.nonfinite_streak
+    }
+
+    /// One training step of this rank in its world: forward and backward of its micro-batches
+    /// (one per virtual rank), the gradient average, the vote on finiteness, then the update on
+    /// every rank or on none. `before_vote` sees the step's losses before this rank's vote goes
+    /// out: once it has, the others may apply the step (and checkpoint it).
+    pub fn step(
+        &mut self,
+        micro: &[Batch],
+        dp: &mut DataParallel,
+        steps_per_epoch: u64,
+        before_vote: &mut dyn FnMut(&StepStats) -> Result<()>,
+    ) -> Result<StepOutcome> {
+        let mut stats = self.forward_backward(micro, dp, steps_per_epoch)?;
+        before_vote(&stats)?;
+        let started = std::time::Instant::now();
+        let finite_everywhere = dp.all_finite(stats.loss.is_finite(), self.device())?;
+        if dp.collective().world_size() > 1 {
+            stats.communication_seconds += started.elapsed().as_secs_f64();
+        }
+        if !finite_everywhere {
+            self.nonfinite_streak += 1;
+            self.changing(|t| t.skip(steps_per_epoch))?;
+            return Ok(StepOutcome::NonFinite(stats));
+        }
+        self.nonfinite_streak = 0;
+        let started = std::time::Instant::now();
+        self.changing(|t| t.apply_update(steps_per_epoch))?;
+        stats.optimizer_seconds = self.phase_end(started);
+        Ok(StepOutcome::Applied(stats))
+    }
+
+    /// Moves past a step that every rank skips before computing it (a batch with too few good
+    /// samples), so that the position stays aligned with the data plan.
+    pub fn skip_unfit(&mut self, steps_per_epoch: u64) -> Result<()> {
+        self.changing(|t| t.skip(steps_per_epoch))
+    }
+
+    /// Runs `f`, a change of the state, marked as changing until it succeeds.
+    fn changing(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.changing = true;
+        f(self)?;
+        self.changing = false;
+        Ok(())
+    }
+
     /// Forward and backward of one step, one micro-batch per virtual rank of this rank (see
-    /// virtual_ranks.rs), leaving the gradients for [`Trainer::apply_update`]. With `average`,
-    /// the gradients are averaged over its ranks while the last micro-batch's backward runs.
-    /// The losses are the mean over the micro-batches.
+    /// virtual_ranks.rs), leaving the gradients for [`Trainer::apply_update`]; the gradients
+    /// are averaged over the world while the last micro-batch's backward runs. The losses are
+    /// the mean over the micro-batches.
     ///
     /// Every random draw of a micro-batch (dropout, MLM masks, hard negatives) derives from
     /// (seed, step, virtual rank), so a resumed run replays it exactly, at any world size.
-    pub fn forward_backward(
-        &mut self,
-        micro: &[Batch],
-        ranks: VirtualRanks,
-        steps_per_epoch: u64,
-        gather: &dyn FeatureGather,
-        mut average: Option<&mut GradientAverager>,
-    ) -> Result<StepStats> {
+    fn forward_backward(&mut self, micro: &[Batch], dp: &mut DataParallel, steps_per_epoch: u64) -> Result<StepStats> {
+        let ranks = dp.ranks();
+        let gather = CollectiveGather { collective: dp.collective() };
         let s = self.state.clone();
         let lr = self.schedule.lr(s.step, s.epoch);
         let alpha = self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch);
@@ -190,7 +260,7 @@ impl Trainer {
                 .zip(&mut seeds)
                 .map(|(b, seed)| seeded(seed, || with_autocast(device, bf16, || model.momentum_features(b))))
                 .collect();
-            gather_step_features(gather, &features, ranks).map(|(step, offsets)| (features, step, offsets))
+            gather_step_features(&gather, &features, ranks).map(|(step, offsets)| (features, step, offsets))
         });
         let (features, step, offsets) = momentum?;
         let (mut forward_seconds, mut backward_seconds) = (self.phase_end(started), 0.0);
@@ -206,7 +276,7 @@ impl Trainer {
             forward_seconds += self.phase_end(started);
             let started = std::time::Instant::now();
             let backward = || tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
-            match average.as_deref_mut().filter(|a| a.averages() && j + 1 == micro.len()) {
+            match Some(dp.averager()).filter(|a| a.averages() && j + 1 == micro.len()) {
                 Some(average) => {
                     let params = self.opt.parameters();
                     if self.grad_hooks.is_none() {
@@ -243,6 +313,7 @@ impl Trainer {
             backward_seconds,
             communication_seconds: communication.waited_seconds,
             reduce_seconds: communication.busy_seconds,
+            optimizer_seconds: 0.0,
         })
     }
 
@@ -250,8 +321,9 @@ impl Trainer {
     /// momentum weights (on the new weights: what the reference's EMA at the start of the next
     /// step computes) and the step's features into the queues; advances the position. Until
     /// here a step changes nothing but gradients, so a step that is not applied leaves no trace.
-    pub fn apply_update(&mut self, stats: &StepStats, steps_per_epoch: u64) -> Result<()> {
-        self.opt.step(stats.lr)?;
+    fn apply_update(&mut self, steps_per_epoch: u64) -> Result<()> {
+        let s = &self.state;
+        self.opt.step(self.schedule.lr(s.step, s.epoch))?;
         self.opt.clear_grads()?;
         self.model.momentum_update();
         if let Some(features) = self.pending.take() {
@@ -261,9 +333,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// Moves past a step that is not applied (too few good samples, a non-finite loss): its
-    /// gradients and features are dropped, and the position stays aligned with the data plan.
-    pub fn skip_step(&mut self, steps_per_epoch: u64) -> Result<()> {
+    /// Moves past a step that is not applied: its gradients and features are dropped, and the
+    /// position stays aligned with the data plan.
+    fn skip(&mut self, steps_per_epoch: u64) -> Result<()> {
         self.opt.clear_grads()?;
         self.pending = None;
         self.advance(steps_per_epoch);
@@ -278,14 +350,6 @@ impl Trainer {
             s.epoch += 1;
             s.step_in_epoch = 0;
         }
-    }
-
-    /// One complete single-process step.
-    pub fn train_step(&mut self, batch: &Batch, steps_per_epoch: u64, gather: &dyn FeatureGather) -> Result<StepStats> {
-        let single = std::slice::from_ref(batch);
-        let stats = self.forward_backward(single, VirtualRanks::one_per_rank(0, 1), steps_per_epoch, gather, None)?;
-        self.apply_update(&stats, steps_per_epoch)?;
-        Ok(stats)
     }
 
     /// Prepares, in the background, the host memory [`Trainer::snapshot`] copies into (a process
@@ -336,6 +400,7 @@ impl Trainer {
         self.opt.clear_grads()?;
         self.pending = None;
         self.state = saved.position.clone();
+        (self.changing, self.nonfinite_streak) = (false, 0);
         Ok(saved)
     }
 }

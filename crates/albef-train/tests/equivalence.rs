@@ -6,8 +6,8 @@ use albef_config::{ItcNegatives, ModelConfig};
 use albef_dist::tcp::{TcpCollective, TcpOptions};
 use albef_dist::{Collective, ReduceOp};
 use albef_model::{Albef, Batch, LocalGather};
-use albef_train::distributed::{CollectiveGather, GradientAverager};
-use albef_train::{Trainer, VirtualRanks};
+use albef_train::distributed::CollectiveGather;
+use albef_train::{DataParallel, StepOutcome, Trainer, VirtualRanks};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor, nn};
@@ -165,21 +165,19 @@ fn train_virtual(world: usize, overlap: bool) -> (Vec<f64>, BTreeMap<String, Ten
                         let opts = TcpOptions { timeout: Duration::from_secs(60), ..TcpOptions::new(9) };
                         Box::new(p.connect(r, peers, opts).unwrap())
                     };
-                    let gather = CollectiveGather { collective: c.as_ref() };
                     // Small buckets: several go out during each backward.
-                    let mut averager = GradientAverager::new(c.as_ref(), 1 << 20, overlap);
+                    let mut dp = DataParallel::new(c.as_ref(), ranks, 1 << 20, overlap);
                     let mut losses = vec![];
                     for step in &mine {
                         let batches: Vec<Batch> = step
                             .iter()
                             .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
                             .collect();
-                        let stats =
-                            trainer.forward_backward(&batches, ranks, 100, &gather, Some(&mut averager)).unwrap();
+                        let outcome = trainer.step(&batches, &mut dp, 100, &mut |_| Ok(())).unwrap();
+                        let StepOutcome::Applied(stats) = outcome else { panic!("not applied: {outcome:?}") };
                         let mut loss = Tensor::from_slice(&[stats.loss]);
                         c.all_reduce(&mut loss, ReduceOp::Avg).unwrap();
                         losses.push(loss.double_value(&[0]));
-                        trainer.apply_update(&stats, 100).unwrap();
                     }
                     let params =
                         trainer.var_store().variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();

@@ -4,8 +4,9 @@ use albef_config::{AlbefConfig, Preset};
 use albef_data::store::Location;
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
 use albef_data::{SynthSpec, collate, pre_caption, synth};
-use albef_model::{Batch, LocalGather};
-use albef_train::{Trainer, batch_tensors, checkpoint};
+use albef_dist::LocalCollective;
+use albef_model::Batch;
+use albef_train::{DataParallel, StepOutcome, Trainer, VirtualRanks, batch_tensors, checkpoint};
 use tch::{Device, Tensor};
 
 /// libtorch's generator is process-wide and tests run on parallel threads: each test holds this
@@ -48,9 +49,16 @@ fn fixed_batches(cfg: &AlbefConfig, n: u64, b: u64) -> Vec<(Tensor, Tensor, Tens
         .collect()
 }
 
-fn step(trainer: &mut Trainer, batch: &(Tensor, Tensor, Tensor), steps_per_epoch: u64) -> f64 {
+/// One step of a world of one.
+fn outcome(trainer: &mut Trainer, batch: &(Tensor, Tensor, Tensor), steps_per_epoch: u64) -> StepOutcome {
     let b = Batch { image: &batch.0, input_ids: &batch.1, attention_mask: &batch.2 };
-    let s = trainer.train_step(&b, steps_per_epoch, &LocalGather).unwrap();
+    let local = LocalCollective::new();
+    let mut dp = DataParallel::new(&local, VirtualRanks::one_per_rank(0, 1), 0, false);
+    trainer.step(std::slice::from_ref(&b), &mut dp, steps_per_epoch, &mut |_| Ok(())).unwrap()
+}
+
+fn step(trainer: &mut Trainer, batch: &(Tensor, Tensor, Tensor), steps_per_epoch: u64) -> f64 {
+    let StepOutcome::Applied(s) = outcome(trainer, batch, steps_per_epoch) else { panic!("a step not applied") };
     if std::env::var_os("ALBEF_TEST_VERBOSE").is_some() {
         println!(
             "step {} ita {:.3} itm {:.3} mlm {:.3} lr {:.1e} alpha {:.2} temp {:.3}",
@@ -142,19 +150,18 @@ fn a_step_that_is_not_applied_leaves_no_trace() {
         step(trainer, &batches[0], 5);
     }
     let before = state(&poisoned);
-    let nan_image = &batches[1].0 * f64::NAN;
-    let bad = Batch { image: &nan_image, input_ids: &batches[1].1, attention_mask: &batches[1].2 };
-    let one = albef_train::VirtualRanks::one_per_rank(0, 1);
-    let stats = poisoned.forward_backward(std::slice::from_ref(&bad), one, 5, &LocalGather, None).unwrap();
+    let bad = (&batches[1].0 * f64::NAN, batches[1].1.copy(), batches[1].2.copy());
+    let StepOutcome::NonFinite(stats) = outcome(&mut poisoned, &bad, 5) else { panic!("a NaN step was applied") };
     assert!(!stats.loss.is_finite());
-    poisoned.skip_step(5).unwrap();
-    clean.skip_step(5).unwrap();
+    assert!(!poisoned.checkpointable() && poisoned.nonfinite_streak() == 1, "its weights are suspect");
+    clean.skip_unfit(5).unwrap();
     for ((name, b), (_, a)) in before.iter().zip(state(&poisoned)) {
         assert!(b.equal(&a), "{name} changed by a step that was not applied");
     }
     assert_eq!(poisoned.model().queue_ptr(), clean.model().queue_ptr());
     let (p, c) = (step(&mut poisoned, &batches[2], 5), step(&mut clean, &batches[2], 5));
     assert!(p.is_finite() && p.to_bits() == c.to_bits(), "next step: {p} vs {c}");
+    assert!(poisoned.checkpointable(), "a finite step ends the streak");
     for ((name, a), (_, b)) in state(&poisoned).iter().zip(state(&clean)) {
         assert!(a.equal(&b), "{name} differs after the next step");
     }

@@ -56,6 +56,24 @@ pub fn transient(status: &Status) -> bool {
     )
 }
 
+/// Calls `call` until it succeeds, fails for good, or has failed `tries` times (None: no limit),
+/// backing off while the coordinator is unreachable (a transient error).
+pub fn retry<T, F, Fut>(handle: &tokio::runtime::Handle, tries: Option<u32>, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let (mut backoff, mut tried) = (Backoff::new(), 0);
+    loop {
+        tried += 1;
+        match handle.block_on(call()) {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(s) if transient(&s) && tries.is_none_or(|n| tried < n) => backoff.wait(),
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 /// Exponential backoff from 100 ms to 5 s.
 pub struct Backoff(Duration);
 

@@ -6,7 +6,14 @@
 //! time out during a long pause. So before each step the ranks gather what each has heard (a few
 //! numbers, in the collective the step needs anyway) and every rank decides from the same votes.
 
+use crate::generation::Shared;
+use albef_dist::Collective;
 use albef_proto::v1::Command;
+use albef_train::metrics::{Phase, StepTimes};
+use albef_train::train_loop::{Agreed, Control, Decision};
+use anyhow::Result;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// What one rank has heard from the coordinator in this generation.
 #[derive(Debug, Default)]
@@ -23,17 +30,6 @@ const STOP: usize = 0;
 const TOGGLES: usize = 1;
 const UNFIT: usize = 2;
 pub const VOTE_LEN: usize = 3;
-
-/// What every rank does with the step, decided from every rank's vote.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Take the step.
-    Train,
-    /// A rank has too few good samples: every rank skips the step.
-    Skip,
-    /// The job stops here, at the same step on every rank.
-    Stop,
-}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -74,6 +70,50 @@ impl Heard {
     /// A checkpoint asked for since the last call (rank 0 acts on it).
     pub fn take_checkpoint(&mut self) -> bool {
         std::mem::take(&mut self.checkpoint)
+    }
+}
+
+/// The coordinator's commands, as every rank of a generation acts on them.
+pub struct CoordinatorControl<'a> {
+    pub shared: &'a Shared,
+    pub collective: &'a dyn Collective,
+    pub device: tch::Device,
+    pub heard: Heard,
+}
+
+impl Control for CoordinatorControl<'_> {
+    /// Gathers every rank's vote and decides; waits, outside any collective, while the job is
+    /// paused. `None`: the coordinator ended the generation.
+    fn agree(&mut self, unfit: bool, times: &mut StepTimes) -> Result<Option<Agreed>> {
+        let (shared, heard) = (self.shared, &mut self.heard);
+        let listen = |heard: &mut Heard| {
+            shared.commands.lock().unwrap().drain(..).for_each(|c| heard.hear(c));
+            !shared.rejoin.load(Ordering::Relaxed)
+        };
+        loop {
+            if !listen(heard) {
+                return Ok(None);
+            }
+            let votes = times.timed(Phase::Communication, || -> Result<Vec<f32>> {
+                let mine = tch::Tensor::from_slice(&heard.vote(unfit)).to_device(self.device);
+                let all = self.collective.all_gather(&mine)?.to_device(tch::Device::Cpu);
+                Ok(Vec::<f32>::try_from(&all)?)
+            })?;
+            let toggles = match decide(&votes) {
+                Verdict::Decided(decision) => {
+                    return Ok(Some(Agreed { decision, checkpoint: heard.take_checkpoint() }));
+                }
+                Verdict::Paused { toggles } => toggles,
+            };
+            tracing::info!("paused");
+            while !heard.waited_for(toggles) {
+                std::thread::sleep(Duration::from_millis(50));
+                if !listen(heard) {
+                    return Ok(None);
+                }
+            }
+            tracing::info!("the pause is over");
+        }
     }
 }
 

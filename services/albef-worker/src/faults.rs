@@ -8,10 +8,13 @@
 //! - `slow_steps@MS`: every step of this worker computes MS milliseconds longer (a straggler:
 //!   a slower or throttled device).
 
+use albef_data::loader::LoadedBatch;
+use albef_dist::{Collective, ReduceOp};
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tch::Tensor;
 
 #[derive(Default)]
 pub struct Faults {
@@ -58,8 +61,36 @@ impl Faults {
     }
 
     /// Whether the batch of `step` is to be poisoned (each such step once).
-    pub fn take_nan(&self, step: u64) -> bool {
+    fn take_nan(&self, step: u64) -> bool {
         self.nan.lock().unwrap().remove(&step)
+    }
+
+    /// `batches` (the first virtual rank's of an epoch whose first step is `epoch_start`) with
+    /// every image of a `nan@N` step poisoned, once per N: a non-finite loss at that step.
+    pub fn poison(
+        self: &Arc<Self>,
+        batches: Box<dyn Iterator<Item = LoadedBatch>>,
+        epoch_start: u64,
+    ) -> Box<dyn Iterator<Item = LoadedBatch>> {
+        if self.nan.lock().unwrap().is_empty() {
+            return batches;
+        }
+        let faults = self.clone();
+        Box::new(batches.map(move |mut b| {
+            if faults.take_nan(epoch_start + b.step) {
+                tracing::warn!(step = epoch_start + b.step, "fault injection: a poisoned batch");
+                b.batch.images.fill(f32::NAN);
+            }
+            b
+        }))
+    }
+
+    /// `collective`, slowed down by `slow_steps@MS` when set.
+    pub fn slow(&self, collective: Arc<dyn Collective>) -> Arc<dyn Collective> {
+        match self.slow_steps {
+            Some(delay) => Arc::new(Slowed { inner: collective, delay }),
+            None => collective,
+        }
     }
 
     pub fn crash_upload(&self) -> Option<u64> {
@@ -70,10 +101,50 @@ impl Faults {
     pub fn command_delay(&self) -> Duration {
         self.late_commands.unwrap_or_default()
     }
+}
 
-    /// How much longer each step computes (zero: as fast as it can).
-    pub fn step_delay(&self) -> Duration {
-        self.slow_steps.unwrap_or_default()
+/// A rank that computes slower (a throttled device): after the momentum features' gather, in
+/// the forward, it waits `delay`, so that the rank's own work per step, what the coordinator
+/// compares ranks on, grows by `delay`. Every other collective is the inner one's.
+struct Slowed {
+    inner: Arc<dyn Collective>,
+    delay: Duration,
+}
+
+impl Collective for Slowed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.inner.all_reduce(t, op)
+    }
+    fn start_all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<bool> {
+        self.inner.start_all_reduce(t, op)
+    }
+    fn wait_started(&self) -> Result<()> {
+        self.inner.wait_started()
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let gathered = self.inner.all_gather(t);
+        // Features are rows of a matrix (votes and sizes are vectors). After the gather, so that
+        // the other ranks wait for this one in the next collective, as they would for a slow
+        // device, not inside their own forward.
+        if t.dim() >= 2 {
+            std::thread::sleep(self.delay);
+        }
+        gathered
+    }
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.inner.broadcast(t, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn abort(&self) {
+        self.inner.abort()
     }
 }
 
@@ -86,8 +157,8 @@ mod tests {
         let f = Faults::parse("nan@5, crash_upload@8,nan@6").unwrap();
         assert_eq!((f.crash_upload(), f.command_delay()), (Some(8), Duration::ZERO));
         assert_eq!(Faults::parse("late_commands@1500").unwrap().command_delay(), Duration::from_millis(1500));
-        assert_eq!(Faults::parse("slow_steps@300").unwrap().step_delay(), Duration::from_millis(300));
-        assert_eq!(f.step_delay(), Duration::ZERO);
+        assert_eq!(Faults::parse("slow_steps@300").unwrap().slow_steps, Some(Duration::from_millis(300)));
+        assert_eq!(f.slow_steps, None);
         assert!(f.take_nan(5) && !f.take_nan(5) && f.take_nan(6) && !f.take_nan(7));
         assert!(Faults::parse("boom@1").is_err());
         assert!(Faults::parse("nan").is_err());

@@ -26,13 +26,14 @@
 //! process a node that runs one such worker per local GPU as its children (`node`).
 //! `ALBEF_FAULTS` injects failures for the end-to-end tests only.
 
-mod board;
+mod checkpoints;
 mod client;
 mod controls;
 mod faults;
 mod generation;
-mod metrics;
+mod leases;
 mod node;
+mod reporting;
 
 use albef_config::ConfigArgs;
 use anyhow::Result;

@@ -2,9 +2,9 @@
 //! and reports it in the fields `tests/python/torch_step.py` (the same step in eager PyTorch)
 //! reports, so that `make bench` can print the two side by side.
 //!
-//! The step is the worker's: `Trainer::forward_backward` (EMA, momentum features, the feature
-//! gather, the three losses of every micro-batch, backward with the gradient average overlapped)
-//! and `Trainer::apply_update` (fused AdamW). `--world N` runs N ranks as processes on
+//! The step is the worker's, `Trainer::step`: forward/backward (EMA, momentum features, the
+//! feature gather, the three losses of every micro-batch, backward with the gradient average
+//! overlapped), the vote on finiteness and the update (fused AdamW). `--world N` runs N ranks as processes on
 //! 127.0.0.1 over the TCP ring (this process is rank 0 and reports; a world of one has nothing to
 //! average), so that the communication's share of the step, and how much of it the backward
 //! hides, can be seen. Step times come from steps that wait for the device once, at the end; on
@@ -14,10 +14,9 @@ use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::rng::SplitMix64;
 use albef_data::transform::{decode_rgb, to_normalized_chw};
 use albef_dist::{Collective, LocalCollective, TcpCollective, TcpOptions};
-use albef_model::{Batch, FeatureGather, LocalGather, device, flops};
-use albef_train::distributed::{CollectiveGather, GradientAverager};
-use albef_train::{Trainer, VirtualRanks};
-use anyhow::{Context, Result, ensure};
+use albef_model::{Batch, device, flops};
+use albef_train::{DataParallel, StepOutcome, Trainer, VirtualRanks};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -152,29 +151,26 @@ fn run_rank(
     let text_len = cfg.data.max_tokens as i64;
     let (image, ids, mask) = fixed_batch(cfg, args.batch, text_len, dev);
     let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
-    let gather: Box<dyn FeatureGather + '_> =
-        if world == 1 { Box::new(LocalGather) } else { Box::new(CollectiveGather { collective }) };
     let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
     let overlap = cfg.job.overlap_grad_reduce.enabled(dev.is_cuda());
-    let mut averager = GradientAverager::new(collective, bucket_bytes, overlap);
+    let ranks = VirtualRanks::one_per_rank(rank as u64, world as u64);
+    let mut dp = DataParallel::new(collective, ranks, bucket_bytes, overlap);
     device::reset_memory_peaks(dev)?;
 
     // Far from the end of an epoch, as most steps are.
     let steps_per_epoch = 1 << 40;
-    let ranks = VirtualRanks::one_per_rank(rank as u64, world as u64);
     // [step, forward, backward, communication waited, optimizer, all-reduces]
     let mut step = |trainer: &mut Trainer| -> Result<([f64; 6], f64)> {
         let started = Instant::now();
         let micro = std::slice::from_ref(&batch);
-        let stats = trainer.forward_backward(micro, ranks, steps_per_epoch, gather.as_ref(), Some(&mut averager))?;
-        ensure!(stats.loss.is_finite(), "step {}: the loss is {}", stats.step, stats.loss);
-        let optimizer = Instant::now();
-        trainer.apply_update(&stats, steps_per_epoch)?;
+        let stats = match trainer.step(micro, &mut dp, steps_per_epoch, &mut |_| Ok(()))? {
+            StepOutcome::Applied(stats) => stats,
+            StepOutcome::NonFinite(s) => bail!("step {}: the loss is {}", s.step, s.loss),
+        };
         device::synchronize(dev);
-        let optimizer = optimizer.elapsed().as_secs_f64();
         let total = started.elapsed().as_secs_f64();
         let phases = [stats.forward_seconds, stats.backward_seconds, stats.communication_seconds];
-        Ok(([total, phases[0], phases[1], phases[2], optimizer, stats.reduce_seconds], stats.loss))
+        Ok(([total, phases[0], phases[1], phases[2], stats.optimizer_seconds, stats.reduce_seconds], stats.loss))
     };
     for _ in 0..args.warmup {
         step(&mut trainer)?;

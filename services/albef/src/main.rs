@@ -28,18 +28,12 @@ mod eval;
 mod launch;
 mod model;
 mod plot;
+mod train;
 
-use albef_config::{AlbefConfig, ConfigArgs};
-use albef_data::dataset::Dataset;
-use albef_data::store::Location;
-use albef_model::{Batch, LocalGather, device};
-use albef_telemetry::tensorboard::{TENSORBOARD_DIR, TensorBoard};
-use albef_train::{Trainer, batch_tensors};
-use anyhow::{Context, Result};
+use albef_config::ConfigArgs;
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Every step's progress line, written beside a run.
 pub const PROGRESS_LOG: &str = "progress.log";
@@ -143,106 +137,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { config, out } => {
             let cfg = config.load()?;
             eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
-            train(&cfg, &out)
+            train::run(&cfg, &out)
         }
     }
-}
-
-fn train(cfg: &AlbefConfig, out: &std::path::Path) -> Result<()> {
-    let dev = device::resolve(cfg.train.device)?;
-    device::configure_cuda(cfg.train.tf32)?;
-    if cfg.train.num_threads > 0 {
-        tch::set_num_threads(cfg.train.num_threads);
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let rt = data::runtime()?;
-    let dataset = Dataset::open(cfg, out, rt.handle())?;
-    let batch_size = cfg.train.batch_size_train as u64;
-    let steps_per_epoch = dataset.steps_per_epoch(1, batch_size);
-    anyhow::ensure!(
-        steps_per_epoch > 0,
-        "the dataset's {} samples cannot fill one batch of {batch_size} (train.batch_size_train)",
-        dataset.index.total()
-    );
-    let total_steps = match cfg.train.max_steps {
-        0 => steps_per_epoch * cfg.schedular.epochs,
-        n => n,
-    };
-    let mut trainer = Trainer::new(cfg, dev)?;
-    tracing::info!(device = ?dev, samples = dataset.index.total(), steps_per_epoch, total_steps, "training");
-
-    let progress_path = out.join(PROGRESS_LOG);
-    let mut progress =
-        std::fs::File::create(&progress_path).with_context(|| format!("creating {}", progress_path.display()))?;
-    let mut board = TensorBoard::create(&out.join(TENSORBOARD_DIR))
-        .map_err(|e| tracing::warn!("no TensorBoard events: {e:#}"))
-        .ok();
-    let started = Instant::now();
-    let mut window = (Instant::now(), 0usize);
-    let (mut first, mut last) = (None, 0.0);
-    'epochs: while trainer.state().step < total_steps {
-        let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
-        let plan = dataset.plan(cfg, epoch, 1, 0)?;
-        for loaded in dataset.loader(cfg, plan, from, 1, rt.handle()) {
-            if loaded.batch.batch_size < 2 {
-                tracing::warn!(
-                    step = loaded.step,
-                    rows = loaded.batch.batch_size,
-                    "too few good samples left in the batch; step skipped"
-                );
-                trainer.skip_step(steps_per_epoch)?;
-                continue;
-            }
-            let (image, ids, mask) = batch_tensors(&loaded.batch, dev);
-            let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask };
-            let s = trainer.train_step(&batch, steps_per_epoch, &LocalGather)?;
-            first.get_or_insert(s.loss);
-            last = s.loss;
-            window.1 += loaded.batch.batch_size;
-            let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            let line = s.progress_line(total_steps, rate);
-            writeln!(progress, "{line}")?;
-            let measured = [
-                ("throughput/images_per_second", rate),
-                ("time/forward", s.forward_seconds),
-                ("time/backward", s.backward_seconds),
-            ];
-            if let Some(tb) = board.as_mut() {
-                tb.scalars(s.step, s.scalars().into_iter().chain(measured));
-            }
-            if s.step % cfg.train.log_every == 0 || s.step + 1 == total_steps {
-                println!("{line}");
-                window = (Instant::now(), 0);
-                if let Some(tb) = board.as_mut() {
-                    tb.flush();
-                }
-            }
-            if trainer.state().step >= total_steps {
-                break 'epochs;
-            }
-        }
-    }
-    let skipped = dataset.skips.summary();
-    if !skipped.is_empty() {
-        println!("skipped input ({} in all):\n{skipped}", dataset.skips.total());
-    }
-    drop(progress);
-    if let Some(tb) = board.as_mut() {
-        tb.flush();
-    }
-    let png = out.join(LOSS_PNG);
-    plot::plot_file(&progress_path, &format!("loss per step (log scale): {}", out.display()), &png)?;
-    let final_dir = out.join("final");
-    let location = Location::open(&final_dir.to_string_lossy())?;
-    albef_train::checkpoint::save(&trainer, &location, 1, steps_per_epoch, rt.handle())?;
-    println!(
-        "trained {} steps in {:.0}s: loss {:.3} -> {:.3}; state saved in {}",
-        trainer.state().step,
-        started.elapsed().as_secs_f64(),
-        first.unwrap_or(f64::NAN),
-        last,
-        final_dir.display()
-    );
-    println!("loss curves: {}", png.display());
-    Ok(())
 }

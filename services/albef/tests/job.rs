@@ -15,6 +15,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The batches and the generated dataset of every job here.
+const DATA: [&str; 3] = ["train.batch_size_train=8", "data.synth_train=256", "data.synth_test=8"];
+
 /// Runs a job of `workers` ranks for `steps` steps, watching the coordinator's status: every
 /// time two ranks report the same step, their parameter fingerprints (weights, momentum weights,
 /// queues) must be equal.
@@ -26,9 +29,9 @@ fn job(workers: u32, steps: u64, extra: &[&str]) -> Job {
     let sets = [
         format!("train.max_steps={steps}"),
         "train.log_every=5".to_string(),
-        "train.batch_size_train=8".to_string(),
-        "data.synth_train=256".to_string(),
-        "data.synth_test=8".to_string(),
+        DATA[0].to_string(),
+        DATA[1].to_string(),
+        DATA[2].to_string(),
         format!("job.run_dir={}", run_dir.display()),
         "job.heartbeat_interval_ms=200".to_string(),
         "job.heartbeat_timeout_ms=20000".to_string(),
@@ -80,7 +83,7 @@ fn job(workers: u32, steps: u64, extra: &[&str]) -> Job {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), stderr.join().unwrap());
     assert!(out.status.success(), "job failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     let compared: Vec<_> = by_step.iter().filter(|(_, ranks)| ranks.len() > 1).collect();
-    assert!(!compared.is_empty(), "never saw two ranks at the same step: {by_step:?}");
+    assert!(workers == 1 || !compared.is_empty(), "never saw two ranks at the same step: {by_step:?}");
     for (step, ranks) in &compared {
         let first = ranks.values().next().unwrap();
         assert!(ranks.values().all(|h| h == first), "ranks diverged at step {step}: {ranks:?}");
@@ -192,4 +195,35 @@ fn two_nodes_of_two_local_ranks_form_one_world_of_four() {
         "{ids:?}"
     );
     assert_eq!((status.state.as_str(), status.restarts), ("finished", 0), "{status:?}");
+}
+
+/// `albef train` and a job of one worker run the same loop, step and task: their first 3 steps
+/// leave the same weights, momentum weights, queues and optimiser state, bit for bit.
+#[test]
+fn albef_train_and_a_job_of_one_worker_take_the_same_steps() {
+    let Job { run_dir, status, _dir, .. } = job(1, 3, &[]);
+    assert_eq!((status.state.as_str(), status.world_size), ("finished", 1), "{status:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("train");
+    // `albef run` gives each worker the machine's cores divided by its ranks.
+    let threads = std::thread::available_parallelism().unwrap().get();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_albef"));
+    cmd.current_dir(repo()).args(["train", "--config", "configs/small.yaml", "--out", out.to_str().unwrap()]);
+    for s in
+        DATA.map(String::from).into_iter().chain(["train.max_steps=3".into(), format!("train.num_threads={threads}")])
+    {
+        cmd.args(["--set", &s]);
+    }
+    let trained = cmd.output().unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let alone = std::fs::read(out.join("final").join(file)).unwrap();
+        let in_job = std::fs::read(run_dir.join("checkpoints/step-3").join(file)).unwrap();
+        assert!(
+            alone == in_job,
+            "{file} differs between albef train and the job ({} and {} bytes)",
+            alone.len(),
+            in_job.len()
+        );
+    }
 }

@@ -1,20 +1,65 @@
-//! The worker's metrics (Prometheus `/metrics` when `worker.metrics_listen` is set, and OTLP):
-//! the step time split by phase, the data-wait share, throughput, and on CUDA the device memory
-//! and model FLOPs utilisation from the exact matmul FLOP count of the step.
+//! A rank's step metrics (Prometheus `/metrics` when `worker.metrics_listen` is set, OTLP,
+//! TensorBoard, heartbeats): the step time split by phase, the data-wait share, throughput, and
+//! on CUDA the device memory and model FLOPs utilisation from the exact matmul FLOP count of the
+//! step.
 
+use crate::StepStats;
 use albef_telemetry::metrics::{Kind, Registry};
 use std::time::{Duration, Instant};
 
 /// The phases of a step, in order.
-pub const PHASES: [&str; 6] = ["data_wait", "forward", "backward", "communication", "optimizer", "checkpoint"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    DataWait,
+    Forward,
+    Backward,
+    Communication,
+    Optimizer,
+    Checkpoint,
+}
 
-pub struct WorkerMetrics {
+impl Phase {
+    pub const ALL: [Phase; 6] =
+        [Phase::DataWait, Phase::Forward, Phase::Backward, Phase::Communication, Phase::Optimizer, Phase::Checkpoint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::DataWait => "data_wait",
+            Phase::Forward => "forward",
+            Phase::Backward => "backward",
+            Phase::Communication => "communication",
+            Phase::Optimizer => "optimizer",
+            Phase::Checkpoint => "checkpoint",
+        }
+    }
+
+    /// Its TensorBoard tag.
+    fn tag(self) -> &'static str {
+        match self {
+            Phase::DataWait => "time/data_wait",
+            Phase::Forward => "time/forward",
+            Phase::Backward => "time/backward",
+            Phase::Communication => "time/communication",
+            Phase::Optimizer => "time/optimizer",
+            Phase::Checkpoint => "time/checkpoint",
+        }
+    }
+
+    /// This rank's own work, not waiting for others or for storage.
+    fn busy(self) -> bool {
+        !matches!(self, Phase::Communication | Phase::Checkpoint)
+    }
+}
+
+pub struct StepMetrics {
     pub registry: Registry,
     /// The window over which the data-wait share, the throughput and the busy time are measured.
     window: Window,
     /// What the last full window measured (kept here: reading the registry would run its
     /// refresh, a CUDA driver query, on every step).
     recent: Recent,
+    /// Peak FLOP/s of the device, when known (for MFU).
+    peak_flops: Option<f64>,
 }
 
 /// A window of at least a second of steps.
@@ -46,19 +91,50 @@ pub struct Recent {
 /// One step's timings.
 #[derive(Default)]
 pub struct StepTimes {
-    pub seconds: [f64; PHASES.len()],
+    pub seconds: [f64; Phase::ALL.len()],
 }
 
 impl StepTimes {
-    pub fn add(&mut self, phase: &str, d: Duration) {
-        let i = PHASES.iter().position(|p| *p == phase).expect("a known phase");
-        self.seconds[i] += d.as_secs_f64();
+    pub fn add(&mut self, phase: Phase, d: Duration) {
+        self.seconds[phase as usize] += d.as_secs_f64();
+    }
+
+    /// Runs `f` inside a span named after `phase` and adds its time to the step's.
+    pub fn timed<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = tracing::info_span!("phase", name = phase.name()).in_scope(f);
+        self.add(phase, started.elapsed());
+        out
+    }
+
+    /// The phases the trainer timed in a step.
+    pub fn add_step(&mut self, s: &StepStats) {
+        for (phase, seconds) in [
+            (Phase::Forward, s.forward_seconds),
+            (Phase::Backward, s.backward_seconds),
+            (Phase::Communication, s.communication_seconds),
+            (Phase::Optimizer, s.optimizer_seconds),
+        ] {
+            self.seconds[phase as usize] += seconds;
+        }
     }
 }
 
-impl WorkerMetrics {
-    /// `cuda`: the device index, for memory readings at each scrape.
-    pub fn new(cuda: Option<usize>) -> Self {
+impl StepMetrics {
+    /// Metrics of a rank on `device`; `peak_tflops` > 0 sets the device's peak for MFU (else a
+    /// known GPU's datasheet peak, or no MFU).
+    pub fn new(device: tch::Device, peak_tflops: f64) -> Self {
+        let cuda = match device {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let peak_flops = match (peak_tflops, cuda) {
+            (t, _) if t > 0.0 => Some(t * 1e12),
+            (_, Some(i)) => {
+                albef_dist::cuda::name(i).ok().and_then(|n| albef_dist::cuda::known_peak_tflops(&n)).map(|t| t * 1e12)
+            }
+            _ => None,
+        };
         let registry = Registry::with_families(&[
             ("albef_worker_step", Kind::Gauge, "Optimiser steps taken."),
             ("albef_worker_step_seconds", Kind::Gauge, "Time of the last step, by phase."),
@@ -78,37 +154,22 @@ impl WorkerMetrics {
                 }
             });
         }
-        WorkerMetrics { registry, window: Window::new(), recent: Recent::default() }
+        StepMetrics { registry, window: Window::new(), recent: Recent::default(), peak_flops }
     }
 
     /// Records a finished step: its phases, its images, and (when the peak is known) the MFU.
     /// Returns what it recorded by TensorBoard tag (the throughput and data-wait share once per
     /// window of at least a second).
-    pub fn step(
-        &mut self,
-        step: u64,
-        times: &StepTimes,
-        images: usize,
-        flops: f64,
-        peak_flops: Option<f64>,
-    ) -> Vec<(&'static str, f64)> {
-        const PHASE_TAGS: [&str; PHASES.len()] = [
-            "time/data_wait",
-            "time/forward",
-            "time/backward",
-            "time/communication",
-            "time/optimizer",
-            "time/checkpoint",
-        ];
+    pub fn step(&mut self, step: u64, times: &StepTimes, images: usize, flops: f64) -> Vec<(&'static str, f64)> {
         let r = &self.registry;
-        let mut recorded: Vec<(&'static str, f64)> = PHASE_TAGS.into_iter().zip(times.seconds).collect();
+        let mut recorded: Vec<(&'static str, f64)> = Phase::ALL.iter().map(|p| p.tag()).zip(times.seconds).collect();
         r.set("albef_worker_step", &[], step as f64);
-        for (phase, s) in PHASES.iter().zip(times.seconds) {
-            r.set("albef_worker_step_seconds", &[("phase", phase)], s);
+        for (phase, s) in Phase::ALL.iter().zip(times.seconds) {
+            r.set("albef_worker_step_seconds", &[("phase", phase.name())], s);
         }
         let wall: f64 = times.seconds.iter().sum();
         r.set("albef_worker_step_flops", &[], flops);
-        if let Some(peak) = peak_flops.filter(|_| wall > 0.0) {
+        if let Some(peak) = self.peak_flops.filter(|_| wall > 0.0) {
             r.set("albef_worker_mfu", &[], flops / wall / peak);
             recorded.push(("throughput/mfu", flops / wall / peak));
         }
@@ -116,12 +177,7 @@ impl WorkerMetrics {
         w.data_wait += times.seconds[0];
         w.images += images;
         w.steps += 1;
-        w.busy += PHASES
-            .iter()
-            .zip(times.seconds)
-            .filter(|(phase, _)| !matches!(**phase, "communication" | "checkpoint"))
-            .map(|(_, s)| s)
-            .sum::<f64>();
+        w.busy += Phase::ALL.iter().zip(times.seconds).filter(|(phase, _)| phase.busy()).map(|(_, s)| s).sum::<f64>();
         let elapsed = w.since.elapsed().as_secs_f64();
         if elapsed >= 1.0 {
             let share = w.data_wait / elapsed;

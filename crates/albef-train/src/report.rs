@@ -1,0 +1,104 @@
+//! The reporters every runtime uses: progress lines (stdout, and every step's line in a file) and
+//! TensorBoard events (rank 0).
+
+use crate::StepStats;
+use crate::task::Evaluation;
+use crate::train_loop::{Reporter, StepReport};
+use albef_data::store::{Location, local_path};
+use albef_telemetry::tensorboard::{TENSORBOARD_DIR, TensorBoard};
+use anyhow::{Context, Result};
+use std::io::Write;
+use tokio::runtime::Handle;
+
+/// Progress lines: every `log_every` steps (and the last) on stdout, every step in `file`.
+pub struct ProgressLog {
+    pub log_every: u64,
+    pub total_steps: u64,
+    /// Ranks whose throughput this rank's stands for (the job's rate is this rank's times it).
+    pub world: usize,
+    pub file: Option<std::fs::File>,
+}
+
+impl Reporter for ProgressLog {
+    fn applied(&mut self, r: &StepReport) -> Result<()> {
+        let s: &StepStats = r.stats;
+        let line = s.progress_line(self.total_steps, r.recent.images_per_second * self.world as f64);
+        if let Some(file) = self.file.as_mut() {
+            writeln!(file, "{line}").context("writing the progress log")?;
+        }
+        if s.step.is_multiple_of(self.log_every) || s.step + 1 == self.total_steps {
+            println!("{line}");
+        }
+        Ok(())
+    }
+
+    fn evaluated(&mut self, e: &Evaluation) -> Result<()> {
+        println!("eval  {:>5}  {}", e.step, e.summary);
+        Ok(())
+    }
+}
+
+/// Rank 0's TensorBoard events. With the run directory on the local file system they are written
+/// straight into `<run_dir>/tensorboard/`; in object storage they are written to a local folder
+/// and uploaded there (the whole file, replacing the last upload) at every checkpoint and when
+/// [`Board::publish`] is called.
+pub struct Board {
+    events: TensorBoard,
+    log_every: u64,
+    /// Where the event file goes, when the run directory is not local.
+    upload: Option<Location>,
+    handle: Handle,
+    /// Holds the local copy of a remote run's events while the board lasts.
+    _local: Option<tempfile::TempDir>,
+}
+
+impl Board {
+    pub fn open(run_dir: &str, log_every: u64, handle: Handle) -> Result<Board> {
+        let (events, upload, local) = match local_path(run_dir) {
+            Some(dir) => (TensorBoard::create(&dir.join(TENSORBOARD_DIR))?, None, None),
+            None => {
+                let local = tempfile::tempdir().context("a local folder for TensorBoard events")?;
+                let events = TensorBoard::create(local.path())?;
+                let name = events.path().file_name().context("an event file name")?.to_string_lossy().into_owned();
+                let upload = Location::open(run_dir)?.join(&format!("{TENSORBOARD_DIR}/{name}"));
+                (events, Some(upload), Some(local))
+            }
+        };
+        Ok(Board { events, log_every, upload, handle, _local: local })
+    }
+
+    /// Flushes the events and, for a remote run directory, uploads them (a failure is logged:
+    /// the next publication retries).
+    pub fn publish(&mut self) {
+        self.events.flush();
+        let Some(dest) = &self.upload else { return };
+        let uploaded = std::fs::read(self.events.path())
+            .context("reading the event file")
+            .and_then(|bytes| self.handle.block_on(dest.write_all(bytes)));
+        if let Err(e) = uploaded {
+            tracing::warn!(to = dest.url, "uploading TensorBoard events: {e:#}");
+        }
+    }
+}
+
+impl Reporter for Board {
+    fn applied(&mut self, r: &StepReport) -> Result<()> {
+        let step = r.stats.step;
+        self.events.scalars(step, r.stats.scalars().into_iter().chain(r.measured.iter().copied()));
+        if step.is_multiple_of(self.log_every) {
+            self.events.flush();
+        }
+        Ok(())
+    }
+
+    fn evaluated(&mut self, e: &Evaluation) -> Result<()> {
+        let tags: Vec<(String, f64)> = e.metrics.iter().map(|(k, v)| (format!("eval/{k}"), *v)).collect();
+        self.events.scalars(e.step, tags.iter().map(|(k, v)| (k.as_str(), *v)));
+        self.events.flush();
+        Ok(())
+    }
+
+    fn saved(&mut self, _step: u64) {
+        self.publish();
+    }
+}

@@ -1,0 +1,367 @@
+//! The training loop: one for `albef train` (a world of one with a local collective) and for each
+//! rank of a job. It reads top to bottom: this rank's micro-batches, what every rank does with the
+//! step, the step, a checkpoint, reports, an evaluation. Around the step, components with one job
+//! each:
+//! - `BatchSource`: this rank's micro-batches of an epoch (a local plan, or the coordinator's
+//!   leases);
+//! - `Control`: what every rank does with the next step (train, skip, stop), agreed on;
+//! - `Checkpoints`: when to save (`CheckpointPolicy`) and where (`CheckpointSink`, rank 0 only);
+//! - `EvalPolicy`: when to evaluate (the task evaluates);
+//! - `Reporter`s: progress lines, TensorBoard, heartbeats, the audit, from one `StepReport`.
+
+use crate::metrics::{Phase, Recent, StepMetrics, StepTimes};
+use crate::task::{Evaluation, Task};
+use crate::{DataParallel, StepOutcome, StepStats, Trainer, batch_tensors};
+use albef_config::AlbefConfig;
+use albef_data::dataset::Dataset;
+use albef_data::loader::LoadedBatch;
+use albef_model::Batch;
+use albef_model::flops::step_flops;
+use anyhow::Result;
+
+pub struct TrainLoop<'a> {
+    pub task: &'a mut dyn Task,
+    pub data: &'a mut dyn BatchSource,
+    pub control: &'a mut dyn Control,
+    pub checkpoints: &'a mut Checkpoints,
+    pub evals: EvalPolicy,
+    pub reporters: Vec<&'a mut dyn Reporter>,
+    pub metrics: &'a mut StepMetrics,
+    pub length: JobLength,
+    /// Consecutive non-finite steps after which training goes back to the last checkpoint.
+    pub max_nonfinite: u32,
+}
+
+impl TrainLoop<'_> {
+    /// Trains from the trainer's position to the job's last step.
+    pub fn run(&mut self, trainer: &mut Trainer, dp: &mut DataParallel) -> Result<Ending> {
+        let TrainLoop { task, data, control, checkpoints, evals, reporters, metrics, length, max_nonfinite } = self;
+        let (steps_per_epoch, last) = (length.steps_per_epoch, length.total_steps);
+        while trainer.state().step < last {
+            let mut epoch = data.epoch(task.dataset(), trainer.state().epoch, trainer.state().step_in_epoch)?;
+            loop {
+                let mut times = StepTimes::default();
+                let Some(micro) = times.timed(Phase::DataWait, || epoch.next()) else { break };
+                let step = trainer.state().step;
+                let _span = tracing::info_span!("step", step).entered();
+                let unfit = micro.iter().any(|m| !task.trainable(&m.batch));
+                let Some(agreed) = control.agree(unfit, &mut times)? else {
+                    return Ok(Ending::Interrupted("the coordinator ended the generation".into()));
+                };
+                if agreed.checkpoint || agreed.decision == Decision::Stop {
+                    save(checkpoints, reporters, trainer, SaveReason::Asked)?;
+                }
+                match agreed.decision {
+                    Decision::Stop => return Ok(Ending::Stopped),
+                    Decision::Skip => {
+                        tracing::warn!(step, "a micro-batch has too few good samples: every rank skips the step");
+                        each(reporters, |r| r.skipped(step, Skipped::Unfit, &micro))?;
+                        trainer.skip_unfit(steps_per_epoch)?;
+                        continue;
+                    }
+                    Decision::Train => {}
+                }
+                let tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
+                let batches: Vec<Batch> = tensors
+                    .iter()
+                    .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
+                    .collect();
+                let computed = &mut |s: &StepStats| each(reporters, |r| r.computed(s, &micro));
+                let stats = match trainer.step(&batches, dp, steps_per_epoch, computed)? {
+                    StepOutcome::Applied(stats) => stats,
+                    StepOutcome::NonFinite(_) => {
+                        let streak = trainer.nonfinite_streak();
+                        tracing::warn!(step, streak, "non-finite loss: no rank applies the step");
+                        each(reporters, |r| r.skipped(step, Skipped::NonFinite, &micro))?;
+                        if streak >= *max_nonfinite {
+                            let why = format!("{streak} consecutive steps with a non-finite loss (up to step {step})");
+                            return Ok(Ending::RollBack(why));
+                        }
+                        continue;
+                    }
+                };
+                times.add_step(&stats);
+                let step = trainer.state().step;
+                times.timed(Phase::Checkpoint, || save(checkpoints, reporters, trainer, SaveReason::Periodic))?;
+                let (model, ranks) = (trainer.model().config(), dp.ranks().total as i64);
+                let flops = micro
+                    .iter()
+                    .map(|m| step_flops(model, m.batch.batch_size as i64, m.batch.seq_len as i64, ranks))
+                    .sum();
+                let images = micro.iter().map(|m| m.batch.batch_size).sum();
+                let measured = metrics.step(step, &times, images, flops);
+                let (recent, micro, times) = (metrics.recent(), &micro, &times);
+                let report = StepReport { stats: &stats, trainer, micro, times, measured: &measured, recent };
+                each(reporters, |r| r.applied(&report))?;
+                if evals.should_eval(step)
+                    && let Some(evaluation) = task.evaluate(trainer, dp.collective(), step)?
+                {
+                    each(reporters, |r| r.evaluated(&evaluation))?;
+                }
+                if step >= last {
+                    break;
+                }
+            }
+        }
+        save(checkpoints, reporters, trainer, SaveReason::Finished)?;
+        Ok(Ending::Finished)
+    }
+}
+
+/// Saves when the checkpoints' policy says so, and tells the reporters.
+fn save(
+    checkpoints: &mut Checkpoints,
+    reporters: &mut [&mut dyn Reporter],
+    t: &Trainer,
+    why: SaveReason,
+) -> Result<()> {
+    if checkpoints.save(t, why)? {
+        reporters.iter_mut().for_each(|r| r.saved(t.state().step));
+    }
+    Ok(())
+}
+
+fn each(reporters: &mut [&mut dyn Reporter], mut f: impl FnMut(&mut dyn Reporter) -> Result<()>) -> Result<()> {
+    reporters.iter_mut().try_for_each(|r| f(&mut **r))
+}
+
+/// How a run of the loop ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The last step is taken (and saved by rank 0).
+    Finished,
+    /// Every rank stopped at the same step, after a checkpoint.
+    Stopped,
+    /// The world ended under this rank (the coordinator ended the generation).
+    Interrupted(String),
+    /// Too many consecutive non-finite steps: the weights are suspect; training goes back to the
+    /// last checkpoint.
+    RollBack(String),
+}
+
+/// How long a job is: one definition for every runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobLength {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+}
+
+impl JobLength {
+    pub fn new(cfg: &AlbefConfig, steps_per_epoch: u64) -> Self {
+        JobLength { steps_per_epoch, total_steps: cfg.total_steps(steps_per_epoch) }
+    }
+}
+
+/// What every rank does with the next step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Train,
+    /// A rank has a micro-batch the task cannot train on: every rank skips the step.
+    Skip,
+    /// The job stops here, at the same step on every rank.
+    Stop,
+}
+
+/// What the ranks decided together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Agreed {
+    pub decision: Decision,
+    /// A checkpoint was asked for (rank 0 saves before the step).
+    pub checkpoint: bool,
+}
+
+/// Decides, with the other ranks, what to do with the next step.
+pub trait Control {
+    /// `unfit`: this rank has a micro-batch the task cannot train on. `None`: the world ended.
+    /// Time spent exchanging votes goes to `times`.
+    fn agree(&mut self, unfit: bool, times: &mut StepTimes) -> Result<Option<Agreed>>;
+}
+
+/// A world of one without a coordinator: an unfit batch skips the step; nothing else is asked.
+pub struct Alone;
+
+impl Control for Alone {
+    fn agree(&mut self, unfit: bool, _: &mut StepTimes) -> Result<Option<Agreed>> {
+        let decision = if unfit { Decision::Skip } else { Decision::Train };
+        Ok(Some(Agreed { decision, checkpoint: false }))
+    }
+}
+
+/// This rank's micro-batches, epoch by epoch.
+pub trait BatchSource {
+    /// The micro-batches of `epoch` from its step `from` on, read from `dataset`.
+    fn epoch(&mut self, dataset: &Dataset, epoch: u64, from: u64) -> Result<MicroBatches>;
+}
+
+/// One iterator of batches per virtual rank of this rank.
+pub struct MicroBatches(pub Vec<Box<dyn Iterator<Item = LoadedBatch>>>);
+
+impl MicroBatches {
+    /// The next step's micro-batches; `None` at the end of the epoch.
+    fn next(&mut self) -> Option<Vec<LoadedBatch>> {
+        self.0.iter_mut().map(Iterator::next).collect()
+    }
+}
+
+/// Why a checkpoint may be taken now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveReason {
+    /// A checkpoint command, or a stop (a stopped job resumes from it); before the step.
+    Asked,
+    /// After a step: every `job.checkpoint_every` steps.
+    Periodic,
+    /// After the last step.
+    Finished,
+    /// The generation ended mid-progress (a rank lost, a straggler evicted, a scale-up): the next
+    /// one resumes here instead of at the last periodic checkpoint.
+    Interrupted,
+}
+
+/// When to checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    every: u64,
+    last_saved: Option<u64>,
+}
+
+impl CheckpointPolicy {
+    /// `every`: steps between periodic checkpoints (0: none); `resumed_at`: the step of the
+    /// checkpoint this run resumed from, if any (it is not saved again).
+    pub fn new(every: u64, resumed_at: Option<u64>) -> Self {
+        CheckpointPolicy { every, last_saved: resumed_at }
+    }
+
+    /// Whether the state after `step` steps is to be saved: never twice, and never the untrained
+    /// state when a generation is interrupted.
+    pub fn should_save(&self, step: u64, why: SaveReason) -> bool {
+        if self.last_saved == Some(step) {
+            return false;
+        }
+        match why {
+            SaveReason::Asked | SaveReason::Finished => true,
+            SaveReason::Periodic => self.every > 0 && step.is_multiple_of(self.every),
+            SaveReason::Interrupted => step > 0,
+        }
+    }
+}
+
+/// Where a rank's checkpoints go.
+pub trait CheckpointSink {
+    /// Saves the trainer's state; the step waits at most for its copy to host memory.
+    fn save(&mut self, trainer: &Trainer) -> Result<()>;
+}
+
+/// A rank's checkpoints: the policy, and the sink where this rank saves (rank 0), if it does.
+pub struct Checkpoints {
+    pub policy: CheckpointPolicy,
+    sink: Option<Box<dyn CheckpointSink>>,
+}
+
+impl Checkpoints {
+    pub fn new(policy: CheckpointPolicy, sink: Option<Box<dyn CheckpointSink>>) -> Self {
+        Checkpoints { policy, sink }
+    }
+
+    /// Saves when this rank saves, the state is whole (`Trainer::checkpointable`) and the policy
+    /// says so; tells whether it did.
+    pub fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<bool> {
+        let step = trainer.state().step;
+        let Some(sink) = self.sink.as_mut() else { return Ok(false) };
+        if !trainer.checkpointable() || !self.policy.should_save(step, why) {
+            return Ok(false);
+        }
+        sink.save(trainer)?;
+        self.policy.last_saved = Some(step);
+        Ok(true)
+    }
+}
+
+/// When to evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalPolicy {
+    /// Steps between evaluations (0: none).
+    pub every: u64,
+    /// Also after the last step.
+    pub at_end: bool,
+    pub last_step: u64,
+}
+
+impl EvalPolicy {
+    pub fn new(cfg: &AlbefConfig, length: JobLength) -> Self {
+        EvalPolicy { every: cfg.job.eval_every, at_end: cfg.job.eval_at_end, last_step: length.total_steps }
+    }
+
+    /// Whether to evaluate after `step` steps.
+    pub fn should_eval(&self, step: u64) -> bool {
+        (self.every > 0 && step.is_multiple_of(self.every)) || (self.at_end && step >= self.last_step)
+    }
+}
+
+/// Why a step was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// A micro-batch with too few good samples, on some rank (decided before the step).
+    Unfit,
+    /// A non-finite loss, on some rank.
+    NonFinite,
+}
+
+/// An applied step, as the reporters see it.
+pub struct StepReport<'a> {
+    pub stats: &'a StepStats,
+    /// After the step.
+    pub trainer: &'a Trainer,
+    pub micro: &'a [LoadedBatch],
+    pub times: &'a StepTimes,
+    /// What the metrics recorded, by TensorBoard tag.
+    pub measured: &'a [(&'static str, f64)],
+    /// Throughput and busy time over the last window of steps.
+    pub recent: Recent,
+}
+
+/// Sees the steps of a rank. Every method has a default that does nothing.
+pub trait Reporter {
+    /// The step's losses on this rank, before its vote on their finiteness goes out.
+    fn computed(&mut self, _stats: &StepStats, _micro: &[LoadedBatch]) -> Result<()> {
+        Ok(())
+    }
+    /// A step that no rank applied.
+    fn skipped(&mut self, _step: u64, _why: Skipped, _micro: &[LoadedBatch]) -> Result<()> {
+        Ok(())
+    }
+    fn applied(&mut self, _report: &StepReport) -> Result<()> {
+        Ok(())
+    }
+    /// An evaluation (rank 0).
+    fn evaluated(&mut self, _evaluation: &Evaluation) -> Result<()> {
+        Ok(())
+    }
+    /// A checkpoint of the state after `step` steps was taken (rank 0).
+    fn saved(&mut self, _step: u64) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_is_saved_once_when_asked_periodically_or_at_the_end() {
+        let mut policy = CheckpointPolicy::new(4, Some(2));
+        assert!(!policy.should_save(2, SaveReason::Asked), "the state resumed from is not saved again");
+        assert!(!policy.should_save(3, SaveReason::Periodic) && policy.should_save(4, SaveReason::Periodic));
+        assert!(policy.should_save(3, SaveReason::Asked) && policy.should_save(3, SaveReason::Finished));
+        policy.last_saved = Some(4);
+        assert!(!policy.should_save(4, SaveReason::Finished), "the last step was just saved periodically");
+        assert!(!CheckpointPolicy::new(0, None).should_save(8, SaveReason::Periodic));
+        assert!(!CheckpointPolicy::new(0, None).should_save(0, SaveReason::Interrupted));
+        assert!(CheckpointPolicy::new(0, None).should_save(1, SaveReason::Interrupted));
+    }
+
+    #[test]
+    fn evaluations_come_every_n_steps_and_after_the_last() {
+        let evals = EvalPolicy { every: 8, at_end: true, last_step: 12 };
+        let at: Vec<u64> = (1..=12).filter(|&s| evals.should_eval(s)).collect();
+        assert_eq!(at, [8, 12]);
+        assert!(!EvalPolicy { at_end: false, ..evals }.should_eval(12));
+    }
+}
