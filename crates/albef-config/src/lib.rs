@@ -12,9 +12,11 @@
 //!
 //! Sections: `model` (`ModelConfig` with `VisionConfig`, `BertConfig` and `ItcNegatives`),
 //! `optimizer`, `schedular`, `train` (seed, per-rank batch, device, bf16, TF32, steps), `data`
-//! (sources, tokenizer, transforms, loader, bad-input limits, generated data), `job` (rendezvous,
-//! heartbeats, collectives, checkpoints, evaluation), `coordinator` (addresses, tokens, TLS,
-//! metrics) and `worker` (this machine's metrics endpoint and peak FLOP/s).
+//! (sources, tokenizer, transforms, loader, bad-input limits, generated data), `job` (run
+//! directory, rendezvous, elasticity and stragglers, heartbeats, collectives and gradient buckets,
+//! virtual ranks, checkpoints, evaluation, non-finite steps, the audit), `coordinator` (addresses,
+//! tokens, TLS, metrics, exit when finished) and `worker` (this machine's metrics endpoint, peak FLOP/s
+//! and local ranks). `AlbefConfig::total_steps` is the one definition of a job's length.
 //!
 //! Entry points: `load` with `ConfigSources`, or `ConfigArgs`, the `--config` / `--set` flags every
 //! binary takes. `AlbefConfig::to_pretty_json` is what `albef train`, the coordinator and the

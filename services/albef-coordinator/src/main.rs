@@ -34,7 +34,7 @@ use albef_proto::v1::{FILE_DESCRIPTOR_SET, control_server::ControlServer, coordi
 use anyhow::{Context, Result, ensure};
 use auth::{Auth, Guard};
 use clap::Parser;
-use service::{ControlService, CoordinatorService, Shared};
+use service::{ControlService, CoordinatorService, ServiceState};
 use state::Job;
 use std::io::Write;
 use std::process::ExitCode;
@@ -125,7 +125,7 @@ async fn serve(
         tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shared = Shared::new(job, run, state_loc, shutdown_rx.clone());
+    let shared = ServiceState::new(job, run, state_loc, shutdown_rx.clone());
     let registry = metrics::registry(shared.clone());
     telemetry.export_metrics(&registry);
     if !c.metrics_listen.is_empty() {
@@ -202,7 +202,7 @@ async fn on_signals(mut term: Signal, mut int: Signal, shutdown: watch::Sender<b
 }
 
 /// Failure detection, the rendezvous grace, persistence, and the exit once the job is done.
-async fn tick(shared: Arc<Shared>, shutdown: watch::Sender<bool>, exit_when_finished: bool) {
+async fn tick(shared: Arc<ServiceState>, shutdown: watch::Sender<bool>, exit_when_finished: bool) {
     let mut stopped = shutdown.subscribe();
     let mut every = tokio::time::interval(TICK);
     loop {

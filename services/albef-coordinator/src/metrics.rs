@@ -1,13 +1,13 @@
 //! The coordinator's metrics (Prometheus `/metrics` and OTLP), computed from the job state at
 //! every read.
 
-use crate::service::Shared;
+use crate::service::ServiceState;
 use crate::state::JobState;
 use albef_telemetry::metrics::{Kind, Registry};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn registry(shared: Arc<Shared>) -> Registry {
+pub fn registry(shared: Arc<ServiceState>) -> Registry {
     let r = Registry::with_families(&[
         ("albef_job_state", Kind::Gauge, "1 for the job's current state."),
         ("albef_job_generation", Kind::Gauge, "Number of the latest generation (world) formed."),

@@ -6,7 +6,7 @@
 //! time out during a long pause. So before each step the ranks gather what each has heard (a few
 //! numbers, in the collective the step needs anyway) and every rank decides from the same votes.
 
-use crate::generation::Shared;
+use crate::generation::HeartbeatLink;
 use albef_dist::Collective;
 use albef_proto::v1::Command;
 use albef_train::metrics::{Phase, StepTimes};
@@ -75,7 +75,7 @@ impl Heard {
 
 /// The coordinator's commands, as every rank of a generation acts on them.
 pub struct CoordinatorControl<'a> {
-    pub shared: &'a Shared,
+    pub shared: &'a HeartbeatLink,
     pub collective: &'a dyn Collective,
     pub device: tch::Device,
     pub heard: Heard,

@@ -105,7 +105,7 @@ impl<'a> Reporters<'a> {
 
 /// What the heartbeat thread reports and what it brings back.
 #[derive(Default)]
-pub struct Shared {
+pub struct HeartbeatLink {
     pub progress: Mutex<HeartbeatRequest>,
     pub commands: Mutex<VecDeque<Command>>,
     pub rejoin: AtomicBool,
@@ -272,20 +272,13 @@ impl Worker {
             self.rt.block_on(self.client.publish_nccl_id(req)).context("publishing the NCCL id")?;
             return Ok(id);
         }
-        let mut backoff = Backoff::new();
-        loop {
-            match self.rt.block_on(self.client.get_nccl_id(GetNcclIdRequest { generation })) {
-                Ok(r) => {
-                    let bytes = r.into_inner().nccl_id;
-                    return bytes
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| anyhow::anyhow!("an NCCL id of {} bytes", bytes.len()));
-                }
-                Err(s) if client::transient(&s) => backoff.wait(),
-                Err(s) => bail!("fetching the NCCL id: {s}"),
-            }
-        }
+        let client = &self.client;
+        let reply = client::retry(self.rt.handle(), None, || {
+            let mut c = client.clone();
+            async move { c.get_nccl_id(GetNcclIdRequest { generation }).await }
+        });
+        let bytes = reply.map_err(|s| anyhow::anyhow!("fetching the NCCL id: {s}"))?.nccl_id;
+        bytes.as_slice().try_into().map_err(|_| anyhow::anyhow!("an NCCL id of {} bytes", bytes.len()))
     }
 
     fn leave(&mut self, generation: u64) {
@@ -331,7 +324,7 @@ impl Worker {
         let collective = self.collective(&a, pending, dev)?;
         // Aborted, so that the other ranks fail at once instead of at the collective timeout.
         let mut run = self.prepare(&a, &cfg, dev).inspect_err(|_| collective.abort())?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(HeartbeatLink::default());
         *shared.progress.lock().unwrap() = HeartbeatRequest {
             worker_id: self.worker_id.clone(),
             generation: a.generation,
@@ -393,7 +386,7 @@ impl Worker {
         a: &Assignment,
         cfg: &AlbefConfig,
         run: &mut Run,
-        shared: &Shared,
+        shared: &HeartbeatLink,
         collective: &dyn Collective,
     ) -> Result<Ending> {
         let (ranks, length, dev) = (run.ranks, run.length, run.trainer.device());
@@ -459,7 +452,7 @@ impl Worker {
 
     fn spawn_heartbeat(
         &self,
-        shared: Arc<Shared>,
+        shared: Arc<HeartbeatLink>,
         collective: Arc<dyn Collective>,
         interval_ms: u64,
         timeout_ms: u64,
@@ -497,7 +490,7 @@ impl Worker {
     }
 
     /// Tells the coordinator at once that this generation cannot go on.
-    fn report_fatal(&mut self, shared: &Shared, why: &str) {
+    fn report_fatal(&mut self, shared: &HeartbeatLink, why: &str) {
         let req = HeartbeatRequest { fatal_error: why.into(), ..shared.progress.lock().unwrap().clone() };
         if let Err(s) = self.rt.block_on(self.client.heartbeat(req)) {
             tracing::warn!("reporting a fatal error: {s}");

@@ -169,8 +169,9 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
 
 #[test]
 fn three_workers_form_one_world() {
-    let Job { stdout, .. } = job(3, 6, &[]);
-    assert!(stdout.lines().any(|l| l.starts_with("step     5/6")), "{stdout}");
+    let Job { status, albefctl_json, .. } = job(3, 6, &[]);
+    assert_eq!(albefctl_json["world_size"], 3, "{albefctl_json}");
+    assert_eq!((status.state.as_str(), status.step, status.restarts), ("finished", 6, 0), "{status:?}");
 }
 
 /// Two nodes (`albef-worker` processes) of two local ranks each: one world of four ranks, each

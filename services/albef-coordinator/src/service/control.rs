@@ -1,7 +1,7 @@
 //! The `Control` service: what albefctl calls (status, a stream of it, pause, resume, stop,
 //! checkpoint, the checkpoint list).
 
-use super::{Shared, to_status};
+use super::{ServiceState, to_status};
 use crate::state::{self, Job, JobState, WorkerView};
 use albef_data::bad::SkipExample;
 use albef_proto::v1 as pb;
@@ -27,7 +27,7 @@ fn losses(l: state::Losses) -> pb::Losses {
 }
 
 #[derive(Clone)]
-pub struct ControlService(pub Arc<Shared>);
+pub struct ControlService(pub Arc<ServiceState>);
 
 impl ControlService {
     fn status(&self, view: WorkerView) -> pb::JobStatus {

@@ -2,7 +2,7 @@
 //! checkpoints, evaluations, Leave).
 
 use super::checks::{self, MAX_ERROR, MAX_ID, MAX_LOCATION, check_id, check_join, check_text};
-use super::{Shared, to_status};
+use super::{ServiceState, to_status};
 use crate::state::{self, Assignment, Backend, JoinOutcome, Joining};
 use albef_proto::v1 as pb;
 use albef_proto::v1::coordinator_server::Coordinator;
@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 const NCCL_ID_BYTES: usize = 128;
 
-impl Shared {
+impl ServiceState {
     /// One heartbeat, from a call or a stream: checked, applied, and the state written if it
     /// changed.
     async fn heartbeat(self: &Arc<Self>, r: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
@@ -88,7 +88,7 @@ fn command(c: state::Command) -> pb::Command {
 }
 
 #[derive(Clone)]
-pub struct CoordinatorService(pub Arc<Shared>);
+pub struct CoordinatorService(pub Arc<ServiceState>);
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {

@@ -1,7 +1,7 @@
 //! Thin tonic handlers over the job state machine: validate the request, lock the job briefly
 //! (never across an await), translate, and persist what changed.
 //!
-//! - this module: `Shared` (the job behind its lock, long polls, writes of the state file);
+//! - this module: `ServiceState` (the job behind its lock, long polls, writes of the state file);
 //! - `coordinator`: the `Coordinator` service, for the workers;
 //! - `control`: the `Control` service, for albefctl;
 //! - `checks`: what a request must hold before it reaches the job.
@@ -29,7 +29,7 @@ const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The job, where its state is persisted, and the shutdown signal that ends long polls and
 /// status streams.
-pub struct Shared {
+pub struct ServiceState {
     job: Mutex<Job>,
     /// Woken when the job's events change: the long polls look again then, and only then.
     wake: Notify,
@@ -48,13 +48,13 @@ pub struct Shared {
     shutdown: watch::Receiver<bool>,
 }
 
-impl Shared {
+impl ServiceState {
     pub fn new(job: Job, run: Location, state: Location, shutdown: watch::Receiver<bool>) -> Arc<Self> {
         let written = tokio::sync::Mutex::new((job.revision(), None));
         let (revision, written_revision) = (AtomicU64::new(job.revision()), AtomicU64::new(job.revision()));
         let (writes, written_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         let job = Mutex::new(job);
-        Arc::new(Shared {
+        Arc::new(ServiceState {
             job,
             wake: Notify::new(),
             run,
@@ -114,7 +114,7 @@ impl Shared {
         // Copied under the lock, serialised and written outside it.
         let snapshot = {
             let job = self.job();
-            (job.revision() != written.0).then(|| job.snapshot())
+            (job.revision() != written.0).then(|| job.durable_state())
         };
         if let Some(snapshot) = snapshot {
             let json = snapshot.to_json();

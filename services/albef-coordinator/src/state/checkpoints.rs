@@ -64,10 +64,7 @@ impl Job {
 
     /// Whether `c` is of the job's last step.
     pub(super) fn is_last(&self, c: &Checkpoint) -> bool {
-        match self.cfg.train.max_steps {
-            0 => c.epoch >= self.cfg.schedular.epochs,
-            max => c.step >= max,
-        }
+        c.step >= self.total_steps()
     }
 
     /// With no generation running, a committed checkpoint of the job's last step finishes the

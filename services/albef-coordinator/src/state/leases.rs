@@ -30,11 +30,8 @@ impl Job {
 
     /// Steps of the job: an epoch is planned over the virtual ranks, whatever the world's size.
     pub(super) fn total_steps(&self) -> u64 {
-        if self.cfg.train.max_steps > 0 {
-            return self.cfg.train.max_steps;
-        }
         let virtual_ranks = u64::from(self.cfg.job.virtual_rank_count());
-        steps_per_epoch(self.total, virtual_ranks, self.batch_size()) * self.cfg.schedular.epochs
+        self.cfg.total_steps(steps_per_epoch(self.total, virtual_ranks, self.batch_size()))
     }
 
     fn batch_size(&self) -> u64 {

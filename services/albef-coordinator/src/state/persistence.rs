@@ -38,19 +38,19 @@ struct Versioned {
 
 /// The job's durable state at one revision, copied under the job's lock and serialised outside
 /// it; `Job::from_json` restores it.
-pub struct Snapshot {
+pub struct DurableState {
     pub revision: u64,
     file: StateFile,
 }
 
-impl Snapshot {
+impl DurableState {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(&self.file).expect("state serialises")
     }
 }
 
 impl Job {
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn durable_state(&self) -> DurableState {
         let ranks = match &self.current {
             Some(g) => g.members.iter().enumerate().map(|(r, m)| (m.worker_id.clone(), r as u32)).collect(),
             None => self.previous_ranks.iter().map(|(id, &r)| (id.clone(), r)).collect(),
@@ -64,10 +64,10 @@ impl Job {
             ranks,
             checkpoints: self.checkpoints.clone(),
         };
-        Snapshot { revision: self.revision, file }
+        DurableState { revision: self.revision, file }
     }
 
-    /// A job restored from `Snapshot::to_json`'s output. Its generation is over: workers get
+    /// A job restored from `DurableState::to_json`'s output. Its generation is over: workers get
     /// REJOIN and form the next one, which resumes from the latest checkpoint. This is also how a
     /// whole job is restarted on the same run location.
     pub fn from_json(cfg: AlbefConfig, counts: Vec<u64>, text: &str, now: Instant) -> anyhow::Result<Self> {

@@ -83,7 +83,7 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     let mut job = Job::new(cfg.clone(), vec![60, 40], t0);
     form(&mut job, &["a", "b"], t0);
     job.report_checkpoint(1, 0, 8, 0, 8, "ck/step-8", t0).unwrap();
-    let text = job.snapshot().to_json();
+    let text = job.durable_state().to_json();
     let mut restored = Job::from_json(cfg.clone(), vec![60, 40], &text, t0).unwrap();
     assert_eq!(restored.state(), JobState::Waiting, "step 8 of 12: not the end");
     // Rank 0 of the old generation reports its final checkpoint (epoch 1, step 0 of it).
@@ -93,6 +93,6 @@ fn a_checkpoint_of_the_last_step_finishes_a_job_that_lost_its_workers() {
     // Committed before the restart: the restored job is finished at once.
     job.report_checkpoint(1, 0, 12, 1, 0, "ck/step-12", t0).unwrap();
     assert_eq!(job.state(), JobState::Running, "a running generation finishes when its ranks say done");
-    let again = Job::from_json(cfg, vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
+    let again = Job::from_json(cfg, vec![60, 40], &job.durable_state().to_json(), t0).unwrap();
     assert_eq!(again.state(), JobState::Finished);
 }

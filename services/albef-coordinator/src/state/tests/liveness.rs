@@ -115,7 +115,7 @@ fn non_finite_steps_are_counted_once_from_rank_0() {
         commands(&mut job, &Heartbeat { nonfinite_steps: n, ..beat(id, a, 5) }, t0);
     }
     assert_eq!(job.status(t0).counters.nonfinite_steps, 3);
-    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.snapshot().to_json(), t0).unwrap();
+    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.durable_state().to_json(), t0).unwrap();
     assert_eq!(restored.status(t0).counters.nonfinite_steps, 3);
 }
 
