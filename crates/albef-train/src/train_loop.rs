@@ -35,94 +35,113 @@ pub struct TrainLoop<'a> {
 impl TrainLoop<'_> {
     /// Trains from the trainer's position to the job's last step.
     pub fn run(&mut self, trainer: &mut Trainer, dp: &mut DataParallel) -> Result<Ending> {
-        let TrainLoop { task, data, control, checkpoints, evals, reporters, metrics, length, max_nonfinite } = self;
-        let (steps_per_epoch, last) = (length.steps_per_epoch, length.total_steps);
+        let last = self.length.total_steps;
         while trainer.state().step < last {
-            let mut epoch = data.epoch(task.dataset(), trainer.state().epoch, trainer.state().step_in_epoch)?;
+            let (epoch, from) = (trainer.state().epoch, trainer.state().step_in_epoch);
+            let mut batches = self.data.epoch(self.task.dataset(), epoch, from)?;
             loop {
                 let mut times = StepTimes::default();
-                let Some(micro) = times.timed(Phase::DataWait, || epoch.next()) else { break };
-                let step = trainer.state().step;
-                let _span = tracing::info_span!("step", step).entered();
-                let unfit = micro.iter().any(|m| !task.trainable(&m.batch));
-                let Some(agreed) = control.agree(unfit, &mut times)? else {
+                let Some(micro) = times.timed(Phase::DataWait, || batches.next()) else { break };
+                let _span = tracing::info_span!("step", step = trainer.state().step).entered();
+                let unfit = micro.iter().any(|m| !self.task.trainable(&m.batch));
+                let Some(agreed) = self.control.agree(unfit, &mut times)? else {
                     return Ok(Ending::Interrupted("the coordinator ended the generation".into()));
                 };
                 if agreed.checkpoint || agreed.decision == Decision::Stop {
-                    save(checkpoints, reporters, trainer, SaveReason::Asked)?;
+                    self.save(trainer, SaveReason::Asked)?;
                 }
                 match agreed.decision {
                     Decision::Stop => return Ok(Ending::Stopped),
                     Decision::Skip => {
-                        tracing::warn!(step, "a micro-batch has too few good samples: every rank skips the step");
-                        each(reporters, |r| r.skipped(step, Skipped::Unfit, &micro))?;
-                        trainer.skip_unfit(steps_per_epoch)?;
+                        self.skip_unfit(trainer, &micro)?;
                         continue;
                     }
                     Decision::Train => {}
                 }
-                let tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
-                let batches: Vec<Batch> = tensors
-                    .iter()
-                    .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
-                    .collect();
-                let computed = &mut |s: &StepStats| each(reporters, |r| r.computed(s, &micro));
-                let stats = match trainer.step(&batches, dp, steps_per_epoch, computed)? {
+                let stats = match self.step(trainer, dp, &micro)? {
                     StepOutcome::Applied(stats) => stats,
-                    StepOutcome::NonFinite(_) => {
+                    StepOutcome::NonFinite(s) if trainer.nonfinite_streak() >= self.max_nonfinite => {
                         let streak = trainer.nonfinite_streak();
-                        tracing::warn!(step, streak, "non-finite loss: no rank applies the step");
-                        each(reporters, |r| r.skipped(step, Skipped::NonFinite, &micro))?;
-                        if streak >= *max_nonfinite {
-                            let why = format!("{streak} consecutive steps with a non-finite loss (up to step {step})");
-                            return Ok(Ending::RollBack(why));
-                        }
-                        continue;
+                        let why = format!("{streak} consecutive steps with a non-finite loss (up to step {})", s.step);
+                        return Ok(Ending::RollBack(why));
                     }
+                    StepOutcome::NonFinite(_) => continue,
                 };
                 times.add_step(&stats);
+                times.timed(Phase::Checkpoint, || self.save(trainer, SaveReason::Periodic))?;
+                self.report(trainer, dp, &stats, &micro, &times)?;
                 let step = trainer.state().step;
-                times.timed(Phase::Checkpoint, || save(checkpoints, reporters, trainer, SaveReason::Periodic))?;
-                let (model, ranks) = (trainer.model().config(), dp.ranks().total as i64);
-                let flops = micro
-                    .iter()
-                    .map(|m| step_flops(model, m.batch.batch_size as i64, m.batch.seq_len as i64, ranks))
-                    .sum();
-                let images = micro.iter().map(|m| m.batch.batch_size).sum();
-                let measured = metrics.step(step, &times, images, flops);
-                let (recent, micro, times) = (metrics.recent(), &micro, &times);
-                let report = StepReport { stats: &stats, trainer, micro, times, measured: &measured, recent };
-                each(reporters, |r| r.applied(&report))?;
-                if evals.should_eval(step)
-                    && let Some(evaluation) = task.evaluate(trainer, dp.collective(), step)?
+                if self.evals.should_eval(step)
+                    && let Some(evaluation) = self.task.evaluate(trainer, dp.collective(), step)?
                 {
-                    each(reporters, |r| r.evaluated(&evaluation))?;
+                    self.each(|r| r.evaluated(&evaluation))?;
                 }
                 if step >= last {
                     break;
                 }
             }
         }
-        save(checkpoints, reporters, trainer, SaveReason::Finished)?;
+        self.save(trainer, SaveReason::Finished)?;
         Ok(Ending::Finished)
     }
-}
 
-/// Saves when the checkpoints' policy says so, and tells the reporters.
-fn save(
-    checkpoints: &mut Checkpoints,
-    reporters: &mut [&mut dyn Reporter],
-    t: &Trainer,
-    why: SaveReason,
-) -> Result<()> {
-    if checkpoints.save(t, why)? {
-        reporters.iter_mut().for_each(|r| r.saved(t.state().step));
+    /// The step on this rank's micro-batches; the reporters see its losses before the vote, and
+    /// a step that no rank applies.
+    fn step(&mut self, trainer: &mut Trainer, dp: &mut DataParallel, micro: &[LoadedBatch]) -> Result<StepOutcome> {
+        let tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
+        let batches: Vec<Batch> =
+            tensors.iter().map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask }).collect();
+        let steps_per_epoch = self.length.steps_per_epoch;
+        let computed = &mut |s: &StepStats| self.each(|r| r.computed(s, micro));
+        let outcome = trainer.step(&batches, dp, steps_per_epoch, computed)?;
+        if let StepOutcome::NonFinite(s) = &outcome {
+            tracing::warn!(
+                step = s.step,
+                streak = trainer.nonfinite_streak(),
+                "non-finite loss: no rank applies the step"
+            );
+            self.each(|r| r.skipped(s.step, Skipped::NonFinite, micro))?;
+        }
+        Ok(outcome)
     }
-    Ok(())
-}
 
-fn each(reporters: &mut [&mut dyn Reporter], mut f: impl FnMut(&mut dyn Reporter) -> Result<()>) -> Result<()> {
-    reporters.iter_mut().try_for_each(|r| f(&mut **r))
+    /// Moves past a step that every rank skips before computing it.
+    fn skip_unfit(&mut self, trainer: &mut Trainer, micro: &[LoadedBatch]) -> Result<()> {
+        let step = trainer.state().step;
+        tracing::warn!(step, "a micro-batch has too few good samples: every rank skips the step");
+        self.each(|r| r.skipped(step, Skipped::Unfit, micro))?;
+        trainer.skip_unfit(self.length.steps_per_epoch)
+    }
+
+    /// An applied step's metrics, and the reporters.
+    fn report(
+        &mut self,
+        trainer: &Trainer,
+        dp: &DataParallel,
+        stats: &StepStats,
+        micro: &[LoadedBatch],
+        times: &StepTimes,
+    ) -> Result<()> {
+        let (model, ranks) = (trainer.model().config(), dp.ranks().total as i64);
+        let flops = micro.iter().map(|m| step_flops(model, m.batch.batch_size as i64, m.batch.seq_len as i64, ranks));
+        let images = micro.iter().map(|m| m.batch.batch_size).sum();
+        let measured = self.metrics.step(trainer.state().step, times, images, flops.sum());
+        let recent = self.metrics.recent();
+        let report = StepReport { stats, trainer, micro, times, measured: &measured, recent };
+        self.each(|r| r.applied(&report))
+    }
+
+    /// Saves when the checkpoints' policy says so, and tells the reporters.
+    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()> {
+        if self.checkpoints.save(trainer, why)? {
+            self.reporters.iter_mut().for_each(|r| r.saved(trainer.state().step));
+        }
+        Ok(())
+    }
+
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Reporter) -> Result<()>) -> Result<()> {
+        self.reporters.iter_mut().try_for_each(|r| f(&mut **r))
+    }
 }
 
 /// How a run of the loop ended.
