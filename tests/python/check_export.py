@@ -7,6 +7,10 @@ timm and transformers, not from our code).
         model file, strict loading with real values, tied decoder alias, metadata with the step
         and configuration; ONLINE (the --online-only export) is the same minus what only
         pretraining needs.
+    check_export.py pth EXPORT_PTH EXPORT
+        EXPORT_PTH (`--format pth`) is what the reference's scripts read: torch.load with
+        weights_only=True (PyTorch's restricted unpickler), the state under "model", the same
+        tensors as the safetensors EXPORT, strict loading into the reference layout.
     check_export.py layout EXPORT TENSORS ELEMENTS
         every name, shape and dtype of EXPORT against the reference layout of the configuration
         in its metadata, read from the header alone (the base preset is 2 GB); the counts must be
@@ -85,6 +89,18 @@ def check_full(exported, checkpoint_model, online_path, step):
     print(f"export ok: {len(full)} tensors, {len(online)} online, strict load into the reference layout")
 
 
+def check_pth(exported_pth, exported):
+    config = json.loads(metadata(exported)["albef.config"])
+    state = torch.load(exported_pth, weights_only=True)["model"]
+    reference = load_file(exported)
+    assert state.keys() == reference.keys(), sorted(set(state) ^ set(reference))[:10]
+    for name, t in reference.items():
+        assert state[name].dtype == t.dtype and torch.equal(state[name], t), name
+    module = reference_module(config["model"]).to_empty(device="cpu")
+    module.load_state_dict(state, strict=True)
+    print(f"pth ok: {len(state)} tensors, strict load into the reference layout")
+
+
 def check_counts(exported, tensors, elements):
     config = json.loads(metadata(exported)["albef.config"])
     n, e = check_layout(exported, reference_module(config["model"]))
@@ -96,6 +112,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "full":
         check_full(args[0], args[1], args[2], int(args[3]))
+    elif mode == "pth":
+        check_pth(args[0], args[1])
     elif mode == "layout":
         check_counts(args[0], int(args[1]), int(args[2]))
     else:

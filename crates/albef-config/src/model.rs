@@ -94,6 +94,11 @@ pub struct ModelConfig {
     /// timm ViT / DeiT checkpoint (safetensors) for the image encoder of a new run (the
     /// reference starts from DeiT-B/16-224). Empty: random initialisation.
     pub visual_encoder_checkpoint: String,
+    /// A whole ALBEF model to start a new run from, as the reference's `--checkpoint`: a `.pth`
+    /// the authors released (ALBEF_4M.pth, ALBEF.pth; fine-tuned ones, whose momentum encoders
+    /// are then copied from the online ones) or an `albef model export`. Loaded after the two
+    /// above; the position embedding is interpolated to `image_res`. Empty: none.
+    pub init_checkpoint: String,
 }
 
 impl ModelConfig {
@@ -144,6 +149,7 @@ impl ModelConfig {
             },
             text_encoder_checkpoint: String::new(),
             visual_encoder_checkpoint: String::new(),
+            init_checkpoint: String::new(),
         }
     }
 

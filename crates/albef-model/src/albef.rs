@@ -6,7 +6,7 @@ use crate::bert::{BertForMaskedLm, Mode};
 use crate::nn::{Init, Linear, Scope, normalize};
 use crate::vit::VisionTransformer;
 use albef_config::{ItcNegatives, ModelConfig};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
 /// Every rank's rows of a tensor, concatenated along dim 0 in rank order.
@@ -209,7 +209,8 @@ impl Albef {
 
     /// A new model as every rank of a job (and an evaluation of the untrained model) builds it:
     /// `seed` fixes the initial weights, so ranks agree without a broadcast; the configured
-    /// pretrained encoders (`text_encoder_checkpoint`, `visual_encoder_checkpoint`) are imported.
+    /// pretrained encoders (`text_encoder_checkpoint`, `visual_encoder_checkpoint`) are imported,
+    /// then the whole model of `init_checkpoint`.
     pub fn fresh(
         cfg: &ModelConfig,
         seed: u64,
@@ -220,8 +221,30 @@ impl Albef {
         let model = Albef::new(&vs, cfg)?;
         let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
         let (bert, vit) = (path(&cfg.text_encoder_checkpoint), path(&cfg.visual_encoder_checkpoint));
-        let reports = model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
+        let mut reports = model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
+        if let Some(path) = path(&cfg.init_checkpoint) {
+            reports.push(model.import_reference(&vs, &path)?);
+        }
         Ok((vs, model, reports))
+    }
+
+    /// Loads a reference ALBEF checkpoint (see [`crate::weights::read_reference`]) by name, the
+    /// position embeddings interpolated to the configured resolution. A file without momentum
+    /// encoders (a fine-tuned model) has them copied from the online ones, as a new run would;
+    /// the report says so. Parameters the file lacks keep their values and are reported missing.
+    pub fn import_reference(&self, vs: &nn::VarStore, path: &std::path::Path) -> Result<crate::weights::LoadReport> {
+        let label = path.display();
+        let tensors = crate::weights::read_reference(path)?;
+        let had_momentum = tensors.keys().any(|k| online_name_of(k).is_some());
+        let mut report =
+            crate::weights::load_named(vs, tensors).with_context(|| format!("loading the ALBEF checkpoint {label}"))?;
+        if !had_momentum {
+            self.copy_params_to_momentum();
+            report.momentum_from_online = true;
+            report.missing.retain(|n| online_name_of(n).is_none());
+        }
+        self.reload_queue_ptr();
+        Ok(report)
     }
 
     /// Initialises the encoders from pretrained checkpoints (safetensors) by name, as the
@@ -299,8 +322,8 @@ impl Albef {
     }
 
     /// Starts a step, whatever the number of its micro-batches: temp's clamp. (The reference
-    /// also runs the EMA of the momentum weights here; `forward_pretrain` does, the trainer runs
-    /// it when it applies the step, on the updated weights the next step's EMA would read.)
+    /// also runs the EMA of the momentum weights here: `forward_pretrain` and the trainer call
+    /// [`Albef::momentum_update`] right after, once per step.)
     pub fn begin_step(&self) {
         tch::no_grad(|| {
             let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);

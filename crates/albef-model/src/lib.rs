@@ -15,8 +15,10 @@
 //!   with momentum distillation and queues, ITM with hard negatives, MLM with distillation),
 //!   applying the EMA and updating the queues as it goes.
 //! - `weights`: the whole state as safetensors under the reference names, so weights move both ways
-//!   by name, and imports of Hugging Face BERT and timm ViT/DeiT checkpoints with a load report and
-//!   position-embedding interpolation.
+//!   by name, and imports of Hugging Face BERT and timm ViT/DeiT checkpoints and of whole reference
+//!   ALBEF checkpoints with a load report and position-embedding interpolation.
+//! - `pth`: `torch.save` files read (a restricted pickle machine that refuses any global but the
+//!   tensor rebuild functions) and written, without Python.
 //! - `flops`: the matmul FLOPs of a step, for model FLOPs utilisation; `device`: the device choice,
 //!   bf16 autocast and TF32 on CUDA; `nn`: the few layers the model is made of.
 
@@ -25,6 +27,7 @@ pub mod bert;
 pub mod device;
 pub mod flops;
 pub mod nn;
+pub mod pth;
 pub mod vit;
 pub mod weights;
 

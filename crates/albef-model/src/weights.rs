@@ -31,6 +31,9 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
     /// Position embeddings interpolated to the model's resolution.
     pub resized: Vec<String>,
+    /// The file had no momentum encoders (a fine-tuned checkpoint): they were copied from the
+    /// online ones.
+    pub momentum_from_online: bool,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -38,6 +41,9 @@ impl std::fmt::Display for LoadReport {
         write!(f, "{} loaded, {} missing, {} unexpected", self.loaded, self.missing.len(), self.unexpected.len())?;
         if !self.resized.is_empty() {
             write!(f, ", resized: {}", self.resized.join(", "))?;
+        }
+        if self.momentum_from_online {
+            write!(f, "; the file has no momentum encoders: copied from the online ones")?;
         }
         for (label, names) in [("missing", &self.missing), ("unexpected", &self.unexpected)] {
             if !names.is_empty() {
@@ -392,6 +398,31 @@ fn hf_bert_name(key: &str) -> String {
     } else {
         format!("text_encoder.{key}")
     }
+}
+
+/// Renames a reference ALBEF key to this model's names: the reference's fine-tuning models hold
+/// the text encoder as a bare BertModel (`text_encoder.embeddings.*`: their loaders strip
+/// `bert.`), its pretraining model and this one as BertForMaskedLM (`text_encoder.bert.*`).
+fn reference_name(key: &str) -> String {
+    for root in ["text_encoder.", "text_encoder_m."] {
+        if let Some(rest) = key.strip_prefix(root)
+            && ["embeddings.", "encoder.", "pooler."].iter().any(|p| rest.starts_with(p))
+        {
+            return format!("{root}bert.{rest}");
+        }
+    }
+    key.to_string()
+}
+
+/// The state dict of a reference ALBEF checkpoint: a `torch.save` file (`.pth`, the state under
+/// `model` as the authors released it, or a bare state dict) or a safetensors file (`albef model
+/// export`), under this model's names.
+pub fn read_reference(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => read_safetensors(path)?,
+        _ => crate::pth::read(path)?.state_dict()?,
+    };
+    Ok(tensors.into_iter().map(|(k, v)| (reference_name(&k), v)).collect())
 }
 
 /// Imports a Hugging Face BERT checkpoint (safetensors) into the text and fusion layers. The

@@ -110,6 +110,8 @@ pub struct Trainer {
     /// Consecutive steps not applied for a non-finite loss: while any, the weights that gave
     /// them are suspect.
     nonfinite_streak: u32,
+    /// EMAs the momentum weights have had: one per step, at its start (see [`Trainer::step`]).
+    momentum_emas: u64,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -139,6 +141,7 @@ impl Trainer {
             grad_hooks: None,
             changing: false,
             nonfinite_streak: 0,
+            momentum_emas: 0,
         })
     }
 
@@ -185,10 +188,18 @@ impl Trainer {
         self.nonfinite_streak
     }
 
-    /// One training step of this rank in its world: forward and backward of its micro-batches
-    /// (one per virtual rank), the gradient average, the vote on finiteness, then the update on
-    /// every rank or on none. `before_vote` sees the step's losses before this rank's vote goes
-    /// out: once it has, the others may apply the step (and checkpoint it).
+    /// One training step of this rank in its world, in the reference's order: the EMA of the
+    /// momentum weights toward the current weights, forward and backward of its micro-batches
+    /// (one per virtual rank), the gradient average, the vote on finiteness, then the update and
+    /// the step's features into the queues on every rank, or on none. `before_vote` sees the
+    /// step's losses before this rank's vote goes out: once it has, the others may apply the
+    /// step (and checkpoint it).
+    ///
+    /// Every step position has exactly one EMA, at its start, whether the step is then applied
+    /// or not (it reads no batch): a step skipped for a non-finite loss or an unfit batch keeps
+    /// it. The count is part of the state (`momentum_emas` in `trainer_state.json`), so a
+    /// checkpoint taken while a step was in flight (a generation that ended mid-step) resumes
+    /// without a second EMA.
     pub fn step(
         &mut self,
         micro: &[Batch],
@@ -216,9 +227,21 @@ impl Trainer {
     }
 
     /// Moves past a step that every rank skips before computing it (a batch with too few good
-    /// samples), so that the position stays aligned with the data plan.
+    /// samples), so that the position stays aligned with the data plan; it keeps its EMA.
     pub fn skip_unfit(&mut self, steps_per_epoch: u64) -> Result<()> {
-        self.changing(|t| t.skip(steps_per_epoch))
+        self.changing(|t| {
+            t.momentum_ema();
+            t.skip(steps_per_epoch)
+        })
+    }
+
+    /// The EMA of the momentum weights that opens the current step, unless it has had it.
+    fn momentum_ema(&mut self) {
+        let step = self.state.step + 1;
+        if self.momentum_emas < step {
+            self.model.momentum_update();
+            self.momentum_emas = step;
+        }
     }
 
     /// Runs `f`, a change of the state, marked as changing until it succeeds.
@@ -253,6 +276,7 @@ impl Trainer {
             virtual_ranks.iter().map(|&v| SplitMix64::for_item(self.cfg.train.seed ^ (v << 48), s.step)).collect();
         let started = std::time::Instant::now();
         self.model.begin_step();
+        self.momentum_ema();
         let momentum = tracing::info_span!("forward").in_scope(|| {
             let model = &self.model;
             let features: Vec<_> = micro
@@ -317,15 +341,13 @@ impl Trainer {
         })
     }
 
-    /// Applies the step: the gradients with the step's learning rate, then the EMA of the
-    /// momentum weights (on the new weights: what the reference's EMA at the start of the next
-    /// step computes) and the step's features into the queues; advances the position. Until
-    /// here a step changes nothing but gradients, so a step that is not applied leaves no trace.
+    /// Applies the step: the gradients with the step's learning rate, and the step's features
+    /// into the queues; advances the position. Until here a step changes nothing but its EMA
+    /// and gradients, so a step that is not applied leaves no other trace.
     fn apply_update(&mut self, steps_per_epoch: u64) -> Result<()> {
         let s = &self.state;
         self.opt.step(self.schedule.lr(s.step, s.epoch))?;
         self.opt.clear_grads()?;
-        self.model.momentum_update();
         if let Some(features) = self.pending.take() {
             self.model.end_step(&features);
         }
@@ -372,6 +394,7 @@ impl Trainer {
             lr: self.schedule.lr(s.step, s.epoch),
             alpha: self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch),
             temp: self.model.temp(),
+            momentum_emas: Some(self.momentum_emas),
             config: serde_json::to_value(&self.cfg)?,
         };
         Ok(Snapshot {
@@ -400,6 +423,7 @@ impl Trainer {
         self.opt.clear_grads()?;
         self.pending = None;
         self.state = saved.position.clone();
+        self.momentum_emas = saved.momentum_emas();
         (self.changing, self.nonfinite_streak) = (false, 0);
         Ok(saved)
     }
@@ -438,7 +462,22 @@ pub struct SavedState {
     pub lr: f64,
     pub alpha: f64,
     pub temp: f64,
+    /// EMAs the momentum weights have had: `step` after a step was applied or skipped, one more
+    /// when the checkpoint was taken while a step was in flight. Absent from checkpoints written
+    /// before the EMA moved to the start of the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum_emas: Option<u64>,
     pub config: serde_json::Value,
+}
+
+impl SavedState {
+    /// EMAs the momentum weights have had. A checkpoint without the count was written by a
+    /// trainer that ran the EMA after the update, so its momentum weights already hold the next
+    /// step's EMA (toward the weights after `step` updates); it resumes as that trainer went on.
+    pub fn momentum_emas(&self) -> u64 {
+        let step = self.position.step;
+        self.momentum_emas.unwrap_or(if step > 0 { step + 1 } else { 0 })
+    }
 }
 
 /// The training state in host memory, to be encoded and uploaded off the training thread.

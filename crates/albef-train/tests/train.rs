@@ -131,11 +131,12 @@ fn save_then_load_reproduces_the_next_step_exactly() {
     }
 }
 
-/// A step whose loss is not finite and is not applied leaves no trace: not in the weights, the
-/// momentum weights or the queues, and not in the gradients the next step adds to. The next
-/// step is then bit for bit the one of a trainer that never computed the poisoned batch.
+/// A step whose loss is not finite and is not applied leaves no trace but its EMA (which opens
+/// every step and reads no batch): not in the weights or the queues, and not in the gradients the
+/// next step adds to. It is then bit for bit a step skipped before it was computed (an unfit
+/// batch), and so is the next step.
 #[test]
-fn a_step_that_is_not_applied_leaves_no_trace() {
+fn a_step_that_is_not_applied_leaves_no_trace_but_its_ema() {
     let _rng = serial();
     let cfg = small_config();
     let batches = fixed_batches(&cfg, 12, 4);
@@ -156,7 +157,11 @@ fn a_step_that_is_not_applied_leaves_no_trace() {
     assert!(!poisoned.checkpointable() && poisoned.nonfinite_streak() == 1, "its weights are suspect");
     clean.skip_unfit(5).unwrap();
     for ((name, b), (_, a)) in before.iter().zip(state(&poisoned)) {
-        assert!(b.equal(&a), "{name} changed by a step that was not applied");
+        let momentum = albef_model::albef::online_name_of(name).is_some();
+        assert!(momentum || b.equal(&a), "{name} changed by a step that was not applied");
+    }
+    for ((name, a), (_, b)) in state(&poisoned).iter().zip(state(&clean)) {
+        assert!(a.equal(&b), "{name}: a step not applied differs from one skipped");
     }
     assert_eq!(poisoned.model().queue_ptr(), clean.model().queue_ptr());
     let (p, c) = (step(&mut poisoned, &batches[2], 5), step(&mut clean, &batches[2], 5));
@@ -164,5 +169,54 @@ fn a_step_that_is_not_applied_leaves_no_trace() {
     assert!(poisoned.checkpointable(), "a finite step ends the streak");
     for ((name, a), (_, b)) in state(&poisoned).iter().zip(state(&clean)) {
         assert!(a.equal(&b), "{name} differs after the next step");
+    }
+}
+
+/// The trainer's step order is the reference's: the EMA of the momentum weights toward the
+/// current weights opens the step (before the momentum forward), from a state where the momentum
+/// weights differ from the online ones; a checkpoint of the state after the step holds exactly
+/// one EMA per step and resumes without another.
+#[test]
+fn the_ema_opens_the_step_toward_the_weights_before_the_update() {
+    let _rng = serial();
+    let cfg = small_config();
+    let batches = fixed_batches(&cfg, 8, 4);
+    let mut trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
+    step(&mut trainer, &batches[0], 5);
+    // Momentum and online weights now differ.
+    let vars = |t: &Trainer| -> std::collections::BTreeMap<String, Tensor> {
+        t.var_store().variables().into_iter().map(|(n, v)| (n, v.detach().copy())).collect()
+    };
+    let before = vars(&trainer);
+    step(&mut trainer, &batches[1], 5);
+    let after = vars(&trainer);
+    let m = cfg.model.momentum;
+    let mut checked = 0;
+    for (name, p_m) in &before {
+        let Some(online) = albef_model::albef::online_name_of(name) else { continue };
+        assert!(!p_m.equal(&before[&online]) || before[&online].equal(&after[&online]), "{name}: momentum = online");
+        let expected = p_m * m + &before[&online] * (1.0 - m);
+        let diff = (&after[name] - &expected).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-9,
+            "{name}: the EMA is not m * p_m + (1 - m) * p of the weights before the update ({diff:e})"
+        );
+        checked += 1;
+    }
+    assert!(checked > 50, "{checked} momentum tensors");
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ckpt = Location::open(dir.path().to_str().unwrap()).unwrap();
+    checkpoint::save(&trainer, &ckpt, 1, 5, rt.handle()).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("trainer_state.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((saved["step"].as_u64(), saved["momentum_emas"].as_u64()), (Some(2), Some(2)), "{saved}");
+    let mut resumed = Trainer::new(&cfg, Device::Cpu).unwrap();
+    checkpoint::load(&mut resumed, &ckpt, rt.handle()).unwrap();
+    let (a, b) = (step(&mut trainer, &batches[0], 5), step(&mut resumed, &batches[0], 5));
+    assert_eq!(a.to_bits(), b.to_bits(), "the resumed step");
+    for ((name, x), (_, y)) in vars(&trainer).iter().zip(vars(&resumed)) {
+        assert!(x.equal(&y), "{name} differs after the resumed step");
     }
 }

@@ -1,5 +1,6 @@
-//! `albef model export`: a checkpoint's model as one safetensors file a PyTorch user loads into
-//! the reference ALBEF model (`model.load_state_dict(safetensors.torch.load_file(path))`).
+//! `albef model export`: a checkpoint's model as one file a PyTorch user loads into the reference
+//! ALBEF model: safetensors (`model.load_state_dict(safetensors.torch.load_file(path))`) or the
+//! reference's own `.pth` layout (`torch.load(path)["model"]`, as its scripts read checkpoints).
 
 use albef_config::ConfigArgs;
 use albef_data::store::Location;
@@ -31,7 +32,18 @@ pub enum ModelCommand {
         /// fine-tuning; load it with strict=False.
         #[arg(long)]
         online_only: bool,
+        /// safetensors (with the step and configuration in its metadata), or pth: what the
+        /// reference's scripts save and read (`{"model": state_dict}`, a torch.save archive).
+        #[arg(long, value_enum, default_value_t = Format::Safetensors)]
+        format: Format,
     },
+}
+
+/// The file format of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Safetensors,
+    Pth,
 }
 
 /// Entries that only pretraining needs: the momentum encoders and the feature queues.
@@ -41,7 +53,7 @@ fn pretraining_only(name: &str) -> bool {
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
-    let ModelCommand::Export { checkpoint, untrained, config, out, online_only } = cmd;
+    let ModelCommand::Export { checkpoint, untrained, config, out, online_only, format } = cmd;
     let (model, step, config) = match (checkpoint, untrained) {
         (Some(checkpoint), _) => {
             ensure!(
@@ -53,6 +65,13 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         (None, true) => untrained_model(&config)?,
         (None, false) => bail!("name the model: --checkpoint DIR or --untrained --config FILE"),
     };
+    if format == Format::Pth {
+        let mut tensors = albef_model::weights::deserialize(&model, "the checkpoint's model")?;
+        tensors.retain(|name, _| !(online_only && pretraining_only(name)));
+        albef_model::pth::write(&out, &tensors)?;
+        println!("exported {} tensors of step {step} to {} (torch.save layout)", tensors.len(), out.display());
+        return Ok(());
+    }
     let tensors = SafeTensors::deserialize(&model).context("the model is not safetensors")?;
     let kept: Vec<_> =
         tensors.tensors().into_iter().filter(|(name, _)| !(online_only && pretraining_only(name))).collect();
@@ -80,6 +99,15 @@ fn from_checkpoint(checkpoint: &str) -> Result<(Vec<u8>, u64, serde_json::Value)
         anyhow::Ok((manifest, model, state))
     })?;
     let saved: albef_train::SavedState = serde_json::from_slice(&state).context("reading the trainer state")?;
+    if saved.momentum_emas() != manifest.step {
+        eprintln!(
+            "note: the momentum weights of step {} have had {} EMAs, one more than the reference's after its step {0} \
+             (a checkpoint taken while a step was in flight, or by a trainer from before the EMA moved to the \
+             start of the step)",
+            manifest.step,
+            saved.momentum_emas()
+        );
+    }
     Ok((model.to_vec(), manifest.step, saved.config))
 }
 

@@ -55,7 +55,8 @@ fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
     assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
     let checkpoint = dir.path().join("final");
     let (full, online) = (dir.path().join("albef.safetensors"), dir.path().join("online.safetensors"));
-    for (file, extra) in [(&full, None), (&online, Some("--online-only"))] {
+    let pth = dir.path().join("albef.pth");
+    for (file, extra) in [(&full, &[][..]), (&online, &["--online-only"][..]), (&pth, &["--format", "pth"][..])] {
         let mut args =
             vec!["model", "export", "--checkpoint", checkpoint.to_str().unwrap(), "--out", file.to_str().unwrap()];
         args.extend(extra);
@@ -69,6 +70,7 @@ fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
         online.as_os_str(),
         "2".as_ref(),
     ]);
+    check_export(&["pth".as_ref(), pth.as_os_str(), full.as_os_str()]);
 
     // A corrupt checkpoint is refused, naming the file; nothing is written.
     let model = checkpoint.join("model.safetensors");
