@@ -314,6 +314,7 @@ class Albef(nn.Module):
         chosen = (labels != -100).float()
         distill = -(F.log_softmax(logits, -1) * soft_labels).sum(-1)
         loss_mlm = (1 - alpha) * loss_ce + alpha * (distill * chosen).sum() / chosen.sum()
+        self.last_losses = (loss_ita.detach(), loss_itm.detach(), loss_mlm.detach())
         return loss_ita + loss_itm + loss_mlm
 
 

@@ -104,6 +104,20 @@ pub struct Albef {
     host_queue_ptr: std::cell::Cell<i64>,
     /// (online, momentum) parameter pairs, for the EMA.
     momentum_pairs: Vec<(Tensor, Tensor)>,
+    /// Every micro-batch's draws since [`Albef::record_draws`] (tests compare a step with
+    /// another implementation on the same draws).
+    recorded: std::cell::RefCell<Option<Vec<Draws>>>,
+}
+
+/// A micro-batch's random draws: the ITM hard negatives and the MLM masking.
+pub struct Draws {
+    /// For each text the index of its negative image, for each image that of its negative text
+    /// (rows of the micro-batch).
+    pub image_negatives: Tensor,
+    pub text_negatives: Tensor,
+    /// The text after masking, and the MLM labels (-100 where no token was chosen).
+    pub masked_ids: Tensor,
+    pub mlm_labels: Tensor,
 }
 
 /// Prefixes of the online modules that have momentum copies (`<prefix>_m`).
@@ -159,6 +173,7 @@ impl Albef {
             queue_ptr,
             host_queue_ptr: std::cell::Cell::new(0),
             momentum_pairs,
+            recorded: Default::default(),
         };
         model.copy_params_to_momentum();
         Ok(model)
@@ -376,9 +391,23 @@ impl Albef {
         let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
         let ita = (soft_cross_entropy(&sim_i2t, &targets_i2t) + soft_cross_entropy(&sim_t2i, &targets_t2i)) / 2.0;
 
-        let itm = self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
-        let mlm = self.mlm_loss(ids, mask, &image_embeds, &m.image_embeds, alpha);
+        let (itm, image_negatives, text_negatives) =
+            self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
+        let (mlm, masked_ids, mlm_labels) = self.mlm_loss(ids, mask, &image_embeds, &m.image_embeds, alpha);
+        if let Some(log) = self.recorded.borrow_mut().as_mut() {
+            log.push(Draws { image_negatives, text_negatives, masked_ids, mlm_labels });
+        }
         Ok(Losses { ita, itm, mlm })
+    }
+
+    /// Records the draws of every micro-batch from now on.
+    pub fn record_draws(&self) {
+        *self.recorded.borrow_mut() = Some(vec![]);
+    }
+
+    /// The draws recorded since the last call, in the order of the micro-batches.
+    pub fn take_draws(&self) -> Vec<Draws> {
+        self.recorded.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Ends a step that is applied: the momentum features of all its micro-batches (every rank's,
@@ -408,7 +437,8 @@ impl Albef {
     }
 
     /// ITM over B positive pairs and 2B hard negatives drawn from the local block of the
-    /// similarities, with the positive set to -inf before the softmax.
+    /// similarities, with the positive set to -inf before the softmax; also the negatives drawn
+    /// (images for the texts, texts for the images).
     fn itm_loss(
         &self,
         image_embeds: &Tensor,
@@ -417,7 +447,7 @@ impl Albef {
         sim_i2t: &Tensor,
         sim_t2i: &Tensor,
         offset: i64,
-    ) -> Tensor {
+    ) -> (Tensor, Tensor, Tensor) {
         let bsz = image_embeds.size()[0];
         let dev = self.device();
         let output_pos = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), true);
@@ -437,11 +467,11 @@ impl Albef {
         let logits = self.itm_head.forward(&vl);
         let labels =
             Tensor::cat(&[Tensor::ones([bsz], (Kind::Int64, dev)), Tensor::zeros([2 * bsz], (Kind::Int64, dev))], 0);
-        logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels)
+        (logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels), neg_image_idx, neg_text_idx)
     }
 
     /// Masked LM over all layers with the image, distilled towards the momentum model's
-    /// predictions over the vocabulary axis.
+    /// predictions over the vocabulary axis; also the masked ids and the labels.
     fn mlm_loss(
         &self,
         ids: &Tensor,
@@ -449,14 +479,14 @@ impl Albef {
         image_embeds: &Tensor,
         image_embeds_m: &Tensor,
         alpha: f64,
-    ) -> Tensor {
+    ) -> (Tensor, Tensor, Tensor) {
         let (masked_ids, labels) = mask_tokens(ids, &self.cfg);
         let logits_m = tch::no_grad(|| {
             let h = self.text_m.encoder.bert.forward(Mode::MultiModal, &masked_ids, mask, Some(image_embeds_m), true);
             self.text_m.encoder.mlm_logits(&h)
         });
         let logits = self.mlm_logits(&masked_ids, mask, image_embeds, true);
-        mlm_distill_loss(&logits, &logits_m, &labels, alpha)
+        (mlm_distill_loss(&logits, &logits_m, &labels, alpha), masked_ids, labels)
     }
 }
 
