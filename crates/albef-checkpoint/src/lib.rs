@@ -206,7 +206,13 @@ pub async fn list(run: &Location) -> Result<Vec<Listed>> {
     Ok(out)
 }
 
-/// Deletes a checkpoint: the manifest first, so that it stops being one before its files go.
+/// The run's latest complete checkpoint, if any.
+pub async fn latest(run: &Location) -> Result<Option<Listed>> {
+    Ok(list(run).await?.into_iter().rev().find(|l| l.complete))
+}
+
+/// Deletes a checkpoint: the manifest first, so that it stops being one before its files go; on
+/// a local file system its folder goes too (object stores have no folders).
 pub async fn remove(dir: &Location) -> Result<()> {
     let manifest = dir.join(MANIFEST);
     match manifest.store.delete(&manifest.path).await {
@@ -220,6 +226,10 @@ pub async fn remove(dir: &Location) -> Result<()> {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e).with_context(|| format!("deleting {}", o.location)),
         }
+    }
+    if let Some(path) = albef_data::store::local_path(&dir.url) {
+        // Best effort: a folder another process wrote into meanwhile stays.
+        let _ = std::fs::remove_dir(path);
     }
     Ok(())
 }

@@ -154,15 +154,21 @@ fn load_tokenizer(loc: &Location, handle: &Handle) -> Result<Tokenizer> {
 /// The model's token ids and vocabulary size must agree with the tokenizer's.
 fn check_vocabulary(cfg: &AlbefConfig, tok: &Tokenizer) -> Result<()> {
     let b = &cfg.model.bert;
+    // Without data.train_file the dataset is generated with its own small vocabulary, which the
+    // compiled defaults (the base model, BERT's vocabulary) do not fit.
+    let hint = match cfg.data.train_file.is_empty() {
+        true => "; the generated dataset needs the small model: pass --config configs/small.yaml",
+        false => "",
+    };
     ensure!(
         tok.vocab_size() as i64 <= b.vocab_size,
-        "the tokenizer has {} tokens but model.bert.vocab_size is {}",
+        "the tokenizer has {} tokens but model.bert.vocab_size is {}{hint}",
         tok.vocab_size(),
         b.vocab_size
     );
     ensure!(
         (tok.pad_id(), tok.cls_id(), tok.mask_id()) == (b.pad_token_id, b.cls_token_id, b.mask_token_id),
-        "model.bert pad/cls/mask ids ({}, {}, {}) differ from the tokenizer's ({}, {}, {})",
+        "model.bert pad/cls/mask ids ({}, {}, {}) differ from the tokenizer's ({}, {}, {}){hint}",
         b.pad_token_id,
         b.cls_token_id,
         b.mask_token_id,

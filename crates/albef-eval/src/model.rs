@@ -53,8 +53,7 @@ pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
         None if trimmed == "checkpoints" => Location::open(".")?,
         None => loc,
     };
-    let listed = handle.block_on(albef_checkpoint::list(&run))?;
-    match listed.into_iter().rev().find(|l| l.complete) {
+    match handle.block_on(albef_checkpoint::latest(&run))? {
         Some(latest) => Ok(latest.location),
         None => {
             bail!("{url} is neither a checkpoint (no manifest.json) nor a run directory with a complete checkpoint")

@@ -76,6 +76,17 @@ impl Window {
     fn new() -> Self {
         Window { since: Instant::now(), data_wait: 0.0, images: 0, steps: 0, busy: 0.0 }
     }
+
+    fn measured(&self) -> Recent {
+        let (elapsed, steps) = (self.since.elapsed().as_secs_f64().max(1e-9), f64::from(self.steps.max(1)));
+        Recent {
+            images_per_second: self.images as f64 / elapsed,
+            busy_seconds: self.busy / steps,
+            busy_data_wait_share: if self.busy > 0.0 { (self.data_wait / self.busy).clamp(0.0, 1.0) } else { 0.0 },
+            step_seconds: elapsed / steps,
+            data_wait_share: (self.data_wait / elapsed).clamp(0.0, 1.0),
+        }
+    }
 }
 
 /// What a full window measured.
@@ -86,6 +97,9 @@ pub struct Recent {
     /// for it), and the share of them spent waiting for data.
     pub busy_seconds: f64,
     pub busy_data_wait_share: f64,
+    /// A step's wall time, and the share of it spent waiting for data.
+    pub step_seconds: f64,
+    pub data_wait_share: f64,
 }
 
 /// One step's timings.
@@ -178,15 +192,10 @@ impl StepMetrics {
         w.images += images;
         w.steps += 1;
         w.busy += Phase::ALL.iter().zip(times.seconds).filter(|(phase, _)| phase.busy()).map(|(_, s)| s).sum::<f64>();
-        let elapsed = w.since.elapsed().as_secs_f64();
-        if elapsed >= 1.0 {
-            let share = w.data_wait / elapsed;
+        if w.since.elapsed().as_secs_f64() >= 1.0 {
+            self.recent = w.measured();
+            let share = self.recent.data_wait_share;
             r.set("albef_worker_data_wait_share", &[], share);
-            self.recent = Recent {
-                images_per_second: w.images as f64 / elapsed,
-                busy_seconds: w.busy / f64::from(w.steps),
-                busy_data_wait_share: if w.busy > 0.0 { (w.data_wait / w.busy).clamp(0.0, 1.0) } else { 0.0 },
-            };
             r.set("albef_worker_images_per_second", &[], self.recent.images_per_second);
             recorded.extend([
                 ("throughput/images_per_second", self.recent.images_per_second),
@@ -197,8 +206,11 @@ impl StepMetrics {
         recorded
     }
 
-    /// What the last full window measured (zeros before the first).
+    /// What the last full window measured; before the first, what the steps so far measure.
     pub fn recent(&self) -> Recent {
-        self.recent
+        match self.recent == Recent::default() && self.window.steps > 0 {
+            true => self.window.measured(),
+            false => self.recent,
+        }
     }
 }

@@ -4,6 +4,7 @@
 use crate::StepStats;
 use crate::task::Evaluation;
 use crate::train_loop::{Reporter, StepReport};
+use crate::trainer::Pace;
 use albef_data::store::{Location, local_path};
 use albef_telemetry::tensorboard::{TENSORBOARD_DIR, TensorBoard};
 use anyhow::{Context, Result};
@@ -17,12 +18,20 @@ pub struct ProgressLog {
     /// Ranks whose throughput this rank's stands for (the job's rate is this rank's times it).
     pub world: usize,
     pub file: Option<std::fs::File>,
+    /// When this process started training.
+    pub started: std::time::Instant,
 }
 
 impl Reporter for ProgressLog {
     fn applied(&mut self, r: &StepReport) -> Result<()> {
         let s: &StepStats = r.stats;
-        let line = s.progress_line(self.total_steps, r.recent.images_per_second * self.world as f64);
+        let pace = Pace {
+            images_per_second: r.recent.images_per_second * self.world as f64,
+            step_seconds: r.recent.step_seconds,
+            data_wait_share: r.recent.data_wait_share,
+            elapsed: self.started.elapsed(),
+        };
+        let line = s.progress_line(self.total_steps, &pace);
         if let Some(file) = self.file.as_mut() {
             writeln!(file, "{line}").context("writing the progress log")?;
         }

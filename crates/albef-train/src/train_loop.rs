@@ -196,12 +196,19 @@ pub trait Control {
     fn agree(&mut self, unfit: bool, times: &mut StepTimes) -> Result<Option<Agreed>>;
 }
 
-/// A world of one without a coordinator: an unfit batch skips the step; nothing else is asked.
-pub struct Alone;
+/// A world of one without a coordinator: it stops (after a checkpoint) once `stop` is set, by a
+/// signal; an unfit batch skips the step.
+pub struct Alone {
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Control for Alone {
     fn agree(&mut self, unfit: bool, _: &mut StepTimes) -> Result<Option<Agreed>> {
-        let decision = if unfit { Decision::Skip } else { Decision::Train };
+        let decision = match (self.stop.load(std::sync::atomic::Ordering::Relaxed), unfit) {
+            (true, _) => Decision::Stop,
+            (false, true) => Decision::Skip,
+            (false, false) => Decision::Train,
+        };
         Ok(Some(Agreed { decision, checkpoint: false }))
     }
 }
@@ -266,8 +273,9 @@ impl CheckpointPolicy {
 
 /// Where a rank's checkpoints go.
 pub trait CheckpointSink {
-    /// Saves the trainer's state; the step waits at most for its copy to host memory.
-    fn save(&mut self, trainer: &Trainer) -> Result<()>;
+    /// Saves the trainer's state, taken for `why`; the step waits at most for its copy to host
+    /// memory.
+    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()>;
 }
 
 /// A rank's checkpoints: the policy, and the sink where this rank saves (rank 0), if it does.
@@ -289,7 +297,7 @@ impl Checkpoints {
         if !trainer.checkpointable() || !self.policy.should_save(step, why) {
             return Ok(false);
         }
-        sink.save(trainer)?;
+        sink.save(trainer, why)?;
         self.policy.last_saved = Some(step);
         Ok(true)
     }

@@ -46,6 +46,24 @@ pub struct StepStats {
     pub optimizer_seconds: f64,
 }
 
+/// How fast training goes, for a progress line.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pace {
+    /// The job's (this rank's times the ranks it stands for).
+    pub images_per_second: f64,
+    /// Wall time per step, and the share of it spent waiting for data, over recent steps.
+    pub step_seconds: f64,
+    pub data_wait_share: f64,
+    /// Since this process started training.
+    pub elapsed: std::time::Duration,
+}
+
+/// Seconds as h:mm:ss.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// How a step ended; every rank of the world has the same outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepOutcome {
@@ -57,10 +75,13 @@ pub enum StepOutcome {
 }
 
 impl StepStats {
-    /// The progress line printed by single-process runs and rank 0 of a job.
-    pub fn progress_line(&self, total_steps: u64, images_per_second: f64) -> String {
+    /// The progress line printed by single-process runs and rank 0 of a job: the step, the
+    /// losses and schedule, then the pace (the job's images/s, the step time and the share of it
+    /// spent waiting for data, time since this process started training and the time left).
+    pub fn progress_line(&self, total_steps: u64, pace: &Pace) -> String {
+        let left = total_steps.saturating_sub(self.step + 1) as f64 * pace.step_seconds;
         format!(
-            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} (ita {:.3} itm {:.3} mlm {:.3})  lr {:.2e} alpha {:.2} temp {:.4}  {images_per_second:.0} img/s",
+            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} (ita {:.3} itm {:.3} mlm {:.3})  lr {:.2e} alpha {:.2} temp {:.4}  {:.0} img/s  {:.3} s/step  data {:.0}%  elapsed {}  eta {}",
             self.step,
             self.epoch,
             self.loss,
@@ -69,7 +90,12 @@ impl StepStats {
             self.loss_mlm,
             self.lr,
             self.alpha,
-            self.temp
+            self.temp,
+            pace.images_per_second,
+            pace.step_seconds,
+            100.0 * pace.data_wait_share,
+            clock(pace.elapsed.as_secs_f64()),
+            clock(left)
         )
     }
 

@@ -7,7 +7,7 @@ use albef_data::store::Location;
 use albef_proto::v1::{RejectCheckpointRequest, ReportCheckpointRequest};
 use albef_train::Trainer;
 use albef_train::checkpoint::{Saved, Uploader};
-use albef_train::train_loop::CheckpointSink;
+use albef_train::train_loop::{CheckpointSink, SaveReason};
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,7 +29,8 @@ pub struct CoordinatorSink {
 }
 
 impl CheckpointSink for CoordinatorSink {
-    fn save(&mut self, trainer: &Trainer) -> Result<()> {
+    /// Every checkpoint goes to `<run_dir>/checkpoints/step-N`, whatever it was taken for.
+    fn save(&mut self, trainer: &Trainer, _why: SaveReason) -> Result<()> {
         let state = trainer.state().clone();
         let started = Instant::now();
         let snapshot = trainer.snapshot(self.virtual_ranks, self.steps_per_epoch)?;

@@ -45,6 +45,8 @@ pub struct Worker {
     /// Encodes and uploads checkpoints while training goes on (rank 0 saves).
     uploader: Arc<Uploader>,
     metrics: StepMetrics,
+    /// When this worker started (progress lines count elapsed time from it).
+    started: Instant,
 }
 
 /// The node (pod) a worker is a local rank of (`--local-ranks`); a worker of its own has none.
@@ -74,10 +76,11 @@ struct Reporters<'a> {
 }
 
 impl<'a> Reporters<'a> {
+    /// `started`: when this worker started.
     fn new(
         heartbeat: Heartbeat<'a>,
         cfg: &AlbefConfig,
-        worker_id: &str,
+        (worker_id, started): (&str, Instant),
         a: &Assignment,
         length: JobLength,
     ) -> Result<Self> {
@@ -87,7 +90,8 @@ impl<'a> Reporters<'a> {
         };
         let (log_every, rank0) = (cfg.train.log_every, a.rank == 0);
         let world = a.world_size as usize;
-        let progress = rank0.then(|| ProgressLog { log_every, total_steps: length.total_steps, world, file: None });
+        let total_steps = length.total_steps;
+        let progress = rank0.then(|| ProgressLog { log_every, total_steps, world, file: None, started });
         let board = rank0
             .then(|| Board::open(&cfg.job.run_dir, log_every, heartbeat.handle().clone()))
             .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok());
@@ -148,6 +152,7 @@ impl Worker {
             faults,
             uploader: Arc::new(uploader),
             metrics,
+            started: Instant::now(),
         })
     }
 
@@ -417,7 +422,7 @@ impl Worker {
         let mut control = CoordinatorControl { shared, collective, device: dev, heard: Default::default() };
         let registry = self.metrics.registry.clone();
         let heartbeat = Heartbeat::new(&shared.progress, registry, run.task.dataset(), ranks, length.total_steps, rpc);
-        let mut reporters = Reporters::new(heartbeat, cfg, &self.worker_id, a, length)?;
+        let mut reporters = Reporters::new(heartbeat, cfg, (&self.worker_id, self.started), a, length)?;
         let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
         let overlap = cfg.job.overlap_grad_reduce.enabled(dev.is_cuda());
         let mut dp = DataParallel::new(collective, ranks, bucket_bytes, overlap);

@@ -53,9 +53,13 @@ enum Command {
     Train {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Directory for the run (generated data when no train_file is set, final state).
+        /// Directory for the run (generated data when no train_file is set, checkpoints, final
+        /// state); a run already there is resumed from its latest checkpoint.
         #[arg(long, default_value = "runs/train")]
         out: PathBuf,
+        /// Start over: remove the checkpoints and final state a run left in --out.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Run a whole job on this machine: a coordinator and N workers (CPU, TCP collectives).
     Run {
@@ -134,10 +138,10 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config.load()?;
             launch::run_local(&cfg, config.config.as_deref(), &config.overrides, workers, port)
         }
-        Command::Train { config, out } => {
+        Command::Train { config, out, fresh } => {
             let cfg = config.load()?;
             eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
-            train::run(&cfg, &out)
+            train::run(&cfg, &out, fresh)
         }
     }
 }

@@ -1,7 +1,10 @@
 //! `albef train`: the training loop in this process, a world of one (a local collective, no
 //! coordinator): the same loop, step and task as each rank of a job. Every step's progress line
 //! goes to `<out>/progress.log`, TensorBoard events to `<out>/tensorboard`, the loss curves to
-//! `<out>/loss.png`, the final state to the checkpoint `<out>/final`.
+//! `<out>/loss.png`; checkpoints every `job.checkpoint_every` steps and on Ctrl-C (SIGINT or
+//! SIGTERM; a second one exits at once) to `<out>/checkpoints/step-N` (the last two kept), the
+//! final state to `<out>/final`. The same command resumes from the latest of them; `--fresh`
+//! starts over.
 
 use crate::{LOSS_PNG, PROGRESS_LOG, data, plot};
 use albef_config::AlbefConfig;
@@ -13,15 +16,20 @@ use albef_train::metrics::StepMetrics;
 use albef_train::report::{Board, ProgressLog};
 use albef_train::train_loop::{
     Alone, BatchSource, CheckpointPolicy, CheckpointSink, Checkpoints, Ending, EvalPolicy, JobLength, MicroBatches,
-    Reporter, StepReport,
+    Reporter, SaveReason, StepReport,
 };
 use albef_train::{DataParallel, TrainLoop, Trainer, VirtualRanks};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::runtime::Handle;
 
-pub fn run(cfg: &AlbefConfig, out: &Path) -> Result<()> {
+/// Checkpoints of `<out>/checkpoints` kept besides the newest.
+const KEEP_CHECKPOINTS: usize = 2;
+
+pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let dev = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
     if cfg.train.num_threads > 0 {
@@ -30,6 +38,11 @@ pub fn run(cfg: &AlbefConfig, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let rt = data::runtime()?;
     let handle = rt.handle().clone();
+    let run = Location::open(&out.to_string_lossy())?;
+    let final_dir = run.join("final");
+    if fresh {
+        start_over(&run, &final_dir, &handle)?;
+    }
     let mut task = albef_tasks::open(cfg, out, handle.clone())?;
     let (batch_size, samples) = (cfg.train.batch_size_train as u64, task.dataset().index.total());
     let length = JobLength::new(cfg, task.dataset().steps_per_epoch(1, batch_size));
@@ -37,31 +50,44 @@ pub fn run(cfg: &AlbefConfig, out: &Path) -> Result<()> {
         length.steps_per_epoch > 0,
         "the dataset's {samples} samples cannot fill one batch of {batch_size} (train.batch_size_train)"
     );
-    let mut trainer = Trainer::new(cfg, dev)?;
     let (steps_per_epoch, total_steps) = (length.steps_per_epoch, length.total_steps);
-    tracing::info!(device = ?dev, samples, steps_per_epoch, total_steps, "training");
+    let mut trainer = Trainer::new(cfg, dev)?;
+    let resumed_at = resume(&mut trainer, &run, &final_dir, &handle)?;
+    if trainer.state().step >= total_steps {
+        println!("{} already holds {total_steps} trained steps (--fresh starts over)", out.display());
+        return Ok(());
+    }
+    tracing::info!(device = ?dev, samples, steps_per_epoch, total_steps, from = trainer.state().step, "training");
 
     let progress_path = out.join(PROGRESS_LOG);
-    let file =
-        std::fs::File::create(&progress_path).with_context(|| format!("creating {}", progress_path.display()))?;
-    let mut progress = ProgressLog { log_every: cfg.train.log_every, total_steps, world: 1, file: Some(file) };
-    let mut board = Board::open(&out.to_string_lossy(), cfg.train.log_every, handle.clone())
+    // A resumed run goes on with the same log.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resumed_at.is_some())
+        .write(true)
+        .truncate(resumed_at.is_none())
+        .open(&progress_path)
+        .with_context(|| format!("opening {}", progress_path.display()))?;
+    let log_every = cfg.train.log_every;
+    let started = Instant::now();
+    let mut progress = ProgressLog { log_every, total_steps, world: 1, file: Some(file), started };
+    let mut board = Board::open(&out.to_string_lossy(), log_every, handle.clone())
         .map_err(|e| tracing::warn!("no TensorBoard events: {e:#}"))
         .ok();
     let mut losses = LossSpan::default();
     let mut reporters: Vec<&mut dyn Reporter> = vec![&mut progress, &mut losses];
     reporters.extend(board.as_mut().map(|b| b as &mut dyn Reporter));
-    let final_dir = out.join("final");
     let sink =
-        FinalState { dir: Location::open(&final_dir.to_string_lossy())?, handle: handle.clone(), steps_per_epoch };
-    let mut checkpoints = Checkpoints::new(CheckpointPolicy::new(0, None), Some(Box::new(sink)));
+        LocalCheckpoints { run: run.clone(), final_dir: final_dir.clone(), handle: handle.clone(), steps_per_epoch };
+    let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
+    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)));
+    let stop = stop_on_signals(&handle);
     let local = LocalCollective::new();
     let mut dp = DataParallel::new(&local, VirtualRanks::one_per_rank(0, 1), 0, false);
-    let started = Instant::now();
     let ending = TrainLoop {
         task: task.as_mut(),
         data: &mut LocalPlan { cfg, handle },
-        control: &mut Alone,
+        control: &mut Alone { stop },
         checkpoints: &mut checkpoints,
         evals: EvalPolicy::new(cfg, length),
         reporters,
@@ -70,10 +96,19 @@ pub fn run(cfg: &AlbefConfig, out: &Path) -> Result<()> {
         max_nonfinite: cfg.job.max_bad_steps,
     }
     .run(&mut trainer, &mut dp)?;
+    let step = trainer.state().step;
     match ending {
         Ending::Finished => {}
-        Ending::RollBack(why) => bail!("{why}; albef train has no checkpoint to go back to"),
-        Ending::Stopped | Ending::Interrupted(_) => bail!("training ended early: {ending:?}"),
+        Ending::Stopped => {
+            println!(
+                "stopped at step {step}, checkpointed in {}: the same command resumes",
+                run.join("checkpoints").url
+            );
+            // 128 + SIGINT, as a shell reports an interrupted command.
+            std::process::exit(130);
+        }
+        Ending::RollBack(why) => bail!("{why}: the same command resumes from the last checkpoint"),
+        Ending::Interrupted(why) => bail!("training ended early: {why}"),
     }
     let skipped = task.dataset().skips.summary();
     if !skipped.is_empty() {
@@ -86,15 +121,65 @@ pub fn run(cfg: &AlbefConfig, out: &Path) -> Result<()> {
     let png = out.join(LOSS_PNG);
     plot::plot_file(&progress_path, &format!("loss per step (log scale): {}", out.display()), &png)?;
     println!(
-        "trained {} steps in {:.0}s: loss {:.3} -> {:.3}; state saved in {}",
-        trainer.state().step,
+        "trained {} steps ({} in this run) in {:.0}s: loss {:.3} -> {:.3}; state saved in {}",
+        step,
+        step - resumed_at.unwrap_or(0),
         started.elapsed().as_secs_f64(),
         losses.first.unwrap_or(f64::NAN),
         losses.last,
-        final_dir.display()
+        final_dir.url
     );
     println!("loss curves: {}", png.display());
     Ok(())
+}
+
+/// Restores the latest state of the run, `final` or `checkpoints/step-N`, whichever is later;
+/// returns its step.
+fn resume(trainer: &mut Trainer, run: &Location, final_dir: &Location, handle: &Handle) -> Result<Option<u64>> {
+    let periodic = handle.block_on(albef_checkpoint::latest(run))?.map(|l| (l.step, l.location));
+    let finished = match handle.block_on(albef_checkpoint::read_manifest(final_dir)) {
+        Ok(manifest) => Some((manifest.step, final_dir.clone())),
+        Err(_) => None,
+    };
+    let Some((step, dir)) = periodic.into_iter().chain(finished).max_by_key(|(step, _)| *step) else {
+        return Ok(None);
+    };
+    albef_train::checkpoint::load(trainer, &dir, handle)
+        .with_context(|| format!("resuming from {} (--fresh starts over)", dir.url))?;
+    println!("resuming from {} at step {step} (--fresh starts over)", dir.url);
+    Ok(Some(step))
+}
+
+/// Removes what an earlier run left: its checkpoints and its final state.
+fn start_over(run: &Location, final_dir: &Location, handle: &Handle) -> Result<()> {
+    handle.block_on(async {
+        for listed in albef_checkpoint::list(run).await? {
+            albef_checkpoint::remove(&listed.location).await?;
+        }
+        albef_checkpoint::remove(final_dir).await
+    })
+}
+
+/// A flag the first SIGINT or SIGTERM sets (training stops after a checkpoint); a second one
+/// exits at once.
+fn stop_on_signals(handle: &Handle) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    handle.spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if flag.swap(true, Ordering::Relaxed) {
+                eprintln!("interrupted again: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("interrupted: stopping after this step with a checkpoint (again to exit at once)");
+        }
+    });
+    stop
 }
 
 /// The epochs of a world of one, planned here.
@@ -110,16 +195,29 @@ impl BatchSource for LocalPlan<'_> {
     }
 }
 
-/// The run's state after its last step, in `<out>/final`.
-struct FinalState {
-    dir: Location,
+/// Checkpoints in `<out>/checkpoints/step-N` (the newest [`KEEP_CHECKPOINTS`] kept), the state
+/// after the last step in `<out>/final`. The step waits for the save: one process, no upload.
+struct LocalCheckpoints {
+    run: Location,
+    final_dir: Location,
     handle: Handle,
     steps_per_epoch: u64,
 }
 
-impl CheckpointSink for FinalState {
-    fn save(&mut self, trainer: &Trainer) -> Result<()> {
-        albef_train::checkpoint::save(trainer, &self.dir, 1, self.steps_per_epoch, &self.handle).map(drop)
+impl CheckpointSink for LocalCheckpoints {
+    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()> {
+        let step = trainer.state().step;
+        let dir = match why {
+            SaveReason::Finished => self.final_dir.clone(),
+            _ => albef_checkpoint::folder(&self.run, step),
+        };
+        albef_train::checkpoint::save(trainer, &dir, 1, self.steps_per_epoch, &self.handle)?;
+        let older = self.handle.block_on(albef_checkpoint::list(&self.run))?;
+        let stale = older.len().saturating_sub(KEEP_CHECKPOINTS);
+        for listed in older.into_iter().take(stale) {
+            self.handle.block_on(albef_checkpoint::remove(&listed.location))?;
+        }
+        Ok(())
     }
 }
 

@@ -88,9 +88,20 @@ fn train_runs_logs_falling_losses_and_saves_its_state() {
 
 #[test]
 fn a_mismatched_vocabulary_is_refused_before_training() {
-    let out = albef(&["train", "--config", "configs/small.yaml", "--set", "model.bert.vocab_size=10"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let out =
+        albef(&["train", "--config", "configs/small.yaml", "--set", "model.bert.vocab_size=10", "--out", out_dir], &[]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("vocab_size"), "{}", text(&out.stderr));
+    // The first command a newcomer types: no --config, the generated data. The error says what
+    // to pass.
+    let out = albef(&["train", "--out", out_dir], &[]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("pass --config configs/small.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and
@@ -168,4 +179,77 @@ fn hostile_shards_are_reported_skipped_and_never_crash_training() {
     for source in &unreadable {
         assert!(stderr.contains(source.as_str()), "{source} named in\n{stderr}");
     }
+}
+
+/// Ctrl-C during `albef train` checkpoints the step it reached; the same command resumes there,
+/// and the run ends with the weights and optimiser state of an uninterrupted run, bit for bit.
+/// Progress lines tell the time (elapsed, ETA).
+#[test]
+fn an_interrupted_albef_train_resumes_and_ends_as_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, cut) = (dir.path().join("whole"), dir.path().join("cut"));
+    let args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--config", "configs/small.yaml", "--out"].map(String::from).to_vec();
+        a.push(out.to_str().unwrap().to_string());
+        for s in ["train.max_steps=24", "train.log_every=1", "job.checkpoint_every=10", "data.synth_train=128"] {
+            a.extend(["--set".to_string(), s.to_string()]);
+        }
+        // The same threads in every run: the sums are then the same.
+        a.extend(["--set".to_string(), "train.num_threads=2".to_string()]);
+        a
+    };
+    let train = |out: &Path| {
+        let a = args(out);
+        albef(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    let uninterrupted = train(&whole);
+    assert!(uninterrupted.status.success(), "{}", text(&uninterrupted.stderr));
+    let lines = text(&uninterrupted.stdout);
+    let step = lines.lines().find(|l| l.starts_with("step    10/24")).expect("a progress line of step 10");
+    assert!(step.contains(" elapsed 0:") && step.contains(" eta 0:") && step.contains(" s/step"), "{step}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_albef"))
+        .args(args(&cut))
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("step    13/24") {
+            let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+            assert!(kill.success());
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "an interrupted run exits as interrupted\n{seen}");
+    let stopped: u64 = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("stopped at step "))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stop line\n{seen}"));
+    assert!((14..24).contains(&stopped), "{seen}");
+    assert!(cut.join(format!("checkpoints/step-{stopped}/manifest.json")).exists(), "{seen}");
+    assert!(!cut.join("final").exists());
+
+    let resumed = train(&cut);
+    let out = text(&resumed.stdout);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert!(out.contains(&format!("at step {stopped}")), "{out}");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (
+            std::fs::read(whole.join("final").join(file)).unwrap(),
+            std::fs::read(cut.join("final").join(file)).unwrap(),
+        );
+        assert!(a == b, "{file}: the resumed run ends elsewhere than the uninterrupted one");
+    }
+    // Only the newest checkpoints are kept.
+    let kept = std::fs::read_dir(cut.join("checkpoints")).unwrap().count();
+    assert!(kept <= 2, "{kept} checkpoints kept");
 }
