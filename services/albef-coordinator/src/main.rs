@@ -49,6 +49,8 @@ use tracing::{info, warn};
 const TICK: Duration = Duration::from_millis(200);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const STATE_FILE: &str = "coordinator/state.json";
+/// Where `albefctl --run-dir` finds this coordinator: its address and admin token file.
+const ENDPOINT_FILE: &str = "coordinator/endpoint.json";
 
 #[derive(Parser)]
 #[command(name = "albef-coordinator", version, about = "The coordinator of a distributed ALBEF job (gRPC)")]
@@ -124,6 +126,20 @@ async fn serve(
     let listener =
         tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if c.tls_cert.is_empty() { "http" } else { "https" };
+    let reachable = match addr.ip().is_unspecified() {
+        true => std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+        false => addr,
+    };
+    let endpoint = serde_json::json!({
+        "endpoint": format!("{scheme}://{reachable}"),
+        "admin_token_file": c.admin_token_file,
+        "ca": c.tls_ca,
+    });
+    let endpoint_file = run.join(ENDPOINT_FILE);
+    if let Err(e) = endpoint_file.write_all(serde_json::to_vec_pretty(&endpoint)?).await {
+        warn!(file = endpoint_file.url, "albefctl --run-dir will not find this coordinator: {e:#}");
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = ServiceState::new(job, run, state_loc, shutdown_rx.clone());
     let registry = metrics::registry(shared.clone());

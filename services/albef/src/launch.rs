@@ -91,6 +91,7 @@ pub fn run_local(
         "job: coordinator on 127.0.0.1:{port}, {workers} workers ({ranks} ranks) x {threads} threads; run directory {}",
         cfg.job.run_dir
     );
+    eprintln!("watch it: albefctl --run-dir {} watch (status, pause, stop, checkpoints, ...)", cfg.job.run_dir);
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {

@@ -72,7 +72,7 @@ fn job(workers: u32, steps: u64, extra: &[&str]) -> Job {
                 }
             }
             if albefctl_json.is_none() && last.state == "running" && last.step > 0 {
-                albefctl_json = Some(albefctl_status_json(&endpoint));
+                albefctl_json = Some(albefctl_status_json(&run_dir));
             }
             last = s;
         }
@@ -102,10 +102,11 @@ struct Job {
     albefctl_json: serde_json::Value,
 }
 
-/// `albefctl status -o json`, as a script would run it.
-fn albefctl_status_json(endpoint: &str) -> serde_json::Value {
+/// `albefctl --run-dir DIR status -o json`, as a script would run it: the run directory is all it
+/// needs to find the job's coordinator.
+fn albefctl_status_json(run_dir: &Path) -> serde_json::Value {
     let bin = Path::new(env!("CARGO_BIN_EXE_albef")).with_file_name("albefctl");
-    let out = Command::new(bin).args(["--endpoint", endpoint, "status", "-o", "json"]).output().unwrap();
+    let out = Command::new(bin).arg("--run-dir").arg(run_dir).args(["status", "-o", "json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("albefctl prints one JSON object")
 }
@@ -169,9 +170,16 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
 
 #[test]
 fn three_workers_form_one_world() {
-    let Job { status, albefctl_json, .. } = job(3, 6, &[]);
+    let Job { status, albefctl_json, run_dir, _dir, .. } = job(3, 6, &[]);
     assert_eq!(albefctl_json["world_size"], 3, "{albefctl_json}");
     assert_eq!((status.state.as_str(), status.step, status.restarts), ("finished", 6, 0), "{status:?}");
+    // After the job ended, albefctl reads what its coordinator saved in the run directory.
+    let ended = albefctl_status_json(&run_dir);
+    assert_eq!(
+        (ended["running"].as_bool(), ended["saved"]["state"].as_str()),
+        (Some(false), Some("finished")),
+        "{ended}"
+    );
 }
 
 /// Two nodes (`albef-worker` processes) of two local ranks each: one world of four ranks, each

@@ -7,9 +7,11 @@
 //! one, every one with `--all`; `-o json` for scripts), `watch` (the status at every update;
 //! `-o json`: one JSON object per line), `pause`, `resume`,
 //! `stop`, `checkpoint` (one at the next step) and `checkpoints` (the committed ones). The
-//! coordinator comes from `--endpoint` or `ALBEF_ENDPOINT` (default `http://127.0.0.1:50051`;
-//! `https://` for TLS, with `--ca`), the token from the file `--token-file` or
-//! `ALBEF_ADMIN_TOKEN_FILE` names.
+//! coordinator comes from `--run-dir` or `ALBEF_RUN_DIR` (the job's run directory, where the
+//! coordinator writes its address and admin token file; after the job ended, `status` and
+//! `checkpoints` read the state it saved there), else `--endpoint` or `ALBEF_ENDPOINT` (HOST:PORT or
+//! a URL; default `http://127.0.0.1:50051`; `https://` for TLS, with `--ca`); the token from the
+//! file `--token-file` or `ALBEF_ADMIN_TOKEN_FILE` names.
 //!
 //! Exit codes: 0 ok, 1 other errors, 2 usage, 3 coordinator unreachable, 4 token refused.
 
@@ -30,7 +32,11 @@ use tonic::{Code, Request, Status};
 #[derive(Parser)]
 #[command(name = "albefctl", version, about = "Status and control of an ALBEF job")]
 struct Cli {
-    /// The coordinator (https:// for TLS).
+    /// The job's run directory (job.run_dir): the coordinator's address and token file are read
+    /// from it, and after the job ended its saved state.
+    #[arg(long, env = "ALBEF_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// The coordinator: HOST:PORT, or a URL (https:// for TLS).
     #[arg(long, env = "ALBEF_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
     /// File holding the admin token.
@@ -52,7 +58,7 @@ enum Output {
     Json,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone, Copy)]
 enum Cmd {
     /// Print the job's status.
     Status {
@@ -127,8 +133,73 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Where the coordinator of a run directory said it is (`coordinator/endpoint.json`).
+const ENDPOINT_FILE: &str = "coordinator/endpoint.json";
+/// The state it saves there.
+const STATE_FILE: &str = "coordinator/state.json";
+
+/// The endpoint and token file of `--run-dir`, when given, over the flags'; a bare HOST:PORT
+/// endpoint as http://HOST:PORT.
+fn resolve(mut cli: Cli) -> Result<Cli, Failure> {
+    if let Some(dir) = &cli.run_dir {
+        let path = dir.join(ENDPOINT_FILE);
+        let text = std::fs::read(&path).map_err(|e| {
+            Failure::Usage(format!("{}: {e} (has a coordinator of this run directory started?)", path.display()))
+        })?;
+        let found: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Failure::Other(format!("{} is not the coordinator's endpoint file: {e}", path.display())))?;
+        let field = |key: &str| found[key].as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        cli.endpoint =
+            field("endpoint").ok_or_else(|| Failure::Other(format!("{} names no endpoint", path.display())))?;
+        cli.token_file = cli.token_file.or_else(|| field("admin_token_file").map(PathBuf::from));
+        cli.ca = cli.ca.or_else(|| field("ca").map(PathBuf::from));
+    }
+    if !cli.endpoint.contains("://") {
+        cli.endpoint = format!("http://{}", cli.endpoint);
+    }
+    Ok(cli)
+}
+
+/// After the job ended: what its coordinator saved in the run directory, for `status` and
+/// `checkpoints`.
+fn saved_state(dir: &std::path::Path, command: &Cmd, unreachable: &Failure) -> Result<(), Failure> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(|_| Failure::Unreachable(unreachable.message().to_string()))?;
+    let saved: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Failure::Other(format!("{} is not a coordinator state: {e}", path.display())))?;
+    let checkpoints = saved["checkpoints"].as_array().cloned().unwrap_or_default();
+    match command {
+        Cmd::Status { output: Output::Json, .. } => {
+            println!("{:#}", serde_json::json!({"running": false, "saved": saved}));
+        }
+        Cmd::Status { .. } => {
+            let last =
+                checkpoints.last().map_or("none".to_string(), |c| format!("step {} at {}", c["step"], c["location"]));
+            println!("the coordinator of {} is not running; the state it saved:", dir.display());
+            println!("state               {}", saved["state"].as_str().unwrap_or("?"));
+            println!("generation          {}", saved["generation"]);
+            println!("restarts            {}", saved["restarts"]);
+            println!("latest checkpoint   {last}");
+        }
+        Cmd::Checkpoints => {
+            println!("the coordinator of {} is not running; the checkpoints it saved:", dir.display());
+            for c in &checkpoints {
+                println!("step {:>8}  {}", c["step"], c["location"].as_str().unwrap_or("?"));
+            }
+        }
+        _ => return Err(Failure::Unreachable(unreachable.message().to_string())),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match resolve(Cli::parse()) {
+        Ok(cli) => cli,
+        Err(f) => {
+            eprintln!("albefctl: {}", f.message());
+            return ExitCode::from(f.code());
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -136,7 +207,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let run_dir = cli.run_dir.clone();
+    let outcome = match rt.block_on(run(&cli)) {
+        Err(f @ Failure::Unreachable(_)) if run_dir.is_some() => {
+            saved_state(run_dir.as_deref().expect("checked"), &cli.command, &f)
+        }
+        other => other,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("albefctl: {}", f.message());
@@ -190,8 +268,8 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
     Ok(ControlClient::with_interceptor(channel, Bearer(token)))
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
-    let mut client = connect(&cli).await?;
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    let mut client = connect(cli).await?;
     let url = cli.endpoint.as_str();
     let fail = |s: Status| Failure::from_status(&s, url);
     match cli.command {
@@ -472,6 +550,30 @@ fn age(secs: u64) -> String {
 mod tests {
     use super::*;
     use albef_proto::v1::{Losses, SkippedSample, WorkerStatus};
+
+    #[test]
+    fn an_endpoint_may_be_host_and_port_and_a_run_dir_names_its_coordinator() {
+        let parse = |args: &[&str]| resolve(Cli::parse_from(args.iter().copied().chain(["status"])));
+        let cli = parse(&["albefctl", "--endpoint", "127.0.0.1:7000"]).ok().unwrap();
+        assert_eq!(cli.endpoint, "http://127.0.0.1:7000");
+        let dir = std::env::temp_dir().join(format!("albefctl-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("coordinator")).unwrap();
+        let file = r#"{"endpoint": "https://10.0.0.7:50051", "admin_token_file": "/run/admin", "ca": ""}"#;
+        std::fs::write(dir.join(ENDPOINT_FILE), file).unwrap();
+        let cli = parse(&["albefctl", "--run-dir", dir.to_str().unwrap()]).ok().unwrap();
+        assert_eq!(
+            (cli.endpoint.as_str(), cli.token_file.as_deref()),
+            ("https://10.0.0.7:50051", Some("/run/admin".as_ref()))
+        );
+        assert!(cli.ca.is_none());
+        let missing = parse(&["albefctl", "--run-dir", "/nonexistent/run"]).err().unwrap();
+        assert!(
+            missing.message().contains("has a coordinator of this run directory started?"),
+            "{}",
+            missing.message()
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn status_renders_as_a_table() {
