@@ -187,29 +187,24 @@ fn layered(
         let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected key=value"))?;
         let key = key.trim();
         anyhow::ensure!(!key.is_empty(), "--set {kv:?}: empty key");
-        builder = builder.set_override(key, parse_override(value.trim()))?;
+        let value = parse_override(value.trim()).with_context(|| format!("--set {kv:?}"))?;
+        builder = builder.set_override(key, value)?;
     }
     Ok(builder)
 }
 
-/// `--set` values are YAML scalars or flow sequences (`[0.9, 0.98]`), typed as YAML would type them.
-fn parse_override(value: &str) -> config::Value {
-    if let Some(inner) = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
-        let items: Vec<config::Value> =
-            inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(parse_override).collect();
-        return config::Value::from(items);
+/// `--set` values are YAML, typed as YAML types them: scalars, or flow sequences
+/// (`[0.9, 0.98]`, `[a.json, "b/{0..3}.tar"]`: quote an item holding a comma or braces).
+fn parse_override(value: &str) -> Result<config::Value> {
+    // `key=` sets an empty string (YAML would read a null).
+    if value.is_empty() {
+        return Ok(config::Value::from(String::new()));
     }
-    if let Ok(i) = value.parse::<i64>() {
-        return config::Value::from(i);
-    }
-    if let Ok(f) = value.parse::<f64>() {
-        return config::Value::from(f);
-    }
-    match value {
-        "true" => config::Value::from(true),
-        "false" => config::Value::from(false),
-        _ => config::Value::from(value.to_string()),
-    }
+    let doc = config::File::from_str(&format!("value: {value}"), config::FileFormat::Yaml);
+    let parsed = config::Config::builder().add_source(doc).build();
+    let parsed =
+        parsed.map_err(|e| anyhow::anyhow!("not a YAML value ({e}); quote a string with YAML's special characters"))?;
+    Ok(parsed.get::<config::Value>("value")?)
 }
 
 #[cfg(test)]

@@ -111,3 +111,15 @@ fn repository_configs_load() {
         }
     }
 }
+
+#[test]
+fn set_takes_yaml_lists_and_a_single_path_where_a_list_is_expected() {
+    let cfg = load(&sources(None, &[r#"data.train_file=[a.json, "b/{0..3}.tar", "c,d.json"]"#])).unwrap();
+    assert_eq!(cfg.data.train_file, ["a.json", "b/{0..3}.tar", "c,d.json"]);
+    let cfg = load(&sources(None, &["data.train_file=s3://bucket/train-{000000..000127}.tar"])).unwrap();
+    assert_eq!(cfg.data.train_file, ["s3://bucket/train-{000000..000127}.tar"]);
+    let cfg = load(&sources(None, &["optimizer.betas=[0.9, 0.98]", "optimizer.lr=3e-4", "job.run_dir="])).unwrap();
+    assert_eq!((cfg.optimizer.betas, cfg.optimizer.lr, cfg.job.run_dir.as_str()), ([0.9, 0.98], 3e-4, ""));
+    let err = format!("{:#}", load(&sources(None, &["data.train_file=[a.json"])).unwrap_err());
+    assert!(err.contains("data.train_file=[a.json") && err.contains("YAML"), "{err}");
+}

@@ -148,10 +148,11 @@ pub struct DataConfig {
     /// Training sources (the reference's `train_file`): ALBEF annotation JSON files and/or
     /// WebDataset tar shards, brace patterns allowed (`s3://b/train-{000000..000127}.tar`).
     /// Empty: a dataset is generated into the run directory (demo, tests).
-    // `config` drops empty lists from the compiled defaults, hence the serde default.
-    #[serde(default)]
+    // `config` drops empty lists from the compiled defaults, hence the serde default. A single
+    // path is a list of one.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub train_file: Vec<String>,
-    /// Root that annotation image paths are relative to.
+    /// Root that annotation image paths are relative to; empty: each annotation file's folder.
     pub image_root: String,
     /// Dataset index; empty: `albef-index.json` beside the first source, built if absent.
     pub index: String,
@@ -404,4 +405,18 @@ impl WorkerConfig {
         );
         Ok(n)
     }
+}
+
+/// A list of strings, or one string as a list of one (`--set data.train_file=a.json`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }

@@ -275,7 +275,11 @@ fn read_annotation_range(
     skips: &SkipCounts,
     put: &mut impl FnMut(u64, Record),
 ) {
-    let root = Location::open(&opts.image_root);
+    // Image paths are relative to data.image_root, else to the annotation file's folder.
+    let root = match opts.image_root.as_str() {
+        "" => Location::open(&crate::store::parent_of(url)),
+        root => Location::open(root),
+    };
     for ordinal in wanted {
         let key = format!("#{ordinal}");
         let Some(Some(a)) = list.get(ordinal as usize) else {

@@ -104,6 +104,15 @@ impl Location {
     }
 }
 
+/// The directory of an object URL or path (`data/test.json` -> `data`).
+pub fn parent_of(url: &str) -> String {
+    match url.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) => "/".into(),
+        Some((dir, _)) => dir.into(),
+        None => ".".into(),
+    }
+}
+
 /// The local folder or file a location URL names (a plain path or `file://`); None for object
 /// stores.
 pub fn local_path(url: &str) -> Option<std::path::PathBuf> {
@@ -168,6 +177,14 @@ mod tests {
         assert!(sib.path.as_ref().ends_with("data/train-000_stats.json"), "{}", sib.path);
         assert_eq!(sib.url, "data/train-000_stats.json");
         assert!(Location::open("ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn parents_of_paths_and_urls() {
+        assert_eq!(parent_of("data/test.json"), "data");
+        assert_eq!(parent_of("test.json"), ".");
+        assert_eq!(parent_of("/test.json"), "/");
+        assert_eq!(parent_of("s3://bucket/sets/coco/test.json"), "s3://bucket/sets/coco");
     }
 
     #[test]

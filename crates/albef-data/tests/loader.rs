@@ -101,8 +101,10 @@ fn ranks_cover_the_epoch_once_deterministically_and_resume_exactly() {
     assert_ne!(other[0].1, rank0[0].1, "each epoch has its own order");
 }
 
+/// With `data.image_root`, or without it: then the image paths are relative to the annotation
+/// file's folder.
 #[test]
-fn annotation_files_load_with_their_image_root() {
+fn annotation_files_load_with_their_image_root_or_beside_it() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     generate(dir.path(), &rt, 20, 2);
@@ -112,19 +114,15 @@ fn annotation_files_load_with_their_image_root() {
     assert_eq!(index.total(), 20);
     let plan = plan_rank(&index.counts(), &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 5, window: 8 }, 0)
         .unwrap();
-    let opts = LoaderOptions { image_root: dir.path().to_str().unwrap().to_string(), augment: None, ..options(2) };
-    let loaded: Vec<_> = Loader::start(
-        index,
-        plan,
-        0,
-        opts,
-        tokenizer(dir.path()),
-        rt.handle().clone(),
-        Arc::new(SkipCounts::default()),
-    )
-    .collect();
-    assert_eq!(loaded.len(), 4);
-    assert!(loaded.iter().all(|b| b.batch.batch_size == 5));
+    for root in [dir.path().to_str().unwrap().to_string(), String::new()] {
+        let opts = LoaderOptions { image_root: root.clone(), augment: None, ..options(2) };
+        let skips = Arc::new(SkipCounts::default());
+        let (index, plan) = (index.clone(), plan.clone());
+        let loader = Loader::start(index, plan, 0, opts, tokenizer(dir.path()), rt.handle().clone(), skips.clone());
+        let loaded: Vec<_> = loader.collect();
+        assert_eq!(loaded.len(), 4, "image_root {root:?}: {}", skips.summary());
+        assert!(loaded.iter().all(|b| b.batch.batch_size == 5), "image_root {root:?}: {}", skips.summary());
+    }
 }
 
 fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {

@@ -41,7 +41,8 @@ pub fn config_with_overrides(json: &serde_json::Value, overrides: &[String]) -> 
 }
 
 /// The checkpoint `url` names: a checkpoint folder (with manifest.json), or a run directory or
-/// its `checkpoints` folder, whose latest complete checkpoint is taken.
+/// its `checkpoints` folder, whose latest complete checkpoint is taken (`albef train`'s `final`
+/// when the run has no other).
 pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
     let loc = Location::open(url)?;
     if handle.block_on(loc.join(albef_checkpoint::MANIFEST).exists())? {
@@ -53,8 +54,10 @@ pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
         None if trimmed == "checkpoints" => Location::open(".")?,
         None => loc,
     };
+    let finished = run.join("final");
     match handle.block_on(albef_checkpoint::latest(&run))? {
         Some(latest) => Ok(latest.location),
+        None if handle.block_on(finished.join(albef_checkpoint::MANIFEST).exists())? => Ok(finished),
         None => {
             bail!("{url} is neither a checkpoint (no manifest.json) nor a run directory with a complete checkpoint")
         }

@@ -9,7 +9,7 @@ use albef_data::bad::SkipCounts;
 use albef_data::batch::normalize_rgb;
 use albef_data::pre_caption;
 use albef_data::sources::parse_annotations;
-use albef_data::store::Location;
+use albef_data::store::{Location, parent_of};
 use albef_data::tokenizer::Tokenizer;
 use albef_data::transform::{decode_rgb, resize_exact};
 use anyhow::{Context, Result, bail, ensure};
@@ -49,15 +49,6 @@ pub struct RetrievalSplit {
     pub attention_mask: Vec<i64>,
     pub seq_len: usize,
     max_pixels: u64,
-}
-
-/// The directory of an object URL or path (`data/test.json` -> `data`).
-pub fn parent_of(url: &str) -> String {
-    match url.trim_end_matches('/').rsplit_once('/') {
-        Some(("", _)) => "/".into(),
-        Some((dir, _)) => dir.into(),
-        None => ".".into(),
-    }
 }
 
 impl RetrievalSplit {
@@ -164,17 +155,4 @@ pub fn decode_images(
         Ok(())
     })?;
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parents_of_paths_and_urls() {
-        assert_eq!(parent_of("data/test.json"), "data");
-        assert_eq!(parent_of("test.json"), ".");
-        assert_eq!(parent_of("/test.json"), "/");
-        assert_eq!(parent_of("s3://bucket/sets/coco/test.json"), "s3://bucket/sets/coco");
-    }
 }

@@ -4,12 +4,13 @@
 use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::dataset::training_sources;
 use albef_data::store::Location;
+use albef_data::store::parent_of;
 use albef_data::synth::{TEST_JSON, VOCAB_TXT};
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
 use albef_eval::metrics::{RetrievalMetrics, chance, table};
 use albef_eval::model::{EvalModel, from_checkpoint, from_safetensors, resolve_checkpoint, untrained};
 use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
-use albef_eval::split::{RetrievalSplit, SplitOptions, parent_of};
+use albef_eval::split::{RetrievalSplit, SplitOptions};
 use albef_model::device;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;

@@ -3,7 +3,6 @@
 //! reference's own `.pth` layout (`torch.load(path)["model"]`, as its scripts read checkpoints).
 
 use albef_config::ConfigArgs;
-use albef_data::store::Location;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Subcommand;
 use safetensors::SafeTensors;
@@ -15,7 +14,8 @@ pub enum ModelCommand {
     /// Write a checkpoint's model (verified against its manifest) as one safetensors file with the
     /// reference ALBEF state-dict names; the step and the configuration go in its metadata.
     Export {
-        /// The checkpoint folder (path or object-store URL), e.g. runs/job/checkpoints/step-1000.
+        /// The checkpoint folder (path or object-store URL), e.g. runs/job/checkpoints/step-1000,
+        /// or a run directory (its latest complete checkpoint).
         #[arg(long, conflicts_with = "untrained")]
         checkpoint: Option<String>,
         /// Export the model a job with --config starts from (seeded initialisation plus the
@@ -91,7 +91,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
 /// A checkpoint's model file (verified), its step and its configuration.
 fn from_checkpoint(checkpoint: &str) -> Result<(Vec<u8>, u64, serde_json::Value)> {
     let rt = crate::data::runtime()?;
-    let dir = Location::open(checkpoint)?;
+    let dir = albef_eval::model::resolve_checkpoint(checkpoint, rt.handle())?;
     let (manifest, model, state) = rt.block_on(async {
         let manifest = albef_checkpoint::read_manifest(&dir).await?;
         let model = albef_checkpoint::read_file(&dir, &manifest, albef_train::trainer::MODEL_FILE).await?;

@@ -56,9 +56,15 @@ fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
     let checkpoint = dir.path().join("final");
     let (full, online) = (dir.path().join("albef.safetensors"), dir.path().join("online.safetensors"));
     let pth = dir.path().join("albef.pth");
-    for (file, extra) in [(&full, &[][..]), (&online, &["--online-only"][..]), (&pth, &["--format", "pth"][..])] {
-        let mut args =
-            vec!["model", "export", "--checkpoint", checkpoint.to_str().unwrap(), "--out", file.to_str().unwrap()];
+    // The pth export names the run directory: its final state is the latest checkpoint.
+    let run = dir.path().to_str().unwrap();
+    let exports = [
+        (&full, &[][..], checkpoint.to_str().unwrap()),
+        (&online, &["--online-only"][..], checkpoint.to_str().unwrap()),
+        (&pth, &["--format", "pth"][..], run),
+    ];
+    for (file, extra, from) in exports {
+        let mut args = vec!["model", "export", "--checkpoint", from, "--out", file.to_str().unwrap()];
         args.extend(extra);
         let exported = albef(&args);
         assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
