@@ -158,9 +158,29 @@ pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
     let defaults = config::Config::try_from(&AlbefConfig::defaults(preset)).context("encoding defaults")?;
     let merged =
         layered(config::Config::builder().add_source(defaults), sources)?.build().context("reading configuration")?;
-    let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| explain(e, preset))?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// A configuration error for a person: a value outside a closed set names the valid ones (the
+/// `config` crate says only "enum X does not have variant constructor v").
+fn explain(e: config::ConfigError, preset: Preset) -> anyhow::Error {
+    let message = e.to_string();
+    let bad_variant = message
+        .split_once("does not have variant constructor ")
+        .and_then(|(_, rest)| rest.split_once(" for key `"))
+        .and_then(|(value, key)| Some((value, key.strip_suffix('`')?)));
+    if let Some((value, key)) = bad_variant
+        && let Ok(mut json) = serde_json::to_value(AlbefConfig::defaults(preset))
+        && let Some(slot) = key.split('.').try_fold(&mut json, |v, k| v.get_mut(k))
+    {
+        *slot = serde_json::Value::from(value);
+        if let Err(valid) = serde_json::from_value::<AlbefConfig>(json) {
+            return anyhow::anyhow!("invalid configuration: {key}: {valid}");
+        }
+    }
+    anyhow::anyhow!("invalid configuration: {message}")
 }
 
 fn layered(

@@ -84,6 +84,11 @@ fn closed_sets_keep_their_spellings() {
     assert_eq!((&printed["job"]["scale_up"], &printed["job"]["collective_backend"]), (&"never".into(), &"tcp".into()));
     let defaults = AlbefConfig::defaults(Preset::AlbefSmall).job;
     assert_eq!((defaults.scale_up, defaults.collective_backend), (ScaleUp::AtCheckpoint, CollectiveBackend::Auto));
+    // A value outside the set names the key and the valid values.
+    let err = format!("{:#}", load(&sources(None, &["train.device=gpu"])).unwrap_err());
+    assert!(err.contains("train.device") && err.contains("`cpu`") && err.contains("`cuda`"), "{err}");
+    let err = format!("{:#}", load(&sources(None, &["job.scale_up=sometimes"])).unwrap_err());
+    assert!(err.contains("job.scale_up") && err.contains("`at_checkpoint`"), "{err}");
 }
 
 #[test]

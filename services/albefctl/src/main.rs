@@ -304,9 +304,20 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Cmd::Pause => println!("state: {}", client.pause(ControlRequest {}).await.map_err(fail)?.into_inner().state),
         Cmd::Resume => println!("state: {}", client.resume(ControlRequest {}).await.map_err(fail)?.into_inner().state),
-        Cmd::Stop => println!("state: {}", client.stop(ControlRequest {}).await.map_err(fail)?.into_inner().state),
+        Cmd::Stop => {
+            let state = client.stop(ControlRequest {}).await.map_err(fail)?.into_inner().state;
+            println!(
+                "state: {state} (resumable: rank 0 checkpoints as the workers stop; starting the job again resumes it)"
+            )
+        }
         Cmd::Checkpoint => {
-            println!("state: {}", client.checkpoint(ControlRequest {}).await.map_err(fail)?.into_inner().state)
+            let state = client.checkpoint(ControlRequest {}).await.map_err(fail)?.into_inner().state;
+            match state.as_str() {
+                "paused" => {
+                    println!("state: paused (the checkpoint is queued: rank 0 saves at the first step after resume)")
+                }
+                _ => println!("state: {state} (rank 0 checkpoints at the next step)"),
+            }
         }
         Cmd::Checkpoints => {
             let list = client.list_checkpoints(ListCheckpointsRequest {}).await.map_err(fail)?.into_inner();

@@ -28,6 +28,9 @@ async fn albefctl_reports_and_controls_with_exit_codes() {
     }
     let out = run(&["pause"]);
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "state: paused\n".to_string()));
+    // A checkpoint asked for while paused says it waits for the resume.
+    let out = run(&["checkpoint"]);
+    assert!(text(&out.stdout).starts_with("state: paused (the checkpoint is queued"), "{}", text(&out.stdout));
     let out = run(&["checkpoints"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("checkpoints/step-5"), "{}", text(&out.stdout));
