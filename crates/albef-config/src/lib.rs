@@ -124,11 +124,23 @@ impl AlbefConfig {
         Ok(())
     }
 
-    /// The effective configuration as pretty JSON, which every binary prints at start.
+    /// The effective configuration as pretty JSON (`albef config`, `--print-config`, the
+    /// coordinator hands it to every worker).
     pub fn to_pretty_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("configuration serialises")
     }
+
+    /// The effective configuration as a file `--config` reads back (JSON is YAML), written to
+    /// [`EFFECTIVE_CONFIG_FILE`] in the run directory.
+    pub fn to_config_file(&self) -> String {
+        let header = "# The effective configuration of this run (defaults < file < ALBEF__* < --set).\n\
+                      # JSON is YAML: --config reads this file back.\n";
+        format!("{header}{}\n", self.to_pretty_json())
+    }
 }
+
+/// The effective configuration's file in a run directory.
+pub const EFFECTIVE_CONFIG_FILE: &str = "config.yaml";
 
 /// Where configuration comes from, besides the compiled defaults.
 #[derive(Clone, Debug, Default)]

@@ -98,10 +98,12 @@ fn missing_file_is_a_clear_error() {
 }
 
 #[test]
-fn effective_config_round_trips_through_its_printout() {
-    let cfg = AlbefConfig::defaults(Preset::AlbefSmall);
+fn effective_config_round_trips_through_its_printout_and_its_file() {
+    let cfg = load(&sources(None, &["model.preset=albef-small", "optimizer.lr=3e-4"])).unwrap();
     let back: AlbefConfig = serde_json::from_str(&cfg.to_pretty_json()).unwrap();
     assert_eq!(back, cfg);
+    let file = yaml(&cfg.to_config_file());
+    assert_eq!(load(&sources(Some(&file), &[])).unwrap(), cfg, "--config reads the written file back");
 }
 
 #[test]

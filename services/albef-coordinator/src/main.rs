@@ -81,8 +81,11 @@ fn index_location(cfg: &AlbefConfig) -> Result<Location> {
 
 fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     let cfg = cli.config.load()?;
-    eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let written = Location::open(&cfg.job.run_dir)?.join(albef_config::EFFECTIVE_CONFIG_FILE);
+    rt.block_on(written.write_all(cfg.to_config_file().into_bytes()))
+        .with_context(|| format!("writing the effective configuration to {}", written.url))?;
+    cli.config.announce(&cfg, &written.url);
     // The index is read through blocking calls, before the runtime serves anything.
     let index_loc = index_location(&cfg)?;
     let index = DatasetIndex::load(&index_loc, rt.handle())

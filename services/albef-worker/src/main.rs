@@ -86,7 +86,11 @@ fn run(mut cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<i32> {
         cli.config.overrides.push(format!("worker.local_ranks={n}"));
     }
     let local = cli.config.load()?;
-    eprintln!("effective configuration:\n{}", local.to_pretty_json());
+    // The job's configuration comes from the coordinator (which writes it to the run
+    // directory); this is the machine's.
+    if cli.config.print_config {
+        eprintln!("this machine's configuration:\n{}", local.to_pretty_json());
+    }
     let worker_id = cli.worker_id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())

@@ -31,7 +31,7 @@ mod plot;
 mod train;
 
 use albef_config::ConfigArgs;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -140,7 +140,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train { config, out, fresh } => {
             let cfg = config.load()?;
-            eprintln!("effective configuration:\n{}", cfg.to_pretty_json());
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let file = out.join(albef_config::EFFECTIVE_CONFIG_FILE);
+            std::fs::write(&file, cfg.to_config_file()).with_context(|| format!("writing {}", file.display()))?;
+            config.announce(&cfg, &file.display().to_string());
             train::run(&cfg, &out, fresh)
         }
     }

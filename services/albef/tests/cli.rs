@@ -70,7 +70,13 @@ fn train_runs_logs_falling_losses_and_saves_its_state() {
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("\"preset\": \"albef-small\""), "the effective config is printed first");
+    // The effective configuration goes to the run directory, one line says where, and --config
+    // reads it back.
+    let written = out_dir.join("config.yaml");
+    assert!(stderr.contains(&format!("configuration: {}", written.display())), "{stderr}");
+    assert!(!stderr.contains("\"preset\""), "the configuration is not printed without --print-config");
+    let back = albef(&["config", "--config", written.to_str().unwrap()], &[]);
+    assert!(text(&back.stdout).contains("\"preset\": \"albef-small\""), "{}", text(&back.stderr));
     let losses: Vec<f64> = stdout
         .lines()
         .filter(|l| l.starts_with("step"))
