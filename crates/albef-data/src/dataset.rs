@@ -7,7 +7,7 @@ use crate::index::{DatasetIndex, INDEX_FILE};
 use crate::loader::{Loader, LoaderOptions};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use crate::sources::TarOptions;
-use crate::store::{Location, expand_braces};
+use crate::store::{Location, expand_pattern};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::transform::TrainTransform;
@@ -30,7 +30,7 @@ pub fn synthesize(out: &str, spec: &DatasetSpec, handle: &Handle) -> Result<Stri
 /// The first object a list of source patterns names.
 pub fn first_source(patterns: &[String]) -> Result<Location> {
     let first = patterns.first().context("no source given")?;
-    let url = expand_braces(first)?.into_iter().next().context("empty pattern")?;
+    let url = expand_pattern(first)?.into_iter().next().context("empty pattern")?;
     Location::open(&url)
 }
 

@@ -4,7 +4,7 @@
 
 use crate::bad::{SkipCounts, SkipReason};
 use crate::sources::{parse_annotations, scan_tar};
-use crate::store::{Location, expand_braces};
+use crate::store::{ACCEPTED_SOURCES, Location, expand_pattern};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -68,7 +68,7 @@ impl DatasetIndex {
         let mut sources = vec![];
         let mut problems = vec![];
         for pattern in patterns {
-            for url in expand_braces(pattern)? {
+            for url in expand_pattern(pattern)? {
                 match index_source(&url, handle, skips) {
                     Ok(entry) => sources.push(entry),
                     Err((reason, detail)) => {
@@ -85,7 +85,7 @@ impl DatasetIndex {
             if more > 0 {
                 listed.push_str(&format!("\n  ... and {more} more"));
             }
-            bail!("no readable sample in any source of {patterns:?}:\n  {listed}");
+            bail!("no readable sample in any source of {patterns:?} ({ACCEPTED_SOURCES}):\n  {listed}");
         }
         Ok(DatasetIndex { version: INDEX_VERSION, sources })
     }
@@ -115,6 +115,9 @@ type Refusal = (SkipReason, String);
 fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::Result<SourceEntry, Refusal> {
     let unreadable = |e: anyhow::Error| (SkipReason::UnreadableShard, format!("{e:#}"));
     let loc = Location::open(url).map_err(unreadable)?;
+    if crate::store::local_path(url).is_some_and(|p| p.is_dir()) {
+        return Err((SkipReason::UnreadableShard, "a folder, not a source".into()));
+    }
     if url.ends_with(".json") {
         let bytes = handle.block_on(loc.read_all()).map_err(unreadable)?;
         let entries = parse_annotations(&bytes, url, skips).map_err(unreadable)?;

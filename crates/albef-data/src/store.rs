@@ -129,6 +129,48 @@ fn key_of(url: &str) -> Result<StorePath> {
     StorePath::parse(key).with_context(|| format!("invalid object key in {url}"))
 }
 
+/// What a training source is, for errors about one.
+pub const ACCEPTED_SOURCES: &str = "a source is an ALBEF annotation file (.json: image, caption) or a WebDataset \
+     tar shard (.tar, as img2dataset writes them); name several with brace patterns (train-{000..127}.tar) or, on a \
+     local disk, globs (shards/*.tar)";
+
+/// The objects a source pattern names: brace groups expanded (see [`expand_braces`]), then, for
+/// local paths, `*` and `?` in the file name matched against the folder's files, in name order.
+pub fn expand_pattern(pattern: &str) -> Result<Vec<String>> {
+    let mut out = vec![];
+    for url in expand_braces(pattern)? {
+        let (dir, name) = url.rsplit_once('/').unwrap_or((".", url.as_str()));
+        if !name.contains(['*', '?']) || local_path(&url).is_none() {
+            out.push(url);
+            continue;
+        }
+        let local = local_path(dir).expect("a local path");
+        let entries = std::fs::read_dir(&local).with_context(|| format!("listing {dir} for {url}"))?;
+        let mut matched: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|file| wildcard_match(name.as_bytes(), file.as_bytes()))
+            .map(|file| if url.contains('/') { format!("{dir}/{file}") } else { file })
+            .collect();
+        ensure!(!matched.is_empty(), "{url} matches no file ({ACCEPTED_SOURCES})");
+        matched.sort();
+        out.extend(matched);
+    }
+    Ok(out)
+}
+
+/// `*` (any run of characters) and `?` (one character) against a whole name.
+fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.split_first(), name.split_first()) {
+        (None, None) => true,
+        (Some((b'*', rest)), _) => {
+            wildcard_match(rest, name) || (!name.is_empty() && wildcard_match(pattern, &name[1..]))
+        }
+        (Some((b'?', rest)), Some((_, name_rest))) => wildcard_match(rest, name_rest),
+        (Some((p, rest)), Some((n, name_rest))) => p == n && wildcard_match(rest, name_rest),
+        _ => false,
+    }
+}
+
 /// Expands `{000000..000127}` (zero padding kept) and `{a,b,c}` groups, left to right:
 /// `data/train-{000..002}.tar` -> `data/train-000.tar`, `data/train-001.tar`, `data/train-002.tar`.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
@@ -177,6 +219,28 @@ mod tests {
         assert!(sib.path.as_ref().ends_with("data/train-000_stats.json"), "{}", sib.path);
         assert_eq!(sib.url, "data/train-000_stats.json");
         assert!(Location::open("ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn globs_match_local_files_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["b.tar", "a.tar", "c.json", "ab.tar.gz"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let d = dir.path().to_str().unwrap();
+        let names = |p: &str| -> Vec<String> {
+            expand_pattern(&format!("{d}/{p}"))
+                .unwrap()
+                .iter()
+                .map(|u| u.rsplit('/').next().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names("*.tar"), ["a.tar", "b.tar"]);
+        assert_eq!(names("?.json"), ["c.json"]);
+        assert_eq!(names("{a,b}.tar"), ["a.tar", "b.tar"]);
+        let err = format!("{:#}", expand_pattern(&format!("{d}/*.jpg")).unwrap_err());
+        assert!(err.contains("matches no file") && err.contains("annotation file (.json"), "{err}");
+        assert_eq!(expand_pattern("s3://b/train-*.tar").unwrap(), ["s3://b/train-*.tar"], "object stores: as written");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! they belong to.
 
 use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
-use albef_data::store::{Location, expand_braces};
+use albef_data::store::{Location, expand_pattern};
 use albef_eval::embed::{embed_images, embed_texts, serialize_embeddings};
 use anyhow::{Context, Result, ensure};
 use clap::Args;
@@ -45,7 +45,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         None => {
             let mut urls = vec![];
             for pattern in &args.images {
-                urls.extend(expand_braces(pattern)?);
+                urls.extend(expand_pattern(pattern)?);
             }
             let bytes = handle.block_on(async {
                 let mut out = vec![];
