@@ -121,6 +121,8 @@ async fn serve(
     telemetry: &albef_telemetry::Telemetry,
 ) -> Result<()> {
     let c = &cfg.coordinator;
+    // Held while this coordinator serves: a second one on the same run directory refuses.
+    let _lock = albef_data::run_lock::RunLock::acquire(&cfg.job.run_dir)?;
     if !auth.enabled() {
         warn!("no token files configured: authentication is OFF (local runs only)");
     } else if !auth.has_admin() {

@@ -35,6 +35,9 @@ pub fn run_local(
     };
     let (coordinator_bin, worker_bin) = (bin("albef-coordinator")?, bin("albef-worker")?);
 
+    // Refused before anything starts: a second job on a live run directory would train over the
+    // first's checkpoints (the coordinator holds the directory while it serves).
+    albef_data::run_lock::ensure_free(&cfg.job.run_dir)?;
     // Generate the dataset (if none is configured) once, before any process reads it.
     let rt = crate::data::runtime()?;
     Dataset::open(cfg, Path::new(&cfg.job.run_dir), rt.handle())?;
@@ -112,6 +115,15 @@ pub fn run_local(
                 Some(status) if !status.success() => failed.push(format!("{name} ({status})")),
                 Some(_) => {}
             }
+        }
+        // Without a coordinator the workers would wait for one forever.
+        let coordinator_failed = failed.iter().any(|f| f.starts_with("coordinator "));
+        if coordinator_failed && running > 0 {
+            for (_, child) in children.iter_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            bail!("the job failed: {} (its log above says why)", failed.join(", "));
         }
         if running == 0 {
             for r in readers {

@@ -236,3 +236,43 @@ fn albef_train_and_a_job_of_one_worker_take_the_same_steps() {
         );
     }
 }
+
+/// A second job on the run directory of a live one is refused before it starts anything, naming
+/// the coordinator that holds the directory; the first goes on and stops cleanly on Ctrl-C.
+#[test]
+fn a_second_job_on_a_live_run_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let args = |port: u16| -> Vec<String> {
+        let mut a: Vec<String> =
+            ["run", "--config", "configs/small.yaml", "--workers", "1", "--port"].map(String::from).to_vec();
+        a.push(port.to_string());
+        let sets = [format!("job.run_dir={}", run_dir.display()), "train.max_steps=100000".into()];
+        for s in DATA.map(String::from).into_iter().chain(sets) {
+            a.extend(["--set".to_string(), s]);
+        }
+        a
+    };
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_albef"))
+        .current_dir(repo())
+        .args(args(free_port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = run_dir.join("coordinator/lock");
+    let started = std::time::Instant::now();
+    while !lock.exists() {
+        assert!(started.elapsed() < STALL, "the first job's coordinator never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second =
+        Command::new(env!("CARGO_BIN_EXE_albef")).current_dir(repo()).args(args(free_port())).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && stderr.contains("is in use by the coordinator with pid"), "{stderr}");
+    let kill = Command::new("kill").args(["-INT", &first.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = first.wait().unwrap();
+    assert!(!lock.exists(), "the lock outlived its coordinator ({status})");
+}
