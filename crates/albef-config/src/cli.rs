@@ -9,7 +9,7 @@ pub struct ConfigArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a key: --set optimizer.lr=3e-4 (repeatable; beats the file and ALBEF__* variables;
-    /// values are YAML: --set 'data.train_file=[a.json, "b/{0..3}.tar"]').
+    /// values typed as YAML, lists as --set 'data.train_file=[a.json, b/{0..3}.tar, "c,d.json"]').
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Print the effective configuration at start (it is always written to the run directory's

@@ -225,18 +225,63 @@ fn layered(
     Ok(builder)
 }
 
-/// `--set` values are YAML, typed as YAML types them: scalars, or flow sequences
-/// (`[0.9, 0.98]`, `[a.json, "b/{0..3}.tar"]`: quote an item holding a comma or braces).
+/// `--set` values are typed as YAML types them (numbers, booleans, strings), and `[a, b]` is a
+/// list. List items split at commas outside quotes and braces, so brace patterns need no quotes
+/// (`[a.json, train-{000..003}.tar]`) and a quoted item keeps its commas (`["c,d.json"]`); a
+/// value YAML would read as something else (`{a,b}.tar`, a mapping) is the literal string.
 fn parse_override(value: &str) -> Result<config::Value> {
-    // `key=` sets an empty string (YAML would read a null).
+    match value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+        Some(inner) => Ok(config::Value::from(list_items(inner)?.into_iter().map(scalar).collect::<Vec<_>>())),
+        None => Ok(scalar(value)),
+    }
+}
+
+/// The items of a flow list's inside, split at commas outside quotes and braces.
+fn list_items(inner: &str) -> Result<Vec<&str>> {
+    let (mut items, mut start, mut depth, mut quote) = (vec![], 0, 0usize, None);
+    for (i, c) in inner.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '{') => depth += 1,
+            (None, '}') => depth = depth.saturating_sub(1),
+            (None, ',') if depth == 0 => {
+                items.push(inner[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    anyhow::ensure!(quote.is_none(), "an unclosed quote in [{inner}]");
+    items.push(inner[start..].trim());
+    Ok(items.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// One value: a quoted string without its quotes, else what YAML reads when it reads a scalar,
+/// else the literal string (an empty value is an empty string, as `key=` means).
+fn scalar(value: &str) -> config::Value {
+    let unquoted = ['"', '\''].iter().find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)));
+    if let Some(s) = unquoted {
+        return config::Value::from(s.to_string());
+    }
     if value.is_empty() {
-        return Ok(config::Value::from(String::new()));
+        return config::Value::from(String::new());
     }
     let doc = config::File::from_str(&format!("value: {value}"), config::FileFormat::Yaml);
-    let parsed = config::Config::builder().add_source(doc).build();
     let parsed =
-        parsed.map_err(|e| anyhow::anyhow!("not a YAML value ({e}); quote a string with YAML's special characters"))?;
-    Ok(parsed.get::<config::Value>("value")?)
+        config::Config::builder().add_source(doc).build().ok().and_then(|c| c.get::<config::Value>("value").ok());
+    match parsed {
+        Some(v)
+            if !matches!(
+                v.kind,
+                config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil
+            ) =>
+        {
+            v
+        }
+        _ => config::Value::from(value.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,15 @@ fn set_takes_yaml_lists_and_a_single_path_where_a_list_is_expected() {
     assert_eq!(cfg.data.train_file, ["s3://bucket/train-{000000..000127}.tar"]);
     let cfg = load(&sources(None, &["optimizer.betas=[0.9, 0.98]", "optimizer.lr=3e-4", "job.run_dir="])).unwrap();
     assert_eq!((cfg.optimizer.betas, cfg.optimizer.lr, cfg.job.run_dir.as_str()), ([0.9, 0.98], 3e-4, ""));
-    let err = format!("{:#}", load(&sources(None, &["data.train_file=[a.json"])).unwrap_err());
-    assert!(err.contains("data.train_file=[a.json") && err.contains("YAML"), "{err}");
+    let cfg =
+        load(&sources(None, &["data.train_file=[/d/train-{000000..000003}.tar, '{x,y}.json', {a,b}.tar]"])).unwrap();
+    assert_eq!(
+        cfg.data.train_file,
+        ["/d/train-{000000..000003}.tar", "{x,y}.json", "{a,b}.tar"],
+        "braces need no quotes"
+    );
+    let cfg = load(&sources(None, &["data.train_file={a,b}.tar"])).unwrap();
+    assert_eq!(cfg.data.train_file, ["{a,b}.tar"]);
+    let err = format!("{:#}", load(&sources(None, &[r#"data.train_file=["a.json]"#])).unwrap_err());
+    assert!(err.contains("unclosed quote"), "{err}");
 }

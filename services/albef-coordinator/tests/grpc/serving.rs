@@ -34,8 +34,11 @@ async fn tokens_guard_their_services_and_probes_stay_open() {
         assert_eq!(r.status, ServingStatus::Serving as i32, "health of {service:?}");
     }
 
-    // Without token files, authentication is off (and says so).
-    let open = dir.start(1, &["coordinator.worker_token_file=".into(), "coordinator.admin_token_file=".into()]);
+    // Without token files, authentication is off (and says so). A run directory of its own: the
+    // first coordinator holds the shared one.
+    let own_run = format!("job.run_dir={}", dir.path("run-open").display());
+    let open =
+        dir.start(1, &["coordinator.worker_token_file=".into(), "coordinator.admin_token_file=".into(), own_run]);
     admin_client(&open, None).await.get_status(GetStatusRequest::default()).await.unwrap();
     assert!(open.log().contains("authentication is OFF"));
 }
