@@ -89,7 +89,7 @@ fn job(workers: u32, steps: u64, extra: &[&str]) -> Job {
         assert!(ranks.values().all(|h| h == first), "ranks diverged at step {step}: {ranks:?}");
     }
     println!("fingerprints compared at {} steps", compared.len());
-    Job { stdout, run_dir, _dir: dir, status: last, albefctl_json: albefctl_json.expect("the job was seen running") }
+    Job { stdout, run_dir, _dir: dir, status: last, albefctl_json }
 }
 
 struct Job {
@@ -98,8 +98,8 @@ struct Job {
     _dir: tempfile::TempDir,
     /// The last status seen.
     status: JobStatus,
-    /// `albefctl status -o json` while the job ran.
-    albefctl_json: serde_json::Value,
+    /// `albefctl status -o json` while the job ran (a job of a few steps may end before it is seen).
+    albefctl_json: Option<serde_json::Value>,
 }
 
 /// `albefctl --run-dir DIR status -o json`, as a script would run it: the run directory is all it
@@ -115,6 +115,7 @@ fn albefctl_status_json(run_dir: &Path) -> serde_json::Value {
 fn two_workers_train_identical_replicas_and_checkpoint() {
     // The run directory lives as long as `_dir`.
     let Job { stdout, run_dir, status, albefctl_json, _dir } = job(2, 16, &["job.eval_every=8", "job.eval_k_test=4"]);
+    let albefctl_json = albefctl_json.expect("the job was seen running");
     assert_eq!(albefctl_json["state"], "running", "{albefctl_json}");
     assert_eq!(albefctl_json["world_size"], 2, "{albefctl_json}");
     assert_eq!(albefctl_json["total_steps"], 16, "{albefctl_json}");
@@ -171,6 +172,7 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
 #[test]
 fn three_workers_form_one_world() {
     let Job { status, albefctl_json, run_dir, _dir, .. } = job(3, 6, &[]);
+    let albefctl_json = albefctl_json.expect("the job was seen running");
     assert_eq!(albefctl_json["world_size"], 3, "{albefctl_json}");
     assert_eq!((status.state.as_str(), status.step, status.restarts), ("finished", 6, 0), "{status:?}");
     // After the job ended, albefctl reads what its coordinator saved in the run directory.
@@ -189,6 +191,7 @@ fn three_workers_form_one_world() {
 fn two_nodes_of_two_local_ranks_form_one_world_of_four() {
     let overlapped = ["worker.local_ranks=2", "job.overlap_grad_reduce=always", "job.bucket_mb=1"];
     let Job { albefctl_json, status, .. } = job(2, 6, &overlapped);
+    let albefctl_json = albefctl_json.expect("the job was seen running");
     assert_eq!(albefctl_json["world_size"], 4, "{albefctl_json}");
     let mut ids: Vec<(u64, String)> = albefctl_json["workers"]
         .as_array()
