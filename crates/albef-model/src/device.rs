@@ -18,6 +18,17 @@ pub fn resolve(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// The device a training process runs on, set up as `train` asks: the CUDA numerics and the
+/// intra-op threads (a property of this machine, and of how many processes share it).
+pub fn for_training(train: &albef_config::TrainConfig) -> Result<Device> {
+    let device = resolve(train.device)?;
+    configure_cuda(train.tf32)?;
+    if train.num_threads > 0 {
+        tch::set_num_threads(train.num_threads);
+    }
+    Ok(device)
+}
+
 /// Runs `f` under bf16 autocast when `enabled` and the device is CUDA; otherwise in fp32.
 pub fn with_autocast<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
     if enabled && device.is_cuda() { tch::autocast(true, f) } else { f() }

@@ -186,159 +186,152 @@ impl Machine<'_> {
                     self.take(8)?; // FRAME: a length hint
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.stack.push(Value::Dict(vec![])),
-                b']' => self.stack.push(Value::List(vec![])),
-                b')' => self.stack.push(Value::Tuple(vec![])),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'K' => {
-                    let v = self.le(1)?;
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'M' => {
-                    let v = self.le(2)?;
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'J' => {
-                    let v = self.le(4)? as u32 as i32;
-                    self.stack.push(Value::Int(i64::from(v)));
-                }
-                0x8a => {
-                    let n = usize::from(self.u8()?);
-                    ensure!(n <= 8, "an integer of {n} bytes");
-                    let raw = self.le(n)?;
-                    let v = if n > 0 && n < 8 && raw >> (8 * n - 1) & 1 == 1 { raw | (!0u64 << (8 * n)) } else { raw };
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'G' => {
-                    let raw = u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes"));
-                    self.stack.push(Value::Float(f64::from_bits(raw)));
-                }
-                b'X' => {
-                    let n = self.le(4)? as usize;
-                    let s = self.text(n)?;
-                    self.stack.push(Value::Str(s));
-                }
-                0x8c => {
-                    let n = usize::from(self.u8()?);
-                    let s = self.text(n)?;
-                    self.stack.push(Value::Str(s));
-                }
-                b'U' => {
-                    let n = usize::from(self.u8()?);
-                    let s = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(s));
-                }
-                b'T' | b'B' => {
-                    let n = self.le(4)? as usize;
-                    let s = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(s));
-                }
-                b'C' => {
-                    let n = usize::from(self.u8()?);
-                    let s = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(s));
-                }
-                // The memo holds copies: a container read back after it was filled in would come
-                // back as it was when memoised. State dicts never read one back; storages and
-                // tensors, which they do share, do not change.
-                b'q' => {
-                    let k = self.le(1)?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                b'r' => {
-                    let k = self.le(4)?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                0x94 => {
-                    let k = self.memo.len() as u64;
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                b'h' | b'j' => {
-                    let k = if op == b'h' { self.le(1)? } else { self.le(4)? };
-                    let v = self.memo.get(&k).with_context(|| format!("the pickle reads memo {k}, never written"))?;
-                    self.stack.push(v.clone());
-                }
-                b't' => {
-                    let items = self.since_mark()?;
-                    self.stack.push(Value::Tuple(items));
-                }
-                0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
-                    ensure!(self.stack.len() >= n, "a TUPLE{n} on a shorter stack");
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.push(v),
-                        _ => bail!("APPEND to something that is not a list"),
-                    }
-                }
-                b'e' => {
-                    let items = self.since_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.extend(items),
-                        _ => bail!("APPENDS to something that is not a list"),
-                    }
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    match self.top()? {
-                        Value::Dict(d) => d.push((k, v)),
-                        _ => bail!("SETITEM on something that is not a dict"),
-                    }
-                }
-                b'u' => {
-                    let items = self.since_mark()?;
-                    ensure!(items.len() % 2 == 0, "SETITEMS with an odd number of items");
-                    let mut items = items.into_iter();
-                    match self.top()? {
-                        Value::Dict(d) => {
-                            while let (Some(k), Some(v)) = (items.next(), items.next()) {
-                                d.push((k, v));
-                            }
-                        }
-                        _ => bail!("SETITEMS on something that is not a dict"),
-                    }
-                }
-                b'c' => {
-                    let (module, name) = (self.line()?, self.line()?);
-                    self.global(&module, &name)?;
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.global(&m, &n)?,
-                        _ => bail!("STACK_GLOBAL of something that is not a name"),
-                    }
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let v = call(callable, args)?;
+                b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo(op)?,
+                b'(' | b'}' | b']' | b')' | b't' | 0x85..=0x87 | b'a' | b'e' | b's' | b'u' => self.container(op)?,
+                b'c' | 0x93 | b'R' | 0x81 | b'b' | b'Q' => self.object(op)?,
+                _ => {
+                    let v = self.scalar(op)?;
                     self.stack.push(v);
                 }
-                b'b' => {
-                    // BUILD sets an object's state; the objects allowed here have none to set
-                    // that a state dict needs (an OrderedDict's is its items, already set).
-                    self.pop()?;
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    self.stack.push(storage_of(pid)?);
-                }
-                other => bail!("pickle opcode 0x{other:02x} is not one a saved state dict uses"),
             }
         }
+    }
+
+    /// The opcodes that push a constant.
+    fn scalar(&mut self, op: u8) -> Result<Value> {
+        Ok(match op {
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'K' => Value::Int(self.le(1)? as i64),
+            b'M' => Value::Int(self.le(2)? as i64),
+            b'J' => Value::Int(i64::from(self.le(4)? as u32 as i32)),
+            0x8a => {
+                let n = usize::from(self.u8()?);
+                ensure!(n <= 8, "an integer of {n} bytes");
+                let raw = self.le(n)?;
+                let negative = n > 0 && n < 8 && raw >> (8 * n - 1) & 1 == 1;
+                Value::Int(if negative { raw | (!0u64 << (8 * n)) } else { raw } as i64)
+            }
+            b'G' => Value::Float(f64::from_bits(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))),
+            b'X' => {
+                let n = self.le(4)? as usize;
+                Value::Str(self.text(n)?)
+            }
+            0x8c => {
+                let n = usize::from(self.u8()?);
+                Value::Str(self.text(n)?)
+            }
+            b'U' | b'C' => {
+                let n = usize::from(self.u8()?);
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            b'T' | b'B' => {
+                let n = self.le(4)? as usize;
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            other => bail!("pickle opcode 0x{other:02x} is not one a saved state dict uses"),
+        })
+    }
+
+    /// The memo: BINPUT, LONG_BINPUT and MEMOIZE store the top of the stack, BINGET and
+    /// LONG_BINGET push a stored value. The memo holds copies: a container read back after it
+    /// was filled in would come back as it was when memoised. State dicts never read one back;
+    /// storages and tensors, which they do share, do not change.
+    fn memo(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'h' | b'j' => {
+                let k = if op == b'h' { self.le(1)? } else { self.le(4)? };
+                let v = self.memo.get(&k).with_context(|| format!("the pickle reads memo {k}, never written"))?;
+                self.stack.push(v.clone());
+            }
+            _ => {
+                let k = match op {
+                    b'q' => self.le(1)?,
+                    b'r' => self.le(4)?,
+                    _ => self.memo.len() as u64,
+                };
+                let v = self.top()?.clone();
+                self.memo.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+
+    /// The opcodes that build lists, tuples and dicts.
+    fn container(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'(' => self.marks.push(self.stack.len()),
+            b'}' => self.stack.push(Value::Dict(vec![])),
+            b']' => self.stack.push(Value::List(vec![])),
+            b')' => self.stack.push(Value::Tuple(vec![])),
+            b't' => {
+                let items = self.since_mark()?;
+                self.stack.push(Value::Tuple(items));
+            }
+            0x85..=0x87 => {
+                let n = usize::from(op - 0x84);
+                ensure!(self.stack.len() >= n, "a TUPLE{n} on a shorter stack");
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items));
+            }
+            b'a' | b'e' => {
+                let items = if op == b'a' { vec![self.pop()?] } else { self.since_mark()? };
+                match self.top()? {
+                    Value::List(l) => l.extend(items),
+                    _ => bail!("APPEND to something that is not a list"),
+                }
+            }
+            _ => {
+                let items = if op == b's' {
+                    let v = self.pop()?;
+                    vec![self.pop()?, v]
+                } else {
+                    self.since_mark()?
+                };
+                ensure!(items.len() % 2 == 0, "SETITEMS with an odd number of items");
+                let Value::Dict(d) = self.top()? else { bail!("SETITEM on something that is not a dict") };
+                let mut items = items.into_iter();
+                while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                    d.push((k, v));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Globals (the allowed ones), calls of them, BUILD and persistent ids (the storages).
+    fn object(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'c' => {
+                let (module, name) = (self.line()?, self.line()?);
+                self.global(&module, &name)?;
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => self.global(&m, &n)?,
+                    _ => bail!("STACK_GLOBAL of something that is not a name"),
+                }
+            }
+            b'R' | 0x81 => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let v = call(callable, args)?;
+                self.stack.push(v);
+            }
+            b'b' => {
+                // BUILD sets an object's state; the objects allowed here have none to set
+                // that a state dict needs (an OrderedDict's is its items, already set).
+                self.pop()?;
+            }
+            _ => {
+                let pid = self.pop()?;
+                self.stack.push(storage_of(pid)?);
+            }
+        }
+        Ok(())
     }
 }
 

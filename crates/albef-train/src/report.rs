@@ -20,6 +20,8 @@ pub struct ProgressLog {
     pub file: Option<std::fs::File>,
     /// When this process started training.
     pub started: std::time::Instant,
+    /// The best value so far of the metric that selects the best checkpoint.
+    pub best: Option<f64>,
 }
 
 impl Reporter for ProgressLog {
@@ -42,7 +44,13 @@ impl Reporter for ProgressLog {
     }
 
     fn evaluated(&mut self, e: &Evaluation) -> Result<()> {
-        println!("eval  {:>5}  {}", e.step, e.summary);
+        let best = e.score().filter(|s| self.best.is_none_or(|b| *s > b));
+        let mark = match best {
+            Some(score) => format!("  best {} so far ({score:.1})", e.selects_by),
+            None => String::new(),
+        };
+        self.best = best.or(self.best);
+        println!("eval  {:>5}  {}{mark}", e.step, e.summary);
         Ok(())
     }
 }

@@ -127,7 +127,7 @@ impl TrainLoop<'_> {
         let images = micro.iter().map(|m| m.batch.batch_size).sum();
         let measured = self.metrics.step(trainer.state().step, times, images, flops.sum());
         let recent = self.metrics.recent();
-        let report = StepReport { stats, trainer, micro, times, measured: &measured, recent };
+        let report = StepReport { stats, trainer, micro, measured: &measured, recent };
         self.each(|r| r.applied(&report))
     }
 
@@ -339,8 +339,7 @@ pub struct StepReport<'a> {
     /// After the step.
     pub trainer: &'a Trainer,
     pub micro: &'a [LoadedBatch],
-    pub times: &'a StepTimes,
-    /// What the metrics recorded, by TensorBoard tag.
+    /// What the metrics recorded, by TensorBoard tag (the phase times among them).
     pub measured: &'a [(&'static str, f64)],
     /// Throughput and busy time over the last window of steps.
     pub recent: Recent,

@@ -131,20 +131,7 @@ async fn serve(
     let listener =
         tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
     let addr = listener.local_addr()?;
-    let scheme = if c.tls_cert.is_empty() { "http" } else { "https" };
-    let reachable = match addr.ip().is_unspecified() {
-        true => std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
-        false => addr,
-    };
-    let endpoint = serde_json::json!({
-        "endpoint": format!("{scheme}://{reachable}"),
-        "admin_token_file": c.admin_token_file,
-        "ca": c.tls_ca,
-    });
-    let endpoint_file = run.join(ENDPOINT_FILE);
-    if let Err(e) = endpoint_file.write_all(serde_json::to_vec_pretty(&endpoint)?).await {
-        warn!(file = endpoint_file.url, "albefctl --run-dir will not find this coordinator: {e:#}");
-    }
+    announce_endpoint(c, addr, &run).await;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = ServiceState::new(job, run, state_loc, shutdown_rx.clone());
     let registry = metrics::registry(shared.clone());
@@ -211,6 +198,25 @@ async fn serve(
     shared.persist().await?;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Writes where albefctl finds this coordinator (`--run-dir`): the address it serves on (the
+/// loopback one when it listens on every interface), its admin token file and CA.
+async fn announce_endpoint(c: &albef_config::CoordinatorConfig, addr: std::net::SocketAddr, run: &Location) {
+    let scheme = if c.tls_cert.is_empty() { "http" } else { "https" };
+    let reachable = match addr.ip().is_unspecified() {
+        true => std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+        false => addr,
+    };
+    let endpoint = serde_json::json!({
+        "endpoint": format!("{scheme}://{reachable}"),
+        "admin_token_file": c.admin_token_file,
+        "ca": c.tls_ca,
+    });
+    let file = run.join(ENDPOINT_FILE);
+    if let Err(e) = file.write_all(endpoint.to_string().into_bytes()).await {
+        warn!(file = file.url, "albefctl --run-dir will not find this coordinator: {e:#}");
+    }
 }
 
 /// SIGINT or SIGTERM: stop serving gracefully (in-flight calls finish, state is written).

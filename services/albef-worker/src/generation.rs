@@ -91,7 +91,7 @@ impl<'a> Reporters<'a> {
         let (log_every, rank0) = (cfg.train.log_every, a.rank == 0);
         let world = a.world_size as usize;
         let total_steps = length.total_steps;
-        let progress = rank0.then(|| ProgressLog { log_every, total_steps, world, file: None, started });
+        let progress = rank0.then(|| ProgressLog { log_every, total_steps, world, file: None, started, best: None });
         let board = rank0
             .then(|| Board::open(&cfg.job.run_dir, log_every, heartbeat.handle().clone()))
             .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok());
@@ -157,18 +157,13 @@ impl Worker {
     }
 
     pub fn run(&mut self, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
-        let dev = device::resolve(self.local.train.device)?;
-        device::configure_cuda(self.local.train.tf32)?;
+        let dev = device::for_training(&self.local.train)?;
         self.metrics = StepMetrics::new(dev, self.local.worker.peak_tflops);
         telemetry.export_metrics(&self.metrics.registry);
         if !self.local.worker.metrics_listen.is_empty() {
             let registry = self.metrics.registry.clone();
             self.rt
                 .block_on(albef_telemetry::metrics::spawn_prometheus(&self.local.worker.metrics_listen, registry))?;
-        }
-        // Threads are a property of this machine (and of how many workers share it).
-        if self.local.train.num_threads > 0 {
-            tch::set_num_threads(self.local.train.num_threads);
         }
         let mut failures = Backoff::new();
         loop {

@@ -30,11 +30,7 @@ use tokio::runtime::Handle;
 const KEEP_CHECKPOINTS: usize = 2;
 
 pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
-    let dev = device::resolve(cfg.train.device)?;
-    device::configure_cuda(cfg.train.tf32)?;
-    if cfg.train.num_threads > 0 {
-        tch::set_num_threads(cfg.train.num_threads);
-    }
+    let dev = device::for_training(&cfg.train)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let rt = data::runtime()?;
     let handle = rt.handle().clone();
@@ -59,18 +55,10 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     }
     tracing::info!(device = ?dev, samples, steps_per_epoch, total_steps, from = trainer.state().step, "training");
 
-    let progress_path = out.join(PROGRESS_LOG);
-    // A resumed run goes on with the same log.
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(resumed_at.is_some())
-        .write(true)
-        .truncate(resumed_at.is_none())
-        .open(&progress_path)
-        .with_context(|| format!("opening {}", progress_path.display()))?;
+    let (progress_path, file) = progress_log(out, resumed_at.is_some())?;
     let log_every = cfg.train.log_every;
     let started = Instant::now();
-    let mut progress = ProgressLog { log_every, total_steps, world: 1, file: Some(file), started };
+    let mut progress = ProgressLog { log_every, total_steps, world: 1, file: Some(file), started, best: None };
     let mut board = Board::open(&out.to_string_lossy(), log_every, handle.clone())
         .map_err(|e| tracing::warn!("no TensorBoard events: {e:#}"))
         .ok();
@@ -97,19 +85,7 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     }
     .run(&mut trainer, &mut dp)?;
     let step = trainer.state().step;
-    match ending {
-        Ending::Finished => {}
-        Ending::Stopped => {
-            println!(
-                "stopped at step {step}, checkpointed in {}: the same command resumes",
-                run.join("checkpoints").url
-            );
-            // 128 + SIGINT, as a shell reports an interrupted command.
-            std::process::exit(130);
-        }
-        Ending::RollBack(why) => bail!("{why}: the same command resumes from the last checkpoint"),
-        Ending::Interrupted(why) => bail!("training ended early: {why}"),
-    }
+    unless_finished(ending, step, &run)?;
     let skipped = task.dataset().skips.summary();
     if !skipped.is_empty() {
         println!("skipped input ({} in all):\n{skipped}", task.dataset().skips.total());
@@ -131,6 +107,35 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     );
     println!("loss curves: {}", png.display());
     Ok(())
+}
+
+/// `<out>/progress.log`, continued by a resumed run.
+fn progress_log(out: &Path, resumed: bool) -> Result<(std::path::PathBuf, std::fs::File)> {
+    let path = out.join(PROGRESS_LOG);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resumed)
+        .write(true)
+        .truncate(!resumed)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok((path, file))
+}
+
+/// What a run that did not reach its last step tells: a stop (a signal) exits as interrupted
+/// commands do, after saying how to resume; the rest are errors.
+fn unless_finished(ending: Ending, step: u64, run: &Location) -> Result<()> {
+    match ending {
+        Ending::Finished => Ok(()),
+        Ending::Stopped => {
+            let at = run.join("checkpoints").url;
+            println!("stopped at step {step}, checkpointed in {at}: the same command resumes");
+            // 128 + SIGINT, as a shell reports an interrupted command.
+            std::process::exit(130);
+        }
+        Ending::RollBack(why) => bail!("{why}: the same command resumes from the last checkpoint"),
+        Ending::Interrupted(why) => bail!("training ended early: {why}"),
+    }
 }
 
 /// Restores the latest state of the run, `final` or `checkpoints/step-N`, whichever is later;
