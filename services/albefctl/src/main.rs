@@ -123,11 +123,16 @@ impl Failure {
 }
 
 /// An error and its causes on one line (transport errors keep the useful part in the sources).
+/// A cause whose message the line already ends with is left out: tonic's `ConnectError` shows
+/// its cause's message as its own.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        let _ = write!(out, ": {s}");
+        let message = s.to_string();
+        if !out.ends_with(&message) {
+            let _ = write!(out, ": {message}");
+        }
         source = s.source();
     }
     out

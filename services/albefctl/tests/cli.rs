@@ -34,6 +34,8 @@ fn an_unreachable_coordinator_exits_3() {
     let out = albefctl(&["--endpoint", &url, "status"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("cannot reach the coordinator at {url}: ")), "{}", stderr(&out));
+    // Printed once, though tonic's connect error repeats its cause's message as its own.
+    assert_eq!(stderr(&out).matches("tcp connect error").count(), 1, "{}", stderr(&out));
 }
 
 #[test]
