@@ -40,12 +40,36 @@ pub use train::{
     ScaleUp, ScheduleConfig, TrainConfig, WorkerConfig,
 };
 
+/// The tasks a job can train (`task`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// ALBEF pretraining on image-text pairs: ITC, ITM and MLM.
+    #[default]
+    Pretrain,
+    /// Image-text retrieval fine-tuning (COCO, Flickr30K): ITC with every caption of an image a
+    /// positive, ITM; rows carry an `image_id`.
+    Retrieval,
+}
+
+impl TaskKind {
+    /// The name a user writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Pretrain => "pretrain",
+            TaskKind::Retrieval => "retrieval",
+        }
+    }
+}
+
 const ENV_PREFIX: &str = "ALBEF";
 const ENV_SEPARATOR: &str = "__";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlbefConfig {
+    /// What the job trains: the model's heads, the losses, the data it reads, the evaluation.
+    pub task: TaskKind,
     pub model: ModelConfig,
     pub optimizer: OptimizerConfig,
     pub schedular: ScheduleConfig,
@@ -60,6 +84,7 @@ impl AlbefConfig {
     /// Compiled defaults: the reference pretraining setup on the given model preset.
     pub fn defaults(preset: Preset) -> Self {
         AlbefConfig {
+            task: TaskKind::Pretrain,
             model: ModelConfig::for_preset(preset),
             optimizer: OptimizerConfig::default(),
             schedular: ScheduleConfig::default(),

@@ -272,11 +272,13 @@ pub struct JobConfig {
     /// A local directory where each worker appends the sample keys it trains at every step
     /// (`<worker_id>.jsonl`), to audit that nothing is lost or repeated; "" for none.
     pub audit_dir: String,
-    /// Zero-shot retrieval evaluation every this many steps, split across the ranks and reported
+    /// Evaluation (retrieval on `eval_data`) every this many steps, split across the ranks and reported
     /// to the coordinator (0: none during training).
     pub eval_every: u64,
     /// Also evaluate after the last step.
     pub eval_at_end: bool,
+    /// Also evaluate after every epoch (the reference's fine-tuning scripts do).
+    pub eval_every_epoch: bool,
     /// The retrieval split (annotation JSON); "": the generated one when the data is generated.
     pub eval_data: String,
     /// Candidates re-ranked by ITM per query.
@@ -314,6 +316,7 @@ impl Default for JobConfig {
             audit_dir: String::new(),
             eval_every: 0,
             eval_at_end: false,
+            eval_every_epoch: false,
             eval_data: String::new(),
             eval_k_test: 128,
             straggler_factor: 1.5,

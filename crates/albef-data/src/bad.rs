@@ -22,6 +22,8 @@ pub enum SkipReason {
     EmptyImage,
     MissingImage,
     MissingCaption,
+    /// The task tells images apart (retrieval) and the sample has no `image_id`.
+    MissingImageId,
     EmptyCaption,
     InvalidUtf8,
     BadAnnotation,
@@ -49,6 +51,7 @@ impl SkipReason {
             SkipReason::EmptyImage => "empty_image",
             SkipReason::MissingImage => "missing_image",
             SkipReason::MissingCaption => "missing_caption",
+            SkipReason::MissingImageId => "missing_image_id",
             SkipReason::EmptyCaption => "empty_caption",
             SkipReason::InvalidUtf8 => "invalid_utf8",
             SkipReason::BadAnnotation => "bad_annotation",
@@ -63,13 +66,14 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 16] = [
+    pub const ALL: [SkipReason; 17] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
         SkipReason::EmptyImage,
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
+        SkipReason::MissingImageId,
         SkipReason::EmptyCaption,
         SkipReason::InvalidUtf8,
         SkipReason::BadAnnotation,

@@ -5,7 +5,8 @@ pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// A batch on the host: images (B, 3, res, res) normalised, ids and mask (B, L) padded to the
-/// longest sequence of the batch, and the keys of the samples (for auditing what was trained).
+/// longest sequence of the batch, the keys of the samples (for auditing what was trained) and,
+/// for tasks that tell images apart (retrieval), each row's image index.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostBatch {
     pub batch_size: usize,
@@ -15,6 +16,17 @@ pub struct HostBatch {
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub keys: Vec<String>,
+    /// One per row when the task asked for them (see [`crate::sources::image_index`]), else empty.
+    pub image_ids: Vec<i64>,
+}
+
+/// A decoded sample, as [`collate`] takes it.
+pub struct Row<'a> {
+    pub key: &'a str,
+    /// HWC RGB at the batch's resolution.
+    pub rgb: &'a [u8],
+    pub ids: &'a [i64],
+    pub image_id: Option<i64>,
 }
 
 /// HWC u8 RGB -> CHW f32 normalised with the CLIP mean and std.
@@ -25,9 +37,9 @@ pub fn normalize_rgb(rgb: &[u8], res: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Collates (key, HWC RGB, token ids) samples.
-pub fn collate(samples: &[(String, &[u8], Vec<i64>)], image_res: usize, pad_id: i64) -> HostBatch {
-    let seq_len = samples.iter().map(|s| s.2.len()).max().unwrap_or(0);
+/// Collates samples; image indexes are kept when every row has one.
+pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
+    let seq_len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut b = HostBatch {
         batch_size: samples.len(),
         image_res,
@@ -36,12 +48,13 @@ pub fn collate(samples: &[(String, &[u8], Vec<i64>)], image_res: usize, pad_id: 
         input_ids: Vec::with_capacity(samples.len() * seq_len),
         attention_mask: Vec::with_capacity(samples.len() * seq_len),
         keys: Vec::with_capacity(samples.len()),
+        image_ids: samples.iter().map(|s| s.image_id).collect::<Option<_>>().unwrap_or_default(),
     };
-    for (key, rgb, ids) in samples {
-        normalize_rgb(rgb, image_res, &mut b.images);
-        b.input_ids.extend(ids.iter().copied().chain(std::iter::repeat_n(pad_id, seq_len - ids.len())));
-        b.attention_mask.extend((0..seq_len).map(|i| i64::from(i < ids.len())));
-        b.keys.push(key.clone());
+    for s in samples {
+        normalize_rgb(s.rgb, image_res, &mut b.images);
+        b.input_ids.extend(s.ids.iter().copied().chain(std::iter::repeat_n(pad_id, seq_len - s.ids.len())));
+        b.attention_mask.extend((0..seq_len).map(|i| i64::from(i < s.ids.len())));
+        b.keys.push(s.key.to_string());
     }
     b
 }
@@ -53,12 +66,16 @@ mod tests {
     #[test]
     fn pads_to_the_longest_and_masks_padding() {
         let img = vec![255u8; 2 * 2 * 3];
-        let b = collate(&[("a".into(), &img, vec![2, 7, 8]), ("b".into(), &img, vec![2, 9])], 2, 0);
+        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id };
+        let b = collate(&[row("a", &[2, 7, 8], Some(4)), row("b", &[2, 9], Some(9))], 2, 0);
         assert_eq!(b.seq_len, 3);
         assert_eq!(b.input_ids, vec![2, 7, 8, 2, 9, 0]);
         assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 0]);
         assert_eq!(b.images.len(), 2 * 3 * 4);
         assert!((b.images[0] - (1.0 - MEAN[0]) / STD[0]).abs() < 1e-6);
         assert_eq!(b.keys, vec!["a", "b"]);
+        assert_eq!(b.image_ids, vec![4, 9]);
+        let b = collate(&[row("a", &[2], Some(4)), row("b", &[2], None)], 2, 0);
+        assert!(b.image_ids.is_empty(), "a row without an image index drops them all");
     }
 }

@@ -72,6 +72,9 @@ pub struct Dataset {
     pub tokenizer: Arc<Tokenizer>,
     pub skips: Arc<SkipCounts>,
     image_root: String,
+    /// Rows carry their image index, and samples without an `image_id` are skipped (tasks that
+    /// tell images apart set it).
+    pub image_ids: bool,
 }
 
 impl Dataset {
@@ -98,7 +101,13 @@ impl Dataset {
         let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
             .with_options(TokenizerOptions { max_tokens: d.max_tokens, add_sep: d.add_sep })?;
         check_vocabulary(cfg, &tokenizer)?;
-        Ok(Dataset { index: Arc::new(index), tokenizer: Arc::new(tokenizer), skips, image_root: d.image_root.clone() })
+        Ok(Dataset {
+            index: Arc::new(index),
+            tokenizer: Arc::new(tokenizer),
+            skips,
+            image_root: d.image_root.clone(),
+            image_ids: false,
+        })
     }
 
     pub fn steps_per_epoch(&self, world_size: u64, batch_size: u64) -> u64 {
@@ -136,6 +145,7 @@ impl Dataset {
             image_root: self.image_root.clone(),
             max_words: d.max_words,
             seed: cfg.train.seed,
+            image_ids: self.image_ids,
         };
         Loader::start(self.index.clone(), plan, from, opts, self.tokenizer.clone(), handle.clone(), self.skips.clone())
     }

@@ -45,6 +45,6 @@ pub mod synth;
 pub mod tokenizer;
 pub mod transform;
 
-pub use batch::{HostBatch, collate};
+pub use batch::{HostBatch, Row, collate};
 pub use caption::pre_caption;
 pub use synth::{Pair, SynthSpec};

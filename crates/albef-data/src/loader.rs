@@ -7,12 +7,12 @@
 //! and a resumed run sees exactly the batches the uninterrupted one would have.
 
 use crate::bad::{SkipCounts, SkipReason};
-use crate::batch::{HostBatch, collate};
+use crate::batch::{HostBatch, Row, collate};
 use crate::caption::pre_caption;
 use crate::index::{DatasetIndex, SourceKind};
 use crate::plan::RankPlan;
 use crate::rng::SplitMix64;
-use crate::sources::{Annotation, Record, TarOptions, parse_annotations, read_tar_samples};
+use crate::sources::{Annotation, Record, TarOptions, image_index, parse_annotations, read_tar_samples};
 use crate::store::Location;
 use crate::tokenizer::Tokenizer;
 use crate::transform::{TrainTransform, decode_rgb, resize_exact};
@@ -40,6 +40,9 @@ pub struct LoaderOptions {
     pub image_root: String,
     pub max_words: usize,
     pub seed: u64,
+    /// The task tells images apart (retrieval): every row carries its image index, and a
+    /// sample without an `image_id` is skipped.
+    pub image_ids: bool,
 }
 
 /// A batch of one step.
@@ -294,7 +297,8 @@ fn read_annotation_range(
         });
         match image {
             Ok(bytes) => {
-                put(ordinal, Record { key: a.image.clone(), image: bytes.to_vec(), captions: a.captions.clone() })
+                let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
+                put(ordinal, Record { key, image, captions, image_id: a.image_id.clone() })
             }
             Err(e) => skips.record(SkipReason::MissingImage, url, &a.image, &format!("{e:#}")),
         }
@@ -311,6 +315,11 @@ fn decode_step(
 ) -> HostBatch {
     let mut rows = vec![];
     for (id, record) in &job.samples {
+        let image_id = record.image_id.as_deref().map(image_index);
+        if opts.image_ids && image_id.is_none() {
+            skips.record(SkipReason::MissingImageId, "decode", &record.key, "the task needs an image_id");
+            continue;
+        }
         let mut rng = sample_rng(opts.seed, epoch, *id);
         let image = match decode_rgb(&record.image, opts.max_pixels) {
             Ok(img) => img,
@@ -329,10 +338,15 @@ fn decode_step(
             skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
             continue;
         }
-        rows.push((record.key.clone(), image.into_raw(), tokenizer.encode(&text)));
+        rows.push((
+            record.key.as_str(),
+            image.into_raw(),
+            tokenizer.encode(&text),
+            image_id.filter(|_| opts.image_ids),
+        ));
     }
-    let samples: Vec<(String, &[u8], Vec<i64>)> =
-        rows.iter().map(|(k, rgb, ids)| (k.clone(), rgb.as_slice(), ids.clone())).collect();
+    let samples: Vec<Row> =
+        rows.iter().map(|(key, rgb, ids, image_id)| Row { key, rgb, ids, image_id: *image_id }).collect();
     collate(&samples, opts.image_res as usize, tokenizer.pad_id())
 }
 

@@ -17,6 +17,25 @@ pub struct Record {
     pub key: String,
     pub image: Vec<u8>,
     pub captions: Vec<String>,
+    /// The image's id, from an annotation's `image_id` or the `.json` member's (retrieval).
+    pub image_id: Option<String>,
+}
+
+/// The index of an image id in batches and the retrieval queues: a hash, so that every rank
+/// and every source maps an id alike without a table (the reference numbers ids by first
+/// appearance; only equality matters). 53 bits, exact in the f64 the queues are gathered in.
+pub fn image_index(id: &str) -> i64 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    (hash & ((1 << 53) - 1)) as i64
+}
+
+/// An `image_id` as JSON gives it: a string, or any other value by its JSON text (COCO's are
+/// numbers).
+fn image_id_of(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Where a WebDataset sample's caption comes from.
@@ -278,19 +297,24 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
         return reject(SkipReason::OversizedMember, &format!("{name} declares {size} bytes"));
     }
     let Some(image) = m.image else { return reject(SkipReason::MissingImage, "no .jpg/.jpeg/.png/.webp member") };
+    // A bad .json member matters only where the caption comes from it (a missing image id is
+    // counted as such by a task that needs one).
+    let meta = m.json.as_ref().map(|json| serde_json::from_slice::<serde_json::Value>(json));
+    let image_id = meta.as_ref().and_then(|v| v.as_ref().ok()?.get("image_id")).map(image_id_of);
     let text = match caption {
         CaptionSource::Txt => match m.txt {
             Some(t) => t,
             None => return reject(SkipReason::MissingCaption, "no .txt member"),
         },
         CaptionSource::JsonField(field) => {
-            let Some(json) = m.json else { return reject(SkipReason::MissingCaption, "no .json member") };
-            match serde_json::from_slice::<serde_json::Value>(&json) {
-                Ok(v) => match v.get(field).and_then(|c| c.as_str()) {
-                    Some(c) => c.as_bytes().to_vec(),
-                    None => return reject(SkipReason::MissingCaption, &format!("no string field {field:?} in .json")),
-                },
-                Err(e) => return reject(SkipReason::BadJson, &e.to_string()),
+            let meta = match meta {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => return reject(SkipReason::BadJson, &e.to_string()),
+                None => return reject(SkipReason::MissingCaption, "no .json member"),
+            };
+            match meta.get(field).and_then(|c| c.as_str()) {
+                Some(c) => c.as_bytes().to_vec(),
+                None => return reject(SkipReason::MissingCaption, &format!("no string field {field:?} in .json")),
             }
         }
     };
@@ -298,7 +322,7 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     if text.trim().is_empty() {
         return reject(SkipReason::EmptyCaption, "");
     }
-    Ok(Record { key, image, captions: vec![text] })
+    Ok(Record { key, image, captions: vec![text], image_id })
 }
 
 /// One entry of an ALBEF annotation file.
@@ -345,10 +369,7 @@ fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, St
     if captions.is_empty() {
         return Err("no non-empty caption".into());
     }
-    let image_id = item.get("image_id").map(|v| match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    });
+    let image_id = item.get("image_id").map(image_id_of);
     Ok(Annotation { image: image.to_string(), captions, image_id })
 }
 

@@ -266,8 +266,9 @@ fn tar_append(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> anyhow:
 }
 
 /// Writes a learnable dataset under `out`: the train split as WebDataset shards of uneven sizes
-/// (`.jpg`, `.txt` with one caption, `.json` with all of them) and as ALBEF annotation JSON with
-/// image files, a held-out retrieval split (`test.json`: image_id and every caption of each
+/// (`.jpg`, `.txt` with one caption, `.json` with the image id and all captions) and as ALBEF
+/// annotation JSON with image files (each row an image id and its captions: retrieval
+/// fine-tuning reads either), a held-out retrieval split (`test.json`: image_id and every caption of each
 /// image), and a WordPiece vocabulary covering the captions. Deterministic given the spec.
 pub fn write_dataset(
     out: &crate::store::Location,
@@ -300,11 +301,11 @@ pub fn write_dataset(
             let pick = SplitMix64::for_item(spec.seed, i).below(pair.captions.len());
             tar_append(&mut b, &format!("{}.jpg", pair.key), &image)?;
             tar_append(&mut b, &format!("{}.txt", pair.key), pair.captions[pick].as_bytes())?;
-            let meta = serde_json::json!({"key": pair.key, "captions": pair.captions});
+            let meta = serde_json::json!({"key": pair.key, "image_id": pair.key, "captions": pair.captions});
             tar_append(&mut b, &format!("{}.json", pair.key), meta.to_string().as_bytes())?;
             let path = format!("images/train/{}.jpg", pair.key);
             handle.block_on(out.join(&path).write_all(image))?;
-            annotations.push(serde_json::json!({"image": path, "caption": pair.captions}));
+            annotations.push(serde_json::json!({"image": path, "image_id": pair.key, "caption": pair.captions}));
         }
         handle.block_on(out.join(&format!("train-{shard:06}.tar")).write_all(b.into_inner()?))?;
     }

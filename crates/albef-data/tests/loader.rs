@@ -35,6 +35,7 @@ fn options(threads: usize) -> LoaderOptions {
         image_root: String::new(),
         max_words: 30,
         seed: 9,
+        image_ids: false,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::retrieval::{encode_images, encode_texts};
 use crate::split::decode_images;
 use albef_data::pre_caption;
 use albef_data::tokenizer::Tokenizer;
-use albef_model::Albef;
+use albef_model::{Albef, TaskModel};
 use anyhow::{Result, ensure};
 use bytes::Bytes;
 use safetensors::{Dtype, tensor::TensorView};

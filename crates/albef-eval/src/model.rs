@@ -25,7 +25,7 @@ pub struct EvalModel {
 /// order of draws, pretrained encoders imported when configured).
 pub fn untrained(cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
     cfg.validate()?;
-    let (vs, model, _) = Albef::fresh(&cfg.model, cfg.train.seed, device)?;
+    let (vs, model, _) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, device)?;
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: "untrained".into(), step: Some(0) })
 }
 
@@ -75,7 +75,7 @@ pub fn from_checkpoint(dir: &Location, overrides: &[String], device: Device, han
     let label = format!("{}/{MODEL_FILE}", dir.url);
     let tensors = weights::deserialize(file(MODEL_FILE)?, &label)?;
     let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model)?;
+    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
     weights::load_complete(&vs, tensors, &label)?;
     Ok(EvalModel { cfg, vs, model, source: dir.url.clone(), step: Some(manifest.step) })
 }
@@ -85,7 +85,7 @@ pub fn from_safetensors(path: &str, cfg: &AlbefConfig, device: Device, handle: &
     let bytes = handle.block_on(Location::open(path)?.read_all())?;
     let tensors = weights::deserialize(&bytes, path)?;
     let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model)?;
+    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
     weights::load_complete(&vs, tensors, path)?;
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: path.to_string(), step: None })
 }

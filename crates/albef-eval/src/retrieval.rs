@@ -14,7 +14,7 @@
 
 use crate::metrics::{GroundTruth, RetrievalMetrics, ScoreMatrix, retrieval_metrics};
 use crate::split::RetrievalSplit;
-use albef_model::Albef;
+use albef_model::{Albef, TaskModel};
 use albef_model::device::with_autocast;
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};

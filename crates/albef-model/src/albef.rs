@@ -1,11 +1,17 @@
-//! The ALBEF pretraining model: online encoders and heads, momentum copies, feature queues, and
-//! the forward that returns the three pretraining losses (ITC with momentum distillation, ITM
-//! with hard negatives, MLM with distillation), as the README's "What it reproduces" describes.
+//! The ALBEF model of pretraining and of retrieval fine-tuning: online encoders and heads,
+//! momentum copies, feature queues, and the forward that returns the losses: ITC with momentum
+//! distillation, ITM with hard negatives and, for pretraining, MLM with distillation.
+//!
+//! Retrieval (the reference's models/model_retrieval.py) differs in four places: no MLM head;
+//! an image-index queue beside the feature queues, so that every caption of an image is a
+//! positive of ITC (targets = positives / their count); hard negatives never share the image;
+//! the temperature is not clamped.
 
-use crate::bert::{BertForMaskedLm, Mode};
+use crate::bert::{BertModel, MlmHead, Mode};
 use crate::nn::{Init, Linear, Scope, normalize};
+use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
-use albef_config::{ItcNegatives, ModelConfig};
+use albef_config::{ItcNegatives, ModelConfig, TaskKind};
 use anyhow::{Context, Result, ensure};
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
@@ -32,29 +38,16 @@ impl FeatureGather for LocalGather {
     }
 }
 
-/// One batch on the model's device: images (B, 3, H, W) float, token ids and attention mask (B, L).
+/// One batch on the model's device: images (B, 3, H, W) float, token ids and attention mask
+/// (B, L), and for retrieval each row's image index (B) int64.
 pub struct Batch<'a> {
     pub image: &'a Tensor,
     pub input_ids: &'a Tensor,
     pub attention_mask: &'a Tensor,
+    pub image_ids: Option<&'a Tensor>,
 }
 
-/// The momentum half of a micro-batch (no gradient): its image tokens, which the MLM
-/// distillation fuses, and its normalised image and text features.
-pub struct MomentumFeatures {
-    pub image_embeds: Tensor,
-    pub image_feat: Tensor,
-    pub text_feat: Tensor,
-}
-
-/// The momentum features of every micro-batch of a step, of every rank, in virtual-rank order:
-/// what the step puts into the queues (and, with global negatives, its in-step ITC candidates).
-pub struct StepFeatures {
-    pub image: Tensor,
-    pub text: Tensor,
-}
-
-/// ALBEF pretraining needs two pairs or more per micro-batch, and matching shapes.
+/// ALBEF needs two pairs or more per micro-batch, and matching shapes.
 fn check_batch(batch: &Batch) -> Result<()> {
     let bsz = batch.image.size()[0];
     ensure!(
@@ -70,35 +63,37 @@ fn check_batch(batch: &Batch) -> Result<()> {
     Ok(())
 }
 
-/// The losses of one pretraining step; their sum is what the step minimises (1:1:1).
-pub struct Losses {
-    pub ita: Tensor,
-    pub itm: Tensor,
-    pub mlm: Tensor,
-}
-
-impl Losses {
-    pub fn total(&self) -> Tensor {
-        &self.ita + &self.itm + &self.mlm
-    }
-}
-
 /// A module's online and momentum halves: image encoder + projection, or text BERT + projection.
 struct Tower<E> {
     encoder: E,
     proj: Linear,
 }
 
+/// The text tower's encoder: BERT, with the MLM head in pretraining.
+struct TextEncoder {
+    bert: BertModel,
+    mlm: Option<MlmHead>,
+}
+
+impl TextEncoder {
+    fn mlm_logits(&self, hidden: &Tensor) -> Tensor {
+        self.mlm.as_ref().expect("only pretraining computes MLM, and it has the head").logits(&self.bert, hidden)
+    }
+}
+
 pub struct Albef {
     cfg: ModelConfig,
+    task: TaskKind,
     visual: Tower<VisionTransformer>,
-    text: Tower<BertForMaskedLm>,
+    text: Tower<TextEncoder>,
     visual_m: Tower<VisionTransformer>,
-    text_m: Tower<BertForMaskedLm>,
+    text_m: Tower<TextEncoder>,
     itm_head: Linear,
     temp: Tensor,
     image_queue: Tensor,
     text_queue: Tensor,
+    /// The image index of each queued pair (retrieval; -100 where none was queued yet).
+    idx_queue: Option<Tensor>,
     queue_ptr: Tensor,
     /// `queue_ptr` on the host, so that an enqueue never waits for the device to read it.
     host_queue_ptr: std::cell::Cell<i64>,
@@ -115,19 +110,23 @@ pub struct Draws {
     /// (rows of the micro-batch).
     pub image_negatives: Tensor,
     pub text_negatives: Tensor,
-    /// The text after masking, and the MLM labels (-100 where no token was chosen).
-    pub masked_ids: Tensor,
-    pub mlm_labels: Tensor,
+    /// Pretraining: the text after masking, and the MLM labels (-100 where no token was chosen).
+    pub mlm: Option<(Tensor, Tensor)>,
 }
 
 /// Prefixes of the online modules that have momentum copies (`<prefix>_m`).
 pub const MOMENTUM_MODULES: [&str; 4] = ["visual_encoder", "vision_proj", "text_encoder", "text_proj"];
 
 impl Albef {
-    /// Builds the model in `vs` with the reference state-dict names, momentum copies equal to the
-    /// online weights, and random unit-norm queues.
-    pub fn new(vs: &nn::VarStore, cfg: &ModelConfig) -> Result<Self> {
+    /// Builds the model of `task` (pretrain or retrieval) in `vs` with the reference state-dict
+    /// names (the text encoder as BertForMaskedLM's, `text_encoder.bert.*`, for both), momentum
+    /// copies equal to the online weights, and random unit-norm queues.
+    pub fn new(vs: &nn::VarStore, cfg: &ModelConfig, task: TaskKind) -> Result<Self> {
         cfg.validate()?;
+        let mlm = match task {
+            TaskKind::Pretrain => true,
+            TaskKind::Retrieval => false,
+        };
         let root = vs.root();
         let online = Scope::new(root.clone(), true);
         let frozen = Scope::new(root.clone(), false);
@@ -136,9 +135,15 @@ impl Albef {
             encoder: VisionTransformer::new(&s.sub(format!("visual_encoder{suffix}")), v, cfg.image_res),
             proj: Linear::torch_default(&s.sub(format!("vision_proj{suffix}")), v.vision_width, e),
         };
-        let text = |s: &Scope, suffix: &str| Tower {
-            encoder: BertForMaskedLm::new(&s.sub(format!("text_encoder{suffix}")), b),
-            proj: Linear::torch_default(&s.sub(format!("text_proj{suffix}")), b.hidden_size, e),
+        let text = |s: &Scope, suffix: &str| {
+            let encoder = s.sub(format!("text_encoder{suffix}"));
+            Tower {
+                encoder: TextEncoder {
+                    bert: BertModel::new(&encoder.sub("bert"), b),
+                    mlm: mlm.then(|| MlmHead::new(&encoder, b)),
+                },
+                proj: Linear::torch_default(&s.sub(format!("text_proj{suffix}")), b.hidden_size, e),
+            }
         };
         let (visual_on, text_on) = (visual(&online, ""), text(&online, ""));
         let itm_head = Linear::torch_default(&online.sub("itm_head"), b.hidden_size, 2);
@@ -151,6 +156,8 @@ impl Albef {
         };
         let image_queue = queue("image_queue");
         let text_queue = queue("text_queue");
+        let idx_queue = (task == TaskKind::Retrieval)
+            .then(|| frozen.buffer("idx_queue", Tensor::full([1, cfg.queue_size], -100, (Kind::Int64, vs.device()))));
         let queue_ptr = frozen.buffer("queue_ptr", Tensor::zeros([1], (Kind::Int64, vs.device())));
 
         let vars = vs.variables();
@@ -162,6 +169,7 @@ impl Albef {
         }
         let model = Albef {
             cfg: cfg.clone(),
+            task,
             visual: visual_on,
             text: text_on,
             visual_m,
@@ -170,6 +178,7 @@ impl Albef {
             temp,
             image_queue,
             text_queue,
+            idx_queue,
             queue_ptr,
             host_queue_ptr: std::cell::Cell::new(0),
             momentum_pairs,
@@ -179,30 +188,16 @@ impl Albef {
         Ok(model)
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    pub fn device(&self) -> Device {
-        self.temp.device()
+    pub fn task(&self) -> TaskKind {
+        self.task
     }
 
     pub fn temp(&self) -> f64 {
         self.temp.double_value(&[])
     }
 
-    /// The temperature as a tensor on the device (read without waiting for it).
-    pub fn temp_tensor(&self) -> Tensor {
-        self.temp.detach()
-    }
-
     pub fn queue_ptr(&self) -> i64 {
         self.host_queue_ptr.get()
-    }
-
-    /// Re-reads `queue_ptr` from the variable store after its tensors were loaded.
-    pub fn reload_queue_ptr(&self) {
-        self.host_queue_ptr.set(self.queue_ptr.int64_value(&[0]));
     }
 
     pub fn image_queue(&self) -> &Tensor {
@@ -211,6 +206,10 @@ impl Albef {
 
     pub fn text_queue(&self) -> &Tensor {
         &self.text_queue
+    }
+
+    pub fn idx_queue(&self) -> Option<&Tensor> {
+        self.idx_queue.as_ref()
     }
 
     /// Sets every momentum parameter to its online value (after construction or a weight import).
@@ -228,12 +227,13 @@ impl Albef {
     /// then the whole model of `init_checkpoint`.
     pub fn fresh(
         cfg: &ModelConfig,
+        task: TaskKind,
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, Albef, Vec<crate::weights::LoadReport>)> {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
-        let model = Albef::new(&vs, cfg)?;
+        let model = Albef::new(&vs, cfg, task)?;
         let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
         let (bert, vit) = (path(&cfg.text_encoder_checkpoint), path(&cfg.visual_encoder_checkpoint));
         let mut reports = model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
@@ -258,7 +258,7 @@ impl Albef {
             report.momentum_from_online = true;
             report.missing.retain(|n| online_name_of(n).is_none());
         }
-        self.reload_queue_ptr();
+        self.reload_buffers();
         Ok(report)
     }
 
@@ -281,17 +281,6 @@ impl Albef {
         }
         self.copy_params_to_momentum();
         Ok(reports)
-    }
-
-    /// p_m = m * p_m + (1 - m) * p for every momentum parameter.
-    pub fn momentum_update(&self) {
-        let m = self.cfg.momentum;
-        tch::no_grad(|| {
-            for (p, p_m) in &self.momentum_pairs {
-                let mut p_m = p_m.shallow_clone();
-                let _ = p_m.g_mul_scalar_(m).g_add_(&(p * (1.0 - m)));
-            }
-        });
     }
 
     /// Online image encoder and projection: (tokens, normalised features).
@@ -320,84 +309,25 @@ impl Albef {
         self.text.encoder.mlm_logits(&h)
     }
 
-    /// One pretraining forward (in training mode) of a step of one micro-batch. `alpha` weighs
-    /// the momentum distillation; `gather` brings every rank's momentum features for the queues
-    /// (and, with `itc_negatives: global`, for this step's ITC). Updates temp's clamp, the
+    /// One forward (in training mode) of a step of one micro-batch, in one process. `alpha`
+    /// weighs the momentum distillation; `gather` brings every rank's momentum features for the
+    /// queues (and, with `itc_negatives: global`, for this step's ITC). Updates temp's clamp, the
     /// momentum weights and the queues as side effects, like the reference.
-    pub fn forward_pretrain(&self, batch: &Batch, alpha: f64, gather: &dyn FeatureGather) -> Result<Losses> {
-        check_batch(batch)?;
+    pub fn forward_step(&self, batch: &Batch, alpha: f64, gather: &dyn FeatureGather) -> Result<Losses> {
         self.begin_step();
         self.momentum_update();
         let m = self.momentum_features(batch);
-        let (image, text) = (gather.all_gather(&m.image_feat)?, gather.all_gather(&m.text_feat)?);
-        let step = StepFeatures { image: image.all, text: text.all };
-        let losses = self.micro_losses(batch, &m, &step, image.offset, alpha)?;
+        let mut queued = vec![];
+        let mut offset = 0;
+        for t in &m.queued {
+            let gathered = gather.all_gather(t)?;
+            offset = gathered.offset;
+            queued.push(gathered.all);
+        }
+        let step = StepFeatures { queued };
+        let losses = self.micro_losses(batch, &m, &step, offset, alpha)?;
         self.end_step(&step);
         Ok(losses)
-    }
-
-    /// Starts a step, whatever the number of its micro-batches: temp's clamp. (The reference
-    /// also runs the EMA of the momentum weights here: `forward_pretrain` and the trainer call
-    /// [`Albef::momentum_update`] right after, once per step.)
-    pub fn begin_step(&self) {
-        tch::no_grad(|| {
-            let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
-        });
-    }
-
-    /// The momentum encoders on a micro-batch (no gradient): what its losses and the queues need.
-    pub fn momentum_features(&self, batch: &Batch) -> MomentumFeatures {
-        tch::no_grad(|| {
-            let image_embeds = self.visual_m.encoder.forward(batch.image);
-            let image_feat = normalize(&self.visual_m.proj.forward(&image_embeds.select(1, 0)));
-            let text = self.text_m.encoder.bert.forward(Mode::Text, batch.input_ids, batch.attention_mask, None, true);
-            let text_feat = normalize(&self.text_m.proj.forward(&text.select(1, 0)));
-            MomentumFeatures { image_embeds, image_feat, text_feat }
-        })
-    }
-
-    /// The online forward and the three losses of a micro-batch whose momentum half is `m`,
-    /// against the queues as they were before the step. `step` holds the momentum features of
-    /// every micro-batch of the step (with `itc_negatives: global` its in-step candidates), this
-    /// one's from row `offset` on.
-    pub fn micro_losses(
-        &self,
-        batch: &Batch,
-        m: &MomentumFeatures,
-        step: &StepFeatures,
-        offset: i64,
-        alpha: f64,
-    ) -> Result<Losses> {
-        check_batch(batch)?;
-        let (ids, mask) = (batch.input_ids, batch.attention_mask);
-        let (image_embeds, image_feat) = self.encode_image(batch.image);
-        let (text_embeds, text_feat) = self.encode_text(ids, mask, true);
-        // ITC candidates and targets: no gradient anywhere in here.
-        let (image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset) = tch::no_grad(|| {
-            let (image_cur, text_cur, offset) = match self.cfg.itc_negatives {
-                ItcNegatives::Local => (&m.image_feat, &m.text_feat, 0),
-                ItcNegatives::Global => (&step.image, &step.text, offset),
-            };
-            // Copies of the queues, not views: the backward needs them as they are now, and the
-            // step's enqueue writes them in place.
-            let image_feat_all = Tensor::cat(&[image_cur.tr(), self.image_queue.shallow_clone()], 1);
-            let text_feat_all = Tensor::cat(&[text_cur.tr(), self.text_queue.shallow_clone()], 1);
-            let temp = self.temp.detach();
-            let targets_i2t = itc_targets(&(m.image_feat.matmul(&text_feat_all) / &temp), offset, alpha);
-            let targets_t2i = itc_targets(&(m.text_feat.matmul(&image_feat_all) / &temp), offset, alpha);
-            (image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset)
-        });
-        let sim_i2t = image_feat.matmul(&text_feat_all) / &self.temp;
-        let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
-        let ita = (soft_cross_entropy(&sim_i2t, &targets_i2t) + soft_cross_entropy(&sim_t2i, &targets_t2i)) / 2.0;
-
-        let (itm, image_negatives, text_negatives) =
-            self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset);
-        let (mlm, masked_ids, mlm_labels) = self.mlm_loss(ids, mask, &image_embeds, &m.image_embeds, alpha);
-        if let Some(log) = self.recorded.borrow_mut().as_mut() {
-            log.push(Draws { image_negatives, text_negatives, masked_ids, mlm_labels });
-        }
-        Ok(Losses { ita, itm, mlm })
     }
 
     /// Records the draws of every micro-batch from now on.
@@ -410,24 +340,19 @@ impl Albef {
         self.recorded.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    /// Ends a step that is applied: the momentum features of all its micro-batches (every rank's,
-    /// in virtual-rank order) go into the queues, once.
-    pub fn end_step(&self, step: &StepFeatures) {
-        self.enqueue(&step.image, &step.text);
-    }
-
-    /// Writes (N, D) features of every rank at queue_ptr, wrapping around any queue size, and
-    /// advances queue_ptr by N. With N > queue_size only the last queue_size rows survive, as if
-    /// written one after another.
-    pub fn enqueue(&self, image_feat: &Tensor, text_feat: &Tensor) {
+    /// Writes (N, width) rows of every rank into the queues (image, text[, image index]) at
+    /// queue_ptr, wrapping around any queue size, and advances queue_ptr by N. With
+    /// N > queue_size only the last queue_size rows survive, as if written one after another.
+    pub fn enqueue(&self, rows: &[Tensor]) {
         tch::no_grad(|| {
             let q = self.cfg.queue_size;
-            let n = image_feat.size()[0];
+            let n = rows[0].size()[0];
             let ptr = self.queue_ptr();
             let keep = n.min(q);
             let start = ptr + (n - keep);
             let columns = Tensor::arange_start(start, start + keep, (Kind::Int64, self.device())).remainder(q);
-            for (queue, feat) in [(&self.image_queue, image_feat), (&self.text_queue, text_feat)] {
+            let queues = [Some(&self.image_queue), Some(&self.text_queue), self.idx_queue.as_ref()];
+            for (queue, feat) in queues.into_iter().flatten().zip(rows) {
                 let block = feat.narrow(0, n - keep, keep).tr().to_kind(queue.kind());
                 let _ = queue.shallow_clone().index_copy_(1, &columns, &block);
             }
@@ -436,9 +361,32 @@ impl Albef {
         })
     }
 
+    /// ITC targets and which pairs share an image. Positives: in pretraining each pair is its
+    /// own (the column `offset + i` of row i); in retrieval every candidate with the row's image
+    /// index, in the step and in the queue, each weighing 1 / their count. `current` holds the
+    /// step's queued rows that are ITC candidates. Also the (B, B) mask of the micro-batch's
+    /// pairs that share an image (the diagonal in pretraining), which hard negatives avoid.
+    fn positives(&self, batch: &Batch, current: &[Tensor], offset: i64) -> Result<(Tensor, Tensor)> {
+        let rows = batch.image.size()[0];
+        let columns = current[0].size()[0] + self.cfg.queue_size;
+        let dev = self.device();
+        match (&self.idx_queue, batch.image_ids) {
+            (None, _) => Ok((diagonal_positives(rows, columns, offset, dev), Tensor::eye(rows, (Kind::Bool, dev)))),
+            (Some(queue), Some(ids)) => {
+                let ids = ids.view([-1, 1]);
+                let candidates = Tensor::cat(&[current[2].to_kind(Kind::Int64).tr(), queue.shallow_clone()], 1);
+                let same = ids.eq_tensor(&candidates).to_kind(Kind::Float);
+                let targets = &same / same.sum_dim_intlist(1, true, Kind::Float);
+                Ok((targets, ids.eq_tensor(&ids.tr())))
+            }
+            (Some(_), None) => anyhow::bail!("retrieval needs each row's image index (an image_id per sample)"),
+        }
+    }
+
     /// ITM over B positive pairs and 2B hard negatives drawn from the local block of the
-    /// similarities, with the positive set to -inf before the softmax; also the negatives drawn
-    /// (images for the texts, texts for the images).
+    /// similarities, pairs that share an image (`same`) set to -inf before the softmax; also the
+    /// negatives drawn (images for the texts, texts for the images).
+    #[allow(clippy::too_many_arguments)]
     fn itm_loss(
         &self,
         image_embeds: &Tensor,
@@ -447,13 +395,14 @@ impl Albef {
         sim_i2t: &Tensor,
         sim_t2i: &Tensor,
         offset: i64,
+        same: &Tensor,
     ) -> (Tensor, Tensor, Tensor) {
         let bsz = image_embeds.size()[0];
         let dev = self.device();
         let output_pos = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), true);
         let (neg_image_idx, neg_text_idx) = tch::no_grad(|| {
             // For each text a negative image; for each image a negative text.
-            let draw = |sim: &Tensor| hard_negative_weights(sim, offset).multinomial(1, false).squeeze_dim(1);
+            let draw = |sim: &Tensor| hard_negative_weights(sim, offset, same).multinomial(1, false).squeeze_dim(1);
             (draw(sim_t2i), draw(sim_i2t))
         });
         let image_embeds_neg = image_embeds.index_select(0, &neg_image_idx);
@@ -490,13 +439,133 @@ impl Albef {
     }
 }
 
-/// ITC targets: `alpha * softmax(sim_m) + (1 - alpha) * onehot`, the positive of row i at
-/// column `offset + i`.
-pub fn itc_targets(sim_m: &Tensor, offset: i64, alpha: f64) -> Tensor {
-    let (rows, columns) = sim_m.size2().expect("similarities are (B, N)");
-    let positives = Tensor::arange_start(offset, offset + rows, (Kind::Int64, sim_m.device()));
-    let onehot = positives.one_hot(columns).to_kind(Kind::Float);
-    sim_m.softmax(1, Kind::Float) * alpha + onehot * (1.0 - alpha)
+impl TaskModel for Albef {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn device(&self) -> Device {
+        self.temp.device()
+    }
+
+    /// Pretraining clamps the temperature to [0.001, 0.5]; the reference's retrieval model does
+    /// not. (The reference also runs the EMA of the momentum weights here: the trainer calls
+    /// [`TaskModel::momentum_update`] right after, once per step.)
+    fn begin_step(&self) {
+        if self.task == TaskKind::Pretrain {
+            tch::no_grad(|| {
+                let _ = self.temp.shallow_clone().clamp_(0.001, 0.5);
+            });
+        }
+    }
+
+    /// p_m = m * p_m + (1 - m) * p for every momentum parameter.
+    fn momentum_update(&self) {
+        let m = self.cfg.momentum;
+        tch::no_grad(|| {
+            for (p, p_m) in &self.momentum_pairs {
+                let mut p_m = p_m.shallow_clone();
+                let _ = p_m.g_mul_scalar_(m).g_add_(&(p * (1.0 - m)));
+            }
+        });
+    }
+
+    /// Queued: the normalised image and text features (and the image indexes in retrieval);
+    /// local: the image tokens, which the MLM distillation fuses (pretraining).
+    fn momentum_features(&self, batch: &Batch) -> MomentumFeatures {
+        tch::no_grad(|| {
+            let image_embeds = self.visual_m.encoder.forward(batch.image);
+            let image_feat = normalize(&self.visual_m.proj.forward(&image_embeds.select(1, 0)));
+            let text = self.text_m.encoder.bert.forward(Mode::Text, batch.input_ids, batch.attention_mask, None, true);
+            let text_feat = normalize(&self.text_m.proj.forward(&text.select(1, 0)));
+            let mut queued = vec![image_feat, text_feat];
+            if self.idx_queue.is_some()
+                && let Some(ids) = batch.image_ids
+            {
+                queued.push(ids.view([-1, 1]));
+            }
+            let local = if self.task == TaskKind::Pretrain { vec![image_embeds] } else { vec![] };
+            MomentumFeatures { queued, local }
+        })
+    }
+
+    /// ITC against the queues as they were before the step (with `itc_negatives: global` the
+    /// step's other micro-batches are candidates too), ITM with hard negatives and, in
+    /// pretraining, MLM.
+    fn micro_losses(
+        &self,
+        batch: &Batch,
+        m: &MomentumFeatures,
+        step: &StepFeatures,
+        offset: i64,
+        alpha: f64,
+    ) -> Result<Losses> {
+        check_batch(batch)?;
+        let (ids, mask) = (batch.input_ids, batch.attention_mask);
+        let (image_embeds, image_feat) = self.encode_image(batch.image);
+        let (text_embeds, text_feat) = self.encode_text(ids, mask, true);
+        let (image_m, text_m) = (&m.queued[0], &m.queued[1]);
+        // ITC candidates and targets: no gradient anywhere in here.
+        let (image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset, same) = tch::no_grad(|| {
+            let (current, offset) = match self.cfg.itc_negatives {
+                ItcNegatives::Local => (&m.queued, 0),
+                ItcNegatives::Global => (&step.queued, offset),
+            };
+            // Copies of the queues, not views: the backward needs them as they are now, and the
+            // step's enqueue writes them in place.
+            let image_feat_all = Tensor::cat(&[current[0].tr(), self.image_queue.shallow_clone()], 1);
+            let text_feat_all = Tensor::cat(&[current[1].tr(), self.text_queue.shallow_clone()], 1);
+            let (positives, same) = self.positives(batch, current, offset)?;
+            let temp = self.temp.detach();
+            let targets_i2t = distill_targets(&(image_m.matmul(&text_feat_all) / &temp), &positives, alpha);
+            let targets_t2i = distill_targets(&(text_m.matmul(&image_feat_all) / &temp), &positives, alpha);
+            Ok::<_, anyhow::Error>((image_feat_all, text_feat_all, targets_i2t, targets_t2i, offset, same))
+        })?;
+        let sim_i2t = image_feat.matmul(&text_feat_all) / &self.temp;
+        let sim_t2i = text_feat.matmul(&image_feat_all) / &self.temp;
+        let ita = (soft_cross_entropy(&sim_i2t, &targets_i2t) + soft_cross_entropy(&sim_t2i, &targets_t2i)) / 2.0;
+
+        let (itm, image_negatives, text_negatives) =
+            self.itm_loss(&image_embeds, &text_embeds, mask, &sim_i2t, &sim_t2i, offset, &same);
+        let mut losses = vec![("ita", ita), ("itm", itm)];
+        let mut mlm_draws = None;
+        if self.task == TaskKind::Pretrain {
+            let (mlm, masked_ids, mlm_labels) = self.mlm_loss(ids, mask, &image_embeds, &m.local[0], alpha);
+            losses.push(("mlm", mlm));
+            mlm_draws = Some((masked_ids, mlm_labels));
+        }
+        if let Some(log) = self.recorded.borrow_mut().as_mut() {
+            log.push(Draws { image_negatives, text_negatives, mlm: mlm_draws });
+        }
+        Ok(Losses(losses))
+    }
+
+    fn end_step(&self, step: &StepFeatures) {
+        self.enqueue(&step.queued);
+    }
+
+    /// Re-reads `queue_ptr` from the variable store.
+    fn reload_buffers(&self) {
+        self.host_queue_ptr.set(self.queue_ptr.int64_value(&[0]));
+    }
+
+    fn temp_tensor(&self) -> Option<Tensor> {
+        Some(self.temp.detach())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// ITC targets with momentum distillation: `alpha * softmax(sim_m) + (1 - alpha) * positives`.
+pub fn distill_targets(sim_m: &Tensor, positives: &Tensor, alpha: f64) -> Tensor {
+    sim_m.softmax(1, Kind::Float) * alpha + positives * (1.0 - alpha)
+}
+
+/// Pretraining's ITC positives: row i's at column `offset + i` of `columns`.
+pub fn diagonal_positives(rows: i64, columns: i64, offset: i64, device: Device) -> Tensor {
+    Tensor::arange_start(offset, offset + rows, (Kind::Int64, device)).one_hot(columns).to_kind(Kind::Float)
 }
 
 /// Mean over rows of `-sum(log_softmax(sim) * targets)`.
@@ -505,17 +574,19 @@ pub fn soft_cross_entropy(sim: &Tensor, targets: &Tensor) -> Tensor {
 }
 
 /// Hard-negative sampling weights from the local (B, B) block of the similarities at columns
-/// `offset..offset+B`: softmax with the positive set to -inf first (LAVIS), so the positive is
-/// never drawn and a collapsed temperature cannot produce an all-zero row.
-pub fn hard_negative_weights(sim: &Tensor, offset: i64) -> Tensor {
+/// `offset..offset+B`: softmax with the pairs that share an image (`same`: the diagonal, or in
+/// retrieval every pair of one image) set to -inf first (LAVIS; the reference zeroes them after
+/// the softmax, the same draw), so a positive is never drawn and a collapsed temperature cannot
+/// produce an all-zero row. Every row needs a pair of another image (a trainable batch).
+pub fn hard_negative_weights(sim: &Tensor, offset: i64, same: &Tensor) -> Tensor {
     let bsz = sim.size()[0];
-    let eye = Tensor::eye(bsz, (Kind::Bool, sim.device()));
     let weights =
-        sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(&eye, f64::NEG_INFINITY).softmax(1, Kind::Float);
+        sim.narrow(1, offset, bsz).to_kind(Kind::Float).masked_fill(same, f64::NEG_INFINITY).softmax(1, Kind::Float);
     // A non-finite similarity (a poisoned batch) must not crash the draw: such rows weigh the
-    // other samples uniformly, and the caller skips the step for its non-finite loss.
+    // pairs of other images uniformly, and the caller skips the step for its non-finite loss.
     let finite = weights.isfinite().all_dim(1, true);
-    let uniform = eye.logical_not().to_kind(Kind::Float) / (bsz - 1).max(1) as f64;
+    let others = same.logical_not().to_kind(Kind::Float);
+    let uniform = &others / others.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
     weights.where_self(&finite, &uniform)
 }
 

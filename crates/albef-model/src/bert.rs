@@ -4,7 +4,7 @@
 
 use crate::nn::{Embedding, Init, LayerNorm, Linear, Scope, attention, dropout};
 use albef_config::BertConfig;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Self- or cross-attention with its output projection, residual and post-LN (`BertAttention`).
 #[derive(Debug)]
@@ -168,21 +168,19 @@ impl BertModel {
     }
 }
 
-/// BERT with the masked-language-model head whose decoder is tied to the word embeddings.
+/// BERT's masked-language-model head, its decoder tied to the word embeddings.
 #[derive(Debug)]
-pub struct BertForMaskedLm {
-    pub bert: BertModel,
+pub struct MlmHead {
     transform: Linear,
     transform_norm: LayerNorm,
     decoder_bias: Tensor,
 }
 
-impl BertForMaskedLm {
-    /// Parameters under `s`: bert.*, cls.predictions.{transform.dense, transform.LayerNorm, bias}.
+impl MlmHead {
+    /// Parameters under `s`: cls.predictions.{transform.dense, transform.LayerNorm, bias}.
     pub fn new(s: &Scope, c: &BertConfig) -> Self {
         let p = s.sub("cls").sub("predictions");
-        BertForMaskedLm {
-            bert: BertModel::new(&s.sub("bert"), c),
+        MlmHead {
             transform: Linear::new(
                 &p.sub("transform").sub("dense"),
                 c.hidden_size,
@@ -194,13 +192,28 @@ impl BertForMaskedLm {
         }
     }
 
-    /// Vocabulary logits (B, L, V) for hidden states (B, L, H).
-    pub fn mlm_logits(&self, hidden: &Tensor) -> Tensor {
+    /// Vocabulary logits (B, L, V) for hidden states (B, L, H) of `bert`.
+    pub fn logits(&self, bert: &BertModel, hidden: &Tensor) -> Tensor {
         let h = self.transform_norm.forward(&self.transform.forward(hidden).gelu("none"));
-        h.linear(self.bert.word_embeddings(), Some(&self.decoder_bias))
+        h.linear(bert.word_embeddings(), Some(&self.decoder_bias))
+    }
+}
+
+/// BERT with the masked-language-model head.
+#[derive(Debug)]
+pub struct BertForMaskedLm {
+    pub bert: BertModel,
+    head: MlmHead,
+}
+
+impl BertForMaskedLm {
+    /// Parameters under `s`: bert.*, cls.predictions.*.
+    pub fn new(s: &Scope, c: &BertConfig) -> Self {
+        BertForMaskedLm { bert: BertModel::new(&s.sub("bert"), c), head: MlmHead::new(s, c) }
     }
 
-    pub fn device(&self) -> Device {
-        self.decoder_bias.device()
+    /// Vocabulary logits (B, L, V) for hidden states (B, L, H).
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Tensor {
+        self.head.logits(&self.bert, hidden)
     }
 }

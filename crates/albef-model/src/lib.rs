@@ -28,8 +28,10 @@ pub mod device;
 pub mod flops;
 pub mod nn;
 pub mod pth;
+pub mod task_model;
 pub mod vit;
 pub mod weights;
 
-pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather, Losses, MomentumFeatures, StepFeatures};
+pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather};
 pub use albef_config::ModelConfig;
+pub use task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};

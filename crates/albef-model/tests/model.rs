@@ -2,14 +2,15 @@
 
 mod common;
 
-use albef_config::{ItcNegatives, ModelConfig};
+use albef_config::{ItcNegatives, ModelConfig, TaskKind};
 use albef_model::albef::{
-    hard_negative_weights, itc_targets, mask_tokens, mlm_distill_loss, online_name_of, soft_cross_entropy,
+    diagonal_positives, distill_targets, hard_negative_weights, mask_tokens, mlm_distill_loss, online_name_of,
+    soft_cross_entropy,
 };
 use albef_model::bert::BertForMaskedLm;
 use albef_model::nn::Scope;
 use albef_model::vit::VisionTransformer;
-use albef_model::{Albef, Batch, LocalGather};
+use albef_model::{Albef, Batch, LocalGather, TaskModel};
 use common::tiny;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -65,7 +66,7 @@ fn base_parameter_counts_match_the_published_model() {
 fn state_dict_names_follow_the_reference_checkpoint() {
     let _rng = serial();
     let vs = nn::VarStore::new(Device::Cpu);
-    let _m = Albef::new(&vs, &tiny()).unwrap();
+    let _m = Albef::new(&vs, &tiny(), TaskKind::Pretrain).unwrap();
     let names = albef_model::weights::state_dict(&vs);
     for expected in [
         "visual_encoder.patch_embed.proj.weight",
@@ -101,7 +102,7 @@ fn momentum_copies_start_equal_and_follow_the_ema() {
     let _rng = serial();
     let cfg = tiny();
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let vars = vs.variables();
     let pairs: Vec<_> = vars.keys().filter_map(|n| online_name_of(n).map(|o| (o, n.clone()))).collect();
     assert!(pairs.len() > 50);
@@ -124,11 +125,11 @@ fn queue_pointer_wraps_around_any_size() {
     let _rng = serial();
     let cfg = tiny(); // queue of 6
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let feats = |v: f64| Tensor::full([4, cfg.embed_dim], v, (Kind::Float, Device::Cpu));
-    model.enqueue(&feats(1.0), &feats(-1.0));
+    model.enqueue(&[feats(1.0), feats(-1.0)]);
     assert_eq!(model.queue_ptr(), 4);
-    model.enqueue(&feats(2.0), &feats(-2.0));
+    model.enqueue(&[feats(2.0), feats(-2.0)]);
     assert_eq!(model.queue_ptr(), 2);
     let row: Vec<f64> = Vec::<f64>::try_from(model.image_queue().get(0)).unwrap();
     assert_eq!(row, vec![2.0, 2.0, 1.0, 1.0, 2.0, 2.0]);
@@ -138,7 +139,7 @@ fn queue_pointer_wraps_around_any_size() {
     // survive at columns 4, 5, 0, 1, 2, 3.
     let many =
         Tensor::arange(8, (Kind::Float, Device::Cpu)).unsqueeze(1).expand([8, cfg.embed_dim], false).contiguous();
-    model.enqueue(&many, &many);
+    model.enqueue(&[many.shallow_clone(), many]);
     assert_eq!(model.queue_ptr(), 4);
     let row: Vec<f64> = Vec::<f64>::try_from(model.image_queue().get(0)).unwrap();
     assert_eq!(row, vec![4.0, 5.0, 6.0, 7.0, 2.0, 3.0]);
@@ -154,7 +155,8 @@ fn itc_loss_matches_a_direct_computation() {
     let sim = Tensor::randn([3, 7], (Kind::Float, Device::Cpu)) * 3.0;
     let sim_m = Tensor::randn([3, 7], (Kind::Float, Device::Cpu)) * 3.0;
     let (alpha, offset) = (0.4, 2);
-    let loss = soft_cross_entropy(&sim, &itc_targets(&sim_m, offset, alpha)).double_value(&[]);
+    let positives = diagonal_positives(3, 7, offset, Device::Cpu);
+    let loss = soft_cross_entropy(&sim, &distill_targets(&sim_m, &positives, alpha)).double_value(&[]);
     let (s, sm) = (to_vec2(&sim), to_vec2(&sim_m));
     let softmax = |row: &[f64]| {
         let max = row.iter().cloned().fold(f64::MIN, f64::max);
@@ -180,7 +182,8 @@ fn hard_negatives_never_pick_the_positive_even_when_temp_collapses() {
     let sim =
         (Tensor::eye(4, (Kind::Float, Device::Cpu)) * 5.0 + Tensor::rand([4, 4], (Kind::Float, Device::Cpu))) / 0.001;
     let padded = Tensor::cat(&[Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)), sim.shallow_clone()], 1);
-    let w = hard_negative_weights(&padded, 3);
+    let eye = Tensor::eye(4, (Kind::Bool, Device::Cpu));
+    let w = hard_negative_weights(&padded, 3, &eye);
     assert_eq!(w.isfinite().all().int64_value(&[]), 1, "weights must stay finite");
     assert_eq!(w.diagonal(0, 0, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);
     let draws = w.multinomial(2000, true);
@@ -189,11 +192,23 @@ fn hard_negatives_never_pick_the_positive_even_when_temp_collapses() {
 
     // A poisoned row (NaN similarities) weighs the other samples uniformly instead of crashing.
     let _ = sim.get(2).fill_(f64::NAN);
-    let w = hard_negative_weights(&sim, 0);
+    let w = hard_negative_weights(&sim, 0, &eye);
     assert_eq!(w.isfinite().all().int64_value(&[]), 1);
     let expected = Tensor::from_slice(&[1.0f32 / 3.0, 1.0 / 3.0, 0.0, 1.0 / 3.0]);
     assert!(w.get(2).allclose(&expected, 1e-6, 1e-6, false), "{}", w.get(2));
     assert!(w.multinomial(1, false).size() == [4, 1]);
+
+    // Retrieval: rows 0, 1 and 3 show one image; none of them may be drawn for another, even
+    // where they are the most similar, and a poisoned row falls back to the other image only.
+    let ids = Tensor::from_slice(&[7i64, 7, 9, 7]).view([-1, 1]);
+    let same = ids.eq_tensor(&ids.tr());
+    let sim = Tensor::from_slice(&[9.0f32, 8.0, 1.0, 8.0]).view([1, 4]).expand([4, 4], false) / 0.001;
+    let w = hard_negative_weights(&sim, 0, &same);
+    let drawn_same = (&w * same.to_kind(Kind::Float)).sum(Kind::Float).double_value(&[]);
+    assert!(drawn_same == 0.0, "a pair of the same image may be drawn: {w}");
+    let _ = sim.get(1).fill_(f64::NAN);
+    let w = hard_negative_weights(&sim, 0, &same);
+    assert!(w.get(1).allclose(&Tensor::from_slice(&[0.0f32, 0.0, 1.0, 0.0]), 1e-6, 1e-6, false), "{}", w.get(1));
 }
 
 #[test]
@@ -256,12 +271,16 @@ fn gradients_reach_online_parameters_and_temp_but_not_momentum_or_queues() {
     let _rng = serial();
     let cfg = tiny();
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let (image, ids, mask) = inputs(&cfg, 4);
     let losses = model
-        .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather)
+        .forward_step(
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            0.4,
+            &LocalGather,
+        )
         .unwrap();
-    for (name, l) in [("ita", &losses.ita), ("itm", &losses.itm), ("mlm", &losses.mlm)] {
+    for (name, l) in &losses.0 {
         let v = l.double_value(&[]);
         assert!(v.is_finite() && v > 0.0, "loss_{name} = {v}");
     }
@@ -289,11 +308,15 @@ fn a_batch_of_one_is_a_clear_error() {
     let _rng = serial();
     let cfg = tiny();
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let (image, ids, mask) = inputs(&cfg, 2);
     let (image, ids, mask) = (image.narrow(0, 0, 1), ids.narrow(0, 0, 1), mask.narrow(0, 0, 1));
     let err = model
-        .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather)
+        .forward_step(
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            0.4,
+            &LocalGather,
+        )
         .err()
         .expect("a batch of 1 must fail");
     assert!(err.to_string().contains("at least 2"), "{err}");
@@ -307,13 +330,21 @@ fn global_negatives_in_one_process_equal_local_ones() {
         cfg.itc_negatives = negatives;
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Albef::new(&vs, &cfg).unwrap();
+        let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
         let (image, ids, mask) = inputs(&cfg, 3);
         tch::manual_seed(6);
         let l = model
-            .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, 0.4, &LocalGather)
+            .forward_step(
+                &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+                0.4,
+                &LocalGather,
+            )
             .unwrap();
-        (l.ita.double_value(&[]), l.itm.double_value(&[]), l.mlm.double_value(&[]))
+        (
+            l.get("ita").unwrap().double_value(&[]),
+            l.get("itm").unwrap().double_value(&[]),
+            l.get("mlm").unwrap().double_value(&[]),
+        )
     };
     assert_eq!(run(ItcNegatives::Local), run(ItcNegatives::Local));
     assert_eq!(run(ItcNegatives::Local), run(ItcNegatives::Global));

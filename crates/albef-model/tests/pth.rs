@@ -3,7 +3,7 @@
 //! that would run code is refused without running it; files that are not checkpoints are clear
 //! errors naming the file; `.pth` files written here load in PyTorch.
 
-use albef_config::{AlbefConfig, Preset};
+use albef_config::{AlbefConfig, Preset, TaskKind};
 use albef_model::albef::online_name_of;
 use albef_model::{Albef, pth, weights};
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ fn python(args: &[&std::ffi::OsStr]) -> String {
 fn new_model() -> (albef_config::ModelConfig, nn::VarStore, Albef) {
     let cfg = AlbefConfig::defaults(Preset::AlbefSmall).model;
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     (cfg, vs, model)
 }
 

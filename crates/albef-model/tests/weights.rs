@@ -2,6 +2,7 @@
 
 mod common;
 
+use albef_config::TaskKind;
 use albef_model::Albef;
 use albef_model::bert::BertForMaskedLm;
 use albef_model::nn::Scope;
@@ -21,11 +22,9 @@ fn full_state_round_trips_with_reference_aliases() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("albef.safetensors");
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
-    model.enqueue(
-        &Tensor::ones([3, cfg.embed_dim], (Kind::Float, Device::Cpu)),
-        &Tensor::ones([3, cfg.embed_dim], (Kind::Float, Device::Cpu)),
-    );
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
+    let ones = Tensor::ones([3, cfg.embed_dim], (Kind::Float, Device::Cpu));
+    model.enqueue(&[ones.shallow_clone(), ones]);
     weights::save(&vs, &path).unwrap();
 
     let file = read_safetensors(&path).unwrap();
@@ -44,7 +43,7 @@ fn full_state_round_trips_with_reference_aliases() {
     }
 
     let other = nn::VarStore::new(Device::Cpu);
-    let _m = Albef::new(&other, &cfg).unwrap();
+    let _m = Albef::new(&other, &cfg, TaskKind::Pretrain).unwrap();
     let report = weights::load(&other, &path).unwrap();
     assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
     let (a, b) = (variables(&vs), variables(&other));
@@ -68,7 +67,7 @@ fn loading_a_partial_or_corrupt_file_fails_clearly() {
     let cfg = tiny();
     let dir = tempfile::tempdir().unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
-    let _m = Albef::new(&vs, &cfg).unwrap();
+    let _m = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
 
     let partial = dir.path().join("partial.safetensors");
     let mut some = BTreeMap::new();
@@ -120,7 +119,7 @@ fn pretrained_encoders_import_by_name_and_reach_the_momentum_copies() {
     write_safetensors(&vit_file, &vit_path).unwrap();
 
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = Albef::new(&vs, &cfg).unwrap();
+    let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let reports = model.import_encoders(&vs, Some(&bert_path), Some(&vit_path)).unwrap();
     let (bert, vit) = (&reports[0], &reports[1]);
 

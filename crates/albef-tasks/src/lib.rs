@@ -1,10 +1,11 @@
-//! The tasks the training loop trains (`albef_train::task::Task`), by name. Pretraining is the
-//! first; the downstream tasks (retrieval, SNLI-VE, VQA, NLVR2, grounding) are added here, each a
-//! module, and [`open`] names them.
+//! The tasks the training loop trains (`albef_train::task::Task`), by name (`task` in the
+//! configuration): pretraining, and the downstream tasks, each a module; [`open`] names them.
 
 pub mod pretrain;
+pub mod retrieval;
+pub mod retrieval_eval;
 
-use albef_config::AlbefConfig;
+use albef_config::{AlbefConfig, TaskKind};
 use albef_train::task::Task;
 use anyhow::Result;
 use std::path::Path;
@@ -13,5 +14,8 @@ use tokio::runtime::Handle;
 /// The task a job trains, with its training data opened (a generated dataset is written under
 /// `run_dir` when none is configured).
 pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Box<dyn Task>> {
-    Ok(Box::new(pretrain::Pretraining::open(cfg, run_dir, handle)?))
+    Ok(match cfg.task {
+        TaskKind::Pretrain => Box::new(pretrain::Pretraining::open(cfg, run_dir, handle)?),
+        TaskKind::Retrieval => Box::new(retrieval::Retrieval::open(cfg, run_dir, handle)?),
+    })
 }

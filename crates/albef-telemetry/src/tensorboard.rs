@@ -32,9 +32,9 @@ impl TensorBoard {
 
     /// Writes `(tag, value)` scalars at `step`; non-finite values are written as they are
     /// (TensorBoard shows NaN), and an I/O error is logged once.
-    pub fn scalars<'a>(&mut self, step: u64, values: impl IntoIterator<Item = (&'a str, f64)>) {
+    pub fn scalars<T: AsRef<str>>(&mut self, step: u64, values: impl IntoIterator<Item = (T, f64)>) {
         for (tag, value) in values {
-            let written = self.writer.write_scalar(step as i64, tag, value as f32);
+            let written = self.writer.write_scalar(step as i64, tag.as_ref(), value as f32);
             self.note(written.map_err(|e| e.to_string()));
         }
     }

@@ -101,7 +101,10 @@ impl Board {
 impl Reporter for Board {
     fn applied(&mut self, r: &StepReport) -> Result<()> {
         let step = r.stats.step;
-        self.events.scalars(step, r.stats.scalars().into_iter().chain(r.measured.iter().copied()));
+        self.events.scalars(
+            step,
+            r.stats.scalars().into_iter().chain(r.measured.iter().map(|&(tag, v)| (tag.to_string(), v))),
+        );
         if step.is_multiple_of(self.log_every) {
             self.events.flush();
         }

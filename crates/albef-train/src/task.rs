@@ -3,12 +3,9 @@
 //!
 //! A task supplies its training data, decides which micro-batches can be trained on, evaluates
 //! the model (every rank takes part, rank 0 gets the result) and names the metric that selects
-//! the best checkpoint. The loop, the step, checkpoints and reporting are the same for all.
-//!
-//! The model and its micro-batch losses are still the trainer's: the ALBEF pretraining module
-//! (`Albef::micro_losses`). They move behind this trait with the first downstream task, whose
-//! model (a head, an answer decoder) and batches (labels, answers, image ids) show what the seam
-//! must carry; a trait shaped by one implementation would guess.
+//! the best checkpoint. Its model and micro-batch losses sit behind `albef_model::TaskModel`
+//! (built for `task` by the trainer); the loop, the step, checkpoints and reporting are the same
+//! for all.
 
 use crate::Trainer;
 use albef_data::HostBatch;

@@ -89,8 +89,7 @@ impl TrainLoop<'_> {
     /// a step that no rank applies.
     fn step(&mut self, trainer: &mut Trainer, dp: &mut DataParallel, micro: &[LoadedBatch]) -> Result<StepOutcome> {
         let tensors: Vec<_> = micro.iter().map(|m| batch_tensors(&m.batch, trainer.device())).collect();
-        let batches: Vec<Batch> =
-            tensors.iter().map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask }).collect();
+        let batches: Vec<Batch> = tensors.iter().map(|t| t.batch()).collect();
         let steps_per_epoch = self.length.steps_per_epoch;
         let computed = &mut |s: &StepStats| self.each(|r| r.computed(s, micro));
         let outcome = trainer.step(&batches, dp, steps_per_epoch, computed)?;
@@ -310,17 +309,23 @@ pub struct EvalPolicy {
     pub every: u64,
     /// Also after the last step.
     pub at_end: bool,
-    pub last_step: u64,
+    /// Also after every epoch.
+    pub every_epoch: bool,
+    pub length: JobLength,
 }
 
 impl EvalPolicy {
     pub fn new(cfg: &AlbefConfig, length: JobLength) -> Self {
-        EvalPolicy { every: cfg.job.eval_every, at_end: cfg.job.eval_at_end, last_step: length.total_steps }
+        let j = &cfg.job;
+        EvalPolicy { every: j.eval_every, at_end: j.eval_at_end, every_epoch: j.eval_every_epoch, length }
     }
 
     /// Whether to evaluate after `step` steps.
     pub fn should_eval(&self, step: u64) -> bool {
-        (self.every > 0 && step.is_multiple_of(self.every)) || (self.at_end && step >= self.last_step)
+        let every = |n: u64| n > 0 && step.is_multiple_of(n);
+        every(self.every)
+            || (self.every_epoch && every(self.length.steps_per_epoch))
+            || (self.at_end && step >= self.length.total_steps)
     }
 }
 
@@ -385,9 +390,12 @@ mod tests {
 
     #[test]
     fn evaluations_come_every_n_steps_and_after_the_last() {
-        let evals = EvalPolicy { every: 8, at_end: true, last_step: 12 };
+        let length = JobLength { steps_per_epoch: 5, total_steps: 12 };
+        let evals = EvalPolicy { every: 8, at_end: true, every_epoch: false, length };
         let at: Vec<u64> = (1..=12).filter(|&s| evals.should_eval(s)).collect();
         assert_eq!(at, [8, 12]);
         assert!(!EvalPolicy { at_end: false, ..evals }.should_eval(12));
+        let epochs = EvalPolicy { every: 0, at_end: false, every_epoch: true, length };
+        assert_eq!((1..=12).filter(|&s| epochs.should_eval(s)).collect::<Vec<_>>(), [5, 10]);
     }
 }

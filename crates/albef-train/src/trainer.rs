@@ -7,7 +7,7 @@ use crate::virtual_ranks::gather_step_features;
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
 use albef_model::device::with_autocast;
-use albef_model::{Albef, Batch, StepFeatures, weights};
+use albef_model::{Albef, Batch, StepFeatures, TaskModel, weights};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
@@ -26,15 +26,15 @@ pub struct TrainerState {
 pub struct StepStats {
     pub step: u64,
     pub epoch: u64,
-    pub loss_ita: f64,
-    pub loss_itm: f64,
-    pub loss_mlm: f64,
+    /// The task's losses by name (mean over this rank's micro-batches), and their sum.
+    pub losses: Vec<(&'static str, f64)>,
     pub loss: f64,
     /// The total loss of each micro-batch (virtual rank) of this rank.
     pub micro_losses: Vec<f64>,
     pub lr: f64,
     pub alpha: f64,
-    pub temp: f64,
+    /// The learned temperature, where the task's model has one.
+    pub temp: Option<f64>,
     /// Wall time of the forward and the backward (launch time on CUDA: kernels run async).
     pub forward_seconds: f64,
     pub backward_seconds: f64,
@@ -80,17 +80,16 @@ impl StepStats {
     /// spent waiting for data, time since this process started training and the time left).
     pub fn progress_line(&self, total_steps: u64, pace: &Pace) -> String {
         let left = total_steps.saturating_sub(self.step + 1) as f64 * pace.step_seconds;
+        let terms: Vec<String> = self.losses.iter().map(|(name, v)| format!("{name} {v:.3}")).collect();
+        let temp = self.temp.map(|t| format!(" temp {t:.4}")).unwrap_or_default();
         format!(
-            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} (ita {:.3} itm {:.3} mlm {:.3})  lr {:.2e} alpha {:.2} temp {:.4}  {:.0} img/s  {:.3} s/step  data {:.0}%  elapsed {}  eta {}",
+            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} ({})  lr {:.2e} alpha {:.2}{temp}  {:.0} img/s  {:.3} s/step  data {:.0}%  elapsed {}  eta {}",
             self.step,
             self.epoch,
             self.loss,
-            self.loss_ita,
-            self.loss_itm,
-            self.loss_mlm,
+            terms.join(" "),
             self.lr,
             self.alpha,
-            self.temp,
             pace.images_per_second,
             pace.step_seconds,
             100.0 * pace.data_wait_share,
@@ -100,23 +99,27 @@ impl StepStats {
     }
 
     /// The step's values by TensorBoard tag (losses, schedule, temperature).
-    pub fn scalars(&self) -> [(&'static str, f64); 7] {
-        [
-            ("loss/total", self.loss),
-            ("loss/ita", self.loss_ita),
-            ("loss/itm", self.loss_itm),
-            ("loss/mlm", self.loss_mlm),
-            ("schedule/lr", self.lr),
-            ("schedule/alpha", self.alpha),
-            ("model/temp", self.temp),
-        ]
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let losses = self.losses.iter().map(|(name, v)| (format!("loss/{name}"), *v));
+        let temp = self.temp.map(|t| ("model/temp".to_string(), t));
+        [("loss/total".to_string(), self.loss)]
+            .into_iter()
+            .chain(losses)
+            .chain([("schedule/lr".into(), self.lr), ("schedule/alpha".into(), self.alpha)])
+            .chain(temp)
+            .collect()
+    }
+
+    /// The loss called `name` (`ita`, `itm`, `mlm`, ...).
+    pub fn loss_term(&self, name: &str) -> Option<f64> {
+        self.losses.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 }
 
 pub struct Trainer {
     cfg: AlbefConfig,
     vs: nn::VarStore,
-    model: Albef,
+    model: Box<dyn TaskModel>,
     opt: AdamW,
     schedule: Schedule,
     state: TrainerState,
@@ -149,7 +152,7 @@ impl Trainer {
     /// job starts from the same weights without a broadcast.
     pub fn new(cfg: &AlbefConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let (vs, model, reports) = Albef::fresh(&cfg.model, cfg.train.seed, device)?;
+        let (vs, model, reports) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, device)?;
         for report in reports {
             tracing::info!("initialised from a pretrained checkpoint: {report}");
         }
@@ -158,7 +161,7 @@ impl Trainer {
             schedule: Schedule::new(&cfg.schedular, cfg.model.alpha),
             cfg: cfg.clone(),
             vs,
-            model,
+            model: Box::new(model),
             opt,
             state: TrainerState::default(),
             host: weights::HostPool::default(),
@@ -171,8 +174,9 @@ impl Trainer {
         })
     }
 
-    pub fn model(&self) -> &Albef {
-        &self.model
+    /// The task's model.
+    pub fn model(&self) -> &dyn TaskModel {
+        self.model.as_ref()
     }
 
     pub fn var_store(&self) -> &nn::VarStore {
@@ -317,6 +321,7 @@ impl Trainer {
         let mut communication = albef_dist::OverlapTimes::default();
         // The losses stay on the device until the end of the step: one read, one wait.
         let mut readback = Vec::with_capacity(4 * micro.len() + 1);
+        let mut names = vec![];
         for (j, (((b, seed), m), offset)) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets).enumerate() {
             let started = std::time::Instant::now();
             let losses = tracing::info_span!("forward").in_scope(|| {
@@ -339,26 +344,29 @@ impl Trainer {
                 None => backward(),
             }
             backward_seconds += self.phase_end(started) - communication.waited_seconds;
-            readback.extend([losses.ita, losses.itm, losses.mlm, total].map(|t| t.detach().to_kind(Kind::Double)));
+            names = losses.0.iter().map(|(name, _)| *name).collect();
+            let terms = losses.0.iter().map(|(_, t)| t).chain([&total]);
+            readback.extend(terms.map(|t| t.detach().to_kind(Kind::Double)));
         }
         self.pending = Some(step);
-        readback.push(self.model.temp_tensor().to_kind(Kind::Double));
+        let temp = self.model.temp_tensor();
+        readback.extend(temp.iter().map(|t| t.to_kind(Kind::Double)));
         let values = Vec::<f64>::try_from(Tensor::stack(&readback, 0).to_device(Device::Cpu))?;
-        let (temp, per_micro) = values.split_last().context("a step without micro-batches")?;
-        let mean = |i: usize| per_micro.iter().skip(i).step_by(4).sum::<f64>() / micro.len() as f64;
-        let (loss_ita, loss_itm, loss_mlm, loss) = (mean(0), mean(1), mean(2), mean(3));
-        let micro_losses = per_micro.iter().skip(3).step_by(4).copied().collect();
+        let (per_micro, temp) = values.split_at(values.len() - usize::from(temp.is_some()));
+        // Per micro-batch: each named loss, then the total.
+        let width = names.len() + 1;
+        let mean = |i: usize| per_micro.iter().skip(i).step_by(width).sum::<f64>() / micro.len() as f64;
+        let losses = names.iter().enumerate().map(|(i, name)| (*name, mean(i))).collect();
+        let micro_losses = per_micro.iter().skip(names.len()).step_by(width).copied().collect();
         Ok(StepStats {
             step: s.step,
             epoch: s.epoch,
-            loss_ita,
-            loss_itm,
-            loss_mlm,
-            loss,
+            losses,
+            loss: mean(names.len()),
             micro_losses,
             lr,
             alpha,
-            temp: *temp,
+            temp: temp.first().copied(),
             forward_seconds,
             backward_seconds,
             communication_seconds: communication.waited_seconds,
@@ -419,7 +427,7 @@ impl Trainer {
             rng: RngState { seed: self.cfg.train.seed, scheme: RNG_SCHEME.into() },
             lr: self.schedule.lr(s.step, s.epoch),
             alpha: self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch),
-            temp: self.model.temp(),
+            temp: self.model.temp_tensor().map(|t| t.double_value(&[])),
             momentum_emas: Some(self.momentum_emas),
             config: serde_json::to_value(&self.cfg)?,
         };
@@ -444,7 +452,7 @@ impl Trainer {
             self.opt.prepare_state_dict(&optimizer).with_context(|| format!("loading {label}/{OPTIMIZER_FILE}"))?;
         model.commit();
         optimizer.commit();
-        self.model.reload_queue_ptr();
+        self.model.reload_buffers();
         // A step cut short (a generation that ended mid-step) is gone with the restored state.
         self.opt.clear_grads()?;
         self.pending = None;
@@ -487,7 +495,9 @@ pub struct SavedState {
     pub rng: RngState,
     pub lr: f64,
     pub alpha: f64,
-    pub temp: f64,
+    /// The learned temperature, where the task's model has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp: Option<f64>,
     /// EMAs the momentum weights have had: `step` after a step was applied or skipped, one more
     /// when the checkpoint was taken while a step was in flight. Absent from checkpoints written
     /// before the EMA moved to the start of the step.
@@ -525,16 +535,38 @@ impl Snapshot {
     }
 }
 
-/// Host batch -> (images, ids, mask) tensors on `device`. To a GPU through pinned memory and
-/// copies that do not wait: the step's kernels queue behind them on the same stream.
-pub fn batch_tensors(b: &HostBatch, device: Device) -> (Tensor, Tensor, Tensor) {
+/// A host batch's tensors on the model's device; [`BatchTensors::batch`] lends them as a
+/// [`Batch`].
+pub struct BatchTensors {
+    pub image: Tensor,
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub image_ids: Option<Tensor>,
+}
+
+impl BatchTensors {
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            image: &self.image,
+            input_ids: &self.input_ids,
+            attention_mask: &self.attention_mask,
+            image_ids: self.image_ids.as_ref(),
+        }
+    }
+}
+
+/// Host batch -> tensors on `device`. To a GPU through pinned memory and copies that do not
+/// wait: the step's kernels queue behind them on the same stream.
+pub fn batch_tensors(b: &HostBatch, device: Device) -> BatchTensors {
     let (n, l, r) = (b.batch_size as i64, b.seq_len as i64, b.image_res as i64);
     let upload = |t: Tensor| match device {
         Device::Cuda(_) => t.pin_memory(device).to_device_(device, t.kind(), true, false),
         _ => t,
     };
-    let images = upload(Tensor::from_slice(&b.images).view([n, 3, r, r]));
-    let ids = upload(Tensor::from_slice(&b.input_ids).view([n, l]));
-    let mask = upload(Tensor::from_slice(&b.attention_mask).view([n, l]));
-    (images, ids, mask)
+    BatchTensors {
+        image: upload(Tensor::from_slice(&b.images).view([n, 3, r, r])),
+        input_ids: upload(Tensor::from_slice(&b.input_ids).view([n, l])),
+        attention_mask: upload(Tensor::from_slice(&b.attention_mask).view([n, l])),
+        image_ids: (!b.image_ids.is_empty()).then(|| upload(Tensor::from_slice(&b.image_ids))),
+    }
 }

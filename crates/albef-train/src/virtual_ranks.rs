@@ -46,38 +46,52 @@ impl VirtualRanks {
     }
 }
 
-/// Every micro-batch's momentum features, of every rank, in virtual-rank order, and where this
-/// rank's micro-batches start in them. Micro-batches may differ in size (skipped samples).
+/// Every micro-batch's queued rows, of every rank, in virtual-rank order, and where this rank's
+/// micro-batches start in them. Micro-batches may differ in size (skipped samples).
 pub fn gather_step_features(
     gather: &dyn FeatureGather,
     local: &[MomentumFeatures],
     ranks: VirtualRanks,
 ) -> Result<(StepFeatures, Vec<i64>)> {
     ensure!(local.len() == ranks.local().count(), "{} micro-batches for virtual ranks {:?}", local.len(), ranks);
-    // Image and text features side by side: one gather (and one wait for the sizes) for both,
-    // in a dtype that holds either exactly.
-    let (image_kind, text_kind) =
-        local.first().map_or((Kind::Float, Kind::Float), |m| (m.image_feat.kind(), m.text_feat.kind()));
-    let common = if image_kind == text_kind { image_kind } else { Kind::Float };
-    let pairs: Vec<Tensor> =
-        local.iter().map(|m| Tensor::cat(&[m.image_feat.to_kind(common), m.text_feat.to_kind(common)], 1)).collect();
-    let both = Tensor::cat(&pairs, 0);
-    let width = local.first().map_or(0, |m| m.image_feat.size()[1]);
-    let split = |all: &Tensor| StepFeatures {
-        image: all.narrow(1, 0, width).to_kind(image_kind).contiguous(),
-        text: all.narrow(1, width, all.size()[1] - width).to_kind(text_kind).contiguous(),
+    let Some(first) = local.first().filter(|m| !m.queued.is_empty()) else {
+        return Ok((StepFeatures { queued: vec![] }, vec![0; local.len()])); // a model without queues
+    };
+    // Every queue's rows side by side: one gather (and one wait for the sizes) for all, in a
+    // dtype that holds each exactly (f64 where image indexes ride along).
+    let kinds: Vec<Kind> = first.queued.iter().map(Tensor::kind).collect();
+    let widths: Vec<i64> = first.queued.iter().map(|t| t.size()[1]).collect();
+    let common = match kinds.as_slice() {
+        [k, rest @ ..] if rest.iter().all(|r| r == k) => *k,
+        _ if kinds.contains(&Kind::Int64) => Kind::Double,
+        _ => Kind::Float,
+    };
+    let rows: Vec<Tensor> =
+        local.iter().map(|m| Tensor::cat(&m.queued.iter().map(|t| t.to_kind(common)).collect::<Vec<_>>(), 1)).collect();
+    let packed = Tensor::cat(&rows, 0);
+    let split = |all: &Tensor| {
+        let mut at = 0;
+        let queued = widths
+            .iter()
+            .zip(&kinds)
+            .map(|(&w, &k)| {
+                at += w;
+                all.narrow(1, at - w, w).to_kind(k).contiguous()
+            })
+            .collect();
+        StepFeatures { queued }
     };
     if ranks.total == ranks.world {
         // One micro-batch per rank: rank order is virtual-rank order.
-        let gathered = gather.all_gather(&both)?;
+        let gathered = gather.all_gather(&packed)?;
         return Ok((split(&gathered.all), vec![gathered.offset]));
     }
     let k = ranks.per_rank_max();
     let mut sizes = vec![0f32; k];
     for (s, m) in sizes.iter_mut().zip(local) {
-        *s = m.image_feat.size()[0] as f32;
+        *s = m.queued[0].size()[0] as f32;
     }
-    let device = both.device();
+    let device = packed.device();
     let all_sizes = gather.all_gather(&Tensor::from_slice(&sizes).to_device(device))?.all;
     let all_sizes: Vec<i64> =
         Vec::<f32>::try_from(all_sizes.to_device(tch::Device::Cpu))?.into_iter().map(|s| s as i64).collect();
@@ -90,7 +104,7 @@ pub fn gather_step_features(
         start[i] = at;
         at += n;
     }
-    let all = gather.all_gather(&both)?.all;
+    let all = gather.all_gather(&packed)?.all;
     let mut pieces = vec![];
     let mut offsets = vec![0; local.len()];
     let mut row = 0;

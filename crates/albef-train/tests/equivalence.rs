@@ -2,7 +2,7 @@
 //! ITC loss and (all-reduced) gradients of 1 rank x batch 2B; and a step of virtual ranks is the
 //! same step on any number of ranks.
 
-use albef_config::{ItcNegatives, ModelConfig};
+use albef_config::{ItcNegatives, ModelConfig, TaskKind};
 use albef_dist::tcp::{TcpCollective, TcpOptions};
 use albef_dist::{Collective, ReduceOp};
 use albef_model::{Albef, Batch, LocalGather};
@@ -35,7 +35,7 @@ fn config() -> ModelConfig {
 fn model(cfg: &ModelConfig) -> (nn::VarStore, Albef) {
     tch::manual_seed(1);
     let vs = nn::VarStore::new(Device::Cpu);
-    let m = Albef::new(&vs, cfg).unwrap();
+    let m = Albef::new(&vs, cfg, TaskKind::Pretrain).unwrap();
     (vs, m)
 }
 
@@ -62,10 +62,14 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
 
     let (vs, single) = model(&cfg);
     let losses = single
-        .forward_pretrain(&Batch { image: &image, input_ids: &ids, attention_mask: &mask }, alpha, &LocalGather)
+        .forward_step(
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            alpha,
+            &LocalGather,
+        )
         .unwrap();
-    let expected_loss = losses.ita.double_value(&[]);
-    losses.ita.backward();
+    let expected_loss = losses.get("ita").unwrap().double_value(&[]);
+    losses.get("ita").unwrap().backward();
     let expected = trainable_grads(&vs);
 
     let ranks: Vec<_> = (0..2).map(|_| model(&cfg)).collect();
@@ -86,10 +90,14 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
                     let c = p.connect(r, peers, opts).unwrap();
                     let gather = CollectiveGather { collective: &c };
                     let l = m
-                        .forward_pretrain(&Batch { image: &im, input_ids: &id, attention_mask: &ma }, alpha, &gather)
+                        .forward_step(
+                            &Batch { image: &im, input_ids: &id, attention_mask: &ma, image_ids: None },
+                            alpha,
+                            &gather,
+                        )
                         .unwrap();
-                    let mut loss = l.ita.detach().reshape([1]);
-                    l.ita.backward();
+                    let mut loss = l.get("ita").unwrap().detach().reshape([1]);
+                    l.get("ita").unwrap().backward();
                     c.all_reduce(&mut loss, ReduceOp::Avg).unwrap();
                     let mut grads = trainable_grads(&vs);
                     for g in grads.values_mut() {
@@ -171,7 +179,12 @@ fn train_virtual(world: usize, overlap: bool) -> (Vec<f64>, BTreeMap<String, Ten
                     for step in &mine {
                         let batches: Vec<Batch> = step
                             .iter()
-                            .map(|(image, ids, mask)| Batch { image, input_ids: ids, attention_mask: mask })
+                            .map(|(image, ids, mask)| Batch {
+                                image,
+                                input_ids: ids,
+                                attention_mask: mask,
+                                image_ids: None,
+                            })
                             .collect();
                         let outcome = trainer.step(&batches, &mut dp, 100, &mut |_| Ok(())).unwrap();
                         let StepOutcome::Applied(stats) = outcome else { panic!("not applied: {outcome:?}") };

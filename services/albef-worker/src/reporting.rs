@@ -123,9 +123,12 @@ impl Reporter for Heartbeat<'_> {
         let mut p = self.progress.lock().unwrap();
         p.step = trainer.state().step;
         p.epoch = trainer.state().epoch;
-        p.losses = Some(Losses { ita: s.loss_ita, itm: s.loss_itm, mlm: s.loss_mlm, total: s.loss });
+        // The heartbeat carries ALBEF's three terms; a task without one (retrieval has no MLM)
+        // reports 0 for it.
+        let term = |name| s.loss_term(name).unwrap_or(0.0);
+        p.losses = Some(Losses { ita: term("ita"), itm: term("itm"), mlm: term("mlm"), total: s.loss });
         p.lr = s.lr;
-        p.temp = s.temp;
+        p.temp = s.temp.unwrap_or(0.0);
         // Every rank fingerprints after the same steps (it reads every parameter: not each step).
         if p.step.is_multiple_of(FINGERPRINT_EVERY) || p.step == self.total_steps {
             p.params_hash = params_fingerprint(trainer);

@@ -7,7 +7,7 @@
 
 use crate::bench::{fixed_batch, load_config};
 use albef_config::ConfigArgs;
-use albef_model::albef::{itc_targets, soft_cross_entropy};
+use albef_model::albef::{diagonal_positives, distill_targets, soft_cross_entropy};
 use albef_model::{Albef, device, weights};
 use anyhow::{Context, Result, ensure};
 use std::path::PathBuf;
@@ -40,8 +40,8 @@ pub fn run(args: DeviceCheckArgs) -> Result<()> {
     device::configure_cuda(cfg.train.tf32)?;
     // Both models are built on the CPU from the seed (CUDA's generator draws other numbers),
     // then one moves to the device.
-    let (_reference_vs, reference, _) = Albef::fresh(&cfg.model, cfg.train.seed, Device::Cpu)?;
-    let (mut vs, model, _) = Albef::fresh(&cfg.model, cfg.train.seed, Device::Cpu)?;
+    let (_reference_vs, reference, _) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, Device::Cpu)?;
+    let (mut vs, model, _) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, Device::Cpu)?;
     vs.set_device(target);
     let (image, ids, mask) = fixed_batch(&cfg, args.batch, cfg.data.max_tokens as i64, Device::Cpu);
     let expected = outputs(&reference, [&image, &ids, &mask]);
@@ -109,7 +109,8 @@ fn outputs(model: &Albef, [image, ids, mask]: [&Tensor; 3]) -> Vec<(&'static str
         let (image_embeds, image_feat) = model.encode_image(image);
         let (text_embeds, text_feat) = model.encode_text(ids, mask, false);
         let sim = image_feat.matmul(&text_feat.tr()).to_kind(Kind::Float) / model.temp();
-        let targets = itc_targets(&sim, 0, 0.0);
+        let (rows, columns) = (sim.size()[0], sim.size()[1]);
+        let targets = distill_targets(&sim, &diagonal_positives(rows, columns, 0, sim.device()), 0.0);
         let ita = (soft_cross_entropy(&sim, &targets) + soft_cross_entropy(&sim.tr(), &targets)) / 2.0;
         let itm = model.itm_logits(&text_embeds, mask, &image_embeds, false);
         let mlm = model.mlm_logits(ids, mask, &image_embeds, false);

@@ -11,7 +11,7 @@ use albef_eval::metrics::{RetrievalMetrics, chance, table};
 use albef_eval::model::{EvalModel, from_checkpoint, from_safetensors, resolve_checkpoint, untrained};
 use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
 use albef_eval::split::{RetrievalSplit, SplitOptions};
-use albef_model::device;
+use albef_model::{TaskModel, device};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};

@@ -115,7 +115,7 @@ fn from_checkpoint(checkpoint: &str) -> Result<(Vec<u8>, u64, serde_json::Value)
 fn untrained_model(args: &ConfigArgs) -> Result<(Vec<u8>, u64, serde_json::Value)> {
     let cfg = args.load()?;
     cfg.validate()?;
-    let (vs, _model, reports) = albef_model::Albef::fresh(&cfg.model, cfg.train.seed, tch::Device::Cpu)?;
+    let (vs, _model, reports) = albef_model::Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, tch::Device::Cpu)?;
     for report in reports {
         eprintln!("imported: {report}");
     }

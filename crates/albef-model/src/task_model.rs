@@ -1,0 +1,90 @@
+//! What the trainer asks of a task's model: the seam between the one training step
+//! (`albef_train::Trainer::step`) and the model of each task (pretraining and retrieval:
+//! [`crate::Albef`]; the downstream heads to come implement it too).
+//!
+//! A step of a task's model, in the reference's order: [`TaskModel::begin_step`], the EMA of the
+//! momentum weights ([`TaskModel::momentum_update`]), the momentum half of every micro-batch
+//! ([`TaskModel::momentum_features`], no gradient), whose `queued` rows every rank gathers, then
+//! each micro-batch's losses against the queues as they were before the step
+//! ([`TaskModel::micro_losses`]), and, once the update is applied, [`TaskModel::end_step`] puts
+//! the step's gathered rows into the queues.
+
+use crate::albef::Batch;
+use albef_config::ModelConfig;
+use anyhow::Result;
+use tch::{Device, Tensor};
+
+/// A micro-batch's losses by name (`ita`, `itm`, `mlm`, ...); their sum is what the step
+/// minimises.
+pub struct Losses(pub Vec<(&'static str, Tensor)>);
+
+impl Losses {
+    pub fn total(&self) -> Tensor {
+        let mut terms = self.0.iter().map(|(_, t)| t.shallow_clone());
+        let first = terms.next().expect("a task has at least one loss");
+        terms.fold(first, |sum, t| sum + t)
+    }
+
+    /// The loss called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+    }
+}
+
+/// The momentum half of a micro-batch (no gradient).
+pub struct MomentumFeatures {
+    /// Rows that every rank's queues take, gathered over the world: (B, width) tensors, one per
+    /// queue (ALBEF: normalised image features, text features, and for retrieval the image
+    /// indexes as (B, 1)). Empty for a model without queues.
+    pub queued: Vec<Tensor>,
+    /// What only this micro-batch's losses read (pretraining: the momentum image tokens, which
+    /// the MLM distillation fuses).
+    pub local: Vec<Tensor>,
+}
+
+/// The queued rows of every micro-batch of a step, of every rank, in virtual-rank order: what
+/// the step puts into the queues (and, with global negatives, its in-step ITC candidates).
+pub struct StepFeatures {
+    pub queued: Vec<Tensor>,
+}
+
+/// A task's model, as the trainer steps it.
+pub trait TaskModel: Send {
+    fn config(&self) -> &ModelConfig;
+
+    fn device(&self) -> Device;
+
+    /// Opens a step, whatever the number of its micro-batches (pretraining clamps the
+    /// temperature here).
+    fn begin_step(&self);
+
+    /// The EMA of the momentum weights toward the online ones, once per step.
+    fn momentum_update(&self);
+
+    /// The momentum half of a micro-batch.
+    fn momentum_features(&self, batch: &Batch) -> MomentumFeatures;
+
+    /// The online forward and the losses of a micro-batch whose momentum half is `m`. `step`
+    /// holds the queued rows of every micro-batch of the step, this one's from row `offset` on.
+    fn micro_losses(
+        &self,
+        batch: &Batch,
+        m: &MomentumFeatures,
+        step: &StepFeatures,
+        offset: i64,
+        alpha: f64,
+    ) -> Result<Losses>;
+
+    /// Ends a step that is applied: its rows go into the queues, once.
+    fn end_step(&self, step: &StepFeatures);
+
+    /// Re-reads what the model keeps on the host after its tensors were loaded (the queue
+    /// pointer).
+    fn reload_buffers(&self);
+
+    /// The learned temperature, where the model has one (read without waiting for the device).
+    fn temp_tensor(&self) -> Option<Tensor>;
+
+    /// The concrete model, for the task that built it (its evaluation) and for tests.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
