@@ -12,6 +12,8 @@
 //! deletes one, manifest first. What the files hold (safetensors, the trainer state) is
 //! `albef-train`'s business: this crate moves and verifies bytes.
 
+pub mod best;
+
 use albef_data::store::Location;
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;

@@ -40,15 +40,22 @@ pub fn config_with_overrides(json: &serde_json::Value, overrides: &[String]) -> 
         .context("the checkpoint's configuration")
 }
 
-/// The checkpoint `url` names: a checkpoint folder (with manifest.json), or a run directory or
-/// its `checkpoints` folder, whose latest complete checkpoint is taken (`albef train`'s `final`
-/// when the run has no other).
+/// The checkpoint `url` names: a checkpoint folder (with manifest.json); `<run>/best`, the best
+/// checkpoint of a run by its task's metric; or a run directory or its `checkpoints` folder,
+/// whose latest complete checkpoint is taken (`albef train`'s `final` when the run has no other).
 pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
     let loc = Location::open(url)?;
     if handle.block_on(loc.join(albef_checkpoint::MANIFEST).exists())? {
         return Ok(loc);
     }
     let trimmed = url.trim_end_matches('/');
+    if let Some(run) = trimmed.strip_suffix("best").filter(|r| r.is_empty() || r.ends_with('/')) {
+        let run = Location::open(if run.is_empty() { "." } else { run })?;
+        return match handle.block_on(albef_checkpoint::best::read(&run))? {
+            Some(best) => Location::open(&best.location),
+            None => bail!("{} records no best checkpoint (an evaluation during training selects one)", run.url),
+        };
+    }
     let run = match trimmed.strip_suffix("/checkpoints") {
         Some(parent) => Location::open(parent)?,
         None if trimmed == "checkpoints" => Location::open(".")?,

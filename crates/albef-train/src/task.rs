@@ -49,4 +49,15 @@ impl Evaluation {
     pub fn score(&self) -> Option<f64> {
         self.metrics.get(self.selects_by).copied()
     }
+
+    /// The record of the checkpoint at `location` as the best, by this evaluation's score.
+    pub fn as_best(&self, location: &str) -> Option<albef_checkpoint::best::Best> {
+        Some(albef_checkpoint::best::Best {
+            step: self.step,
+            location: location.to_string(),
+            metric: self.selects_by.to_string(),
+            value: self.score()?,
+            split: self.split.clone(),
+        })
+    }
 }

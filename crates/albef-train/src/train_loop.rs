@@ -48,7 +48,7 @@ impl TrainLoop<'_> {
                     return Ok(Ending::Interrupted("the coordinator ended the generation".into()));
                 };
                 if agreed.checkpoint || agreed.decision == Decision::Stop {
-                    self.save(trainer, SaveReason::Asked)?;
+                    self.save(trainer, SaveReason::Asked, None)?;
                 }
                 match agreed.decision {
                     Decision::Stop => return Ok(Ending::Stopped),
@@ -68,20 +68,24 @@ impl TrainLoop<'_> {
                     StepOutcome::NonFinite(_) => continue,
                 };
                 times.add_step(&stats);
-                times.timed(Phase::Checkpoint, || self.save(trainer, SaveReason::Periodic))?;
-                self.report(trainer, dp, &stats, &micro, &times)?;
                 let step = trainer.state().step;
-                if self.evals.should_eval(step)
-                    && let Some(evaluation) = self.task.evaluate(trainer, dp.collective(), step)?
-                {
-                    self.each(|r| r.evaluated(&evaluation))?;
+                let evaluation = match self.evals.should_eval(step) {
+                    true => self.task.evaluate(trainer, dp.collective(), step)?,
+                    false => None,
+                };
+                let best = evaluation.as_ref().filter(|e| self.checkpoints.is_new_best(e));
+                let why = if best.is_some() { SaveReason::Best } else { SaveReason::Periodic };
+                times.timed(Phase::Checkpoint, || self.save(trainer, why, best))?;
+                self.report(trainer, dp, &stats, &micro, &times)?;
+                if let Some(evaluation) = &evaluation {
+                    self.each(|r| r.evaluated(evaluation))?;
                 }
                 if step >= last {
                     break;
                 }
             }
         }
-        self.save(trainer, SaveReason::Finished)?;
+        self.save(trainer, SaveReason::Finished, None)?;
         Ok(Ending::Finished)
     }
 
@@ -130,9 +134,10 @@ impl TrainLoop<'_> {
         self.each(|r| r.applied(&report))
     }
 
-    /// Saves when the checkpoints' policy says so, and tells the reporters.
-    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()> {
-        if self.checkpoints.save(trainer, why)? {
+    /// Saves when the checkpoints' policy says so (with `best`, the evaluation that makes the
+    /// state the best so far), and tells the reporters.
+    fn save(&mut self, trainer: &Trainer, why: SaveReason, best: Option<&Evaluation>) -> Result<()> {
+        if self.checkpoints.save(trainer, why, best)? {
             self.reporters.iter_mut().for_each(|r| r.saved(trainer.state().step));
         }
         Ok(())
@@ -240,6 +245,8 @@ pub enum SaveReason {
     /// The generation ended mid-progress (a rank lost, a straggler evicted, a scale-up): the next
     /// one resumes here instead of at the last periodic checkpoint.
     Interrupted,
+    /// After an evaluation that found the best state so far (by the task's selecting metric).
+    Best,
 }
 
 /// When to checkpoint.
@@ -263,7 +270,7 @@ impl CheckpointPolicy {
             return false;
         }
         match why {
-            SaveReason::Asked | SaveReason::Finished => true,
+            SaveReason::Asked | SaveReason::Finished | SaveReason::Best => true,
             SaveReason::Periodic => self.every > 0 && step.is_multiple_of(self.every),
             SaveReason::Interrupted => step > 0,
         }
@@ -272,31 +279,44 @@ impl CheckpointPolicy {
 
 /// Where a rank's checkpoints go.
 pub trait CheckpointSink {
-    /// Saves the trainer's state, taken for `why`; the step waits at most for its copy to host
-    /// memory.
-    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()>;
+    /// Saves the trainer's state, taken for `why`; `best`: the evaluation that makes it the best
+    /// state so far (the sink records it, and keeps that checkpoint whatever else it evicts). The
+    /// step waits at most for its copy to host memory.
+    fn save(&mut self, trainer: &Trainer, why: SaveReason, best: Option<&Evaluation>) -> Result<()>;
 }
 
-/// A rank's checkpoints: the policy, and the sink where this rank saves (rank 0), if it does.
+/// A rank's checkpoints: the policy, the sink where this rank saves (rank 0), if it does, and
+/// the best evaluation score so far.
 pub struct Checkpoints {
     pub policy: CheckpointPolicy,
     sink: Option<Box<dyn CheckpointSink>>,
+    best: Option<f64>,
 }
 
 impl Checkpoints {
-    pub fn new(policy: CheckpointPolicy, sink: Option<Box<dyn CheckpointSink>>) -> Self {
-        Checkpoints { policy, sink }
+    /// `best`: the best score of the run this one resumes, if it recorded one.
+    pub fn new(policy: CheckpointPolicy, sink: Option<Box<dyn CheckpointSink>>, best: Option<f64>) -> Self {
+        Checkpoints { policy, sink, best }
+    }
+
+    /// Whether `evaluation` beats every earlier one (then it is the best so far).
+    pub fn is_new_best(&mut self, evaluation: &Evaluation) -> bool {
+        let better = evaluation.score().filter(|s| self.best.is_none_or(|b| *s > b));
+        self.best = better.or(self.best);
+        better.is_some()
     }
 
     /// Saves when this rank saves, the state is whole (`Trainer::checkpointable`) and the policy
-    /// says so; tells whether it did.
-    pub fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<bool> {
+    /// says so (a state already saved at this step that turns out the best is marked so again);
+    /// tells whether it saved.
+    pub fn save(&mut self, trainer: &Trainer, why: SaveReason, best: Option<&Evaluation>) -> Result<bool> {
         let step = trainer.state().step;
         let Some(sink) = self.sink.as_mut() else { return Ok(false) };
-        if !trainer.checkpointable() || !self.policy.should_save(step, why) {
+        let again = best.is_some() && self.policy.last_saved == Some(step);
+        if !trainer.checkpointable() || !(again || self.policy.should_save(step, why)) {
             return Ok(false);
         }
-        sink.save(trainer, why)?;
+        sink.save(trainer, why, best)?;
         self.policy.last_saved = Some(step);
         Ok(true)
     }

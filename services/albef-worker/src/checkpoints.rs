@@ -5,8 +5,10 @@
 use crate::client::{self, Client};
 use albef_data::store::Location;
 use albef_proto::v1::{RejectCheckpointRequest, ReportCheckpointRequest};
+use albef_checkpoint::best;
 use albef_train::Trainer;
 use albef_train::checkpoint::{Saved, Uploader};
+use albef_train::task::Evaluation;
 use albef_train::train_loop::{CheckpointSink, SaveReason};
 use anyhow::Result;
 use std::sync::Arc;
@@ -29,14 +31,16 @@ pub struct CoordinatorSink {
 }
 
 impl CheckpointSink for CoordinatorSink {
-    /// Every checkpoint goes to `<run_dir>/checkpoints/step-N`, whatever it was taken for.
-    fn save(&mut self, trainer: &Trainer, _why: SaveReason) -> Result<()> {
+    /// Every checkpoint goes to `<run_dir>/checkpoints/step-N`, whatever it was taken for; a
+    /// best one is recorded as such (`best.json`) before the coordinator hears of it.
+    fn save(&mut self, trainer: &Trainer, _why: SaveReason, best: Option<&Evaluation>) -> Result<()> {
         let state = trainer.state().clone();
         let started = Instant::now();
         let snapshot = trainer.snapshot(self.virtual_ranks, self.steps_per_epoch)?;
         let copy_ms = started.elapsed().as_millis() as u64;
         tracing::info!(step = state.step, copy_ms, "checkpoint copied to host memory");
         let (handle, client, generation, rank) = (self.handle.clone(), self.client.clone(), self.generation, self.rank);
+        let (run, best) = (self.run.clone(), best.cloned());
         let done = Box::new(move |saved: Saved| {
             let manifest = match saved.manifest {
                 Ok(m) => m,
@@ -44,6 +48,11 @@ impl CheckpointSink for CoordinatorSink {
             };
             let (location, upload_ms) = (saved.location.url, saved.took.as_millis() as u64);
             tracing::info!(location, bytes = manifest.total_bytes(), upload_ms, "checkpoint stored");
+            let best = best.and_then(|e| {
+                let record = e.as_best(&location)?;
+                let written = handle.block_on(best::write(&run, &record));
+                written.map_err(|e| tracing::warn!(location, "the best checkpoint not recorded: {e:#}")).ok()
+            });
             let req = ReportCheckpointRequest {
                 generation,
                 rank,
@@ -51,6 +60,7 @@ impl CheckpointSink for CoordinatorSink {
                 location: location.clone(),
                 epoch: state.epoch,
                 step_in_epoch: state.step_in_epoch,
+                best: best.is_some(),
             };
             let report = || {
                 let (mut c, req) = (client.clone(), req.clone());

@@ -402,8 +402,9 @@ impl Worker {
             steps_per_epoch: length.steps_per_epoch,
         };
         let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, run.resumed_at);
+        let best = rpc.1.block_on(albef_checkpoint::best::read(&sink.run))?.map(|b| b.value);
         let sink = (a.rank == 0).then(|| Box::new(sink) as Box<dyn CheckpointSink>);
-        let mut checkpoints = Checkpoints::new(policy, sink);
+        let mut checkpoints = Checkpoints::new(policy, sink, best);
         let mut data = LeasedBatches {
             cfg,
             client: rpc.0.clone(),
@@ -438,7 +439,7 @@ impl Worker {
         }
         if a.rank == 0 && !matches!(ending, Ok(Ending::Finished | Ending::Stopped)) {
             tracing::info!(step = run.trainer.state().step, "the generation ended: checkpointing before rejoining");
-            if let Err(e) = checkpoints.save(&run.trainer, SaveReason::Interrupted) {
+            if let Err(e) = checkpoints.save(&run.trainer, SaveReason::Interrupted, None) {
                 tracing::warn!("no checkpoint at the end of the generation: {e:#}");
             }
         }

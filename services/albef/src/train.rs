@@ -18,6 +18,7 @@ use albef_train::train_loop::{
     Alone, BatchSource, CheckpointPolicy, CheckpointSink, Checkpoints, Ending, EvalPolicy, JobLength, MicroBatches,
     Reporter, SaveReason, StepReport,
 };
+use albef_train::task::Evaluation;
 use albef_train::{DataParallel, TrainLoop, Trainer, VirtualRanks};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
@@ -68,7 +69,8 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let sink =
         LocalCheckpoints { run: run.clone(), final_dir: final_dir.clone(), handle: handle.clone(), steps_per_epoch };
     let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
-    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)));
+    let best = handle.block_on(albef_checkpoint::best::read(&run))?.map(|b| b.value);
+    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)), best);
     let stop = stop_on_signals(&handle);
     let local = LocalCollective::new();
     let mut dp = DataParallel::new(&local, VirtualRanks::one_per_rank(0, 1), 0, false);
@@ -200,8 +202,9 @@ impl BatchSource for LocalPlan<'_> {
     }
 }
 
-/// Checkpoints in `<out>/checkpoints/step-N` (the newest [`KEEP_CHECKPOINTS`] kept), the state
-/// after the last step in `<out>/final`. The step waits for the save: one process, no upload.
+/// Checkpoints in `<out>/checkpoints/step-N` (the newest [`KEEP_CHECKPOINTS`] kept, and the best
+/// by the task's metric), the state after the last step in `<out>/final`. The step waits for the
+/// save: one process, no upload.
 struct LocalCheckpoints {
     run: Location,
     final_dir: Location,
@@ -210,14 +213,19 @@ struct LocalCheckpoints {
 }
 
 impl CheckpointSink for LocalCheckpoints {
-    fn save(&mut self, trainer: &Trainer, why: SaveReason) -> Result<()> {
+    fn save(&mut self, trainer: &Trainer, why: SaveReason, best: Option<&Evaluation>) -> Result<()> {
         let step = trainer.state().step;
         let dir = match why {
             SaveReason::Finished => self.final_dir.clone(),
             _ => albef_checkpoint::folder(&self.run, step),
         };
         albef_train::checkpoint::save(trainer, &dir, 1, self.steps_per_epoch, &self.handle)?;
+        if let Some(record) = best.and_then(|e| e.as_best(&dir.url)) {
+            self.handle.block_on(albef_checkpoint::best::write(&self.run, &record))?;
+        }
+        let kept = self.handle.block_on(albef_checkpoint::best::read(&self.run))?.map(|b| b.location);
         let older = self.handle.block_on(albef_checkpoint::list(&self.run))?;
+        let older: Vec<_> = older.into_iter().filter(|l| Some(&l.location.url) != kept.as_ref()).collect();
         let stale = older.len().saturating_sub(KEEP_CHECKPOINTS);
         for listed in older.into_iter().take(stale) {
             self.handle.block_on(albef_checkpoint::remove(&listed.location))?;

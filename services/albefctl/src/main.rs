@@ -189,7 +189,8 @@ fn saved_state(dir: &std::path::Path, command: &Cmd, unreachable: &Failure) -> R
         Cmd::Checkpoints => {
             println!("the coordinator of {} is not running; the checkpoints it saved:", dir.display());
             for c in &checkpoints {
-                println!("step {:>8}  {}", c["step"], c["location"].as_str().unwrap_or("?"));
+                let best = if c["best"].as_bool() == Some(true) { "  best" } else { "" };
+                println!("step {:>8}  {}{best}", c["step"], c["location"].as_str().unwrap_or("?"));
             }
         }
         _ => return Err(Failure::Unreachable(unreachable.message().to_string())),
@@ -333,10 +334,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let rows: Vec<Vec<String>> = list
                 .checkpoints
                 .iter()
-                .map(|c| vec![c.step.to_string(), c.location.clone(), age(now.saturating_sub(c.committed_at))])
+                .map(|c| {
+                    let best = if c.best { "best" } else { "" }.to_string();
+                    vec![c.step.to_string(), c.location.clone(), age(now.saturating_sub(c.committed_at)), best]
+                })
                 .collect();
             if !rows.is_empty() {
-                print!("{}", table(&["STEP", "LOCATION", "AGE"], &rows));
+                print!("{}", table(&["STEP", "LOCATION", "AGE", ""], &rows));
             }
         }
     }

@@ -193,6 +193,7 @@ pub async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, 
         location: location.display().to_string(),
         epoch: 0,
         step_in_epoch: step,
+        best: false,
     };
     let sent = Instant::now();
     if let Err(s) = c.report_checkpoint(req).await {

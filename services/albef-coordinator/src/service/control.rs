@@ -179,7 +179,12 @@ impl Control for ControlService {
             .job()
             .checkpoints()
             .iter()
-            .map(|c| pb::CheckpointInfo { step: c.step, location: c.location.clone(), committed_at: c.committed_at })
+            .map(|c| pb::CheckpointInfo {
+                step: c.step,
+                location: c.location.clone(),
+                committed_at: c.committed_at,
+                best: c.best,
+            })
             .collect();
         Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
     }

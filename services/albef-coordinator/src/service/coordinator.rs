@@ -208,11 +208,16 @@ impl Coordinator for CoordinatorService {
                 .await
                 .map_err(|e| Status::failed_precondition(format!("not a complete checkpoint: {e:#}")))?;
         }
-        let commit = self
-            .0
-            .job()
-            .report_checkpoint(r.generation, r.rank, r.step, r.epoch, r.step_in_epoch, &r.location, Instant::now())
-            .map_err(to_status)?;
+        let commit = {
+            let mut job = self.0.job();
+            let commit = job
+                .report_checkpoint(r.generation, r.rank, r.step, r.epoch, r.step_in_epoch, &r.location, Instant::now())
+                .map_err(to_status)?;
+            if commit.committed && r.best {
+                job.mark_best(&r.location);
+            }
+            commit
+        };
         // The commit only counts once it would survive a restart; the worker retries on error.
         self.0.persist().await.map_err(|e| Status::internal(format!("cannot persist the checkpoint: {e:#}")))?;
         self.0.delete_checkpoints(commit.evicted);

@@ -51,15 +51,44 @@ impl Job {
         }
         let committed_at = self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs();
         info!(generation, step, epoch, step_in_epoch, location, "checkpoint committed");
-        self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location: location.to_string(), committed_at });
+        let location = location.to_string();
+        self.checkpoints.push(Checkpoint { step, epoch, step_in_epoch, location, committed_at, best: false });
         self.counters.checkpoints_committed += 1;
-        let keep = self.cfg.job.keep_checkpoints.max(1) as usize;
-        let excess = self.checkpoints.len().saturating_sub(keep);
-        let evicted = self.checkpoints.drain(..excess).map(|c| c.location).collect();
+        let evicted = self.evict();
         self.changed();
         self.finish_if_complete();
         self.scale_up(generation, now);
         Ok(Commit { committed: true, evicted })
+    }
+
+    /// Drops the oldest checkpoints beyond `job.keep_checkpoints`, never the best one (which
+    /// does not count against the limit); returns their locations.
+    fn evict(&mut self) -> Vec<String> {
+        let keep = self.cfg.job.keep_checkpoints.max(1) as usize;
+        let mut excess = self.checkpoints.iter().filter(|c| !c.best).count().saturating_sub(keep);
+        let mut evicted = vec![];
+        self.checkpoints.retain(|c| {
+            let evict = excess > 0 && !c.best;
+            if evict {
+                excess -= 1;
+                evicted.push(c.location.clone());
+            }
+            !evict
+        });
+        evicted
+    }
+
+    /// Marks the committed checkpoint at `location` as the best so far (rank 0 says so when it
+    /// reports it); the one marked before becomes an ordinary checkpoint again.
+    pub fn mark_best(&mut self, location: &str) {
+        if !self.checkpoints.iter().any(|c| c.location == location) {
+            return;
+        }
+        for c in &mut self.checkpoints {
+            c.best = c.location == location;
+        }
+        info!(location, "the best checkpoint so far");
+        self.changed();
     }
 
     /// Whether `c` is of the job's last step.

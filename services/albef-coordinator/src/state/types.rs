@@ -180,6 +180,9 @@ pub struct Checkpoint {
     pub location: String,
     /// Unix seconds.
     pub committed_at: u64,
+    /// The best so far by the task's selecting metric: never evicted.
+    #[serde(default)]
+    pub best: bool,
 }
 
 /// What a checkpoint report did.

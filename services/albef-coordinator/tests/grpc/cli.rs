@@ -10,7 +10,8 @@ async fn albefctl_reports_and_controls_with_exit_codes() {
     let j = join(&mut w, "worker-a", 7000).await;
     w.heartbeat(beat("worker-a", &j, 5)).await.unwrap();
     let location = dir.checkpoint(5);
-    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 5, location, epoch: 0, step_in_epoch: 5 };
+    let ck =
+        ReportCheckpointRequest { generation: 1, rank: 0, step: 5, location, epoch: 0, step_in_epoch: 5, best: true };
     w.report_checkpoint(ck).await.unwrap();
 
     let endpoint = c.endpoint();
@@ -33,7 +34,8 @@ async fn albefctl_reports_and_controls_with_exit_codes() {
     assert!(text(&out.stdout).starts_with("state: paused (the checkpoint is queued"), "{}", text(&out.stdout));
     let out = run(&["checkpoints"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(text(&out.stdout).contains("checkpoints/step-5"), "{}", text(&out.stdout));
+    let listed = text(&out.stdout);
+    assert!(listed.lines().any(|l| l.contains("checkpoints/step-5") && l.ends_with("best")), "{listed}");
     // The endpoint and token also come from the environment.
     let out = Command::new(albefctl())
         .args(["resume"])

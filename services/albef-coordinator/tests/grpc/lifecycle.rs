@@ -16,6 +16,7 @@ async fn a_restarted_coordinator_keeps_the_generation_and_checkpoints() {
         location: location.clone(),
         epoch: 0,
         step_in_epoch: 7,
+        best: false,
     };
     assert!(w.report_checkpoint(ck).await.unwrap().into_inner().committed);
     c.child.kill().unwrap();

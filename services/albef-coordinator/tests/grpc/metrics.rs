@@ -57,7 +57,8 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     assert_eq!(status.bad_samples.get("corrupt_image"), Some(&3));
     assert_eq!(status.bad_sample_examples, vec![example("000007"), example("000019")]);
     let location = dir.checkpoint(4);
-    let ck = ReportCheckpointRequest { generation: 1, rank: 0, step: 4, location, epoch: 0, step_in_epoch: 4 };
+    let ck =
+        ReportCheckpointRequest { generation: 1, rank: 0, step: 4, location, epoch: 0, step_in_epoch: 4, best: false };
     w.report_checkpoint(ck).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let m = scrape(&metrics);

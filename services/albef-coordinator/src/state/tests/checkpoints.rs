@@ -71,6 +71,37 @@ fn old_checkpoints_are_evicted_and_a_rejected_one_falls_back_to_the_previous() {
     assert!(job.reject_checkpoint(9, 0, "x", "y", t0).is_err());
 }
 
+/// The best checkpoint (by the task's metric) survives any number of newer ones; a better one
+/// takes its place, and the old best becomes an ordinary checkpoint, evicted in turn.
+#[test]
+fn the_best_checkpoint_is_kept_until_a_better_one_comes() {
+    let mut cfg = config(1, 1);
+    cfg.job.keep_checkpoints = 2;
+    let t0 = Instant::now();
+    let mut job = Job::new(cfg, vec![100], t0);
+    form(&mut job, &["a"], t0);
+    let mut evicted = vec![];
+    let mut report = |job: &mut Job, step: u64, best: bool| {
+        let loc = format!("run/checkpoints/step-{step}");
+        evicted.extend(job.report_checkpoint(1, 0, step, 0, step, &loc, t0).unwrap().evicted);
+        if best {
+            job.mark_best(&loc);
+        }
+    };
+    report(&mut job, 4, true);
+    for step in [8, 12, 16] {
+        report(&mut job, step, false);
+    }
+    let kept = |job: &Job| job.checkpoints().iter().map(|c| (c.step, c.best)).collect::<Vec<_>>();
+    assert_eq!(kept(&job), [(4, true), (12, false), (16, false)]);
+    report(&mut job, 20, true);
+    // Evicted as it commits (before it is marked): the limit counted 12, 16 and 20.
+    assert_eq!(kept(&job), [(4, false), (16, false), (20, true)]);
+    report(&mut job, 24, false);
+    assert_eq!(kept(&job), [(16, false), (20, true), (24, false)]);
+    assert_eq!(evicted, ["run/checkpoints/step-8", "run/checkpoints/step-12", "run/checkpoints/step-4"]);
+}
+
 /// Workers that trained to the end while the coordinator was down (restarting) leave without
 /// anyone to tell they were done: the final checkpoint finishes the job, whether it was committed
 /// before the restart or reported to the restarted coordinator.
