@@ -14,7 +14,7 @@
 
 pub mod best;
 
-use albef_data::store::Location;
+use albef_data::store::{Location, StoreError};
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -91,13 +91,22 @@ async fn upload(loc: &Location, bytes: Bytes, opts: WriteOptions) -> Result<()> 
     if bytes.len() <= opts.part_bytes {
         return loc.write_all(bytes).await;
     }
-    let started = loc.store.put_multipart(&loc.path).await.with_context(|| format!("starting {}", loc.url))?;
+    let started = loc
+        .store
+        .put_multipart(&loc.path)
+        .await
+        .map_err(StoreError)
+        .with_context(|| format!("starting {}", loc.url))?;
     let mut parts = WriteMultipart::new_with_chunk_size(started, opts.part_bytes);
     for start in (0..bytes.len()).step_by(opts.part_bytes) {
-        parts.wait_for_capacity(opts.concurrency.max(1)).await.with_context(|| format!("uploading {}", loc.url))?;
+        parts
+            .wait_for_capacity(opts.concurrency.max(1))
+            .await
+            .map_err(StoreError)
+            .with_context(|| format!("uploading {}", loc.url))?;
         parts.put(bytes.slice(start..(start + opts.part_bytes).min(bytes.len())));
     }
-    parts.finish().await.with_context(|| format!("completing the upload of {}", loc.url))?;
+    parts.finish().await.map_err(StoreError).with_context(|| format!("completing the upload of {}", loc.url))?;
     Ok(())
 }
 
@@ -176,7 +185,12 @@ pub async fn check(dir: &Location) -> Result<Manifest> {
     let manifest = read_manifest(dir).await?;
     for f in &manifest.files {
         let loc = dir.join(&f.name);
-        let meta = loc.store.head(&loc.path).await.with_context(|| format!("{}: listed but not found", loc.url))?;
+        let meta = loc
+            .store
+            .head(&loc.path)
+            .await
+            .map_err(StoreError)
+            .with_context(|| format!("{}: listed but not found", loc.url))?;
         ensure!(meta.size == f.size, "{}: {} bytes, the manifest says {}", loc.url, meta.size, f.size);
     }
     Ok(manifest)
@@ -194,8 +208,12 @@ pub struct Listed {
 /// The checkpoint folders of a run, by step.
 pub async fn list(run: &Location) -> Result<Vec<Listed>> {
     let root = root(run);
-    let listing =
-        root.store.list_with_delimiter(Some(&root.path)).await.with_context(|| format!("listing {}", root.url))?;
+    let listing = root
+        .store
+        .list_with_delimiter(Some(&root.path))
+        .await
+        .map_err(StoreError)
+        .with_context(|| format!("listing {}", root.url))?;
     let mut out = vec![];
     for prefix in listing.common_prefixes {
         let Some(name) = prefix.filename() else { continue };
@@ -219,14 +237,19 @@ pub async fn remove(dir: &Location) -> Result<()> {
     let manifest = dir.join(MANIFEST);
     match manifest.store.delete(&manifest.path).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(e).with_context(|| format!("deleting {}", manifest.url)),
+        Err(e) => return Err(StoreError(e)).with_context(|| format!("deleting {}", manifest.url)),
     }
-    let objects: Vec<_> =
-        dir.store.list(Some(&dir.path)).try_collect().await.with_context(|| format!("listing {}", dir.url))?;
+    let objects: Vec<_> = dir
+        .store
+        .list(Some(&dir.path))
+        .try_collect()
+        .await
+        .map_err(StoreError)
+        .with_context(|| format!("listing {}", dir.url))?;
     for o in objects {
         match dir.store.delete(&o.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e).with_context(|| format!("deleting {}", o.location)),
+            Err(e) => return Err(StoreError(e)).with_context(|| format!("deleting {}", o.location)),
         }
     }
     if let Some(path) = albef_data::store::local_path(&dir.url) {
@@ -242,7 +265,8 @@ pub async fn remove_incomplete(run: &Location, in_flight: Option<u64>) -> Result
     let mut removed = vec![];
     for l in list(run).await? {
         if !l.complete && Some(l.step) != in_flight {
-            let has_objects = l.location.store.list(Some(&l.location.path)).try_next().await?.is_some();
+            let has_objects =
+                l.location.store.list(Some(&l.location.path)).try_next().await.map_err(StoreError)?.is_some();
             if has_objects {
                 remove(&l.location).await?;
                 removed.push(l.step);

@@ -11,6 +11,24 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+/// An object store's error without its first cause: object_store's messages end with that
+/// cause's (`Object at location x not found: No such file...`), so a printed chain (`{:#}`)
+/// would repeat it. Deeper causes stay.
+#[derive(Debug)]
+pub struct StoreError(pub object_store::Error);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0).and_then(|cause| cause.source())
+    }
+}
+
 /// An object (or prefix) in a store, with the URL it was opened from for messages.
 #[derive(Clone, Debug)]
 pub struct Location {
@@ -37,15 +55,17 @@ impl Location {
                 (Arc::new(object_store::local::LocalFileSystem::new()), path)
             }
             "s3" | "s3a" => {
-                let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build();
+                let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build().map_err(StoreError);
                 (Arc::new(store.with_context(|| format!("configuring S3 for {url}"))?), key_of(url)?)
             }
             "gs" => {
-                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).build();
+                let store =
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).build().map_err(StoreError);
                 (Arc::new(store.with_context(|| format!("configuring GCS for {url}"))?), key_of(url)?)
             }
             "az" | "azure" | "abfs" | "abfss" | "adl" => {
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).build();
+                let store =
+                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).build().map_err(StoreError);
                 (Arc::new(store.with_context(|| format!("configuring Azure for {url}"))?), key_of(url)?)
             }
             other => bail!("{url}: unsupported scheme {other}:// (use a path, file://, s3://, gs:// or az://)"),
@@ -76,12 +96,17 @@ impl Location {
     }
 
     pub async fn read_all(&self) -> Result<bytes::Bytes> {
-        let get = self.store.get(&self.path).await.with_context(|| format!("reading {}", self.url))?;
-        get.bytes().await.with_context(|| format!("reading {}", self.url))
+        let get =
+            self.store.get(&self.path).await.map_err(StoreError).with_context(|| format!("reading {}", self.url))?;
+        get.bytes().await.map_err(StoreError).with_context(|| format!("reading {}", self.url))
     }
 
     pub async fn write_all(&self, data: impl Into<PutPayload>) -> Result<()> {
-        self.store.put(&self.path, data.into()).await.with_context(|| format!("writing {}", self.url))?;
+        self.store
+            .put(&self.path, data.into())
+            .await
+            .map_err(StoreError)
+            .with_context(|| format!("writing {}", self.url))?;
         Ok(())
     }
 
@@ -89,7 +114,7 @@ impl Location {
         match self.store.head(&self.path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("checking {}", self.url)),
+            Err(e) => Err(StoreError(e)).with_context(|| format!("checking {}", self.url)),
         }
     }
 
@@ -97,9 +122,11 @@ impl Location {
     /// is not a runtime worker (decode threads); nothing is buffered beyond the stream's chunks.
     pub fn stream_from(&self, handle: &Handle, offset: u64) -> Result<Box<dyn Read + Send>> {
         let opts = GetOptions { range: (offset > 0).then_some(GetRange::Offset(offset)), ..Default::default() };
-        let get =
-            handle.block_on(self.store.get_opts(&self.path, opts)).with_context(|| format!("opening {}", self.url))?;
-        let stream = get.into_stream().map_err(std::io::Error::other);
+        let get = handle
+            .block_on(self.store.get_opts(&self.path, opts))
+            .map_err(StoreError)
+            .with_context(|| format!("opening {}", self.url))?;
+        let stream = get.into_stream().map_err(|e| std::io::Error::other(StoreError(e)));
         Ok(Box::new(SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone())))
     }
 }

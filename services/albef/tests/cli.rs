@@ -110,6 +110,27 @@ fn a_mismatched_vocabulary_is_refused_before_training() {
     );
 }
 
+/// A missing input's OS error is printed once, with the chain that leads to it.
+#[test]
+fn a_missing_input_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let once = |out: &Output, what: &str| {
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        // The error itself, not the warnings logged before it.
+        let error = &stderr[stderr.find("error: ").unwrap_or_else(|| panic!("no error in\n{stderr}"))..];
+        assert!(error.contains(what), "{what} in\n{error}");
+        assert_eq!(error.matches("No such file or directory").count(), 1, "{error}");
+    };
+    let sources = format!("data.train_file=[{d}/nope.json]");
+    let out = format!("{d}/run");
+    once(&albef(&["train", "--config", "configs/small.yaml", "--set", &sources, "--out", &out], &[]), "/nope.json");
+    let texts = format!("{d}/nope.txt");
+    let embed = ["embed", "--untrained", "--config", "configs/small.yaml", "--texts", &texts, "--out", &out];
+    once(&albef(&embed, &[]), "/nope.txt");
+}
+
 /// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and
 /// Pillow with byte-level edits (tests/python/make_hostile_shards.py): `albef data index` names
 /// each source it leaves out and why, `albef train` trains on the rest and ends with a summary of
