@@ -67,16 +67,17 @@ impl DatasetIndex {
     pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
         let mut sources = vec![];
         let mut problems = vec![];
-        for pattern in patterns {
-            for url in expand_pattern(pattern)? {
-                match index_source(&url, handle, skips) {
-                    Ok(entry) => sources.push(entry),
-                    Err((reason, detail)) => {
-                        skips.record(reason, &url, "", &detail);
-                        problems.push(format!("{url}: {} ({detail})", reason.as_str()));
-                    }
+        let urls = patterns.iter().map(|p| expand_pattern(p)).collect::<Result<Vec<_>>>()?.concat();
+        let mut progress = crate::progress::start("indexing sources", urls.len() as u64);
+        for url in urls {
+            match index_source(&url, handle, skips) {
+                Ok(entry) => sources.push(entry),
+                Err((reason, detail)) => {
+                    skips.record(reason, &url, "", &detail);
+                    problems.push(format!("{url}: {} ({detail})", reason.as_str()));
                 }
             }
+            progress.advance(1);
         }
         if sources.is_empty() {
             const SHOWN: usize = 10;

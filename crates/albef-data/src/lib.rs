@@ -27,6 +27,8 @@
 //! - `rng::SplitMix64`: every random draw of a sample derives from (seed, epoch, sample id), so a
 //!   sample looks the same on any thread, on any rank and in a resumed run.
 //! - `run_lock`: one coordinator per (local) run directory.
+//! - `progress`: long work (generating, indexing, evaluating) reports its progress to whatever
+//!   reporter the program installed.
 //! - `synth`: generated, learnable image-text datasets (shards, annotation JSON, a retrieval split,
 //!   a vocabulary) for the demo and the tests.
 
@@ -37,6 +39,7 @@ pub mod dataset;
 pub mod index;
 pub mod loader;
 pub mod plan;
+pub mod progress;
 pub mod rng;
 pub mod run_lock;
 pub mod sources;

@@ -292,6 +292,7 @@ pub fn write_dataset(
         cuts[i] = cuts[i].clamp(cuts[i - 1] + 1, spec.train - (cuts.len() - 1 - i) as u64);
     }
 
+    let mut progress = crate::progress::start("generating pictures", spec.train + spec.test);
     let mut annotations = vec![];
     for shard in 0..spec.shards {
         let mut b = tar::Builder::new(Vec::new());
@@ -306,6 +307,7 @@ pub fn write_dataset(
             let path = format!("images/train/{}.jpg", pair.key);
             handle.block_on(out.join(&path).write_all(image))?;
             annotations.push(serde_json::json!({"image": path, "image_id": pair.key, "caption": pair.captions}));
+            progress.advance(1);
         }
         handle.block_on(out.join(&format!("train-{shard:06}.tar")).write_all(b.into_inner()?))?;
     }
@@ -317,6 +319,7 @@ pub fn write_dataset(
         let path = format!("images/test/{}.jpg", pair.key);
         handle.block_on(out.join(&path).write_all(jpeg(&pair.rgb, pair.res)?))?;
         test_items.push(serde_json::json!({"image": path, "image_id": i, "caption": pair.captions}));
+        progress.advance(1);
     }
     handle.block_on(out.join(TEST_JSON).write_all(serde_json::to_vec(&test_items)?))?;
 

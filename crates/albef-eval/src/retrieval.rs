@@ -14,8 +14,9 @@
 
 use crate::metrics::{GroundTruth, RetrievalMetrics, ScoreMatrix, retrieval_metrics};
 use crate::split::RetrievalSplit;
-use albef_model::{Albef, TaskModel};
+use albef_data::progress::{self, Progress};
 use albef_model::device::with_autocast;
+use albef_model::{Albef, TaskModel};
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -131,6 +132,7 @@ pub fn extract_features(model: &Albef, split: &RetrievalSplit, opts: &EvalOption
     let dev = model.device();
     let res = model.config().image_res as usize;
     let bs = opts.batch_size.max(1);
+    let mut progress = progress::start("encoding images and texts", (split.num_images() + split.num_texts()) as u64);
     let (mut image_embeds, mut image_feat) = (vec![], vec![]);
     for start in (0..split.num_images()).step_by(bs) {
         let end = (start + bs).min(split.num_images());
@@ -142,6 +144,7 @@ pub fn extract_features(model: &Albef, split: &RetrievalSplit, opts: &EvalOption
         );
         image_embeds.push(e);
         image_feat.push(f);
+        progress.advance((end - start) as u64);
     }
     let (n, l) = (split.num_texts() as i64, split.seq_len as i64);
     let ids = host_tensor(&split.input_ids, &[n, l], dev);
@@ -152,6 +155,7 @@ pub fn extract_features(model: &Albef, split: &RetrievalSplit, opts: &EvalOption
         let (e, f) = encode_texts(model, &ids.narrow(0, start, len), &text_mask.narrow(0, start, len), opts.bf16);
         text_embeds.push(e);
         text_feat.push(f);
+        progress.advance(len as u64);
     }
     Ok(Features {
         image_embeds: Tensor::cat(&image_embeds, 0),
@@ -169,7 +173,14 @@ pub fn shard_rows(n: usize, rank: usize, world: usize) -> Range<usize> {
 }
 
 /// ITM match logits of (text, image) pairs given by index, in batches of `batch` pairs.
-fn itm_match_logits(model: &Albef, f: &Features, texts: &Tensor, images: &Tensor, opts: &EvalOptions) -> Tensor {
+fn itm_match_logits(
+    model: &Albef,
+    f: &Features,
+    texts: &Tensor,
+    images: &Tensor,
+    opts: &EvalOptions,
+    progress: &mut Progress,
+) -> Tensor {
     let n = texts.size()[0];
     let step = opts.itm_batch.max(1) as i64;
     let mut out = vec![];
@@ -186,6 +197,7 @@ fn itm_match_logits(model: &Albef, f: &Features, texts: &Tensor, images: &Tensor
                 )
             });
             out.push(logits.to_kind(Kind::Float).select(1, 1));
+            progress.advance(len as u64);
         }
     });
     if out.is_empty() { Tensor::zeros([0], (Kind::Float, model.device())) } else { Tensor::cat(&out, 0) }
@@ -214,7 +226,8 @@ fn rerank(
     let query = Tensor::arange_start(start, start + len, (Kind::Int64, dev)).unsqueeze(1).expand([len, k], false);
     let (q, c) = (query.reshape([-1]), top.reshape([-1]));
     let (texts, images) = if queries_are_images { (&c, &q) } else { (&q, &c) };
-    let scores = itm_match_logits(model, f, texts, images, opts);
+    let what = if queries_are_images { "re-ranking texts per image" } else { "re-ranking images per text" };
+    let scores = itm_match_logits(model, f, texts, images, opts, &mut progress::start(what, q.size()[0] as u64));
     let flat = &q * nc + &c;
     let _ = logits.view([-1]).index_copy_(0, &flat, &scores);
     let _ = mask.view([-1]).index_fill_(0, &flat, 1.0);

@@ -28,6 +28,7 @@ mod eval;
 mod launch;
 mod model;
 mod plot;
+mod progress;
 mod train;
 
 use albef_config::ConfigArgs;
@@ -110,6 +111,7 @@ enum Command {
 fn main() {
     albef_model::device::keep_freed_host_memory();
     let _telemetry = albef_telemetry::init("albef");
+    progress::install();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

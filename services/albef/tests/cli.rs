@@ -131,6 +131,25 @@ fn a_missing_input_is_reported_once() {
     once(&albef(&embed, &[]), "/nope.txt");
 }
 
+/// `albef data synth` and `data index` show a bar on a terminal and plain lines otherwise.
+#[test]
+fn data_commands_show_their_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let synth = albef(&["data", "synth", "--out", d, "--train", "16", "--test", "2", "--shards", "2"], &[]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    assert!(text(&synth.stderr).contains("generating pictures: 18/18 in "), "{}", text(&synth.stderr));
+    let (shards, index) = (format!("{d}/train-{{000000..000001}}.tar"), format!("{d}/again.json"));
+    let indexed = albef(&["data", "index", &shards, "--out", &index], &[]);
+    assert!(text(&indexed.stderr).contains("indexing sources: 2/2 in "), "{}", text(&indexed.stderr));
+    // On a terminal (script(1) gives it one): a bar, no lines.
+    let command = format!("{} data index '{shards}' --out {index}", env!("CARGO_BIN_EXE_albef"));
+    let shown = Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+    let screen = text(&shown.stdout);
+    assert!(shown.status.success(), "{screen}");
+    assert!(screen.contains("indexing sources: [=====") && !screen.contains(" in 00:"), "{screen}");
+}
+
 /// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and
 /// Pillow with byte-level edits (tests/python/make_hostile_shards.py): `albef data index` names
 /// each source it leaves out and why, `albef train` trains on the rest and ends with a summary of
