@@ -62,7 +62,7 @@ pub struct EvalArgs {
     /// (query, candidate) pairs per fusion forward.
     #[arg(long, default_value_t = 256)]
     pub itm_batch: usize,
-    /// The JSON report (default: `<run>/eval/step-N.json` for a checkpoint of a run,
+    /// The JSON report (default: `<run>/eval/step-N.json` or `final.json` for a checkpoint of a run,
     /// `<job.run_dir>/eval/untrained.json` for --untrained).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -220,11 +220,17 @@ fn split_url(data: Option<&str>, model: &EvalModel, handle: &Handle) -> Result<S
 
 fn default_out(model: &EvalModel, args: &EvalArgs) -> PathBuf {
     let source = Path::new(&model.source);
-    if let (Some(step_dir), Some(ckpts)) = (source.file_name(), source.parent())
-        && ckpts.file_name().is_some_and(|n| n == "checkpoints")
-        && let Some(run) = ckpts.parent()
-    {
-        return run.join("eval").join(format!("{}.json", step_dir.to_string_lossy()));
+    if let (Some(name), Some(parent)) = (source.file_name(), source.parent()) {
+        // A checkpoint of a run (`<run>/checkpoints/step-N`), or the final state `albef train`
+        // leaves (`<run>/final`).
+        let run = match parent.file_name() {
+            Some(p) if p == "checkpoints" => parent.parent(),
+            _ if name == "final" => Some(parent),
+            _ => None,
+        };
+        if let Some(run) = run {
+            return run.join("eval").join(format!("{}.json", name.to_string_lossy()));
+        }
     }
     if args.model.untrained {
         return Path::new(&model.cfg.job.run_dir).join("eval").join("untrained.json");

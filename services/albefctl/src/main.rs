@@ -178,8 +178,9 @@ fn saved_state(dir: &std::path::Path, command: &Cmd, unreachable: &Failure) -> R
             println!("{:#}", serde_json::json!({"running": false, "saved": saved}));
         }
         Cmd::Status { .. } => {
-            let last =
-                checkpoints.last().map_or("none".to_string(), |c| format!("step {} at {}", c["step"], c["location"]));
+            let last = checkpoints.last().map_or("none".to_string(), |c| {
+                format!("step {} at {}", c["step"], c["location"].as_str().unwrap_or("?"))
+            });
             println!("the coordinator of {} is not running; the state it saved:", dir.display());
             println!("state               {}", saved["state"].as_str().unwrap_or("?"));
             println!("generation          {}", saved["generation"]);
