@@ -34,6 +34,7 @@ pub async fn read(run: &Location) -> Result<Option<Best>> {
         return Ok(None);
     }
     let bytes = file.read_all().await?;
-    let best = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a best-checkpoint record", file.url))?;
+    let best =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a best-checkpoint record", file.url))?;
     Ok(Some(best))
 }

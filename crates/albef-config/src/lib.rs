@@ -50,6 +50,9 @@ pub enum TaskKind {
     /// Image-text retrieval fine-tuning (COCO, Flickr30K): ITC with every caption of an image a
     /// positive, ITM; rows carry an `image_id`.
     Retrieval,
+    /// Visual entailment (SNLI-VE): the fused [CLS] classified as entailment, neutral or
+    /// contradiction; rows carry a `label`.
+    Ve,
 }
 
 impl TaskKind {
@@ -58,6 +61,7 @@ impl TaskKind {
         match self {
             TaskKind::Pretrain => "pretrain",
             TaskKind::Retrieval => "retrieval",
+            TaskKind::Ve => "ve",
         }
     }
 }

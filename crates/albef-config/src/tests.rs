@@ -109,7 +109,7 @@ fn effective_config_round_trips_through_its_printout_and_its_file() {
 #[test]
 fn repository_configs_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    for name in ["pretrain.yaml", "small.yaml", "retrieval_coco.yaml", "retrieval_flickr.yaml"] {
+    for name in ["pretrain.yaml", "small.yaml", "retrieval_coco.yaml", "retrieval_flickr.yaml", "ve.yaml"] {
         let path = root.join(name);
         let cfg = load(&ConfigSources { file: Some(path.clone()), overrides: vec![], environment: false })
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

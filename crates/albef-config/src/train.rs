@@ -33,6 +33,9 @@ pub struct ScheduleConfig {
     pub warmup_lr: f64,
     /// Iterations of linear warm-up from warmup_lr to lr (reference: 20 x 100).
     pub warmup_steps: u64,
+    /// The distillation weight alpha ramps up from 0 over the first epoch (the reference's
+    /// `warm_up`: on for pretraining and retrieval, off for SNLI-VE).
+    pub alpha_warm_up: bool,
 }
 
 impl Default for ScheduleConfig {
@@ -44,6 +47,7 @@ impl Default for ScheduleConfig {
             min_lr: 1e-5,
             warmup_lr: 1e-5,
             warmup_steps: 2000,
+            alpha_warm_up: true,
         }
     }
 }

@@ -43,7 +43,7 @@ fn main() {
             image_root: String::new(),
             max_words: 30,
             seed: 0,
-            image_ids: false,
+            needs: Default::default(),
         };
         let start = Instant::now();
         let loader = Loader::start(

@@ -24,6 +24,8 @@ pub enum SkipReason {
     MissingCaption,
     /// The task tells images apart (retrieval) and the sample has no `image_id`.
     MissingImageId,
+    /// The task classifies (SNLI-VE) and the sample's `label` is missing or not one of its classes.
+    BadLabel,
     EmptyCaption,
     InvalidUtf8,
     BadAnnotation,
@@ -52,6 +54,7 @@ impl SkipReason {
             SkipReason::MissingImage => "missing_image",
             SkipReason::MissingCaption => "missing_caption",
             SkipReason::MissingImageId => "missing_image_id",
+            SkipReason::BadLabel => "bad_label",
             SkipReason::EmptyCaption => "empty_caption",
             SkipReason::InvalidUtf8 => "invalid_utf8",
             SkipReason::BadAnnotation => "bad_annotation",
@@ -66,7 +69,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 17] = [
+    pub const ALL: [SkipReason; 18] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -74,6 +77,7 @@ impl SkipReason {
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
         SkipReason::MissingImageId,
+        SkipReason::BadLabel,
         SkipReason::EmptyCaption,
         SkipReason::InvalidUtf8,
         SkipReason::BadAnnotation,

@@ -6,7 +6,7 @@ pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// A batch on the host: images (B, 3, res, res) normalised, ids and mask (B, L) padded to the
 /// longest sequence of the batch, the keys of the samples (for auditing what was trained) and,
-/// for tasks that tell images apart (retrieval), each row's image index.
+/// as the task asks, each row's image index (retrieval) or class (SNLI-VE).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostBatch {
     pub batch_size: usize,
@@ -18,6 +18,8 @@ pub struct HostBatch {
     pub keys: Vec<String>,
     /// One per row when the task asked for them (see [`crate::sources::image_index`]), else empty.
     pub image_ids: Vec<i64>,
+    /// One per row when the task asked for them, else empty.
+    pub labels: Vec<i64>,
 }
 
 /// A decoded sample, as [`collate`] takes it.
@@ -27,6 +29,7 @@ pub struct Row<'a> {
     pub rgb: &'a [u8],
     pub ids: &'a [i64],
     pub image_id: Option<i64>,
+    pub label: Option<i64>,
 }
 
 /// HWC u8 RGB -> CHW f32 normalised with the CLIP mean and std.
@@ -37,7 +40,7 @@ pub fn normalize_rgb(rgb: &[u8], res: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Collates samples; image indexes are kept when every row has one.
+/// Collates samples; image indexes and labels are kept when every row has one.
 pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
     let seq_len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut b = HostBatch {
@@ -49,6 +52,7 @@ pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
         attention_mask: Vec::with_capacity(samples.len() * seq_len),
         keys: Vec::with_capacity(samples.len()),
         image_ids: samples.iter().map(|s| s.image_id).collect::<Option<_>>().unwrap_or_default(),
+        labels: samples.iter().map(|s| s.label).collect::<Option<_>>().unwrap_or_default(),
     };
     for s in samples {
         normalize_rgb(s.rgb, image_res, &mut b.images);
@@ -66,7 +70,7 @@ mod tests {
     #[test]
     fn pads_to_the_longest_and_masks_padding() {
         let img = vec![255u8; 2 * 2 * 3];
-        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id };
+        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id, label: None };
         let b = collate(&[row("a", &[2, 7, 8], Some(4)), row("b", &[2, 9], Some(9))], 2, 0);
         assert_eq!(b.seq_len, 3);
         assert_eq!(b.input_ids, vec![2, 7, 8, 2, 9, 0]);

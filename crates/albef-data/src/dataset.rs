@@ -4,7 +4,7 @@
 
 use crate::bad::SkipCounts;
 use crate::index::{DatasetIndex, INDEX_FILE};
-use crate::loader::{Loader, LoaderOptions};
+use crate::loader::{Loader, LoaderOptions, RowNeeds};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use crate::sources::TarOptions;
 use crate::store::{Location, expand_pattern};
@@ -66,15 +66,35 @@ pub fn index_location(cfg: &AlbefConfig, sources: &[String]) -> Result<Location>
     }
 }
 
+/// The index of `sources` at `loc`, or built (and stored there when nothing is). An index at
+/// `loc` of other sources (another dataset's in the same folder) is left alone: this run's is
+/// built, which the coordinator and every worker do alike.
+pub fn open_index(loc: &Location, sources: &[String], handle: &Handle, skips: &SkipCounts) -> Result<DatasetIndex> {
+    let exists = handle.block_on(loc.exists())?;
+    if exists {
+        let index = DatasetIndex::load(loc, handle)?;
+        if index.indexes(sources)? {
+            return Ok(index);
+        }
+        tracing::info!(index = %loc.url, "the index there is of other sources: indexing these for this run (data.index names one of their own)");
+    } else {
+        tracing::info!(index = %loc.url, "no dataset index yet: building it");
+    }
+    let index = DatasetIndex::build(sources, handle, skips)?;
+    if !exists {
+        index.save(loc, handle)?;
+    }
+    Ok(index)
+}
+
 /// A training dataset: its index, tokenizer and skip counters.
 pub struct Dataset {
     pub index: Arc<DatasetIndex>,
     pub tokenizer: Arc<Tokenizer>,
     pub skips: Arc<SkipCounts>,
     image_root: String,
-    /// Rows carry their image index, and samples without an `image_id` are skipped (tasks that
-    /// tell images apart set it).
-    pub image_ids: bool,
+    /// What the task needs of each row besides image and text (it sets this after opening).
+    pub needs: RowNeeds,
 }
 
 impl Dataset {
@@ -88,14 +108,7 @@ impl Dataset {
         // What the index leaves out (sources that are no tar or empty, junk members) is part of
         // this run's skip summary when the index is built here.
         let skips = Arc::new(SkipCounts::default());
-        let index = if handle.block_on(index_loc.exists())? {
-            DatasetIndex::load(&index_loc, handle)?
-        } else {
-            tracing::info!(index = %index_loc.url, "no dataset index yet: building it");
-            let index = DatasetIndex::build(&sources, handle, &skips)?;
-            index.save(&index_loc, handle)?;
-            index
-        };
+        let index = open_index(&index_loc, &sources, handle, &skips)?;
         let tokenizer_loc =
             if d.tokenizer.is_empty() { first.sibling(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
         let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
@@ -106,7 +119,7 @@ impl Dataset {
             tokenizer: Arc::new(tokenizer),
             skips,
             image_root: d.image_root.clone(),
-            image_ids: false,
+            needs: RowNeeds::default(),
         })
     }
 
@@ -145,7 +158,7 @@ impl Dataset {
             image_root: self.image_root.clone(),
             max_words: d.max_words,
             seed: cfg.train.seed,
-            image_ids: self.image_ids,
+            needs: self.needs.clone(),
         };
         Loader::start(self.index.clone(), plan, from, opts, self.tokenizer.clone(), handle.clone(), self.skips.clone())
     }

@@ -39,6 +39,11 @@ pub struct DatasetIndex {
     pub sources: Vec<SourceEntry>,
 }
 
+/// Every source `patterns` name, in order.
+fn source_urls(patterns: &[String]) -> Result<Vec<String>> {
+    Ok(patterns.iter().map(|p| expand_pattern(p)).collect::<Result<Vec<_>>>()?.concat())
+}
+
 impl DatasetIndex {
     pub fn total(&self) -> u64 {
         self.sources.iter().map(|s| s.samples).sum()
@@ -67,7 +72,7 @@ impl DatasetIndex {
     pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
         let mut sources = vec![];
         let mut problems = vec![];
-        let urls = patterns.iter().map(|p| expand_pattern(p)).collect::<Result<Vec<_>>>()?.concat();
+        let urls = source_urls(patterns)?;
         let mut progress = crate::progress::start("indexing sources", urls.len() as u64);
         for url in urls {
             match index_source(&url, handle, skips) {
@@ -89,6 +94,13 @@ impl DatasetIndex {
             bail!("no readable sample in any source of {patterns:?} ({ACCEPTED_SOURCES}):\n  {listed}");
         }
         Ok(DatasetIndex { version: INDEX_VERSION, sources })
+    }
+
+    /// Whether this index is of exactly the sources `patterns` name (an index found beside a
+    /// source may be another dataset's that shares its folder).
+    pub fn indexes(&self, patterns: &[String]) -> Result<bool> {
+        let indexed: Vec<&str> = self.sources.iter().map(|s| s.url.as_str()).collect();
+        Ok(source_urls(patterns)? == indexed)
     }
 
     pub fn save(&self, loc: &Location, handle: &Handle) -> Result<()> {

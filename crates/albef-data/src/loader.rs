@@ -40,9 +40,19 @@ pub struct LoaderOptions {
     pub image_root: String,
     pub max_words: usize,
     pub seed: u64,
-    /// The task tells images apart (retrieval): every row carries its image index, and a
-    /// sample without an `image_id` is skipped.
+    /// What each row carries besides its image and text, as the task asks.
+    pub needs: RowNeeds,
+}
+
+/// What a task needs of each row besides its image and text; a sample without it is skipped and
+/// counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowNeeds {
+    /// The image index (retrieval tells images apart): from `image_id`.
     pub image_ids: bool,
+    /// The classes, in the order of their ids (SNLI-VE: contradiction, neutral, entailment): a
+    /// row's `label` must be one. Empty: no labels.
+    pub labels: Vec<String>,
 }
 
 /// A batch of one step.
@@ -298,7 +308,8 @@ fn read_annotation_range(
         match image {
             Ok(bytes) => {
                 let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
-                put(ordinal, Record { key, image, captions, image_id: a.image_id.clone() })
+                let (image_id, label) = (a.image_id.clone(), a.label.clone());
+                put(ordinal, Record { key, image, captions, image_id, label })
             }
             Err(e) => skips.record(SkipReason::MissingImage, url, &a.image, &format!("{e:#}")),
         }
@@ -315,9 +326,17 @@ fn decode_step(
 ) -> HostBatch {
     let mut rows = vec![];
     for (id, record) in &job.samples {
-        let image_id = record.image_id.as_deref().map(image_index);
-        if opts.image_ids && image_id.is_none() {
+        let needs = &opts.needs;
+        let image_id = record.image_id.as_deref().map(image_index).filter(|_| needs.image_ids);
+        if needs.image_ids && image_id.is_none() {
             skips.record(SkipReason::MissingImageId, "decode", &record.key, "the task needs an image_id");
+            continue;
+        }
+        let label = record.label.as_ref().and_then(|l| needs.labels.iter().position(|c| c == l)).map(|i| i as i64);
+        if !needs.labels.is_empty() && label.is_none() {
+            let got = record.label.as_deref().unwrap_or("none");
+            let detail = format!("label {got:?} is not one of {:?}", needs.labels);
+            skips.record(SkipReason::BadLabel, "decode", &record.key, &detail);
             continue;
         }
         let mut rng = sample_rng(opts.seed, epoch, *id);
@@ -338,15 +357,12 @@ fn decode_step(
             skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
             continue;
         }
-        rows.push((
-            record.key.as_str(),
-            image.into_raw(),
-            tokenizer.encode(&text),
-            image_id.filter(|_| opts.image_ids),
-        ));
+        rows.push((record.key.as_str(), image.into_raw(), tokenizer.encode(&text), image_id, label));
     }
-    let samples: Vec<Row> =
-        rows.iter().map(|(key, rgb, ids, image_id)| Row { key, rgb, ids, image_id: *image_id }).collect();
+    let samples: Vec<Row> = rows
+        .iter()
+        .map(|(key, rgb, ids, image_id, label)| Row { key, rgb, ids, image_id: *image_id, label: *label })
+        .collect();
     collate(&samples, opts.image_res as usize, tokenizer.pad_id())
 }
 

@@ -19,6 +19,8 @@ pub struct Record {
     pub captions: Vec<String>,
     /// The image's id, from an annotation's `image_id` or the `.json` member's (retrieval).
     pub image_id: Option<String>,
+    /// The row's class, from an annotation's `label` or the `.json` member's (SNLI-VE).
+    pub label: Option<String>,
 }
 
 /// The index of an image id in batches and the retrieval queues: a hash, so that every rank
@@ -29,8 +31,8 @@ pub fn image_index(id: &str) -> i64 {
     (hash & ((1 << 53) - 1)) as i64
 }
 
-/// An `image_id` as JSON gives it: a string, or any other value by its JSON text (COCO's are
-/// numbers).
+/// An `image_id` or `label` as JSON gives it: a string, or any other value by its JSON text
+/// (COCO's ids are numbers).
 fn image_id_of(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::String(s) => s.clone(),
@@ -300,7 +302,8 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     // A bad .json member matters only where the caption comes from it (a missing image id is
     // counted as such by a task that needs one).
     let meta = m.json.as_ref().map(|json| serde_json::from_slice::<serde_json::Value>(json));
-    let image_id = meta.as_ref().and_then(|v| v.as_ref().ok()?.get("image_id")).map(image_id_of);
+    let field = |name: &str| meta.as_ref().and_then(|v| v.as_ref().ok()?.get(name)).map(image_id_of);
+    let (image_id, label) = (field("image_id"), field("label"));
     let text = match caption {
         CaptionSource::Txt => match m.txt {
             Some(t) => t,
@@ -322,7 +325,7 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     if text.trim().is_empty() {
         return reject(SkipReason::EmptyCaption, "");
     }
-    Ok(Record { key, image, captions: vec![text], image_id })
+    Ok(Record { key, image, captions: vec![text], image_id, label })
 }
 
 /// One entry of an ALBEF annotation file.
@@ -333,6 +336,8 @@ pub struct Annotation {
     pub captions: Vec<String>,
     /// Retrieval splits identify images.
     pub image_id: Option<String>,
+    /// SNLI-VE rows are labelled.
+    pub label: Option<String>,
 }
 
 /// Parses an annotation file. The file must be a JSON list; an entry of the wrong shape stays
@@ -354,23 +359,25 @@ pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result
         .collect())
 }
 
+/// An entry: `image`, the text as `caption` (a string or a list) or `sentence` (SNLI-VE), and
+/// optionally `image_id` and `label`.
 fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, String> {
     let image = item.get("image").and_then(|v| v.as_str()).ok_or("\"image\" is not a string")?;
-    let captions: Vec<String> = match item.get("caption") {
+    let captions: Vec<String> = match item.get("caption").or_else(|| item.get("sentence")) {
         Some(serde_json::Value::String(s)) => vec![s.clone()],
         Some(serde_json::Value::Array(list)) => list
             .iter()
             .map(|c| c.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or("a caption is not a string")?,
-        _ => return Err("\"caption\" is neither a string nor a list of strings".into()),
+        _ => return Err("\"caption\" (or \"sentence\") is neither a string nor a list of strings".into()),
     };
     let captions: Vec<String> = captions.into_iter().filter(|c| !c.trim().is_empty()).collect();
     if captions.is_empty() {
         return Err("no non-empty caption".into());
     }
-    let image_id = item.get("image_id").map(image_id_of);
-    Ok(Annotation { image: image.to_string(), captions, image_id })
+    let (image_id, label) = (item.get("image_id").map(image_id_of), item.get("label").map(image_id_of));
+    Ok(Annotation { image: image.to_string(), captions, image_id, label })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use albef_data::bad::{SkipCounts, SkipReason};
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{Loader, LoaderOptions};
+use albef_data::loader::{Loader, LoaderOptions, RowNeeds};
 use albef_data::plan::{PlanSpec, plan_rank};
 use albef_data::rng::SplitMix64;
 use albef_data::sources::TarOptions;
@@ -35,7 +35,7 @@ fn options(threads: usize) -> LoaderOptions {
         image_root: String::new(),
         max_words: 30,
         seed: 9,
-        image_ids: false,
+        needs: Default::default(),
     }
 }
 
@@ -124,6 +124,61 @@ fn annotation_files_load_with_their_image_root_or_beside_it() {
         assert_eq!(loaded.len(), 4, "image_root {root:?}: {}", skips.summary());
         assert!(loaded.iter().all(|b| b.batch.batch_size == 5), "image_root {root:?}: {}", skips.summary());
     }
+}
+
+/// What a task needs of each row: retrieval's image ids (rows of one image share an index, rows
+/// without an `image_id` are skipped as missing_image_id), SNLI-VE's labels (a row whose label is
+/// not a class is skipped as bad_label); the rest of the batch trains.
+#[test]
+fn rows_carry_what_the_task_needs_and_rows_without_it_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    generate(dir.path(), &rt, 4, 1);
+    let image = |i: usize| format!("images/train/synth-{i:08}.jpg");
+    let rows = serde_json::json!([
+        {"image": image(0), "caption": "a", "image_id": 7, "sentence": "x", "label": "entailment"},
+        {"image": image(0), "caption": "b", "image_id": 7, "label": "contradiction"},
+        {"image": image(1), "caption": "c", "label": "neutral"},
+        {"image": image(2), "caption": "d", "image_id": "coco-2", "label": "maybe"},
+    ]);
+    let json = dir.path().join("rows.json");
+    std::fs::write(&json, rows.to_string()).unwrap();
+    let index =
+        Arc::new(DatasetIndex::build(&[json.to_str().unwrap().into()], rt.handle(), &SkipCounts::default()).unwrap());
+    let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 4, window: 4 };
+    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let load = |needs: RowNeeds| {
+        let opts = LoaderOptions { augment: None, needs, ..options(1) };
+        let skips = Arc::new(SkipCounts::default());
+        let loader = Loader::start(
+            index.clone(),
+            plan.clone(),
+            0,
+            opts,
+            tokenizer(dir.path()),
+            rt.handle().clone(),
+            skips.clone(),
+        );
+        let mut batches: Vec<_> = loader.map(|b| b.batch).collect();
+        (batches.pop().unwrap(), skips)
+    };
+    let (b, skips) = load(RowNeeds { image_ids: true, labels: vec![] });
+    assert_eq!((b.batch_size, skips.get(SkipReason::MissingImageId)), (3, 1), "{}", skips.summary());
+    let by_key: Vec<(String, i64)> = b.keys.iter().cloned().zip(b.image_ids.iter().copied()).collect();
+    let id_of = |caption_row: usize| {
+        by_key.iter().filter(|(k, _)| k == &image(caption_row)).map(|(_, i)| *i).collect::<Vec<_>>()
+    };
+    assert_eq!(id_of(0).len(), 2);
+    assert!(id_of(0)[0] == id_of(0)[1] && id_of(0)[0] != id_of(2)[0], "{by_key:?}");
+    assert!(b.labels.is_empty());
+
+    let classes = ["contradiction", "neutral", "entailment"].map(String::from).to_vec();
+    let (b, skips) = load(RowNeeds { image_ids: false, labels: classes });
+    assert_eq!((b.batch_size, skips.get(SkipReason::BadLabel)), (3, 1), "{}", skips.summary());
+    let mut labels = b.labels.clone();
+    labels.sort();
+    assert_eq!(labels, [0, 1, 2]);
+    assert!(b.image_ids.is_empty());
 }
 
 fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {

@@ -14,7 +14,10 @@
 //!   latest complete checkpoint, a bare state with a configuration, or the untrained model a job
 //!   starts from.
 //! - `embed`: normalised ITC embeddings of images or texts as safetensors.
+//! - `classification`: accuracy of a classifying task (SNLI-VE) on a labelled split, shared
+//!   across the ranks of a job.
 
+pub mod classification;
 pub mod embed;
 pub mod metrics;
 pub mod model;

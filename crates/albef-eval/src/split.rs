@@ -79,17 +79,7 @@ impl RetrievalSplit {
         let truth = GroundTruth::consecutive(&counts)?;
 
         let image_keys: Vec<String> = entries.iter().map(|e| e.image.clone()).collect();
-        let images: Vec<Bytes> = handle.block_on(async {
-            futures::stream::iter(image_keys.iter().map(|k| {
-                let loc = root.join(k);
-                async move { loc.read_all().await }
-            }))
-            .buffered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()
-        })?;
+        let images = read_images(&root, &image_keys, handle)?;
 
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let (input_ids, attention_mask, seq_len) = tokenizer.encode_batch(&refs);
@@ -119,6 +109,21 @@ impl RetrievalSplit {
     pub fn pixels(&self, range: std::ops::Range<usize>, res: usize, threads: usize) -> Result<Vec<f32>> {
         decode_images(&self.images[range.clone()], &self.image_keys[range], res, self.max_pixels, threads)
     }
+}
+
+/// Reads the images `keys` name under `root`, 16 at a time.
+pub fn read_images(root: &Location, keys: &[String], handle: &Handle) -> Result<Vec<Bytes>> {
+    handle.block_on(async {
+        futures::stream::iter(keys.iter().map(|k| {
+            let loc = root.join(k);
+            async move { loc.read_all().await }
+        }))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+    })
 }
 
 /// Decodes encoded images with the test transform into one (n, 3, res, res) buffer.

@@ -8,11 +8,13 @@
 //! the temperature is not clamped.
 
 use crate::bert::{BertModel, MlmHead, Mode};
+use crate::momentum::MomentumPairs;
+pub use crate::momentum::online_name_of;
 use crate::nn::{Init, Linear, Scope, normalize};
 use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
 use albef_config::{ItcNegatives, ModelConfig, TaskKind};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
 /// Every rank's rows of a tensor, concatenated along dim 0 in rank order.
@@ -45,6 +47,8 @@ pub struct Batch<'a> {
     pub input_ids: &'a Tensor,
     pub attention_mask: &'a Tensor,
     pub image_ids: Option<&'a Tensor>,
+    /// SNLI-VE: each row's class (B) int64.
+    pub labels: Option<&'a Tensor>,
 }
 
 /// ALBEF needs two pairs or more per micro-batch, and matching shapes.
@@ -98,7 +102,7 @@ pub struct Albef {
     /// `queue_ptr` on the host, so that an enqueue never waits for the device to read it.
     host_queue_ptr: std::cell::Cell<i64>,
     /// (online, momentum) parameter pairs, for the EMA.
-    momentum_pairs: Vec<(Tensor, Tensor)>,
+    momentum: MomentumPairs,
     /// Every micro-batch's draws since [`Albef::record_draws`] (tests compare a step with
     /// another implementation on the same draws).
     recorded: std::cell::RefCell<Option<Vec<Draws>>>,
@@ -114,9 +118,6 @@ pub struct Draws {
     pub mlm: Option<(Tensor, Tensor)>,
 }
 
-/// Prefixes of the online modules that have momentum copies (`<prefix>_m`).
-pub const MOMENTUM_MODULES: [&str; 4] = ["visual_encoder", "vision_proj", "text_encoder", "text_proj"];
-
 impl Albef {
     /// Builds the model of `task` (pretrain or retrieval) in `vs` with the reference state-dict
     /// names (the text encoder as BertForMaskedLM's, `text_encoder.bert.*`, for both), momentum
@@ -126,6 +127,7 @@ impl Albef {
         let mlm = match task {
             TaskKind::Pretrain => true,
             TaskKind::Retrieval => false,
+            TaskKind::Ve => anyhow::bail!("SNLI-VE's model is AlbefVe, not this one"),
         };
         let root = vs.root();
         let online = Scope::new(root.clone(), true);
@@ -160,13 +162,6 @@ impl Albef {
             .then(|| frozen.buffer("idx_queue", Tensor::full([1, cfg.queue_size], -100, (Kind::Int64, vs.device()))));
         let queue_ptr = frozen.buffer("queue_ptr", Tensor::zeros([1], (Kind::Int64, vs.device())));
 
-        let vars = vs.variables();
-        let mut momentum_pairs = Vec::new();
-        for (name, p_m) in &vars {
-            if let Some(online_name) = online_name_of(name) {
-                momentum_pairs.push((vars[&online_name].shallow_clone(), p_m.shallow_clone()));
-            }
-        }
         let model = Albef {
             cfg: cfg.clone(),
             task,
@@ -181,10 +176,10 @@ impl Albef {
             idx_queue,
             queue_ptr,
             host_queue_ptr: std::cell::Cell::new(0),
-            momentum_pairs,
+            momentum: MomentumPairs::of(vs),
             recorded: Default::default(),
         };
-        model.copy_params_to_momentum();
+        model.momentum.copy_online();
         Ok(model)
     }
 
@@ -212,15 +207,6 @@ impl Albef {
         self.idx_queue.as_ref()
     }
 
-    /// Sets every momentum parameter to its online value (after construction or a weight import).
-    pub fn copy_params_to_momentum(&self) {
-        tch::no_grad(|| {
-            for (p, p_m) in &self.momentum_pairs {
-                p_m.shallow_clone().copy_(p);
-            }
-        });
-    }
-
     /// A new model as every rank of a job (and an evaluation of the untrained model) builds it:
     /// `seed` fixes the initial weights, so ranks agree without a broadcast; the configured
     /// pretrained encoders (`text_encoder_checkpoint`, `visual_encoder_checkpoint`) are imported,
@@ -234,53 +220,27 @@ impl Albef {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
         let model = Albef::new(&vs, cfg, task)?;
-        let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
-        let (bert, vit) = (path(&cfg.text_encoder_checkpoint), path(&cfg.visual_encoder_checkpoint));
-        let mut reports = model.import_encoders(&vs, bert.as_deref(), vit.as_deref())?;
-        if let Some(path) = path(&cfg.init_checkpoint) {
-            reports.push(model.import_reference(&vs, &path)?);
-        }
+        let reports = crate::momentum::initialise(&vs, cfg, &model.momentum)?;
+        model.reload_buffers();
         Ok((vs, model, reports))
     }
 
-    /// Loads a reference ALBEF checkpoint (see [`crate::weights::read_reference`]) by name, the
-    /// position embeddings interpolated to the configured resolution. A file without momentum
-    /// encoders (a fine-tuned model) has them copied from the online ones, as a new run would;
-    /// the report says so. Parameters the file lacks keep their values and are reported missing.
+    /// Loads a reference ALBEF checkpoint (see [`crate::momentum::import_reference`]).
     pub fn import_reference(&self, vs: &nn::VarStore, path: &std::path::Path) -> Result<crate::weights::LoadReport> {
-        let label = path.display();
-        let tensors = crate::weights::read_reference(path)?;
-        let had_momentum = tensors.keys().any(|k| online_name_of(k).is_some());
-        let mut report =
-            crate::weights::load_named(vs, tensors).with_context(|| format!("loading the ALBEF checkpoint {label}"))?;
-        if !had_momentum {
-            self.copy_params_to_momentum();
-            report.momentum_from_online = true;
-            report.missing.retain(|n| online_name_of(n).is_none());
-        }
+        let report = crate::momentum::import_reference(vs, path, &self.momentum)?;
         self.reload_buffers();
         Ok(report)
     }
 
-    /// Initialises the encoders from pretrained checkpoints (safetensors) by name, as the
-    /// reference does before training: a Hugging Face BERT into the text and fusion layers (the
-    /// cross-attention stays new), a timm ViT/DeiT into the image encoder (position embedding
-    /// interpolated). The momentum encoders are then re-copied from the online ones.
+    /// Initialises the encoders from pretrained checkpoints (see
+    /// [`crate::momentum::import_encoders`]).
     pub fn import_encoders(
         &self,
         vs: &nn::VarStore,
         bert: Option<&std::path::Path>,
         vit: Option<&std::path::Path>,
     ) -> Result<Vec<crate::weights::LoadReport>> {
-        let mut reports = vec![];
-        if let Some(path) = bert {
-            reports.push(crate::weights::import_hf_bert(vs, path)?);
-        }
-        if let Some(path) = vit {
-            reports.push(crate::weights::import_timm_vit(vs, path)?);
-        }
-        self.copy_params_to_momentum();
-        Ok(reports)
+        crate::momentum::import_encoders(vs, bert, vit, &self.momentum)
     }
 
     /// Online image encoder and projection: (tokens, normalised features).
@@ -459,15 +419,8 @@ impl TaskModel for Albef {
         }
     }
 
-    /// p_m = m * p_m + (1 - m) * p for every momentum parameter.
     fn momentum_update(&self) {
-        let m = self.cfg.momentum;
-        tch::no_grad(|| {
-            for (p, p_m) in &self.momentum_pairs {
-                let mut p_m = p_m.shallow_clone();
-                let _ = p_m.g_mul_scalar_(m).g_add_(&(p * (1.0 - m)));
-            }
-        });
+        self.momentum.update(self.cfg.momentum);
     }
 
     /// Queued: the normalised image and text features (and the image indexes in retrieval);
@@ -605,13 +558,6 @@ pub fn mlm_distill_loss(logits: &Tensor, logits_m: &Tensor, labels: &Tensor, alp
     let distill = -(logits.log_softmax(-1, Kind::Float) * soft).sum_dim_intlist(-1, false, Kind::Float);
     let distill = distill.where_self(&selected, &distill.zeros_like()).sum(Kind::Float) / &masked;
     ce * (1.0 - alpha) + distill * alpha
-}
-
-/// The online parameter a momentum parameter mirrors (`text_encoder_m.x` -> `text_encoder.x`).
-pub fn online_name_of(momentum_name: &str) -> Option<String> {
-    let (module, rest) = momentum_name.split_once('.')?;
-    let online = module.strip_suffix("_m")?;
-    MOMENTUM_MODULES.contains(&online).then(|| format!("{online}.{rest}"))
 }
 
 /// BERT masking: each token but PAD and CLS is chosen with probability `mlm_probability`;

@@ -26,9 +26,11 @@ pub mod albef;
 pub mod bert;
 pub mod device;
 pub mod flops;
+pub mod momentum;
 pub mod nn;
 pub mod pth;
 pub mod task_model;
+pub mod ve;
 pub mod vit;
 pub mod weights;
 

@@ -10,9 +10,9 @@
 //! the step's gathered rows into the queues.
 
 use crate::albef::Batch;
-use albef_config::ModelConfig;
+use albef_config::{ModelConfig, TaskKind};
 use anyhow::Result;
-use tch::{Device, Tensor};
+use tch::{Device, Tensor, nn};
 
 /// A micro-batch's losses by name (`ita`, `itm`, `mlm`, ...); their sum is what the step
 /// minimises.
@@ -49,6 +49,26 @@ pub struct StepFeatures {
 }
 
 /// A task's model, as the trainer steps it.
+/// The model of `task`, built as every rank of a job builds it (`seed` fixes the initial
+/// weights) and initialised from the configured checkpoints; with the load reports.
+pub fn build(
+    cfg: &ModelConfig,
+    task: TaskKind,
+    seed: u64,
+    device: Device,
+) -> Result<(nn::VarStore, Box<dyn TaskModel>, Vec<crate::weights::LoadReport>)> {
+    Ok(match task {
+        TaskKind::Pretrain | TaskKind::Retrieval => {
+            let (vs, model, reports) = crate::Albef::fresh(cfg, task, seed, device)?;
+            (vs, Box::new(model), reports)
+        }
+        TaskKind::Ve => {
+            let (vs, model, reports) = crate::ve::AlbefVe::fresh(cfg, seed, device)?;
+            (vs, Box::new(model), reports)
+        }
+    })
+}
+
 pub trait TaskModel: Send {
     fn config(&self) -> &ModelConfig;
 

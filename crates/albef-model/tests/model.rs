@@ -275,7 +275,7 @@ fn gradients_reach_online_parameters_and_temp_but_not_momentum_or_queues() {
     let (image, ids, mask) = inputs(&cfg, 4);
     let losses = model
         .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
             0.4,
             &LocalGather,
         )
@@ -313,7 +313,7 @@ fn a_batch_of_one_is_a_clear_error() {
     let (image, ids, mask) = (image.narrow(0, 0, 1), ids.narrow(0, 0, 1), mask.narrow(0, 0, 1));
     let err = model
         .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
             0.4,
             &LocalGather,
         )
@@ -335,7 +335,7 @@ fn global_negatives_in_one_process_equal_local_ones() {
         tch::manual_seed(6);
         let l = model
             .forward_step(
-                &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+                &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
                 0.4,
                 &LocalGather,
             )

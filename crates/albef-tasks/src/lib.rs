@@ -4,6 +4,7 @@
 pub mod pretrain;
 pub mod retrieval;
 pub mod retrieval_eval;
+pub mod ve;
 
 use albef_config::{AlbefConfig, TaskKind};
 use albef_train::task::Task;
@@ -17,5 +18,6 @@ pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Box<dyn
     Ok(match cfg.task {
         TaskKind::Pretrain => Box::new(pretrain::Pretraining::open(cfg, run_dir, handle)?),
         TaskKind::Retrieval => Box::new(retrieval::Retrieval::open(cfg, run_dir, handle)?),
+        TaskKind::Ve => Box::new(ve::VisualEntailment::open(cfg, run_dir, handle)?),
     })
 }

@@ -23,7 +23,7 @@ pub struct Retrieval {
 impl Retrieval {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
-        dataset.image_ids = true;
+        dataset.needs.image_ids = true;
         let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle);
         Ok(Retrieval { dataset, eval })
     }

@@ -24,9 +24,10 @@ impl Schedule {
         c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
-    /// alpha ramps up linearly over the first epoch, then stays (reference: alpha * min(1, i/len)).
+    /// alpha ramps up linearly over the first epoch, then stays (reference: alpha * min(1, i/len)),
+    /// unless `alpha_warm_up` is off.
     pub fn alpha(&self, epoch: u64, step_in_epoch: u64, steps_per_epoch: u64) -> f64 {
-        if epoch > 0 {
+        if epoch > 0 || !self.cfg.alpha_warm_up {
             self.alpha
         } else {
             self.alpha * (step_in_epoch as f64 / steps_per_epoch.max(1) as f64).min(1.0)
@@ -63,6 +64,8 @@ mod tests {
     fn alpha_ramps_over_the_first_epoch() {
         let s = reference();
         assert_eq!(s.alpha(0, 0, 100), 0.0);
+        let flat = Schedule::new(&ScheduleConfig { alpha_warm_up: false, ..ScheduleConfig::default() }, 0.4);
+        assert_eq!(flat.alpha(0, 0, 100), 0.4, "no warm-up: alpha from the first step");
         assert!((s.alpha(0, 50, 100) - 0.2).abs() < 1e-12);
         assert_eq!(s.alpha(0, 100, 100), 0.4);
         assert_eq!(s.alpha(3, 0, 100), 0.4);

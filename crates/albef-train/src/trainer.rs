@@ -7,7 +7,7 @@ use crate::virtual_ranks::gather_step_features;
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
 use albef_model::device::with_autocast;
-use albef_model::{Albef, Batch, StepFeatures, TaskModel, weights};
+use albef_model::{Batch, StepFeatures, TaskModel, weights};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
@@ -152,7 +152,7 @@ impl Trainer {
     /// job starts from the same weights without a broadcast.
     pub fn new(cfg: &AlbefConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let (vs, model, reports) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, device)?;
+        let (vs, model, reports) = albef_model::task_model::build(&cfg.model, cfg.task, cfg.train.seed, device)?;
         for report in reports {
             tracing::info!("initialised from a pretrained checkpoint: {report}");
         }
@@ -161,7 +161,7 @@ impl Trainer {
             schedule: Schedule::new(&cfg.schedular, cfg.model.alpha),
             cfg: cfg.clone(),
             vs,
-            model: Box::new(model),
+            model,
             opt,
             state: TrainerState::default(),
             host: weights::HostPool::default(),
@@ -542,6 +542,7 @@ pub struct BatchTensors {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
     pub image_ids: Option<Tensor>,
+    pub labels: Option<Tensor>,
 }
 
 impl BatchTensors {
@@ -551,6 +552,7 @@ impl BatchTensors {
             input_ids: &self.input_ids,
             attention_mask: &self.attention_mask,
             image_ids: self.image_ids.as_ref(),
+            labels: self.labels.as_ref(),
         }
     }
 }
@@ -568,5 +570,6 @@ pub fn batch_tensors(b: &HostBatch, device: Device) -> BatchTensors {
         input_ids: upload(Tensor::from_slice(&b.input_ids).view([n, l])),
         attention_mask: upload(Tensor::from_slice(&b.attention_mask).view([n, l])),
         image_ids: (!b.image_ids.is_empty()).then(|| upload(Tensor::from_slice(&b.image_ids))),
+        labels: (!b.labels.is_empty()).then(|| upload(Tensor::from_slice(&b.labels))),
     }
 }

@@ -63,7 +63,7 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
     let (vs, single) = model(&cfg);
     let losses = single
         .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None },
+            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
             alpha,
             &LocalGather,
         )
@@ -91,7 +91,7 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
                     let gather = CollectiveGather { collective: &c };
                     let l = m
                         .forward_step(
-                            &Batch { image: &im, input_ids: &id, attention_mask: &ma, image_ids: None },
+                            &Batch { image: &im, input_ids: &id, attention_mask: &ma, image_ids: None, labels: None },
                             alpha,
                             &gather,
                         )
@@ -184,6 +184,7 @@ fn train_virtual(world: usize, overlap: bool) -> (Vec<f64>, BTreeMap<String, Ten
                                 input_ids: ids,
                                 attention_mask: mask,
                                 image_ids: None,
+                                labels: None,
                             })
                             .collect();
                         let outcome = trainer.step(&batches, &mut dp, 100, &mut |_| Ok(())).unwrap();

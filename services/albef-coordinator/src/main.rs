@@ -88,8 +88,12 @@ fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     cli.config.announce(&cfg, &written.url);
     // The index is read through blocking calls, before the runtime serves anything.
     let index_loc = index_location(&cfg)?;
-    let index = DatasetIndex::load(&index_loc, rt.handle())
-        .with_context(|| format!("loading the dataset index {} (`albef data index` builds it)", index_loc.url))?;
+    let index = match cfg.data.train_file.is_empty() {
+        // The launcher generated the data and its index.
+        true => DatasetIndex::load(&index_loc, rt.handle()),
+        false => albef_data::dataset::open_index(&index_loc, &cfg.data.train_file, rt.handle(), &Default::default()),
+    }
+    .with_context(|| format!("loading the dataset index {} (`albef data index` builds it)", index_loc.url))?;
     let batch = cfg.train.batch_size_train as u64;
     ensure!(
         steps_per_epoch(index.total(), cfg.job.max_workers.into(), batch) > 0,

@@ -3,9 +3,9 @@
 //! generation from the checkpoint the coordinator names.
 
 use crate::client::{self, Client};
+use albef_checkpoint::best;
 use albef_data::store::Location;
 use albef_proto::v1::{RejectCheckpointRequest, ReportCheckpointRequest};
-use albef_checkpoint::best;
 use albef_train::Trainer;
 use albef_train::checkpoint::{Saved, Uploader};
 use albef_train::task::Evaluation;

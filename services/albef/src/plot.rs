@@ -1,5 +1,6 @@
-//! Loss curves: the progress lines of a run (`step N/T epoch E  loss L (ita a itm b mlm c) ...`)
-//! parsed back and drawn as a PNG, each loss and the total per step (faint) with a moving
+//! Loss curves: the progress lines of a run (`step N/T epoch E  loss L (ita a itm b mlm c) ...`,
+//! the task's own losses in the parentheses) parsed back and drawn as a PNG, each loss and the
+//! total per step (faint) with a moving
 //! average on top, on a logarithmic loss axis (ITM sits near 0.6 while the total starts above 10);
 //! below it, when the run evaluated (`eval  N  txt_r1 a img_r1 b r_mean c ...` lines), a second
 //! panel with the retrieval recalls over the same steps.
@@ -11,13 +12,21 @@ use image::{Rgb, RgbImage};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// One step's losses.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// One step's losses: the total and the task's terms by name.
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepLosses {
     pub total: f64,
-    pub ita: f64,
-    pub itm: f64,
-    pub mlm: f64,
+    pub terms: Vec<(String, f64)>,
+}
+
+impl StepLosses {
+    /// The series `name` ("total" or a term); NaN where the step has none.
+    fn get(&self, name: &str) -> f64 {
+        match name {
+            "total" => self.total,
+            _ => self.terms.iter().find(|(n, _)| n == name).map_or(f64::NAN, |(_, v)| *v),
+        }
+    }
 }
 
 /// A log line `KIND STEP[/TOTAL] name value name value ...` (parentheses around words ignored):
@@ -39,7 +48,11 @@ fn named_values(line: &str, kind: &str) -> Option<(u64, impl Fn(&str) -> Option<
 /// Parses one progress line; None for any other line.
 pub fn parse_progress_line(line: &str) -> Option<(u64, StepLosses)> {
     let (step, value) = named_values(line, "step")?;
-    Some((step, StepLosses { total: value("loss")?, ita: value("ita")?, itm: value("itm")?, mlm: value("mlm")? }))
+    let total = value("loss")?;
+    let inside = line.split_once(" (")?.1.split_once(')')?.0;
+    let words: Vec<&str> = inside.split_whitespace().collect();
+    let terms = words.chunks(2).map(|p| Some((p[0].to_string(), p.get(1)?.parse().ok()?))).collect::<Option<_>>()?;
+    Some((step, StepLosses { total, terms }))
 }
 
 /// Every step's losses in `text`; a step logged twice (a resumed generation) keeps its last line.
@@ -74,13 +87,27 @@ const SCALE: i64 = 2;
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const INK: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
-/// (name, colour) of each series, total first.
+/// Colours of the series ALBEF's tasks name, total first; other terms take [`OTHER_COLOURS`].
 const SERIES: [(&str, Rgb<u8>); 4] = [
     ("total", Rgb([30, 30, 30])),
     ("ita", Rgb([31, 119, 180])),
     ("itm", Rgb([214, 39, 40])),
     ("mlm", Rgb([44, 160, 44])),
 ];
+const OTHER_COLOURS: [Rgb<u8>; 3] = [Rgb([148, 103, 189]), Rgb([255, 127, 14]), Rgb([23, 190, 207])];
+
+/// (name, colour) of each series of `steps`: the total, then the terms of its first step.
+fn series_of(steps: &BTreeMap<u64, StepLosses>) -> Vec<(&str, Rgb<u8>)> {
+    let terms = steps.values().next().map(|l| l.terms.as_slice()).unwrap_or_default();
+    let mut others = OTHER_COLOURS.iter().cycle();
+    std::iter::once("total")
+        .chain(terms.iter().map(|(n, _)| n.as_str()))
+        .map(|name| match SERIES.iter().find(|(n, _)| *n == name) {
+            Some((_, colour)) => (name, *colour),
+            None => (name, *others.next().expect("a cycle")),
+        })
+        .collect()
+}
 
 /// (name, colour) of each evaluation series.
 const EVAL_SERIES: [(&str, Rgb<u8>); 3] =
@@ -177,10 +204,6 @@ fn render_evals(evals: &BTreeMap<u64, EvalPoint>, x_range: (f64, f64)) -> RgbIma
     img
 }
 
-fn series(l: &StepLosses, i: usize) -> f64 {
-    [l.total, l.ita, l.itm, l.mlm][i]
-}
-
 /// A step of 1, 2 or 5 times a power of ten giving about `n` intervals over `span`.
 fn nice_step(span: f64, n: f64) -> f64 {
     let raw = (span / n).max(1e-12);
@@ -191,8 +214,12 @@ fn nice_step(span: f64, n: f64) -> f64 {
 fn render(steps: &BTreeMap<u64, StepLosses>, title: &str, x_range: (f64, f64)) -> RgbImage {
     let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, WHITE);
     let (x0, x1) = x_range;
-    let finite: Vec<f64> =
-        steps.values().flat_map(|l| (0..4).map(move |i| series(l, i))).filter(|v| v.is_finite() && *v > 0.0).collect();
+    let series = series_of(steps);
+    let finite: Vec<f64> = steps
+        .values()
+        .flat_map(|l| series.iter().map(|(name, _)| l.get(name)))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
     let lo = finite.iter().copied().fold(f64::INFINITY, f64::min).clamp(1e-3, 1.0);
     let hi = finite.iter().copied().fold(0f64, f64::max).max(lo * 10.0);
     // The 1-2-5 values just outside the data.
@@ -234,23 +261,23 @@ fn render(steps: &BTreeMap<u64, StepLosses>, title: &str, x_range: (f64, f64)) -
     // Curves: every step faint, then the moving averages on top.
     let points: Vec<(u64, &StepLosses)> = steps.iter().map(|(s, l)| (*s, l)).collect();
     let window = (points.len() / 40).max(1);
-    for (i, (_, colour)) in SERIES.iter().enumerate().rev() {
+    for (name, colour) in series.iter().rev() {
         // A third of the colour on white.
         let faint = Rgb(colour.0.map(|c| ((u16::from(c) + 2 * 255) / 3) as u8));
-        polyline(&mut img, points.iter().map(|(s, l)| (px(*s as f64), py(series(l, i)))), faint, 1);
+        polyline(&mut img, points.iter().map(|(s, l)| (px(*s as f64), py(l.get(name)))), faint, 1);
     }
-    for (i, (_, colour)) in SERIES.iter().enumerate().rev() {
+    for (name, colour) in series.iter().rev() {
         let smooth = points.iter().enumerate().map(|(j, (s, _))| {
             let lo = j.saturating_sub(window / 2);
             let hi = (j + window / 2 + 1).min(points.len());
-            let vals: Vec<f64> = points[lo..hi].iter().map(|(_, l)| series(l, i)).filter(|v| v.is_finite()).collect();
+            let vals: Vec<f64> = points[lo..hi].iter().map(|(_, l)| l.get(name)).filter(|v| v.is_finite()).collect();
             let mean = if vals.is_empty() { f64::NAN } else { vals.iter().sum::<f64>() / vals.len() as f64 };
             (px(*s as f64), py(mean))
         });
         polyline(&mut img, smooth, *colour, 2);
     }
 
-    legend(&mut img, &SERIES, LEFT + pw - 4, TOP + 12);
+    legend(&mut img, &series, LEFT + pw - 4, TOP + 12);
     img
 }
 
@@ -381,7 +408,11 @@ mod tests {
     fn progress_lines_parse_and_others_are_ignored() {
         let (step, l) = parse_progress_line(LINE).unwrap();
         assert_eq!(step, 40);
-        assert_eq!(l, StepLosses { total: 7.708, ita: 4.119, itm: 0.639, mlm: 2.949 });
+        let terms = [("ita", 4.119), ("itm", 0.639), ("mlm", 2.949)].map(|(n, v)| (n.to_string(), v)).to_vec();
+        assert_eq!(l, StepLosses { total: 7.708, terms });
+        let (_, ve) =
+            parse_progress_line("step 3/9 epoch 0  loss 0.750 (ve 0.750)  lr 1.00e-3 alpha 0.40  227 img/s").unwrap();
+        assert_eq!(ve.terms, [("ve".to_string(), 0.75)], "a task's own losses");
         assert!(parse_progress_line("trained 300 steps in 53s").is_none());
         assert!(parse_progress_line("step x/300").is_none());
         let log = format!("{LINE}\nnoise\n{}\n", LINE.replace("7.708", "7.000"));
@@ -396,7 +427,9 @@ mod tests {
         let steps: BTreeMap<u64, StepLosses> = (0..300)
             .map(|s| {
                 let f = 1.0 + 5.0 / (1.0 + s as f64 / 30.0);
-                (s, StepLosses { total: 3.0 * f, ita: f, itm: 0.6, mlm: if s == 7 { f64::NAN } else { 1.4 * f } })
+                let mlm = if s == 7 { f64::NAN } else { 1.4 * f };
+                let terms = [("ita", f), ("itm", 0.6), ("mlm", mlm)].map(|(n, v)| (n.to_string(), v)).to_vec();
+                (s, StepLosses { total: 3.0 * f, terms })
             })
             .collect();
         let out = dir.path().join("loss.png");

@@ -14,11 +14,11 @@ use albef_dist::LocalCollective;
 use albef_model::device;
 use albef_train::metrics::StepMetrics;
 use albef_train::report::{Board, ProgressLog};
+use albef_train::task::Evaluation;
 use albef_train::train_loop::{
     Alone, BatchSource, CheckpointPolicy, CheckpointSink, Checkpoints, Ending, EvalPolicy, JobLength, MicroBatches,
     Reporter, SaveReason, StepReport,
 };
-use albef_train::task::Evaluation;
 use albef_train::{DataParallel, TrainLoop, Trainer, VirtualRanks};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;

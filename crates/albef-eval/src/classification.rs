@@ -1,0 +1,99 @@
+//! Accuracy of a classifying task (SNLI-VE) on a labelled split in the reference's annotation
+//! format: a JSON list of `{"image": path, "sentence": str, "label": class}`, images read with the
+//! test transform. In a job each rank classifies its share of the rows and the ranks sum the
+//! counts.
+
+use crate::split::{SplitOptions, decode_images, read_images};
+use albef_data::bad::SkipCounts;
+use albef_data::pre_caption;
+use albef_data::sources::parse_annotations;
+use albef_data::store::{Location, parent_of};
+use albef_data::tokenizer::Tokenizer;
+use albef_model::Batch;
+use albef_model::device::with_autocast;
+use albef_model::ve::AlbefVe;
+use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use tch::{Device, Kind, Tensor};
+use tokio::runtime::Handle;
+
+/// A labelled split, ready for the model.
+pub struct LabelledSplit {
+    pub source: String,
+    pub image_keys: Vec<String>,
+    images: Vec<Bytes>,
+    pub texts: Vec<String>,
+    /// Each row's class id (its index in the task's classes).
+    pub labels: Vec<i64>,
+    max_pixels: u64,
+}
+
+impl LabelledSplit {
+    /// Reads the annotation file `url` and every image it names; a row whose label is not one of
+    /// `classes` is an error naming it (an evaluation must not quietly drop rows).
+    pub fn load(url: &str, classes: &[&str], opts: &SplitOptions, handle: &Handle) -> Result<Self> {
+        let bytes = handle.block_on(Location::open(url)?.read_all())?;
+        let skips = SkipCounts::default();
+        let entries = parse_annotations(&bytes, url, &skips)?;
+        ensure!(skips.total() == 0, "{url}: rows that are not annotations: {}", skips.summary());
+        let root = Location::open(&opts.image_root.clone().unwrap_or_else(|| parent_of(url)))?;
+        let (mut image_keys, mut texts, mut labels) = (vec![], vec![], vec![]);
+        for (i, e) in entries.into_iter().flatten().enumerate() {
+            let label = e.label.as_deref().unwrap_or("none");
+            let class = classes.iter().position(|c| *c == label);
+            let class = class.with_context(|| format!("{url}: row {i}: label {label:?} is not one of {classes:?}"))?;
+            image_keys.push(e.image);
+            texts.push(pre_caption(&e.captions[0], opts.max_words));
+            labels.push(class as i64);
+        }
+        ensure!(!labels.is_empty(), "{url} lists no rows");
+        let images = read_images(&root, &image_keys, handle)?;
+        Ok(LabelledSplit { source: url.to_string(), image_keys, images, texts, labels, max_pixels: opts.max_pixels })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// (correct, rows) of rank `rank`'s share of the rows (every `world`-th batch), as a Float
+/// tensor of two elements on the model's device, for the ranks to sum.
+pub fn accuracy_shard(
+    model: &AlbefVe,
+    split: &LabelledSplit,
+    tokenizer: &Tokenizer,
+    (batch_size, bf16): (usize, bool),
+    (rank, world): (usize, usize),
+) -> Result<Tensor> {
+    let dev = albef_model::TaskModel::device(model);
+    let res = albef_model::TaskModel::config(model).image_res as usize;
+    let (mut correct, mut rows) = (0i64, 0i64);
+    let starts = (0..split.len()).step_by(batch_size.max(1)).skip(rank).step_by(world.max(1));
+    for start in starts {
+        let end = (start + batch_size).min(split.len());
+        let n = (end - start) as i64;
+        let pixels = decode_images(&split.images[start..end], &split.image_keys[start..end], res, split.max_pixels, 1)?;
+        let image = Tensor::from_slice(&pixels).view([n, 3, res as i64, res as i64]).to_device(dev);
+        let refs: Vec<&str> = split.texts[start..end].iter().map(String::as_str).collect();
+        let (ids, mask, len) = tokenizer.encode_batch(&refs);
+        let ids = Tensor::from_slice(&ids).view([n, len as i64]).to_device(dev);
+        let mask = Tensor::from_slice(&mask).view([n, len as i64]).to_device(dev);
+        let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None };
+        let predicted = tch::no_grad(|| with_autocast(dev, bf16, || model.predict(&batch))).argmax(1, false);
+        let truth = Tensor::from_slice(&split.labels[start..end]).to_device(dev);
+        correct += predicted.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
+        rows += n;
+    }
+    Ok(Tensor::from_slice(&[correct as f32, rows as f32]).to_device(dev))
+}
+
+/// Accuracy in percent from summed (correct, rows).
+pub fn accuracy(counts: &Tensor) -> Result<f64> {
+    let v = Vec::<f32>::try_from(counts.to_device(Device::Cpu))?;
+    ensure!(v.len() == 2 && v[1] > 0.0, "no rows were classified");
+    Ok(100.0 * f64::from(v[0]) / f64::from(v[1]))
+}

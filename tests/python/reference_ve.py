@@ -1,0 +1,107 @@
+"""SNLI-VE fine-tuning steps in an independent PyTorch implementation, against the Rust
+trainer's, for crates/albef-train/tests/train.rs.
+
+    reference_ve.py DIR
+
+The model is the reference's models/model_ve.py over torch_step.py's encoders (no code of ours):
+the image encoder; the text encoder (a BertModel: no MLM head) run over all its layers with the
+image as cross-attention from fusion_layer on; cls_head = Linear(h, h), ReLU, Linear(h, 3) on the
+fused [CLS]; momentum copies of the three, updated by EMA inside the forward before the momentum
+model runs (in training mode, as the reference's); the loss
+(1 - alpha) * CE(prediction, label) - alpha * mean(sum(log_softmax(prediction) * softmax(prediction_m))).
+The optimizer is reference_training.py's. DIR holds config.json, steps.json (each step's lr, alpha
+and the Rust loss), step-K/ (the Rust checkpoint after K steps), inputs-K and grads-K. Each step,
+resumed here from the checkpoint before it, must give the trainer's loss, gradients and state
+after it within 1e-5.
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import reference_training as rt
+from torch_step import BertForMaskedLM, VisionTransformer
+
+
+class VeAlbef(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        h = model["bert"]["hidden_size"]
+        self.model = model
+        self.visual_encoder = VisionTransformer(model, sdpa=False)
+        self.text_encoder = BertForMaskedLM(model["bert"], sdpa=False)
+        del self.text_encoder.transform, self.text_encoder.transform_norm, self.text_encoder.decoder_bias
+        self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 3))
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder).requires_grad_(False)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.cls_head_m = copy.deepcopy(self.cls_head).requires_grad_(False)
+        self.model_pairs = [[self.visual_encoder, self.visual_encoder_m], [self.text_encoder, self.text_encoder_m],
+                            [self.cls_head, self.cls_head_m]]
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        m = self.model["momentum"]
+        for model_pair in self.model_pairs:
+            for param, param_m in zip(model_pair[0].parameters(), model_pair[1].parameters()):
+                param_m.data = param_m.data * m + param.data * (1.0 - m)
+
+    def forward(self, image, ids, mask, targets, alpha):
+        image_embeds = self.visual_encoder(image)
+        bert = self.text_encoder
+        output = bert.encode(bert.embed(ids), mask, image_embeds, bert.layer)
+        prediction = self.cls_head(output[:, 0, :])
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            bert_m = self.text_encoder_m
+            output_m = bert_m.encode(bert_m.embed(ids), mask, image_embeds_m, bert_m.layer)
+            prediction_m = self.cls_head_m(output_m[:, 0, :])
+        loss = (1 - alpha) * F.cross_entropy(prediction, targets) - alpha * torch.sum(
+            F.log_softmax(prediction, dim=1) * F.softmax(prediction_m, dim=1), dim=1).mean()
+        return loss
+
+
+def build(cfg, model_file):
+    module = VeAlbef(cfg["model"]).train()
+    state = load_file(model_file)
+    names = {rt.module_name(k): k for k in state if rt.module_name(k) is not None}
+    own = module.state_dict()
+    assert set(names) == set(own), sorted(set(names) ^ set(own))[:10]
+    module.load_state_dict({k: state[names[k]] for k in own}, strict=True)
+    return module, names
+
+
+def main():
+    d = Path(sys.argv[1])
+    cfg = json.loads((d / "config.json").read_text())
+    steps = json.loads((d / "steps.json").read_text())
+    for k, s in enumerate(steps):
+        module, names = build(cfg, d / f"step-{k}" / "model.safetensors")
+        opt = rt.optimizer(cfg, module)
+        rt.load_optimizer(opt, module, names, d / f"step-{k}" / "optimizer.safetensors")
+        inputs = load_file(d / f"inputs-{k}.safetensors")
+        for g in opt.param_groups:
+            g["lr"] = s["lr"]
+        opt.zero_grad(set_to_none=True)
+        loss = module(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"], s["alpha"])
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+        opt.step()
+        assert abs(loss.item() - s["ve"]) <= rt.TOLERANCE * max(1.0, abs(s["ve"])), \
+            f"step {k + 1}: loss {loss.item()} vs {s['ve']}"
+        g, g_where = rt.compare_gradients(f"step {k + 1} gradients", grads, load_file(d / f"grads-{k}.safetensors"),
+                                          names)
+        after = load_file(d / f"step-{k + 1}" / "model.safetensors")
+        w, (largest, where) = rt.compare(f"step {k + 1} state", dict(module.state_dict()), after, names,
+                                         key_biases=False)
+        print(f"SNLI-VE step {k + 1} (alpha {s['alpha']:.2f}): loss {loss.item():.4f} as the trainer's; gradients "
+              f"within {g:.1e} ({g_where}); state within {w:.1e} (relative L2; largest element {where} by {largest:.1e})")
+
+
+if __name__ == "__main__":
+    main()
