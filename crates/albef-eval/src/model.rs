@@ -6,7 +6,7 @@ use albef_config::{AlbefConfig, ConfigSources};
 use albef_data::store::Location;
 use albef_model::{Albef, weights};
 use albef_train::trainer::{MODEL_FILE, STATE_FILE, SavedState};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tch::{Device, nn};
 use tokio::runtime::Handle;
 
@@ -85,6 +85,23 @@ pub fn from_checkpoint(dir: &Location, overrides: &[String], device: Device, han
     let model = Albef::new(&vs, &cfg.model, cfg.task)?;
     weights::load_complete(&vs, tensors, &label)?;
     Ok(EvalModel { cfg, vs, model, source: dir.url.clone(), step: Some(manifest.step) })
+}
+
+/// Loads the authors' `.pth` (a local file: ALBEF.pth, ALBEF_4M.pth, a fine-tuned one) into a
+/// model of `cfg`, as a fine-tuning run starts from it (position embeddings interpolated,
+/// momentum weights copied when it has none); every other parameter must be in it.
+pub fn from_pth(path: &str, cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
+    let vs = nn::VarStore::new(device);
+    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
+    let report = model.import_reference(&vs, std::path::Path::new(path))?;
+    ensure!(
+        report.missing.is_empty(),
+        "{path} lacks {} parameters of the {} model: {:?}",
+        report.missing.len(),
+        cfg.task.name(),
+        report.missing.iter().take(5).collect::<Vec<_>>()
+    );
+    Ok(EvalModel { cfg: cfg.clone(), vs, model, source: path.to_string(), step: None })
 }
 
 /// Loads a bare ALBEF state (safetensors with the reference names) into a model of `cfg`.

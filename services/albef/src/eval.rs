@@ -8,7 +8,7 @@ use albef_data::store::parent_of;
 use albef_data::synth::{TEST_JSON, VOCAB_TXT};
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
 use albef_eval::metrics::{RetrievalMetrics, chance, table};
-use albef_eval::model::{EvalModel, from_checkpoint, from_safetensors, resolve_checkpoint, untrained};
+use albef_eval::model::{EvalModel, from_checkpoint, from_pth, from_safetensors, resolve_checkpoint, untrained};
 use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
 use albef_eval::split::{RetrievalSplit, SplitOptions};
 use albef_model::{TaskModel, device};
@@ -22,8 +22,9 @@ use tokio::runtime::Handle;
 /// Where the model comes from and how it runs, shared by `eval` and `embed`.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A checkpoint folder (`<run>/checkpoints/step-N`), a run directory (its latest complete
-    /// checkpoint), or a bare model.safetensors (then --config gives the model).
+    /// A checkpoint folder (`<run>/checkpoints/step-N`), `<run>/best` (the run's best), a run
+    /// directory (its latest complete checkpoint), or a bare model.safetensors or the authors'
+    /// .pth (then --config gives the model).
     #[arg(long, conflicts_with = "untrained")]
     pub checkpoint: Option<String>,
     /// Evaluate the freshly initialised model a job with this configuration starts from.
@@ -107,6 +108,10 @@ pub fn load_model(args: &ModelArgs, handle: &Handle) -> Result<EvalModel> {
             let cfg = args.config.load()?;
             let dev = device_of(&cfg)?;
             from_safetensors(path, &cfg, dev, handle)
+        }
+        (Some(path), _) if path.ends_with(".pth") => {
+            let cfg = args.config.load()?;
+            from_pth(path, &cfg, device_of(&cfg)?)
         }
         (Some(path), _) => {
             let dir = resolve_checkpoint(path, handle)?;

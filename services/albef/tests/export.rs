@@ -78,6 +78,21 @@ fn an_exported_checkpoint_loads_in_pytorch_under_the_reference_names() {
     ]);
     check_export(&["pth".as_ref(), pth.as_os_str(), full.as_os_str()]);
 
+    // The .pth evaluates as the checkpoint it came from (albef eval reads the authors' format).
+    let split = format!("{out}/data/test.json");
+    let r_mean = |model: &str, extra: &[&str]| {
+        let report = dir.path().join("report.json");
+        let mut args = vec!["eval", "--checkpoint", model, "--out", report.to_str().unwrap(), "--k-test", "4"];
+        args.extend(["--data", &split]);
+        args.extend(extra);
+        let evaluated = albef(&args);
+        assert!(evaluated.status.success(), "{}", String::from_utf8_lossy(&evaluated.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        json["r_mean"].as_f64().unwrap()
+    };
+    let from_pth = r_mean(pth.to_str().unwrap(), &["--config", "configs/small.yaml"]);
+    assert_eq!(from_pth, r_mean(checkpoint.to_str().unwrap(), &[]), "the .pth holds the checkpoint's model");
+
     // A corrupt checkpoint is refused, naming the file; nothing is written.
     let model = checkpoint.join("model.safetensors");
     let mut bytes = std::fs::read(&model).unwrap();
