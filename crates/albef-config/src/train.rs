@@ -283,8 +283,11 @@ pub struct JobConfig {
     pub eval_at_end: bool,
     /// Also evaluate after every epoch (the reference's fine-tuning scripts do).
     pub eval_every_epoch: bool,
-    /// The retrieval split (annotation JSON); "": the generated one when the data is generated.
+    /// The evaluation split (annotation JSON: retrieval's val, SNLI-VE's dev); "": the generated
+    /// one when the data is generated. Its metric selects the best checkpoint.
     pub eval_data: String,
+    /// A second split evaluated alongside (the test split), reported as `test/<metric>`; "": none.
+    pub test_data: String,
     /// Candidates re-ranked by ITM per query.
     pub eval_k_test: u64,
     /// A rank whose steps take longer than this many times the median rank's (outside the
@@ -322,6 +325,7 @@ impl Default for JobConfig {
             eval_at_end: false,
             eval_every_epoch: false,
             eval_data: String::new(),
+            test_data: String::new(),
             eval_k_test: 128,
             straggler_factor: 1.5,
             straggler_window: 20,

@@ -22,42 +22,47 @@ pub const SELECTS_BY: &str = "itm/r_mean";
 pub struct RetrievalEval {
     cfg: AlbefConfig,
     tokenizer: Arc<Tokenizer>,
-    /// The split's annotation file.
-    url: Option<String>,
-    /// The split, read at the first evaluation.
-    split: Option<RetrievalSplit>,
+    /// The evaluation split (its metric selects) and the test split, if configured: each the
+    /// prefix of its metrics, its annotation file, and the split once read.
+    splits: Vec<(&'static str, Option<String>, Option<RetrievalSplit>)>,
     handle: Handle,
 }
 
 impl RetrievalEval {
     /// The split of `job.eval_data`; without one, the generated held-out split when the training
-    /// data is generated under `run_dir`.
+    /// data is generated under `run_dir`. And `job.test_data`, if set.
     pub fn new(cfg: &AlbefConfig, run_dir: &Path, tokenizer: Arc<Tokenizer>, handle: Handle) -> Self {
         let url = match (cfg.job.eval_data.as_str(), cfg.data.train_file.is_empty()) {
             ("", true) => Some(run_dir.join("data").join(albef_data::synth::TEST_JSON).to_string_lossy().into_owned()),
             ("", false) => None,
             (url, _) => Some(url.to_string()),
         };
-        RetrievalEval { cfg: cfg.clone(), tokenizer, url, split: None, handle }
+        let mut splits = vec![("", url, None)];
+        if !cfg.job.test_data.is_empty() {
+            splits.push(("test/", Some(cfg.job.test_data.clone()), None));
+        }
+        RetrievalEval { cfg: cfg.clone(), tokenizer, splits, handle }
     }
 
-    fn split(&mut self) -> Result<&RetrievalSplit> {
-        if self.split.is_none() {
-            let Some(url) = &self.url else {
+    /// Split `i`, read at its first evaluation.
+    fn split(&mut self, i: usize) -> Result<&RetrievalSplit> {
+        let (_, url, split) = &mut self.splits[i];
+        if split.is_none() {
+            let Some(url) = url else {
                 bail!(
                     "job.eval_every / eval_at_end / eval_every_epoch need job.eval_data (a retrieval annotation file)"
                 )
             };
             let d = &self.cfg.data;
             let opts = SplitOptions { image_root: None, max_words: d.max_words, max_pixels: d.max_pixels };
-            let split = RetrievalSplit::load(url, &self.tokenizer, &opts, &self.handle)
+            let read = RetrievalSplit::load(url, &self.tokenizer, &opts, &self.handle)
                 .with_context(|| format!("loading the retrieval split {url}"))?;
-            self.split = Some(split);
+            *split = Some(read);
         }
-        Ok(self.split.as_ref().expect("loaded above"))
+        Ok(split.as_ref().expect("read above"))
     }
 
-    /// Evaluates `model` (an ALBEF model with the ITM head) after `step` steps.
+    /// Evaluates `model` (an ALBEF model with the ITM head) after `step` steps on every split.
     pub fn evaluate(
         &mut self,
         model: &dyn TaskModel,
@@ -65,6 +70,23 @@ impl RetrievalEval {
         step: u64,
     ) -> Result<Option<Evaluation>> {
         let model = model.as_any().downcast_ref::<Albef>().context("retrieval evaluation needs an ALBEF model")?;
+        let mut parts = vec![];
+        for i in 0..self.splits.len() {
+            if let Some(e) = self.evaluate_split(i, model, collective, step)? {
+                parts.push((self.splits[i].0, e));
+            }
+        }
+        Ok(Evaluation::combine(parts))
+    }
+
+    /// Split `i`'s retrieval metrics (rank 0; None elsewhere).
+    fn evaluate_split(
+        &mut self,
+        i: usize,
+        model: &Albef,
+        collective: &dyn Collective,
+        step: u64,
+    ) -> Result<Option<Evaluation>> {
         let started = Instant::now();
         let opts = EvalOptions {
             k_test: self.cfg.job.eval_k_test as usize,
@@ -72,7 +94,7 @@ impl RetrievalEval {
             decode_threads: 1,
             ..EvalOptions::default()
         };
-        let split = self.split()?;
+        let split = self.split(i)?;
         let (rank, world) = (collective.rank(), collective.world_size());
         let mut shard =
             tracing::info_span!("evaluate", step).in_scope(|| evaluate_shard(model, split, &opts, rank, world))?;

@@ -12,7 +12,7 @@ use albef_eval::classification::{LabelledSplit, accuracy, accuracy_shard};
 use albef_model::ve::{AlbefVe, VE_LABELS};
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -24,8 +24,9 @@ const SELECTS_BY: &str = "accuracy";
 pub struct VisualEntailment {
     cfg: AlbefConfig,
     dataset: Dataset,
-    /// The evaluation split, read at the first evaluation.
-    split: Option<LabelledSplit>,
+    /// The evaluation split (its accuracy selects) and the test split, if configured: each the
+    /// prefix of its metric, its annotation file, and the split once read.
+    splits: Vec<(&'static str, String, Option<LabelledSplit>)>,
     handle: Handle,
 }
 
@@ -33,20 +34,49 @@ impl VisualEntailment {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
         dataset.needs.labels = VE_LABELS.map(String::from).to_vec();
-        Ok(VisualEntailment { cfg: cfg.clone(), dataset, split: None, handle })
+        let mut splits = vec![("", cfg.job.eval_data.clone(), None)];
+        if !cfg.job.test_data.is_empty() {
+            splits.push(("test/", cfg.job.test_data.clone(), None));
+        }
+        Ok(VisualEntailment { cfg: cfg.clone(), dataset, splits, handle })
     }
 
-    fn split(&mut self) -> Result<&LabelledSplit> {
-        if self.split.is_none() {
-            let url = self.cfg.job.eval_data.as_str();
-            anyhow::ensure!(!url.is_empty(), "evaluating SNLI-VE needs job.eval_data (a labelled annotation file)");
+    /// Split `i`, read at its first evaluation.
+    fn split(&mut self, i: usize) -> Result<&LabelledSplit> {
+        let (_, url, split) = &mut self.splits[i];
+        if split.is_none() {
+            ensure!(!url.is_empty(), "evaluating SNLI-VE needs job.eval_data (a labelled annotation file)");
             let d = &self.cfg.data;
             let opts = SplitOptions { image_root: None, max_words: d.max_words, max_pixels: d.max_pixels };
-            let split = LabelledSplit::load(url, &VE_LABELS, &opts, &self.handle)
+            let read = LabelledSplit::load(url, &VE_LABELS, &opts, &self.handle)
                 .with_context(|| format!("loading the SNLI-VE split {url}"))?;
-            self.split = Some(split);
+            *split = Some(read);
         }
-        Ok(self.split.as_ref().expect("loaded above"))
+        Ok(split.as_ref().expect("read above"))
+    }
+
+    /// Split `i`'s accuracy, the rows shared across the ranks (rank 0 gets it).
+    fn evaluate_split(
+        &mut self,
+        i: usize,
+        model: &AlbefVe,
+        collective: &dyn Collective,
+        step: u64,
+    ) -> Result<Option<Evaluation>> {
+        let started = Instant::now();
+        let (batch, bf16) = (self.cfg.train.batch_size_train as usize * 2, self.cfg.train.bf16);
+        let tokenizer = self.dataset.tokenizer.clone();
+        let split = self.split(i)?;
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let mut counts = accuracy_shard(model, split, &tokenizer, (batch, bf16), (rank, world))?;
+        collective.all_reduce(&mut counts, ReduceOp::Sum)?;
+        if rank != 0 {
+            return Ok(None);
+        }
+        let value = accuracy(&counts)?;
+        let summary = format!("accuracy {value:.1}% ({} rows, {:.1}s)", split.len(), started.elapsed().as_secs_f64());
+        let metrics = BTreeMap::from([(SELECTS_BY.to_string(), value)]);
+        Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: SELECTS_BY, summary }))
     }
 }
 
@@ -64,22 +94,15 @@ impl Task for VisualEntailment {
         batch.batch_size >= 1 && batch.labels.len() == batch.batch_size
     }
 
-    /// Accuracy, the rows shared across the ranks.
+    /// Accuracy on the evaluation split, and on the test split when there is one.
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
-        let started = Instant::now();
         let model = trainer.model().as_any().downcast_ref::<AlbefVe>().context("SNLI-VE evaluation needs its model")?;
-        let (batch, bf16) = (self.cfg.train.batch_size_train as usize * 2, self.cfg.train.bf16);
-        let tokenizer = self.dataset.tokenizer.clone();
-        let split = self.split()?;
-        let (rank, world) = (collective.rank(), collective.world_size());
-        let mut counts = accuracy_shard(model, split, &tokenizer, (batch, bf16), (rank, world))?;
-        collective.all_reduce(&mut counts, ReduceOp::Sum)?;
-        if rank != 0 {
-            return Ok(None);
+        let mut parts = vec![];
+        for i in 0..self.splits.len() {
+            if let Some(e) = self.evaluate_split(i, model, collective, step)? {
+                parts.push((self.splits[i].0, e));
+            }
         }
-        let value = accuracy(&counts)?;
-        let summary = format!("accuracy {value:.1}% ({} rows, {:.1}s)", split.len(), started.elapsed().as_secs_f64());
-        let metrics = BTreeMap::from([(SELECTS_BY.to_string(), value)]);
-        Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: SELECTS_BY, summary }))
+        Ok(Evaluation::combine(parts))
     }
 }

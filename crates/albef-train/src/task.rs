@@ -50,6 +50,18 @@ impl Evaluation {
         self.metrics.get(self.selects_by).copied()
     }
 
+    /// The evaluations of several splits as one: the first (whose metric selects) as it is, each
+    /// other's metrics under its prefix (`test/itm/r_mean`) and its summary after a `|`.
+    pub fn combine(parts: Vec<(&str, Evaluation)>) -> Option<Evaluation> {
+        let mut parts = parts.into_iter();
+        let (_, mut first) = parts.next()?;
+        for (prefix, e) in parts {
+            first.metrics.extend(e.metrics.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+            first.summary = format!("{} | {prefix}{}", first.summary, e.summary);
+        }
+        Some(first)
+    }
+
     /// The record of the checkpoint at `location` as the best, by this evaluation's score.
     pub fn as_best(&self, location: &str) -> Option<albef_checkpoint::best::Best> {
         Some(albef_checkpoint::best::Best {

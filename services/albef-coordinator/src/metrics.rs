@@ -69,8 +69,9 @@ pub fn registry(shared: Arc<ServiceState>) -> Registry {
         r.set("albef_job_epoch", &[], s.epoch as f64);
         r.set("albef_job_total_steps", &[], s.total_steps as f64);
         r.set("albef_job_images_per_second", &[], s.images_per_second);
-        let l = s.losses;
-        for (name, v) in [("ita", l.ita), ("itm", l.itm), ("mlm", l.mlm), ("total", l.total)] {
+        r.clear("albef_job_loss");
+        let l = &s.losses;
+        for (name, v) in l.terms.iter().map(|(n, v)| (n.as_str(), *v)).chain([("total", l.total)]) {
             r.set("albef_job_loss", &[("loss", name)], v);
         }
         r.set("albef_job_lr", &[], s.lr);

@@ -123,10 +123,8 @@ impl Reporter for Heartbeat<'_> {
         let mut p = self.progress.lock().unwrap();
         p.step = trainer.state().step;
         p.epoch = trainer.state().epoch;
-        // The heartbeat carries ALBEF's three terms; a task without one (retrieval has no MLM)
-        // reports 0 for it.
-        let term = |name| s.loss_term(name).unwrap_or(0.0);
-        p.losses = Some(Losses { ita: term("ita"), itm: term("itm"), mlm: term("mlm"), total: s.loss });
+        let terms = s.losses.iter().map(|(name, v)| (name.to_string(), *v)).collect();
+        p.losses = Some(Losses { terms, total: s.loss });
         p.lr = s.lr;
         p.temp = s.temp.unwrap_or(0.0);
         // Every rank fingerprints after the same steps (it reads every parameter: not each step).

@@ -60,11 +60,14 @@ fn fine_tuning_retrieval_and_ve_beats_the_pretrained_model() {
     let init = format!("model.init_checkpoint={}", pre.join("final/model.safetensors").display());
     let train_file = format!("data.train_file=[{}]", pre.join("data/train.json").display());
     let (eval_data, run_dir) = (format!("job.eval_data={split_s}"), format!("job.run_dir={}", run.display()));
+    // The test split beside the val split: here the same file, reported again as test/.
+    let test_data = format!("job.test_data={split_s}");
     let sets = [
         "task=retrieval",
         &init,
         &train_file,
         &eval_data,
+        &test_data,
         &run_dir,
         "job.eval_every_epoch=true",
         "job.eval_k_test=16",
@@ -76,6 +79,8 @@ fn fine_tuning_retrieval_and_ve_beats_the_pretrained_model() {
     job.extend(sets.iter().flat_map(|s| ["--set", s]));
     let out = albef(&job);
     assert!(out.contains("(ita ") && !out.contains(" mlm "), "retrieval trains ITC and ITM only:\n{out}");
+    let evaluated = out.lines().filter(|l| l.starts_with("eval ")).collect::<Vec<_>>();
+    assert!(evaluated.len() == 2 && evaluated.iter().all(|l| l.contains("| test/txt_r1 ")), "{evaluated:?}");
 
     let best: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("checkpoints/best.json")).unwrap()).unwrap();

@@ -16,7 +16,9 @@
 //! Exit codes: 0 ok, 1 other errors, 2 usage, 3 coordinator unreachable, 4 token refused.
 
 use albef_proto::v1::control_client::ControlClient;
-use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus, ListCheckpointsRequest, WatchStatusRequest};
+use albef_proto::v1::{
+    ControlRequest, GetStatusRequest, JobStatus, ListCheckpointsRequest, Losses, WatchStatusRequest,
+};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
@@ -197,6 +199,22 @@ fn saved_state(dir: &std::path::Path, command: &Cmd, unreachable: &Failure) -> R
         _ => return Err(Failure::Unreachable(unreachable.message().to_string())),
     }
     Ok(())
+}
+
+/// The task's losses by name, then their sum.
+fn losses_line(l: &Losses) -> String {
+    let mut terms: Vec<_> = l.terms.iter().collect();
+    terms.sort_by(|a, b| a.0.cmp(b.0));
+    let terms: String = terms.iter().map(|(name, v)| format!("{name} {v:.4}  ")).collect();
+    format!("{terms}total {:.4}", l.total)
+}
+
+/// `{"<term>": v, ..., "total": v}`.
+fn losses_json(l: &Losses) -> serde_json::Value {
+    let mut json: serde_json::Map<String, serde_json::Value> =
+        l.terms.iter().map(|(n, v)| (n.clone(), (*v).into())).collect();
+    json.insert("total".into(), l.total.into());
+    json.into()
 }
 
 fn main() -> ExitCode {
@@ -391,7 +409,7 @@ fn retrieval_line(s: &JobStatus) -> String {
 fn render_status(s: &JobStatus) -> String {
     let mut out = String::new();
     let total = if s.total_steps > 0 { format!(" / {}", s.total_steps) } else { String::new() };
-    let l = s.losses.unwrap_or_default();
+    let l = s.losses.clone().unwrap_or_default();
     let fields = [
         ("state", s.state.clone()),
         ("generation", s.generation.to_string()),
@@ -399,7 +417,7 @@ fn render_status(s: &JobStatus) -> String {
         ("workers", workers_line(s)),
         ("step", format!("{}{total}", s.step)),
         ("epoch", s.epoch.to_string()),
-        ("losses", format!("ita {:.4}  itm {:.4}  mlm {:.4}  total {:.4}", l.ita, l.itm, l.mlm, l.total)),
+        ("losses", losses_line(&l)),
         ("images/s", format!("{:.1}", s.images_per_second)),
         ("lr", format!("{:.3e}", s.lr)),
         ("temp", format!("{:.4}", s.temp)),
@@ -452,7 +470,7 @@ fn render_status(s: &JobStatus) -> String {
 
 /// The status as JSON: the fields of the table, with numbers as numbers.
 fn status_json(s: &JobStatus) -> serde_json::Value {
-    let l = s.losses.unwrap_or_default();
+    let l = s.losses.clone().unwrap_or_default();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let checkpoint = (!s.last_checkpoint.is_empty()).then(|| {
         serde_json::json!({
@@ -504,7 +522,7 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "step": s.step,
         "total_steps": s.total_steps,
         "epoch": s.epoch,
-        "losses": { "ita": l.ita, "itm": l.itm, "mlm": l.mlm, "total": l.total },
+        "losses": losses_json(&l),
         "images_per_second": s.images_per_second,
         "lr": s.lr,
         "temp": s.temp,
@@ -570,7 +588,7 @@ fn age(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use albef_proto::v1::{Losses, SkippedSample, WorkerStatus};
+    use albef_proto::v1::{SkippedSample, WorkerStatus};
 
     #[test]
     fn an_endpoint_may_be_host_and_port_and_a_run_dir_names_its_coordinator() {
@@ -604,7 +622,10 @@ mod tests {
             world_size: 2,
             step: 120,
             total_steps: 1000,
-            losses: Some(Losses { ita: 1.0, itm: 0.5, mlm: 2.0, total: 3.5 }),
+            losses: Some(Losses {
+                terms: [("ita", 1.0), ("itm", 0.5), ("mlm", 2.0)].map(|(n, v)| (n.to_string(), v)).into(),
+                total: 3.5,
+            }),
             images_per_second: 55.0,
             lr: 1e-4,
             workers: vec![WorkerStatus {
@@ -634,6 +655,7 @@ mod tests {
         assert!(json["checkpoint"].is_null() && json["retrieval"].is_null(), "{json}");
         let text = render_status(&s);
         assert!(text.contains("step        120 / 1000"), "{text}");
+        assert!(text.contains("losses      ita 1.0000  itm 0.5000  mlm 2.0000  total 3.5000"), "{text}");
         assert!(text.contains("world size  2 (4 virtual ranks)"), "{text}");
         assert!(text.contains("1 spares waiting") && text.contains("scale-ups   2"), "{text}");
         assert_eq!((json["virtual_ranks"].as_u64(), json["scale_ups"].as_u64()), (Some(4), Some(2)));

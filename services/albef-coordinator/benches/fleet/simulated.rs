@@ -92,7 +92,10 @@ pub async fn worker(
             rank,
             step,
             epoch: 0,
-            losses: Some(Losses { ita: 3.1, itm: 0.64, mlm: 2.0, total: 5.74 }),
+            losses: Some(Losses {
+                terms: [("ita".into(), 3.1), ("itm".into(), 0.64), ("mlm".into(), 2.0)].into(),
+                total: 5.74,
+            }),
             images_per_second: 410.0,
             params_hash: format!("{:016x}", step * 0x9e37_79b9),
             params_hash_step: step,

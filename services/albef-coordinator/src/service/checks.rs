@@ -11,6 +11,8 @@ use tonic::Status;
 pub(super) const MAX_ID: usize = 256;
 pub(super) const MAX_LOCATION: usize = 4096;
 pub(super) const MAX_ERROR: usize = 16 * 1024;
+/// A task has a few named losses.
+const MAX_LOSS_TERMS: usize = 16;
 
 pub(super) fn check_id(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
@@ -103,15 +105,16 @@ pub(super) fn heartbeat(r: pb::HeartbeatRequest) -> Result<Heartbeat, Status> {
     }
     let (bad_samples, bad_sample_examples) = check_bad_samples(r.bad_samples, r.bad_sample_examples)?;
     let l = r.losses.unwrap_or_default();
+    if l.terms.len() > MAX_LOSS_TERMS {
+        return Err(Status::invalid_argument(format!("{} loss terms (at most {MAX_LOSS_TERMS})", l.terms.len())));
+    }
+    for name in l.terms.keys() {
+        check_text("losses.terms", name, MAX_ID)?;
+    }
     // Workers report the losses of applied steps only: finite, as are lr and temp.
-    for (name, v) in [
-        ("losses.ita", l.ita),
-        ("losses.itm", l.itm),
-        ("losses.mlm", l.mlm),
-        ("losses.total", l.total),
-        ("lr", r.lr),
-        ("temp", r.temp),
-    ] {
+    let terms = l.terms.iter().map(|(name, v)| (format!("losses.{name}"), *v));
+    let others = [("losses.total", l.total), ("lr", r.lr), ("temp", r.temp)].map(|(n, v)| (n.to_string(), v));
+    for (name, v) in terms.chain(others) {
         if !v.is_finite() {
             return Err(Status::invalid_argument(format!("{name} {v} is not finite")));
         }
@@ -122,7 +125,7 @@ pub(super) fn heartbeat(r: pb::HeartbeatRequest) -> Result<Heartbeat, Status> {
         rank: r.rank,
         step: r.step,
         epoch: r.epoch,
-        losses: state::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total },
+        losses: state::Losses { terms: l.terms.into_iter().collect(), total: l.total },
         images_per_second: r.images_per_second,
         params_hash: r.params_hash,
         params_hash_step: r.params_hash_step,

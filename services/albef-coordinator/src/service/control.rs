@@ -23,7 +23,7 @@ fn skipped_sample(e: SkipExample) -> pb::SkippedSample {
 }
 
 fn losses(l: state::Losses) -> pb::Losses {
-    pb::Losses { ita: l.ita, itm: l.itm, mlm: l.mlm, total: l.total }
+    pb::Losses { terms: l.terms.into_iter().collect(), total: l.total }
 }
 
 #[derive(Clone)]

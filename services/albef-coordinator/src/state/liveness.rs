@@ -42,7 +42,7 @@ impl Job {
         m.reported = true;
         m.step = hb.step;
         m.epoch = hb.epoch;
-        m.losses = hb.losses;
+        m.losses = hb.losses.clone();
         m.images_per_second = hb.images_per_second;
         m.params_hash.clone_from(&hb.params_hash);
         m.lr = hb.lr;

@@ -75,7 +75,7 @@ impl Job {
             epoch: rank0.map_or(resume_epoch, |m| m.epoch),
             total_steps: self.total_steps(),
             virtual_ranks: self.cfg.job.virtual_rank_count(),
-            losses: rank0.map(|m| m.losses).unwrap_or_default(),
+            losses: rank0.map(|m| m.losses.clone()).unwrap_or_default(),
             images_per_second: members.iter().map(|(_, m)| m.images_per_second).sum(),
             lr: rank0.map_or(0.0, |m| m.lr),
             temp: rank0.map_or(0.0, |m| m.temp),

@@ -132,11 +132,10 @@ pub enum JoinOutcome {
     Ended(JobState),
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// A step's losses: their sum and the task's terms by name.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Losses {
-    pub ita: f64,
-    pub itm: f64,
-    pub mlm: f64,
+    pub terms: std::collections::BTreeMap<String, f64>,
     pub total: f64,
 }
 

@@ -42,7 +42,8 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
     let j = join(&mut w, "w", 7000).await;
     let mut hb = beat("w", &j, 5);
-    hb.losses = Some(albef_proto::v1::Losses { ita: 1.5, itm: 0.5, mlm: 2.0, total: 4.0 });
+    let terms = [("ita".into(), 1.5), ("itm".into(), 0.5), ("mlm".into(), 2.0)].into();
+    hb.losses = Some(albef_proto::v1::Losses { terms, total: 4.0 });
     hb.bad_samples = [("corrupt_image".to_string(), 3), ("empty_caption".to_string(), 1)].into();
     let example = |key: &str| SkippedSample {
         reason: "corrupt_image".into(),

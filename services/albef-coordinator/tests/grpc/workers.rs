@@ -130,7 +130,7 @@ async fn malformed_requests_are_invalid_arguments() {
     invalid(w.heartbeat(HeartbeatRequest { lr: f64::INFINITY, ..hb.clone() }).await, "infinite lr");
     invalid(w.heartbeat(HeartbeatRequest { busy_seconds: -1.0, ..hb.clone() }).await, "negative step time");
     invalid(w.heartbeat(HeartbeatRequest { data_wait_share: 1.5, ..hb.clone() }).await, "a share over 1");
-    let nan = Some(albef_proto::v1::Losses { itm: f64::NAN, ..Default::default() });
+    let nan = Some(albef_proto::v1::Losses { terms: [("itm".into(), f64::NAN)].into(), total: 1.0 });
     invalid(w.heartbeat(HeartbeatRequest { losses: nan, ..hb.clone() }).await, "NaN loss");
     invalid(w.heartbeat(HeartbeatRequest { rank: 5, ..hb.clone() }).await, "heartbeat rank");
     let reasons = [("made_up_reason".to_string(), 1)].into();

@@ -59,7 +59,10 @@ fn a_heartbeat_walks_no_member_at_any_world_size() {
             for (id, a) in &world {
                 let hb = Heartbeat {
                     params_hash_step: round,
-                    losses: Losses { ita: 3.0, itm: 0.6, mlm: 2.0, total: 5.6 },
+                    losses: Losses {
+                        terms: [("ita".into(), 3.0), ("itm".into(), 0.6), ("mlm".into(), 2.0)].into(),
+                        total: 5.6,
+                    },
                     bad_samples: [("corrupt_image".to_string(), round)].into(),
                     ..beat(id, a, round)
                 };

@@ -6,8 +6,9 @@ use super::*;
 fn status_summarises_the_ranks() {
     let (mut job, t0) = job(2, 2);
     let g = form(&mut job, &["a", "b"], t0);
-    let losses = Losses { ita: 1.0, itm: 0.5, mlm: 2.0, total: 3.5 };
-    let hb_a = Heartbeat { losses, images_per_second: 10.0, lr: 1e-4, temp: 0.07, ..beat("a", &g[0], 7) };
+    let losses = Losses { terms: [("ita".into(), 1.0), ("itm".into(), 0.5)].into(), total: 3.5 };
+    let hb_a =
+        Heartbeat { losses: losses.clone(), images_per_second: 10.0, lr: 1e-4, temp: 0.07, ..beat("a", &g[0], 7) };
     let hb_b = Heartbeat { images_per_second: 12.0, ..beat("b", &g[1], 6) };
     commands(&mut job, &hb_a, t0);
     commands(&mut job, &hb_b, at(t0, 300));
