@@ -442,6 +442,39 @@ fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
     assert_same_as_reference(&job, job.local_final_hashes());
 }
 
+/// Retrieval fine-tuning recovers as pretraining does (its index queue is part of the state, its
+/// rows carry image ids): a worker killed mid-run and replaced, the job ends with the parameters,
+/// queues and sample audit of the uninterrupted retrieval job.
+#[test]
+fn a_retrieval_job_with_a_killed_worker_ends_as_the_uninterrupted_one() {
+    let run = |kill_at: Option<u64>| {
+        let mut job = Job::new(None, &[]);
+        job.extra.push("task=retrieval".into());
+        job.start(&[]);
+        if let Some(at) = kill_at {
+            job.wait_for_step(at);
+            job.kill_worker("w1");
+            job.start_worker("w1", None);
+        }
+        job.finish(false);
+        // The safetensors header (a length, then JSON) names every tensor of the model.
+        let model = std::fs::read(Path::new(&job.run).join(format!("checkpoints/step-{STEPS}/model.safetensors")));
+        let model = model.unwrap();
+        let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+        let names = String::from_utf8_lossy(&model[8..8 + header_len]).into_owned();
+        assert!(names.contains("\"idx_queue\""), "the index queue is part of the state");
+        let state = job.state();
+        (job.local_final_hashes(), job.audit(), state["restarts"].as_u64().unwrap(), job.logs())
+    };
+    let (hashes, audit, _, _) = run(None);
+    let at = random_step(5, 19);
+    let (killed, killed_audit, restarts, logs) = run(Some(at));
+    println!("killed w1 at step >= {at}");
+    assert!(restarts >= 1, "{logs}");
+    assert_eq!(killed, hashes, "final parameters differ from the uninterrupted retrieval job\n{logs}");
+    assert!(killed_audit == audit, "the sample audit differs from the uninterrupted retrieval job");
+}
+
 #[test]
 fn a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_in_charge() {
     let _ = reference();
