@@ -257,10 +257,15 @@ impl Albef {
         (embeds, feat)
     }
 
+    /// The fusion layers' tokens (N, L, width): text tokens (mode `text`) attending to image
+    /// tokens. Their [CLS] is what the ITM head reads.
+    pub fn fuse(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, train: bool) -> Tensor {
+        self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), train)
+    }
+
     /// ITM logits (N, 2) of text tokens fused with image tokens; column 1 is "match".
     pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, train: bool) -> Tensor {
-        let fused = self.text.encoder.bert.forward(Mode::Fusion, text_embeds, mask, Some(image_embeds), train);
-        self.itm_head.forward(&fused.select(1, 0))
+        self.itm_head.forward(&self.fuse(text_embeds, mask, image_embeds, train).select(1, 0))
     }
 
     /// MLM logits of the online model over all 12 layers.
