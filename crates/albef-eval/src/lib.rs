@@ -21,6 +21,7 @@ pub mod classification;
 pub mod embed;
 pub mod metrics;
 pub mod model;
+pub mod npy;
 pub mod retrieval;
 pub mod split;
 
