@@ -13,7 +13,8 @@
 //! - `model`: the model to evaluate: a checkpoint verified against its manifest, a run directory's
 //!   latest complete checkpoint, a bare state with a configuration, or the untrained model a job
 //!   starts from.
-//! - `embed`: normalised ITC embeddings of images or texts as safetensors.
+//! - `embed`: features of images, captions or pairs (tokens, normalised projections, fused
+//!   tokens), as LAVIS's `extract_features`, as safetensors or `.npz` (`npy`: NumPy's formats).
 //! - `classification`: accuracy of a classifying task (SNLI-VE) on a labelled split, shared
 //!   across the ranks of a job.
 

@@ -6,7 +6,7 @@ use albef_config::{AlbefConfig, Preset};
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, TEST_JSON, VOCAB_TXT, write_dataset};
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
-use albef_eval::embed::{deserialize_embeddings, embed_texts, serialize_embeddings};
+use albef_eval::embed::{Tokens, deserialize_embeddings, embed_texts, serialize_embeddings};
 use albef_eval::model::untrained;
 use albef_eval::retrieval::{NOT_RERANKED, extract_features, score_shard};
 use albef_eval::{EvalOptions, RetrievalSplit, Scoring, SplitOptions, evaluate};
@@ -160,7 +160,7 @@ fn text_embeddings_round_trip_with_their_captions() {
     let f = fixture(2);
     let m = untrained(&config(), Device::Cpu).unwrap();
     let texts: Vec<String> = f.split.texts.clone();
-    let e = embed_texts(&m.model, &f.tokenizer, &texts, 30, 2, false).unwrap();
+    let e = embed_texts(&m.model, &Tokens::new(&f.tokenizer, &texts, 30), 2, false).unwrap();
     assert_eq!(e.size(), [texts.len() as i64, 64]);
     let bytes = serialize_embeddings(&e, "text", &texts, &[("model", "untrained".into())]).unwrap();
     let (back, kind, keys) = deserialize_embeddings(&bytes).unwrap();

@@ -7,8 +7,8 @@
 //!   processes (the binaries beside this one; CPU, TCP collectives), each with its share of the
 //!   cores; Ctrl-C stops the job cleanly.
 //! - `albef eval`: zero-shot retrieval of a checkpoint, a run directory's latest checkpoint or the
-//!   untrained model, with a table and a JSON report; `albef embed`: normalised embeddings of
-//!   images or captions as safetensors.
+//!   untrained model, with a table and a JSON report; `albef embed`: features of images,
+//!   captions or pairs (tokens, normalised projections, fused tokens) as safetensors or `.npz`.
 //! - `albef model export`: a checkpoint (or the untrained model) as one safetensors file that the
 //!   reference PyTorch ALBEF loads strictly.
 //! - `albef data synth|index`: generate a dataset, build a dataset index.
@@ -80,7 +80,9 @@ enum Command {
     DeviceCheck(Box<device_check::DeviceCheckArgs>),
     /// Zero-shot image-text retrieval of a checkpoint (or the untrained model) on a split.
     Eval(Box<eval::EvalArgs>),
-    /// Normalised ITC embeddings of images or captions (safetensors).
+    /// Features of images, captions or (image, caption) pairs: tokens and normalised projections
+    /// (--mode), or the normalised ITC embeddings only; safetensors or .npz; batched, on
+    /// train.device (--set train.device=cuda).
     Embed(Box<embed::EmbedArgs>),
     /// Draw the loss curves of a progress log (`albef run` and `albef train` write
     /// `progress.log` and `loss.png` themselves).
