@@ -1,19 +1,24 @@
-//! The ALBEF ("Align before Fuse") model in libtorch through tch: the encoders, the heads, the
-//! momentum copies, the feature queues, and one forward that returns the three pretraining losses.
-//! It knows nothing of data loading or networks: batches arrive as tensors, and the distributed
-//! runtime plugs its all-gather in through `FeatureGather`.
+//! The ALBEF ("Align before Fuse") models in libtorch through tch: the encoders, the heads of
+//! each task, the momentum copies, the feature queues, and the forwards that return each task's
+//! losses. It knows nothing of data loading or networks: batches arrive as tensors, and the
+//! distributed runtime plugs its all-gather in through `FeatureGather` (or gathers the rows a
+//! task model queues).
 //!
 //! - `vit::VisionTransformer`: ViT-B/16 with timm/DeiT parameter names, returning every token.
-//! - `bert::BertForMaskedLm`: BERT with Hugging Face names; the layers below `fusion_layer` form
-//!   the text encoder, the others add cross-attention to the image tokens (the fusion encoder), and
-//!   `bert::Mode` runs text, fusion or all layers; the MLM head's decoder is tied to the word
-//!   embeddings.
-//! - `albef::Albef`: the pretraining module under the reference ALBEF state-dict names.
-//!   `Albef::fresh` builds it from the configuration and the seed (every rank alike), importing the
-//!   configured pretrained encoders; `Albef::forward_pretrain` takes a `Batch`, the distillation
-//!   weight alpha and a `FeatureGather` (`LocalGather` in one process) and returns `Losses` (ITC
-//!   with momentum distillation and queues, ITM with hard negatives, MLM with distillation),
-//!   applying the EMA and updating the queues as it goes.
+//! - `bert::BertModel` (+ `bert::MlmHead`, `bert::BertForMaskedLm`): BERT with Hugging Face names;
+//!   the layers below `fusion_layer` form the text encoder, the others add cross-attention to the
+//!   image tokens (the fusion encoder), and `bert::Mode` runs text, fusion or all layers; the MLM
+//!   head's decoder is tied to the word embeddings.
+//! - `task_model::TaskModel`: what the trainer steps, the seam between the one training step and
+//!   each task's model; `task_model::build` makes the model of a `task`.
+//! - `albef::Albef`: the pretraining and retrieval model under the reference ALBEF state-dict
+//!   names (ITC with momentum distillation and queues, ITM with hard negatives; MLM with
+//!   distillation in pretraining; image-index positives and an index queue in retrieval).
+//!   `Albef::forward_step` runs one step of one batch in one process, as the reference's forward.
+//! - `ve::AlbefVe`: SNLI-VE's model (an MLP head on the fused [CLS], distilled from its momentum
+//!   copy).
+//! - `momentum`: the momentum copies of every task model, and a model's initialisation from
+//!   pretrained encoders and a whole reference ALBEF checkpoint.
 //! - `weights`: the whole state as safetensors under the reference names, so weights move both ways
 //!   by name, and imports of Hugging Face BERT and timm ViT/DeiT checkpoints and of whole reference
 //!   ALBEF checkpoints with a load report and position-embedding interpolation.
