@@ -18,7 +18,6 @@ steps.json (each step's lr, alpha and the Rust losses), step-K/ (the Rust checkp
 steps), inputs-K and grads-K. Each step, resumed here from the checkpoint before it, must give
 the trainer's losses, gradients and state after it within 1e-5, the index queue exactly.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -107,40 +106,20 @@ def build(cfg, model_file):
     return module, names
 
 
-def main():
-    d = Path(sys.argv[1])
-    cfg = json.loads((d / "config.json").read_text())
-    steps = json.loads((d / "steps.json").read_text())
-    for k, s in enumerate(steps):
-        module, names = build(cfg, d / f"step-{k}" / "model.safetensors")
-        opt = rt.optimizer(cfg, module)
-        rt.load_optimizer(opt, module, names, d / f"step-{k}" / "optimizer.safetensors")
-        inputs = load_file(d / f"inputs-{k}.safetensors")
-        negatives = [inputs["image_negatives"], inputs["text_negatives"]]
-        module.negatives = lambda weights: negatives.pop(0)
-        module.model["alpha"] = s["alpha"]
-        for g in opt.param_groups:
-            g["lr"] = s["lr"]
-        opt.zero_grad(set_to_none=True)
-        loss = module(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["image_ids"])
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-        opt.step()
-        for name, mine in zip(("ita", "itm"), module.last_losses):
-            theirs = s[name]
-            assert abs(mine.item() - theirs) <= rt.TOLERANCE * max(1.0, abs(theirs)), \
-                f"step {k + 1} {name}: {mine.item()} vs {theirs}"
-        g, g_where = rt.compare_gradients(f"step {k + 1} gradients", grads, load_file(d / f"grads-{k}.safetensors"),
-                                          names)
-        after = load_file(d / f"step-{k + 1}" / "model.safetensors")
-        w, (largest, where) = rt.compare(f"step {k + 1} state", dict(module.state_dict()), after, names,
-                                         key_biases=False)
-        assert torch.equal(module.idx_queue, after["idx_queue"]), (module.idx_queue, after["idx_queue"])
-        assert module.queue_ptr == after["queue_ptr"].item(), (module.queue_ptr, after["queue_ptr"])
-        print(f"retrieval step {k + 1}: losses ita {module.last_losses[0].item():.4f} itm "
-              f"{module.last_losses[1].item():.4f} as the trainer's; gradients within {g:.1e} ({g_where}); "
-              f"state within {w:.1e} (relative L2; largest element {where} by {largest:.1e}); index queue equal")
+def forward(module, inputs, step):
+    negatives = [inputs["image_negatives"], inputs["text_negatives"]]  # images for texts first
+    module.negatives = lambda weights: negatives.pop(0)
+    module.model["alpha"] = step["alpha"]
+    loss = module(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["image_ids"])
+    assert not negatives, "both negatives were drawn"
+    return loss, {"ita": module.last_losses[0].item(), "itm": module.last_losses[1].item()}
+
+
+def queues_equal(module, after):
+    assert torch.equal(module.idx_queue, after["idx_queue"]), (module.idx_queue, after["idx_queue"])
+    assert module.queue_ptr == after["queue_ptr"].item(), (module.queue_ptr, after["queue_ptr"])
+    return "; index queue equal"
 
 
 if __name__ == "__main__":
-    main()
+    rt.check_resumed_steps(Path(sys.argv[1]), build, forward, "retrieval", queues_equal)

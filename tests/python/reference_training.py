@@ -188,6 +188,39 @@ def check_losses(k, losses, rust):
         assert abs(mine.item() - theirs) <= TOLERANCE * max(1.0, abs(theirs)), f"step {k + 1} {name}: {mine} vs {theirs}"
 
 
+def check_resumed_steps(directory, build, forward, what, after_step=lambda module, after: ""):
+    """Each step of `directory` (as crates/albef-train/tests/train.rs writes it), resumed here from
+    the trainer's checkpoint before it: `build(cfg, model_file)` makes the module and its names,
+    `forward(module, inputs, step)` runs it on the step's inputs and returns the loss to minimise
+    and the losses to compare by name. The losses, every gradient and the state after the step
+    must be the trainer's within TOLERANCE; `after_step(module, state_after)` checks more and
+    says what."""
+    cfg = json.loads((directory / "config.json").read_text())
+    steps = json.loads((directory / "steps.json").read_text())
+    for k, s in enumerate(steps):
+        module, names = build(cfg, directory / f"step-{k}" / "model.safetensors")
+        opt = optimizer(cfg, module)
+        load_optimizer(opt, module, names, directory / f"step-{k}" / "optimizer.safetensors")
+        for g in opt.param_groups:
+            g["lr"] = s["lr"]
+        opt.zero_grad(set_to_none=True)
+        loss, losses = forward(module, load_file(directory / f"inputs-{k}.safetensors"), s)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+        opt.step()
+        for name, mine in losses.items():
+            theirs = s[name]
+            assert abs(mine - theirs) <= TOLERANCE * max(1.0, abs(theirs)), f"step {k + 1} {name}: {mine} vs {theirs}"
+        g, g_where = compare_gradients(f"step {k + 1} gradients", grads,
+                                       load_file(directory / f"grads-{k}.safetensors"), names)
+        after = load_file(directory / f"step-{k + 1}" / "model.safetensors")
+        w, (largest, where) = compare(f"step {k + 1} state", state_of(module), after, names, key_biases=False)
+        more = after_step(module, after)
+        shown = " ".join(f"{n} {v:.4f}" for n, v in losses.items())
+        print(f"{what} step {k + 1} (alpha {s['alpha']:.2f}): {shown} as the trainer's; gradients within {g:.1e} "
+              f"({g_where}); state within {w:.1e} (relative L2; largest element {where} by {largest:.1e}){more}")
+
+
 def main():
     d = Path(sys.argv[1])
     cfg = json.loads((d / "config.json").read_text())

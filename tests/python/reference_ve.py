@@ -15,7 +15,6 @@ resumed here from the checkpoint before it, must give the trainer's loss, gradie
 after it within 1e-5.
 """
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -76,32 +75,10 @@ def build(cfg, model_file):
     return module, names
 
 
-def main():
-    d = Path(sys.argv[1])
-    cfg = json.loads((d / "config.json").read_text())
-    steps = json.loads((d / "steps.json").read_text())
-    for k, s in enumerate(steps):
-        module, names = build(cfg, d / f"step-{k}" / "model.safetensors")
-        opt = rt.optimizer(cfg, module)
-        rt.load_optimizer(opt, module, names, d / f"step-{k}" / "optimizer.safetensors")
-        inputs = load_file(d / f"inputs-{k}.safetensors")
-        for g in opt.param_groups:
-            g["lr"] = s["lr"]
-        opt.zero_grad(set_to_none=True)
-        loss = module(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"], s["alpha"])
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-        opt.step()
-        assert abs(loss.item() - s["ve"]) <= rt.TOLERANCE * max(1.0, abs(s["ve"])), \
-            f"step {k + 1}: loss {loss.item()} vs {s['ve']}"
-        g, g_where = rt.compare_gradients(f"step {k + 1} gradients", grads, load_file(d / f"grads-{k}.safetensors"),
-                                          names)
-        after = load_file(d / f"step-{k + 1}" / "model.safetensors")
-        w, (largest, where) = rt.compare(f"step {k + 1} state", dict(module.state_dict()), after, names,
-                                         key_biases=False)
-        print(f"SNLI-VE step {k + 1} (alpha {s['alpha']:.2f}): loss {loss.item():.4f} as the trainer's; gradients "
-              f"within {g:.1e} ({g_where}); state within {w:.1e} (relative L2; largest element {where} by {largest:.1e})")
+def forward(module, inputs, step):
+    loss = module(inputs["image"], inputs["input_ids"], inputs["attention_mask"], inputs["labels"], step["alpha"])
+    return loss, {"ve": loss.item()}
 
 
 if __name__ == "__main__":
-    main()
+    rt.check_resumed_steps(Path(sys.argv[1]), build, forward, "SNLI-VE")
