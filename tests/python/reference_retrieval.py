@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import reference_training as rt
 from torch_step import Albef
@@ -97,11 +96,7 @@ class RetrievalAlbef(Albef):
 
 def build(cfg, model_file):
     module = RetrievalAlbef(cfg["model"]).train()
-    state = load_file(model_file)
-    names = {rt.module_name(k): k for k in state if rt.module_name(k) is not None}
-    own = module.state_dict()
-    assert set(names) == set(own), sorted(set(names) ^ set(own))[:10]
-    module.load_state_dict({k: state[names[k]] for k in own}, strict=True)
+    state, names = rt.load_state(module, model_file)
     module.queue_ptr = int(state["queue_ptr"].item())
     return module, names
 

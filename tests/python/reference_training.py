@@ -59,14 +59,21 @@ def module_name(name):
     return name
 
 
-def build(cfg, model_file):
-    """The module with a reference state file's values; its names -> the file's."""
-    module = Albef(cfg["model"], best=False).train()
+def load_state(module, model_file):
+    """Loads a reference state file into `module`, which must hold exactly its tensors; returns
+    the file's state and the module's names -> the file's."""
     state = load_file(model_file)
     names = {module_name(k): k for k in state if module_name(k) is not None}
     own = module.state_dict()
     assert set(names) == set(own), sorted(set(names) ^ set(own))[:10]
     module.load_state_dict({k: state[names[k]] for k in own}, strict=True)
+    return state, names
+
+
+def build(cfg, model_file):
+    """The module with a reference state file's values; its names -> the file's."""
+    module = Albef(cfg["model"], best=False).train()
+    state, names = load_state(module, model_file)
     module.queue_ptr = int(state["queue_ptr"].item())
     return module, names
 

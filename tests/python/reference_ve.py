@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import reference_training as rt
 from torch_step import BertForMaskedLM, VisionTransformer
@@ -67,12 +66,7 @@ class VeAlbef(nn.Module):
 
 def build(cfg, model_file):
     module = VeAlbef(cfg["model"]).train()
-    state = load_file(model_file)
-    names = {rt.module_name(k): k for k in state if rt.module_name(k) is not None}
-    own = module.state_dict()
-    assert set(names) == set(own), sorted(set(names) ^ set(own))[:10]
-    module.load_state_dict({k: state[names[k]] for k in own}, strict=True)
-    return module, names
+    return module, rt.load_state(module, model_file)[1]
 
 
 def forward(module, inputs, step):
