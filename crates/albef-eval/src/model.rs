@@ -4,7 +4,8 @@
 
 use albef_config::{AlbefConfig, ConfigSources};
 use albef_data::store::Location;
-use albef_model::{Albef, weights};
+use albef_model::momentum::MomentumPairs;
+use albef_model::{Albef, TaskModel, task_model, weights};
 use albef_train::trainer::{MODEL_FILE, STATE_FILE, SavedState};
 use anyhow::{Context, Result, bail, ensure};
 use tch::{Device, nn};
@@ -14,18 +15,28 @@ pub struct EvalModel {
     /// The configuration the model was trained with (a checkpoint's own), plus overrides.
     pub cfg: AlbefConfig,
     pub vs: nn::VarStore,
-    pub model: Albef,
+    /// The task's model (`cfg.task`): ALBEF for pretraining and retrieval, SNLI-VE's own.
+    pub model: Box<dyn TaskModel>,
     /// Where the weights came from (a checkpoint URL, a file, "untrained").
     pub source: String,
     /// Optimiser steps the weights had taken (0 when untrained; None when unknown).
     pub step: Option<u64>,
 }
 
+impl EvalModel {
+    /// The ALBEF model (pretraining, retrieval), which retrieval and embeddings need.
+    pub fn albef(&self) -> Result<&Albef> {
+        let task = self.cfg.task.name();
+        let why = format!("{} is a {task} model: retrieval and embeddings need an ALBEF model", self.source);
+        self.model.as_any().downcast_ref().context(why)
+    }
+}
+
 /// A freshly initialised model, exactly as `Trainer::new` initialises a job's (same seed, same
 /// order of draws, pretrained encoders imported when configured).
 pub fn untrained(cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
     cfg.validate()?;
-    let (vs, model, _) = Albef::fresh(&cfg.model, cfg.task, cfg.train.seed, device)?;
+    let (vs, model, _) = task_model::build(&cfg.model, cfg.task, cfg.train.seed, device)?;
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: "untrained".into(), step: Some(0) })
 }
 
@@ -82,8 +93,9 @@ pub fn from_checkpoint(dir: &Location, overrides: &[String], device: Device, han
     let label = format!("{}/{MODEL_FILE}", dir.url);
     let tensors = weights::deserialize(file(MODEL_FILE)?, &label)?;
     let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
+    let model = task_model::new_in(&vs, &cfg.model, cfg.task)?;
     weights::load_complete(&vs, tensors, &label)?;
+    model.reload_buffers();
     Ok(EvalModel { cfg, vs, model, source: dir.url.clone(), step: Some(manifest.step) })
 }
 
@@ -92,8 +104,9 @@ pub fn from_checkpoint(dir: &Location, overrides: &[String], device: Device, han
 /// momentum weights copied when it has none); every other parameter must be in it.
 pub fn from_pth(path: &str, cfg: &AlbefConfig, device: Device) -> Result<EvalModel> {
     let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
-    let report = model.import_reference(&vs, std::path::Path::new(path))?;
+    let model = task_model::new_in(&vs, &cfg.model, cfg.task)?;
+    let report = albef_model::momentum::import_reference(&vs, std::path::Path::new(path), &MomentumPairs::of(&vs))?;
+    model.reload_buffers();
     ensure!(
         report.missing.is_empty(),
         "{path} lacks {} parameters of the {} model: {:?}",
@@ -109,7 +122,8 @@ pub fn from_safetensors(path: &str, cfg: &AlbefConfig, device: Device, handle: &
     let bytes = handle.block_on(Location::open(path)?.read_all())?;
     let tensors = weights::deserialize(&bytes, path)?;
     let vs = nn::VarStore::new(device);
-    let model = Albef::new(&vs, &cfg.model, cfg.task)?;
+    let model = task_model::new_in(&vs, &cfg.model, cfg.task)?;
     weights::load_complete(&vs, tensors, path)?;
+    model.reload_buffers();
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: path.to_string(), step: None })
 }

@@ -75,13 +75,13 @@ fn scores_follow_the_definition_and_shards_add_up() {
     let cfg = config();
     let m = untrained(&cfg, Device::Cpu).unwrap();
     let k = 4;
-    let feats = extract_features(&m.model, &f.split, &opts(k)).unwrap();
+    let feats = extract_features(m.albef().unwrap(), &f.split, &opts(k)).unwrap();
     let (n_img, n_txt) = (f.split.num_images() as i64, f.split.num_texts() as i64);
     assert_eq!(feats.image_feat.size(), [n_img, cfg.model.embed_dim]);
     let norms = feats.text_feat.norm_scalaropt_dim(2, [1], false);
     assert!(norms.allclose(&Tensor::ones([n_txt], (Kind::Float, Device::Cpu)), 1e-5, 1e-5, false));
 
-    let whole = score_shard(&m.model, &feats, &opts(k), 0, 1);
+    let whole = score_shard(m.albef().unwrap(), &feats, &opts(k), 0, 1);
     // Exactly k candidates per query were re-ranked, the most similar ones.
     let per_row = whole.i2t_mask.sum_dim_intlist(1, false, Kind::Float);
     assert!(per_row.eq(k as f64).all().int64_value(&[]) == 1, "{per_row}");
@@ -94,7 +94,7 @@ fn scores_follow_the_definition_and_shards_add_up() {
     let best = whole.sims.get(2).argmax(0, false).int64_value(&[]);
     let direct = tch::no_grad(|| {
         let (te, tm) = (feats.text_embeds.narrow(0, best, 1), feats.text_mask.narrow(0, best, 1));
-        m.model.itm_logits(&te, &tm, &feats.image_embeds.narrow(0, 2, 1), false).double_value(&[0, 1])
+        m.albef().unwrap().itm_logits(&te, &tm, &feats.image_embeds.narrow(0, 2, 1), false).double_value(&[0, 1])
     });
     let ours = whole.i2t_itm.double_value(&[2, best]);
     assert!((ours - direct).abs() < 1e-4, "ITM logit {ours} vs a direct fusion forward {direct}");
@@ -111,14 +111,14 @@ fn scores_follow_the_definition_and_shards_add_up() {
     assert_eq!(itm_i2t.data.iter().filter(|&&v| v == NOT_RERANKED).count(), (n_img * (n_txt - k as i64)) as usize);
 
     // Three ranks' shards summed give the single-process scores.
-    let mut sum = score_shard(&m.model, &feats, &opts(k), 0, 3);
+    let mut sum = score_shard(m.albef().unwrap(), &feats, &opts(k), 0, 3);
     for rank in 1..3 {
-        let mut part = score_shard(&m.model, &feats, &opts(k), rank, 3);
+        let mut part = score_shard(m.albef().unwrap(), &feats, &opts(k), rank, 3);
         for (total, p) in sum.reducible().into_iter().zip(part.reducible()) {
             *total += &*p;
         }
     }
-    for (a, b) in sum.reducible().into_iter().zip(score_shard(&m.model, &feats, &opts(k), 0, 1).reducible()) {
+    for (a, b) in sum.reducible().into_iter().zip(score_shard(m.albef().unwrap(), &feats, &opts(k), 0, 1).reducible()) {
         assert!(a.allclose(b, 1e-6, 1e-6, false), "sharded scores differ");
     }
 }
@@ -128,15 +128,15 @@ fn evaluation_is_deterministic_and_scores_all_three_ways() {
     let _rng = serial();
     let f = fixture(8);
     let m = untrained(&config(), Device::Cpu).unwrap();
-    let a = evaluate(&m.model, &f.split, &opts(3)).unwrap();
-    let b = evaluate(&m.model, &f.split, &opts(3)).unwrap();
+    let a = evaluate(m.albef().unwrap(), &f.split, &opts(3)).unwrap();
+    let b = evaluate(m.albef().unwrap(), &f.split, &opts(3)).unwrap();
     assert_eq!(a, b, "dropout must be off in evaluation");
     for s in Scoring::ALL {
         let r = a.get(s);
         assert!(r.entries().iter().all(|(_, v)| (0.0..=100.0).contains(v)), "{s:?}: {r:?}");
     }
     // With k_test >= every candidate, nothing is cut off: R@10 over 8 images is 100.
-    let all = evaluate(&m.model, &f.split, &opts(100)).unwrap();
+    let all = evaluate(m.albef().unwrap(), &f.split, &opts(100)).unwrap();
     assert_eq!(all.itm.img_r10, 100.0);
 }
 
@@ -160,13 +160,13 @@ fn text_embeddings_round_trip_with_their_captions() {
     let f = fixture(2);
     let m = untrained(&config(), Device::Cpu).unwrap();
     let texts: Vec<String> = f.split.texts.clone();
-    let e = embed_texts(&m.model, &Tokens::new(&f.tokenizer, &texts, 30), 2, false).unwrap();
+    let e = embed_texts(m.albef().unwrap(), &Tokens::new(&f.tokenizer, &texts, 30), 2, false).unwrap();
     assert_eq!(e.size(), [texts.len() as i64, 64]);
     let bytes = serialize_embeddings(&e, "text", &texts, &[("model", "untrained".into())]).unwrap();
     let (back, kind, keys) = deserialize_embeddings(&bytes).unwrap();
     assert_eq!((kind.as_str(), keys), ("text", texts));
     assert!(back.equal(&e));
     // The same texts evaluated as a split have the same features.
-    let feats = extract_features(&m.model, &f.split, &opts(1)).unwrap();
+    let feats = extract_features(m.albef().unwrap(), &f.split, &opts(1)).unwrap();
     assert!(feats.text_feat.allclose(&e, 1e-5, 1e-5, false));
 }

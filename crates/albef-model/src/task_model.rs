@@ -69,6 +69,14 @@ pub fn build(
     })
 }
 
+/// The model of `task` in `vs`, as constructed (to load a checkpoint into).
+pub fn new_in(vs: &nn::VarStore, cfg: &ModelConfig, task: TaskKind) -> Result<Box<dyn TaskModel>> {
+    Ok(match task {
+        TaskKind::Pretrain | TaskKind::Retrieval => Box::new(crate::Albef::new(vs, cfg, task)?),
+        TaskKind::Ve => Box::new(crate::ve::AlbefVe::new(vs, cfg)?),
+    })
+}
+
 pub trait TaskModel: Send {
     fn config(&self) -> &ModelConfig;
 

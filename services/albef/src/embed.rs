@@ -64,7 +64,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         Ok(Tokens::new(&tokenizer, &captions, cfg.data.max_words))
     };
     let images = Images { bytes: &bytes, names: &urls, max_pixels: cfg.data.max_pixels };
-    let (m, bs, bf16) = (&model.model, args.model.batch_size, cfg.train.bf16);
+    let (m, bs, bf16) = (model.albef()?, args.model.batch_size, cfg.train.bf16);
     let (kind, arrays) = match args.mode {
         None if args.texts.is_some() => ("text", vec![(EMBEDDINGS, embed_texts(m, &tokens()?, bs, bf16)?)]),
         None => ("image", vec![(EMBEDDINGS, embed_images(m, &images, bs, bf16)?)]),

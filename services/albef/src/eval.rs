@@ -7,11 +7,13 @@ use albef_data::store::Location;
 use albef_data::store::parent_of;
 use albef_data::synth::{TEST_JSON, VOCAB_TXT};
 use albef_data::tokenizer::{Tokenizer, TokenizerOptions};
+use albef_eval::classification::{LabelledSplit, accuracy, accuracy_shard};
 use albef_eval::metrics::{RetrievalMetrics, chance, table};
 use albef_eval::model::{EvalModel, from_checkpoint, from_pth, from_safetensors, resolve_checkpoint, untrained};
 use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
 use albef_eval::split::{RetrievalSplit, SplitOptions};
-use albef_model::{TaskModel, device};
+use albef_model::device;
+use albef_model::ve::{AlbefVe, VE_LABELS};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -47,7 +49,8 @@ pub struct ModelArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Retrieval annotation JSON (reference format: image, caption list, image_id). Default: the
+    /// Retrieval annotation JSON (reference format: image, caption list, image_id), or for an
+    /// SNLI-VE model a labelled one (image, sentence, label). Default (retrieval): the
     /// held-out split of the generated dataset, `<job.run_dir>/data/test.json`.
     #[arg(long)]
     pub data: Option<String>,
@@ -249,6 +252,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let handle = rt.handle();
     let started = Instant::now();
     let model = load_model(&args.model, handle)?;
+    if let Some(ve) = model.model.as_any().downcast_ref::<AlbefVe>() {
+        return run_ve(&args, &model, ve, handle);
+    }
     let cfg = &model.cfg;
     let split_url = split_url(args.data.as_deref(), &model, handle)?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&split_url), handle)?;
@@ -278,7 +284,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         args.k_test,
         model.model.device()
     );
-    let results = evaluate(&model.model, &split, &opts)?;
+    let results = evaluate(model.albef()?, &split, &opts)?;
     let report = EvalReport {
         label: label.clone(),
         model: model.source.clone(),
@@ -295,10 +301,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         device: format!("{:?}", model.model.device()),
     };
     let out = args.out.clone().unwrap_or_else(|| default_out(&model, &args));
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    write_report(&out, &report)?;
 
     let mut columns: Vec<(String, RetrievalMetrics)> = vec![];
     if let Some(path) = &args.compare {
@@ -322,6 +325,52 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 /// The printed result: the split, the table (earlier evaluations first, then chance), and how
 /// re-ranking compares with ITC alone.
+/// Writes a report as JSON at `out`, creating its folder.
+fn write_report(out: &Path, report: &impl Serialize) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, serde_json::to_vec_pretty(report)?).with_context(|| format!("writing {}", out.display()))
+}
+
+/// What `albef eval` measured of an SNLI-VE model.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AccuracyReport {
+    pub model: String,
+    pub step: Option<u64>,
+    pub split: String,
+    pub rows: usize,
+    /// Percent of the rows classified right.
+    pub accuracy: f64,
+    pub seconds: f64,
+    pub device: String,
+}
+
+/// An SNLI-VE model's accuracy on the labelled split of --data (rows `{image, sentence, label}`).
+fn run_ve(args: &EvalArgs, model: &EvalModel, ve: &AlbefVe, handle: &Handle) -> Result<()> {
+    let started = Instant::now();
+    let url = args.data.as_deref().context("--data: an SNLI-VE model is evaluated on a labelled split")?;
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), model, Some(url), handle)?;
+    let d = &model.cfg.data;
+    let opts = SplitOptions { image_root: args.image_root.clone(), max_words: d.max_words, max_pixels: d.max_pixels };
+    let split = LabelledSplit::load(url, &VE_LABELS, &opts, handle)?;
+    let counts = accuracy_shard(ve, &split, &tokenizer, (args.model.batch_size, model.cfg.train.bf16), (0, 1))?;
+    let report = AccuracyReport {
+        model: model.source.clone(),
+        step: model.step,
+        split: url.to_string(),
+        rows: split.len(),
+        accuracy: accuracy(&counts)?,
+        seconds: started.elapsed().as_secs_f64(),
+        device: format!("{:?}", model.model.device()),
+    };
+    let out = args.out.clone().unwrap_or_else(|| default_out(model, args));
+    write_report(&out, &report)?;
+    println!("accuracy {:.2}% on {} rows of {url} ({})", report.accuracy, report.rows, model.source);
+    println!("report written to {}", out.display());
+    Ok(())
+}
+
 pub fn summary(report: &EvalReport, columns: &[(String, RetrievalMetrics)], scoring: Scoring) -> String {
     let mut cols: Vec<(&str, &RetrievalMetrics)> = columns.iter().map(|(l, m)| (l.as_str(), m)).collect();
     cols.push(("chance", &report.chance));

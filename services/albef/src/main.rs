@@ -78,7 +78,8 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Compare the CUDA forward (bf16 as training runs it) with the CPU fp32 forward.
     DeviceCheck(Box<device_check::DeviceCheckArgs>),
-    /// Zero-shot image-text retrieval of a checkpoint (or the untrained model) on a split.
+    /// Image-text retrieval of a checkpoint (or the untrained model) on a split; an SNLI-VE
+    /// checkpoint's accuracy on a labelled split.
     Eval(Box<eval::EvalArgs>),
     /// Features of images, captions or (image, caption) pairs: tokens and normalised projections
     /// (--mode), or the normalised ITC embeddings only; safetensors or .npz; batched, on

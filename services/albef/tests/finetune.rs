@@ -154,4 +154,13 @@ fn ve(pre: &Path, dir: &Path) {
     println!("SNLI-VE dev accuracy {accuracy:.1}% (best, step {}), majority class {majority:.1}%", best["step"]);
     assert_eq!(best["metric"], "accuracy");
     assert!(accuracy > majority + 15.0, "VE accuracy {accuracy:.1}% vs the majority class {majority:.1}%");
+
+    // albef eval measures the best checkpoint as the evaluation during training did.
+    let (best_run, dev_s) = (format!("{}/best", out.display()), data.join("ve_dev.json"));
+    let report = dir.join("ve-eval.json");
+    let args =
+        ["eval", "--checkpoint", &best_run, "--data", dev_s.to_str().unwrap(), "--out", report.to_str().unwrap()];
+    albef(&args);
+    let measured: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!((measured["accuracy"].as_f64().unwrap() - accuracy).abs() < 1e-6, "{measured}");
 }
