@@ -36,12 +36,12 @@ impl Phase {
     /// Its TensorBoard tag.
     fn tag(self) -> &'static str {
         match self {
-            Phase::DataWait => "time/data_wait",
-            Phase::Forward => "time/forward",
-            Phase::Backward => "time/backward",
-            Phase::Communication => "time/communication",
-            Phase::Optimizer => "time/optimizer",
-            Phase::Checkpoint => "time/checkpoint",
+            Phase::DataWait => "rank0/time/data_wait",
+            Phase::Forward => "rank0/time/forward",
+            Phase::Backward => "rank0/time/backward",
+            Phase::Communication => "rank0/time/communication",
+            Phase::Optimizer => "rank0/time/optimizer",
+            Phase::Checkpoint => "rank0/time/checkpoint",
         }
     }
 
@@ -50,6 +50,11 @@ impl Phase {
         !matches!(self, Phase::Communication | Phase::Checkpoint)
     }
 }
+
+/// TensorBoard tags say whose value they are: `rank0/...` what rank 0 measures or computes alone
+/// (its phase times and throughput, its micro-batches' losses), `job/...` what holds for the
+/// job (the schedule, the job's throughput, evaluations). The throughput tag of rank 0:
+pub const RANK_IMAGES_PER_SECOND: &str = "rank0/throughput/images_per_second";
 
 pub struct StepMetrics {
     pub registry: Registry,
@@ -185,7 +190,7 @@ impl StepMetrics {
         r.set("albef_worker_step_flops", &[], flops);
         if let Some(peak) = self.peak_flops.filter(|_| wall > 0.0) {
             r.set("albef_worker_mfu", &[], flops / wall / peak);
-            recorded.push(("throughput/mfu", flops / wall / peak));
+            recorded.push(("rank0/throughput/mfu", flops / wall / peak));
         }
         let w = &mut self.window;
         w.data_wait += times.seconds[0];
@@ -198,8 +203,8 @@ impl StepMetrics {
             r.set("albef_worker_data_wait_share", &[], share);
             r.set("albef_worker_images_per_second", &[], self.recent.images_per_second);
             recorded.extend([
-                ("throughput/images_per_second", self.recent.images_per_second),
-                ("throughput/data_wait_share", share),
+                (RANK_IMAGES_PER_SECOND, self.recent.images_per_second),
+                ("rank0/throughput/data_wait_share", share),
             ]);
             self.window = Window::new();
         }

@@ -2,6 +2,7 @@
 //! TensorBoard events (rank 0).
 
 use crate::StepStats;
+use crate::metrics::RANK_IMAGES_PER_SECOND;
 use crate::task::Evaluation;
 use crate::train_loop::{Reporter, StepReport};
 use crate::trainer::Pace;
@@ -62,6 +63,8 @@ impl Reporter for ProgressLog {
 pub struct Board {
     events: TensorBoard,
     log_every: u64,
+    /// Ranks whose throughput rank 0's stands for (the job's rate is rank 0's times it).
+    world: usize,
     /// Where the event file goes, when the run directory is not local.
     upload: Option<Location>,
     handle: Handle,
@@ -70,7 +73,7 @@ pub struct Board {
 }
 
 impl Board {
-    pub fn open(run_dir: &str, log_every: u64, handle: Handle) -> Result<Board> {
+    pub fn open(run_dir: &str, log_every: u64, world: usize, handle: Handle) -> Result<Board> {
         let (events, upload, local) = match local_path(run_dir) {
             Some(dir) => (TensorBoard::create(&dir.join(TENSORBOARD_DIR))?, None, None),
             None => {
@@ -81,7 +84,7 @@ impl Board {
                 (events, Some(upload), Some(local))
             }
         };
-        Ok(Board { events, log_every, upload, handle, _local: local })
+        Ok(Board { events, log_every, world, upload, handle, _local: local })
     }
 
     /// Flushes the events and, for a remote run directory, uploads them (a failure is logged:
@@ -101,10 +104,11 @@ impl Board {
 impl Reporter for Board {
     fn applied(&mut self, r: &StepReport) -> Result<()> {
         let step = r.stats.step;
-        self.events.scalars(
-            step,
-            r.stats.scalars().into_iter().chain(r.measured.iter().map(|&(tag, v)| (tag.to_string(), v))),
-        );
+        let measured = r.measured.iter().map(|&(tag, v)| (tag.to_string(), v));
+        // The job's throughput, as the progress line shows it, whenever rank 0's is measured.
+        let job = r.measured.iter().filter(|(tag, _)| *tag == RANK_IMAGES_PER_SECOND);
+        let job = job.map(|(_, v)| ("job/throughput/images_per_second".to_string(), v * self.world as f64));
+        self.events.scalars(step, r.stats.scalars().into_iter().chain(measured).chain(job));
         if step.is_multiple_of(self.log_every) {
             self.events.flush();
         }
@@ -112,7 +116,7 @@ impl Reporter for Board {
     }
 
     fn evaluated(&mut self, e: &Evaluation) -> Result<()> {
-        let tags: Vec<(String, f64)> = e.metrics.iter().map(|(k, v)| (format!("eval/{k}"), *v)).collect();
+        let tags: Vec<(String, f64)> = e.metrics.iter().map(|(k, v)| (format!("job/eval/{k}"), *v)).collect();
         self.events.scalars(e.step, tags.iter().map(|(k, v)| (k.as_str(), *v)));
         self.events.flush();
         Ok(())

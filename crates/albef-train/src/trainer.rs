@@ -98,14 +98,15 @@ impl StepStats {
         )
     }
 
-    /// The step's values by TensorBoard tag (losses, schedule, temperature).
+    /// The step's values by TensorBoard tag: this rank's losses (`rank0/loss/...` on the rank
+    /// that writes events), the job's schedule and temperature (`job/...`).
     pub fn scalars(&self) -> Vec<(String, f64)> {
-        let losses = self.losses.iter().map(|(name, v)| (format!("loss/{name}"), *v));
-        let temp = self.temp.map(|t| ("model/temp".to_string(), t));
-        [("loss/total".to_string(), self.loss)]
+        let losses = self.losses.iter().map(|(name, v)| (format!("rank0/loss/{name}"), *v));
+        let temp = self.temp.map(|t| ("job/model/temp".to_string(), t));
+        [("rank0/loss/total".to_string(), self.loss)]
             .into_iter()
             .chain(losses)
-            .chain([("schedule/lr".into(), self.lr), ("schedule/alpha".into(), self.alpha)])
+            .chain([("job/schedule/lr".into(), self.lr), ("job/schedule/alpha".into(), self.alpha)])
             .chain(temp)
             .collect()
     }

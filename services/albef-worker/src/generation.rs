@@ -93,7 +93,7 @@ impl<'a> Reporters<'a> {
         let total_steps = length.total_steps;
         let progress = rank0.then(|| ProgressLog { log_every, total_steps, world, file: None, started, best: None });
         let board = rank0
-            .then(|| Board::open(&cfg.job.run_dir, log_every, heartbeat.handle().clone()))
+            .then(|| Board::open(&cfg.job.run_dir, log_every, world, heartbeat.handle().clone()))
             .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok());
         Ok(Reporters { heartbeat, audit, progress, board })
     }

@@ -138,25 +138,27 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
         assert!(ckpt.join(f).exists(), "{f} missing in the final checkpoint");
     }
     // Rank 0's TensorBoard events, read back by TensorBoard's own EventAccumulator: every step's
-    // losses, schedule and phase times, the throughput, and both evaluations.
+    // losses and phase times (rank 0's), the schedule (the job's), both throughputs, and both
+    // evaluations (the job's).
     let tags = [
-        "loss/total",
-        "loss/ita",
-        "loss/itm",
-        "loss/mlm",
-        "schedule/lr",
-        "schedule/alpha",
-        "model/temp",
-        "time/data_wait",
-        "time/forward",
-        "time/backward",
-        "time/communication",
-        "time/optimizer",
-        "throughput/images_per_second=*",
-        "throughput/data_wait_share=*",
-        "eval/itm/txt_r1=2",
-        "eval/itm/img_r1=2",
-        "eval/itm+itc/r_mean=2",
+        "rank0/loss/total",
+        "rank0/loss/ita",
+        "rank0/loss/itm",
+        "rank0/loss/mlm",
+        "job/schedule/lr",
+        "job/schedule/alpha",
+        "job/model/temp",
+        "rank0/time/data_wait",
+        "rank0/time/forward",
+        "rank0/time/backward",
+        "rank0/time/communication",
+        "rank0/time/optimizer",
+        "rank0/throughput/images_per_second=*",
+        "job/throughput/images_per_second=*",
+        "rank0/throughput/data_wait_share=*",
+        "job/eval/itm/txt_r1=2",
+        "job/eval/itm/img_r1=2",
+        "job/eval/itm+itc/r_mean=2",
     ];
     let check = Command::new(repo().join(".venv/bin/python"))
         .arg(repo().join("tests/python/check_tensorboard.py"))
