@@ -53,7 +53,8 @@ pub fn config_with_overrides(json: &serde_json::Value, overrides: &[String]) -> 
 
 /// The checkpoint `url` names: a checkpoint folder (with manifest.json); `<run>/best`, the best
 /// checkpoint of a run by its task's metric; or a run directory or its `checkpoints` folder,
-/// whose latest complete checkpoint is taken (`albef train`'s `final` when the run has no other).
+/// whose latest complete checkpoint is taken (`albef train`'s `final`, the state after its last
+/// step, unless a checkpoint is later: a run resumed to more steps).
 pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
     let loc = Location::open(url)?;
     if handle.block_on(loc.join(albef_checkpoint::MANIFEST).exists())? {
@@ -73,10 +74,15 @@ pub fn resolve_checkpoint(url: &str, handle: &Handle) -> Result<Location> {
         None => loc,
     };
     let finished = run.join("final");
-    match handle.block_on(albef_checkpoint::latest(&run))? {
-        Some(latest) => Ok(latest.location),
-        None if handle.block_on(finished.join(albef_checkpoint::MANIFEST).exists())? => Ok(finished),
-        None => {
+    let final_step = match handle.block_on(finished.join(albef_checkpoint::MANIFEST).exists())? {
+        true => Some(handle.block_on(albef_checkpoint::read_manifest(&finished))?.step),
+        false => None,
+    };
+    match (handle.block_on(albef_checkpoint::latest(&run))?, final_step) {
+        (Some(latest), Some(step)) if step < latest.step => Ok(latest.location),
+        (Some(latest), None) => Ok(latest.location),
+        (_, Some(_)) => Ok(finished),
+        (None, None) => {
             bail!("{url} is neither a checkpoint (no manifest.json) nor a run directory with a complete checkpoint")
         }
     }
@@ -126,4 +132,31 @@ pub fn from_safetensors(path: &str, cfg: &AlbefConfig, device: Device, handle: &
     weights::load_complete(&vs, tensors, path)?;
     model.reload_buffers();
     Ok(EvalModel { cfg: cfg.clone(), vs, model, source: path.to_string(), step: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run directory names its latest state: `final` (the state after `albef train`'s last
+    /// step) unless a periodic checkpoint is later (a run resumed to more steps, stopped early).
+    #[test]
+    fn a_run_directory_names_its_latest_state() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let run = Location::open(dir.path().to_str().unwrap()).unwrap();
+        let save = |at: &Location, step: u64| {
+            let files = vec![("model.safetensors".to_string(), bytes::Bytes::from_static(b"x"))];
+            let mut nothing = |_: &albef_checkpoint::FileEntry| {};
+            rt.block_on(albef_checkpoint::write(at, step, files, Default::default(), &mut nothing)).unwrap();
+        };
+        let url = run.url.clone();
+        assert!(resolve_checkpoint(&url, rt.handle()).is_err(), "nothing saved yet");
+        save(&albef_checkpoint::folder(&run, 4), 4);
+        save(&run.join("final"), 8);
+        assert!(resolve_checkpoint(&url, rt.handle()).unwrap().url.ends_with("/final"));
+        save(&albef_checkpoint::folder(&run, 12), 12);
+        assert!(resolve_checkpoint(&url, rt.handle()).unwrap().url.ends_with("/step-12"));
+        assert!(resolve_checkpoint(&format!("{url}/checkpoints"), rt.handle()).unwrap().url.ends_with("/step-12"));
+    }
 }
