@@ -58,7 +58,7 @@ impl RetrievalSplit {
         let skips = SkipCounts::default();
         let entries = parse_annotations(&bytes, url, &skips)?;
         if skips.total() > 0 {
-            bail!("{url}: entries that are not retrieval annotations: {:?}", skips.snapshot());
+            bail!("{url}: entries that are not retrieval annotations:\n{}", skips.summary());
         }
         ensure!(!entries.is_empty(), "{url} lists no images");
         let entries: Vec<_> = entries.into_iter().flatten().collect();

@@ -68,6 +68,30 @@ fn the_split_numbers_captions_image_by_image() {
     assert_eq!(pixels.len(), 2 * 3 * 32 * 32);
 }
 
+/// A val row whose caption is one string is an image with one caption (the reference would
+/// iterate its characters); a row with no usable caption is an error naming the file and the row.
+#[test]
+fn a_string_caption_is_one_caption_and_a_bad_row_is_named() {
+    let f = fixture(2);
+    let dir = f._dir.path();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(dir.join(TEST_JSON)).unwrap()).unwrap();
+    let image = |i: usize| rows[i]["image"].clone();
+    let load = |json: serde_json::Value| {
+        let path = dir.join("val.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        RetrievalSplit::load(path.to_str().unwrap(), &f.tokenizer, &SplitOptions::default(), rt.handle())
+    };
+    let s = load(serde_json::json!([
+        {"image": image(0), "caption": "a red square"},
+        {"image": image(1), "caption": ["a blue circle", "a circle"]},
+    ]))
+    .unwrap();
+    assert_eq!(s.truth.img2txt, [vec![0], vec![1, 2]]);
+    let err = format!("{:#}", load(serde_json::json!([{"image": image(0), "caption": 7}])).err().unwrap());
+    assert!(err.contains("val.json") && err.contains("#0") && err.contains("caption"), "{err}");
+}
+
 #[test]
 fn scores_follow_the_definition_and_shards_add_up() {
     let _rng = serial();

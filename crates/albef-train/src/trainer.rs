@@ -110,11 +110,6 @@ impl StepStats {
             .chain(temp)
             .collect()
     }
-
-    /// The loss called `name` (`ita`, `itm`, `mlm`, ...).
-    pub fn loss_term(&self, name: &str) -> Option<f64> {
-        self.losses.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
-    }
 }
 
 pub struct Trainer {

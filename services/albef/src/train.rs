@@ -66,11 +66,12 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let mut losses = LossSpan::default();
     let mut reporters: Vec<&mut dyn Reporter> = vec![&mut progress, &mut losses];
     reporters.extend(board.as_mut().map(|b| b as &mut dyn Reporter));
-    let sink =
-        LocalCheckpoints { run: run.clone(), final_dir: final_dir.clone(), handle: handle.clone(), steps_per_epoch };
+    let best = handle.block_on(albef_checkpoint::best::read(&run))?;
+    let (best_value, best_location) = (best.as_ref().map(|b| b.value), best.map(|b| b.location));
+    let (run_loc, final_loc, h) = (run.clone(), final_dir.clone(), handle.clone());
+    let sink = LocalCheckpoints { run: run_loc, final_dir: final_loc, handle: h, steps_per_epoch, best: best_location };
     let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
-    let best = handle.block_on(albef_checkpoint::best::read(&run))?.map(|b| b.value);
-    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)), best);
+    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)), best_value);
     let stop = stop_on_signals(&handle);
     let local = LocalCollective::new();
     let mut dp = DataParallel::new(&local, VirtualRanks::one_per_rank(0, 1), 0, false);
@@ -210,6 +211,8 @@ struct LocalCheckpoints {
     final_dir: Location,
     handle: Handle,
     steps_per_epoch: u64,
+    /// The best checkpoint's folder (kept whatever else is removed).
+    best: Option<String>,
 }
 
 impl CheckpointSink for LocalCheckpoints {
@@ -222,10 +225,10 @@ impl CheckpointSink for LocalCheckpoints {
         albef_train::checkpoint::save(trainer, &dir, 1, self.steps_per_epoch, &self.handle)?;
         if let Some(record) = best.and_then(|e| e.as_best(&dir.url)) {
             self.handle.block_on(albef_checkpoint::best::write(&self.run, &record))?;
+            self.best = Some(record.location);
         }
-        let kept = self.handle.block_on(albef_checkpoint::best::read(&self.run))?.map(|b| b.location);
         let older = self.handle.block_on(albef_checkpoint::list(&self.run))?;
-        let older: Vec<_> = older.into_iter().filter(|l| Some(&l.location.url) != kept.as_ref()).collect();
+        let older: Vec<_> = older.into_iter().filter(|l| Some(&l.location.url) != self.best.as_ref()).collect();
         let stale = older.len().saturating_sub(KEEP_CHECKPOINTS);
         for listed in older.into_iter().take(stale) {
             self.handle.block_on(albef_checkpoint::remove(&listed.location))?;
