@@ -2,8 +2,8 @@
 //! texts of bounded length without control characters, finite numbers, known skip reasons, few
 //! and short examples.
 
-use crate::state::{self, Heartbeat};
-use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason, clip};
+use crate::state::{self, Heartbeat, shown};
+use albef_data::bad::{EXAMPLE_FIELD_BYTES, EXAMPLES_PER_REASON, SkipExample, SkipReason};
 use albef_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap};
 use tonic::Status;
@@ -38,9 +38,9 @@ fn check_bad_samples(
     examples: Vec<pb::SkippedSample>,
 ) -> Result<(BTreeMap<String, u64>, Vec<SkipExample>), Status> {
     let known = |reason: &str| {
-        SkipReason::parse(reason).map(SkipReason::as_str).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown skip reason {:?}", clip(reason, EXAMPLE_FIELD_BYTES)))
-        })
+        SkipReason::parse(reason)
+            .map(SkipReason::as_str)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown skip reason {:?}", shown(reason))))
     };
     let mut out = BTreeMap::new();
     for (reason, n) in counts {
@@ -67,7 +67,8 @@ pub(super) fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
     check_id("worker_id", &r.worker_id)?;
     check_text("host", &r.host, MAX_ID)?;
     if !["cuda", "cpu"].contains(&r.device_kind.as_str()) {
-        return Err(Status::invalid_argument(format!("device_kind must be cuda or cpu (got {:?})", r.device_kind)));
+        let got = shown(&r.device_kind);
+        return Err(Status::invalid_argument(format!("device_kind must be cuda or cpu (got {got:?})")));
     }
     if r.device_count > 1024 {
         return Err(Status::invalid_argument(format!("device_count {} is implausible", r.device_count)));
@@ -79,10 +80,8 @@ pub(super) fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
     }
     let port = r.collective_address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
     if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
-        return Err(Status::invalid_argument(format!(
-            "collective_address must be host:port (got {:?})",
-            r.collective_address
-        )));
+        let got = shown(&r.collective_address);
+        return Err(Status::invalid_argument(format!("collective_address must be host:port (got {got:?})")));
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! checkpoint, the checkpoint list).
 
 use super::{ServiceState, to_status};
-use crate::state::{self, Job, JobState, WorkerView};
+use crate::state::{self, Job, JobState, WorkerView, shown};
 use albef_data::bad::SkipExample;
 use albef_proto::v1 as pb;
 use albef_proto::v1::control_server::Control;
@@ -99,9 +99,9 @@ impl Control for ControlService {
         let view = if r.all_workers {
             let from = match r.page_token.as_str() {
                 "" => 0,
-                token => {
-                    token.parse().map_err(|_| Status::invalid_argument(format!("page_token {token:?} is not ours")))?
-                }
+                token => token
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("page_token {:?} is not ours", shown(token))))?,
             };
             let size = match r.page_size {
                 0 => DEFAULT_PAGE,

@@ -3,7 +3,7 @@
 
 use super::checks::{self, MAX_ERROR, MAX_ID, MAX_LOCATION, check_id, check_join, check_text};
 use super::{ServiceState, to_status};
-use crate::state::{self, Assignment, Backend, JoinOutcome, Joining};
+use crate::state::{self, Assignment, Backend, JoinOutcome, Joining, shown};
 use albef_proto::v1 as pb;
 use albef_proto::v1::coordinator_server::Coordinator;
 use albef_proto::v1::join_response::Outcome;
@@ -199,7 +199,9 @@ impl Coordinator for CoordinatorService {
         if r.location != folder.url {
             return Err(Status::invalid_argument(format!(
                 "the checkpoint of step {} belongs at {}, not {:?}",
-                r.step, folder.url, r.location
+                r.step,
+                folder.url,
+                shown(&r.location)
             )));
         }
         if r.rank == 0 {

@@ -2,8 +2,8 @@
 //! the latest), old ones are evicted beyond job.keep_checkpoints, one a worker cannot read is
 //! dropped, and the last step's finishes the job.
 
-use super::Job;
 use super::types::{Checkpoint, Commit, Result, invalid};
+use super::{Job, shown};
 use std::time::Instant;
 use tracing::{info, warn};
 
@@ -127,11 +127,12 @@ impl Job {
         }
         let dropped = self.checkpoints.iter().position(|c| c.location == location).map(|i| {
             self.counters.rejected_checkpoints += 1;
-            warn!(location, rank, reason, "checkpoint rejected: falling back to the previous one");
+            warn!(location, rank, reason = shown(reason), "checkpoint rejected: falling back to the previous one");
             self.checkpoints.remove(i).location
         });
         if self.current.as_ref().is_some_and(|g| g.number == generation) {
-            self.end_generation(&format!("rank {rank} cannot read {location}: {reason}"), true, &[], now);
+            let why = format!("rank {rank} cannot read {}: {}", shown(location), shown(reason));
+            self.end_generation(&why, true, &[], now);
         }
         self.changed();
         Ok(dropped)

@@ -4,7 +4,7 @@
 
 use super::generation::Member;
 use super::types::{Command, Heartbeat, Result, invalid};
-use super::{Job, LOGGED_IDS};
+use super::{Job, LOGGED_IDS, shown};
 use std::time::Instant;
 use tracing::{info, warn};
 
@@ -53,7 +53,7 @@ impl Job {
             self.bad_samples.insert(hb.worker_id.clone(), (hb.bad_samples.clone(), hb.bad_sample_examples.clone()));
         }
         if !hb.fatal_error.is_empty() {
-            let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, hb.fatal_error);
+            let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, shown(&hb.fatal_error));
             if stopping {
                 warn!(reason, "worker failed while the job stops");
                 g.set_gone(rank);

@@ -49,6 +49,17 @@ use waiting::{Expected, Rendezvous};
 /// Worker ids a log line names at most (a fleet's rendezvous must not write 10,000 of them).
 const LOGGED_IDS: usize = 8;
 
+/// Bytes of a client's string that an error or a log line repeats: an id (at most 256 bytes) or
+/// a worker's short error whole, any longer text cut. An error travels in a header, which
+/// clients cap (grpcio at 8 KiB, answering RESOURCE_EXHAUSTED in its place).
+const SHOWN_BYTES: usize = 512;
+
+/// A client's string as errors and logs repeat it: clipped to `SHOWN_BYTES`, control characters
+/// as spaces.
+pub fn shown(s: &str) -> String {
+    albef_data::bad::clip(s, SHOWN_BYTES)
+}
+
 pub struct Job {
     cfg: AlbefConfig,
     config_json: String,

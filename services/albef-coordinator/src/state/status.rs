@@ -122,7 +122,7 @@ impl Job {
             return invalid("only rank 0 reports evaluations");
         }
         if let Some(bad) = metrics.iter().find(|(_, v)| !v.is_finite()) {
-            return invalid(format!("metric {} is {}", bad.0, bad.1));
+            return invalid(format!("metric {:?} is {}", super::shown(bad.0), bad.1));
         }
         info!(generation, step, r_mean = metrics.get("itm/r_mean").copied(), "retrieval evaluation");
         if self.evaluation.as_ref().is_none_or(|(s, _)| *s <= step) {

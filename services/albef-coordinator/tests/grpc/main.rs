@@ -7,7 +7,7 @@ use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{
     Assignment, CollectiveBackend, Command as Cmd, ControlRequest, GetLeasesRequest, GetNcclIdRequest,
     GetStatusRequest, HeartbeatRequest, JobEnded, JoinRequest, JoinSpare, LeaveRequest, ListCheckpointsRequest,
-    PublishNcclIdRequest, ReportCheckpointRequest, SkippedSample, WatchStatusRequest,
+    PublishNcclIdRequest, RejectCheckpointRequest, ReportCheckpointRequest, SkippedSample, WatchStatusRequest,
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};

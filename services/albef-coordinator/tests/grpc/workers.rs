@@ -98,6 +98,45 @@ fn invalid<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, what: &str
     }
 }
 
+/// Refused as INVALID_ARGUMENT with a message that repeats the start of a client's long string
+/// (`shows`) and stays one line of a few hundred bytes (grpcio takes 8 KiB of metadata, and
+/// answers RESOURCE_EXHAUSTED to more).
+#[track_caller]
+fn clipped<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, what: &str, shows: &str) {
+    let e = r.expect_err(what);
+    assert_eq!(e.code(), Code::InvalidArgument, "{what}: {:?}", e.code());
+    let m = e.message();
+    assert!(m.len() < 1024 && m.contains(shows), "{what}: {m:.800}");
+    assert!(!m.contains('\n') && !m.contains('\u{1b}'), "{what}: control characters in {m:.800}");
+}
+
+#[tokio::test]
+async fn errors_and_logs_repeat_a_clients_long_strings_clipped() {
+    let dir = JobDir::new();
+    let c = dir.start(1, &[]);
+    let mut w = worker_client(&c, Some(WORKER_TOKEN)).await;
+    // A megabyte, with a line break and a terminal escape in it (shown as spaces).
+    let long = format!("long \u{1b}[31m\n{}", "y".repeat(1 << 20));
+    let shows = "long  [31m yyy";
+    let base = join_request("w", 7000);
+    clipped(w.join(JoinRequest { device_kind: long.clone(), ..base.clone() }).await, "device_kind", shows);
+    let mut admin = admin_client(&c, Some(ADMIN_TOKEN)).await;
+    let page = GetStatusRequest { all_workers: true, page_token: long.clone(), ..Default::default() };
+    clipped(admin.get_status(page).await, "page_token", shows);
+    let j = join(&mut w, "w", 7000).await;
+    // Within the 4 KiB a location may have, but not where checkpoints belong.
+    let location = format!("/elsewhere/{}", "y".repeat(4000));
+    let ck = ReportCheckpointRequest { generation: j.generation, location: location.clone(), ..Default::default() };
+    clipped(w.report_checkpoint(ck).await, "checkpoint location", "/elsewhere/yyy");
+    // A rank that cannot read a checkpoint ends the generation; the log says why, clipped.
+    let reason = long[..16 * 1024].to_string();
+    let reject = RejectCheckpointRequest { generation: j.generation, rank: 0, location, reason };
+    w.reject_checkpoint(reject).await.unwrap();
+    let log = c.log();
+    assert!(log.contains("generation ended"), "{log:.2000}");
+    assert!(!log.contains(&"y".repeat(1000)) && !log.contains('\u{1b}'), "an unclipped string in the log");
+}
+
 #[tokio::test]
 async fn malformed_requests_are_invalid_arguments() {
     let dir = JobDir::new();
