@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -181,8 +182,7 @@ async fn serve(
     std::io::stdout().flush()?;
 
     let mut stopped = shutdown_rx.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let serving = router.serve_with_incoming_shutdown(incoming, async move {
+    let serving = router.serve_with_incoming_shutdown(incoming(listener), async move {
         let _ = stopped.wait_for(|s| *s).await;
         for name in ["", "albef.v1.Coordinator", "albef.v1.Control"] {
             health.set_service_status(name, ServingStatus::NotServing).await;
@@ -202,6 +202,13 @@ async fn serve(
     shared.persist().await?;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// The connections `listener` accepts, each with TCP_NODELAY: tonic sets it only on listeners it
+/// binds itself. Without it a reply written in two pieces (a status of 2 KB) waits for the
+/// client's delayed ACK, 40 ms on Linux, on every call.
+fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Writes where albefctl finds this coordinator (`--run-dir`): the address it serves on (the
@@ -248,5 +255,19 @@ async fn tick(shared: Arc<ServiceState>, shutdown: watch::Sender<bool>, exit_whe
             let _ = shutdown.send(true);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let mut incoming = super::incoming(listener);
+        let (_client, accepted) = tokio::join!(client, incoming.next());
+        assert!(accepted.unwrap().unwrap().nodelay().unwrap());
     }
 }
