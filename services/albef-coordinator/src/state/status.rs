@@ -29,13 +29,18 @@ impl Job {
             WorkerView::Summary if members.len() <= SUMMARY_WORKERS => (members.clone(), None),
             WorkerView::Summary => {
                 // The most silent first, then the stragglers, then the furthest behind: what an
-                // operator of a fleet looks for.
-                let mut ranked = members.clone();
-                ranked.sort_by_key(|&(r, m)| {
-                    let s = silence(m);
-                    (std::cmp::Reverse(if s >= silent_after { s } else { Duration::ZERO }), !m.straggler, m.step, r)
-                });
-                ranked.truncate(SUMMARY_WORKERS);
+                // operator of a fleet looks for. Keyed in one pass and selected, not sorted: the
+                // job stays locked meanwhile, and heartbeats wait (10,000 members).
+                let mut keyed: Vec<_> = members
+                    .iter()
+                    .map(|&(r, m)| {
+                        let s = silence(m);
+                        let silent = if s >= silent_after { s } else { Duration::ZERO };
+                        ((std::cmp::Reverse(silent), !m.straggler, m.step, r), m)
+                    })
+                    .collect();
+                keyed.select_nth_unstable_by_key(SUMMARY_WORKERS, |&(key, _)| key);
+                let mut ranked: Vec<_> = keyed[..SUMMARY_WORKERS].iter().map(|&((.., r), m)| (r, m)).collect();
                 ranked.sort_by_key(|(r, _)| *r);
                 (ranked, None)
             }
@@ -81,13 +86,7 @@ impl Job {
             temp: rank0.map_or(0.0, |m| m.temp),
             last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
             counters: self.counters,
-            bad_samples: self.bad_samples.values().flat_map(|(counts, _)| counts).fold(
-                BTreeMap::new(),
-                |mut sum, (reason, n)| {
-                    *sum.entry(reason.clone()).or_default() += n;
-                    sum
-                },
-            ),
+            bad_samples: self.bad_samples_total(),
             bad_sample_examples: self.bad_sample_examples(),
             last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
             last_checkpoint_step: last.map_or(0, |c| c.step),
@@ -95,9 +94,20 @@ impl Job {
         }
     }
 
+    /// Skipped samples by reason over the workers.
+    fn bad_samples_total(&self) -> BTreeMap<String, u64> {
+        // Summed under borrowed names: no allocation per worker.
+        let mut sum: BTreeMap<&str, u64> = BTreeMap::new();
+        for (reason, n) in self.bad_samples.values().flat_map(|(counts, _)| counts) {
+            *sum.entry(reason).or_default() += n;
+        }
+        sum.into_iter().map(|(reason, n)| (reason.to_string(), n)).collect()
+    }
+
     /// The first few examples of each reason over the workers (in worker-id order).
     fn bad_sample_examples(&self) -> Vec<SkipExample> {
-        let mut workers: Vec<_> = self.bad_samples.iter().collect();
+        // Most workers have none: only those with examples are sorted.
+        let mut workers: Vec<_> = self.bad_samples.iter().filter(|(_, (_, examples))| !examples.is_empty()).collect();
         workers.sort_by(|a, b| a.0.cmp(b.0));
         let mut per_reason: BTreeMap<&str, Vec<SkipExample>> = BTreeMap::new();
         for example in workers.into_iter().flat_map(|(_, (_, examples))| examples) {
