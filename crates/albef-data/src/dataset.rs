@@ -7,7 +7,7 @@ use crate::index::{DatasetIndex, INDEX_FILE};
 use crate::loader::{Loader, LoaderOptions, RowNeeds};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use crate::sources::TarOptions;
-use crate::store::{Location, expand_pattern};
+use crate::store::{Location, expand_braces, folder_of_source};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::transform::TrainTransform;
@@ -23,15 +23,16 @@ pub fn synthesize(out: &str, spec: &DatasetSpec, handle: &Handle) -> Result<Stri
     let pattern = train_shards_pattern(out, spec.shards);
     let skips = SkipCounts::default();
     let index = DatasetIndex::build(std::slice::from_ref(&pattern), handle, &skips)?;
-    index.save(&first_source(std::slice::from_ref(&pattern))?.sibling(INDEX_FILE), handle)?;
+    index.save(&source_folder(std::slice::from_ref(&pattern))?.join(INDEX_FILE), handle)?;
     Ok(pattern)
 }
 
-/// The first object a list of source patterns names.
-pub fn first_source(patterns: &[String]) -> Result<Location> {
+/// The folder of the first source a list of patterns names, where its index and vocabulary are
+/// found by default (known without listing the store).
+pub fn source_folder(patterns: &[String]) -> Result<Location> {
     let first = patterns.first().context("no source given")?;
-    let url = expand_pattern(first)?.into_iter().next().context("empty pattern")?;
-    Location::open(&url)
+    let url = expand_braces(first)?.into_iter().next().context("empty pattern")?;
+    Location::open(&folder_of_source(&url)?)
 }
 
 /// The training sources of a configuration: `data.train_file`, or the generated dataset under
@@ -60,7 +61,7 @@ pub fn training_sources(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Resul
 /// Where the index of `sources` lives: `data.index`, else beside the first source.
 pub fn index_location(cfg: &AlbefConfig, sources: &[String]) -> Result<Location> {
     if cfg.data.index.is_empty() {
-        Ok(first_source(sources)?.sibling(INDEX_FILE))
+        Ok(source_folder(sources)?.join(INDEX_FILE))
     } else {
         Location::open(&cfg.data.index)
     }
@@ -73,7 +74,7 @@ pub fn open_index(loc: &Location, sources: &[String], handle: &Handle, skips: &S
     let exists = handle.block_on(loc.exists())?;
     if exists {
         let index = DatasetIndex::load(loc, handle)?;
-        if index.indexes(sources)? {
+        if index.indexes(sources, handle)? {
             return Ok(index);
         }
         tracing::info!(index = %loc.url, "the index there is of other sources: indexing these for this run (data.index names one of their own)");
@@ -103,14 +104,13 @@ impl Dataset {
     pub fn open(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Self> {
         let d = &cfg.data;
         let sources = training_sources(cfg, run, handle)?;
-        let first = first_source(&sources)?;
+        let folder = source_folder(&sources)?;
         let index_loc = index_location(cfg, &sources)?;
         // What the index leaves out (sources that are no tar or empty, junk members) is part of
         // this run's skip summary when the index is built here.
         let skips = Arc::new(SkipCounts::default());
         let index = open_index(&index_loc, &sources, handle, &skips)?;
-        let tokenizer_loc =
-            if d.tokenizer.is_empty() { first.sibling(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
+        let tokenizer_loc = if d.tokenizer.is_empty() { folder.join(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
         let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
             .with_options(TokenizerOptions { max_tokens: d.max_tokens, add_sep: d.add_sep })?;
         check_vocabulary(cfg, &tokenizer)?;

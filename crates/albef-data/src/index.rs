@@ -4,7 +4,7 @@
 
 use crate::bad::{SkipCounts, SkipReason};
 use crate::sources::{parse_annotations, scan_tar};
-use crate::store::{ACCEPTED_SOURCES, Location, expand_pattern};
+use crate::store::{ACCEPTED_SOURCES, Location, expand_patterns};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -39,11 +39,6 @@ pub struct DatasetIndex {
     pub sources: Vec<SourceEntry>,
 }
 
-/// Every source `patterns` name, in order.
-fn source_urls(patterns: &[String]) -> Result<Vec<String>> {
-    Ok(patterns.iter().map(|p| expand_pattern(p)).collect::<Result<Vec<_>>>()?.concat())
-}
-
 impl DatasetIndex {
     pub fn total(&self) -> u64 {
         self.sources.iter().map(|s| s.samples).sum()
@@ -65,14 +60,14 @@ impl DatasetIndex {
             .collect()
     }
 
-    /// Builds the index of the sources named by `patterns` (brace-expanded). Tar shards use
+    /// Builds the index of the sources named by `patterns` (expanded). Tar shards use
     /// img2dataset's `<shard>_stats.json` count when present, else are scanned once. A source
     /// that cannot be read, is not a tar, or holds no sample is reported in `skips` and left
     /// out; when no source is left the error names each one and why.
     pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
         let mut sources = vec![];
         let mut problems = vec![];
-        let urls = source_urls(patterns)?;
+        let urls = handle.block_on(expand_patterns(patterns))?;
         let mut progress = crate::progress::start("indexing sources", urls.len() as u64);
         for url in urls {
             match index_source(&url, handle, skips) {
@@ -98,9 +93,9 @@ impl DatasetIndex {
 
     /// Whether this index is of exactly the sources `patterns` name (an index found beside a
     /// source may be another dataset's that shares its folder).
-    pub fn indexes(&self, patterns: &[String]) -> Result<bool> {
+    pub fn indexes(&self, patterns: &[String], handle: &Handle) -> Result<bool> {
         let indexed: Vec<&str> = self.sources.iter().map(|s| s.url.as_str()).collect();
-        Ok(source_urls(patterns)? == indexed)
+        Ok(handle.block_on(expand_patterns(patterns))? == indexed)
     }
 
     pub fn save(&self, loc: &Location, handle: &Handle) -> Result<()> {

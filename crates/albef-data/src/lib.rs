@@ -2,7 +2,7 @@
 //! index and the epoch plans.
 //!
 //! A sample's way to the trainer: `store::Location` (object storage: paths, file://, s3://, gs://,
-//! az://, with `store::expand_pattern` for shard patterns: braces, local globs) -> `sources` (WebDataset / img2dataset
+//! az://, with `store::expand_pattern` for source patterns: braces, globs) -> `sources` (WebDataset / img2dataset
 //! tar shards, plain or gzip-compressed, and ALBEF annotation JSON, read by sample ordinal) ->
 //! `loader::Loader` (a reader thread streams the rank's planned ranges; decoder threads run
 //! `transform`, guarded decoding and the Pillow-exact RandomResizedCrop, flip and RandAugment, then

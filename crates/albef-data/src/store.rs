@@ -158,31 +158,100 @@ fn key_of(url: &str) -> Result<StorePath> {
 
 /// What a training source is, for errors about one.
 pub const ACCEPTED_SOURCES: &str = "a source is an ALBEF annotation file (.json: image, caption) or a WebDataset \
-     tar shard (.tar, as img2dataset writes them); name several with brace patterns (train-{000..127}.tar) or, on a \
-     local disk, globs (shards/*.tar)";
+     tar shard (.tar, as img2dataset writes them); name several with brace patterns (train-{000..127}.tar) or \
+     globs (shards/*.tar, s3://bucket/shards/*.tar)";
 
-/// The objects a source pattern names: brace groups expanded (see [`expand_braces`]), then, for
-/// local paths, `*` and `?` in the file name matched against the folder's files, in name order.
-pub fn expand_pattern(pattern: &str) -> Result<Vec<String>> {
+/// Every object `patterns` name, pattern by pattern (see [`expand_pattern`]).
+pub async fn expand_patterns(patterns: &[String]) -> Result<Vec<String>> {
+    let mut urls = vec![];
+    for pattern in patterns {
+        urls.extend(expand_pattern(pattern).await?);
+    }
+    Ok(urls)
+}
+
+/// The objects a source pattern names: brace groups expanded (see [`expand_braces`]), then `*`
+/// and `?` matched against what the store lists (local folders and object stores alike), one
+/// path component at a time, sorted. A pattern without wildcards is taken as written.
+pub async fn expand_pattern(pattern: &str) -> Result<Vec<String>> {
     let mut out = vec![];
     for url in expand_braces(pattern)? {
-        let (dir, name) = url.rsplit_once('/').unwrap_or((".", url.as_str()));
-        if !name.contains(['*', '?']) || local_path(&url).is_none() {
+        let Some((folder, rest)) = split_glob(&url)? else {
             out.push(url);
             continue;
-        }
-        let local = local_path(dir).expect("a local path");
-        let entries = std::fs::read_dir(&local).with_context(|| format!("listing {dir} for {url}"))?;
-        let mut matched: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|file| wildcard_match(name.as_bytes(), file.as_bytes()))
-            .map(|file| if url.contains('/') { format!("{dir}/{file}") } else { file })
-            .collect();
+        };
+        let root = Location::open(folder.unwrap_or("."))?;
+        let below = glob(&root, rest).await.with_context(|| format!("expanding {url}"))?;
+        let mut matched: Vec<String> = match folder {
+            None => below,
+            Some(f) => below.iter().map(|name| format!("{}/{name}", f.trim_end_matches('/'))).collect(),
+        };
         ensure!(!matched.is_empty(), "{url} matches no file ({ACCEPTED_SOURCES})");
         matched.sort();
         out.extend(matched);
     }
     Ok(out)
+}
+
+/// The folder of a source's object, or a glob's folder up to its first wildcard.
+pub fn folder_of_source(url: &str) -> Result<String> {
+    Ok(match split_glob(url)? {
+        None => parent_of(url),
+        Some((folder, _)) => folder.unwrap_or(".").to_string(),
+    })
+}
+
+/// A glob's literal folder (`None`: the current one, named by nothing in the results) and the
+/// components after it; `None` when `url` has no wildcard.
+fn split_glob(url: &str) -> Result<Option<(Option<&str>, &str)>> {
+    let Some(wild) = url.find(['*', '?']) else { return Ok(None) };
+    // An object store's bucket (container) is no folder to list: wildcards go after it.
+    if let Some((scheme, rest)) = url.split_once("://")
+        && scheme != "file"
+    {
+        let bucket_end = scheme.len() + 3 + rest.find('/').unwrap_or(rest.len());
+        ensure!(wild > bucket_end, "{url}: wildcards match object names, not buckets or containers");
+    }
+    Ok(Some(match url[..wild].rfind('/') {
+        None => (None, url),
+        Some(0) => (Some("/"), &url[1..]),
+        Some(slash) => (Some(&url[..slash]), &url[slash + 1..]),
+    }))
+}
+
+/// The paths below `root` of the objects that match `rest`: each component with a wildcard
+/// lists the folders (the objects, for the last) of its level, each other one is taken as written.
+async fn glob(root: &Location, rest: &str) -> Result<Vec<String>> {
+    let mut level = vec![(root.clone(), String::new())];
+    let components: Vec<&str> = rest.split('/').collect();
+    for (i, component) in components.iter().enumerate() {
+        let last = i + 1 == components.len();
+        let mut next = vec![];
+        for (loc, below) in level {
+            let named = |name: &str| (loc.join(name), format!("{below}{name}{}", if last { "" } else { "/" }));
+            if !component.contains(['*', '?']) {
+                let (child, name) = named(component);
+                if !last || child.exists().await? {
+                    next.push((child, name));
+                }
+                continue;
+            }
+            let listing = loc
+                .store
+                .list_with_delimiter(Some(&loc.path))
+                .await
+                .map_err(StoreError)
+                .with_context(|| format!("listing {}", loc.url))?;
+            let children = match last {
+                true => listing.objects.into_iter().map(|o| o.location).collect(),
+                false => listing.common_prefixes,
+            };
+            let names = children.iter().filter_map(|p| p.filename());
+            next.extend(names.filter(|n| wildcard_match(component.as_bytes(), n.as_bytes())).map(named));
+        }
+        level = next;
+    }
+    Ok(level.into_iter().map(|(_, name)| name).collect())
 }
 
 /// `*` (any run of characters) and `?` (one character) against a whole name.
@@ -248,26 +317,61 @@ mod tests {
         assert!(Location::open("ftp://x/y").is_err());
     }
 
+    fn expanded(pattern: &str) -> Result<Vec<String>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(expand_pattern(pattern))
+    }
+
     #[test]
     fn globs_match_local_files_in_name_order() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["b.tar", "a.tar", "c.json", "ab.tar.gz"] {
+        std::fs::create_dir_all(dir.path().join("x/sub.tar")).unwrap();
+        for f in ["b.tar", "a.tar", "c.json", "ab.tar.gz", "x/d.tar"] {
             std::fs::write(dir.path().join(f), b"").unwrap();
         }
         let d = dir.path().to_str().unwrap();
-        let names = |p: &str| -> Vec<String> {
-            expand_pattern(&format!("{d}/{p}"))
-                .unwrap()
-                .iter()
-                .map(|u| u.rsplit('/').next().unwrap().to_string())
-                .collect()
+        for root in [d.to_string(), format!("file://{d}")] {
+            let names = |p: &str| -> Vec<String> {
+                let urls = expanded(&format!("{root}/{p}")).unwrap();
+                urls.iter().map(|u| u.strip_prefix(&format!("{root}/")).unwrap().to_string()).collect()
+            };
+            assert_eq!(names("*.tar"), ["a.tar", "b.tar"], "files only, sorted");
+            assert_eq!(names("?.json"), ["c.json"]);
+            assert_eq!(names("{a,b}.tar"), ["a.tar", "b.tar"]);
+            assert_eq!(names("*/*.tar"), ["x/d.tar"], "a wildcard folder");
+            assert_eq!(names("?/d.tar"), ["x/d.tar"]);
+            let err = format!("{:#}", expanded(&format!("{root}/*.jpg")).unwrap_err());
+            assert!(err.contains(&format!("{root}/*.jpg matches no file")) && err.contains("annotation file (.json"));
+        }
+        let err = format!("{:#}", expanded("s3://b*/a.tar").unwrap_err());
+        assert!(err.contains("not buckets"), "{err}");
+    }
+
+    /// An object store (no folders, only keys) as s3://, gs:// and az:// list theirs.
+    #[test]
+    fn globs_match_object_store_keys() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for key in ["shards/t-2.tar", "shards/t-1.tar", "shards/t-1.json", "shards/old/t-0.tar", "other/t-3.tar"] {
+            rt.block_on(store.put(&StorePath::from(key), PutPayload::from_static(b"x"))).unwrap();
+        }
+        let root = Location { store, path: StorePath::default(), url: "mem://bucket".into() };
+        let names = |rest: &str| {
+            let mut names = rt.block_on(glob(&root, rest)).unwrap();
+            names.sort();
+            names
         };
-        assert_eq!(names("*.tar"), ["a.tar", "b.tar"]);
-        assert_eq!(names("?.json"), ["c.json"]);
-        assert_eq!(names("{a,b}.tar"), ["a.tar", "b.tar"]);
-        let err = format!("{:#}", expand_pattern(&format!("{d}/*.jpg")).unwrap_err());
-        assert!(err.contains("matches no file") && err.contains("annotation file (.json"), "{err}");
-        assert_eq!(expand_pattern("s3://b/train-*.tar").unwrap(), ["s3://b/train-*.tar"], "object stores: as written");
+        assert_eq!(names("shards/t-*.tar"), ["shards/t-1.tar", "shards/t-2.tar"], "not the key one folder down");
+        assert_eq!(names("*/t-?.tar"), ["other/t-3.tar", "shards/t-1.tar", "shards/t-2.tar"]);
+        assert_eq!(names("*/old/t-0.tar"), ["shards/old/t-0.tar"]);
+        assert!(names("shards/*.jpg").is_empty());
+    }
+
+    #[test]
+    fn sources_have_folders_without_listing() {
+        assert_eq!(folder_of_source("data/train.json").unwrap(), "data");
+        assert_eq!(folder_of_source("s3://b/shards/*/t-*.tar").unwrap(), "s3://b/shards");
+        assert_eq!(folder_of_source("*.tar").unwrap(), ".");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Datasets for `albef train` and the `albef data` commands.
 
 use albef_data::bad::SkipCounts;
-use albef_data::dataset::{first_source, synthesize};
+use albef_data::dataset::{source_folder, synthesize};
 use albef_data::index::{DatasetIndex, INDEX_FILE};
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, VOCAB_TXT};
@@ -27,7 +27,7 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 96)]
         image_res: usize,
     },
-    /// Count the samples of every source (brace patterns allowed) and store the index.
+    /// Count the samples of every source (brace patterns and globs allowed) and store the index.
     Index {
         /// Annotation JSON files and/or tar shards.
         #[arg(required = true)]
@@ -60,7 +60,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let index = DatasetIndex::build(&sources, rt.handle(), &skips)?;
             let out = match out {
                 Some(o) => Location::open(&o)?,
-                None => first_source(&sources)?.sibling(INDEX_FILE),
+                None => source_folder(&sources)?.join(INDEX_FILE),
             };
             index.save(&out, rt.handle())?;
             println!("{} sources, {} samples -> {}", index.sources.len(), index.total(), out.url);

@@ -2,7 +2,7 @@
 //! `.npz`, with the image URLs and captions they belong to.
 
 use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
-use albef_data::store::{Location, expand_pattern};
+use albef_data::store::{Location, expand_patterns};
 use albef_eval::embed::{EMBEDDINGS, Features, Format, Images, Inputs, Tokens, embed_images, embed_texts, extract};
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
@@ -35,8 +35,8 @@ pub struct EmbedArgs {
     /// of --images or of --texts.
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// Images to embed: paths or object-store URLs, brace patterns allowed
-    /// (`data/images/test/synth-{00000000..00000009}.jpg`).
+    /// Images to embed: paths or object-store URLs, brace patterns and globs allowed
+    /// (`data/images/test/synth-{00000000..00000009}.jpg`, `photos/*.jpg`).
     #[arg(long, num_args = 1.., required_unless_present = "texts")]
     pub images: Vec<String>,
     /// A text file with one caption per line (empty lines are skipped).
@@ -104,18 +104,14 @@ fn check_inputs(args: &EmbedArgs) -> Result<()> {
 
 /// The image URLs the patterns name, and their bytes.
 fn read_images(patterns: &[String], handle: &Handle) -> Result<(Vec<String>, Vec<Bytes>)> {
-    let mut urls = vec![];
-    for pattern in patterns {
-        urls.extend(expand_pattern(pattern)?);
-    }
-    let bytes = handle.block_on(async {
-        let mut out = vec![];
+    handle.block_on(async {
+        let urls = expand_patterns(patterns).await?;
+        let mut bytes = vec![];
         for u in &urls {
-            out.push(Location::open(u)?.read_all().await?);
+            bytes.push(Location::open(u)?.read_all().await?);
         }
-        anyhow::Ok(out)
-    })?;
-    Ok((urls, bytes))
+        Ok((urls, bytes))
+    })
 }
 
 /// The non-empty lines of a captions file.

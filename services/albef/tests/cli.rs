@@ -1,5 +1,9 @@
 //! The `albef` command as a user runs it.
 
+#[path = "common/moto.rs"]
+mod moto;
+
+use moto::Moto;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -148,6 +152,41 @@ fn data_commands_show_their_progress() {
     let screen = text(&shown.stdout);
     assert!(shown.status.success(), "{screen}");
     assert!(screen.contains("indexing sources: [=====") && !screen.contains(" in 00:"), "{screen}");
+}
+
+/// A glob over object storage: `albef data index` lists the bucket (moto's S3, the shards put
+/// there by boto3) and indexes the shards the glob names, in name order, its index beside them;
+/// a glob that names nothing says so, with the inputs that are accepted.
+#[test]
+fn globs_name_shards_in_object_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let synth = albef(&["data", "synth", "--out", d, "--train", "24", "--test", "2", "--shards", "3"], &[]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let moto = Moto::start("albef");
+    // Beside the shards, what the glob must leave out: another kind of file, a folder below.
+    moto.boto3(&format!(
+        "import glob, os\n\
+         for f in sorted(glob.glob('{d}/train-*.tar'), reverse=True):\n    \
+             s3.upload_file(f, 'albef', 'sets/synth/' + os.path.basename(f))\n    \
+             s3.upload_file(f, 'albef', 'sets/synth/old/' + os.path.basename(f))\n\
+         s3.upload_file('{d}/vocab.txt', 'albef', 'sets/synth/vocab.txt')"
+    ));
+    let indexed = albef(&["data", "index", "s3://albef/sets/synth/train-*.tar"], &moto.env());
+    assert!(indexed.status.success(), "{}", text(&indexed.stderr));
+    assert_eq!(text(&indexed.stdout).trim(), "3 sources, 24 samples -> s3://albef/sets/synth/albef-index.json");
+    let stored = moto.boto3(
+        "sys.stdout.write(s3.get_object(Bucket='albef', Key='sets/synth/albef-index.json')['Body'].read().decode())",
+    );
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let urls: Vec<&str> = stored["sources"].as_array().unwrap().iter().map(|s| s["url"].as_str().unwrap()).collect();
+    assert_eq!(urls, (0..3).map(|i| format!("s3://albef/sets/synth/train-{i:06}.tar")).collect::<Vec<_>>());
+    let none = albef(&["data", "index", "s3://albef/sets/synth/*.jpg"], &moto.env());
+    let error = text(&none.stderr);
+    assert!(
+        !none.status.success() && error.contains("s3://albef/sets/synth/*.jpg matches no file (a source is"),
+        "{error}"
+    );
 }
 
 /// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and

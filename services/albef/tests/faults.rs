@@ -4,22 +4,23 @@
 //! trained at each step) must equal the uninterrupted run's: nothing lost, nothing repeated.
 
 mod common;
+#[path = "common/moto.rs"]
+mod moto;
 
 use albef_proto::v1::control_client::ControlClient;
 use albef_proto::v1::{ControlRequest, GetStatusRequest, JobStatus};
 use common::{STALL, StallWatch, progress};
+use moto::{Moto, SECRET};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEPS: u64 = 24;
 const WORKERS: [&str; 2] = ["w0", "w1"];
-/// The object-store secret of the S3 test: it must never reach a log.
-const SECRET: &str = "albef-s3-secret-9f27c1";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -658,89 +659,26 @@ fn a_job_that_loses_a_rank_for_good_takes_the_same_steps() {
     assert!(worst <= 1e-4, "a loss differs by {worst:e} (relative)");
 }
 
-/// moto's S3 server on a free port; killed on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
+/// A whole object of the bucket `albef`, through the S3 API.
+fn s3_get(moto: &Moto, key: &str) -> String {
+    moto.boto3(&format!("sys.stdout.write(s3.get_object(Bucket='albef', Key='{key}')['Body'].read().decode())"))
 }
 
-impl Moto {
-    fn start(bucket: &str) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = Command::new(repo().join(".venv/bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server (make setup installs moto[server] into .venv)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let script = format!(
-            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', \
-             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').create_bucket(Bucket='{bucket}')"
-        );
-        let status = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).status().unwrap();
-        if !status.success() {
-            let _ = child.kill();
-            panic!("creating the bucket");
-        }
-        Moto { child, endpoint }
-    }
-
-    /// A whole object, through the S3 API.
-    fn get(&self, bucket: &str, key: &str) -> String {
-        let script = format!(
-            "import boto3,sys; sys.stdout.write(boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
-             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').get_object(Bucket='{bucket}', \
-             Key='{key}')['Body'].read().decode())",
-            self.endpoint
-        );
-        let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// (key, size) of the objects under `prefix`, through the S3 API.
-    fn list(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
-        let script = format!(
-            "import boto3; r = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
-             aws_access_key_id='albef', aws_secret_access_key='{SECRET}').list_objects_v2(Bucket='{bucket}', \
-             Prefix='{prefix}'); print('\\n'.join(f\"{{o['Key']}} {{o['Size']}}\" for o in r.get('Contents', [])))",
-            self.endpoint
-        );
-        let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &script]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.rsplit_once(' ').map(|(k, n)| (k.to_string(), n.parse().unwrap())))
-            .collect()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// (key, size) of the objects under `prefix` in the bucket `albef`, through the S3 API.
+fn s3_list(moto: &Moto, prefix: &str) -> Vec<(String, u64)> {
+    let listed = moto.boto3(&format!(
+        "r = s3.list_objects_v2(Bucket='albef', Prefix='{prefix}')\n\
+         print('\\n'.join(f\"{{o['Key']}} {{o['Size']}}\" for o in r.get('Contents', [])))"
+    ));
+    listed.lines().filter_map(|l| l.rsplit_once(' ').map(|(k, n)| (k.to_string(), n.parse().unwrap()))).collect()
 }
 
 #[test]
 fn a_killed_coordinator_restarts_from_its_state_in_s3() {
     let _ = reference();
     let moto = Moto::start("albef");
-    let env = [
-        ("AWS_ENDPOINT", moto.endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "albef"),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_REGION", "us-east-1"),
-        ("RUST_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info"),
-    ];
+    let mut env = moto.env().to_vec();
+    env.push(("RUST_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info"));
     let mut job = Job::new(Some("s3://albef/jobs/fault-test".into()), &env);
     job.start(&[]);
     // Before the epoch boundary (step 16), with a margin for the status poll: the workers need
@@ -754,15 +692,15 @@ fn a_killed_coordinator_restarts_from_its_state_in_s3() {
     job.start_coordinator();
     job.finish(false);
     let state: serde_json::Value =
-        serde_json::from_str(&moto.get("albef", "jobs/fault-test/coordinator/state.json")).unwrap();
+        serde_json::from_str(&s3_get(&moto, "jobs/fault-test/coordinator/state.json")).unwrap();
     assert_eq!(state["state"], "finished");
     assert!(state["generation"].as_u64().unwrap() >= 2, "the workers rejoined the restarted coordinator");
-    let manifest = moto.get("albef", &format!("jobs/fault-test/checkpoints/step-{STEPS}/manifest.json"));
+    let manifest = s3_get(&moto, &format!("jobs/fault-test/checkpoints/step-{STEPS}/manifest.json"));
     let logs = job.logs();
     assert!(logs.contains("restored the coordinator state"), "{logs}");
     assert!(!logs.contains(SECRET), "the S3 secret appears in a log");
     // Rank 0's TensorBoard events went up beside the checkpoints (one file per generation).
-    let events = moto.list("albef", "jobs/fault-test/tensorboard/");
+    let events = s3_list(&moto, "jobs/fault-test/tensorboard/");
     assert!(!events.is_empty(), "no TensorBoard events in S3");
     for (key, size) in &events {
         assert!(key.rsplit('/').next().unwrap().starts_with("events.out.tfevents.") && *size > 100, "{events:?}");
