@@ -7,21 +7,23 @@
 //! that `remove_incomplete` cleans up (rank 0 calls it before each save), and `read_file` never
 //! returns bytes the manifest does not vouch for (a wrong size or hash is an error naming the
 //! file). `write` hashes each file while it uploads it, large files as multipart uploads
-//! (`WriteOptions`); `check` is the coordinator's cheap test before a commit (the manifest parses
+//! (`WriteOptions`), and shows the bytes stored as they go (`albef_data::progress`); `check` is the coordinator's cheap test before a commit (the manifest parses
 //! and every file it lists exists with its size); `list` finds a run's checkpoints and `remove`
 //! deletes one, manifest first. What the files hold (safetensors, the trainer state) is
 //! `albef-train`'s business: this crate moves and verifies bytes.
 
 pub mod best;
 
+use albef_data::progress::{self, Progress, Units};
 use albef_data::store::{Location, StoreError};
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, WriteMultipart};
+use object_store::{MultipartUpload, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::task::{JoinError, JoinSet};
 
 pub const MANIFEST: &str = "manifest.json";
 const VERSION: u64 = 1;
@@ -86,32 +88,64 @@ async fn sha256_off_thread(bytes: Bytes) -> Result<String> {
     tokio::task::spawn_blocking(move || sha256_hex(&bytes)).await.context("hashing")
 }
 
-/// Uploads one object, in parts when it is large.
-async fn upload(loc: &Location, bytes: Bytes, opts: WriteOptions) -> Result<()> {
+/// Uploads one object, in parts when it is large; `progress` advances as each part is stored.
+async fn upload(loc: &Location, bytes: Bytes, opts: WriteOptions, progress: &mut Progress) -> Result<()> {
+    let size = bytes.len() as u64;
     if bytes.len() <= opts.part_bytes {
-        return loc.write_all(bytes).await;
+        loc.write_all(bytes).await?;
+        progress.advance(size);
+        return Ok(());
     }
-    let started = loc
+    let mut upload = loc
         .store
         .put_multipart(&loc.path)
         .await
         .map_err(StoreError)
         .with_context(|| format!("starting {}", loc.url))?;
-    let mut parts = WriteMultipart::new_with_chunk_size(started, opts.part_bytes);
-    for start in (0..bytes.len()).step_by(opts.part_bytes) {
-        parts
-            .wait_for_capacity(opts.concurrency.max(1))
-            .await
-            .map_err(StoreError)
-            .with_context(|| format!("uploading {}", loc.url))?;
-        parts.put(bytes.slice(start..(start + opts.part_bytes).min(bytes.len())));
+    let stored = match upload_parts(upload.as_mut(), &bytes, opts, progress).await {
+        Ok(()) => upload.complete().await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stored {
+        // Best effort: an upload left open costs storage until the bucket's lifecycle ends it.
+        let _ = upload.abort().await;
+        return Err(StoreError(e)).with_context(|| format!("uploading {}", loc.url));
     }
-    parts.finish().await.map_err(StoreError).with_context(|| format!("completing the upload of {}", loc.url))?;
+    Ok(())
+}
+
+/// Sends `bytes` as parts of `opts.part_bytes`, `opts.concurrency` at once, each on the runtime's
+/// threads (TLS and hashing of parts in parallel).
+async fn upload_parts(
+    upload: &mut dyn MultipartUpload,
+    bytes: &Bytes,
+    opts: WriteOptions,
+    progress: &mut Progress,
+) -> object_store::Result<()> {
+    let mut in_flight = JoinSet::new();
+    let mut stored = |joined: Option<Result<object_store::Result<u64>, JoinError>>| -> object_store::Result<()> {
+        let size = joined.expect("a part in flight").map_err(|e| object_store::Error::JoinError { source: e })??;
+        progress.advance(size);
+        Ok(())
+    };
+    for start in (0..bytes.len()).step_by(opts.part_bytes) {
+        if in_flight.len() >= opts.concurrency.max(1) {
+            stored(in_flight.join_next().await)?;
+        }
+        let part = bytes.slice(start..(start + opts.part_bytes).min(bytes.len()));
+        let size = part.len() as u64;
+        let sent = upload.put_part(part.into());
+        in_flight.spawn(async move { sent.await.map(|()| size) });
+    }
+    while !in_flight.is_empty() {
+        stored(in_flight.join_next().await)?;
+    }
     Ok(())
 }
 
 /// Writes a checkpoint into `dir`: every file (hashed while it uploads), then the manifest.
-/// `after_file` sees each file once it is stored (progress, fault injection). On failure the
+/// The bytes stored are shown as `storing <dir>` (`albef_data::progress`, part by part);
+/// `after_file` sees each file once it is stored (logs, fault injection). On failure the
 /// folder's leftovers are removed and the error returned; the manifest is never written.
 pub async fn write(
     dir: &Location,
@@ -120,13 +154,16 @@ pub async fn write(
     opts: WriteOptions,
     after_file: &mut (dyn FnMut(&FileEntry) + Send),
 ) -> Result<Manifest> {
+    let total = files.iter().map(|(_, bytes)| bytes.len() as u64).sum();
+    let mut progress = progress::start_in(&format!("storing {}", dir.url), total, Units::Bytes);
     let written = async {
         let mut entries = Vec::with_capacity(files.len());
         for (name, bytes) in files {
             ensure!(name != MANIFEST && !name.is_empty() && !name.contains('/'), "bad checkpoint file name {name:?}");
             let size = bytes.len() as u64;
             let target = dir.join(&name);
-            let (sha256, stored) = tokio::join!(sha256_off_thread(bytes.clone()), upload(&target, bytes, opts));
+            let (sha256, stored) =
+                tokio::join!(sha256_off_thread(bytes.clone()), upload(&target, bytes, opts, &mut progress));
             stored?;
             let entry = FileEntry { name, size, sha256: sha256? };
             after_file(&entry);

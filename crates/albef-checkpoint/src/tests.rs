@@ -1,4 +1,5 @@
 use super::*;
+use std::sync::{Arc, Mutex};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -78,4 +79,47 @@ fn a_failed_save_leaves_nothing_and_leftovers_are_cleaned() {
     assert!(rt.block_on(check(&folder(&run, 4))).is_ok(), "complete checkpoints are kept");
     rt.block_on(remove(&folder(&run, 4))).unwrap();
     assert!(rt.block_on(read_manifest(&folder(&run, 4))).is_err());
+}
+
+/// What the process's progress reporter saw: each piece of work's name, size, units and steps.
+type Shown = Arc<Mutex<Vec<(String, u64, Units, Vec<u64>)>>>;
+
+struct Recorder(Shown);
+
+struct Steps(Shown, usize);
+
+impl progress::Reporter for Recorder {
+    fn start(&self, what: &str, total: u64, units: Units) -> Box<dyn progress::Meter> {
+        let mut shown = self.0.lock().unwrap();
+        shown.push((what.to_string(), total, units, vec![]));
+        Box::new(Steps(self.0.clone(), shown.len() - 1))
+    }
+}
+
+impl progress::Meter for Steps {
+    fn advance(&mut self, units: u64) {
+        self.0.lock().unwrap()[self.1].3.push(units);
+    }
+}
+
+/// A save shows its bytes as they are stored, part by part: what a bar or the periodic lines of
+/// an upload draw.
+#[test]
+fn a_save_shows_its_bytes_part_by_part() {
+    let shown = Shown::default();
+    assert!(progress::install(Box::new(Recorder(shown.clone()))), "the only test that installs a reporter");
+    let (rt, dir) = (runtime(), tempfile::tempdir().unwrap());
+    let run = Location::open(dir.path().to_str().unwrap()).unwrap();
+    rt.block_on(write(&folder(&run, 7), 7, files(), SMALL_PARTS, &mut |_: &FileEntry| {})).unwrap();
+    let what = format!("storing {}", folder(&run, 7).url);
+    let shown = shown.lock().unwrap();
+    let (_, total, units, steps) = shown.iter().find(|s| s.0 == what).expect("the save was shown");
+    assert_eq!((*total, *units), (100_002, Units::Bytes));
+    // 100,000 bytes in 4096-byte parts (24 whole, one of 1696), then the 2-byte state.
+    let parts: std::collections::BTreeMap<u64, usize> = steps.iter().fold(Default::default(), |mut m, s| {
+        *m.entry(*s).or_default() += 1;
+        m
+    });
+    assert_eq!(parts, [(2, 1), (1696, 1), (4096, 24)].into());
+    assert_eq!(steps.last(), Some(&2), "the state file is stored after the model");
 }

@@ -70,6 +70,9 @@ struct Cli {
 fn main() {
     albef_model::device::keep_freed_host_memory();
     let telemetry = albef_telemetry::init("albef-worker");
+    // Lines, never bars: a worker trains (and logs) while rank 0's checkpoint uploads, and its
+    // terminal, if any, is shared with the job's other processes.
+    albef_data::progress::show_on_stderr(false);
     match run(Cli::parse(), &telemetry) {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),

@@ -28,12 +28,12 @@ mod eval;
 mod launch;
 mod model;
 mod plot;
-mod progress;
 mod train;
 
 use albef_config::ConfigArgs;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// Every step's progress line, written beside a run.
@@ -114,7 +114,7 @@ enum Command {
 fn main() {
     albef_model::device::keep_freed_host_memory();
     let _telemetry = albef_telemetry::init("albef");
-    progress::install();
+    albef_data::progress::show_on_stderr(std::io::stderr().is_terminal());
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
