@@ -36,8 +36,8 @@ use std::path::Path;
 pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::{
-    CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig, OverlapGradReduce,
-    ScaleUp, ScheduleConfig, TrainConfig, WorkerConfig,
+    AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
+    OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, WorkerConfig,
 };
 
 /// The tasks a job can train (`task`).
@@ -53,6 +53,9 @@ pub enum TaskKind {
     /// Visual entailment (SNLI-VE): the fused [CLS] classified as entailment, neutral or
     /// contradiction; rows carry a `label`.
     Ve,
+    /// Visual question answering (VQA v2, Visual Genome QA): an answer decoder over the fused
+    /// question; rows carry a `question` and their `answer`s.
+    Vqa,
 }
 
 impl TaskKind {
@@ -62,6 +65,7 @@ impl TaskKind {
             TaskKind::Pretrain => "pretrain",
             TaskKind::Retrieval => "retrieval",
             TaskKind::Ve => "ve",
+            TaskKind::Vqa => "vqa",
         }
     }
 }
@@ -118,6 +122,19 @@ impl AlbefConfig {
         ensure!(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale must satisfy 0 < min <= max <= 1");
         ensure!((0.0..=1.0).contains(&self.data.hflip_p), "data.hflip_p must lie in [0, 1]");
         ensure!(self.data.randaug_m <= 10, "data.randaug_m is a magnitude out of 10");
+        if self.task == TaskKind::Vqa {
+            let b = &self.model.bert;
+            ensure!(
+                b.encoder_width == b.hidden_size && b.fusion_layer < b.num_hidden_layers,
+                "task vqa: the answer decoder is made of the fusion layers, whose cross-attention then reads \
+                 the question: model.bert.encoder_width ({}) must equal model.bert.hidden_size ({}) and \
+                 model.bert.fusion_layer ({}) lie below model.bert.num_hidden_layers ({})",
+                b.encoder_width,
+                b.hidden_size,
+                b.fusion_layer,
+                b.num_hidden_layers
+            );
+        }
         ensure!(self.data.max_tokens >= 2, "data.max_tokens must leave room for [CLS] and a word");
         ensure!(
             self.data.max_tokens as i64 <= self.model.bert.max_position_embeddings,

@@ -87,6 +87,18 @@ impl OverlapGradReduce {
     }
 }
 
+/// How VQA scores a candidate answer (`job.answer_scoring`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerScoring {
+    /// As the reference's rank_answer: log p(first token) plus the log-likelihood of the whole
+    /// answer, so the first token counts twice.
+    #[default]
+    Reference,
+    /// The answer's log-likelihood: every token once.
+    Likelihood,
+}
+
 /// When spares join a running generation (`job.scale_up`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -288,8 +300,13 @@ pub struct JobConfig {
     pub eval_data: String,
     /// A second split evaluated alongside (the test split), reported as `test/<metric>`; "": none.
     pub test_data: String,
-    /// Candidates re-ranked by ITM per query.
+    /// Candidates re-ranked per query: by ITM (retrieval), by the answer decoder (VQA).
     pub eval_k_test: u64,
+    /// VQA: the candidate answers, a JSON list of strings (the reference's answer_list.json);
+    /// "": every distinct answer of the evaluation split.
+    pub answer_list: String,
+    /// VQA: how a candidate answer is scored.
+    pub answer_scoring: AnswerScoring,
     /// A rank whose steps take longer than this many times the median rank's (outside the
     /// collectives) for straggler_window of its steps is a straggler: reported in the status,
     /// the metrics and the log (with its host, and whether it waits on data or on compute).
@@ -327,6 +344,8 @@ impl Default for JobConfig {
             eval_data: String::new(),
             test_data: String::new(),
             eval_k_test: 128,
+            answer_list: String::new(),
+            answer_scoring: AnswerScoring::Reference,
             straggler_factor: 1.5,
             straggler_window: 20,
             evict_stragglers: false,

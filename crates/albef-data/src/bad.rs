@@ -26,6 +26,8 @@ pub enum SkipReason {
     MissingImageId,
     /// The task classifies (SNLI-VE) and the sample's `label` is missing or not one of its classes.
     BadLabel,
+    /// The task answers questions (VQA) and the sample has no non-empty `answer`.
+    MissingAnswer,
     EmptyCaption,
     InvalidUtf8,
     BadAnnotation,
@@ -55,6 +57,7 @@ impl SkipReason {
             SkipReason::MissingCaption => "missing_caption",
             SkipReason::MissingImageId => "missing_image_id",
             SkipReason::BadLabel => "bad_label",
+            SkipReason::MissingAnswer => "missing_answer",
             SkipReason::EmptyCaption => "empty_caption",
             SkipReason::InvalidUtf8 => "invalid_utf8",
             SkipReason::BadAnnotation => "bad_annotation",
@@ -69,7 +72,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 18] = [
+    pub const ALL: [SkipReason; 19] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -78,6 +81,7 @@ impl SkipReason {
         SkipReason::MissingCaption,
         SkipReason::MissingImageId,
         SkipReason::BadLabel,
+        SkipReason::MissingAnswer,
         SkipReason::EmptyCaption,
         SkipReason::InvalidUtf8,
         SkipReason::BadAnnotation,

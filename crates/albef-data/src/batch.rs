@@ -20,6 +20,36 @@ pub struct HostBatch {
     pub image_ids: Vec<i64>,
     /// One per row when the task asked for them, else empty.
     pub labels: Vec<i64>,
+    /// The rows' answers when the task asked for them (VQA).
+    pub answers: Option<HostAnswers>,
+}
+
+/// The answers of a batch's rows (VQA), row after row: ids and mask (answers, seq_len) padded to
+/// the longest answer, each answer's weight, and how many answers each row has.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostAnswers {
+    pub seq_len: usize,
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub weights: Vec<f32>,
+    pub per_row: Vec<i64>,
+}
+
+impl HostAnswers {
+    /// Pads the token ids of each answer to the longest.
+    pub fn collate(rows: &[&[(Vec<i64>, f32)]], pad_id: i64) -> HostAnswers {
+        let all = || rows.iter().flat_map(|r| r.iter());
+        let seq_len = all().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        HostAnswers {
+            seq_len,
+            ids: all()
+                .flat_map(|(ids, _)| ids.iter().copied().chain(std::iter::repeat_n(pad_id, seq_len - ids.len())))
+                .collect(),
+            mask: all().flat_map(|(ids, _)| (0..seq_len).map(move |i| i64::from(i < ids.len()))).collect(),
+            weights: all().map(|(_, w)| *w).collect(),
+            per_row: rows.iter().map(|r| r.len() as i64).collect(),
+        }
+    }
 }
 
 /// A decoded sample, as [`collate`] takes it.
@@ -30,6 +60,8 @@ pub struct Row<'a> {
     pub ids: &'a [i64],
     pub image_id: Option<i64>,
     pub label: Option<i64>,
+    /// Token ids and weight of each answer (VQA); empty where the task asks for none.
+    pub answers: &'a [(Vec<i64>, f32)],
 }
 
 /// HWC u8 RGB -> CHW f32 normalised with the CLIP mean and std.
@@ -40,7 +72,7 @@ pub fn normalize_rgb(rgb: &[u8], res: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Collates samples; image indexes and labels are kept when every row has one.
+/// Collates samples; image indexes, labels and answers are kept when every row has them.
 pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
     let seq_len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut b = HostBatch {
@@ -53,6 +85,10 @@ pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
         keys: Vec::with_capacity(samples.len()),
         image_ids: samples.iter().map(|s| s.image_id).collect::<Option<_>>().unwrap_or_default(),
         labels: samples.iter().map(|s| s.label).collect::<Option<_>>().unwrap_or_default(),
+        answers: samples
+            .iter()
+            .all(|s| !s.answers.is_empty())
+            .then(|| HostAnswers::collate(&samples.iter().map(|s| s.answers).collect::<Vec<_>>(), pad_id)),
     };
     for s in samples {
         normalize_rgb(s.rgb, image_res, &mut b.images);
@@ -70,7 +106,7 @@ mod tests {
     #[test]
     fn pads_to_the_longest_and_masks_padding() {
         let img = vec![255u8; 2 * 2 * 3];
-        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id, label: None };
+        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id, label: None, answers: &[] };
         let b = collate(&[row("a", &[2, 7, 8], Some(4)), row("b", &[2, 9], Some(9))], 2, 0);
         assert_eq!(b.seq_len, 3);
         assert_eq!(b.input_ids, vec![2, 7, 8, 2, 9, 0]);
@@ -81,5 +117,20 @@ mod tests {
         assert_eq!(b.image_ids, vec![4, 9]);
         let b = collate(&[row("a", &[2], Some(4)), row("b", &[2], None)], 2, 0);
         assert!(b.image_ids.is_empty(), "a row without an image index drops them all");
+        assert_eq!(b.answers, None);
+    }
+
+    #[test]
+    fn answers_are_padded_row_after_row() {
+        let img = vec![0u8; 2 * 2 * 3];
+        let (a, b) = ([(vec![2, 7, 3, 3], 0.6), (vec![2, 8, 9, 3, 3], 0.4)], [(vec![2, 5, 3, 3], 0.5)]);
+        let row = |key, answers| Row { key, rgb: &img, ids: &[2, 6], image_id: None, label: None, answers };
+        let batch = collate(&[row("a", &a[..]), row("b", &b[..])], 2, 0);
+        let answers = batch.answers.expect("every row is answered");
+        assert_eq!(answers.seq_len, 5);
+        assert_eq!(answers.ids, vec![2, 7, 3, 3, 0, 2, 8, 9, 3, 3, 2, 5, 3, 3, 0]);
+        assert_eq!(answers.mask, vec![1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]);
+        assert_eq!(answers.weights, vec![0.6, 0.4, 0.5]);
+        assert_eq!(answers.per_row, vec![2, 1]);
     }
 }

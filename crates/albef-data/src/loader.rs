@@ -53,6 +53,8 @@ pub struct RowNeeds {
     /// The classes, in the order of their ids (SNLI-VE: contradiction, neutral, entailment): a
     /// row's `label` must be one. Empty: no labels.
     pub labels: Vec<String>,
+    /// Each row's answers, tokenised for the answer decoder (VQA).
+    pub answers: bool,
 }
 
 /// A batch of one step.
@@ -308,8 +310,8 @@ fn read_annotation_range(
         match image {
             Ok(bytes) => {
                 let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
-                let (image_id, label) = (a.image_id.clone(), a.label.clone());
-                put(ordinal, Record { key, image, captions, image_id, label })
+                let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());
+                put(ordinal, Record { key, image, captions, image_id, label, answers })
             }
             Err(e) => skips.record(SkipReason::MissingImage, url, &a.image, &format!("{e:#}")),
         }
@@ -339,6 +341,14 @@ fn decode_step(
             skips.record(SkipReason::BadLabel, "decode", &record.key, &detail);
             continue;
         }
+        let answers = match needs.answers.then(|| encode_answers(record, tokenizer)) {
+            None => vec![],
+            Some(Ok(answers)) => answers,
+            Some(Err(detail)) => {
+                skips.record(SkipReason::MissingAnswer, "decode", &record.key, &detail);
+                continue;
+            }
+        };
         let mut rng = sample_rng(opts.seed, epoch, *id);
         let image = match decode_rgb(&record.image, opts.max_pixels) {
             Ok(img) => img,
@@ -357,13 +367,32 @@ fn decode_step(
             skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
             continue;
         }
-        rows.push((record.key.as_str(), image.into_raw(), tokenizer.encode(&text), image_id, label));
+        rows.push((record.key.as_str(), image.into_raw(), tokenizer.encode(&text), image_id, label, answers));
     }
     let samples: Vec<Row> = rows
         .iter()
-        .map(|(key, rgb, ids, image_id, label)| Row { key, rgb, ids, image_id: *image_id, label: *label })
+        .map(|(key, rgb, ids, image_id, label, answers)| Row {
+            key,
+            rgb,
+            ids,
+            image_id: *image_id,
+            label: *label,
+            answers,
+        })
         .collect();
     collate(&samples, opts.image_res as usize, tokenizer.pad_id())
+}
+
+/// A row's answers, tokenised for the decoder with their weights; why not, when it has none.
+fn encode_answers(record: &Record, tokenizer: &Tokenizer) -> Result<Vec<(Vec<i64>, f32)>, String> {
+    if record.answers.is_empty() {
+        return Err("the task needs an answer".into());
+    }
+    record
+        .answers
+        .iter()
+        .map(|a| Ok((tokenizer.encode_answer(&a.text).map_err(|e| format!("{e:#}"))?, a.weight)))
+        .collect()
 }
 
 /// The generator of a sample's random draws in an epoch.

@@ -21,6 +21,45 @@ pub struct Record {
     pub image_id: Option<String>,
     /// The row's class, from an annotation's `label` or the `.json` member's (SNLI-VE).
     pub label: Option<String>,
+    /// The row's answers and their weights (VQA); empty where none are given.
+    pub answers: Vec<WeightedAnswer>,
+}
+
+/// One distinct answer of a VQA row and its weight in the loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightedAnswer {
+    pub text: String,
+    pub weight: f32,
+}
+
+/// A row's answers as the reference's vqa_dataset weighs them: a Visual Genome row (`dataset:
+/// "vg"`) has one answer of weight 0.5; otherwise (VQA v2's ten human answers) each distinct
+/// answer weighs its share of the list, in order of first appearance.
+pub fn weighted_answers(answers: &[String], dataset: Option<&str>) -> Vec<WeightedAnswer> {
+    if dataset == Some("vg") {
+        return answers.first().map(|a| WeightedAnswer { text: a.clone(), weight: 0.5 }).into_iter().collect();
+    }
+    let mut out: Vec<WeightedAnswer> = vec![];
+    for a in answers {
+        let share = 1.0 / answers.len() as f32;
+        match out.iter_mut().find(|w| w.text == *a) {
+            Some(w) => w.weight += share,
+            None => out.push(WeightedAnswer { text: a.clone(), weight: share }),
+        }
+    }
+    out
+}
+
+/// An annotation's `answer`: a string or a list of strings; empty ones are dropped.
+fn answers_of(answer: &serde_json::Value) -> std::result::Result<Vec<String>, String> {
+    let list: Vec<&str> = match answer {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(items) => {
+            items.iter().map(|a| a.as_str()).collect::<Option<_>>().ok_or("an answer is not a string")?
+        }
+        _ => return Err("\"answer\" is neither a string nor a list of strings".into()),
+    };
+    Ok(list.into_iter().filter(|a| !a.trim().is_empty()).map(str::to_string).collect())
 }
 
 /// The index of an image id in batches and the retrieval queues: a hash, so that every rank
@@ -325,7 +364,7 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     if text.trim().is_empty() {
         return reject(SkipReason::EmptyCaption, "");
     }
-    Ok(Record { key, image, captions: vec![text], image_id, label })
+    Ok(Record { key, image, captions: vec![text], image_id, label, answers: vec![] })
 }
 
 /// One entry of an ALBEF annotation file.
@@ -338,6 +377,18 @@ pub struct Annotation {
     pub image_id: Option<String>,
     /// SNLI-VE rows are labelled.
     pub label: Option<String>,
+    /// VQA rows are answered (every human answer, repeats kept; none in a test split), and
+    /// numbered for the evaluation server; `dataset` says whose they are ("vqa", "vg").
+    pub answers: Vec<String>,
+    pub question_id: Option<String>,
+    pub dataset: Option<String>,
+}
+
+impl Annotation {
+    /// The answers a VQA row trains on, weighted (see [`weighted_answers`]).
+    pub fn weighted_answers(&self) -> Vec<WeightedAnswer> {
+        weighted_answers(&self.answers, self.dataset.as_deref())
+    }
 }
 
 /// Parses an annotation file. The file must be a JSON list; an entry of the wrong shape stays
@@ -359,25 +410,30 @@ pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result
         .collect())
 }
 
-/// An entry: `image`, the text as `caption` (a string or a list) or `sentence` (SNLI-VE), and
-/// optionally `image_id` and `label`.
+/// An entry: `image`, the text as `caption` (a string or a list), `sentence` (SNLI-VE) or
+/// `question` (VQA), and optionally `image_id`, `label`, `answer` (with `dataset`) and
+/// `question_id`.
 fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, String> {
     let image = item.get("image").and_then(|v| v.as_str()).ok_or("\"image\" is not a string")?;
-    let captions: Vec<String> = match item.get("caption").or_else(|| item.get("sentence")) {
+    let text = item.get("caption").or_else(|| item.get("sentence")).or_else(|| item.get("question"));
+    let captions: Vec<String> = match text {
         Some(serde_json::Value::String(s)) => vec![s.clone()],
         Some(serde_json::Value::Array(list)) => list
             .iter()
             .map(|c| c.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or("a caption is not a string")?,
-        _ => return Err("\"caption\" (or \"sentence\") is neither a string nor a list of strings".into()),
+        _ => return Err("\"caption\" (or \"sentence\", \"question\") is neither a string nor a list of strings".into()),
     };
     let captions: Vec<String> = captions.into_iter().filter(|c| !c.trim().is_empty()).collect();
     if captions.is_empty() {
         return Err("no non-empty caption".into());
     }
     let (image_id, label) = (item.get("image_id").map(image_id_of), item.get("label").map(image_id_of));
-    Ok(Annotation { image: image.to_string(), captions, image_id, label })
+    let answers = item.get("answer").map(answers_of).transpose()?.unwrap_or_default();
+    let question_id = item.get("question_id").map(image_id_of);
+    let dataset = item.get("dataset").and_then(|d| d.as_str()).map(str::to_string);
+    Ok(Annotation { image: image.to_string(), captions, image_id, label, answers, question_id, dataset })
 }
 
 #[cfg(test)]
@@ -557,5 +613,32 @@ mod tests {
         assert_eq!(skips.get(SkipReason::BadAnnotation), 2);
         assert!(parse_annotations(br#"{"image": "a"}"#, "x.json", &skips).is_err());
         assert!(parse_annotations(b"[", "y.json", &skips).unwrap_err().to_string().contains("y.json"));
+    }
+
+    #[test]
+    fn vqa_rows_weigh_their_answers_as_the_reference() {
+        let json = br#"[
+            {"image": "a.jpg", "question": "What color?", "question_id": 7, "dataset": "vqa",
+             "answer": ["red", "red", "blue", "red", "red", "red", "blue", "red", "dark red", "red"]},
+            {"image": "b.jpg", "question": "How many?", "dataset": "vg", "answer": "two"},
+            {"image": "c.jpg", "question": "Why?", "question_id": "q9"},
+            {"image": "d.jpg", "question": "Which?", "answer": [3]}
+        ]"#;
+        let skips = SkipCounts::default();
+        let rows = parse_annotations(json, "vqa.json", &skips).unwrap();
+        let [Some(a), Some(b), Some(c), None] = &rows[..] else { panic!("{rows:?}") };
+        assert_eq!((a.captions[0].as_str(), a.question_id.as_deref()), ("What color?", Some("7")));
+        let weighted = a.weighted_answers();
+        let weights: Vec<(&str, f32)> = weighted.iter().map(|w| (w.text.as_str(), w.weight)).collect();
+        assert_eq!(weights.len(), 3);
+        for ((text, weight), (want, share)) in weights.iter().zip([("red", 0.7), ("blue", 0.2), ("dark red", 0.1)]) {
+            assert_eq!(*text, want);
+            assert!((weight - share).abs() < 1e-6, "{text}: {weight}");
+        }
+        assert_eq!(a.answers.len(), 10, "every human answer is kept for the accuracy");
+        let vg = b.weighted_answers();
+        assert_eq!((vg[0].text.as_str(), vg[0].weight), ("two", 0.5));
+        assert!(c.answers.is_empty() && c.weighted_answers().is_empty(), "a test question has none");
+        assert_eq!(skips.get(SkipReason::BadAnnotation), 1, "an answer that is not a string");
     }
 }

@@ -161,6 +161,17 @@ impl Tokenizer {
         Ok(std::iter::once(self.cls).chain(pieces.into_iter().take(room)).chain(sep).collect())
     }
 
+    /// A VQA answer as the reference's decoder reads and predicts it: the answer with `[SEP]`
+    /// appended, tokenised with the special tokens, i.e. `[CLS]` + wordpieces + `[SEP]` +
+    /// `[SEP]` (the reference appends its eos to a text the tokenizer ends with `[SEP]` too).
+    /// Its wordpieces are cut to fit `max_tokens`.
+    pub fn encode_answer(&self, answer: &str) -> Result<Vec<i64>> {
+        let sep = self.sep.context("VQA answers end with [SEP], which the vocabulary lacks")?;
+        let pieces = self.wordpieces(answer)?;
+        let room = self.options.max_tokens.saturating_sub(3).max(1);
+        Ok(std::iter::once(self.cls).chain(pieces.into_iter().take(room)).chain([sep, sep]).collect())
+    }
+
     /// [`Self::try_encode`] without the `Result`: WordPiece fails only when its unknown token is
     /// missing, which loading rules out for a vocab.txt.
     ///

@@ -82,7 +82,7 @@ pub fn accuracy_shard(
         let (ids, mask, len) = tokenizer.encode_batch(&refs);
         let ids = Tensor::from_slice(&ids).view([n, len as i64]).to_device(dev);
         let mask = Tensor::from_slice(&mask).view([n, len as i64]).to_device(dev);
-        let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None };
+        let batch = Batch::new(&image, &ids, &mask);
         let predicted = tch::no_grad(|| with_autocast(dev, bf16, || model.predict(&batch))).argmax(1, false);
         let truth = Tensor::from_slice(&split.labels[start..end]).to_device(dev);
         correct += predicted.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);

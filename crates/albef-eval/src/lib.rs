@@ -17,6 +17,8 @@
 //!   tokens), as LAVIS's `extract_features`, as safetensors or `.npz` (`npy`: NumPy's formats).
 //! - `classification`: accuracy of a classifying task (SNLI-VE) on a labelled split, shared
 //!   across the ranks of a job.
+//! - `vqa`: VQA answers from a candidate list, the evaluation server's result file and the
+//!   official VQA accuracy.
 
 pub mod classification;
 pub mod embed;
@@ -25,6 +27,7 @@ pub mod model;
 pub mod npy;
 pub mod retrieval;
 pub mod split;
+pub mod vqa;
 
 pub use metrics::{GroundTruth, RetrievalMetrics, ScoreMatrix, retrieval_metrics};
 pub use retrieval::{EvalOptions, RetrievalResults, Scoring, ShardScores, evaluate, evaluate_shard};

@@ -49,6 +49,25 @@ pub struct Batch<'a> {
     pub image_ids: Option<&'a Tensor>,
     /// SNLI-VE: each row's class (B) int64.
     pub labels: Option<&'a Tensor>,
+    /// VQA: the rows' answers.
+    pub answers: Option<AnswerBatch<'a>>,
+}
+
+impl<'a> Batch<'a> {
+    /// Images and texts alone (what pretraining and evaluations read).
+    pub fn new(image: &'a Tensor, input_ids: &'a Tensor, attention_mask: &'a Tensor) -> Self {
+        Batch { image, input_ids, attention_mask, image_ids: None, labels: None, answers: None }
+    }
+}
+
+/// The answers of a batch's rows (VQA), row after row: token ids and mask (A, La) (`[CLS]`
+/// answer `[SEP]` `[SEP]`, padded), each answer's weight (A) float, and each row's number of
+/// answers (B) int64.
+pub struct AnswerBatch<'a> {
+    pub ids: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub weights: &'a Tensor,
+    pub per_row: &'a Tensor,
 }
 
 /// ALBEF needs two pairs or more per micro-batch, and matching shapes.
@@ -127,7 +146,7 @@ impl Albef {
         let mlm = match task {
             TaskKind::Pretrain => true,
             TaskKind::Retrieval => false,
-            TaskKind::Ve => anyhow::bail!("SNLI-VE's model is AlbefVe, not this one"),
+            TaskKind::Ve | TaskKind::Vqa => anyhow::bail!("task {} has a model of its own", task.name()),
         };
         let root = vs.root();
         let online = Scope::new(root.clone(), true);

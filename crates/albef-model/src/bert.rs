@@ -67,12 +67,13 @@ impl Layer {
         }
     }
 
-    fn forward(&self, x: &Tensor, keep: &Tensor, image: Option<&Tensor>, train: bool) -> Tensor {
+    /// `cross`: the tokens the cross-attention reads (image tokens, all valid; or the
+    /// question's states for the answer decoder) and which of them it may read.
+    fn forward(&self, x: &Tensor, keep: &Tensor, cross: Option<(&Tensor, Option<&Tensor>)>, train: bool) -> Tensor {
         let mut x = self.attention.forward(x, x, Some(keep), train);
-        if let Some(cross) = &self.crossattention {
-            let image = image.expect("fusion layers need image tokens");
-            // Every image token is valid: no mask on the cross-attention.
-            x = cross.forward(&x, image, None, train);
+        if let Some(attend) = &self.crossattention {
+            let (states, keep) = cross.expect("fusion layers need image tokens");
+            x = attend.forward(&x, states, keep, train);
         }
         let h = self.intermediate.forward(&x).gelu("none");
         let out = dropout(&self.output.forward(&h), self.hidden_dropout, train);
@@ -162,7 +163,23 @@ impl BertModel {
             Mode::MultiModal => (self.embed(input, train), 0..self.layers.len()),
         };
         for layer in &self.layers[range] {
-            x = layer.forward(&x, &keep, image, train);
+            // Every image token is valid: no mask on the cross-attention.
+            x = layer.forward(&x, &keep, image.map(|i| (i, None)), train);
+        }
+        x
+    }
+
+    /// The answer decoder's forward (xbert's BertLMHeadModel, every layer cross-attending):
+    /// embeddings and every layer over `ids` (B, L), each token attending to the tokens up to
+    /// it that `mask` keeps, and to the `states` (B, Lq, H) that `states_mask` (B, Lq) keeps.
+    pub fn decode(&self, ids: &Tensor, mask: &Tensor, states: &Tensor, states_mask: &Tensor, train: bool) -> Tensor {
+        let len = ids.size()[1];
+        let causal = Tensor::ones([len, len], (Kind::Bool, ids.device())).tril(0);
+        let keep = causal.unsqueeze(0).logical_and(&mask.to_kind(Kind::Bool).unsqueeze(1)).unsqueeze(1);
+        let states_keep = states_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let mut x = self.embed(ids, train);
+        for layer in &self.layers {
+            x = layer.forward(&x, &keep, Some((states, Some(&states_keep))), train);
         }
         x
     }

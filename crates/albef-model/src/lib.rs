@@ -16,7 +16,8 @@
 //!   distillation in pretraining; image-index positives and an index queue in retrieval).
 //!   `Albef::forward_step` runs one step of one batch in one process, as the reference's forward.
 //! - `ve::AlbefVe`: SNLI-VE's model (an MLP head on the fused [CLS], distilled from its momentum
-//!   copy).
+//!   copy); `vqa::AlbefVqa`: VQA's model (an answer decoder over the fused question, distilled
+//!   from its momentum copy, and answer ranking over a candidate list).
 //! - `momentum`: the momentum copies of every task model, and a model's initialisation from
 //!   pretrained encoders and a whole reference ALBEF checkpoint.
 //! - `weights`: the whole state as safetensors under the reference names, so weights move both ways
@@ -37,8 +38,9 @@ pub mod pth;
 pub mod task_model;
 pub mod ve;
 pub mod vit;
+pub mod vqa;
 pub mod weights;
 
-pub use albef::{Albef, Batch, FeatureGather, Gathered, LocalGather};
+pub use albef::{Albef, AnswerBatch, Batch, FeatureGather, Gathered, LocalGather};
 pub use albef_config::ModelConfig;
 pub use task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};

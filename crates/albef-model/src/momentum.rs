@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use tch::{Tensor, nn};
 
 /// Prefixes of the online modules that have momentum copies (`<prefix>_m`).
-pub const MOMENTUM_MODULES: [&str; 5] = ["visual_encoder", "vision_proj", "text_encoder", "text_proj", "cls_head"];
+pub const MOMENTUM_MODULES: [&str; 6] =
+    ["visual_encoder", "vision_proj", "text_encoder", "text_proj", "cls_head", "text_decoder"];
 
 /// The online parameter a momentum parameter mirrors (`text_encoder_m.x` -> `text_encoder.x`).
 pub fn online_name_of(momentum_name: &str) -> Option<String> {
@@ -87,11 +88,15 @@ pub fn import_encoders(
 /// Loads a reference ALBEF checkpoint (see [`weights::read_reference`]) by name, the position
 /// embeddings interpolated to the configured resolution. A file without momentum copies (a
 /// fine-tuned model) has them copied from the online weights, as a new run would; the report
-/// says so. Parameters the file lacks keep their values and are reported missing (a task's new
+/// says so. A model with an answer decoder (VQA) gets it from a pretrained file's fusion layers
+/// ([`crate::vqa::derive_decoder`]). Parameters the file lacks keep their values and are reported missing (a task's new
 /// head), those the model lacks are reported unexpected (another task's).
 pub fn import_reference(vs: &nn::VarStore, path: &Path, pairs: &MomentumPairs) -> Result<LoadReport> {
     let label = path.display();
-    let tensors = weights::read_reference(path)?;
+    let mut tensors = weights::read_reference(path)?;
+    if vs.variables().keys().any(|k| k.starts_with("text_decoder.")) {
+        crate::vqa::derive_decoder(&mut tensors);
+    }
     let had_momentum = tensors.keys().any(|k| online_name_of(k).is_some());
     let mut report =
         weights::load_named(vs, tensors).with_context(|| format!("loading the ALBEF checkpoint {label}"))?;

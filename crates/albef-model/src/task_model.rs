@@ -66,6 +66,10 @@ pub fn build(
             let (vs, model, reports) = crate::ve::AlbefVe::fresh(cfg, seed, device)?;
             (vs, Box::new(model), reports)
         }
+        TaskKind::Vqa => {
+            let (vs, model, reports) = crate::vqa::AlbefVqa::fresh(cfg, seed, device)?;
+            (vs, Box::new(model), reports)
+        }
     })
 }
 
@@ -74,6 +78,7 @@ pub fn new_in(vs: &nn::VarStore, cfg: &ModelConfig, task: TaskKind) -> Result<Bo
     Ok(match task {
         TaskKind::Pretrain | TaskKind::Retrieval => Box::new(crate::Albef::new(vs, cfg, task)?),
         TaskKind::Ve => Box::new(crate::ve::AlbefVe::new(vs, cfg)?),
+        TaskKind::Vqa => Box::new(crate::vqa::AlbefVqa::new(vs, cfg)?),
     })
 }
 

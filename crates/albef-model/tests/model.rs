@@ -273,13 +273,7 @@ fn gradients_reach_online_parameters_and_temp_but_not_momentum_or_queues() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let (image, ids, mask) = inputs(&cfg, 4);
-    let losses = model
-        .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
-            0.4,
-            &LocalGather,
-        )
-        .unwrap();
+    let losses = model.forward_step(&Batch::new(&image, &ids, &mask), 0.4, &LocalGather).unwrap();
     for (name, l) in &losses.0 {
         let v = l.double_value(&[]);
         assert!(v.is_finite() && v > 0.0, "loss_{name} = {v}");
@@ -311,14 +305,8 @@ fn a_batch_of_one_is_a_clear_error() {
     let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
     let (image, ids, mask) = inputs(&cfg, 2);
     let (image, ids, mask) = (image.narrow(0, 0, 1), ids.narrow(0, 0, 1), mask.narrow(0, 0, 1));
-    let err = model
-        .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
-            0.4,
-            &LocalGather,
-        )
-        .err()
-        .expect("a batch of 1 must fail");
+    let err =
+        model.forward_step(&Batch::new(&image, &ids, &mask), 0.4, &LocalGather).err().expect("a batch of 1 must fail");
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
 
@@ -333,13 +321,7 @@ fn global_negatives_in_one_process_equal_local_ones() {
         let model = Albef::new(&vs, &cfg, TaskKind::Pretrain).unwrap();
         let (image, ids, mask) = inputs(&cfg, 3);
         tch::manual_seed(6);
-        let l = model
-            .forward_step(
-                &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
-                0.4,
-                &LocalGather,
-            )
-            .unwrap();
+        let l = model.forward_step(&Batch::new(&image, &ids, &mask), 0.4, &LocalGather).unwrap();
         (
             l.get("ita").unwrap().double_value(&[]),
             l.get("itm").unwrap().double_value(&[]),

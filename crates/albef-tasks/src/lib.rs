@@ -5,6 +5,7 @@ pub mod pretrain;
 pub mod retrieval;
 pub mod retrieval_eval;
 pub mod ve;
+pub mod vqa;
 
 use albef_config::{AlbefConfig, TaskKind};
 use albef_train::task::Task;
@@ -19,5 +20,6 @@ pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Box<dyn
         TaskKind::Pretrain => Box::new(pretrain::Pretraining::open(cfg, run_dir, handle)?),
         TaskKind::Retrieval => Box::new(retrieval::Retrieval::open(cfg, run_dir, handle)?),
         TaskKind::Ve => Box::new(ve::VisualEntailment::open(cfg, run_dir, handle)?),
+        TaskKind::Vqa => Box::new(vqa::VisualQuestionAnswering::open(cfg, run_dir, handle)?),
     })
 }

@@ -41,5 +41,7 @@ pub use distributed::DataParallel;
 pub use optim::AdamW;
 pub use schedule::Schedule;
 pub use train_loop::TrainLoop;
-pub use trainer::{BatchTensors, SavedState, Snapshot, StepOutcome, StepStats, Trainer, TrainerState, batch_tensors};
+pub use trainer::{
+    AnswerTensors, BatchTensors, SavedState, Snapshot, StepOutcome, StepStats, Trainer, TrainerState, batch_tensors,
+};
 pub use virtual_ranks::VirtualRanks;

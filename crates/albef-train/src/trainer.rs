@@ -539,6 +539,15 @@ pub struct BatchTensors {
     pub attention_mask: Tensor,
     pub image_ids: Option<Tensor>,
     pub labels: Option<Tensor>,
+    pub answers: Option<AnswerTensors>,
+}
+
+/// A batch's answers (VQA) on the model's device; see [`albef_model::AnswerBatch`].
+pub struct AnswerTensors {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub weights: Tensor,
+    pub per_row: Tensor,
 }
 
 impl BatchTensors {
@@ -549,6 +558,12 @@ impl BatchTensors {
             attention_mask: &self.attention_mask,
             image_ids: self.image_ids.as_ref(),
             labels: self.labels.as_ref(),
+            answers: self.answers.as_ref().map(|a| albef_model::AnswerBatch {
+                ids: &a.ids,
+                mask: &a.mask,
+                weights: &a.weights,
+                per_row: &a.per_row,
+            }),
         }
     }
 }
@@ -567,5 +582,14 @@ pub fn batch_tensors(b: &HostBatch, device: Device) -> BatchTensors {
         attention_mask: upload(Tensor::from_slice(&b.attention_mask).view([n, l])),
         image_ids: (!b.image_ids.is_empty()).then(|| upload(Tensor::from_slice(&b.image_ids))),
         labels: (!b.labels.is_empty()).then(|| upload(Tensor::from_slice(&b.labels))),
+        answers: b.answers.as_ref().map(|a| {
+            let (n, l) = (a.weights.len() as i64, a.seq_len as i64);
+            AnswerTensors {
+                ids: upload(Tensor::from_slice(&a.ids).view([n, l])),
+                mask: upload(Tensor::from_slice(&a.mask).view([n, l])),
+                weights: upload(Tensor::from_slice(&a.weights)),
+                per_row: upload(Tensor::from_slice(&a.per_row)),
+            }
+        }),
     }
 }

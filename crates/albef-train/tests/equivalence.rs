@@ -61,13 +61,7 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
     let alpha = 0.4;
 
     let (vs, single) = model(&cfg);
-    let losses = single
-        .forward_step(
-            &Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None },
-            alpha,
-            &LocalGather,
-        )
-        .unwrap();
+    let losses = single.forward_step(&Batch::new(&image, &ids, &mask), alpha, &LocalGather).unwrap();
     let expected_loss = losses.get("ita").unwrap().double_value(&[]);
     losses.get("ita").unwrap().backward();
     let expected = trainable_grads(&vs);
@@ -89,13 +83,7 @@ fn two_ranks_of_b_equal_one_rank_of_2b() {
                     let opts = TcpOptions { timeout: Duration::from_secs(30), ..TcpOptions::new(7) };
                     let c = p.connect(r, peers, opts).unwrap();
                     let gather = CollectiveGather { collective: &c };
-                    let l = m
-                        .forward_step(
-                            &Batch { image: &im, input_ids: &id, attention_mask: &ma, image_ids: None, labels: None },
-                            alpha,
-                            &gather,
-                        )
-                        .unwrap();
+                    let l = m.forward_step(&Batch::new(&im, &id, &ma), alpha, &gather).unwrap();
                     let mut loss = l.get("ita").unwrap().detach().reshape([1]);
                     l.get("ita").unwrap().backward();
                     c.all_reduce(&mut loss, ReduceOp::Avg).unwrap();
@@ -185,6 +173,7 @@ fn train_virtual(world: usize, overlap: bool) -> (Vec<f64>, BTreeMap<String, Ten
                                 attention_mask: mask,
                                 image_ids: None,
                                 labels: None,
+                                answers: None,
                             })
                             .collect();
                         let outcome = trainer.step(&batches, &mut dp, 100, &mut |_| Ok(())).unwrap();

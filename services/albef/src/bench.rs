@@ -150,7 +150,7 @@ fn run_rank(
     }
     let text_len = cfg.data.max_tokens as i64;
     let (image, ids, mask) = fixed_batch(cfg, args.batch, text_len, dev);
-    let batch = Batch { image: &image, input_ids: &ids, attention_mask: &mask, image_ids: None, labels: None };
+    let batch = Batch::new(&image, &ids, &mask);
     let bucket_bytes = (cfg.job.bucket_mb as usize) << 20;
     let overlap = cfg.job.overlap_grad_reduce.enabled(dev.is_cuda());
     let ranks = VirtualRanks::one_per_rank(rank as u64, world as u64);
