@@ -1,16 +1,18 @@
 //! The coordinator under a fleet's load: a real `albef-coordinator` process on 127.0.0.1 and N
 //! simulated workers in this process, each a tonic client on its own connection speaking the
-//! worker protocol as `albef-worker` does: Join (long poll), PublishNcclId / GetNcclId, GetLeases,
-//! a heartbeat a second with realistic fields (rank 0 also reports an evaluation and checkpoints),
+//! worker protocol as `albef-worker` does, as nodes of 8 local ranks: Join (long poll),
+//! PublishNcclId / GetNcclId, a step and a heartbeat a second with realistic fields, GetLeases as
+//! each epoch of 10 steps starts, rank 0's evaluations and a checkpoint committed every 5 steps,
 //! Leave. Bounded in count and time, loopback only.
 //!
 //! `cargo bench -p albef-coordinator --bench fleet -- [--workers 100,1000,10000] [--seconds 20]
 //! [--backend nccl|tcp] [--heartbeats stream,unary]` (`make bench-coordinator`) prints, for each N
 //! and each way of sending heartbeats (on one stream per worker, as albef-worker does, or one
 //! call each): how long the world took to form after the last Join, heartbeat latency p50/p99/max
-//! in the steady state (from the time every rank had its assignment), errors by gRPC code,
-//! generations formed, the coordinator's CPU and RSS (per worker too), its state writes per
-//! second and bytes, and one GetStatus; then the ratios of stream to unary.
+//! in the steady state (every worker past its start-up calls) and each second's p99 and max,
+//! errors by gRPC code, generations formed, the coordinator's CPU and RSS (per worker too), its
+//! state writes per second and bytes, GetStatus round trips on one connection (as `albefctl
+//! watch` makes them) and rank 0's commits; then the ratios of stream to unary.
 
 mod process;
 mod simulated;
@@ -19,8 +21,9 @@ use albef_proto::v1::GetStatusRequest;
 use albef_proto::v1::control_client::ControlClient;
 use process::{Coordinator, connect};
 use prost::Message;
-use simulated::{checkpoint, worker};
+use simulated::worker;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,24 @@ struct Args {
     seconds: u64,
     backend: String,
     heartbeats: Vec<Transport>,
+}
+
+/// Steps of an epoch (the bench's dataset is sized for it); the workers fetch leases as each starts.
+const STEPS_PER_EPOCH: u64 = 10;
+/// Rank 0 commits a checkpoint every this many steps.
+const CHECKPOINT_EVERY: u64 = 5;
+/// GetStatus round trips measured, one every `STATUS_EVERY`.
+const STATUS_CALLS: u32 = 20;
+const STATUS_EVERY: Duration = Duration::from_millis(200);
+
+/// What every simulated worker of a run shares.
+pub struct Fleet {
+    endpoint: String,
+    /// The job's run directory, where rank 0 leaves its checkpoints.
+    run_dir: PathBuf,
+    device_kind: &'static str,
+    transport: Transport,
+    seconds: u64,
 }
 
 /// How the simulated workers send their heartbeats.
@@ -82,10 +103,14 @@ impl Args {
 struct Observed {
     last_join_sent: Option<Instant>,
     assigned: Vec<Instant>,
+    /// Workers that sent their first heartbeat (their start-up calls done).
+    beating: usize,
     assignment_bytes: Vec<usize>,
     /// (sent at, latency) of every answered heartbeat.
     heartbeats: Vec<(Instant, Duration)>,
     errors: BTreeMap<String, u64>,
+    /// How long each of rank 0's checkpoint reports took.
+    commits: Vec<Duration>,
     rejoins: u64,
     generations: std::collections::BTreeSet<u64>,
 }
@@ -120,17 +145,23 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
     let coordinator = Coordinator::start(dir.path(), n, &args.backend);
     let (_, idle_rss, _) = coordinator.usage();
     let obs = Arc::new(Mutex::new(Observed::default()));
-    let (device_kind, seconds) = (if args.backend == "nccl" { "cuda" } else { "cpu" }, args.seconds);
+    let fleet = Arc::new(Fleet {
+        endpoint: coordinator.endpoint.clone(),
+        run_dir: dir.path().join("run"),
+        device_kind: if args.backend == "nccl" { "cuda" } else { "cpu" },
+        transport,
+        seconds: args.seconds,
+    });
     let started = Instant::now();
     // Pods start over a few seconds, not in the same microsecond.
     let spread = Duration::from_millis((n as u64).min(5000));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (endpoint, obs) = (coordinator.endpoint.clone(), obs.clone());
+        let (fleet, obs) = (fleet.clone(), obs.clone());
         let delay = spread.mul_f64(i as f64 / n as f64);
         tasks.push(workers.spawn(async move {
             tokio::time::sleep(delay).await;
-            worker(i, endpoint, (device_kind, transport), seconds, obs).await;
+            worker(i, fleet, obs).await;
         }));
     }
     // Wait for every assignment (or give up after a minute past the last join).
@@ -144,26 +175,23 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
             break None;
         }
     };
+    let assigned = Instant::now();
+    // The steady state: from 2 s after every worker made its start-up calls (the NCCL id, the
+    // first leases) and sent a heartbeat, to 2 s before the first ones end.
+    while obs.lock().unwrap().beating < n && assigned.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let steady = Instant::now() + Duration::from_secs(2);
+    let wait_until = assigned + Duration::from_secs(args.seconds.saturating_sub(2));
+    tokio::time::sleep_until(tokio::time::Instant::from_std(steady)).await;
     let (cpu0, _, _) = coordinator.usage();
     let (writes0, bytes0) = (
         coordinator.counter("albef_coordinator_state_writes_total"),
         coordinator.counter("albef_coordinator_state_bytes_total"),
     );
-    let steady = Instant::now();
-    let generation = obs.lock().unwrap().generations.iter().max().copied().unwrap_or(1);
-    let mut commits = vec![];
-    for step in [5, 15] {
-        if step < args.seconds {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(steady) + Duration::from_secs(step)).await;
-            commits.push(checkpoint(dir.path(), &coordinator.endpoint, generation, step, &obs).await);
-        }
-    }
-    let status_started = Instant::now();
-    let status = ControlClient::new(connect(&coordinator.endpoint).await).get_status(GetStatusRequest::default()).await;
-    let status_took = status_started.elapsed();
-    let status_bytes = status.as_ref().map_or(0, |s| s.get_ref().encoded_len());
+    let (status_bytes, mut status_took) = status_round_trips(&coordinator.endpoint).await;
+    status_took.sort();
     // Measured while every worker heartbeats, before they leave.
-    let wait_until = steady + Duration::from_secs(args.seconds.saturating_sub(2));
     tokio::time::sleep_until(tokio::time::Instant::from_std(wait_until.max(Instant::now()))).await;
     let (cpu1, rss, peak) = coordinator.usage();
     let writes = coordinator.counter("albef_coordinator_state_writes_total") - writes0;
@@ -179,9 +207,8 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
     }
     let o = obs.lock().unwrap();
     let last_join = o.last_join_sent.unwrap_or(started);
-    // The steady state: from 2 s after every rank had its assignment to 2 s before the workers
-    // end (the CPU's window); the line after shows the other seconds too.
-    let in_steady_state = |sent: &Instant| *sent >= steady + Duration::from_secs(2) && *sent < wait_until;
+    // The CPU's window too; the lines after show the other seconds.
+    let in_steady_state = |sent: &Instant| *sent >= steady && *sent < wait_until;
     let mut steady_beats: Vec<Duration> =
         o.heartbeats.iter().filter(|(sent, _)| in_steady_state(sent)).map(|(_, l)| *l).collect();
     steady_beats.sort();
@@ -210,14 +237,21 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
         ms(summary.max),
         steady_beats.len()
     );
-    // The slowest beat of each second (a checkpoint is committed at +5 s and +15 s, the GetStatus
-    // follows the second, the workers end at +20 s).
-    let mut worst_by_second: BTreeMap<u64, Duration> = BTreeMap::new();
+    // Each second's p99 and slowest beat, to find the tail (counted from the time every rank had
+    // its assignment: the workers' steps 0 and 10 fetch an epoch's leases, rank 0 commits at
+    // steps 5, 10 and 15, the GetStatus calls take the steady state's first 4 s, the workers end
+    // at +20 s).
+    let mut by_second: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
     for (sent, latency) in &o.heartbeats {
-        let worst = worst_by_second.entry(sent.saturating_duration_since(steady).as_secs()).or_default();
-        *worst = (*worst).max(*latency);
+        by_second.entry(sent.saturating_duration_since(assigned).as_secs()).or_default().push(*latency);
     }
-    let worst: Vec<String> = worst_by_second.values().map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
+    let (mut p99s, mut worst) = (vec![], vec![]);
+    for beats in by_second.values_mut() {
+        beats.sort();
+        p99s.push(format!("{:.1}", percentile(beats, 0.99).as_secs_f64() * 1e3));
+        worst.push(format!("{:.0}", beats.last().copied().unwrap_or_default().as_secs_f64() * 1e3));
+    }
+    println!("p99 per second      {} ms", p99s.join(" "));
     println!("slowest per second  {} ms", worst.join(" "));
     println!("errors              {:?}", o.errors);
     println!(
@@ -228,11 +262,35 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
         peak as f64 / 1048576.0
     );
     println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
-    println!("GetStatus           {} bytes in {}", status_bytes, ms(status_took));
-    let commits: Vec<String> = commits.into_iter().map(ms).collect();
+    println!(
+        "GetStatus           {status_bytes} bytes: p50 {} max {} ({} calls on one connection)",
+        ms(percentile(&status_took, 0.5)),
+        ms(status_took.last().copied().unwrap_or_default()),
+        status_took.len()
+    );
+    let commits: Vec<String> = o.commits.iter().copied().map(ms).collect();
     println!("checkpoint commits  {}", commits.join(", "));
     println!();
     summary
+}
+
+/// `STATUS_CALLS` GetStatus calls on one connection, one every `STATUS_EVERY`: the reply's
+/// size and each round trip.
+async fn status_round_trips(endpoint: &str) -> (usize, Vec<Duration>) {
+    let mut control = ControlClient::new(connect(endpoint).await);
+    let (mut bytes, mut took) = (0, vec![]);
+    for _ in 0..STATUS_CALLS {
+        let sent = Instant::now();
+        match control.get_status(GetStatusRequest::default()).await {
+            Ok(reply) => {
+                took.push(sent.elapsed());
+                bytes = reply.get_ref().encoded_len();
+            }
+            Err(s) => eprintln!("GetStatus: {s}"),
+        }
+        tokio::time::sleep(STATUS_EVERY).await;
+    }
+    (bytes, took)
 }
 
 fn main() {

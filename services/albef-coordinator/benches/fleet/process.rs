@@ -15,8 +15,8 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn start(dir: &Path, workers: usize, backend: &str) -> Coordinator {
-        // Ten steps per epoch at batch 4 for every rank.
-        let samples = workers * 4 * 10;
+        // STEPS_PER_EPOCH at batch 4 for every rank.
+        let samples = workers * 4 * crate::STEPS_PER_EPOCH as usize;
         let index = format!(r#"{{"version":1,"sources":[{{"url":"x.tar","kind":"webdataset","samples":{samples}}}]}}"#);
         std::fs::write(dir.join("albef-index.json"), index).unwrap();
         let settings = [

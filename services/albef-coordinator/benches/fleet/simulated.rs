@@ -1,7 +1,7 @@
 //! A simulated worker: the worker protocol as `albef-worker` speaks it, and rank 0's checkpoints.
 
 use crate::process::connect;
-use crate::{Observed, Transport};
+use crate::{CHECKPOINT_EVERY, Fleet, Observed, STEPS_PER_EPOCH, Transport};
 use albef_proto::v1::coordinator_client::CoordinatorClient;
 use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{
@@ -14,15 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-/// One simulated worker's life: `seconds` heartbeats once it has its assignment.
-pub async fn worker(
-    i: usize,
-    endpoint: String,
-    (device_kind, transport): (&'static str, Transport),
-    seconds: u64,
-    obs: Arc<Mutex<Observed>>,
-) {
-    let mut c = CoordinatorClient::new(connect(&endpoint).await);
+/// One simulated worker's life: a step and a heartbeat a second for `fleet.seconds` once it has
+/// its assignment; the leases of each epoch as it starts; rank 0 commits a checkpoint every
+/// `CHECKPOINT_EVERY` steps.
+pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
+    let (device_kind, transport) = (fleet.device_kind, fleet.transport);
+    let mut c = CoordinatorClient::new(connect(&fleet.endpoint).await);
     let worker_id = format!("sim-{i:05}");
     let join = JoinRequest {
         worker_id: worker_id.clone(),
@@ -77,21 +74,29 @@ pub async fn worker(
             }
         }
     }
-    if let Err(s) = c.get_leases(GetLeasesRequest { generation, rank, epoch: 0, virtual_rank: rank }).await {
-        obs.lock().unwrap().error("GetLeases", &s);
-    }
     let mut beats = Beats::default();
     // Spread over the second as independent processes would be.
     let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
     let start = tokio::time::Instant::now() + phase;
-    for step in 0..seconds {
+    for step in 0..fleet.seconds {
+        let epoch = step / STEPS_PER_EPOCH;
+        if step % STEPS_PER_EPOCH == 0 {
+            let req = GetLeasesRequest { generation, rank, epoch, virtual_rank: rank };
+            if let Err(s) = c.get_leases(req).await {
+                obs.lock().unwrap().error("GetLeases", &s);
+            }
+        }
+        if rank == 0 && step > 0 && step % CHECKPOINT_EVERY == 0 {
+            let took = checkpoint(&fleet.run_dir, &mut c, (generation, step, epoch), &obs).await;
+            obs.lock().unwrap().commits.push(took);
+        }
         tokio::time::sleep_until(start + Duration::from_secs(step)).await;
         let beat = HeartbeatRequest {
             worker_id: worker_id.clone(),
             generation,
             rank,
             step,
-            epoch: 0,
+            epoch,
             losses: Some(Losses {
                 terms: [("ita".into(), 3.1), ("itm".into(), 0.64), ("mlm".into(), 2.0)].into(),
                 total: 5.74,
@@ -110,6 +115,7 @@ pub async fn worker(
                 let rejoin = r.commands.contains(&(Cmd::Rejoin as i32));
                 let mut o = obs.lock().unwrap();
                 o.heartbeats.push((sent, sent.elapsed()));
+                o.beating += usize::from(step == 0);
                 o.rejoins += u64::from(rejoin);
             }
             Err(s) => obs.lock().unwrap().error("Heartbeat", &s),
@@ -133,7 +139,7 @@ pub async fn worker(
         worker_id: worker_id.clone(),
         generation,
         rank,
-        step: seconds,
+        step: fleet.seconds,
         done: true,
         ..Default::default()
     };
@@ -179,23 +185,32 @@ impl Beats {
 
 /// Rank 0's checkpoint of `step` as a worker leaves it, reported for commit; returns how long the
 /// report took.
-pub async fn checkpoint(dir: &Path, endpoint: &str, generation: u64, step: u64, obs: &Mutex<Observed>) -> Duration {
-    let location = dir.join(format!("run/checkpoints/step-{step}"));
-    std::fs::create_dir_all(&location).unwrap();
-    std::fs::write(location.join("trainer_state.json"), "{}").unwrap();
-    let manifest = format!(
-        r#"{{"version":1,"step":{step},"created_unix":0,"files":[{{"name":"trainer_state.json","size":2,"sha256":"{}"}}]}}"#,
-        "0".repeat(64)
-    );
-    std::fs::write(location.join("manifest.json"), manifest).unwrap();
-    let mut c = CoordinatorClient::new(connect(endpoint).await);
+async fn checkpoint(
+    run_dir: &Path,
+    c: &mut CoordinatorClient<Channel>,
+    (generation, step, epoch): (u64, u64, u64),
+    obs: &Mutex<Observed>,
+) -> Duration {
+    let location = run_dir.join(format!("checkpoints/step-{step}"));
+    let folder = location.clone();
+    // Off the runtime's threads: they carry the other workers' heartbeats.
+    let written = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(folder.join("trainer_state.json"), "{}")?;
+        let manifest = format!(
+            r#"{{"version":1,"step":{step},"created_unix":0,"files":[{{"name":"trainer_state.json","size":2,"sha256":"{}"}}]}}"#,
+            "0".repeat(64)
+        );
+        std::fs::write(folder.join("manifest.json"), manifest)
+    });
+    written.await.unwrap().unwrap();
     let req = ReportCheckpointRequest {
         generation,
         rank: 0,
         step,
         location: location.display().to_string(),
-        epoch: 0,
-        step_in_epoch: step,
+        epoch,
+        step_in_epoch: step % STEPS_PER_EPOCH,
         best: false,
     };
     let sent = Instant::now();
