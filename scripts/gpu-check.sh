@@ -2,9 +2,11 @@
 # Every GPU check in one short run, against binaries built elsewhere (the GPU machine has torch
 # but no cargo). Writes logs, JSON reports and summary.{json,txt} under $OUT.
 #
-# Build (on the development machine; release, stripped, to carry to the GPU machine):
-#   bash scripts/gpu-check.sh --build          -> target/gpu-check/{albef,albef-coordinator,albef-worker,nccl-test}
-# Run (on the GPU machine, from the repository root, with target/gpu-check carried):
+# Build (on the development machine; release, stripped and xz-compressed, to carry to the GPU
+# machine, which takes 64 MiB in all with the repository: the build fails above 48 MiB):
+#   bash scripts/gpu-check.sh --build          -> target/gpu-check/{albef,albef-coordinator,albef-worker,nccl-test}.xz
+# Run (on the GPU machine, one H100 by default, from the repository root, with target/gpu-check
+# carried; the binaries are unpacked with its Python's lzma first):
 #   OUT=/some/dir bash scripts/gpu-check.sh
 # Dry run on the CPU (the same steps with CPU devices and TCP, the small preset, a few steps):
 #   GPU_BIN=target/debug OUT=/tmp/gpu-check bash scripts/gpu-check.sh --device cpu
@@ -18,17 +20,24 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
+# What the binaries may take of the 64 MiB carried to the GPU machine (the repository is ~1.5 MB):
+# room for growth, and a failure here rather than a refused carry there.
+CARRY_LIMIT=$((48 << 20))
 case "${1:-}" in
   --build)
     set -e
     cargo build --release -p albef -p albef-coordinator -p albef-worker --bins
     cargo test --release -p albef-dist --test nccl --no-run
+    rm -rf target/gpu-check
     mkdir -p target/gpu-check
     cp target/release/albef target/release/albef-coordinator target/release/albef-worker target/gpu-check/
     nccl=$(ls -t target/release/deps/nccl-* | grep -v '\.d$' | head -1)
     cp "$nccl" target/gpu-check/nccl-test
     strip target/gpu-check/*
-    du -sh target/gpu-check
+    xz -T0 target/gpu-check/*
+    carried=$(cat target/gpu-check/*.xz | wc -c)
+    echo "gpu-check: carrying $((carried / 1024)) KiB of compressed binaries (limit $((CARRY_LIMIT / 1024)) KiB)"
+    ((carried <= CARRY_LIMIT)) || { echo "gpu-check: over the limit: carry less" >&2; exit 1; }
     exit 0 ;;
   --device) DEVICE=${2:?--device cpu|cuda} ;;
   "") ;;
@@ -45,6 +54,21 @@ links=$(mktemp -d)
 nccl_lib=$(ls "$site"/nvidia/nccl/lib/libnccl.so.2 2>/dev/null | head -1)
 [[ -n "$nccl_lib" ]] && ln -sfn "$nccl_lib" "$links/libnccl.so"
 export LD_LIBRARY_PATH="$site/torch/lib:$links${nccl_lib:+:$(dirname "$nccl_lib")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# Binaries carried compressed (--build) are unpacked into a folder of their own (no cargo or xz
+# there, but Python's lzma).
+if compgen -G "$BIN/*.xz" >/dev/null; then
+  unpacked=$(mktemp -d)
+  "$PYTHON" - "$BIN" "$unpacked" <<'PY' || { echo "gpu-check: cannot unpack $BIN" >&2; exit 1; }
+import glob, lzma, os, shutil, sys
+for packed in glob.glob(f"{sys.argv[1]}/*.xz"):
+    out = os.path.join(sys.argv[2], os.path.basename(packed)[:-3])
+    with lzma.open(packed) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(out, 0o755)
+PY
+  BIN=$unpacked
+fi
 
 if [[ $DEVICE == cuda ]]; then
   PRESETS="albef-small albef-base"; BENCH_CASES="albef-base:64:20"; STEPS=50; NCCL_BACKEND=nccl
