@@ -29,6 +29,8 @@
 //! - `run_lock`: one coordinator per (local) run directory.
 //! - `progress`: long work (generating, indexing, evaluating) reports its progress to whatever
 //!   reporter the program installed.
+//! - `prepare`: `albef data prepare`, image-caption pairs to WebDataset shards of resized JPEGs
+//!   (img2dataset's resize modes) and their index, in parallel and resumable.
 //! - `synth`: generated, learnable image-text datasets (shards, annotation JSON, a retrieval split,
 //!   a vocabulary) for the demo and the tests.
 
@@ -39,6 +41,7 @@ pub mod dataset;
 pub mod index;
 pub mod loader;
 pub mod plan;
+pub mod prepare;
 pub mod progress;
 pub mod rng;
 pub mod run_lock;

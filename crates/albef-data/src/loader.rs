@@ -12,7 +12,9 @@ use crate::caption::pre_caption;
 use crate::index::{DatasetIndex, SourceKind};
 use crate::plan::RankPlan;
 use crate::rng::SplitMix64;
-use crate::sources::{Annotation, Record, TarOptions, image_index, parse_annotations, read_tar_samples};
+use crate::sources::{
+    Annotation, Record, TarOptions, annotation_image_root, image_index, parse_annotations, read_tar_samples,
+};
 use crate::store::Location;
 use crate::tokenizer::Tokenizer;
 use crate::transform::{TrainTransform, decode_rgb, resize_exact};
@@ -290,11 +292,7 @@ fn read_annotation_range(
     skips: &SkipCounts,
     put: &mut impl FnMut(u64, Record),
 ) {
-    // Image paths are relative to data.image_root, else to the annotation file's folder.
-    let root = match opts.image_root.as_str() {
-        "" => Location::open(&crate::store::parent_of(url)),
-        root => Location::open(root),
-    };
+    let root = Location::open(&annotation_image_root(url, &opts.image_root));
     for ordinal in wanted {
         let key = format!("#{ordinal}");
         let Some(Some(a)) = list.get(ordinal as usize) else {
@@ -400,7 +398,7 @@ pub fn sample_rng(seed: u64, epoch: u64, global_id: u64) -> SplitMix64 {
     SplitMix64::for_item(SplitMix64::for_item(seed, epoch).next_u64(), global_id)
 }
 
-fn skip_reason(reason: &str) -> SkipReason {
+pub(crate) fn skip_reason(reason: &str) -> SkipReason {
     match reason {
         "not_an_image" => SkipReason::NotAnImage,
         "too_many_pixels" => SkipReason::TooManyPixels,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::ops::{ControlFlow, Range};
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+pub(crate) const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// A sample ready for decoding: image bytes and its captions (one is sampled per fetch).
 #[derive(Clone, Debug, PartialEq)]
@@ -150,7 +150,7 @@ impl TarScan {
 }
 
 /// Splits `dir/name.ext.more` into (`dir/name`, `ext.more`), WebDataset's key rule.
-fn split_key(path: &str) -> (String, String) {
+pub(crate) fn split_key(path: &str) -> (String, String) {
     let (dir, base) = match path.rsplit_once('/') {
         Some((d, b)) => (format!("{d}/"), b),
         None => (String::new(), path),
@@ -388,6 +388,15 @@ impl Annotation {
     /// The answers a VQA row trains on, weighted (see [`weighted_answers`]).
     pub fn weighted_answers(&self) -> Vec<WeightedAnswer> {
         weighted_answers(&self.answers, self.dataset.as_deref())
+    }
+}
+
+/// Where the image paths of the annotation file `url` start: `image_root` (`data.image_root`),
+/// else the file's folder.
+pub fn annotation_image_root(url: &str, image_root: &str) -> String {
+    match image_root {
+        "" => crate::store::parent_of(url),
+        root => root.to_string(),
     }
 }
 

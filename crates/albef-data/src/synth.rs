@@ -255,7 +255,8 @@ fn jpeg(rgb: &[u8], res: usize) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn tar_append(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> anyhow::Result<()> {
+/// Appends a member as WebDataset shards hold them (a plain file, no timestamp).
+pub(crate) fn tar_append(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) -> anyhow::Result<()> {
     let mut h = tar::Header::new_gnu();
     h.set_size(data.len() as u64);
     h.set_mode(0o644);

@@ -11,7 +11,7 @@ use std::fmt;
 use std::io::Cursor;
 
 use fast_image_resize::images::{CroppedImage, Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{FilterType, IntoImageView, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Rgb, RgbImage};
 
 use crate::batch::normalize_rgb;
@@ -99,10 +99,16 @@ pub fn resized_crop(img: &RgbImage, crop: (u32, u32, u32, u32), width: u32, heig
     let (x, y, w, h) = crop;
     let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3).expect("RgbImage buffer");
     let view = CroppedImage::new(&src, x, y, w, h).expect("crop box inside the image");
-    let mut dst = Image::new(width, height, PixelType::U8x3);
     // Catmull-Rom is the a = -0.5 cubic of Pillow's BICUBIC, with the same support scaling.
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    RESIZER.with_borrow_mut(|r| r.resize(&view, &mut dst, &options)).expect("U8x3 to U8x3 resize");
+    resize_view(&view, width, height, &options)
+}
+
+/// Resizes an RGB image, or a view of one, to `width` x `height` as `options` say (filter,
+/// source box), with this thread's resizer.
+pub fn resize_view(src: &impl IntoImageView, width: u32, height: u32, options: &ResizeOptions) -> RgbImage {
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    RESIZER.with_borrow_mut(|r| r.resize(src, &mut dst, options)).expect("U8x3 to U8x3 resize");
     RgbImage::from_raw(width, height, dst.into_vec()).expect("resizer output is width*height*3")
 }
 

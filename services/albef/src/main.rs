@@ -11,7 +11,8 @@
 //!   captions or pairs (tokens, normalised projections, fused tokens) as safetensors or `.npz`.
 //! - `albef model export`: a checkpoint (or the untrained model) as one safetensors file that the
 //!   reference PyTorch ALBEF loads strictly.
-//! - `albef data synth|index`: generate a dataset, build a dataset index.
+//! - `albef data synth|index|prepare`: generate a dataset, build a dataset index, resize
+//!   image-caption pairs into WebDataset shards.
 //! - `albef bench`: times the training step on fixed batches (JSON, phases, FLOPs, MFU, peak
 //!   memory), in the fields of the PyTorch baseline `tests/python/torch_step.py`.
 //! - `albef device-check`: the CUDA forward against the CPU fp32 forward on the same weights.

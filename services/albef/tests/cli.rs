@@ -189,6 +189,32 @@ fn globs_name_shards_in_object_storage() {
     );
 }
 
+/// `albef data prepare` on a folder of pairs Pillow wrote (tests/python/prepare_input.py): what
+/// was dropped and why per shard and in total, the pattern to train on (which `albef data index`
+/// reads whole); a second run keeps the complete shards.
+#[test]
+fn data_prepare_reports_drops_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let python = repo().join(".venv/bin/python");
+    let made = Command::new(python).arg(repo().join("tests/python/prepare_input.py")).args(["write", d]).output();
+    assert!(made.unwrap().status.success());
+    let (pairs, out) = (format!("{d}/pairs"), format!("{d}/shards"));
+    let prepare = ["data", "prepare", &pairs, "--out", &out, "--image-size", "32", "--rows-per-shard", "3"];
+    let first = albef(&prepare, &[]);
+    let stdout = text(&first.stdout);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(stdout.starts_with("2 shards (0 kept from an earlier run): 2 samples from 5 rows, 3 dropped"), "{stdout}");
+    assert!(stdout.contains("  000000.tar: 1 samples, dropped junk_member 1, missing_caption 1\n"), "{stdout}");
+    assert!(stdout.contains("  missing_caption: 1, e.g. ") && stdout.contains("lonely ("), "{stdout}");
+    let pattern = format!("{out}/{{000000..000001}}.tar");
+    assert!(stdout.contains(&format!("data.train_file: {pattern}\n")), "{stdout}");
+    let indexed = albef(&["data", "index", &pattern, "--out", &format!("{d}/again.json")], &[]);
+    assert!(text(&indexed.stdout).contains("2 sources, 2 samples"), "{}", text(&indexed.stdout));
+    let second = albef(&prepare, &[]);
+    assert!(text(&second.stdout).starts_with("2 shards (2 kept from an earlier run)"), "{}", text(&second.stdout));
+}
+
 /// Broken shards and annotation files as users meet them, written by Python's tarfile, gzip and
 /// Pillow with byte-level edits (tests/python/make_hostile_shards.py): `albef data index` names
 /// each source it leaves out and why, `albef train` trains on the rest and ends with a summary of
