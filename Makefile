@@ -4,7 +4,7 @@ VENV_STAMP := .venv/.setup-done
 TORCH_STAMP := .venv/.torch-done
 CARGO ?= cargo
 
-.PHONY: setup build build-demo test lint demo clean-runs bench-coordinator bench
+.PHONY: setup build build-demo test lint demo clean-runs bench-coordinator bench bench-data
 
 setup: $(VENV_STAMP) build
 
@@ -82,3 +82,12 @@ bench-coordinator:
 bench: $(VENV_STAMP)
 	$(CARGO) build -p albef --bins
 	bash scripts/bench-step.sh
+
+# `albef data prepare` against img2dataset's resizer (read, decode, resize, JPEG re-encode) on the
+# same JPEGs and settings, one core each, both resize modes: prints ours / img2dataset's images/s.
+# img2dataset gets a venv of its own: its dependencies (wandb, pyarrow, protobuf) are not the tests'.
+BENCH_DATA_VENV := target/bench-data/venv
+bench-data:
+	@test -x $(BENCH_DATA_VENV)/bin/python || python3 -m venv $(BENCH_DATA_VENV)
+	$(BENCH_DATA_VENV)/bin/python -m pip install -q --disable-pip-version-check img2dataset==1.47.0
+	$(CARGO) bench -p albef-data --bench prepare
