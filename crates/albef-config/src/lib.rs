@@ -117,6 +117,7 @@ impl AlbefConfig {
         self.model.validate()?;
         ensure!(self.optimizer.opt.eq_ignore_ascii_case("adamw"), "optimizer.opt: only adamW is supported");
         ensure!(self.schedular.sched == "cosine", "schedular.sched: only cosine is supported");
+        ensure!(self.optimizer.clip_grad_norm >= 0.0, "optimizer.clip_grad_norm must be 0 (off) or positive");
         ensure!(self.train.batch_size_train > 0, "train.batch_size_train must be positive");
         let [lo, hi] = self.data.crop_scale;
         ensure!(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale must satisfy 0 < min <= max <= 1");

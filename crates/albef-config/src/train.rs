@@ -11,11 +11,22 @@ pub struct OptimizerConfig {
     pub weight_decay: f64,
     pub betas: [f64; 2],
     pub eps: f64,
+    /// Gradients are scaled so that their global L2 norm (over every trainable parameter, after
+    /// the average over the ranks) is at most this; 0: no clipping, as the reference. The norm
+    /// before clipping is reported every step either way.
+    pub clip_grad_norm: f64,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        OptimizerConfig { opt: "adamW".into(), lr: 1e-4, weight_decay: 0.02, betas: [0.9, 0.999], eps: 1e-8 }
+        OptimizerConfig {
+            opt: "adamW".into(),
+            lr: 1e-4,
+            weight_decay: 0.02,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            clip_grad_norm: 0.0,
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
 //! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), `clear_grads`
-//! (`zero_grad(set_to_none=True)`), copies that do not wait (`copy_non_blocking`, for checkpoint
+//! (`zero_grad(set_to_none=True)`), `clip_grad_norm` (PyTorch's, on foreach kernels), copies that do not wait (`copy_non_blocking`, for checkpoint
 //! snapshots), the caching allocator's peak memory (`device_memory_peaks`, for `albef bench`), and
 //! hooks that hand each parameter's gradient to
 //! Rust the moment a backward has accumulated it (`GradReadyHooks`, for the gradient all-reduce
@@ -36,6 +36,7 @@ unsafe extern "C" {
         eps: f64,
     ) -> *mut c_char;
     fn albef_clear_grads(params: *const CTensor, n: usize) -> *mut c_char;
+    fn albef_clip_grad_norm(grads: *const CTensor, n: usize, max_norm: f64, norm: *mut CTensor) -> *mut c_char;
     fn albef_copy_non_blocking(dst: CTensor, src: CTensor) -> *mut c_char;
     fn albef_device_memory_peaks(device: i32, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
     fn albef_reset_device_memory_peaks(device: i32) -> *mut c_char;
@@ -78,6 +79,20 @@ pub fn clear_grads(params: &[Tensor]) -> Result<()> {
     // SAFETY: the pointers come from live tch Tensors borrowed for the call; the shim only
     // resets their gradient slots.
     check(unsafe { albef_clear_grads(ptrs.as_ptr(), ptrs.len()) })
+}
+
+/// The global L2 norm of `grads` (a 0-dim tensor on their device) before clipping; with
+/// `max_norm > 0` they are scaled in place so that it is at most `max_norm`: PyTorch's
+/// `clip_grad_norm_` (foreach kernels; the factor never leaves the device). `grads` is not empty
+/// and on one device.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor> {
+    let ptrs: Vec<CTensor> = grads.iter().map(|t| t.as_ptr() as CTensor).collect();
+    let mut norm: CTensor = std::ptr::null_mut();
+    // SAFETY: the pointers come from live tch Tensors borrowed for the call; the shim scales
+    // their storage in place and writes a new at::Tensor handle into `norm`, which we own.
+    check(unsafe { albef_clip_grad_norm(ptrs.as_ptr(), ptrs.len(), max_norm, &mut norm) })?;
+    // SAFETY: on success `norm` is a fresh handle from the shim, owned by the returned Tensor.
+    Ok(unsafe { Tensor::from_ptr(norm) })
 }
 
 /// `dst.copy_(src)` without waiting (`non_blocking=True`): from a GPU into pinned host memory the

@@ -4,7 +4,11 @@
 #include <ATen/DeviceAccelerator.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -88,6 +92,25 @@ char *albef_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **ex
 char *albef_clear_grads(at::Tensor **params, size_t n) {
   try {
     for (size_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e.what());
+  }
+}
+
+// The global L2 norm of `grads` as PyTorch's clip_grad_norm_ computes it on its foreach path (the
+// per-tensor norms in one kernel, then their norm); with max_norm > 0 every gradient is scaled in
+// place by min(1, max_norm / (norm + 1e-6)), a factor that stays on the device (no host read).
+// *norm receives a new handle to the 0-dim norm before clipping.
+char *albef_clip_grad_norm(at::Tensor **grads, size_t n, double max_norm, at::Tensor **norm) {
+  try {
+    auto g = tensors(grads, n);
+    auto total = at::linalg_vector_norm(at::stack(at::_foreach_norm(g, 2)), 2);
+    if (max_norm > 0) {
+      auto factor = (max_norm / (total + 1e-6)).clamp_max(1.0);
+      at::_foreach_mul_(g, factor);
+    }
+    *norm = new at::Tensor(total);
     return nullptr;
   } catch (const std::exception &e) {
     return error_message(e.what());

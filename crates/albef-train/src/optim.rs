@@ -63,6 +63,15 @@ impl AdamW {
         (names(&self.groups[0]), names(&self.groups[1]))
     }
 
+    /// The global L2 norm of the gradients (0-dim, on their device) before clipping; with
+    /// `max_norm > 0` the gradients are scaled in place so that it is at most `max_norm`.
+    pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
+        let grads: Vec<Tensor> =
+            self.groups.iter().flat_map(|g| &g.params).map(|p| p.value.grad()).filter(Tensor::defined).collect();
+        ensure!(!grads.is_empty(), "no gradient to clip");
+        tch::no_grad(|| albef_torch_ext::clip_grad_norm(&grads, max_norm))
+    }
+
     /// One update with learning rate `lr` from the gradients in place; parameters without a
     /// gradient are skipped, as PyTorch does.
     pub fn step(&mut self, lr: f64) -> Result<()> {

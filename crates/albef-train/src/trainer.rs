@@ -31,6 +31,8 @@ pub struct StepStats {
     pub loss: f64,
     /// The total loss of each micro-batch (virtual rank) of this rank.
     pub micro_losses: Vec<f64>,
+    /// The global L2 norm of the averaged gradients, before clipping (the same on every rank).
+    pub grad_norm: f64,
     pub lr: f64,
     pub alpha: f64,
     /// The learned temperature, where the task's model has one.
@@ -83,11 +85,12 @@ impl StepStats {
         let terms: Vec<String> = self.losses.iter().map(|(name, v)| format!("{name} {v:.3}")).collect();
         let temp = self.temp.map(|t| format!(" temp {t:.4}")).unwrap_or_default();
         format!(
-            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} ({})  lr {:.2e} alpha {:.2}{temp}  {:.0} img/s  {:.3} s/step  data {:.0}%  elapsed {}  eta {}",
+            "step {:>5}/{total_steps} epoch {:>3}  loss {:.3} ({})  grad {:.3}  lr {:.2e} alpha {:.2}{temp}  {:.0} img/s  {:.3} s/step  data {:.0}%  elapsed {}  eta {}",
             self.step,
             self.epoch,
             self.loss,
             terms.join(" "),
+            self.grad_norm,
             self.lr,
             self.alpha,
             pace.images_per_second,
@@ -99,7 +102,7 @@ impl StepStats {
     }
 
     /// The step's values by TensorBoard tag: this rank's losses (`rank0/loss/...` on the rank
-    /// that writes events), the job's schedule and temperature (`job/...`).
+    /// that writes events), the job's schedule, gradient norm and temperature (`job/...`).
     pub fn scalars(&self) -> Vec<(String, f64)> {
         let losses = self.losses.iter().map(|(name, v)| (format!("rank0/loss/{name}"), *v));
         let temp = self.temp.map(|t| ("job/model/temp".to_string(), t));
@@ -107,6 +110,7 @@ impl StepStats {
             .into_iter()
             .chain(losses)
             .chain([("job/schedule/lr".into(), self.lr), ("job/schedule/alpha".into(), self.alpha)])
+            .chain([("job/grad/norm".into(), self.grad_norm)])
             .chain(temp)
             .collect()
     }
@@ -236,7 +240,9 @@ impl Trainer {
         let mut stats = self.forward_backward(micro, dp, steps_per_epoch)?;
         before_vote(&stats)?;
         let started = std::time::Instant::now();
-        let finite_everywhere = dp.all_finite(stats.loss.is_finite(), self.device())?;
+        // A non-finite gradient norm is a non-finite gradient somewhere: the same as a bad loss.
+        let finite = stats.loss.is_finite() && stats.grad_norm.is_finite();
+        let finite_everywhere = dp.all_finite(finite, self.device())?;
         if dp.collective().world_size() > 1 {
             stats.communication_seconds += started.elapsed().as_secs_f64();
         }
@@ -345,10 +351,12 @@ impl Trainer {
             readback.extend(terms.map(|t| t.detach().to_kind(Kind::Double)));
         }
         self.pending = Some(step);
+        readback.push(self.opt.clip_grad_norm(self.cfg.optimizer.clip_grad_norm)?.to_kind(Kind::Double));
         let temp = self.model.temp_tensor();
         readback.extend(temp.iter().map(|t| t.to_kind(Kind::Double)));
         let values = Vec::<f64>::try_from(Tensor::stack(&readback, 0).to_device(Device::Cpu))?;
-        let (per_micro, temp) = values.split_at(values.len() - usize::from(temp.is_some()));
+        let (values, temp) = values.split_at(values.len() - usize::from(temp.is_some()));
+        let (per_micro, grad_norm) = values.split_at(values.len() - 1);
         // Per micro-batch: each named loss, then the total.
         let width = names.len() + 1;
         let mean = |i: usize| per_micro.iter().skip(i).step_by(width).sum::<f64>() / micro.len() as f64;
@@ -360,6 +368,7 @@ impl Trainer {
             losses,
             loss: mean(names.len()),
             micro_losses,
+            grad_norm: grad_norm[0],
             lr,
             alpha,
             temp: temp.first().copied(),

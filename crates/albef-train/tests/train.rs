@@ -576,3 +576,53 @@ fn vqa_steps_and_answer_ranking_agree_with_an_independent_pytorch_implementation
     println!("{report}");
     assert!(out.status.success(), "{report}");
 }
+
+/// Clipping by the global norm equals PyTorch's clip_grad_norm_ (tests/python/check_clip.py) on
+/// the gradients of a step, with a bound below the norm (the gradients shrink) and above it (they
+/// stay); the norm reported is the one before clipping.
+#[test]
+fn gradient_clipping_equals_pytorch() {
+    let _rng = serial();
+    let cfg = small_config();
+    let batch = &fixed_batches(&cfg, 8, 8)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for max_norm in [0.5, 1e6] {
+        let trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
+        let trainable: Vec<(String, Tensor)> =
+            trainer.var_store().variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        let b = batch.batch();
+        let losses = trainer.model().micro_losses(
+            &b,
+            &trainer.model().momentum_features(&b),
+            &albef_model::StepFeatures { queued: vec![] },
+            0,
+            0.4,
+        );
+        losses.unwrap().total().backward();
+        let grads = || -> BTreeMap<String, Tensor> {
+            trainable.iter().filter(|(_, v)| v.grad().defined()).map(|(n, v)| (n.clone(), v.grad().copy())).collect()
+        };
+        let before = grads();
+        let norm = trainer.optimizer().clip_grad_norm(max_norm).unwrap();
+        let mut after = grads();
+        let unclipped = norm.double_value(&[]);
+        assert_eq!(
+            unclipped > max_norm,
+            after.iter().any(|(n, g)| !g.equal(&before[n])),
+            "clipped only above the bound"
+        );
+        after.insert("norm".into(), norm);
+        weights::write_safetensors(&before, &dir.path().join("before.safetensors")).unwrap();
+        weights::write_safetensors(&after, &dir.path().join("after.safetensors")).unwrap();
+        std::fs::write(dir.path().join("clip.json"), serde_json::json!({ "max_norm": max_norm }).to_string()).unwrap();
+        let out = std::process::Command::new(repo.join(".venv/bin/python"))
+            .arg(repo.join("tests/python/check_clip.py"))
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        println!("{report}");
+        assert!(out.status.success(), "{report}");
+    }
+}
