@@ -21,6 +21,9 @@ pub enum SkipReason {
     TooManyPixels,
     EmptyImage,
     MissingImage,
+    /// A local image path names a FIFO, device or socket: never opened (a FIFO's open blocks
+    /// until a writer comes).
+    NotAFile,
     MissingCaption,
     /// The task tells images apart (retrieval) and the sample has no `image_id`.
     MissingImageId,
@@ -54,6 +57,7 @@ impl SkipReason {
             SkipReason::TooManyPixels => "too_many_pixels",
             SkipReason::EmptyImage => "empty_image",
             SkipReason::MissingImage => "missing_image",
+            SkipReason::NotAFile => "not_a_file",
             SkipReason::MissingCaption => "missing_caption",
             SkipReason::MissingImageId => "missing_image_id",
             SkipReason::BadLabel => "bad_label",
@@ -72,12 +76,13 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 19] = [
+    pub const ALL: [SkipReason; 20] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
         SkipReason::EmptyImage,
         SkipReason::MissingImage,
+        SkipReason::NotAFile,
         SkipReason::MissingCaption,
         SkipReason::MissingImageId,
         SkipReason::BadLabel,

@@ -15,7 +15,7 @@ use crate::rng::SplitMix64;
 use crate::sources::{
     Annotation, Record, TarOptions, annotation_image_root, image_index, parse_annotations, read_tar_samples,
 };
-use crate::store::Location;
+use crate::store::{Location, NotAFile};
 use crate::tokenizer::Tokenizer;
 use crate::transform::{TrainTransform, decode_rgb, resize_exact};
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -311,7 +311,7 @@ fn read_annotation_range(
                 let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());
                 put(ordinal, Record { key, image, captions, image_id, label, answers })
             }
-            Err(e) => skips.record(SkipReason::MissingImage, url, &a.image, &format!("{e:#}")),
+            Err(e) => skips.record(unread_image_reason(&e), url, &a.image, &format!("{e:#}")),
         }
     }
 }
@@ -396,6 +396,14 @@ fn encode_answers(record: &Record, tokenizer: &Tokenizer) -> Result<Vec<(Vec<i64
 /// The generator of a sample's random draws in an epoch.
 pub fn sample_rng(seed: u64, epoch: u64, global_id: u64) -> SplitMix64 {
     SplitMix64::for_item(SplitMix64::for_item(seed, epoch).next_u64(), global_id)
+}
+
+/// Why an image file could not be read: a path that is no regular file is refused unopened.
+pub(crate) fn unread_image_reason(e: &anyhow::Error) -> SkipReason {
+    match e.downcast_ref::<NotAFile>() {
+        Some(_) => SkipReason::NotAFile,
+        None => SkipReason::MissingImage,
+    }
 }
 
 pub(crate) fn skip_reason(reason: &str) -> SkipReason {

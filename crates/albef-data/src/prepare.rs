@@ -12,7 +12,7 @@
 
 use crate::bad::{SkipCounts, SkipExample, SkipReason};
 use crate::index::{DatasetIndex, INDEX_FILE, INDEX_VERSION, SourceEntry, SourceKind};
-use crate::loader::skip_reason;
+use crate::loader::{skip_reason, unread_image_reason};
 use crate::sources::{IMAGE_EXTENSIONS, annotation_image_root, is_junk_member, parse_annotations, scan_tar, split_key};
 use crate::store::Location;
 use crate::synth::tar_append;
@@ -395,7 +395,7 @@ impl Job<'_> {
             }
         };
         let bytes = self.handle.block_on(pair.image.read_all());
-        let bytes = bytes.map_err(|e| drop(SkipReason::MissingImage, &format!("{e:#}")))?;
+        let bytes = bytes.map_err(|e| drop(unread_image_reason(&e), &format!("{e:#}")))?;
         let img = decode_rgb(&bytes, self.max_pixels).map_err(|e| drop(skip_reason(e.reason()), &e.to_string()))?;
         let resized = resize(&img, self.settings.image_size, self.settings.resize_mode);
         let (width, height) = resized.dimensions();

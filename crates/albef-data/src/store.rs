@@ -29,6 +29,22 @@ impl std::error::Error for StoreError {
     }
 }
 
+/// A local path that is no regular file (a FIFO, device or socket): refused before it is
+/// opened, since opening a FIFO blocks until a writer comes and a device may never end.
+#[derive(Debug)]
+pub struct NotAFile {
+    pub url: String,
+    pub kind: &'static str,
+}
+
+impl std::fmt::Display for NotAFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is a {}, not a regular file", self.url, self.kind)
+    }
+}
+
+impl std::error::Error for NotAFile {}
+
 /// An object (or prefix) in a store, with the URL it was opened from for messages.
 #[derive(Clone, Debug)]
 pub struct Location {
@@ -96,6 +112,7 @@ impl Location {
     }
 
     pub async fn read_all(&self) -> Result<bytes::Bytes> {
+        self.check_regular_file()?;
         let get =
             self.store.get(&self.path).await.map_err(StoreError).with_context(|| format!("reading {}", self.url))?;
         get.bytes().await.map_err(StoreError).with_context(|| format!("reading {}", self.url))
@@ -121,6 +138,7 @@ impl Location {
     /// A blocking reader streaming the object from byte `offset` on, for use on a thread that
     /// is not a runtime worker (decode threads); nothing is buffered beyond the stream's chunks.
     pub fn stream_from(&self, handle: &Handle, offset: u64) -> Result<Box<dyn Read + Send>> {
+        self.check_regular_file()?;
         let opts = GetOptions { range: (offset > 0).then_some(GetRange::Offset(offset)), ..Default::default() };
         let get = handle
             .block_on(self.store.get_opts(&self.path, opts))
@@ -128,6 +146,27 @@ impl Location {
             .with_context(|| format!("opening {}", self.url))?;
         let stream = get.into_stream().map_err(|e| std::io::Error::other(StoreError(e)));
         Ok(Box::new(SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone())))
+    }
+
+    /// Refuses a local path that is no regular file from its metadata (stat follows links but
+    /// opens nothing); a missing path or a folder is left to the store's own error.
+    fn check_regular_file(&self) -> Result<()> {
+        use std::os::unix::fs::FileTypeExt;
+        if local_path(&self.url).is_none() {
+            return Ok(());
+        }
+        // The file the local store would open for this path.
+        let path = object_store::local::LocalFileSystem::new().path_to_filesystem(&self.path).map_err(StoreError)?;
+        let Ok(kind) = std::fs::metadata(path).map(|m| m.file_type()) else { return Ok(()) };
+        let named = [
+            (kind.is_fifo(), "named pipe (FIFO)"),
+            (kind.is_socket(), "socket"),
+            (kind.is_char_device() || kind.is_block_device(), "device"),
+        ];
+        match named.into_iter().find(|(is, _)| *is) {
+            Some((_, kind)) => Err(NotAFile { url: self.url.clone(), kind }.into()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -368,3 +368,51 @@ fn every_planned_sample_is_trained_once_or_counted_once() {
         }
     }
 }
+
+/// Runs `tests/python/make_reference_annotations.py` into `dir`; its row counts.
+fn reference_annotations(dir: &Path) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run make setup", python.display());
+    let script = root.join("tests/python/make_reference_annotations.py");
+    let out = std::process::Command::new(python).arg(script).arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every row a loader of the whole of `json` delivers, within a deadline (a loader that blocks
+/// fails the test instead of hanging it), and what it skipped.
+fn load_within_deadline(json: &Path, opts: LoaderOptions, rt: tokio::runtime::Runtime) -> (u64, Arc<SkipCounts>) {
+    let index = DatasetIndex::build(&[json.to_str().unwrap().to_string()], rt.handle(), &SkipCounts::default());
+    let index = Arc::new(index.unwrap());
+    let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 8 };
+    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let vocab = albef_data::synth::vocab_tokens();
+    let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(vocab.iter().map(String::as_str)).unwrap());
+    let skips = Arc::new(SkipCounts::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let loader = Loader::start(index, plan, 0, opts, tokenizer, rt.handle().clone(), skips.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(loader.map(|b| b.batch.batch_size as u64).sum::<u64>());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(delivered) => (delivered, skips),
+        Err(_) => {
+            rt.shutdown_background(); // its blocked read would keep the test from ending
+            panic!("the loader did not finish within 60 s: {:?}", skips.snapshot());
+        }
+    }
+}
+
+/// A named pipe as an image path (os.mkfifo, nothing writing it) is skipped as not_a_file from
+/// its metadata, never opened: opening it would wait for a writer forever.
+#[test]
+fn a_fifo_named_as_an_image_is_counted_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = reference_annotations(dir.path());
+    let (delivered, skips) = load_within_deadline(&dir.path().join("fifo.json"), options(1), runtime());
+    assert_eq!(delivered, rows["fifo_good"].as_u64().unwrap(), "{}", skips.summary());
+    assert_eq!(skips.get(SkipReason::NotAFile), 1, "{}", skips.summary());
+    assert_eq!(skips.total(), 1, "{}", skips.summary());
+    assert!(skips.examples()[0].detail.contains("named pipe"), "{:?}", skips.examples());
+}
