@@ -181,6 +181,12 @@ pub struct DataConfig {
     pub train_file: Vec<String>,
     /// Root that annotation image paths are relative to; empty: each annotation file's folder.
     pub image_root: String,
+    /// Prefix replacements of annotation image paths, applied before `image_root`, each
+    /// `prefix=replacement` (the first matching prefix wins): the reference's JSON files name the
+    /// authors' absolute paths, e.g. `/export/share/datasets/vision/coco/images/=coco/`. An
+    /// absolute path left outside the image root is skipped as `absolute_path`.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub path_rewrite: Vec<String>,
     /// Dataset index; empty: `albef-index.json` beside the first source, built if absent.
     pub index: String,
     /// WordPiece vocabulary (`vocab.txt`) or `tokenizer.json`; empty: `vocab.txt` beside the
@@ -226,6 +232,7 @@ impl Default for DataConfig {
         DataConfig {
             train_file: vec![],
             image_root: String::new(),
+            path_rewrite: vec![],
             index: String::new(),
             tokenizer: String::new(),
             caption_field: String::new(),

@@ -41,6 +41,7 @@ fn main() {
             augment: Some(TrainTransform::default()),
             tar: TarOptions::default(),
             image_root: String::new(),
+            path_rewrite: vec![],
             max_words: 30,
             seed: 0,
             needs: Default::default(),

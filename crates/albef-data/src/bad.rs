@@ -24,6 +24,9 @@ pub enum SkipReason {
     /// A local image path names a FIFO, device or socket: never opened (a FIFO's open blocks
     /// until a writer comes).
     NotAFile,
+    /// An annotation's image path is absolute (after `data.path_rewrite`) and outside the image
+    /// root: the reference's files name the authors' machines.
+    AbsolutePath,
     MissingCaption,
     /// The task tells images apart (retrieval) and the sample has no `image_id`.
     MissingImageId,
@@ -58,6 +61,7 @@ impl SkipReason {
             SkipReason::EmptyImage => "empty_image",
             SkipReason::MissingImage => "missing_image",
             SkipReason::NotAFile => "not_a_file",
+            SkipReason::AbsolutePath => "absolute_path",
             SkipReason::MissingCaption => "missing_caption",
             SkipReason::MissingImageId => "missing_image_id",
             SkipReason::BadLabel => "bad_label",
@@ -76,13 +80,14 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 20] = [
+    pub const ALL: [SkipReason; 21] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
         SkipReason::EmptyImage,
         SkipReason::MissingImage,
         SkipReason::NotAFile,
+        SkipReason::AbsolutePath,
         SkipReason::MissingCaption,
         SkipReason::MissingImageId,
         SkipReason::BadLabel,

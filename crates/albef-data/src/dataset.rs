@@ -3,16 +3,16 @@
 //! serves `albef train`, the workers and (for the index) the coordinator.
 
 use crate::bad::SkipCounts;
-use crate::index::{DatasetIndex, INDEX_FILE};
+use crate::index::{DatasetIndex, INDEX_FILE, SourceKind};
 use crate::loader::{Loader, LoaderOptions, RowNeeds};
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
-use crate::sources::TarOptions;
+use crate::sources::{TarOptions, annotation_image, annotation_image_root, parse_annotations, path_rewrites};
 use crate::store::{Location, expand_braces, folder_of_source};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::transform::TrainTransform;
 use albef_config::AlbefConfig;
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::runtime::Handle;
@@ -94,6 +94,7 @@ pub struct Dataset {
     pub tokenizer: Arc<Tokenizer>,
     pub skips: Arc<SkipCounts>,
     image_root: String,
+    path_rewrite: Vec<(String, String)>,
     /// What the task needs of each row besides image and text (it sets this after opening).
     pub needs: RowNeeds,
 }
@@ -110,6 +111,8 @@ impl Dataset {
         // this run's skip summary when the index is built here.
         let skips = Arc::new(SkipCounts::default());
         let index = open_index(&index_loc, &sources, handle, &skips)?;
+        let path_rewrite = path_rewrites(&d.path_rewrite)?;
+        check_image_paths(&index, &d.image_root, &path_rewrite, handle)?;
         let tokenizer_loc = if d.tokenizer.is_empty() { folder.join(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
         let tokenizer = load_tokenizer(&tokenizer_loc, handle)?
             .with_options(TokenizerOptions { max_tokens: d.max_tokens, add_sep: d.add_sep })?;
@@ -119,6 +122,7 @@ impl Dataset {
             tokenizer: Arc::new(tokenizer),
             skips,
             image_root: d.image_root.clone(),
+            path_rewrite,
             needs: RowNeeds::default(),
         })
     }
@@ -156,12 +160,45 @@ impl Dataset {
             augment: Some(train_transform(cfg)),
             tar: TarOptions::from_config(d),
             image_root: self.image_root.clone(),
+            path_rewrite: self.path_rewrite.clone(),
             max_words: d.max_words,
             seed: cfg.train.seed,
             needs: self.needs.clone(),
         };
         Loader::start(self.index.clone(), plan, from, opts, self.tokenizer.clone(), handle.clone(), self.skips.clone())
     }
+}
+
+/// Fails when the image-path rule refuses every entry of a dataset of annotation files: the run
+/// would skip every step. Annotation files are read until one entry passes (the first, in a
+/// dataset that works).
+fn check_image_paths(
+    index: &DatasetIndex,
+    image_root: &str,
+    rewrites: &[(String, String)],
+    handle: &Handle,
+) -> Result<()> {
+    if index.sources.iter().any(|s| s.kind == SourceKind::WebDataset) {
+        return Ok(());
+    }
+    let (mut refused, mut example) = (0, None);
+    for source in &index.sources {
+        let bytes = handle.block_on(Location::open(&source.url)?.read_all())?;
+        let root = Location::open(&annotation_image_root(&source.url, image_root))?;
+        // Malformed entries are counted once, by the loader.
+        for a in parse_annotations(&bytes, &source.url, &SkipCounts::default())?.into_iter().flatten() {
+            let Err(why) = annotation_image(&root, &a.image, rewrites) else { return Ok(()) };
+            example.get_or_insert(why);
+            refused += 1;
+        }
+    }
+    let Some(example) = example else { return Ok(()) };
+    bail!(
+        "all {refused} entries would be skipped as absolute_path (e.g. {example}): the reference's annotation files \
+         name the authors' paths; set data.path_rewrite to map their prefix to your copy (e.g. --set \
+         'data.path_rewrite=[/export/share/datasets/vision/coco/images/=coco/]'), or data.image_root to the \
+         folder those absolute paths lie under"
+    )
 }
 
 /// Reads a vocabulary or tokenizer.json from any store (the tokenizers crate reads files).

@@ -13,7 +13,8 @@ use crate::index::{DatasetIndex, SourceKind};
 use crate::plan::RankPlan;
 use crate::rng::SplitMix64;
 use crate::sources::{
-    Annotation, Record, TarOptions, annotation_image_root, image_index, parse_annotations, read_tar_samples,
+    Annotation, Record, TarOptions, annotation_image, annotation_image_root, image_index, parse_annotations,
+    read_tar_samples,
 };
 use crate::store::{Location, NotAFile};
 use crate::tokenizer::Tokenizer;
@@ -40,6 +41,9 @@ pub struct LoaderOptions {
     pub tar: TarOptions,
     /// Root that annotation-file image paths are relative to.
     pub image_root: String,
+    /// Prefix replacements of annotation image paths, applied before the root
+    /// (`data.path_rewrite`, parsed by [`crate::sources::path_rewrites`]).
+    pub path_rewrite: Vec<(String, String)>,
     pub max_words: usize,
     pub seed: u64,
     /// What each row carries besides its image and text, as the task asks.
@@ -301,11 +305,15 @@ fn read_annotation_range(
             }
             continue; // bad entries were counted when the file was parsed
         };
-        let image = root.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|r| {
-            let loc = r.join(&a.image);
-            handle.block_on(loc.read_all())
-        });
-        match image {
+        let loc = match root.as_ref().map(|r| annotation_image(r, &a.image, &opts.path_rewrite)) {
+            Ok(Ok(loc)) => Ok(loc),
+            Ok(Err(outside)) => {
+                skips.record(SkipReason::AbsolutePath, url, &a.image, &outside);
+                continue;
+            }
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        match loc.and_then(|loc| handle.block_on(loc.read_all())) {
             Ok(bytes) => {
                 let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
                 let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());

@@ -13,7 +13,9 @@
 use crate::bad::{SkipCounts, SkipExample, SkipReason};
 use crate::index::{DatasetIndex, INDEX_FILE, INDEX_VERSION, SourceEntry, SourceKind};
 use crate::loader::{skip_reason, unread_image_reason};
-use crate::sources::{IMAGE_EXTENSIONS, annotation_image_root, is_junk_member, parse_annotations, scan_tar, split_key};
+use crate::sources::{
+    IMAGE_EXTENSIONS, annotation_image, annotation_image_root, is_junk_member, parse_annotations, scan_tar, split_key,
+};
 use crate::store::Location;
 use crate::synth::tar_append;
 use crate::transform::{decode_rgb, resize_view};
@@ -188,16 +190,19 @@ fn annotation_rows(files: &[String], image_root: &str, handle: &Handle, skips: &
         let root = Location::open(&annotation_image_root(file, image_root))?;
         let source: Arc<str> = file.as_str().into();
         for (i, entry) in parse_annotations(&bytes, file, skips)?.into_iter().enumerate() {
-            rows.push(match entry {
-                Some(a) => Ok(Pair {
+            // The loader's image-path rule (with no rewrites: prepare takes none).
+            let image = entry.as_ref().map(|a| annotation_image(&root, &a.image, &[]));
+            rows.push(match (entry, image) {
+                (Some(a), Some(Ok(image))) => Ok(Pair {
                     source: source.clone(),
-                    image: root.join(&a.image),
+                    image,
                     name: a.image,
                     captions: Captions::Given(a.captions),
                     image_id: a.image_id,
                     label: a.label,
                 }),
-                None => Err(Dropped {
+                (Some(a), Some(Err(outside))) => Err(Dropped::new(SkipReason::AbsolutePath, file, &a.image, &outside)),
+                _ => Err(Dropped {
                     recorded: true,
                     ..Dropped::new(SkipReason::BadAnnotation, file, &format!("#{i}"), "")
                 }),

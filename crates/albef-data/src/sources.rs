@@ -4,10 +4,12 @@
 //! can name `(source, sample range)`; a bad sample keeps its ordinal and is skipped and counted.
 
 use crate::bad::{SkipCounts, SkipReason};
+use crate::store::{Location, local_path};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::ops::{ControlFlow, Range};
+use std::path::Path;
 
 pub(crate) const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
@@ -400,6 +402,40 @@ pub fn annotation_image_root(url: &str, image_root: &str) -> String {
     }
 }
 
+/// `data.path_rewrite` parsed: each item `prefix=replacement` (the first `=` splits it).
+pub fn path_rewrites(items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|item| match item.split_once('=') {
+            Some((from, to)) if !from.is_empty() => Ok((from.to_string(), to.to_string())),
+            _ => bail!("data.path_rewrite item {item:?}: expected prefix=replacement"),
+        })
+        .collect()
+}
+
+/// Where an annotation's image is: `image` with the first matching prefix of `rewrites`
+/// replaced, then below `root`. An absolute path lying under a local root is read from there;
+/// any other is refused with why (`absolute_path`): the reference's files name the authors'
+/// machines, and joined below the root such a path would only be missing.
+pub fn annotation_image(
+    root: &Location,
+    image: &str,
+    rewrites: &[(String, String)],
+) -> std::result::Result<Location, String> {
+    let image = match rewrites.iter().find(|(from, _)| image.starts_with(from.as_str())) {
+        Some((from, to)) => format!("{to}{}", &image[from.len()..]),
+        None => image.to_string(),
+    };
+    if !image.starts_with('/') {
+        return Ok(root.join(&image));
+    }
+    let root_path = local_path(&root.url).and_then(|r| std::path::absolute(r).ok());
+    match root_path.as_ref().and_then(|r| Path::new(&image).strip_prefix(r).ok()) {
+        Some(below) => Ok(root.join(&below.to_string_lossy())),
+        None => Err(format!("{image} is an absolute path outside the image root {}", root.url)),
+    }
+}
+
 /// Parses an annotation file. The file must be a JSON list; an entry of the wrong shape stays
 /// in place as `None` (its ordinal is kept) and is counted.
 pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result<Vec<Option<Annotation>>> {
@@ -622,6 +658,23 @@ mod tests {
         assert_eq!(skips.get(SkipReason::BadAnnotation), 2);
         assert!(parse_annotations(br#"{"image": "a"}"#, "x.json", &skips).is_err());
         assert!(parse_annotations(b"[", "y.json", &skips).unwrap_err().to_string().contains("y.json"));
+    }
+
+    #[test]
+    fn image_paths_are_rewritten_then_found_below_the_root() {
+        let rewrites = path_rewrites(&["/export/coco/=coco/".into(), "/export/=other/".into()]).unwrap();
+        let root = Location::open("/data/sets").unwrap();
+        let at = |image: &str| annotation_image(&root, image, &rewrites).map(|l| l.url);
+        assert_eq!(at("/export/coco/a.jpg").unwrap(), "/data/sets/coco/a.jpg", "the first matching prefix");
+        assert_eq!(at("/export/vg/b.jpg").unwrap(), "/data/sets/other/vg/b.jpg");
+        assert_eq!(at("c/d.jpg").unwrap(), "/data/sets/c/d.jpg");
+        assert_eq!(at("/data/sets/e.jpg").unwrap(), "/data/sets/e.jpg", "absolute, under the root");
+        assert!(at("/data/setsx/e.jpg").unwrap_err().contains("outside the image root /data/sets"));
+        let s3 = Location::open("s3://bucket/sets").unwrap();
+        assert!(annotation_image(&s3, "/data/sets/e.jpg", &[]).is_err(), "no local path is under a bucket");
+        let err = path_rewrites(&["no-equals".into()]).unwrap_err().to_string();
+        assert!(err.contains("data.path_rewrite") && err.contains("prefix=replacement"), "{err}");
+        assert!(path_rewrites(&["=x".into()]).is_err(), "an empty prefix would match everything");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The data path end to end on generated and deliberately broken datasets: index, plan, loader.
 
 use albef_data::bad::{SkipCounts, SkipReason};
+use albef_data::dataset::Dataset;
 use albef_data::index::DatasetIndex;
 use albef_data::loader::{Loader, LoaderOptions, RowNeeds};
 use albef_data::plan::{PlanSpec, plan_rank};
@@ -33,6 +34,7 @@ fn options(threads: usize) -> LoaderOptions {
         augment: Some(TrainTransform { res: 32, ..TrainTransform::default() }),
         tar: TarOptions::default(),
         image_root: String::new(),
+        path_rewrite: vec![],
         max_words: 30,
         seed: 9,
         needs: Default::default(),
@@ -415,4 +417,45 @@ fn a_fifo_named_as_an_image_is_counted_never_opened() {
     assert_eq!(skips.get(SkipReason::NotAFile), 1, "{}", skips.summary());
     assert_eq!(skips.total(), 1, "{}", skips.summary());
     assert!(skips.examples()[0].detail.contains("named pipe"), "{:?}", skips.examples());
+}
+
+/// The reference's annotation files name the authors' absolute paths: without data.path_rewrite
+/// every row is skipped as absolute_path (not missing_image) and the dataset is refused at start,
+/// naming the setting; with it every row loads.
+#[test]
+fn the_reference_absolute_paths_load_with_path_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = reference_annotations(dir.path())["absolute"].as_u64().unwrap();
+    let vocab = albef_data::synth::vocab_tokens().join("\n");
+    std::fs::write(dir.path().join("vocab.txt"), vocab).unwrap();
+    let (d, json) = (dir.path().to_str().unwrap(), dir.path().join("absolute.json"));
+    let image_root = || LoaderOptions { image_root: d.to_string(), ..options(1) };
+    let (delivered, skips) = load_within_deadline(&json, image_root(), runtime());
+    assert_eq!((delivered, skips.get(SkipReason::AbsolutePath)), (0, rows), "{}", skips.summary());
+    assert_eq!(skips.total(), rows, "{}", skips.summary());
+
+    let configured = |rewrite: &str| {
+        let overrides = [
+            format!("data.train_file={}", json.display()),
+            format!("data.image_root={d}"),
+            "train.batch_size_train=2".into(),
+            rewrite.into(),
+        ];
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/small.yaml");
+        let overrides = overrides.into_iter().filter(|o| !o.is_empty()).collect();
+        albef_config::load(&albef_config::ConfigSources { file: Some(config), overrides, environment: false }).unwrap()
+    };
+    let rt = runtime();
+    let err = Dataset::open(&configured(""), dir.path(), rt.handle()).err().expect("refused at start");
+    let err = format!("{err:#}");
+    assert!(err.contains(&format!("all {rows} entries")) && err.contains("absolute_path"), "{err}");
+    assert!(err.contains("data.path_rewrite") && err.contains("data.image_root"), "{err}");
+
+    // The `--set` list syntax, as a user would write it.
+    let cfg = configured("data.path_rewrite=[/export/share/datasets/vision/coco/images/=coco/]");
+    let dataset = Dataset::open(&cfg, dir.path(), rt.handle()).unwrap();
+    let plan = dataset.plan(&cfg, 0, 1, 0).unwrap();
+    let delivered: u64 = dataset.loader(&cfg, plan, 0, 1, rt.handle()).map(|b| b.batch.batch_size as u64).sum();
+    assert_eq!(delivered, rows, "{}", dataset.skips.summary());
+    assert_eq!(dataset.skips.total(), 0, "{}", dataset.skips.summary());
 }

@@ -66,6 +66,7 @@ fn load_all(out: &Path, rt: &tokio::runtime::Runtime) -> (BTreeSet<String>, Arc<
         augment: None,
         tar: TarOptions::default(),
         image_root: String::new(),
+        path_rewrite: vec![],
         max_words: 30,
         seed: 0,
         needs: Default::default(),
