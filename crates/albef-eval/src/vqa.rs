@@ -84,6 +84,21 @@ impl QuestionSplit {
     }
 }
 
+/// The candidate answers' texts: the JSON list of strings at `answer_list` (the reference's
+/// answer_list.json), or where that is "" every human answer of `split`.
+pub fn candidate_answers(answer_list: &str, split: &QuestionSplit, handle: &Handle) -> Result<Vec<String>> {
+    if answer_list.is_empty() {
+        ensure!(
+            split.answered(),
+            "{}: questions without answers; set job.answer_list (the candidate answers)",
+            split.source
+        );
+        return Ok(split.distinct_answers());
+    }
+    let bytes = handle.block_on(Location::open(answer_list)?.read_all())?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{answer_list}: expected a JSON list of answer strings"))
+}
+
 /// The candidate answers, tokenised for the decoder.
 pub struct AnswerList {
     pub texts: Vec<String>,
@@ -106,12 +121,6 @@ impl AnswerList {
             ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             mask: Tensor::from_slice(&mask).view(shape).to_device(device),
         })
-    }
-
-    /// Reads a JSON list of strings (the reference's answer_list.json).
-    pub fn read(url: &str, handle: &Handle) -> Result<Vec<String>> {
-        let bytes = handle.block_on(Location::open(url)?.read_all())?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{url}: expected a JSON list of answer strings"))
     }
 }
 

@@ -13,7 +13,8 @@ use albef_data::dataset::Dataset;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::vqa::{
-    AnswerList, AnswerOptions, QuestionSplit, answer_shard, chosen_answers, split_accuracy, write_results,
+    AnswerList, AnswerOptions, QuestionSplit, answer_shard, candidate_answers, chosen_answers, split_accuracy,
+    write_results,
 };
 use albef_model::TaskModel;
 use albef_model::vqa::AlbefVqa;
@@ -69,18 +70,9 @@ impl VisualQuestionAnswering {
     /// The candidate answers: `job.answer_list`, else every answer of the evaluation split.
     fn candidates(&mut self, model: &AlbefVqa) -> Result<&AnswerList> {
         if self.candidates.is_none() {
-            let texts = match self.cfg.job.answer_list.as_str() {
-                "" => {
-                    let split = self.split(0)?;
-                    ensure!(
-                        split.answered(),
-                        "{}: questions without answers; set job.answer_list (the candidate answers)",
-                        split.source
-                    );
-                    split.distinct_answers()
-                }
-                url => AnswerList::read(url, &self.handle)?,
-            };
+            self.split(0)?;
+            let split = self.splits[0].2.as_ref().expect("read");
+            let texts = candidate_answers(&self.cfg.job.answer_list, split, &self.handle)?;
             self.candidates = Some(AnswerList::new(texts, &self.dataset.tokenizer, model.device())?);
         }
         Ok(self.candidates.as_ref().expect("made above"))

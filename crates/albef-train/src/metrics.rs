@@ -163,7 +163,7 @@ impl StepMetrics {
             ("albef_worker_mfu", Kind::Gauge, "Model FLOPs utilisation of the last step (CUDA, known peak)."),
             ("albef_worker_gpu_memory_bytes", Kind::Gauge, "Device memory (CUDA)."),
             ("albef_worker_nonfinite_steps_total", Kind::Counter, "Steps not applied: non-finite loss."),
-            ("albef_worker_grad_norm", Kind::Gauge, "Global L2 norm of the last step's averaged gradients, before clipping."),
+            ("albef_worker_grad_norm", Kind::Gauge, "Global L2 norm of the last step's gradients, unclipped."),
             ("albef_worker_bad_samples_total", Kind::Counter, "Input samples skipped, by reason."),
         ]);
         if let Some(index) = cuda {

@@ -12,8 +12,13 @@ use albef_eval::metrics::{RetrievalMetrics, chance, table};
 use albef_eval::model::{EvalModel, from_checkpoint, from_pth, from_safetensors, resolve_checkpoint, untrained};
 use albef_eval::retrieval::{EvalOptions, RetrievalResults, Scoring, evaluate};
 use albef_eval::split::{RetrievalSplit, SplitOptions};
+use albef_eval::vqa::{
+    AnswerList, AnswerOptions, QuestionSplit, answer_shard, candidate_answers, chosen_answers, split_accuracy,
+    write_results,
+};
 use albef_model::device;
 use albef_model::ve::{AlbefVe, VE_LABELS};
+use albef_model::vqa::AlbefVqa;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -49,8 +54,9 @@ pub struct ModelArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Retrieval annotation JSON (reference format: image, caption list, image_id), or for an
-    /// SNLI-VE model a labelled one (image, sentence, label). Default (retrieval): the
+    /// Retrieval annotation JSON (reference format: image, caption list, image_id), for an
+    /// SNLI-VE model a labelled one (image, sentence, label), for a VQA model questions
+    /// (question_id, question, image, answers optional). Default (retrieval): the
     /// held-out split of the generated dataset, `<job.run_dir>/data/test.json`.
     #[arg(long)]
     pub data: Option<String>,
@@ -255,6 +261,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(ve) = model.model.as_any().downcast_ref::<AlbefVe>() {
         return run_ve(&args, &model, ve, handle);
     }
+    if let Some(vqa) = model.model.as_any().downcast_ref::<AlbefVqa>() {
+        return run_vqa(&args, &model, vqa, handle);
+    }
     let cfg = &model.cfg;
     let split_url = split_url(args.data.as_deref(), &model, handle)?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&split_url), handle)?;
@@ -368,6 +377,68 @@ fn run_ve(args: &EvalArgs, model: &EvalModel, ve: &AlbefVe, handle: &Handle) -> 
     write_report(&out, &report)?;
     println!("accuracy {:.2}% on {} rows of {url} ({})", report.accuracy, report.rows, model.source);
     println!("report written to {}", out.display());
+    Ok(())
+}
+
+/// What `albef eval` measured of a VQA model.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AnswerReport {
+    pub model: String,
+    pub step: Option<u64>,
+    pub split: String,
+    pub questions: usize,
+    pub candidates: usize,
+    /// The official VQA accuracy in percent, where the split gives the human answers.
+    pub vqa_accuracy: Option<f64>,
+    /// The answers, as the VQA evaluation server takes them.
+    pub answers: String,
+    pub seconds: f64,
+    pub device: String,
+}
+
+/// A VQA model's answers to the questions of --data (rows `{question_id, question, image}`, with
+/// `answer` for the accuracy), from the candidates of the model's `job.answer_list` (else the
+/// split's answers): written beside the report as `<report>.answers.json`.
+fn run_vqa(args: &EvalArgs, model: &EvalModel, vqa: &AlbefVqa, handle: &Handle) -> Result<()> {
+    let started = Instant::now();
+    let url = args.data.as_deref().context("--data: a VQA model answers the questions of a split")?;
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), model, Some(url), handle)?;
+    let cfg = &model.cfg;
+    let opts = SplitOptions {
+        image_root: args.image_root.clone(),
+        max_words: cfg.data.max_words,
+        max_pixels: cfg.data.max_pixels,
+    };
+    let split = QuestionSplit::load(url, &opts, handle)?;
+    let texts = candidate_answers(&cfg.job.answer_list, &split, handle)?;
+    let candidates = AnswerList::new(texts, &tokenizer, model.model.device())?;
+    let answer = AnswerOptions {
+        batch_size: args.model.batch_size,
+        bf16: cfg.train.bf16,
+        k: args.k_test as i64,
+        scoring: cfg.job.answer_scoring,
+    };
+    let chosen = answer_shard(vqa, &split, &tokenizer, &candidates, answer, (0, 1))?;
+    let answers = chosen_answers(&chosen, &candidates)?;
+    let out = args.out.clone().unwrap_or_else(|| default_out(model, args));
+    let answers_file = out.with_extension("answers.json");
+    write_results(&answers_file, &split, &answers)?;
+    let report = AnswerReport {
+        model: model.source.clone(),
+        step: model.step,
+        split: url.to_string(),
+        questions: split.len(),
+        candidates: candidates.texts.len(),
+        vqa_accuracy: split.answered().then(|| split_accuracy(&split, &answers)),
+        answers: answers_file.display().to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+        device: format!("{:?}", model.model.device()),
+    };
+    write_report(&out, &report)?;
+    if let Some(accuracy) = report.vqa_accuracy {
+        println!("VQA accuracy {accuracy:.2}% on {} questions of {url} ({})", report.questions, model.source);
+    }
+    println!("answers written to {}, report to {}", answers_file.display(), out.display());
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Fine-tuning as the service runs it, from one briefly pretrained model: retrieval by a job of
-//! two workers (evaluated after every epoch, the best checkpoint recorded), SNLI-VE in one
-//! process.
+//! two workers (evaluated after every epoch, the best checkpoint recorded), SNLI-VE and VQA (on
+//! the easy-VQA dataset) in one process.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,9 +43,13 @@ fn r_mean(checkpoint: &str, split: &str, report: &Path) -> f64 {
 ///   `albef eval --checkpoint <run>/best` finds it;
 /// - fine-tune SNLI-VE with `albef train` on an entailment set made from the generated captions
 ///   (a picture's own caption entails, another picture's contradicts; one row with an unknown
-///   label): its dev accuracy beats the majority class by far, and the bad row is counted.
+///   label): its dev accuracy beats the majority class by far, and the bad row is counted;
+/// - fine-tune VQA with `albef train` on easy-VQA (a real dataset from PyPI, converted to the
+///   reference's layout by Python; one row without answers): its VQA accuracy on held-out
+///   questions beats the majority answer by far, the bad row is counted, and the evaluation
+///   server's result file lists every question.
 #[test]
-fn fine_tuning_retrieval_and_ve_beats_the_pretrained_model() {
+fn fine_tuning_retrieval_ve_and_vqa_beats_the_pretrained_model() {
     let dir = tempfile::tempdir().unwrap();
     let pre = dir.path().join("pre");
     let (pre_s, run) = (pre.to_str().unwrap(), dir.path().join("run"));
@@ -100,6 +104,7 @@ fn fine_tuning_retrieval_and_ve_beats_the_pretrained_model() {
     assert!(listed.lines().any(|l| l.contains(location) && l.ends_with("best")), "{listed}");
 
     ve(&pre, dir.path());
+    vqa(&pre, dir.path());
 }
 
 /// An entailment set from a generated split: each picture with its first caption (entailment)
@@ -163,4 +168,56 @@ fn ve(pre: &Path, dir: &Path) {
     albef(&args);
     let measured: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert!((measured["accuracy"].as_f64().unwrap() - accuracy).abs() < 1e-6, "{measured}");
+}
+
+fn vqa(pre: &Path, dir: &Path) {
+    let data = dir.join("easy-vqa");
+    let made = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/make_easy_vqa.py"))
+        .args([&data, &PathBuf::from("2000"), &PathBuf::from("400"), &pre.join("data/vocab.txt")])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    let mut train: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(data.join("vqa_train.json")).unwrap()).unwrap();
+    // In place of a good row, so that every row is planned (an epoch is whole batches).
+    *train.last_mut().unwrap() = serde_json::json!({"image": train[0]["image"], "question": "is it?", "answer": []});
+    std::fs::write(data.join("vqa_train.json"), serde_json::to_vec(&train).unwrap()).unwrap();
+    let out = dir.join("vqa");
+    let path = |name: &str| data.join(name).display().to_string();
+    let sets = [
+        "task=vqa".to_string(),
+        format!("model.init_checkpoint={}", pre.join("final/model.safetensors").display()),
+        format!("data.train_file=[{}]", path("vqa_train.json")),
+        format!("data.tokenizer={}", path("vocab.txt")),
+        format!("job.eval_data={}", path("vqa_test.json")),
+        format!("job.answer_list={}", path("answer_list.json")),
+        "job.eval_every_epoch=true".into(),
+        "train.max_steps=500".into(),
+    ];
+    let mut cmd = vec!["train", "--config", "configs/small.yaml", "--out", out.to_str().unwrap()];
+    cmd.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
+    let printed = albef(&cmd);
+    let counted = printed.split("missing_answer: ").nth(1).and_then(|r| r.split(',').next()?.parse::<u64>().ok());
+    assert!(counted.is_some_and(|n| n >= 1), "the row without answers is counted:\n{printed}");
+    let best: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoints/best.json")).unwrap()).unwrap();
+    let (accuracy, majority) = (best["value"].as_f64().unwrap(), made["majority_share"].as_f64().unwrap());
+    println!("easy-VQA accuracy {accuracy:.1}% (best, step {}), majority answer {majority:.1}%", best["step"]);
+    assert_eq!(best["metric"], "vqa_accuracy");
+    assert!(accuracy > majority + 20.0, "VQA accuracy {accuracy:.1}% vs the majority answer {majority:.1}%");
+    let results = out.join(format!("vqa/step-{}.json", best["step"]));
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    assert_eq!(results.len(), 400);
+    assert!(results.iter().all(|r| r["question_id"].is_i64() && r["answer"].is_string()), "{:?}", &results[..2]);
+
+    // albef eval answers as the evaluation during training did.
+    let (best_run, report) = (format!("{}/best", out.display()), dir.join("vqa-eval.json"));
+    albef(&["eval", "--checkpoint", &best_run, "--data", &path("vqa_test.json"), "--out", report.to_str().unwrap()]);
+    let measured: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!((measured["vqa_accuracy"].as_f64().unwrap() - accuracy).abs() < 1e-6, "{measured}");
+    let answers: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(measured["answers"].as_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(answers, results, "the same answers");
 }
