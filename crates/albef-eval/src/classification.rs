@@ -3,13 +3,12 @@
 //! test transform. In a job each rank classifies its share of the rows and the ranks sum the
 //! counts.
 
-use crate::split::{SplitOptions, decode_images, read_images};
+use crate::split::{EvalBatch, SplitOptions, rank_batches, read_images};
 use albef_data::bad::SkipCounts;
 use albef_data::pre_caption;
 use albef_data::sources::parse_annotations;
 use albef_data::store::{Location, parent_of};
 use albef_data::tokenizer::Tokenizer;
-use albef_model::Batch;
 use albef_model::device::with_autocast;
 use albef_model::ve::AlbefVe;
 use anyhow::{Context, Result, ensure};
@@ -71,24 +70,17 @@ pub fn accuracy_shard(
 ) -> Result<Tensor> {
     let dev = albef_model::TaskModel::device(model);
     let res = albef_model::TaskModel::config(model).image_res as usize;
-    let (mut correct, mut rows) = (0i64, 0i64);
-    let starts = (0..split.len()).step_by(batch_size.max(1)).skip(rank).step_by(world.max(1));
-    for start in starts {
-        let end = (start + batch_size).min(split.len());
-        let n = (end - start) as i64;
-        let pixels = decode_images(&split.images[start..end], &split.image_keys[start..end], res, split.max_pixels, 1)?;
-        let image = Tensor::from_slice(&pixels).view([n, 3, res as i64, res as i64]).to_device(dev);
-        let refs: Vec<&str> = split.texts[start..end].iter().map(String::as_str).collect();
-        let (ids, mask, len) = tokenizer.encode_batch(&refs);
-        let ids = Tensor::from_slice(&ids).view([n, len as i64]).to_device(dev);
-        let mask = Tensor::from_slice(&mask).view([n, len as i64]).to_device(dev);
-        let batch = Batch::new(&image, &ids, &mask);
-        let predicted = tch::no_grad(|| with_autocast(dev, bf16, || model.predict(&batch))).argmax(1, false);
-        let truth = Tensor::from_slice(&split.labels[start..end]).to_device(dev);
+    let (mut correct, mut classified) = (0i64, 0i64);
+    for rows in rank_batches(split.len(), batch_size, (rank, world)) {
+        let r = rows.clone();
+        let loaded = (&split.images[r.clone()], &split.image_keys[r.clone()], &split.texts[r.clone()]);
+        let b = EvalBatch::load(loaded, (res, split.max_pixels), tokenizer, dev)?;
+        let predicted = tch::no_grad(|| with_autocast(dev, bf16, || model.predict(&b.batch()))).argmax(1, false);
+        let truth = Tensor::from_slice(&split.labels[r]).to_device(dev);
         correct += predicted.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
-        rows += n;
+        classified += rows.len() as i64;
     }
-    Ok(Tensor::from_slice(&[correct as f32, rows as f32]).to_device(dev))
+    Ok(Tensor::from_slice(&[correct as f32, classified as f32]).to_device(dev))
 }
 
 /// Accuracy in percent from summed (correct, rows).

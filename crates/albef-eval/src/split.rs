@@ -111,6 +111,50 @@ impl RetrievalSplit {
     }
 }
 
+/// The row ranges of rank `rank`'s share of `rows` rows in batches of `batch_size`: every
+/// `world`-th batch.
+pub fn rank_batches(
+    rows: usize,
+    batch_size: usize,
+    (rank, world): (usize, usize),
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let b = batch_size.max(1);
+    (0..rows).step_by(b).skip(rank).step_by(world.max(1)).map(move |start| start..(start + b).min(rows))
+}
+
+/// Rows of a split as the model reads them, on its device: images (n, 3, res, res) with the test
+/// transform, texts tokenised and padded.
+pub struct EvalBatch {
+    pub image: tch::Tensor,
+    pub ids: tch::Tensor,
+    pub mask: tch::Tensor,
+}
+
+impl EvalBatch {
+    /// The encoded `images` (named `keys`, for errors) and `texts` of some rows.
+    pub fn load(
+        (images, keys, texts): (&[Bytes], &[String], &[String]),
+        (res, max_pixels): (usize, u64),
+        tokenizer: &Tokenizer,
+        device: tch::Device,
+    ) -> Result<Self> {
+        let n = images.len() as i64;
+        let pixels = decode_images(images, keys, res, max_pixels, 1)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (ids, mask, len) = tokenizer.encode_batch(&refs);
+        let res = res as i64;
+        Ok(EvalBatch {
+            image: tch::Tensor::from_slice(&pixels).view([n, 3, res, res]).to_device(device),
+            ids: tch::Tensor::from_slice(&ids).view([n, len as i64]).to_device(device),
+            mask: tch::Tensor::from_slice(&mask).view([n, len as i64]).to_device(device),
+        })
+    }
+
+    pub fn batch(&self) -> albef_model::Batch<'_> {
+        albef_model::Batch::new(&self.image, &self.ids, &self.mask)
+    }
+}
+
 /// Reads the images `keys` name under `root`, 16 at a time.
 pub fn read_images(root: &Location, keys: &[String], handle: &Handle) -> Result<Vec<Bytes>> {
     handle.block_on(async {

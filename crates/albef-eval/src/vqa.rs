@@ -6,16 +6,16 @@
 //! accuracy is computed ([`vqa_accuracy`]). In a job each rank answers its share of the
 //! questions and the ranks sum the answer indexes.
 
-use crate::split::{SplitOptions, decode_images, read_images};
+use crate::split::{EvalBatch, SplitOptions, rank_batches, read_images};
 use albef_config::AnswerScoring;
 use albef_data::bad::SkipCounts;
 use albef_data::pre_caption;
 use albef_data::sources::parse_annotations;
 use albef_data::store::{Location, parent_of};
 use albef_data::tokenizer::Tokenizer;
+use albef_model::TaskModel;
 use albef_model::device::with_autocast;
 use albef_model::vqa::AlbefVqa;
-use albef_model::{Batch, TaskModel};
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
@@ -148,24 +148,16 @@ pub fn answer_shard(
     let dev = model.device();
     let res = model.config().image_res as usize;
     let mut chosen = vec![0f32; split.len()];
-    let starts = (0..split.len()).step_by(opts.batch_size.max(1)).skip(rank).step_by(world.max(1));
-    for start in starts {
-        let end = (start + opts.batch_size.max(1)).min(split.len());
-        let n = (end - start) as i64;
-        let pixels = decode_images(&split.images[start..end], &split.image_keys[start..end], res, split.max_pixels, 1)?;
-        let image = Tensor::from_slice(&pixels).view([n, 3, res as i64, res as i64]).to_device(dev);
-        let refs: Vec<&str> = split.questions[start..end].iter().map(String::as_str).collect();
-        let (ids, mask, len) = tokenizer.encode_batch(&refs);
-        let ids = Tensor::from_slice(&ids).view([n, len as i64]).to_device(dev);
-        let mask = Tensor::from_slice(&mask).view([n, len as i64]).to_device(dev);
-        let batch = Batch::new(&image, &ids, &mask);
+    for rows in rank_batches(split.len(), opts.batch_size, (rank, world)) {
+        let r = rows.clone();
+        let loaded = (&split.images[r.clone()], &split.image_keys[r.clone()], &split.questions[r]);
+        let b = EvalBatch::load(loaded, (res, split.max_pixels), tokenizer, dev)?;
+        let (ids, mask) = (&candidates.ids, &candidates.mask);
         let best = tch::no_grad(|| {
-            with_autocast(dev, opts.bf16, || {
-                model.answer(&batch, &candidates.ids, &candidates.mask, opts.k, opts.scoring)
-            })
+            with_autocast(dev, opts.bf16, || model.answer(&b.batch(), ids, mask, opts.k, opts.scoring))
         });
         let best = Vec::<i64>::try_from(best.to_device(Device::Cpu).to_kind(Kind::Int64))?;
-        for (slot, b) in chosen[start..end].iter_mut().zip(best) {
+        for (slot, b) in chosen[rows].iter_mut().zip(best) {
             *slot = (b + 1) as f32;
         }
     }

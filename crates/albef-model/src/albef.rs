@@ -236,10 +236,8 @@ impl Albef {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, Albef, Vec<crate::weights::LoadReport>)> {
-        tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(device);
-        let model = Albef::new(&vs, cfg, task)?;
-        let reports = crate::momentum::initialise(&vs, cfg, &model.momentum)?;
+        let (vs, model, reports) =
+            crate::momentum::fresh(cfg, seed, device, |vs| Albef::new(vs, cfg, task), |m| &m.momentum)?;
         model.reload_buffers();
         Ok((vs, model, reports))
     }

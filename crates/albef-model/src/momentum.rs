@@ -52,6 +52,23 @@ impl MomentumPairs {
     }
 }
 
+/// A new model as every rank of a job builds it: `seed` fixes the initial weights (so ranks
+/// agree without a broadcast), `new` builds it in a fresh store, then it is initialised (see
+/// [`initialise`]); with the load reports.
+pub(crate) fn fresh<M>(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: tch::Device,
+    new: impl FnOnce(&nn::VarStore) -> Result<M>,
+    pairs: impl FnOnce(&M) -> &MomentumPairs,
+) -> Result<(nn::VarStore, M, Vec<LoadReport>)> {
+    tch::manual_seed(seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = new(&vs)?;
+    let reports = initialise(&vs, cfg, pairs(&model))?;
+    Ok((vs, model, reports))
+}
+
 /// Initialises a new model as the reference does before training: the configured pretrained
 /// encoders (`text_encoder_checkpoint`, `visual_encoder_checkpoint`), the momentum copies from
 /// the online weights, then the whole model of `init_checkpoint`.

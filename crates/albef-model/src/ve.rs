@@ -89,11 +89,7 @@ impl AlbefVe {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, AlbefVe, Vec<crate::weights::LoadReport>)> {
-        tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(device);
-        let model = AlbefVe::new(&vs, cfg)?;
-        let reports = crate::momentum::initialise(&vs, cfg, &model.momentum)?;
-        Ok((vs, model, reports))
+        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVe::new(vs, cfg), |m| &m.momentum)
     }
 
     /// Class logits (B, 3) of the online model, in evaluation mode (no dropout).

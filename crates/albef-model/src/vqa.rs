@@ -124,11 +124,7 @@ impl AlbefVqa {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, AlbefVqa, Vec<crate::weights::LoadReport>)> {
-        tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(device);
-        let model = AlbefVqa::new(&vs, cfg)?;
-        let reports = crate::momentum::initialise(&vs, cfg, &model.momentum)?;
-        Ok((vs, model, reports))
+        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVqa::new(vs, cfg), |m| &m.momentum)
     }
 
     /// The best of the candidate answers (`answer_ids`, `answer_mask`: (N, La), each `[CLS]`
