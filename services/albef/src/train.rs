@@ -69,7 +69,14 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let best = handle.block_on(albef_checkpoint::best::read(&run))?;
     let (best_value, best_location) = (best.as_ref().map(|b| b.value), best.map(|b| b.location));
     let (run_loc, final_loc, h) = (run.clone(), final_dir.clone(), handle.clone());
-    let sink = LocalCheckpoints { run: run_loc, final_dir: final_loc, handle: h, steps_per_epoch, best: best_location };
+    let sink = LocalCheckpoints {
+        run: run_loc,
+        final_dir: final_loc,
+        handle: h,
+        steps_per_epoch,
+        last_step: total_steps,
+        best: best_location,
+    };
     let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
     let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)), best_value);
     let stop = stop_on_signals(&handle);
@@ -211,6 +218,8 @@ struct LocalCheckpoints {
     final_dir: Location,
     handle: Handle,
     steps_per_epoch: u64,
+    /// The run's last step: its state goes to `final`.
+    last_step: u64,
     /// The best checkpoint's folder (kept whatever else is removed).
     best: Option<String>,
 }
@@ -218,8 +227,11 @@ struct LocalCheckpoints {
 impl CheckpointSink for LocalCheckpoints {
     fn save(&mut self, trainer: &Trainer, why: SaveReason, best: Option<&Evaluation>) -> Result<()> {
         let step = trainer.state().step;
+        // Whichever save takes the last step's state puts it in `final` (a periodic one at the
+        // last step leaves the loop's final save nothing to do).
         let dir = match why {
             SaveReason::Finished => self.final_dir.clone(),
+            _ if step == self.last_step => self.final_dir.clone(),
             _ => albef_checkpoint::folder(&self.run, step),
         };
         albef_train::checkpoint::save(trainer, &dir, 1, self.steps_per_epoch, &self.handle)?;

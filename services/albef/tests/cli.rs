@@ -294,7 +294,8 @@ fn hostile_shards_are_reported_skipped_and_never_crash_training() {
 
 /// Ctrl-C during `albef train` checkpoints the step it reached; the same command resumes there,
 /// and the run ends with the weights and optimiser state of an uninterrupted run, bit for bit.
-/// Progress lines tell the time (elapsed, ETA).
+/// Progress lines tell the time (elapsed, ETA). Checkpoints every 8 of 24 steps: the last step's
+/// periodic save is the final state, `<out>/final`.
 #[test]
 fn an_interrupted_albef_train_resumes_and_ends_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,7 +303,7 @@ fn an_interrupted_albef_train_resumes_and_ends_as_an_uninterrupted_run() {
     let args = |out: &Path| -> Vec<String> {
         let mut a: Vec<String> = ["train", "--config", "configs/small.yaml", "--out"].map(String::from).to_vec();
         a.push(out.to_str().unwrap().to_string());
-        for s in ["train.max_steps=24", "train.log_every=1", "job.checkpoint_every=10", "data.synth_train=128"] {
+        for s in ["train.max_steps=24", "train.log_every=1", "job.checkpoint_every=8", "data.synth_train=128"] {
             a.extend(["--set".to_string(), s.to_string()]);
         }
         // The same threads in every run: the sums are then the same.
