@@ -7,7 +7,7 @@ use crate::split::{EvalBatch, SplitOptions, rank_batches, read_images};
 use albef_data::bad::SkipCounts;
 use albef_data::pre_caption;
 use albef_data::sources::parse_annotations;
-use albef_data::store::{Location, parent_of};
+use albef_data::store::Location;
 use albef_data::tokenizer::Tokenizer;
 use albef_model::device::with_autocast;
 use albef_model::ve::AlbefVe;
@@ -35,7 +35,7 @@ impl LabelledSplit {
         let skips = SkipCounts::default();
         let entries = parse_annotations(&bytes, url, &skips)?;
         ensure!(skips.total() == 0, "{url}: rows that are not annotations: {}", skips.summary());
-        let root = Location::open(&opts.image_root.clone().unwrap_or_else(|| parent_of(url)))?;
+        let root = opts.root_of(url)?;
         let (mut image_keys, mut texts, mut labels) = (vec![], vec![], vec![]);
         for (i, e) in entries.into_iter().flatten().enumerate() {
             let label = e.label.as_deref().unwrap_or("none");
@@ -46,7 +46,7 @@ impl LabelledSplit {
             labels.push(class as i64);
         }
         ensure!(!labels.is_empty(), "{url} lists no rows");
-        let images = read_images(&root, &image_keys, handle)?;
+        let images = read_images(&root, &image_keys, opts, handle)?;
         Ok(LabelledSplit { source: url.to_string(), image_keys, images, texts, labels, max_pixels: opts.max_pixels })
     }
 

@@ -8,7 +8,7 @@ use crate::metrics::GroundTruth;
 use albef_data::bad::SkipCounts;
 use albef_data::batch::normalize_rgb;
 use albef_data::pre_caption;
-use albef_data::sources::parse_annotations;
+use albef_data::sources::{annotation_image, parse_annotations, path_rewrites};
 use albef_data::store::{Location, parent_of};
 use albef_data::tokenizer::Tokenizer;
 use albef_data::transform::{decode_rgb, resize_exact};
@@ -22,6 +22,8 @@ use tokio::runtime::Handle;
 pub struct SplitOptions {
     /// Root of the annotation's image paths; None: the annotation file's directory.
     pub image_root: Option<String>,
+    /// Prefix replacements of the image paths, applied before the root (`data.path_rewrite`).
+    pub path_rewrite: Vec<(String, String)>,
     /// Words kept by pre_caption.
     pub max_words: usize,
     /// Images whose header declares more pixels are refused.
@@ -30,7 +32,25 @@ pub struct SplitOptions {
 
 impl Default for SplitOptions {
     fn default() -> Self {
-        SplitOptions { image_root: None, max_words: 30, max_pixels: 89_478_485 }
+        SplitOptions { image_root: None, path_rewrite: vec![], max_words: 30, max_pixels: 89_478_485 }
+    }
+}
+
+impl SplitOptions {
+    /// A split read as the training data is: `data.image_root` (unless `image_root` overrides
+    /// it; neither: the split's folder), `data.path_rewrite`, the caption and pixel limits.
+    pub fn for_data(d: &albef_config::DataConfig, image_root: Option<String>) -> Result<Self> {
+        Ok(SplitOptions {
+            image_root: image_root.or_else(|| (!d.image_root.is_empty()).then(|| d.image_root.clone())),
+            path_rewrite: path_rewrites(&d.path_rewrite)?,
+            max_words: d.max_words,
+            max_pixels: d.max_pixels,
+        })
+    }
+
+    /// Where the image paths of the annotation file `url` start.
+    pub fn root_of(&self, url: &str) -> Result<Location> {
+        Location::open(&self.image_root.clone().unwrap_or_else(|| parent_of(url)))
     }
 }
 
@@ -62,7 +82,7 @@ impl RetrievalSplit {
         }
         ensure!(!entries.is_empty(), "{url} lists no images");
         let entries: Vec<_> = entries.into_iter().flatten().collect();
-        let root = Location::open(&opts.image_root.clone().unwrap_or_else(|| parent_of(url)))?;
+        let root = opts.root_of(url)?;
 
         let mut texts = vec![];
         let mut counts = vec![];
@@ -79,7 +99,7 @@ impl RetrievalSplit {
         let truth = GroundTruth::consecutive(&counts)?;
 
         let image_keys: Vec<String> = entries.iter().map(|e| e.image.clone()).collect();
-        let images = read_images(&root, &image_keys, handle)?;
+        let images = read_images(&root, &image_keys, opts, handle)?;
 
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let (input_ids, attention_mask, seq_len) = tokenizer.encode_batch(&refs);
@@ -155,18 +175,24 @@ impl EvalBatch {
     }
 }
 
-/// Reads the images `keys` name under `root`, 16 at a time.
-pub fn read_images(root: &Location, keys: &[String], handle: &Handle) -> Result<Vec<Bytes>> {
+/// Reads the images `keys` name under `root` (after `opts.path_rewrite`), 16 at a time.
+pub fn read_images(root: &Location, keys: &[String], opts: &SplitOptions, handle: &Handle) -> Result<Vec<Bytes>> {
+    let locations = keys
+        .iter()
+        .map(|k| annotation_image(root, k, &opts.path_rewrite))
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .map_err(|why| {
+            anyhow::anyhow!(
+                "{why} (data.path_rewrite maps such paths, e.g. /export/share/datasets/vision/coco/images/=coco/)"
+            )
+        })?;
     handle.block_on(async {
-        futures::stream::iter(keys.iter().map(|k| {
-            let loc = root.join(k);
-            async move { loc.read_all().await }
-        }))
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>>>()
+        futures::stream::iter(locations.into_iter().map(|loc| async move { loc.read_all().await }))
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
     })
 }
 

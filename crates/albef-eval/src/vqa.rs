@@ -11,7 +11,7 @@ use albef_config::AnswerScoring;
 use albef_data::bad::SkipCounts;
 use albef_data::pre_caption;
 use albef_data::sources::parse_annotations;
-use albef_data::store::{Location, parent_of};
+use albef_data::store::Location;
 use albef_data::tokenizer::Tokenizer;
 use albef_model::TaskModel;
 use albef_model::device::with_autocast;
@@ -42,7 +42,7 @@ impl QuestionSplit {
         let skips = SkipCounts::default();
         let entries = parse_annotations(&bytes, url, &skips)?;
         ensure!(skips.total() == 0, "{url}: rows that are not questions: {}", skips.summary());
-        let root = Location::open(&opts.image_root.clone().unwrap_or_else(|| parent_of(url)))?;
+        let root = opts.root_of(url)?;
         let mut split = QuestionSplit {
             source: url.to_string(),
             question_ids: vec![],
@@ -59,7 +59,7 @@ impl QuestionSplit {
             split.human_answers.push(e.answers);
         }
         ensure!(!split.questions.is_empty(), "{url} lists no questions");
-        split.images = read_images(&root, &split.image_keys, handle)?;
+        split.images = read_images(&root, &split.image_keys, opts, handle)?;
         Ok(split)
     }
 

@@ -194,3 +194,28 @@ fn text_embeddings_round_trip_with_their_captions() {
     let feats = extract_features(m.albef().unwrap(), &f.split, &opts(1)).unwrap();
     assert!(feats.text_feat.allclose(&e, 1e-5, 1e-5, false));
 }
+
+/// An evaluation split in the reference's style, its images named by the authors' absolute
+/// paths, reads as the training data does: refused with the setting that fixes it, then read
+/// through `data.path_rewrite`.
+#[test]
+fn evaluation_splits_take_the_path_rewrites_of_the_training_data() {
+    let f = fixture(3);
+    let dir = f._dir.path();
+    let url = dir.join(TEST_JSON);
+    let mut rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&url).unwrap()).unwrap();
+    for r in &mut rows {
+        r["image"] = format!("/export/share/datasets/vision/coco/images/{}", r["image"].as_str().unwrap()).into();
+    }
+    let reference = dir.join("reference_style.json");
+    std::fs::write(&reference, serde_json::to_vec(&rows).unwrap()).unwrap();
+    let (url, rt) = (reference.to_str().unwrap(), tokio::runtime::Runtime::new().unwrap());
+    let mut data = config().data;
+    let err = RetrievalSplit::load(url, &f.tokenizer, &SplitOptions::for_data(&data, None).unwrap(), rt.handle())
+        .err()
+        .expect("an absolute path outside the root is refused");
+    assert!(format!("{err:#}").contains("data.path_rewrite"), "{err:#}");
+    data.path_rewrite = vec!["/export/share/datasets/vision/coco/images/=".into()];
+    let split = RetrievalSplit::load(url, &f.tokenizer, &SplitOptions::for_data(&data, None).unwrap(), rt.handle());
+    assert_eq!(split.unwrap().num_images(), 3);
+}

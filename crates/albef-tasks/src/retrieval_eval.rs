@@ -54,7 +54,7 @@ impl RetrievalEval {
                 )
             };
             let d = &self.cfg.data;
-            let opts = SplitOptions { image_root: None, max_words: d.max_words, max_pixels: d.max_pixels };
+            let opts = SplitOptions::for_data(d, None)?;
             let read = RetrievalSplit::load(url, &self.tokenizer, &opts, &self.handle)
                 .with_context(|| format!("loading the retrieval split {url}"))?;
             *split = Some(read);

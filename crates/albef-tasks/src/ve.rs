@@ -47,7 +47,7 @@ impl VisualEntailment {
         if split.is_none() {
             ensure!(!url.is_empty(), "evaluating SNLI-VE needs job.eval_data (a labelled annotation file)");
             let d = &self.cfg.data;
-            let opts = SplitOptions { image_root: None, max_words: d.max_words, max_pixels: d.max_pixels };
+            let opts = SplitOptions::for_data(d, None)?;
             let read = LabelledSplit::load(url, &VE_LABELS, &opts, &self.handle)
                 .with_context(|| format!("loading the SNLI-VE split {url}"))?;
             *split = Some(read);

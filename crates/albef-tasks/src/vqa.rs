@@ -59,7 +59,7 @@ impl VisualQuestionAnswering {
         if split.is_none() {
             ensure!(!url.is_empty(), "evaluating VQA needs job.eval_data (a question annotation file)");
             let d = &self.cfg.data;
-            let opts = SplitOptions { image_root: None, max_words: d.max_words, max_pixels: d.max_pixels };
+            let opts = SplitOptions::for_data(d, None)?;
             let read = QuestionSplit::load(url, &opts, &self.handle)
                 .with_context(|| format!("loading the VQA split {url}"))?;
             *split = Some(read);

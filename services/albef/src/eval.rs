@@ -60,7 +60,7 @@ pub struct EvalArgs {
     /// held-out split of the generated dataset, `<job.run_dir>/data/test.json`.
     #[arg(long)]
     pub data: Option<String>,
-    /// Root of the split's image paths (default: the split's directory).
+    /// Root of the split's image paths (default: the model's data.image_root, else the split's directory).
     #[arg(long)]
     pub image_root: Option<String>,
     /// Candidates per query re-ranked by ITM.
@@ -267,11 +267,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let cfg = &model.cfg;
     let split_url = split_url(args.data.as_deref(), &model, handle)?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&split_url), handle)?;
-    let split_opts = SplitOptions {
-        image_root: args.image_root.clone(),
-        max_words: cfg.data.max_words,
-        max_pixels: cfg.data.max_pixels,
-    };
+    let split_opts = SplitOptions::for_data(&cfg.data, args.image_root.clone())?;
     let split = RetrievalSplit::load(&split_url, &tokenizer, &split_opts, handle)?;
     let opts = EvalOptions {
         k_test: args.k_test,
@@ -361,7 +357,7 @@ fn run_ve(args: &EvalArgs, model: &EvalModel, ve: &AlbefVe, handle: &Handle) -> 
     let url = args.data.as_deref().context("--data: an SNLI-VE model is evaluated on a labelled split")?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), model, Some(url), handle)?;
     let d = &model.cfg.data;
-    let opts = SplitOptions { image_root: args.image_root.clone(), max_words: d.max_words, max_pixels: d.max_pixels };
+    let opts = SplitOptions::for_data(d, args.image_root.clone())?;
     let split = LabelledSplit::load(url, &VE_LABELS, &opts, handle)?;
     let counts = accuracy_shard(ve, &split, &tokenizer, (args.model.batch_size, model.cfg.train.bf16), (0, 1))?;
     let report = AccuracyReport {
@@ -404,11 +400,7 @@ fn run_vqa(args: &EvalArgs, model: &EvalModel, vqa: &AlbefVqa, handle: &Handle) 
     let url = args.data.as_deref().context("--data: a VQA model answers the questions of a split")?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), model, Some(url), handle)?;
     let cfg = &model.cfg;
-    let opts = SplitOptions {
-        image_root: args.image_root.clone(),
-        max_words: cfg.data.max_words,
-        max_pixels: cfg.data.max_pixels,
-    };
+    let opts = SplitOptions::for_data(&cfg.data, args.image_root.clone())?;
     let split = QuestionSplit::load(url, &opts, handle)?;
     let texts = candidate_answers(&cfg.job.answer_list, &split, handle)?;
     let candidates = AnswerList::new(texts, &tokenizer, model.model.device())?;
