@@ -151,19 +151,23 @@ impl SkipCounts {
     pub fn record(&self, reason: SkipReason, shard: &str, key: &str, detail: &str) {
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         *c.by_reason.entry(reason).or_default() += 1;
-        let logged = c.logged.entry((shard.to_string(), reason)).or_default();
+        // Keys, details (and shard names from a listing) come from the input: only clipped
+        // copies are logged or kept, whatever their size or control characters.
+        let clipped = || SkipExample {
+            reason: reason.as_str().to_string(),
+            source: clip(shard, EXAMPLE_FIELD_BYTES),
+            key: clip(key, EXAMPLE_FIELD_BYTES),
+            detail: clip(detail, EXAMPLE_FIELD_BYTES),
+        };
+        let logged = c.logged.entry((clip(shard, EXAMPLE_FIELD_BYTES), reason)).or_default();
         if *logged < LOGGED_PER_SHARD {
             *logged += 1;
-            tracing::warn!(shard, key, reason = reason.as_str(), detail, "skipped bad input");
+            let e = clipped();
+            tracing::warn!(shard = e.source, key = e.key, reason = e.reason, detail = e.detail, "skipped bad input");
         }
         let examples = c.examples.entry(reason).or_default();
         if examples.len() < EXAMPLES_PER_REASON {
-            examples.push(SkipExample {
-                reason: reason.as_str().to_string(),
-                source: clip(shard, EXAMPLE_FIELD_BYTES),
-                key: clip(key, EXAMPLE_FIELD_BYTES),
-                detail: clip(detail, EXAMPLE_FIELD_BYTES),
-            });
+            examples.push(clipped());
         }
     }
 
@@ -242,6 +246,33 @@ mod tests {
             summary,
             "  corrupt_image: 5, e.g. s0.tar k0 (bad); s0.tar k1 (bad); s0.tar k2 (bad)\n  empty_caption: 1, e.g. s1.tar k\n"
         );
+    }
+
+    /// The skip warning logs clipped, flattened fields, never the input's own (a 1 MB key with
+    /// escape sequences and newlines).
+    #[test]
+    fn the_warning_logs_only_clipped_fields() {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let key = format!("\u{1b}[31m{}\nforged line", "k".repeat(1 << 20));
+        tracing::subscriber::with_default(subscriber, || {
+            SkipCounts::default().record(SkipReason::CorruptImage, "s.tar", &key, &"d\n".repeat(1000));
+        });
+        let log = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("skipped bad input") && log.len() < 2000, "{} bytes logged", log.len());
+        assert!(!log.contains('\u{1b}') && log.lines().count() == 1, "{log}");
     }
 
     #[test]
