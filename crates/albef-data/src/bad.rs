@@ -36,6 +36,9 @@ pub enum SkipReason {
     MissingAnswer,
     EmptyCaption,
     InvalidUtf8,
+    /// A tar member name that is not UTF-8: its sample is told apart by the raw bytes, never
+    /// merged with another whose name decodes alike, and skipped.
+    NonUtf8Key,
     BadAnnotation,
     BadJson,
     /// A tar member declares more bytes than `data.max_member_mb`.
@@ -68,6 +71,7 @@ impl SkipReason {
             SkipReason::MissingAnswer => "missing_answer",
             SkipReason::EmptyCaption => "empty_caption",
             SkipReason::InvalidUtf8 => "invalid_utf8",
+            SkipReason::NonUtf8Key => "non_utf8_key",
             SkipReason::BadAnnotation => "bad_annotation",
             SkipReason::BadJson => "bad_json",
             SkipReason::OversizedMember => "oversized_member",
@@ -80,7 +84,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 21] = [
+    pub const ALL: [SkipReason; 22] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -94,6 +98,7 @@ impl SkipReason {
         SkipReason::MissingAnswer,
         SkipReason::EmptyCaption,
         SkipReason::InvalidUtf8,
+        SkipReason::NonUtf8Key,
         SkipReason::BadAnnotation,
         SkipReason::BadJson,
         SkipReason::OversizedMember,

@@ -120,7 +120,9 @@ impl Default for TarOptions {
 /// The members of one sample as found in the tar.
 #[derive(Default)]
 struct Members {
+    /// The key as shown (lossy where the name is not UTF-8); `raw_key` tells samples apart.
     key: String,
+    raw_key: Vec<u8>,
     image: Option<Vec<u8>>,
     txt: Option<Vec<u8>>,
     json: Option<Vec<u8>>,
@@ -151,16 +153,17 @@ impl TarScan {
     }
 }
 
-/// Splits `dir/name.ext.more` into (`dir/name`, `ext.more`), WebDataset's key rule.
+/// The length of a member name's key, WebDataset's rule: up to the first `.` of its last path
+/// component. On the raw bytes, so that names that are not UTF-8 keep apart.
+fn key_len(path: &[u8]) -> usize {
+    let base = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    path[base..].iter().position(|&b| b == b'.').map_or(path.len(), |i| base + i)
+}
+
+/// Splits `dir/name.ext.more` into (`dir/name`, `ext.more`, lower case), WebDataset's key rule.
 pub(crate) fn split_key(path: &str) -> (String, String) {
-    let (dir, base) = match path.rsplit_once('/') {
-        Some((d, b)) => (format!("{d}/"), b),
-        None => (String::new(), path),
-    };
-    match base.split_once('.') {
-        Some((stem, ext)) => (format!("{dir}{stem}"), ext.to_ascii_lowercase()),
-        None => (format!("{dir}{base}"), String::new()),
-    }
+    let n = key_len(path.as_bytes());
+    (path[..n].to_string(), path.get(n + 1..).unwrap_or("").to_ascii_lowercase())
 }
 
 /// Files that archivers on macOS and Windows add beside the real ones: AppleDouble `._name`
@@ -231,17 +234,16 @@ fn read_tar(
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let path = match entry.path() {
-            Ok(p) => p.to_string_lossy().into_owned(),
-            Err(_) => continue,
-        };
+        let raw = entry.path_bytes().into_owned();
+        let path = String::from_utf8_lossy(&raw).into_owned();
         if is_junk_member(&path) {
             scan.junk.push(path);
             continue;
         }
         let (key, ext) = split_key(&path);
+        let raw_key = raw[..key_len(&raw)].to_vec();
         let offset = entry.raw_header_position();
-        if current.as_ref().is_none_or(|m| m.key != key) {
+        if current.as_ref().is_none_or(|m| m.raw_key != raw_key) {
             if let Some(done) = current.take()
                 && on_sample(ordinal(&scan), done).is_break()
             {
@@ -249,7 +251,7 @@ fn read_tar(
             }
             scan.samples += 1;
             scan.offsets.push(offset);
-            current = Some(Members { key, ..Default::default() });
+            current = Some(Members { key, raw_key, ..Default::default() });
         }
         let Some(options) = options else { continue };
         let m = current.as_mut().expect("a group is open");
@@ -336,6 +338,9 @@ type Rejection = (SkipReason, String, String);
 fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record, Rejection> {
     let key = m.key;
     let reject = |reason, detail: &str| Err((reason, key.clone(), detail.to_string()));
+    if std::str::from_utf8(&m.raw_key).is_err() {
+        return reject(SkipReason::NonUtf8Key, "the member name is not UTF-8");
+    }
     if let Some((name, size)) = m.oversized {
         return reject(SkipReason::OversizedMember, &format!("{name} declares {size} bytes"));
     }
@@ -527,6 +532,39 @@ mod tests {
         let mut again = vec![];
         read_tar_samples(&tar[from..], "s.tar", 4, 4..5, &TarOptions::default(), &skips, |o, r| again.push((o, r.key)));
         assert_eq!(again, vec![(4, "d/004".to_string())]);
+    }
+
+    /// Two samples whose names are not UTF-8 and decode alike (`x\u{FFFD}`) stay two samples, both
+    /// skipped as `non_utf8_key`; none takes the other's caption.
+    #[test]
+    fn keys_that_are_not_utf8_are_told_apart_by_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = tar::Builder::new(Vec::new());
+        let files: [(&[u8], &[u8]); 6] = [
+            (b"d/x\xfe.jpg", b"img0"),
+            (b"d/x\xfe.txt", b"a cat"),
+            (b"d/x\xff.jpg", b"img1"),
+            (b"d/x\xff.txt", b"a dog"),
+            (b"d/y.jpg", b"img2"),
+            (b"d/y.txt", b"a bird"),
+        ];
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, std::ffi::OsStr::from_bytes(name), data).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let skips = SkipCounts::default();
+        let mut got = vec![];
+        let scan =
+            read_tar_samples(&tar[..], "s.tar", 0, 0..3, &TarOptions::default(), &skips, |o, r| got.push((o, r)));
+        assert_eq!(scan.samples, 3);
+        assert_eq!(
+            got.iter().map(|(o, r)| (*o, r.key.as_str(), r.captions[0].as_str())).collect::<Vec<_>>(),
+            [(2, "d/y", "a bird")]
+        );
+        assert_eq!(skips.get(SkipReason::NonUtf8Key), 2);
     }
 
     #[test]
