@@ -246,7 +246,9 @@ fn folder_rows(dir: &str) -> Result<Vec<Row>> {
                 image_id: None,
                 label: None,
             }),
-            (None, _) => Err(Dropped::new(SkipReason::MissingImage, dir, &key, "no .jpg/.jpeg/.png/.webp file")),
+            (None, _) => {
+                Err(Dropped::new(SkipReason::MissingImage, dir, &key, "no .jpg/.jpeg/.png/.webp/.gif/.bmp file"))
+            }
             (Some(_), None) => Err(Dropped::new(SkipReason::MissingCaption, dir, &key, "no .txt file")),
         });
     }

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::ops::{ControlFlow, Range};
 use std::path::Path;
 
-pub(crate) const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+pub(crate) const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
 
 /// A sample ready for decoding: image bytes and its captions (one is sampled per fetch).
 #[derive(Clone, Debug, PartialEq)]
@@ -344,7 +344,9 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     if let Some((name, size)) = m.oversized {
         return reject(SkipReason::OversizedMember, &format!("{name} declares {size} bytes"));
     }
-    let Some(image) = m.image else { return reject(SkipReason::MissingImage, "no .jpg/.jpeg/.png/.webp member") };
+    let Some(image) = m.image else {
+        return reject(SkipReason::MissingImage, "no .jpg/.jpeg/.png/.webp/.gif/.bmp member");
+    };
     // A bad .json member matters only where the caption comes from it (a missing image id is
     // counted as such by a task that needs one).
     let meta = m.json.as_ref().map(|json| serde_json::from_slice::<serde_json::Value>(json));
