@@ -16,7 +16,7 @@ use crate::sources::{
     Annotation, Record, TarOptions, annotation_image, annotation_image_root, image_index, parse_annotations,
     read_tar_samples,
 };
-use crate::store::{Location, NotAFile};
+use crate::store::{Location, NotAFile, Oversized};
 use crate::tokenizer::Tokenizer;
 use crate::transform::{TrainTransform, decode_rgb, resize_exact};
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -313,7 +313,8 @@ fn read_annotation_range(
             }
             Err(e) => Err(anyhow::anyhow!("{e:#}")),
         };
-        match loc.and_then(|loc| handle.block_on(loc.read_all())) {
+        // An image file is held to the member limit of tar shards (`data.max_member_mb`).
+        match loc.and_then(|loc| handle.block_on(loc.read_at_most(opts.tar.max_member_bytes))) {
             Ok(bytes) => {
                 let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
                 let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());
@@ -408,9 +409,12 @@ pub fn sample_rng(seed: u64, epoch: u64, global_id: u64) -> SplitMix64 {
 
 /// Why an image file could not be read: a path that is no regular file is refused unopened.
 pub(crate) fn unread_image_reason(e: &anyhow::Error) -> SkipReason {
-    match e.downcast_ref::<NotAFile>() {
-        Some(_) => SkipReason::NotAFile,
-        None => SkipReason::MissingImage,
+    if e.downcast_ref::<NotAFile>().is_some() {
+        SkipReason::NotAFile
+    } else if e.downcast_ref::<Oversized>().is_some() {
+        SkipReason::OversizedMember
+    } else {
+        SkipReason::MissingImage
     }
 }
 

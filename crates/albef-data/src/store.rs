@@ -45,6 +45,22 @@ impl std::fmt::Display for NotAFile {
 
 impl std::error::Error for NotAFile {}
 
+/// An object larger than a reader accepts, known from its metadata before any byte is read.
+#[derive(Debug)]
+pub struct Oversized {
+    pub url: String,
+    pub size: u64,
+    pub max_bytes: u64,
+}
+
+impl std::fmt::Display for Oversized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} holds {} bytes, more than the {} accepted", self.url, self.size, self.max_bytes)
+    }
+}
+
+impl std::error::Error for Oversized {}
+
 /// An object (or prefix) in a store, with the URL it was opened from for messages.
 #[derive(Clone, Debug)]
 pub struct Location {
@@ -112,9 +128,19 @@ impl Location {
     }
 
     pub async fn read_all(&self) -> Result<bytes::Bytes> {
+        self.read_at_most(u64::MAX).await
+    }
+
+    /// The whole object, unless its metadata says it holds more than `max_bytes`: then an
+    /// [`Oversized`] error, before any of its bytes is read.
+    pub async fn read_at_most(&self, max_bytes: u64) -> Result<bytes::Bytes> {
         self.check_regular_file()?;
         let get =
             self.store.get(&self.path).await.map_err(StoreError).with_context(|| format!("reading {}", self.url))?;
+        let size = get.meta.size;
+        if size > max_bytes {
+            return Err(Oversized { url: self.url.clone(), size, max_bytes }.into());
+        }
         get.bytes().await.map_err(StoreError).with_context(|| format!("reading {}", self.url))
     }
 

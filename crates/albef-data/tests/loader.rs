@@ -419,6 +419,31 @@ fn a_fifo_named_as_an_image_is_counted_never_opened() {
     assert!(skips.examples()[0].detail.contains("named pipe"), "{:?}", skips.examples());
 }
 
+/// An image file named by an annotation is held to `data.max_member_mb` as a tar member is: a
+/// larger one is counted as oversized_member from its size, never read (it would have decoded:
+/// what follows a JPEG's end is ignored).
+#[test]
+fn an_annotation_image_over_the_member_limit_is_counted_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    reference_annotations(dir.path());
+    let small = std::fs::read_dir(dir.path().join("coco/train2014")).unwrap().next().unwrap().unwrap().path();
+    let mut big = std::fs::read(&small).unwrap();
+    big.resize(2 << 20, 0);
+    std::fs::write(dir.path().join("big.jpg"), &big).unwrap();
+    let small = small.strip_prefix(dir.path()).unwrap().to_str().unwrap();
+    let rows = serde_json::json!([
+        {"image": "big.jpg", "caption": "a big picture"},
+        {"image": small, "caption": "a small picture"},
+    ]);
+    let json = dir.path().join("big.json");
+    std::fs::write(&json, rows.to_string()).unwrap();
+    let mut opts = options(1);
+    opts.tar.max_member_bytes = 1 << 20;
+    let (delivered, skips) = load_within_deadline(&json, opts, runtime());
+    assert_eq!((delivered, skips.get(SkipReason::OversizedMember), skips.total()), (1, 1, 1), "{}", skips.summary());
+    assert!(skips.examples()[0].detail.contains("2097152 bytes"), "{:?}", skips.examples());
+}
+
 /// The reference's annotation files name the authors' absolute paths: without data.path_rewrite
 /// every row is skipped as absolute_path (not missing_image) and the dataset is refused at start,
 /// naming the setting; with it every row loads.
