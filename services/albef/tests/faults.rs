@@ -570,9 +570,14 @@ fn a_straggler_is_named_evicted_and_the_job_finishes_without_it() {
     assert_eq!(world, ["w0", "w1"], "the world formed again without w2\n{}", job.logs());
     job.finish(false);
     let coordinator = job.logs_of("albef-coordinator");
-    let named: Vec<&str> = coordinator.lines().filter(|l| l.contains("straggler: a step takes")).collect();
+    // Only w2's lines count: in the world of two that follows, a rank held up by the other tests
+    // on the same two cores may be named too (and is not evicted: min_workers).
+    let named: Vec<&str> = coordinator
+        .lines()
+        .filter(|l| l.contains("straggler: a step takes") && l.contains("\"worker\":\"w2\""))
+        .collect();
     assert!(
-        named.len() == 1 && named[0].contains("w2") && named[0].contains("it waits on compute"),
+        named.len() == 1 && named[0].contains("it waits on compute"),
         "one line names w2, waiting on compute: {named:?}\n{coordinator}"
     );
     assert!(coordinator.contains("straggler evicted: worker w2"), "{coordinator}");
