@@ -88,8 +88,8 @@ pub trait TaskModel: Send {
     fn device(&self) -> Device;
 
     /// Opens a step, whatever the number of its micro-batches (pretraining clamps the
-    /// temperature here).
-    fn begin_step(&self);
+    /// temperature here; the other tasks do nothing).
+    fn begin_step(&self) {}
 
     /// The EMA of the momentum weights toward the online ones, once per step.
     fn momentum_update(&self);
@@ -108,15 +108,18 @@ pub trait TaskModel: Send {
         alpha: f64,
     ) -> Result<Losses>;
 
-    /// Ends a step that is applied: its rows go into the queues, once.
-    fn end_step(&self, step: &StepFeatures);
+    /// Ends a step that is applied: its rows go into the queues, once (a model without queues
+    /// does nothing).
+    fn end_step(&self, _step: &StepFeatures) {}
 
     /// Re-reads what the model keeps on the host after its tensors were loaded (the queue
-    /// pointer).
-    fn reload_buffers(&self);
+    /// pointer; nothing for a model without queues).
+    fn reload_buffers(&self) {}
 
     /// The learned temperature, where the model has one (read without waiting for the device).
-    fn temp_tensor(&self) -> Option<Tensor>;
+    fn temp_tensor(&self) -> Option<Tensor> {
+        None
+    }
 
     /// The concrete model, for the task that built it (its evaluation) and for tests.
     fn as_any(&self) -> &dyn std::any::Any;

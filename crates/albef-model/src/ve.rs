@@ -107,8 +107,6 @@ impl TaskModel for AlbefVe {
         self.device
     }
 
-    fn begin_step(&self) {}
-
     fn momentum_update(&self) {
         self.momentum.update(self.cfg.momentum);
     }
@@ -135,14 +133,6 @@ impl TaskModel for AlbefVe {
         let distill =
             -(logits.log_softmax(1, Kind::Float) * soft).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
         Ok(Losses(vec![("ve", ce * (1.0 - alpha) + distill * alpha)]))
-    }
-
-    fn end_step(&self, _: &StepFeatures) {}
-
-    fn reload_buffers(&self) {}
-
-    fn temp_tensor(&self) -> Option<Tensor> {
-        None
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

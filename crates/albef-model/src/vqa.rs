@@ -171,8 +171,6 @@ impl TaskModel for AlbefVqa {
         self.device
     }
 
-    fn begin_step(&self) {}
-
     fn momentum_update(&self) {
         self.momentum.update(self.cfg.momentum);
     }
@@ -216,14 +214,6 @@ impl TaskModel for AlbefVqa {
         let per_answer_loss = nll * (1.0 - alpha) + distill.sum_dim_intlist(1, false, Kind::Float) * alpha;
         let questions = batch.image.size()[0] as f64;
         Ok(Losses(vec![("vqa", (per_answer_loss * a.weights).sum(Kind::Float) / questions)]))
-    }
-
-    fn end_step(&self, _: &StepFeatures) {}
-
-    fn reload_buffers(&self) {}
-
-    fn temp_tensor(&self) -> Option<Tensor> {
-        None
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
