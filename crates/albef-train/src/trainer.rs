@@ -66,6 +66,33 @@ fn clock(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// A step's values read back from the device in one copy: per micro-batch each named loss
+/// then the total, the gradient norm, and the temperature where the model has one.
+struct ReadBack {
+    /// Each named loss and the total, as the mean over the micro-batches.
+    losses: Vec<(&'static str, f64)>,
+    loss: f64,
+    micro_losses: Vec<f64>,
+    grad_norm: f64,
+    temp: Option<f64>,
+}
+
+impl ReadBack {
+    fn parse(values: &[f64], names: &[&'static str], micro: usize, has_temp: bool) -> Self {
+        let (values, temp) = values.split_at(values.len() - usize::from(has_temp));
+        let (per_micro, grad_norm) = values.split_at(values.len() - 1);
+        let width = names.len() + 1;
+        let mean = |i: usize| per_micro.iter().skip(i).step_by(width).sum::<f64>() / micro as f64;
+        ReadBack {
+            losses: names.iter().enumerate().map(|(i, name)| (*name, mean(i))).collect(),
+            loss: mean(names.len()),
+            micro_losses: per_micro.iter().skip(names.len()).step_by(width).copied().collect(),
+            grad_norm: grad_norm[0],
+            temp: temp.first().copied(),
+        }
+    }
+}
+
 /// How a step ended; every rank of the world has the same outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepOutcome {
@@ -355,23 +382,17 @@ impl Trainer {
         let temp = self.model.temp_tensor();
         readback.extend(temp.iter().map(|t| t.to_kind(Kind::Double)));
         let values = Vec::<f64>::try_from(Tensor::stack(&readback, 0).to_device(Device::Cpu))?;
-        let (values, temp) = values.split_at(values.len() - usize::from(temp.is_some()));
-        let (per_micro, grad_norm) = values.split_at(values.len() - 1);
-        // Per micro-batch: each named loss, then the total.
-        let width = names.len() + 1;
-        let mean = |i: usize| per_micro.iter().skip(i).step_by(width).sum::<f64>() / micro.len() as f64;
-        let losses = names.iter().enumerate().map(|(i, name)| (*name, mean(i))).collect();
-        let micro_losses = per_micro.iter().skip(names.len()).step_by(width).copied().collect();
+        let r = ReadBack::parse(&values, &names, micro.len(), temp.is_some());
         Ok(StepStats {
             step: s.step,
             epoch: s.epoch,
-            losses,
-            loss: mean(names.len()),
-            micro_losses,
-            grad_norm: grad_norm[0],
+            losses: r.losses,
+            loss: r.loss,
+            micro_losses: r.micro_losses,
+            grad_norm: r.grad_norm,
             lr,
             alpha,
-            temp: temp.first().copied(),
+            temp: r.temp,
             forward_seconds,
             backward_seconds,
             communication_seconds: communication.waited_seconds,
