@@ -23,16 +23,30 @@ impl AttentionBlock {
     fn new(s: &Scope, c: &BertConfig, kv_width: i64) -> Self {
         let init = Init::Normal(c.initializer_range);
         let h = c.hidden_size;
+        let key = Linear::new(&s.sub("self").sub("key"), kv_width, h, init);
+        let value = Linear::new(&s.sub("self").sub("value"), kv_width, h, init);
+        Self::with_key_value(s, c, key, value)
+    }
+
+    fn with_key_value(s: &Scope, c: &BertConfig, key: Linear, value: Linear) -> Self {
+        let init = Init::Normal(c.initializer_range);
+        let h = c.hidden_size;
         AttentionBlock {
             query: Linear::new(&s.sub("self").sub("query"), h, h, init),
-            key: Linear::new(&s.sub("self").sub("key"), kv_width, h, init),
-            value: Linear::new(&s.sub("self").sub("value"), kv_width, h, init),
+            key,
+            value,
             dense: Linear::new(&s.sub("output").sub("dense"), h, h, init),
             norm: LayerNorm::new(&s.sub("output").sub("LayerNorm"), h, c.layer_norm_eps),
             heads: c.num_attention_heads,
             attn_dropout: c.attention_probs_dropout_prob,
             hidden_dropout: c.hidden_dropout_prob,
         }
+    }
+
+    /// A cross-attention whose key and value projections are `other`'s (NLVR2's pairs of
+    /// blocks); its query and output are its own, under `s`.
+    fn sharing_key_value(s: &Scope, c: &BertConfig, other: &AttentionBlock) -> Self {
+        Self::with_key_value(s, c, other.key.shared(), other.value.shared())
     }
 
     fn forward(&self, x: &Tensor, kv: &Tensor, keep: Option<&Tensor>, train: bool) -> Tensor {
@@ -56,10 +70,14 @@ struct Layer {
 
 impl Layer {
     fn new(s: &Scope, c: &BertConfig, cross: bool) -> Self {
+        Self::with_cross(s, c, cross.then(|| AttentionBlock::new(&s.sub("crossattention"), c, c.encoder_width)))
+    }
+
+    fn with_cross(s: &Scope, c: &BertConfig, crossattention: Option<AttentionBlock>) -> Self {
         let init = Init::Normal(c.initializer_range);
         Layer {
             attention: AttentionBlock::new(&s.sub("attention"), c, c.hidden_size),
-            crossattention: cross.then(|| AttentionBlock::new(&s.sub("crossattention"), c, c.encoder_width)),
+            crossattention,
             intermediate: Linear::new(&s.sub("intermediate").sub("dense"), c.hidden_size, c.intermediate_size, init),
             output: Linear::new(&s.sub("output").sub("dense"), c.intermediate_size, c.hidden_size, init),
             output_norm: LayerNorm::new(&s.sub("output").sub("LayerNorm"), c.hidden_size, c.layer_norm_eps),
@@ -131,6 +149,26 @@ impl BertModel {
         }
     }
 
+    /// NLVR2's text encoder (the reference's model_nlvr.py): the text layers of `c`, then each
+    /// fusion layer of `c` as a pair of blocks, the first cross-attending to image 0, the second
+    /// to image 1, with the key and value projections of their cross-attention shared. Layer
+    /// `fusion_layer + i` of a `c`-shaped checkpoint becomes blocks `fusion_layer + 2i` and
+    /// `fusion_layer + 2i + 1`; the shared projections are held under the second block's names
+    /// (the parameters the reference keeps when it ties them).
+    pub fn new_paired(s: &Scope, c: &BertConfig) -> Self {
+        let mut model = BertModel::new(s, &BertConfig { num_hidden_layers: c.fusion_layer, ..c.clone() });
+        let layer = |i: i64| s.sub("encoder").sub("layer").sub(i);
+        for pair in 0..c.num_hidden_layers - c.fusion_layer {
+            let (first, second) = (c.fusion_layer + 2 * pair, c.fusion_layer + 2 * pair + 1);
+            let second = Layer::new(&layer(second), c, true);
+            let tied = second.crossattention.as_ref().expect("a fusion block cross-attends");
+            let cross = AttentionBlock::sharing_key_value(&layer(first).sub("crossattention"), c, tied);
+            model.layers.push(Layer::with_cross(&layer(first), c, Some(cross)));
+            model.layers.push(second);
+        }
+        model
+    }
+
     pub fn word_embeddings(&self) -> &Tensor {
         &self.word_embeddings.weight
     }
@@ -156,15 +194,29 @@ impl BertModel {
         image: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        self.forward_images(mode, input, attention_mask, image.as_slice(), train)
+    }
+
+    /// [`BertModel::forward`] with the fusion layers reading `images` in turn (layer
+    /// `fusion_layer + i` reads image `i % images.len()`: NLVR2's pairs of blocks).
+    pub fn forward_images(
+        &self,
+        mode: Mode,
+        input: &Tensor,
+        attention_mask: &Tensor,
+        images: &[&Tensor],
+        train: bool,
+    ) -> Tensor {
         let keep = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
         let (mut x, range) = match mode {
             Mode::Text => (self.embed(input, train), 0..self.fusion_layer),
             Mode::Fusion => (input.shallow_clone(), self.fusion_layer..self.layers.len()),
             Mode::MultiModal => (self.embed(input, train), 0..self.layers.len()),
         };
-        for layer in &self.layers[range] {
+        for i in range {
             // Every image token is valid: no mask on the cross-attention.
-            x = layer.forward(&x, &keep, image.map(|i| (i, None)), train);
+            let image = (i >= self.fusion_layer).then(|| images.get((i - self.fusion_layer) % images.len().max(1)));
+            x = self.layers[i].forward(&x, &keep, image.flatten().map(|t| (*t, None)), train);
         }
         x
     }

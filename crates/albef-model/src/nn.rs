@@ -94,6 +94,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, Some(&self.bias))
     }
+
+    /// The same parameters, used in a second place (their gradients add up).
+    pub fn shared(&self) -> Linear {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone() }
+    }
 }
 
 #[derive(Debug)]
