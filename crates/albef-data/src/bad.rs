@@ -43,6 +43,9 @@ pub enum SkipReason {
     BadJson,
     /// A tar member declares more bytes than `data.max_member_mb`.
     OversizedMember,
+    /// A tar member's header extension (a GNU long name or link, a PAX header) is longer than
+    /// the reader keeps (`tar_entries::MAX_NAME_BYTES`, `MAX_PAX_BYTES`).
+    OversizedHeader,
     /// A macOS or Windows leftover (`._x`, `.DS_Store`, `__MACOSX/`, `Thumbs.db`): not a sample
     /// (counted by the index, per member).
     JunkMember,
@@ -75,6 +78,7 @@ impl SkipReason {
             SkipReason::BadAnnotation => "bad_annotation",
             SkipReason::BadJson => "bad_json",
             SkipReason::OversizedMember => "oversized_member",
+            SkipReason::OversizedHeader => "oversized_header",
             SkipReason::JunkMember => "junk_member",
             SkipReason::TruncatedShard => "truncated_shard",
             SkipReason::UnreadableShard => "unreadable_shard",
@@ -84,7 +88,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 22] = [
+    pub const ALL: [SkipReason; 23] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -102,6 +106,7 @@ impl SkipReason {
         SkipReason::BadAnnotation,
         SkipReason::BadJson,
         SkipReason::OversizedMember,
+        SkipReason::OversizedHeader,
         SkipReason::JunkMember,
         SkipReason::TruncatedShard,
         SkipReason::UnreadableShard,

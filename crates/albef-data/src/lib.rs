@@ -48,6 +48,7 @@ pub mod run_lock;
 pub mod sources;
 pub mod store;
 pub mod synth;
+pub mod tar_entries;
 pub mod tokenizer;
 pub mod transform;
 

@@ -5,6 +5,7 @@
 
 use crate::bad::{SkipCounts, SkipReason};
 use crate::store::{Location, local_path};
+use crate::tar_entries::TarEntries;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -128,6 +129,8 @@ struct Members {
     json: Option<Vec<u8>>,
     /// A member that was too large to read: (name, declared size).
     oversized: Option<(String, u64)>,
+    /// A member whose header extension (long name, PAX records) was over its bound.
+    oversized_header: Option<String>,
 }
 
 /// What a tar read saw.
@@ -202,7 +205,8 @@ fn decompressed<'a>(mut reader: impl Read + 'a) -> (Box<dyn Read + 'a>, bool) {
 /// (non-zero when the stream starts at an indexed offset); `on_sample(ordinal, members)` may stop
 /// the read early.
 /// With `options` None only headers are read (indexing). No allocation is sized from a header:
-/// members above `max_member_bytes` are passed over unread.
+/// members above `max_member_bytes` are passed over unread, header extensions are bounded
+/// ([`crate::tar_entries`]).
 fn read_tar(
     reader: impl Read,
     first: u64,
@@ -210,20 +214,14 @@ fn read_tar(
     mut on_sample: impl FnMut(u64, Members) -> ControlFlow<()>,
 ) -> TarScan {
     let (reader, gzip) = decompressed(reader);
-    let mut archive = tar::Archive::new(reader);
+    let mut entries = TarEntries::new(reader);
     let mut scan = TarScan { gzip, ..TarScan::default() };
-    let entries = match archive.entries() {
-        Ok(entries) => entries,
-        Err(e) => {
-            scan.error = Some(e.to_string());
-            return scan;
-        }
-    };
     let mut current: Option<Members> = None;
     let ordinal = |scan: &TarScan| first + scan.samples - 1;
-    for entry in entries {
-        let mut entry = match entry {
-            Ok(e) => e,
+    loop {
+        let entry = match entries.next_entry() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
             Err(e) => {
                 // A corrupt or cut header: every member of the open sample was read whole, so
                 // it is complete as far as this shard goes (the index counted it too).
@@ -231,18 +229,20 @@ fn read_tar(
                 break;
             }
         };
-        if !entry.header().entry_type().is_file() {
+        if !entry.is_file {
             continue;
         }
-        let raw = entry.path_bytes().into_owned();
-        let path = String::from_utf8_lossy(&raw).into_owned();
-        if is_junk_member(&path) {
+        let path = String::from_utf8_lossy(&entry.path).into_owned();
+        if entry.oversized_header.is_none() && is_junk_member(&path) {
             scan.junk.push(path);
             continue;
         }
         let (key, ext) = split_key(&path);
-        let raw_key = raw[..key_len(&raw)].to_vec();
-        let offset = entry.raw_header_position();
+        let mut raw_key = entry.path[..key_len(&entry.path)].to_vec();
+        if entry.oversized_header.is_some() {
+            // A NUL, which no tar name holds: the kept part of a name never joins a whole one.
+            raw_key.push(0);
+        }
         if current.as_ref().is_none_or(|m| m.raw_key != raw_key) {
             if let Some(done) = current.take()
                 && on_sample(ordinal(&scan), done).is_break()
@@ -250,14 +250,18 @@ fn read_tar(
                 return scan;
             }
             scan.samples += 1;
-            scan.offsets.push(offset);
+            scan.offsets.push(entry.header_pos);
             current = Some(Members { key, raw_key, ..Default::default() });
         }
         let Some(options) = options else { continue };
         let m = current.as_mut().expect("a group is open");
-        let size = entry.size();
+        if let Some(what) = entry.oversized_header {
+            m.oversized_header.get_or_insert(what);
+            continue;
+        }
+        let size = entry.size;
         if size > options.max_member_bytes {
-            // Left unread: the archive skips its declared size (or finds the stream too short).
+            // Left unread: the next entry is found past its declared size (or the stream ends).
             m.oversized.get_or_insert((path, size));
             continue;
         }
@@ -267,14 +271,14 @@ fn read_tar(
         }
         // Grown by what is actually there, never reserved from the declared size alone.
         let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
-        // A short read is no error to the archive: the stream ended inside this member, so the
-        // open sample is incomplete and is not delivered.
-        match entry.read_to_end(&mut data) {
+        // A short read: the stream ended inside this member, so the open sample is incomplete
+        // and is not delivered.
+        match entries.read_data(&mut data, size) {
             Err(e) => {
                 scan.error = Some(format!("{path}: {e}"));
                 return scan;
             }
-            Ok(n) if (n as u64) < size => {
+            Ok(n) if n < size => {
                 scan.error = Some(format!("{path}: the stream ends after {n} of its {size} bytes"));
                 return scan;
             }
@@ -338,6 +342,9 @@ type Rejection = (SkipReason, String, String);
 fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record, Rejection> {
     let key = m.key;
     let reject = |reason, detail: &str| Err((reason, key.clone(), detail.to_string()));
+    if let Some(what) = m.oversized_header {
+        return reject(SkipReason::OversizedHeader, &what);
+    }
     if std::str::from_utf8(&m.raw_key).is_err() {
         return reject(SkipReason::NonUtf8Key, "the member name is not UTF-8");
     }
