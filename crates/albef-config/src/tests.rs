@@ -109,7 +109,14 @@ fn effective_config_round_trips_through_its_printout_and_its_file() {
 #[test]
 fn repository_configs_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    for name in ["pretrain.yaml", "small.yaml", "retrieval_coco.yaml", "retrieval_flickr.yaml", "ve.yaml"] {
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "every file of configs/: {names:?}");
+    for name in &names {
         let path = root.join(name);
         let cfg = load(&ConfigSources { file: Some(path.clone()), overrides: vec![], environment: false })
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
@@ -119,23 +126,60 @@ fn repository_configs_load() {
     }
 }
 
+fn plain(patterns: &[&str]) -> Vec<TrainSource> {
+    patterns.iter().map(|p| TrainSource::plain(*p)).collect()
+}
+
 #[test]
 fn set_takes_yaml_lists_and_a_single_path_where_a_list_is_expected() {
     let cfg = load(&sources(None, &[r#"data.train_file=[a.json, "b/{0..3}.tar", "c,d.json"]"#])).unwrap();
-    assert_eq!(cfg.data.train_file, ["a.json", "b/{0..3}.tar", "c,d.json"]);
+    assert_eq!(cfg.data.train_file, plain(&["a.json", "b/{0..3}.tar", "c,d.json"]));
     let cfg = load(&sources(None, &["data.train_file=s3://bucket/train-{000000..000127}.tar"])).unwrap();
-    assert_eq!(cfg.data.train_file, ["s3://bucket/train-{000000..000127}.tar"]);
+    assert_eq!(cfg.data.train_file, plain(&["s3://bucket/train-{000000..000127}.tar"]));
     let cfg = load(&sources(None, &["optimizer.betas=[0.9, 0.98]", "optimizer.lr=3e-4", "job.run_dir="])).unwrap();
     assert_eq!((cfg.optimizer.betas, cfg.optimizer.lr, cfg.job.run_dir.as_str()), ([0.9, 0.98], 3e-4, ""));
     let cfg =
         load(&sources(None, &["data.train_file=[/d/train-{000000..000003}.tar, '{x,y}.json', {a,b}.tar]"])).unwrap();
     assert_eq!(
         cfg.data.train_file,
-        ["/d/train-{000000..000003}.tar", "{x,y}.json", "{a,b}.tar"],
+        plain(&["/d/train-{000000..000003}.tar", "{x,y}.json", "{a,b}.tar"]),
         "braces need no quotes"
     );
     let cfg = load(&sources(None, &["data.train_file={a,b}.tar"])).unwrap();
-    assert_eq!(cfg.data.train_file, ["{a,b}.tar"]);
+    assert_eq!(cfg.data.train_file, plain(&["{a,b}.tar"]));
     let err = format!("{:#}", load(&sources(None, &[r#"data.train_file=["a.json]"#])).unwrap_err());
     assert!(err.contains("unclosed quote"), "{err}");
+}
+
+/// The two forms of a `data.train_file` entry, mixed in one list, from a YAML file, from `--set`
+/// and from the environment (which takes the list as `--set` does, brackets optional).
+#[test]
+fn train_file_entries_are_patterns_or_weighted_sources() {
+    let expected = vec![
+        TrainSource::plain("coco.json"),
+        TrainSource { source: "cc3m/{00000..00331}.tar".into(), weight: Some(0.5) },
+        TrainSource { source: "sbu/*.tar".into(), weight: Some(2.0) },
+    ];
+    let file = yaml(
+        "data:\n  train_file:\n    - coco.json\n    - {source: \"cc3m/{00000..00331}.tar\", weight: 0.5}\n    \
+         - source: sbu/*.tar\n      weight: 2\n",
+    );
+    assert_eq!(load(&sources(Some(&file), &[])).unwrap().data.train_file, expected, "YAML");
+    let list = r#"[coco.json, {source: "cc3m/{00000..00331}.tar", weight: 0.5}, {source: sbu/*.tar, weight: 2}]"#;
+    let set = format!("data.train_file={list}");
+    assert_eq!(load(&sources(None, &[&set])).unwrap().data.train_file, expected, "--set");
+    let env = |value: &str| {
+        let vars = config::Map::from([("ALBEF__DATA__TRAIN_FILE".to_string(), value.to_string())]);
+        load_with_environment(&ConfigSources { environment: true, ..sources(None, &[]) }, vars)
+    };
+    assert_eq!(env(list).unwrap().data.train_file, expected, "the environment");
+    assert_eq!(env("a.json,b/{0,1}.tar").unwrap().data.train_file, plain(&["a.json", "b/{0,1}.tar"]));
+    // A weighted entry is printed as one and read back.
+    let cfg = load(&sources(Some(&file), &[])).unwrap();
+    assert_eq!(load(&sources(Some(&yaml(&cfg.to_config_file())), &[])).unwrap(), cfg);
+    for bad in ["{source: a.tar, weight: 0}", "{source: a.tar, weight: -1}"] {
+        let err = format!("{:#}", load(&sources(None, &[&format!("data.train_file=[{bad}]")])).unwrap_err());
+        assert!(err.contains("a.tar: the weight must be positive"), "{err}");
+    }
+    assert!(load(&sources(None, &["data.train_file=[{source: a.tar, wieght: 1}]"])).is_err(), "a misspelt key");
 }

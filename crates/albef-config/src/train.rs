@@ -173,12 +173,14 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training sources (the reference's `train_file`): ALBEF annotation JSON files and/or
-    /// WebDataset tar shards, brace patterns allowed (`s3://b/train-{000000..000127}.tar`).
-    /// Empty: a dataset is generated into the run directory (demo, tests).
+    /// WebDataset tar shards, brace patterns allowed (`s3://b/train-{000000..000127}.tar`), each
+    /// a plain pattern (its samples drawn once an epoch) or `{source: <pattern>, weight: <w>}`
+    /// (drawn at its weight; see albef-data's `mixture`). Empty: a dataset is generated into the
+    /// run directory (demo, tests).
     // `config` drops empty lists from the compiled defaults, hence the serde default. A single
     // path is a list of one.
     #[serde(default, deserialize_with = "one_or_many")]
-    pub train_file: Vec<String>,
+    pub train_file: Vec<TrainSource>,
     /// Root that annotation image paths are relative to; empty: each annotation file's folder.
     pub image_root: String,
     /// Prefix replacements of annotation image paths, applied before `image_root`, each
@@ -455,13 +457,68 @@ impl WorkerConfig {
     }
 }
 
-/// A list of strings, or one string as a list of one (`--set data.train_file=a.json`).
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+/// One entry of `data.train_file`: a source pattern and, when given, the weight it is drawn at.
+/// Written as the plain pattern when it has no weight, else as `{source, weight}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(from = "TrainSourceForm", into = "TrainSourceForm")]
+pub struct TrainSource {
+    pub source: String,
+    /// Relative to the other weighted entries' (None: the entry's samples, each once an epoch).
+    pub weight: Option<f64>,
+}
+
+impl TrainSource {
+    pub fn plain(source: impl Into<String>) -> Self {
+        TrainSource { source: source.into(), weight: None }
+    }
+
+    /// The patterns of a list of entries, in order.
+    pub fn patterns(entries: &[TrainSource]) -> Vec<String> {
+        entries.iter().map(|e| e.source.clone()).collect()
+    }
+}
+
+/// The two ways an entry is written.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum TrainSourceForm {
+    Plain(String),
+    Weighted(WeightedForm),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightedForm {
+    source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<f64>,
+}
+
+impl From<TrainSourceForm> for TrainSource {
+    fn from(form: TrainSourceForm) -> Self {
+        match form {
+            TrainSourceForm::Plain(source) => TrainSource::plain(source),
+            TrainSourceForm::Weighted(WeightedForm { source, weight }) => TrainSource { source, weight },
+        }
+    }
+}
+
+impl From<TrainSource> for TrainSourceForm {
+    fn from(t: TrainSource) -> Self {
+        match t.weight {
+            None => TrainSourceForm::Plain(t.source),
+            weight => TrainSourceForm::Weighted(WeightedForm { source: t.source, weight }),
+        }
+    }
+}
+
+/// A list, or one item as a list of one (`--set data.train_file=a.json`).
+fn one_or_many<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
     }
     Ok(match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => vec![s],

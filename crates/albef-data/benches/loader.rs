@@ -5,7 +5,8 @@
 
 use albef_data::bad::SkipCounts;
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{Loader, LoaderOptions};
+use albef_data::loader::{InputLimits, Loader, LoaderOptions};
+use albef_data::mixture::Mixture;
 use albef_data::plan::{PlanSpec, plan_rank};
 use albef_data::sources::TarOptions;
 use albef_data::store::Location;
@@ -30,9 +31,12 @@ fn main() {
     let mut counts = vec![1, 2, cores];
     counts.dedup();
     for threads in counts {
-        let plan =
-            plan_rank(&index.counts(), &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 32, window: 128 }, 0)
-                .unwrap();
+        let plan = plan_rank(
+            &Mixture::by_size(index.counts()),
+            &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 32, window: 128 },
+            0,
+        )
+        .unwrap();
         let opts = LoaderOptions {
             image_res: 256,
             threads,
@@ -45,6 +49,7 @@ fn main() {
             max_words: 30,
             seed: 0,
             needs: Default::default(),
+            limits: InputLimits::default(),
         };
         let start = Instant::now();
         let loader = Loader::start(

@@ -4,14 +4,15 @@
 
 use crate::bad::SkipCounts;
 use crate::index::{DatasetIndex, INDEX_FILE, SourceKind};
-use crate::loader::{Loader, LoaderOptions, RowNeeds};
+use crate::loader::{InputLimits, Loader, LoaderOptions, RowNeeds};
+use crate::mixture::Mixture;
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use crate::sources::{TarOptions, annotation_image, annotation_image_root, parse_annotations, path_rewrites};
 use crate::store::{Location, expand_braces, folder_of_source};
 use crate::synth::{DatasetSpec, VOCAB_TXT, train_shards_pattern, write_dataset};
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::transform::TrainTransform;
-use albef_config::AlbefConfig;
+use albef_config::{AlbefConfig, TrainSource};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub fn source_folder(patterns: &[String]) -> Result<Location> {
 
 /// The training sources of a configuration: `data.train_file`, or the generated dataset under
 /// `<run>/data` (generated on first use).
-pub fn training_sources(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Vec<String>> {
+pub fn training_sources(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Vec<TrainSource>> {
     let d = &cfg.data;
     if !d.train_file.is_empty() {
         return Ok(d.train_file.clone());
@@ -55,7 +56,7 @@ pub fn training_sources(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Resul
         tracing::info!(dir, "generating a dataset (data.train_file is empty)");
         synthesize(dir, &spec, handle)?;
     }
-    Ok(vec![train_shards_pattern(dir, spec.shards)])
+    Ok(vec![TrainSource::plain(train_shards_pattern(dir, spec.shards))])
 }
 
 /// Where the index of `sources` lives: `data.index`, else beside the first source.
@@ -88,9 +89,10 @@ pub fn open_index(loc: &Location, sources: &[String], handle: &Handle, skips: &S
     Ok(index)
 }
 
-/// A training dataset: its index, tokenizer and skip counters.
+/// A training dataset: its index, mixture of sources, tokenizer and skip counters.
 pub struct Dataset {
     pub index: Arc<DatasetIndex>,
+    pub mixture: Arc<Mixture>,
     pub tokenizer: Arc<Tokenizer>,
     pub skips: Arc<SkipCounts>,
     image_root: String,
@@ -104,13 +106,15 @@ impl Dataset {
     /// is empty. The index is loaded from beside the data, or built and stored there.
     pub fn open(cfg: &AlbefConfig, run: &Path, handle: &Handle) -> Result<Self> {
         let d = &cfg.data;
-        let sources = training_sources(cfg, run, handle)?;
+        let entries = training_sources(cfg, run, handle)?;
+        let sources = TrainSource::patterns(&entries);
         let folder = source_folder(&sources)?;
         let index_loc = index_location(cfg, &sources)?;
         // What the index leaves out (sources that are no tar or empty, junk members) is part of
         // this run's skip summary when the index is built here.
         let skips = Arc::new(SkipCounts::default());
         let index = open_index(&index_loc, &sources, handle, &skips)?;
+        let mixture = Mixture::open(&index, &entries, handle)?;
         let path_rewrite = path_rewrites(&d.path_rewrite)?;
         check_image_paths(&index, &d.image_root, &path_rewrite, handle)?;
         let tokenizer_loc = if d.tokenizer.is_empty() { folder.join(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };
@@ -119,6 +123,7 @@ impl Dataset {
         check_vocabulary(cfg, &tokenizer)?;
         Ok(Dataset {
             index: Arc::new(index),
+            mixture: Arc::new(mixture),
             tokenizer: Arc::new(tokenizer),
             skips,
             image_root: d.image_root.clone(),
@@ -128,7 +133,7 @@ impl Dataset {
     }
 
     pub fn steps_per_epoch(&self, world_size: u64, batch_size: u64) -> u64 {
-        steps_per_epoch(self.index.total(), world_size, batch_size)
+        steps_per_epoch(self.mixture.total(), world_size, batch_size)
     }
 
     /// `rank`'s plan of `epoch` (the coordinator hands out the same plan in a distributed job).
@@ -140,7 +145,7 @@ impl Dataset {
             batch_size: cfg.train.batch_size_train as u64,
             window: cfg.data.shuffle_window,
         };
-        plan_rank(&self.index.counts(), &spec, rank)
+        plan_rank(&self.mixture, &spec, rank)
     }
 
     /// A loader of `plan`'s batches from step `from`, one of `sharing` loaders of this process

@@ -4,7 +4,7 @@
 
 use crate::bad::{SkipCounts, SkipReason};
 use crate::sources::{parse_annotations, scan_tar};
-use crate::store::{ACCEPTED_SOURCES, Location, expand_patterns};
+use crate::store::{ACCEPTED_SOURCES, Location, expand_pattern, expand_patterns};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -96,6 +96,24 @@ impl DatasetIndex {
     pub fn indexes(&self, patterns: &[String], handle: &Handle) -> Result<bool> {
         let indexed: Vec<&str> = self.sources.iter().map(|s| s.url.as_str()).collect();
         Ok(handle.block_on(expand_patterns(patterns))? == indexed)
+    }
+
+    /// The position in `patterns` (the `data.train_file` entry) of the pattern each source was
+    /// expanded from: the sources are the patterns' expansions in order, less those left out.
+    pub fn entry_of_sources(&self, patterns: &[String], handle: &Handle) -> Result<Vec<usize>> {
+        let mut expanded = vec![];
+        for (entry, pattern) in patterns.iter().enumerate() {
+            expanded.extend(handle.block_on(expand_pattern(pattern))?.into_iter().map(|url| (url, entry)));
+        }
+        let mut named = expanded.into_iter();
+        self.sources
+            .iter()
+            .map(|s| {
+                named.find(|(url, _)| *url == s.url).map(|(_, entry)| entry).with_context(|| {
+                    format!("the index's source {} is not one of data.train_file's (a stale data.index?)", s.url)
+                })
+            })
+            .collect()
     }
 
     pub fn save(&self, loc: &Location, handle: &Handle) -> Result<()> {

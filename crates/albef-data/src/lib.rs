@@ -11,8 +11,10 @@
 //!
 //! - `index::DatasetIndex`: the samples of every source (and each tar sample's byte offset), built
 //!   once by `albef data index` and stored beside the data as `albef-index.json`.
-//! - `plan`: an epoch's share of each rank as a pure function of (seed, epoch, counts, world size,
-//!   batch size, shuffle window): equal steps per rank, no sample repeated or lost within an epoch.
+//! - `mixture`: what an epoch draws from each `data.train_file` entry: each sample once, or a
+//!   weighted entry's share (repeated or sampled), the epoch holding the sources' total.
+//! - `plan`: an epoch's share of each rank as a pure function of (seed, epoch, mixture, world
+//!   size, batch size, shuffle window): equal steps per rank, every drawn sample trained once.
 //! - `dataset::Dataset`: the configured sources (or a generated dataset), their index, the
 //!   tokenizer and the skip counters, and loaders of planned epochs; `albef train` and the workers
 //!   use it.
@@ -41,6 +43,7 @@ pub mod dataset;
 pub mod index;
 pub mod loader;
 pub mod plan;
+pub mod mixture;
 pub mod prepare;
 pub mod progress;
 pub mod rng;

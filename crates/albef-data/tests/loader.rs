@@ -3,7 +3,8 @@
 use albef_data::bad::{SkipCounts, SkipReason};
 use albef_data::dataset::Dataset;
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{Loader, LoaderOptions, RowNeeds};
+use albef_data::loader::{InputLimits, Loader, LoaderOptions, RowNeeds};
+use albef_data::mixture::Mixture;
 use albef_data::plan::{PlanSpec, plan_rank};
 use albef_data::rng::SplitMix64;
 use albef_data::sources::TarOptions;
@@ -57,7 +58,7 @@ fn run(
     dir: &Path,
     rt: &tokio::runtime::Runtime,
 ) -> (Seen, Arc<SkipCounts>) {
-    let plan = plan_rank(&index.counts(), spec, rank).unwrap();
+    let plan = plan_rank(&Mixture::by_size(index.counts()), spec, rank).unwrap();
     let skips = Arc::new(SkipCounts::default());
     let loader =
         Loader::start(index.clone(), plan, from, options(threads), tokenizer(dir), rt.handle().clone(), skips.clone());
@@ -115,8 +116,12 @@ fn annotation_files_load_with_their_image_root_or_beside_it() {
     let json = dir.path().join("train.json").to_str().unwrap().to_string();
     let index = Arc::new(DatasetIndex::build(&[json], rt.handle(), &skips).unwrap());
     assert_eq!(index.total(), 20);
-    let plan = plan_rank(&index.counts(), &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 5, window: 8 }, 0)
-        .unwrap();
+    let plan = plan_rank(
+        &Mixture::by_size(index.counts()),
+        &PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 5, window: 8 },
+        0,
+    )
+    .unwrap();
     for root in [dir.path().to_str().unwrap().to_string(), String::new()] {
         let opts = LoaderOptions { image_root: root.clone(), augment: None, ..options(2) };
         let skips = Arc::new(SkipCounts::default());
@@ -148,7 +153,7 @@ fn rows_carry_what_the_task_needs_and_rows_without_it_are_counted() {
     let index =
         Arc::new(DatasetIndex::build(&[json.to_str().unwrap().into()], rt.handle(), &SkipCounts::default()).unwrap());
     let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 4, window: 4 };
-    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
     let load = |needs: RowNeeds| {
         let opts = LoaderOptions { augment: None, needs, ..options(1) };
         let skips = Arc::new(SkipCounts::default());
@@ -247,7 +252,7 @@ fn bad_input_is_skipped_counted_and_never_stops_the_epoch() {
 
     // Batches of one: drop_last drops nothing, so every good sample must arrive.
     let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 64 };
-    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
     let skips = Arc::new(SkipCounts::default());
     let opts = LoaderOptions { max_pixels: 300 * 300, image_root: d.to_string(), ..options(2) };
     let batches: Vec<_> =
@@ -352,7 +357,7 @@ fn every_planned_sample_is_trained_once_or_counted_once() {
             format!("k{shard}_{ordinal}")
         };
         for rank in 0..spec.world_size {
-            let plan = plan_rank(&index.counts(), &spec, rank).unwrap();
+            let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, rank).unwrap();
             let planned: Vec<String> = (0..plan.len()).map(|p| plan.sample_at(p)).map(|(s, o)| key_of(s, o)).collect();
             let (seen, skips) = run(&index, &spec, rank, 0, 2, synth.path(), &rt);
             let case = format!("{spec:?} rank {rank}, shards {:?}", index.counts());
@@ -388,7 +393,7 @@ fn load_within_deadline(json: &Path, opts: LoaderOptions, rt: tokio::runtime::Ru
     let index = DatasetIndex::build(&[json.to_str().unwrap().to_string()], rt.handle(), &SkipCounts::default());
     let index = Arc::new(index.unwrap());
     let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 8 };
-    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
     let vocab = albef_data::synth::vocab_tokens();
     let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(vocab.iter().map(String::as_str)).unwrap());
     let skips = Arc::new(SkipCounts::default());

@@ -4,7 +4,8 @@
 
 use albef_data::bad::SkipCounts;
 use albef_data::index::{DatasetIndex, INDEX_FILE};
-use albef_data::loader::{Loader, LoaderOptions};
+use albef_data::loader::{InputLimits, Loader, LoaderOptions};
+use albef_data::mixture::Mixture;
 use albef_data::plan::{PlanSpec, plan_rank};
 use albef_data::prepare::{Input, PrepareReport, ResizeMode, Settings, prepare};
 use albef_data::sources::TarOptions;
@@ -57,7 +58,7 @@ fn load_all(out: &Path, rt: &tokio::runtime::Runtime) -> (BTreeSet<String>, Arc<
     let loc = Location::open(out.join(INDEX_FILE).to_str().unwrap()).unwrap();
     let index = Arc::new(DatasetIndex::load(&loc, rt.handle()).unwrap());
     let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 4 };
-    let plan = plan_rank(&index.counts(), &spec, 0).unwrap();
+    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
     let opts = LoaderOptions {
         image_res: 32,
         threads: 2,
@@ -70,6 +71,7 @@ fn load_all(out: &Path, rt: &tokio::runtime::Runtime) -> (BTreeSet<String>, Arc<
         max_words: 30,
         seed: 0,
         needs: Default::default(),
+        limits: InputLimits::default(),
     };
     let words = "[PAD] [UNK] [CLS] [SEP] [MASK] a picture number";
     let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(words.split(' ')).unwrap());

@@ -26,8 +26,9 @@ mod metrics;
 mod service;
 mod state;
 
-use albef_config::{AlbefConfig, ConfigArgs};
+use albef_config::{AlbefConfig, ConfigArgs, TrainSource};
 use albef_data::index::{DatasetIndex, INDEX_FILE};
+use albef_data::mixture::Mixture;
 use albef_data::plan::steps_per_epoch;
 use albef_data::store::Location;
 use albef_proto::v1::{FILE_DESCRIPTOR_SET, control_server::ControlServer, coordinator_server::CoordinatorServer};
@@ -77,7 +78,7 @@ fn index_location(cfg: &AlbefConfig) -> Result<Location> {
     if cfg.data.index.is_empty() && cfg.data.train_file.is_empty() {
         return Ok(Location::open(&cfg.job.run_dir)?.join("data").join(INDEX_FILE));
     }
-    albef_data::dataset::index_location(cfg, &cfg.data.train_file)
+    albef_data::dataset::index_location(cfg, &TrainSource::patterns(&cfg.data.train_file))
 }
 
 fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
@@ -89,15 +90,20 @@ fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     cli.config.announce(&cfg, &written.url);
     // The index is read through blocking calls, before the runtime serves anything.
     let index_loc = index_location(&cfg)?;
+    let patterns = TrainSource::patterns(&cfg.data.train_file);
     let index = match cfg.data.train_file.is_empty() {
         // The launcher generated the data and its index.
         true => DatasetIndex::load(&index_loc, rt.handle()),
-        false => albef_data::dataset::open_index(&index_loc, &cfg.data.train_file, rt.handle(), &Default::default()),
+        false => albef_data::dataset::open_index(&index_loc, &patterns, rt.handle(), &Default::default()),
     }
     .with_context(|| format!("loading the dataset index {} (`albef data index` builds it)", index_loc.url))?;
+    let mixture = match cfg.data.train_file.is_empty() {
+        true => Mixture::by_size(index.counts()),
+        false => Mixture::open(&index, &cfg.data.train_file, rt.handle())?,
+    };
     let batch = cfg.train.batch_size_train as u64;
     ensure!(
-        steps_per_epoch(index.total(), cfg.job.max_workers.into(), batch) > 0,
+        steps_per_epoch(mixture.total(), cfg.job.max_workers.into(), batch) > 0,
         "the dataset's {} samples cannot fill one global batch of {} workers x {batch}",
         index.total(),
         cfg.job.max_workers
@@ -109,10 +115,10 @@ fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     let job = if rt.block_on(state_loc.exists())? {
         let text = rt.block_on(state_loc.read_all())?;
         let text = std::str::from_utf8(&text).with_context(|| format!("{} is not UTF-8", state_loc.url))?;
-        Job::from_json(cfg.clone(), index.counts(), text, Instant::now())
+        Job::from_json(cfg.clone(), mixture, text, Instant::now())
             .with_context(|| format!("restoring {}", state_loc.url))?
     } else {
-        Job::new(cfg.clone(), index.counts(), Instant::now())
+        Job::new(cfg.clone(), mixture, Instant::now())
     };
     rt.block_on(serve(&cfg, job, run, state_loc, auth, telemetry))
 }

@@ -31,6 +31,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("albef_job_loss", Kind::Gauge, "Rank 0's last losses."),
     ("albef_job_lr", Kind::Gauge, "Learning rate of the last step."),
     ("albef_job_temp", Kind::Gauge, "ITC temperature."),
+    ("albef_job_grad_norm", Kind::Gauge, "Global L2 norm of rank 0's last applied gradients, before any clipping."),
     ("albef_job_nonfinite_steps_total", Kind::Counter, "Steps not applied because the loss was not finite."),
     ("albef_checkpoints_committed_total", Kind::Counter, "Checkpoints committed."),
     ("albef_checkpoints_rejected_total", Kind::Counter, "Checkpoints a worker could not read."),
@@ -86,6 +87,7 @@ fn record(r: &Registry, s: &JobStatus) {
     }
     r.set("albef_job_lr", &[], s.lr);
     r.set("albef_job_temp", &[], s.temp);
+    r.set("albef_job_grad_norm", &[], s.grad_norm);
     r.set("albef_job_nonfinite_steps_total", &[], s.counters.nonfinite_steps as f64);
     r.set("albef_checkpoints_committed_total", &[], s.counters.checkpoints_committed as f64);
     r.set("albef_checkpoints_rejected_total", &[], s.counters.rejected_checkpoints as f64);

@@ -42,7 +42,8 @@ impl LeasedBatches<'_> {
             batch_size: r.batch_size,
             window: r.window,
         };
-        let leases = r.leases.iter().map(|l| Lease { source: l.source, start: l.start, end: l.end }).collect();
+        let leases =
+            r.leases.iter().map(|l| Lease { source: l.source, start: l.start, end: l.end, pass: l.pass }).collect();
         Ok(RankPlan { spec, rank: u64::from(virtual_rank), steps: r.steps, leases })
     }
 }

@@ -127,6 +127,7 @@ impl Reporter for Heartbeat<'_> {
         p.losses = Some(Losses { terms, total: s.loss });
         p.lr = s.lr;
         p.temp = s.temp.unwrap_or(0.0);
+        p.grad_norm = s.grad_norm;
         self.registry.set("albef_worker_grad_norm", &[], s.grad_norm);
         // Every rank fingerprints after the same steps (it reads every parameter: not each step).
         if p.step.is_multiple_of(FINGERPRINT_EVERY) || p.step == self.total_steps {

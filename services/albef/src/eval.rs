@@ -173,7 +173,7 @@ pub fn load_tokenizer(
             let mut candidates: Vec<String> =
                 beside.map(|b| format!("{}/{VOCAB_TXT}", parent_of(b))).into_iter().collect();
             if let Some(first) = cfg.data.train_file.first() {
-                candidates.push(format!("{}/{VOCAB_TXT}", parent_of(first)));
+                candidates.push(format!("{}/{VOCAB_TXT}", parent_of(&first.source)));
             }
             candidates.push(format!("{}/data/{VOCAB_TXT}", cfg.job.run_dir.trim_end_matches('/')));
             for dir in Path::new(&model.source).ancestors().skip(1).take(3) {

@@ -110,9 +110,10 @@ pub(super) fn heartbeat(r: pb::HeartbeatRequest) -> Result<Heartbeat, Status> {
     for name in l.terms.keys() {
         check_text("losses.terms", name, MAX_ID)?;
     }
-    // Workers report the losses of applied steps only: finite, as are lr and temp.
+    // Workers report the losses of applied steps only: finite, as are lr, temp and the norm.
     let terms = l.terms.iter().map(|(name, v)| (format!("losses.{name}"), *v));
-    let others = [("losses.total", l.total), ("lr", r.lr), ("temp", r.temp)].map(|(n, v)| (n.to_string(), v));
+    let others = [("losses.total", l.total), ("lr", r.lr), ("temp", r.temp), ("grad_norm", r.grad_norm)]
+        .map(|(n, v)| (n.to_string(), v));
     for (name, v) in terms.chain(others) {
         if !v.is_finite() {
             return Err(Status::invalid_argument(format!("{name} {v} is not finite")));
@@ -130,6 +131,7 @@ pub(super) fn heartbeat(r: pb::HeartbeatRequest) -> Result<Heartbeat, Status> {
         params_hash_step: r.params_hash_step,
         lr: r.lr,
         temp: r.temp,
+        grad_norm: r.grad_norm,
         fatal_error: r.fatal_error,
         done: r.done,
         nonfinite_steps: r.nonfinite_steps,

@@ -65,6 +65,7 @@ impl ControlService {
             images_per_second: s.images_per_second,
             lr: s.lr,
             temp: s.temp,
+            grad_norm: s.grad_norm,
             last_checkpoint: s.last_checkpoint,
             restarts: s.counters.restarts,
             nonfinite_steps: s.counters.nonfinite_steps,

@@ -155,7 +155,11 @@ impl Coordinator for CoordinatorService {
             batch_size: plan.spec.batch_size,
             window: plan.spec.window,
             steps: plan.steps,
-            leases: plan.leases.iter().map(|l| pb::Lease { source: l.source, start: l.start, end: l.end }).collect(),
+            leases: plan
+                .leases
+                .iter()
+                .map(|l| pb::Lease { source: l.source, start: l.start, end: l.end, pass: l.pass })
+                .collect(),
         }))
     }
 

@@ -24,14 +24,14 @@ impl Job {
             batch_size: self.batch_size(),
             window: self.cfg.data.shuffle_window,
         };
-        plan_rank(&self.counts, &spec, u64::from(virtual_rank))
+        plan_rank(&self.mixture, &spec, u64::from(virtual_rank))
             .map_err(|e| JobError::FailedPrecondition(format!("{e:#}")))
     }
 
     /// Steps of the job: an epoch is planned over the virtual ranks, whatever the world's size.
     pub(super) fn total_steps(&self) -> u64 {
         let virtual_ranks = u64::from(self.cfg.job.virtual_rank_count());
-        self.cfg.total_steps(steps_per_epoch(self.total, virtual_ranks, self.batch_size()))
+        self.cfg.total_steps(steps_per_epoch(self.mixture.total(), virtual_ranks, self.batch_size()))
     }
 
     fn batch_size(&self) -> u64 {

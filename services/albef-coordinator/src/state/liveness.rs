@@ -47,6 +47,7 @@ impl Job {
         m.params_hash.clone_from(&hb.params_hash);
         m.lr = hb.lr;
         m.temp = hb.temp;
+        m.grad_norm = hb.grad_norm;
         m.busy_seconds = hb.busy_seconds;
         m.data_wait_share = hb.data_wait_share;
         if !hb.bad_samples.is_empty() {

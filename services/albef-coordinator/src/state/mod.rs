@@ -39,6 +39,7 @@ pub use types::*;
 
 use albef_config::AlbefConfig;
 use albef_data::bad::SkipExample;
+use albef_data::mixture::Mixture;
 use elasticity::Elasticity;
 use generation::Generation;
 use lifecycle::Lifecycle;
@@ -63,9 +64,8 @@ pub fn shown(s: &str) -> String {
 pub struct Job {
     cfg: AlbefConfig,
     config_json: String,
-    /// Samples in each source of the dataset, and in all.
-    counts: Vec<u64>,
-    total: u64,
+    /// The dataset's sources and what an epoch draws from each.
+    mixture: Mixture,
     /// Number of the latest generation formed (0: none yet).
     generation: u64,
     current: Option<Generation>,
@@ -91,15 +91,14 @@ pub struct Job {
 }
 
 impl Job {
-    /// A fresh job over a dataset whose sources hold `counts` samples.
-    pub fn new(cfg: AlbefConfig, counts: Vec<u64>, now: Instant) -> Self {
+    /// A fresh job over a dataset of `mixture` (a list of counts: sources drawn by size).
+    pub fn new(cfg: AlbefConfig, mixture: impl Into<Mixture>, now: Instant) -> Self {
         let config_json = serde_json::to_string(&cfg).expect("configuration serialises");
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         Job {
             cfg,
             config_json,
-            total: counts.iter().sum(),
-            counts,
+            mixture: mixture.into(),
             generation: 0,
             current: None,
             waiting: Rendezvous::default(),

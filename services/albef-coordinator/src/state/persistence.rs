@@ -4,7 +4,7 @@
 
 use super::lifecycle::Lifecycle;
 use super::types::{Checkpoint, Counters};
-use super::{Job, JobState};
+use super::{Job, JobState, Mixture};
 use albef_config::AlbefConfig;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -70,11 +70,11 @@ impl Job {
     /// A job restored from `DurableState::to_json`'s output. Its generation is over: workers get
     /// REJOIN and form the next one, which resumes from the latest checkpoint. This is also how a
     /// whole job is restarted on the same run location.
-    pub fn from_json(cfg: AlbefConfig, counts: Vec<u64>, text: &str, now: Instant) -> anyhow::Result<Self> {
+    pub fn from_json(cfg: AlbefConfig, mixture: impl Into<Mixture>, text: &str, now: Instant) -> anyhow::Result<Self> {
         let Versioned { version } = serde_json::from_str(text).context("coordinator state: no version")?;
         anyhow::ensure!(version == STATE_VERSION, "coordinator state version {version} (expected {STATE_VERSION})");
         let file: StateFile = serde_json::from_str(text).context("coordinator state")?;
-        let mut job = Job::new(cfg, counts, now);
+        let mut job = Job::new(cfg, mixture, now);
         job.generation = file.generation;
         job.counters = file.counters;
         // A stopped (or stopping) job starts again from its latest checkpoint.

@@ -84,6 +84,7 @@ impl Job {
             images_per_second: members.iter().map(|(_, m)| m.images_per_second).sum(),
             lr: rank0.map_or(0.0, |m| m.lr),
             temp: rank0.map_or(0.0, |m| m.temp),
+            grad_norm: rank0.map_or(0.0, |m| m.grad_norm),
             last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
             counters: self.counters,
             bad_samples: self.bad_samples_total(),

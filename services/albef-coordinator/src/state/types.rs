@@ -154,6 +154,8 @@ pub struct Heartbeat {
     pub params_hash_step: u64,
     pub lr: f64,
     pub temp: f64,
+    /// The last applied step's gradient norm.
+    pub grad_norm: f64,
     /// Non-empty: the worker cannot go on, the generation ends.
     pub fatal_error: String,
     /// The worker finished the job's last step.
@@ -269,6 +271,8 @@ pub struct JobStatus {
     pub images_per_second: f64,
     pub lr: f64,
     pub temp: f64,
+    /// Rank 0's.
+    pub grad_norm: f64,
     pub last_checkpoint: String,
     pub counters: Counters,
     /// Samples skipped by the workers, by reason.

@@ -44,6 +44,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     let mut hb = beat("w", &j, 5);
     let terms = [("ita".into(), 1.5), ("itm".into(), 0.5), ("mlm".into(), 2.0)].into();
     hb.losses = Some(albef_proto::v1::Losses { terms, total: 4.0 });
+    hb.grad_norm = 2.5;
     hb.bad_samples = [("corrupt_image".to_string(), 3), ("empty_caption".to_string(), 1)].into();
     let example = |key: &str| SkippedSample {
         reason: "corrupt_image".into(),
@@ -56,6 +57,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     let status =
         admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(status.bad_samples.get("corrupt_image"), Some(&3));
+    assert_eq!(status.grad_norm, 2.5);
     assert_eq!(status.bad_sample_examples, vec![example("000007"), example("000019")]);
     let location = dir.checkpoint(4);
     let ck =
@@ -72,6 +74,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
         ("albef_job_images_per_second", 10.0),
         ("albef_job_loss{loss=\"itm\"}", 0.5),
         ("albef_job_loss{loss=\"total\"}", 4.0),
+        ("albef_job_grad_norm", 2.5),
         ("albef_checkpoints_committed_total", 1.0),
         ("albef_checkpoint_latest_step", 4.0),
         ("albef_bad_samples_total{reason=\"corrupt_image\"}", 3.0),
