@@ -37,7 +37,7 @@ pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
-    OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,
+    OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, WorkerConfig,
 };
 
 /// The tasks a job can train (`task`).
@@ -56,6 +56,12 @@ pub enum TaskKind {
     /// Visual question answering (VQA v2, Visual Genome QA): an answer decoder over the fused
     /// question; rows carry a `question` and their `answer`s.
     Vqa,
+    /// Natural-language visual reasoning over two images (NLVR2): the fusion layers as pairs of
+    /// blocks, one per image; rows carry `images` (two) and a `label` ("True" / "False").
+    Nlvr,
+    /// NLVR2's text-assignment pretraining on image-text pairs: which of two images (or neither)
+    /// a caption belongs to, the other drawn as a hard negative.
+    NlvrPretrain,
 }
 
 impl TaskKind {
@@ -66,6 +72,8 @@ impl TaskKind {
             TaskKind::Retrieval => "retrieval",
             TaskKind::Ve => "ve",
             TaskKind::Vqa => "vqa",
+            TaskKind::Nlvr => "nlvr",
+            TaskKind::NlvrPretrain => "nlvr_pretrain",
         }
     }
 }
@@ -133,10 +141,6 @@ impl AlbefConfig {
                 b.encoder_width,
                 b.hidden_size,
                 b.fusion_layer,
-        for t in &self.data.train_file {
-            let positive = t.weight.is_none_or(|w| w.is_finite() && w > 0.0);
-            ensure!(positive, "data.train_file: {}: the weight must be positive (got {:?})", t.source, t.weight);
-        }
                 b.num_hidden_layers
             );
         }
@@ -212,20 +216,15 @@ impl ConfigSources {
 /// Loads, layers and validates the configuration.
 pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
     // The preset decides the defaults every other layer sits on, so read it first.
-    let upper = layered(config::Config::builder())?.build().context("reading configuration")?;
+    let upper = layered(config::Config::builder(), sources)?.build().context("reading configuration")?;
     let preset: Preset = match upper.get_string("model.preset") {
         Ok(s) => s.parse()?,
         Err(config::ConfigError::NotFound(_)) => Preset::default(),
         Err(e) => return Err(e).context("reading model.preset"),
     };
     let defaults = config::Config::try_from(&AlbefConfig::defaults(preset)).context("encoding defaults")?;
-    let merged = layered(config::Config::builder().add_source(defaults))?.build().context("reading configuration")?;
-    load_with_environment(sources, std::env::vars().collect())
-}
-
-/// [`load`] with `environment` as the process's variables.
-fn load_with_environment(sources: &ConfigSources, environment: config::Map<String, String>) -> Result<AlbefConfig> {
-    let layered = |builder| layered(builder, sources, &environment);
+    let merged =
+        layered(config::Config::builder().add_source(defaults), sources)?.build().context("reading configuration")?;
     let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| explain(e, preset))?;
     cfg.validate()?;
     Ok(cfg)
@@ -264,12 +263,11 @@ fn layered(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator(ENV_SEPARATOR)
                 .separator(ENV_SEPARATOR)
-    environment: &config::Map<String, String>,
                 .list_separator(",")
                 .with_list_parse_key("optimizer.betas")
                 .with_list_parse_key("data.crop_scale")
-                .try_parsing(true)
-                .source(Some(environment.clone())),
+                .with_list_parse_key("data.train_file")
+                .try_parsing(true),
         );
     }
     for kv in &sources.overrides {
@@ -281,18 +279,6 @@ fn layered(
     }
     Ok(builder)
 }
-        // The training sources' list is read as `--set` reads it (brackets optional): brace
-        // patterns keep their commas and `{source: ..., weight: ...}` entries are mappings. Set
-        // before the `--set` overrides, which replace it.
-        let key = format!("{ENV_PREFIX}{ENV_SEPARATOR}DATA{ENV_SEPARATOR}TRAIN_FILE");
-        if let Some(list) = environment.get(&key) {
-            let list = match list.trim().starts_with('[') {
-                true => list.trim().to_string(),
-                false => format!("[{list}]"),
-            };
-            let value = parse_override(&list).with_context(|| format!("{key}={list:?}"))?;
-            builder = builder.set_override("data.train_file", value)?;
-        }
 
 /// `--set` values are typed as YAML types them (numbers, booleans, strings), and `[a, b]` is a
 /// list. List items split at commas outside quotes and braces, so brace patterns need no quotes
@@ -327,9 +313,8 @@ fn list_items(inner: &str) -> Result<Vec<&str>> {
     Ok(items.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
-/// One value: a quoted string without its quotes, else what YAML reads when it reads a scalar
-/// or a mapping with a `source` key (a weighted training source), else the literal string (an
-/// empty value is an empty string, as `key=` means).
+/// One value: a quoted string without its quotes, else what YAML reads when it reads a scalar,
+/// else the literal string (an empty value is an empty string, as `key=` means).
 fn scalar(value: &str) -> config::Value {
     let unquoted = ['"', '\''].iter().find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)));
     if let Some(s) = unquoted {
@@ -342,14 +327,15 @@ fn scalar(value: &str) -> config::Value {
     let parsed =
         config::Config::builder().add_source(doc).build().ok().and_then(|c| c.get::<config::Value>("value").ok());
     match parsed {
-        Some(v) => match &v.kind {
-            config::ValueKind::Table(t) if t.contains_key("source") => v,
-            config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil => {
-                config::Value::from(value.to_string())
-            }
-            _ => v,
-        },
-        None => config::Value::from(value.to_string()),
+        Some(v)
+            if !matches!(
+                v.kind,
+                config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil
+            ) =>
+        {
+            v
+        }
+        _ => config::Value::from(value.to_string()),
     }
 }
 

@@ -34,6 +34,8 @@ pub enum SkipReason {
     BadLabel,
     /// The task answers questions (VQA) and the sample has no non-empty `answer`.
     MissingAnswer,
+    /// The task reads two images per row (NLVR2) and the sample names one.
+    MissingSecondImage,
     EmptyCaption,
     InvalidUtf8,
     /// A tar member name that is not UTF-8: its sample is told apart by the raw bytes, never
@@ -72,6 +74,7 @@ impl SkipReason {
             SkipReason::MissingImageId => "missing_image_id",
             SkipReason::BadLabel => "bad_label",
             SkipReason::MissingAnswer => "missing_answer",
+            SkipReason::MissingSecondImage => "missing_second_image",
             SkipReason::EmptyCaption => "empty_caption",
             SkipReason::InvalidUtf8 => "invalid_utf8",
             SkipReason::NonUtf8Key => "non_utf8_key",
@@ -88,7 +91,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 23] = [
+    pub const ALL: [SkipReason; 24] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -100,6 +103,7 @@ impl SkipReason {
         SkipReason::MissingImageId,
         SkipReason::BadLabel,
         SkipReason::MissingAnswer,
+        SkipReason::MissingSecondImage,
         SkipReason::EmptyCaption,
         SkipReason::InvalidUtf8,
         SkipReason::NonUtf8Key,

@@ -12,7 +12,10 @@ pub struct HostBatch {
     pub batch_size: usize,
     pub image_res: usize,
     pub seq_len: usize,
+    /// (B, images_per_row, 3, res, res) row after row.
     pub images: Vec<f32>,
+    /// 2 where every row has a second image (NLVR2), else 1.
+    pub images_per_row: usize,
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub keys: Vec<String>,
@@ -57,6 +60,8 @@ pub struct Row<'a> {
     pub key: &'a str,
     /// HWC RGB at the batch's resolution.
     pub rgb: &'a [u8],
+    /// The row's second image (NLVR2), likewise.
+    pub second_rgb: Option<&'a [u8]>,
     pub ids: &'a [i64],
     pub image_id: Option<i64>,
     pub label: Option<i64>,
@@ -72,14 +77,18 @@ pub fn normalize_rgb(rgb: &[u8], res: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Collates samples; image indexes, labels and answers are kept when every row has them.
+/// Collates samples; second images, image indexes, labels and answers are kept when every row
+/// has them.
 pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
     let seq_len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let pairs = !samples.is_empty() && samples.iter().all(|s| s.second_rgb.is_some());
+    let images_per_row = if pairs { 2 } else { 1 };
     let mut b = HostBatch {
         batch_size: samples.len(),
         image_res,
         seq_len,
-        images: Vec::with_capacity(samples.len() * 3 * image_res * image_res),
+        images: Vec::with_capacity(samples.len() * images_per_row * 3 * image_res * image_res),
+        images_per_row,
         input_ids: Vec::with_capacity(samples.len() * seq_len),
         attention_mask: Vec::with_capacity(samples.len() * seq_len),
         keys: Vec::with_capacity(samples.len()),
@@ -92,6 +101,9 @@ pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
     };
     for s in samples {
         normalize_rgb(s.rgb, image_res, &mut b.images);
+        if let Some(second) = s.second_rgb.filter(|_| pairs) {
+            normalize_rgb(second, image_res, &mut b.images);
+        }
         b.input_ids.extend(s.ids.iter().copied().chain(std::iter::repeat_n(pad_id, seq_len - s.ids.len())));
         b.attention_mask.extend((0..seq_len).map(|i| i64::from(i < s.ids.len())));
         b.keys.push(s.key.to_string());
@@ -106,7 +118,8 @@ mod tests {
     #[test]
     fn pads_to_the_longest_and_masks_padding() {
         let img = vec![255u8; 2 * 2 * 3];
-        let row = |key, ids, image_id| Row { key, rgb: &img, ids, image_id, label: None, answers: &[] };
+        let row =
+            |key, ids, image_id| Row { key, rgb: &img, second_rgb: None, ids, image_id, label: None, answers: &[] };
         let b = collate(&[row("a", &[2, 7, 8], Some(4)), row("b", &[2, 9], Some(9))], 2, 0);
         assert_eq!(b.seq_len, 3);
         assert_eq!(b.input_ids, vec![2, 7, 8, 2, 9, 0]);
@@ -124,7 +137,8 @@ mod tests {
     fn answers_are_padded_row_after_row() {
         let img = vec![0u8; 2 * 2 * 3];
         let (a, b) = ([(vec![2, 7, 3, 3], 0.6), (vec![2, 8, 9, 3, 3], 0.4)], [(vec![2, 5, 3, 3], 0.5)]);
-        let row = |key, answers| Row { key, rgb: &img, ids: &[2, 6], image_id: None, label: None, answers };
+        let row =
+            |key, answers| Row { key, rgb: &img, second_rgb: None, ids: &[2, 6], image_id: None, label: None, answers };
         let batch = collate(&[row("a", &a[..]), row("b", &b[..])], 2, 0);
         let answers = batch.answers.expect("every row is answered");
         assert_eq!(answers.seq_len, 5);

@@ -61,6 +61,8 @@ pub struct RowNeeds {
     pub labels: Vec<String>,
     /// Each row's answers, tokenised for the answer decoder (VQA).
     pub answers: bool,
+    /// Two images per row (NLVR2: an annotation's `images`).
+    pub image_pairs: bool,
 }
 
 /// A batch of one step.
@@ -203,8 +205,9 @@ fn read_plan(
         // Positions of a window are contiguous in lease order: read them as source ranges.
         let mut pos = window.start;
         while pos < window.end {
-            let (lease, ordinal) = plan.lease_at(pos);
-            let (source, lease_end) = (lease.source, lease.end);
+            let (source, ordinal) = plan.sample_at(pos);
+            let lease = plan.leases.iter().find(|l| l.source == source && (l.start..l.end).contains(&ordinal));
+            let lease_end = lease.map_or(ordinal + 1, |l| l.end);
             let take = (lease_end - ordinal).min(window.end - pos);
             let base = pos;
             let to_pos = |o: u64| base + (o - ordinal);
@@ -230,8 +233,8 @@ fn read_plan(
                 .step_positions(step)
                 .into_iter()
                 .filter_map(|p| {
-                    let id = plan.draw_at(p).id(&first_ids, index.total());
-                    records.get(&p).map(|r| (id, r.clone()))
+                    let (source, ordinal) = plan.sample_at(p);
+                    records.get(&p).map(|r| (first_ids[source as usize] + ordinal, r.clone()))
                 })
                 .collect();
             if jobs.send(StepJob { step, samples }).is_err() {
@@ -304,23 +307,74 @@ fn read_annotation_range(
             }
             continue; // bad entries were counted when the file was parsed
         };
-        let loc = match root.as_ref().map(|r| annotation_image(r, &a.image, &opts.path_rewrite)) {
-            Ok(Ok(loc)) => Ok(loc),
-            Ok(Err(outside)) => {
-                skips.record(SkipReason::AbsolutePath, url, &a.image, &outside);
-                continue;
-            }
-            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        let Some(image) = read_annotation_image(url, root.as_ref(), &a.image, opts, handle, skips) else { continue };
+        let second_image = match (&a.second_image, opts.needs.image_pairs) {
+            (Some(path), true) => match read_annotation_image(url, root.as_ref(), path, opts, handle, skips) {
+                Some(bytes) => Some(bytes),
+                None => continue,
+            },
+            _ => None,
         };
-        // An image file is held to the member limit of tar shards (`data.max_member_mb`).
-        match loc.and_then(|loc| handle.block_on(loc.read_at_most(opts.tar.max_member_bytes))) {
-            Ok(bytes) => {
-                let (key, image, captions) = (a.image.clone(), bytes.to_vec(), a.captions.clone());
-                let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());
-                put(ordinal, Record { key, image, captions, image_id, label, answers })
-            }
-            Err(e) => skips.record(unread_image_reason(&e), url, &a.image, &format!("{e:#}")),
+        let (key, captions) = (a.image.clone(), a.captions.clone());
+        let (image_id, label, answers) = (a.image_id.clone(), a.label.clone(), a.weighted_answers());
+        put(ordinal, Record { key, image, second_image, captions, image_id, label, answers })
+    }
+}
+
+/// The bytes of the image an annotation of `url` names at `path`; None (counted) when it cannot
+/// be read. An image file is held to the member limit of tar shards (`data.max_member_mb`).
+fn read_annotation_image(
+    url: &str,
+    root: Result<&Location, &anyhow::Error>,
+    path: &str,
+    opts: &LoaderOptions,
+    handle: &Handle,
+    skips: &SkipCounts,
+) -> Option<Vec<u8>> {
+    let loc = match root.map(|r| annotation_image(r, path, &opts.path_rewrite)) {
+        Ok(Ok(loc)) => Ok(loc),
+        Ok(Err(outside)) => {
+            skips.record(SkipReason::AbsolutePath, url, path, &outside);
+            return None;
         }
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    match loc.and_then(|loc| handle.block_on(loc.read_at_most(opts.tar.max_member_bytes))) {
+        Ok(bytes) => Some(bytes.to_vec()),
+        Err(e) => {
+            skips.record(unread_image_reason(&e), url, path, &format!("{e:#}"));
+            None
+        }
+    }
+}
+
+/// A sample of a step, decoded, augmented and tokenised.
+struct DecodedRow<'a> {
+    key: &'a str,
+    rgb: Vec<u8>,
+    second_rgb: Option<Vec<u8>>,
+    ids: Vec<i64>,
+    image_id: Option<i64>,
+    label: Option<i64>,
+    answers: Vec<(Vec<i64>, f32)>,
+}
+
+/// An image decoded; None (counted) when it cannot be.
+fn decoded(bytes: &[u8], key: &str, opts: &LoaderOptions, skips: &SkipCounts) -> Option<image::RgbImage> {
+    match decode_rgb(bytes, opts.max_pixels) {
+        Ok(img) => Some(img),
+        Err(e) => {
+            skips.record(skip_reason(e.reason()), "decode", key, &e.to_string());
+            None
+        }
+    }
+}
+
+/// The training transform (or, without augmentation, the resize to the model's resolution).
+fn augmented(image: &image::RgbImage, opts: &LoaderOptions, rng: &mut SplitMix64) -> image::RgbImage {
+    match &opts.augment {
+        Some(t) => t.apply(image, rng),
+        None => resize_exact(image, opts.image_res),
     }
 }
 
@@ -355,35 +409,39 @@ fn decode_step(
                 continue;
             }
         };
+        if needs.image_pairs && record.second_image.is_none() {
+            skips.record(SkipReason::MissingSecondImage, "decode", &record.key, "the task reads two images per row");
+            continue;
+        }
         let mut rng = sample_rng(opts.seed, epoch, *id);
-        let image = match decode_rgb(&record.image, opts.max_pixels) {
-            Ok(img) => img,
-            Err(e) => {
-                skips.record(skip_reason(e.reason()), "decode", &record.key, &e.to_string());
-                continue;
-            }
-        };
+        let Some(image) = decoded(&record.image, &record.key, opts, skips) else { continue };
         let caption = &record.captions[rng.below(record.captions.len())];
-        let image = match &opts.augment {
-            Some(t) => t.apply(&image, &mut rng),
-            None => resize_exact(&image, opts.image_res),
+        let image = augmented(&image, opts, &mut rng);
+        let second_rgb = match record.second_image.as_ref().filter(|_| needs.image_pairs) {
+            Some(bytes) => match decoded(bytes, &record.key, opts, skips) {
+                Some(second) => Some(augmented(&second, opts, &mut rng).into_raw()),
+                None => continue,
+            },
+            None => None,
         };
         let text = pre_caption(caption, opts.max_words);
         if text.is_empty() {
             skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
             continue;
         }
-        rows.push((record.key.as_str(), image.into_raw(), tokenizer.encode(&text), image_id, label, answers));
+        let ids = tokenizer.encode(&text);
+        rows.push(DecodedRow { key: &record.key, rgb: image.into_raw(), second_rgb, ids, image_id, label, answers });
     }
     let samples: Vec<Row> = rows
         .iter()
-        .map(|(key, rgb, ids, image_id, label, answers)| Row {
-            key,
-            rgb,
-            ids,
-            image_id: *image_id,
-            label: *label,
-            answers,
+        .map(|r| Row {
+            key: r.key,
+            rgb: &r.rgb,
+            second_rgb: r.second_rgb.as_deref(),
+            ids: &r.ids,
+            image_id: r.image_id,
+            label: r.label,
+            answers: &r.answers,
         })
         .collect();
     collate(&samples, opts.image_res as usize, tokenizer.pad_id())

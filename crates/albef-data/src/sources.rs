@@ -19,6 +19,8 @@ pub(crate) const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "g
 pub struct Record {
     pub key: String,
     pub image: Vec<u8>,
+    /// The row's second image (NLVR2), read when the task asks for it.
+    pub second_image: Option<Vec<u8>>,
     pub captions: Vec<String>,
     /// The image's id, from an annotation's `image_id` or the `.json` member's (retrieval).
     pub image_id: Option<String>,
@@ -380,7 +382,7 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
     if text.trim().is_empty() {
         return reject(SkipReason::EmptyCaption, "");
     }
-    Ok(Record { key, image, captions: vec![text], image_id, label, answers: vec![] })
+    Ok(Record { key, image, second_image: None, captions: vec![text], image_id, label, answers: vec![] })
 }
 
 /// One entry of an ALBEF annotation file.
@@ -388,6 +390,8 @@ fn record_of(m: Members, caption: &CaptionSource) -> std::result::Result<Record,
 pub struct Annotation {
     /// Image path relative to the configured image root.
     pub image: String,
+    /// The second image of an NLVR2 row (`"images": [first, second]`).
+    pub second_image: Option<String>,
     pub captions: Vec<String>,
     /// Retrieval splits identify images.
     pub image_id: Option<String>,
@@ -469,11 +473,11 @@ pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result
         .collect())
 }
 
-/// An entry: `image`, the text as `caption` (a string or a list), `sentence` (SNLI-VE) or
-/// `question` (VQA), and optionally `image_id`, `label`, `answer` (with `dataset`) and
-/// `question_id`.
+/// An entry: `image` (or NLVR2's `images`, one or two), the text as `caption` (a string or a
+/// list), `sentence` (SNLI-VE, NLVR2) or `question` (VQA), and optionally `image_id`, `label`,
+/// `answer` (with `dataset`) and `question_id`.
 fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, String> {
-    let image = item.get("image").and_then(|v| v.as_str()).ok_or("\"image\" is not a string")?;
+    let (image, second_image) = images_of(item)?;
     let text = item.get("caption").or_else(|| item.get("sentence")).or_else(|| item.get("question"));
     let captions: Vec<String> = match text {
         Some(serde_json::Value::String(s)) => vec![s.clone()],
@@ -492,7 +496,21 @@ fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, St
     let answers = item.get("answer").map(answers_of).transpose()?.unwrap_or_default();
     let question_id = item.get("question_id").map(image_id_of);
     let dataset = item.get("dataset").and_then(|d| d.as_str()).map(str::to_string);
-    Ok(Annotation { image: image.to_string(), captions, image_id, label, answers, question_id, dataset })
+    Ok(Annotation { image, second_image, captions, image_id, label, answers, question_id, dataset })
+}
+
+/// An entry's `image`, or the one or two paths of its `images` list.
+fn images_of(item: &serde_json::Value) -> std::result::Result<(String, Option<String>), String> {
+    if let Some(image) = item.get("image") {
+        return Ok((image.as_str().ok_or("\"image\" is not a string")?.to_string(), None));
+    }
+    let list = item.get("images").and_then(|v| v.as_array()).ok_or("no \"image\" (nor an \"images\" list)")?;
+    let paths: Vec<&str> = list.iter().map(|p| p.as_str()).collect::<Option<_>>().ok_or("an image path is not a string")?;
+    match paths[..] {
+        [one] => Ok((one.to_string(), None)),
+        [first, second] => Ok((first.to_string(), Some(second.to_string()))),
+        _ => Err(format!("\"images\" lists {} paths: one or two are read", paths.len())),
+    }
 }
 
 #[cfg(test)]

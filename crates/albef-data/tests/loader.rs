@@ -169,7 +169,7 @@ fn rows_carry_what_the_task_needs_and_rows_without_it_are_counted() {
         let mut batches: Vec<_> = loader.map(|b| b.batch).collect();
         (batches.pop().unwrap(), skips)
     };
-    let (b, skips) = load(RowNeeds { image_ids: true, labels: vec![], answers: false });
+    let (b, skips) = load(RowNeeds { image_ids: true, ..RowNeeds::default() });
     assert_eq!((b.batch_size, skips.get(SkipReason::MissingImageId)), (3, 1), "{}", skips.summary());
     let by_key: Vec<(String, i64)> = b.keys.iter().cloned().zip(b.image_ids.iter().copied()).collect();
     let id_of = |caption_row: usize| {
@@ -180,7 +180,7 @@ fn rows_carry_what_the_task_needs_and_rows_without_it_are_counted() {
     assert!(b.labels.is_empty());
 
     let classes = ["contradiction", "neutral", "entailment"].map(String::from).to_vec();
-    let (b, skips) = load(RowNeeds { image_ids: false, labels: classes, answers: false });
+    let (b, skips) = load(RowNeeds { labels: classes, ..RowNeeds::default() });
     assert_eq!((b.batch_size, skips.get(SkipReason::BadLabel)), (3, 1), "{}", skips.summary());
     let mut labels = b.labels.clone();
     labels.sort();

@@ -146,7 +146,9 @@ impl Albef {
         let mlm = match task {
             TaskKind::Pretrain => true,
             TaskKind::Retrieval => false,
-            TaskKind::Ve | TaskKind::Vqa => anyhow::bail!("task {} has a model of its own", task.name()),
+            TaskKind::Ve | TaskKind::Vqa | TaskKind::Nlvr | TaskKind::NlvrPretrain => {
+                anyhow::bail!("task {} has a model of its own", task.name())
+            }
         };
         let root = vs.root();
         let online = Scope::new(root.clone(), true);

@@ -33,6 +33,7 @@ pub mod bert;
 pub mod device;
 pub mod flops;
 pub mod momentum;
+pub mod nlvr;
 pub mod nn;
 pub mod pth;
 pub mod task_model;

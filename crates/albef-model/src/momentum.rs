@@ -111,9 +111,11 @@ pub fn import_encoders(
 pub fn import_reference(vs: &nn::VarStore, path: &Path, pairs: &MomentumPairs) -> Result<LoadReport> {
     let label = path.display();
     let mut tensors = weights::read_reference(path)?;
-    if vs.variables().keys().any(|k| k.starts_with("text_decoder.")) {
+    let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
+    if names.iter().any(|k| k.starts_with("text_decoder.")) {
         crate::vqa::derive_decoder(&mut tensors);
     }
+    crate::nlvr::pair_fusion_layers(&mut tensors, &names);
     let had_momentum = tensors.keys().any(|k| online_name_of(k).is_some());
     let mut report =
         weights::load_named(vs, tensors).with_context(|| format!("loading the ALBEF checkpoint {label}"))?;

@@ -70,7 +70,24 @@ pub fn build(
             let (vs, model, reports) = crate::vqa::AlbefVqa::fresh(cfg, seed, device)?;
             (vs, Box::new(model), reports)
         }
+        TaskKind::Nlvr => {
+            let (vs, model, reports) = crate::nlvr::AlbefNlvr::fresh(cfg, seed, device)?;
+            (vs, Box::new(model), reports)
+        }
+        TaskKind::NlvrPretrain => {
+            let (vs, model, reports) = crate::nlvr::AlbefNlvrPretrain::fresh(cfg, seed, device)?;
+            (vs, Box::new(model), reports)
+        }
     })
+}
+
+/// The classes of a task that classifies rows (SNLI-VE, NLVR2), in the order of their ids.
+pub fn classes(task: TaskKind) -> Option<&'static [&'static str]> {
+    match task {
+        TaskKind::Ve => Some(&crate::ve::VE_LABELS),
+        TaskKind::Nlvr => Some(&crate::nlvr::NLVR_LABELS),
+        TaskKind::Pretrain | TaskKind::Retrieval | TaskKind::Vqa | TaskKind::NlvrPretrain => None,
+    }
 }
 
 /// The model of `task` in `vs`, as constructed (to load a checkpoint into).
@@ -79,6 +96,8 @@ pub fn new_in(vs: &nn::VarStore, cfg: &ModelConfig, task: TaskKind) -> Result<Bo
         TaskKind::Pretrain | TaskKind::Retrieval => Box::new(crate::Albef::new(vs, cfg, task)?),
         TaskKind::Ve => Box::new(crate::ve::AlbefVe::new(vs, cfg)?),
         TaskKind::Vqa => Box::new(crate::vqa::AlbefVqa::new(vs, cfg)?),
+        TaskKind::Nlvr => Box::new(crate::nlvr::AlbefNlvr::new(vs, cfg)?),
+        TaskKind::NlvrPretrain => Box::new(crate::nlvr::AlbefNlvrPretrain::new(vs, cfg)?),
     })
 }
 
@@ -121,6 +140,17 @@ pub trait TaskModel: Send {
         None
     }
 
+    /// The model as a classifier of rows, where it is one (SNLI-VE, NLVR2).
+    fn as_classifier(&self) -> Option<&dyn Classifier> {
+        None
+    }
+
     /// The concrete model, for the task that built it (its evaluation) and for tests.
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A model that classifies each row of a batch (SNLI-VE, NLVR2), as its evaluation reads it.
+pub trait Classifier: TaskModel {
+    /// Class logits (B, classes) of the online model, in evaluation mode (no dropout).
+    fn predict(&self, batch: &Batch) -> Result<Tensor>;
 }

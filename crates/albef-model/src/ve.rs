@@ -9,7 +9,7 @@ use crate::albef::Batch;
 use crate::bert::{BertModel, Mode};
 use crate::momentum::MomentumPairs;
 use crate::nn::{Linear, Scope};
-use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
+use crate::task_model::{Classifier, Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
 use albef_config::ModelConfig;
 use anyhow::{Context, Result};
@@ -18,21 +18,22 @@ use tch::{Device, Kind, Tensor, nn};
 /// The classes, in the order of their ids (the reference's ve_dataset).
 pub const VE_LABELS: [&str; 3] = ["contradiction", "neutral", "entailment"];
 
-/// `cls_head`: Linear(hidden, hidden) -> ReLU -> Linear(hidden, 3), as `nn.Sequential` names it.
-struct ClassHead {
+/// `cls_head`: Linear(hidden, hidden) -> ReLU -> Linear(hidden, classes), as `nn.Sequential`
+/// names it (SNLI-VE's and NLVR2's).
+pub(crate) struct ClassHead {
     hidden: Linear,
     out: Linear,
 }
 
 impl ClassHead {
-    fn new(s: &Scope, hidden: i64) -> Self {
+    pub(crate) fn new(s: &Scope, hidden: i64, classes: usize) -> Self {
         ClassHead {
             hidden: Linear::torch_default(&s.sub("0"), hidden, hidden),
-            out: Linear::torch_default(&s.sub("2"), hidden, VE_LABELS.len() as i64),
+            out: Linear::torch_default(&s.sub("2"), hidden, classes as i64),
         }
     }
 
-    fn forward(&self, cls: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, cls: &Tensor) -> Tensor {
         self.out.forward(&self.hidden.forward(cls).relu())
     }
 }
@@ -49,7 +50,7 @@ impl Half {
         Half {
             visual: VisionTransformer::new(&s.sub(format!("visual_encoder{suffix}")), &cfg.vision, cfg.image_res),
             text: BertModel::new(&s.sub(format!("text_encoder{suffix}")).sub("bert"), &cfg.bert),
-            head: ClassHead::new(&s.sub(format!("cls_head{suffix}")), cfg.bert.hidden_size),
+            head: ClassHead::new(&s.sub(format!("cls_head{suffix}")), cfg.bert.hidden_size, VE_LABELS.len()),
         }
     }
 
@@ -91,11 +92,22 @@ impl AlbefVe {
     ) -> Result<(nn::VarStore, AlbefVe, Vec<crate::weights::LoadReport>)> {
         crate::momentum::fresh(cfg, seed, device, |vs| AlbefVe::new(vs, cfg), |m| &m.momentum)
     }
+}
 
-    /// Class logits (B, 3) of the online model, in evaluation mode (no dropout).
-    pub fn predict(&self, batch: &Batch) -> Tensor {
-        self.online.logits(batch, false)
+impl Classifier for AlbefVe {
+    fn predict(&self, batch: &Batch) -> Result<Tensor> {
+        Ok(self.online.logits(batch, false))
     }
+}
+
+/// `(1 - alpha) * CE(logits, labels) + alpha * mean(-sum(log_softmax(logits) * softmax(logits_m)))`:
+/// a classifier's loss distilled from its momentum copy's logits.
+pub(crate) fn distilled_cross_entropy(logits: &Tensor, labels: &Tensor, logits_m: &Tensor, alpha: f64) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let ce = logits.cross_entropy_for_logits(labels);
+    let soft = logits_m.to_kind(Kind::Float).softmax(1, Kind::Float);
+    let distill = -(logits.log_softmax(1, Kind::Float) * soft).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
+    ce * (1.0 - alpha) + distill * alpha
 }
 
 impl TaskModel for AlbefVe {
@@ -127,12 +139,12 @@ impl TaskModel for AlbefVe {
         alpha: f64,
     ) -> Result<Losses> {
         let labels = batch.labels.context("SNLI-VE needs each row's label")?;
-        let logits = self.online.logits(batch, true).to_kind(Kind::Float);
-        let ce = logits.cross_entropy_for_logits(labels);
-        let soft = m.local[0].to_kind(Kind::Float).softmax(1, Kind::Float);
-        let distill =
-            -(logits.log_softmax(1, Kind::Float) * soft).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
-        Ok(Losses(vec![("ve", ce * (1.0 - alpha) + distill * alpha)]))
+        let logits = self.online.logits(batch, true);
+        Ok(Losses(vec![("ve", distilled_cross_entropy(&logits, labels, &m.local[0], alpha))]))
+    }
+
+    fn as_classifier(&self) -> Option<&dyn Classifier> {
+        Some(self)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

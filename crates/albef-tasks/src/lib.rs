@@ -1,10 +1,11 @@
 //! The tasks the training loop trains (`albef_train::task::Task`), by name (`task` in the
 //! configuration): pretraining, and the downstream tasks, each a module; [`open`] names them.
 
+pub mod classification;
+pub mod nlvr_pretrain;
 pub mod pretrain;
 pub mod retrieval;
 pub mod retrieval_eval;
-pub mod ve;
 pub mod vqa;
 
 use albef_config::{AlbefConfig, TaskKind};
@@ -19,7 +20,8 @@ pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Box<dyn
     Ok(match cfg.task {
         TaskKind::Pretrain => Box::new(pretrain::Pretraining::open(cfg, run_dir, handle)?),
         TaskKind::Retrieval => Box::new(retrieval::Retrieval::open(cfg, run_dir, handle)?),
-        TaskKind::Ve => Box::new(ve::VisualEntailment::open(cfg, run_dir, handle)?),
+        TaskKind::Ve | TaskKind::Nlvr => Box::new(classification::Classification::open(cfg, run_dir, handle)?),
+        TaskKind::NlvrPretrain => Box::new(nlvr_pretrain::TextAssignment::open(cfg, run_dir, handle)?),
         TaskKind::Vqa => Box::new(vqa::VisualQuestionAnswering::open(cfg, run_dir, handle)?),
     })
 }

@@ -607,7 +607,10 @@ pub fn batch_tensors(b: &HostBatch, device: Device) -> BatchTensors {
         _ => t,
     };
     BatchTensors {
-        image: upload(Tensor::from_slice(&b.images).view([n, 3, r, r])),
+        image: upload(match b.images_per_row {
+            1 => Tensor::from_slice(&b.images).view([n, 3, r, r]),
+            k => Tensor::from_slice(&b.images).view([n, k as i64, 3, r, r]),
+        }),
         input_ids: upload(Tensor::from_slice(&b.input_ids).view([n, l])),
         attention_mask: upload(Tensor::from_slice(&b.attention_mask).view([n, l])),
         image_ids: (!b.image_ids.is_empty()).then(|| upload(Tensor::from_slice(&b.image_ids))),

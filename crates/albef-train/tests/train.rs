@@ -49,7 +49,15 @@ fn fixed_batches(cfg: &AlbefConfig, n: u64, b: u64) -> Vec<BatchTensors> {
             let samples: Vec<_> = chunk
                 .iter()
                 .zip(&ids)
-                .map(|(p, ids)| Row { key: &p.key, rgb: &p.rgb, ids, image_id: None, label: None, answers: &[] })
+                .map(|(p, ids)| Row {
+                    key: &p.key,
+                    rgb: &p.rgb,
+                    second_rgb: None,
+                    ids,
+                    image_id: None,
+                    label: None,
+                    answers: &[],
+                })
                 .collect();
             batch_tensors(&collate(&samples, spec.image_res, tok.pad_id()), Device::Cpu)
         })
@@ -420,6 +428,7 @@ fn retrieval_batch(cfg: &AlbefConfig, images: &[u64]) -> BatchTensors {
         .map(|(p, ids)| Row {
             key: &p.key,
             rgb: &p.rgb,
+            second_rgb: None,
             ids,
             image_id: Some(image_index(&p.key)),
             label: None,
@@ -575,6 +584,69 @@ fn vqa_steps_and_answer_ranking_agree_with_an_independent_pytorch_implementation
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{report}");
     assert!(out.status.success(), "{report}");
+}
+
+/// NLVR2 fine-tuning steps equal an independent PyTorch implementation of the reference's
+/// model_nlvr.py (tests/python/reference_nlvr.py: the fusion layers as pairs of blocks reading
+/// image 0 then image 1 with their cross-attention key and value shared, an MLP head on the fused
+/// [CLS], distilled from the momentum model's), from online weights moved away from their
+/// momentum copies, rows of two different images and both labels: losses, gradients (the shared
+/// projections' summed over both blocks) and the state after each step within 1e-5.
+#[test]
+fn nlvr_steps_agree_with_an_independent_pytorch_implementation() {
+    let _rng = serial();
+    let mut cfg = small_config();
+    cfg.task = TaskKind::Nlvr;
+    cfg.model.bert.hidden_dropout_prob = 0.0;
+    cfg.model.bert.attention_probs_dropout_prob = 0.0;
+    let pairs = |from: u64, labels: [i64; 4]| {
+        let mut b = fixed_batches(&cfg, from + 4, 4).pop().unwrap();
+        let second = fixed_batches(&cfg, from + 8, 4).pop().unwrap();
+        b.image = Tensor::stack(&[&b.image, &second.image], 1);
+        b.labels = Some(Tensor::from_slice(&labels));
+        b
+    };
+    let batches = [pairs(0, [0, 1, 1, 0]), pairs(8, [1, 0, 0, 1])];
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let names: Vec<String> = trainer.var_store().variables().into_keys().collect();
+    let (fusion, layers) = (cfg.model.bert.fusion_layer, cfg.model.bert.num_hidden_layers);
+    let block = |n: i64, part: &str| format!("text_encoder.bert.encoder.layer.{n}.{part}");
+    let last = fusion + 2 * (layers - fusion) - 1;
+    assert!(names.contains(&block(last, "crossattention.self.key.weight")), "{} blocks", last + 1);
+    assert!(!names.contains(&block(last + 1, "attention.self.query.weight")));
+    assert!(!names.contains(&block(fusion, "crossattention.self.key.weight")), "the first block's key is shared");
+    assert!(names.contains(&block(fusion, "crossattention.self.query.weight")));
+    perturb(&trainer, |_| {});
+    check_steps_in_python(&cfg, &mut trainer, &batches, |_| vec![], "reference_nlvr.py", (dir.path(), &rt));
+}
+
+/// NLVR2's text-assignment steps equal the reference's model_pretrain_nlvr.py in PyTorch on the
+/// trainer's draws (which images fill slot 0 and slot 1 of each row, and the class), with a
+/// batch whose draws cover the classes: losses, gradients and state within 1e-5.
+#[test]
+fn text_assignment_steps_agree_with_an_independent_pytorch_implementation() {
+    let _rng = serial();
+    let mut cfg = small_config();
+    cfg.task = TaskKind::NlvrPretrain;
+    cfg.model.bert.hidden_dropout_prob = 0.0;
+    cfg.model.bert.attention_probs_dropout_prob = 0.0;
+    let batches = fixed_batches(&cfg, 16, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut trainer = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let model = || -> &albef_model::nlvr::AlbefNlvrPretrain { trainer.model().as_any().downcast_ref().unwrap() };
+    model().record_draws();
+    perturb(&trainer, |_| {});
+    let drawn = |trainer: &Trainer| {
+        let model: &albef_model::nlvr::AlbefNlvrPretrain = trainer.model().as_any().downcast_ref().unwrap();
+        let [a] = <[_; 1]>::try_from(model.take_draws()).ok().expect("one micro-batch's draws");
+        let classes = Vec::<i64>::try_from(&a.labels).unwrap();
+        assert!((0..3).all(|c| classes.contains(&c)), "classes {classes:?} do not cover the three");
+        vec![("slots", a.slots), ("ta_labels", a.labels)]
+    };
+    check_steps_in_python(&cfg, &mut trainer, &batches, drawn, "reference_nlvr.py", (dir.path(), &rt));
 }
 
 /// Clipping by the global norm equals PyTorch's clip_grad_norm_ (tests/python/check_clip.py) on

@@ -17,7 +17,7 @@ use albef_eval::vqa::{
     write_results,
 };
 use albef_model::device;
-use albef_model::ve::{AlbefVe, VE_LABELS};
+use albef_model::task_model::{self, Classifier};
 use albef_model::vqa::AlbefVqa;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
@@ -258,8 +258,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let handle = rt.handle();
     let started = Instant::now();
     let model = load_model(&args.model, handle)?;
-    if let Some(ve) = model.model.as_any().downcast_ref::<AlbefVe>() {
-        return run_ve(&args, &model, ve, handle);
+    if let Some(classifier) = model.model.as_classifier() {
+        return run_classification(&args, &model, classifier, handle);
     }
     if let Some(vqa) = model.model.as_any().downcast_ref::<AlbefVqa>() {
         return run_vqa(&args, &model, vqa, handle);
@@ -351,15 +351,19 @@ pub struct AccuracyReport {
     pub device: String,
 }
 
-/// An SNLI-VE model's accuracy on the labelled split of --data (rows `{image, sentence, label}`).
-fn run_ve(args: &EvalArgs, model: &EvalModel, ve: &AlbefVe, handle: &Handle) -> Result<()> {
+/// A classifier's accuracy on the labelled split of --data (SNLI-VE rows `{image, sentence,
+/// label}`, NLVR2 rows `{images, sentence, label}`).
+fn run_classification(args: &EvalArgs, model: &EvalModel, classifier: &dyn Classifier, handle: &Handle) -> Result<()> {
     let started = Instant::now();
-    let url = args.data.as_deref().context("--data: an SNLI-VE model is evaluated on a labelled split")?;
+    let task = model.cfg.task.name();
+    let url =
+        args.data.as_deref().with_context(|| format!("--data: a {task} model is evaluated on a labelled split"))?;
+    let classes = task_model::classes(model.cfg.task).context("the model classifies rows")?;
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), model, Some(url), handle)?;
     let d = &model.cfg.data;
     let opts = SplitOptions::for_data(d, args.image_root.clone())?;
-    let split = LabelledSplit::load(url, &VE_LABELS, &opts, handle)?;
-    let counts = accuracy_shard(ve, &split, &tokenizer, (args.model.batch_size, model.cfg.train.bf16), (0, 1))?;
+    let split = LabelledSplit::load(url, classes, &opts, handle)?;
+    let counts = accuracy_shard(classifier, &split, &tokenizer, (args.model.batch_size, model.cfg.train.bf16), (0, 1))?;
     let report = AccuracyReport {
         model: model.source.clone(),
         step: model.step,

@@ -1,15 +1,18 @@
-//! Visual entailment (SNLI-VE), as the reference's VE.py: does the image entail, contradict or
-//! leave neutral the sentence? Rows `{image, sentence, label}`; fine-tuned from a pretrained
-//! checkpoint (`model.init_checkpoint`); evaluated by accuracy on `job.eval_data`, which selects
-//! the best checkpoint.
+//! The tasks that classify rows, fine-tuned from a pretrained checkpoint (`model.init_checkpoint`)
+//! and evaluated by accuracy on `job.eval_data`, which selects the best checkpoint (and on
+//! `job.test_data`):
+//! - visual entailment (SNLI-VE), as the reference's VE.py: does the image entail, contradict or
+//!   leave neutral the sentence? Rows `{image, sentence, label}`.
+//! - NLVR2, as the reference's NLVR.py: is the sentence true of the pair of images? Rows
+//!   `{images: [first, second], sentence, label: "True" | "False"}`.
 
-use albef_config::AlbefConfig;
+use albef_config::{AlbefConfig, TaskKind};
 use albef_data::HostBatch;
 use albef_data::dataset::Dataset;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::classification::{LabelledSplit, accuracy, accuracy_shard};
-use albef_model::ve::{AlbefVe, VE_LABELS};
+use albef_model::task_model::{self, Classifier};
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
 use anyhow::{Context, Result, ensure};
@@ -21,7 +24,10 @@ use tokio::runtime::Handle;
 /// The metric that selects the best checkpoint.
 const SELECTS_BY: &str = "accuracy";
 
-pub struct VisualEntailment {
+pub struct Classification {
+    kind: TaskKind,
+    /// The classes, in the order of their ids.
+    classes: &'static [&'static str],
     cfg: AlbefConfig,
     dataset: Dataset,
     /// The evaluation split (its accuracy selects) and the test split, if configured: each the
@@ -30,26 +36,32 @@ pub struct VisualEntailment {
     handle: Handle,
 }
 
-impl VisualEntailment {
+impl Classification {
+    /// The task of `cfg` (ve or nlvr).
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
+        let kind = cfg.task;
+        let classes =
+            task_model::classes(kind).with_context(|| format!("task {} does not classify rows", kind.name()))?;
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
-        dataset.needs.labels = VE_LABELS.map(String::from).to_vec();
+        dataset.needs.labels = classes.iter().map(|c| c.to_string()).collect();
+        dataset.needs.image_pairs = kind == TaskKind::Nlvr;
         let mut splits = vec![("", cfg.job.eval_data.clone(), None)];
         if !cfg.job.test_data.is_empty() {
             splits.push(("test/", cfg.job.test_data.clone(), None));
         }
-        Ok(VisualEntailment { cfg: cfg.clone(), dataset, splits, handle })
+        Ok(Classification { kind, classes, cfg: cfg.clone(), dataset, splits, handle })
     }
 
     /// Split `i`, read at its first evaluation.
     fn split(&mut self, i: usize) -> Result<&LabelledSplit> {
         let (_, url, split) = &mut self.splits[i];
         if split.is_none() {
-            ensure!(!url.is_empty(), "evaluating SNLI-VE needs job.eval_data (a labelled annotation file)");
+            let name = self.kind.name();
+            ensure!(!url.is_empty(), "evaluating {name} needs job.eval_data (a labelled annotation file)");
             let d = &self.cfg.data;
             let opts = SplitOptions::for_data(d, None)?;
-            let read = LabelledSplit::load(url, &VE_LABELS, &opts, &self.handle)
-                .with_context(|| format!("loading the SNLI-VE split {url}"))?;
+            let read = LabelledSplit::load(url, self.classes, &opts, &self.handle)
+                .with_context(|| format!("loading the {name} split {url}"))?;
             *split = Some(read);
         }
         Ok(split.as_ref().expect("read above"))
@@ -59,7 +71,7 @@ impl VisualEntailment {
     fn evaluate_split(
         &mut self,
         i: usize,
-        model: &AlbefVe,
+        model: &dyn Classifier,
         collective: &dyn Collective,
         step: u64,
     ) -> Result<Option<Evaluation>> {
@@ -80,23 +92,24 @@ impl VisualEntailment {
     }
 }
 
-impl Task for VisualEntailment {
+impl Task for Classification {
     fn name(&self) -> &'static str {
-        "ve"
+        self.kind.name()
     }
 
     fn dataset(&self) -> &Dataset {
         &self.dataset
     }
 
-    /// Any labelled row can be trained on.
+    /// Any labelled row can be trained on (NLVR2's with its two images).
     fn trainable(&self, batch: &HostBatch) -> bool {
-        batch.batch_size >= 1 && batch.labels.len() == batch.batch_size
+        let images = if self.kind == TaskKind::Nlvr { 2 } else { 1 };
+        batch.batch_size >= 1 && batch.labels.len() == batch.batch_size && batch.images_per_row == images
     }
 
     /// Accuracy on the evaluation split, and on the test split when there is one.
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
-        let model = trainer.model().as_any().downcast_ref::<AlbefVe>().context("SNLI-VE evaluation needs its model")?;
+        let model = trainer.model().as_classifier().context("a classifying task's evaluation needs a classifier")?;
         let mut parts = vec![];
         for i in 0..self.splits.len() {
             if let Some(e) = self.evaluate_split(i, model, collective, step)? {
