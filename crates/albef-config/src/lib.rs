@@ -37,7 +37,7 @@ pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
-    OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, WorkerConfig,
+    OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,
 };
 
 /// The tasks a job can train (`task`).
@@ -133,6 +133,10 @@ impl AlbefConfig {
         ensure!(self.data.randaug_m <= 10, "data.randaug_m is a magnitude out of 10");
         if self.task == TaskKind::Vqa {
             let b = &self.model.bert;
+        for t in &self.data.train_file {
+            let positive = t.weight.is_none_or(|w| w.is_finite() && w > 0.0);
+            ensure!(positive, "data.train_file: {}: the weight must be positive (got {:?})", t.source, t.weight);
+        }
             ensure!(
                 b.encoder_width == b.hidden_size && b.fusion_layer < b.num_hidden_layers,
                 "task vqa: the answer decoder is made of the fusion layers, whose cross-attention then reads \
@@ -216,15 +220,20 @@ impl ConfigSources {
 /// Loads, layers and validates the configuration.
 pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
     // The preset decides the defaults every other layer sits on, so read it first.
-    let upper = layered(config::Config::builder(), sources)?.build().context("reading configuration")?;
+    let upper = layered(config::Config::builder())?.build().context("reading configuration")?;
+    load_with_environment(sources, std::env::vars().collect())
+}
+
+/// [`load`] with `environment` as the process's variables.
+fn load_with_environment(sources: &ConfigSources, environment: config::Map<String, String>) -> Result<AlbefConfig> {
+    let layered = |builder| layered(builder, sources, &environment);
     let preset: Preset = match upper.get_string("model.preset") {
         Ok(s) => s.parse()?,
         Err(config::ConfigError::NotFound(_)) => Preset::default(),
         Err(e) => return Err(e).context("reading model.preset"),
     };
     let defaults = config::Config::try_from(&AlbefConfig::defaults(preset)).context("encoding defaults")?;
-    let merged =
-        layered(config::Config::builder().add_source(defaults), sources)?.build().context("reading configuration")?;
+    let merged = layered(config::Config::builder().add_source(defaults))?.build().context("reading configuration")?;
     let cfg: AlbefConfig = merged.try_deserialize().map_err(|e| explain(e, preset))?;
     cfg.validate()?;
     Ok(cfg)
@@ -255,6 +264,7 @@ fn layered(
     sources: &ConfigSources,
 ) -> Result<config::ConfigBuilder<config::builder::DefaultState>> {
     if let Some(path) = &sources.file {
+    environment: &config::Map<String, String>,
         anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
         builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Yaml));
     }
@@ -266,11 +276,23 @@ fn layered(
                 .list_separator(",")
                 .with_list_parse_key("optimizer.betas")
                 .with_list_parse_key("data.crop_scale")
-                .with_list_parse_key("data.train_file")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(environment.clone())),
         );
     }
     for kv in &sources.overrides {
+        // The training sources' list is read as `--set` reads it (brackets optional): brace
+        // patterns keep their commas and `{source: ..., weight: ...}` entries are mappings. Set
+        // before the `--set` overrides, which replace it.
+        let key = format!("{ENV_PREFIX}{ENV_SEPARATOR}DATA{ENV_SEPARATOR}TRAIN_FILE");
+        if let Some(list) = environment.get(&key) {
+            let list = match list.trim().starts_with('[') {
+                true => list.trim().to_string(),
+                false => format!("[{list}]"),
+            };
+            let value = parse_override(&list).with_context(|| format!("{key}={list:?}"))?;
+            builder = builder.set_override("data.train_file", value)?;
+        }
         let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected key=value"))?;
         let key = key.trim();
         anyhow::ensure!(!key.is_empty(), "--set {kv:?}: empty key");
@@ -313,8 +335,9 @@ fn list_items(inner: &str) -> Result<Vec<&str>> {
     Ok(items.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
-/// One value: a quoted string without its quotes, else what YAML reads when it reads a scalar,
-/// else the literal string (an empty value is an empty string, as `key=` means).
+/// One value: a quoted string without its quotes, else what YAML reads when it reads a scalar
+/// or a mapping with a `source` key (a weighted training source), else the literal string (an
+/// empty value is an empty string, as `key=` means).
 fn scalar(value: &str) -> config::Value {
     let unquoted = ['"', '\''].iter().find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)));
     if let Some(s) = unquoted {
@@ -327,15 +350,14 @@ fn scalar(value: &str) -> config::Value {
     let parsed =
         config::Config::builder().add_source(doc).build().ok().and_then(|c| c.get::<config::Value>("value").ok());
     match parsed {
-        Some(v)
-            if !matches!(
-                v.kind,
-                config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil
-            ) =>
-        {
-            v
-        }
-        _ => config::Value::from(value.to_string()),
+        Some(v) => match &v.kind {
+            config::ValueKind::Table(t) if t.contains_key("source") => v,
+            config::ValueKind::Table(_) | config::ValueKind::Array(_) | config::ValueKind::Nil => {
+                config::Value::from(value.to_string())
+            }
+            _ => v,
+        },
+        None => config::Value::from(value.to_string()),
     }
 }
 

@@ -205,9 +205,8 @@ fn read_plan(
         // Positions of a window are contiguous in lease order: read them as source ranges.
         let mut pos = window.start;
         while pos < window.end {
-            let (source, ordinal) = plan.sample_at(pos);
-            let lease = plan.leases.iter().find(|l| l.source == source && (l.start..l.end).contains(&ordinal));
-            let lease_end = lease.map_or(ordinal + 1, |l| l.end);
+            let (lease, ordinal) = plan.lease_at(pos);
+            let (source, lease_end) = (lease.source, lease.end);
             let take = (lease_end - ordinal).min(window.end - pos);
             let base = pos;
             let to_pos = |o: u64| base + (o - ordinal);
@@ -233,8 +232,8 @@ fn read_plan(
                 .step_positions(step)
                 .into_iter()
                 .filter_map(|p| {
-                    let (source, ordinal) = plan.sample_at(p);
-                    records.get(&p).map(|r| (first_ids[source as usize] + ordinal, r.clone()))
+                    let id = plan.draw_at(p).id(&first_ids, index.total());
+                    records.get(&p).map(|r| (id, r.clone()))
                 })
                 .collect();
             if jobs.send(StepJob { step, samples }).is_err() {
