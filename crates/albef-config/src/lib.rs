@@ -131,12 +131,12 @@ impl AlbefConfig {
         ensure!(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale must satisfy 0 < min <= max <= 1");
         ensure!((0.0..=1.0).contains(&self.data.hflip_p), "data.hflip_p must lie in [0, 1]");
         ensure!(self.data.randaug_m <= 10, "data.randaug_m is a magnitude out of 10");
-        if self.task == TaskKind::Vqa {
-            let b = &self.model.bert;
         for t in &self.data.train_file {
             let positive = t.weight.is_none_or(|w| w.is_finite() && w > 0.0);
             ensure!(positive, "data.train_file: {}: the weight must be positive (got {:?})", t.source, t.weight);
         }
+        if self.task == TaskKind::Vqa {
+            let b = &self.model.bert;
             ensure!(
                 b.encoder_width == b.hidden_size && b.fusion_layer < b.num_hidden_layers,
                 "task vqa: the answer decoder is made of the fusion layers, whose cross-attention then reads \
@@ -219,14 +219,14 @@ impl ConfigSources {
 
 /// Loads, layers and validates the configuration.
 pub fn load(sources: &ConfigSources) -> Result<AlbefConfig> {
-    // The preset decides the defaults every other layer sits on, so read it first.
-    let upper = layered(config::Config::builder())?.build().context("reading configuration")?;
     load_with_environment(sources, std::env::vars().collect())
 }
 
 /// [`load`] with `environment` as the process's variables.
 fn load_with_environment(sources: &ConfigSources, environment: config::Map<String, String>) -> Result<AlbefConfig> {
     let layered = |builder| layered(builder, sources, &environment);
+    // The preset decides the defaults every other layer sits on, so read it first.
+    let upper = layered(config::Config::builder())?.build().context("reading configuration")?;
     let preset: Preset = match upper.get_string("model.preset") {
         Ok(s) => s.parse()?,
         Err(config::ConfigError::NotFound(_)) => Preset::default(),
@@ -262,9 +262,9 @@ fn explain(e: config::ConfigError, preset: Preset) -> anyhow::Error {
 fn layered(
     mut builder: config::ConfigBuilder<config::builder::DefaultState>,
     sources: &ConfigSources,
+    environment: &config::Map<String, String>,
 ) -> Result<config::ConfigBuilder<config::builder::DefaultState>> {
     if let Some(path) = &sources.file {
-    environment: &config::Map<String, String>,
         anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
         builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Yaml));
     }
@@ -279,8 +279,6 @@ fn layered(
                 .try_parsing(true)
                 .source(Some(environment.clone())),
         );
-    }
-    for kv in &sources.overrides {
         // The training sources' list is read as `--set` reads it (brackets optional): brace
         // patterns keep their commas and `{source: ..., weight: ...}` entries are mappings. Set
         // before the `--set` overrides, which replace it.
@@ -293,6 +291,8 @@ fn layered(
             let value = parse_override(&list).with_context(|| format!("{key}={list:?}"))?;
             builder = builder.set_override("data.train_file", value)?;
         }
+    }
+    for kv in &sources.overrides {
         let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected key=value"))?;
         let key = key.trim();
         anyhow::ensure!(!key.is_empty(), "--set {kv:?}: empty key");
