@@ -2,11 +2,12 @@
 //! compiled against the torch wheel's headers: the CUDA autocast dtype (`set_cuda_autocast_bf16`;
 //! tch's `autocast` is fp16-only), TF32 switches (`set_tf32`), and PyTorch's fused AdamW kernel
 //! (`fused_adamw` with `AdamWHyper`: `at::_fused_adamw_`, on CPU and CUDA), `clear_grads`
-//! (`zero_grad(set_to_none=True)`), `clip_grad_norm` (PyTorch's, on foreach kernels), copies that do not wait (`copy_non_blocking`, for checkpoint
-//! snapshots), the caching allocator's peak memory (`device_memory_peaks`, for `albef bench`), and
-//! hooks that hand each parameter's gradient to
-//! Rust the moment a backward has accumulated it (`GradReadyHooks`, for the gradient all-reduce
-//! that overlaps the backward). `albef-model` uses the first two for `train.bf16` and
+//! (`zero_grad(set_to_none=True)`), `clip_grad_norm` (PyTorch's, on foreach kernels), copies that
+//! do not wait (`copy_non_blocking`, for checkpoint snapshots), the caching allocator's peak
+//! memory (`device_memory_peaks`, for `albef bench`), activation checkpointing (`checkpoint`:
+//! `torch.utils.checkpoint` for a block written in Rust), and hooks that hand each parameter's
+//! gradient to Rust the moment a backward has accumulated it (`GradReadyHooks`, for the gradient
+//! all-reduce that overlaps the backward). `albef-model` uses the first two for `train.bf16` and
 //! `train.tf32`, `albef-train`'s optimiser the third. The shim catches C++ exceptions: libtorch
 //! errors come back as `Result` errors.
 
@@ -46,10 +47,21 @@ unsafe extern "C" {
         f: Option<GradReadyFn>,
         target: *mut c_void,
     ) -> *mut c_char;
+    fn albef_checkpoint(
+        run: BlockFn,
+        drop: DropFn,
+        block: *mut c_void,
+        tensors: *const CTensor,
+        n_inputs: usize,
+        n_params: usize,
+        out: *mut CTensor,
+    ) -> *mut c_char;
     fn albef_free_error(message: *mut c_char);
 }
 
 type GradReadyFn = unsafe extern "C" fn(target: *mut c_void, index: usize, grad: CTensor);
+type BlockFn = unsafe extern "C" fn(block: *mut c_void, inputs: *const CTensor, n: usize) -> CTensor;
+type DropFn = unsafe extern "C" fn(block: *mut c_void);
 
 fn check(message: *mut c_char) -> Result<()> {
     if message.is_null() {
@@ -117,6 +129,60 @@ pub fn device_memory_peaks(device: usize) -> Result<(i64, i64)> {
 pub fn reset_device_memory_peaks(device: usize) -> Result<()> {
     // SAFETY: plain index; the shim catches every C++ exception.
     check(unsafe { albef_reset_device_memory_peaks(device as i32) })
+}
+
+/// `block(inputs)` under activation checkpointing (`torch.utils.checkpoint`): where a backward
+/// will need it (grad mode on, and an input or one of `params` requiring grad), the forward runs
+/// without grad and keeps only `inputs` and the state of their device's generator (the CPU's, or
+/// the CUDA device's); the backward restores that state and the forward's autocast, runs `block`
+/// again with grad, and back-propagates through it, then puts the caller's generator state back.
+/// Dropout masks are therefore the forward's, the gradients those of the plain block bit for bit,
+/// and the draws after the backward those there would have been without checkpointing.
+///
+/// `params` must hold every tensor requiring grad that `block` reads besides its inputs: their
+/// gradients reach them through the graph, so they accumulate, and [`GradReadyHooks`] fire, as
+/// without checkpointing (one that is missing gets no gradient from the block). Elsewhere
+/// `block(inputs)` runs plainly. `block` is called once at a time, the second time (the
+/// recompute) on the backward's thread: hence `Send`.
+pub fn checkpoint<F>(block: F, inputs: &[&Tensor], params: &[&Tensor]) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> Tensor + Send + 'static,
+{
+    let ptrs: Vec<CTensor> = inputs.iter().chain(params).map(|t| t.as_ptr() as CTensor).collect();
+    let block = Box::into_raw(Box::new(block)) as *mut c_void;
+    let mut out: CTensor = std::ptr::null_mut();
+    // SAFETY: the pointers come from live tch Tensors borrowed for the call (the shim copies the
+    // handles it keeps); the shim owns `block` from here on and frees it with drop_block::<F>.
+    check(unsafe {
+        albef_checkpoint(run_block::<F>, drop_block::<F>, block, ptrs.as_ptr(), inputs.len(), params.len(), &mut out)
+    })?;
+    // SAFETY: on success `out` is a fresh handle from the shim, owned by the returned Tensor.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+unsafe extern "C" fn run_block<F: Fn(&[Tensor]) -> Tensor>(
+    block: *mut c_void,
+    inputs: *const CTensor,
+    n: usize,
+) -> CTensor {
+    // SAFETY: the shim hands over `n` new handles, which we own, and the block it owns.
+    let inputs: Vec<Tensor> = (0..n).map(|i| unsafe { Tensor::from_ptr(*inputs.add(i)) }).collect();
+    let block = unsafe { &*(block as *const F) };
+    // A panic must not unwind into libtorch: the shim turns NULL into an error (the panic hook
+    // has printed the message).
+    match catch_unwind(AssertUnwindSafe(|| block(&inputs))) {
+        Ok(mut output) => {
+            let handle = output.as_mut_ptr();
+            std::mem::forget(output);
+            handle
+        }
+        Err(_) => std::ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn drop_block<F>(block: *mut c_void) {
+    // SAFETY: `block` came from Box::into_raw in `checkpoint`, and the shim frees it once.
+    drop(unsafe { Box::from_raw(block as *mut F) });
 }
 
 /// Hyper-parameters of one AdamW parameter group.
