@@ -11,10 +11,10 @@
 //! `alpha`, `batch_size_train`, `schedular`, ...).
 //!
 //! Sections: `model` (`ModelConfig` with `VisionConfig`, `BertConfig` and `ItcNegatives`),
-//! `optimizer`, `schedular`, `train` (seed, per-rank batch, device, bf16, TF32, steps), `data`
-//! (sources, tokenizer, transforms, loader, bad-input limits, generated data), `job` (run
-//! directory, rendezvous, elasticity and stragglers, heartbeats, collectives and gradient buckets,
-//! virtual ranks, checkpoints, evaluation, non-finite steps, the audit), `coordinator` (addresses,
+//! `optimizer`, `schedular`, `train` (seed, per-rank batch, device, bf16, TF32, steps, activation
+//! checkpointing), `data` (sources, tokenizer, transforms, loader, bad-input limits, generated
+//! data), `job` (run directory, rendezvous, elasticity and stragglers, heartbeats, collectives and
+//! gradient buckets, virtual ranks, checkpoints, evaluation, non-finite steps, the audit), `coordinator` (addresses,
 //! tokens, TLS, metrics, exit when finished) and `worker` (this machine's metrics endpoint, peak FLOP/s
 //! and local ranks). `AlbefConfig::total_steps` is the one definition of a job's length.
 //!
@@ -35,6 +35,7 @@ use std::path::Path;
 
 pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
+pub use train::ActivationCheckpointing;
 pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
     OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,

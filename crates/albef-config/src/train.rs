@@ -136,6 +136,34 @@ pub enum CollectiveBackend {
     Nccl,
 }
 
+/// Which encoders' transformer blocks are checkpointed (`train.activation_checkpointing`): in the
+/// forward they keep only their inputs, and they run again in the backward, trading that compute
+/// for their activations' memory. Gradients are the same either way, bit for bit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationCheckpointing {
+    #[default]
+    None,
+    /// The image encoder's ViT blocks.
+    Vit,
+    /// The BERT layers of the text encoder and the fusion encoder (and of VQA's answer decoder).
+    Text,
+    /// Both.
+    All,
+}
+
+impl ActivationCheckpointing {
+    /// Whether the ViT blocks are checkpointed.
+    pub fn vit(self) -> bool {
+        matches!(self, ActivationCheckpointing::Vit | ActivationCheckpointing::All)
+    }
+
+    /// Whether the BERT layers are checkpointed.
+    pub fn text(self) -> bool {
+        matches!(self, ActivationCheckpointing::Text | ActivationCheckpointing::All)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -152,6 +180,9 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// libtorch intra-op threads (0: libtorch's default).
     pub num_threads: i32,
+    /// Transformer blocks of the online encoders that recompute their activations in the
+    /// backward instead of keeping them: none, vit, text or all.
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 impl Default for TrainConfig {
@@ -165,6 +196,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             log_every: 50,
             num_threads: 0,
+            activation_checkpointing: ActivationCheckpointing::None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! text encoder; the layers from it on add cross-attention to the image tokens (the fusion
 //! encoder). `BertForMaskedLm` adds the tied MLM head (`cls.predictions`).
 
+use crate::activation_checkpointing;
 use crate::nn::{Embedding, Init, LayerNorm, Linear, Scope, attention, dropout};
 use albef_config::BertConfig;
 use tch::{Kind, Tensor};
@@ -56,6 +57,22 @@ impl AttentionBlock {
         let out = dropout(&self.dense.forward(&ctx), self.hidden_dropout, train);
         self.norm.forward(&(out + x))
     }
+
+    fn shared(&self) -> AttentionBlock {
+        AttentionBlock {
+            query: self.query.shared(),
+            key: self.key.shared(),
+            value: self.value.shared(),
+            dense: self.dense.shared(),
+            norm: self.norm.shared(),
+            ..*self
+        }
+    }
+
+    fn params(&self) -> impl Iterator<Item = &Tensor> {
+        let linears = [&self.query, &self.key, &self.value, &self.dense].map(Linear::params);
+        linears.into_iter().chain([self.norm.params()]).flatten()
+    }
 }
 
 #[derive(Debug)]
@@ -96,6 +113,56 @@ impl Layer {
         let h = self.intermediate.forward(&x).gelu("none");
         let out = dropout(&self.output.forward(&h), self.hidden_dropout, train);
         self.output_norm.forward(&(out + x))
+    }
+
+    /// [`Layer::forward`], checkpointed when the thread's mode covers the BERT layers.
+    fn forward_maybe_checkpointed(
+        &self,
+        x: &Tensor,
+        keep: &Tensor,
+        cross: Option<(&Tensor, Option<&Tensor>)>,
+        train: bool,
+    ) -> Tensor {
+        if !activation_checkpointing::mode().text() {
+            // A checkpointed layer hands back each input's gradient summed over its uses inside
+            // the layer; an alias as the layer's input sums them so here too, before they meet
+            // the input's uses outside (the text encoder's output feeds several fusion passes,
+            // the image tokens every fusion layer): then the sums, and the gradients, are the
+            // same bit for bit.
+            let x = x.alias();
+            let cross = cross.map(|(states, states_keep)| (states.alias(), states_keep));
+            return self.forward(&x, keep, cross.as_ref().map(|(states, states_keep)| (states, *states_keep)), train);
+        }
+        let (states, states_keep) = (cross.map(|c| c.0), cross.and_then(|c| c.1));
+        let inputs: Vec<&Tensor> = [Some(x), Some(keep), states, states_keep].into_iter().flatten().collect();
+        let (has_states, has_states_keep) = (states.is_some(), states_keep.is_some());
+        let layer = self.shared();
+        let block = move |t: &[Tensor]| {
+            let cross = has_states.then(|| (&t[2], has_states_keep.then(|| &t[3])));
+            layer.forward(&t[0], &t[1], cross, train)
+        };
+        activation_checkpointing::run(block, &inputs, &self.params())
+    }
+
+    /// The same parameters, for the backward's recompute to own.
+    fn shared(&self) -> Layer {
+        Layer {
+            attention: self.attention.shared(),
+            crossattention: self.crossattention.as_ref().map(AttentionBlock::shared),
+            intermediate: self.intermediate.shared(),
+            output: self.output.shared(),
+            output_norm: self.output_norm.shared(),
+            hidden_dropout: self.hidden_dropout,
+        }
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let own = [self.intermediate.params(), self.output.params(), self.output_norm.params()];
+        self.attention
+            .params()
+            .chain(self.crossattention.iter().flat_map(AttentionBlock::params))
+            .chain(own.into_iter().flatten())
+            .collect()
     }
 }
 
@@ -216,7 +283,7 @@ impl BertModel {
         for i in range {
             // Every image token is valid: no mask on the cross-attention.
             let image = (i >= self.fusion_layer).then(|| images.get((i - self.fusion_layer) % images.len().max(1)));
-            x = self.layers[i].forward(&x, &keep, image.flatten().map(|t| (*t, None)), train);
+            x = self.layers[i].forward_maybe_checkpointed(&x, &keep, image.flatten().map(|t| (*t, None)), train);
         }
         x
     }
@@ -231,7 +298,7 @@ impl BertModel {
         let states_keep = states_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
         let mut x = self.embed(ids, train);
         for layer in &self.layers {
-            x = layer.forward(&x, &keep, Some((states, Some(&states_keep))), train);
+            x = layer.forward_maybe_checkpointed(&x, &keep, Some((states, Some(&states_keep))), train);
         }
         x
     }

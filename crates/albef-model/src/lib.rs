@@ -26,8 +26,11 @@
 //! - `pth`: `torch.save` files read (a restricted pickle machine that refuses any global but the
 //!   tensor rebuild functions) and written, without Python.
 //! - `flops`: the matmul FLOPs of a step, for model FLOPs utilisation; `device`: the device choice,
-//!   bf16 autocast and TF32 on CUDA; `nn`: the few layers the model is made of.
+//!   bf16 autocast and TF32 on CUDA; `nn`: the few layers the model is made of;
+//!   `activation_checkpointing`: the mode in which the encoders' blocks recompute their
+//!   activations in the backward (`train.activation_checkpointing`).
 
+pub mod activation_checkpointing;
 pub mod albef;
 pub mod bert;
 pub mod device;

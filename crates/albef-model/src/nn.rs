@@ -99,6 +99,10 @@ impl Linear {
     pub fn shared(&self) -> Linear {
         Linear { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone() }
     }
+
+    pub fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
 }
 
 #[derive(Debug)]
@@ -121,6 +125,15 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+
+    /// The same parameters, used in a second place (their gradients add up).
+    pub fn shared(&self) -> LayerNorm {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), ..*self }
+    }
+
+    pub fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
     }
 }
 

@@ -1,5 +1,6 @@
 //! The image encoder: ViT with timm/DeiT parameter names, returning every token.
 
+use crate::activation_checkpointing;
 use crate::nn::{Init, LayerNorm, Linear, Scope, attention};
 use albef_config::VisionConfig;
 use tch::Tensor;
@@ -38,6 +39,34 @@ impl Block {
         let x = x + self.proj.forward(&a);
         let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
         &x + self.fc2.forward(&h)
+    }
+
+    /// [`Block::forward`], checkpointed when the thread's mode covers the ViT.
+    fn forward_maybe_checkpointed(&self, x: &Tensor) -> Tensor {
+        if !activation_checkpointing::mode().vit() {
+            return self.forward(x);
+        }
+        let block = self.shared();
+        activation_checkpointing::run(move |t: &[Tensor]| block.forward(&t[0]), &[x], &self.params())
+    }
+
+    /// The same parameters, for the backward's recompute to own.
+    fn shared(&self) -> Block {
+        Block {
+            norm1: self.norm1.shared(),
+            qkv: self.qkv.shared(),
+            proj: self.proj.shared(),
+            norm2: self.norm2.shared(),
+            fc1: self.fc1.shared(),
+            fc2: self.fc2.shared(),
+            heads: self.heads,
+        }
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let norms = [&self.norm1, &self.norm2].map(LayerNorm::params);
+        let linears = [&self.qkv, &self.proj, &self.fc1, &self.fc2].map(Linear::params);
+        norms.into_iter().chain(linears).flatten().collect()
     }
 }
 
@@ -82,7 +111,7 @@ impl VisionTransformer {
         let cls = self.cls_token.expand([b, -1, -1], false).to_kind(x.kind());
         let mut x = Tensor::cat(&[cls, x], 1) + &self.pos_embed;
         for block in &self.blocks {
-            x = block.forward(&x);
+            x = block.forward_maybe_checkpointed(&x);
         }
         self.norm.forward(&x)
     }

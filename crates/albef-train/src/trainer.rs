@@ -6,6 +6,7 @@ use crate::schedule::Schedule;
 use crate::virtual_ranks::gather_step_features;
 use albef_config::AlbefConfig;
 use albef_data::{HostBatch, rng::SplitMix64};
+use albef_model::activation_checkpointing;
 use albef_model::device::with_autocast;
 use albef_model::{Batch, StepFeatures, TaskModel, weights};
 use anyhow::{Context, Result, ensure};
@@ -324,7 +325,8 @@ impl Trainer {
         let s = self.state.clone();
         let lr = self.schedule.lr(s.step, s.epoch);
         let alpha = self.schedule.alpha(s.epoch, s.step_in_epoch, steps_per_epoch);
-        let (device, bf16) = (self.device(), self.cfg.train.bf16);
+        let (device, bf16, checkpointing) =
+            (self.device(), self.cfg.train.bf16, self.cfg.train.activation_checkpointing);
         let virtual_ranks: Vec<u64> = ranks.local().collect();
         ensure!(
             micro.len() == virtual_ranks.len(),
@@ -354,7 +356,8 @@ impl Trainer {
         for (j, (((b, seed), m), offset)) in micro.iter().zip(&mut seeds).zip(&features).zip(offsets).enumerate() {
             let started = std::time::Instant::now();
             let losses = tracing::info_span!("forward").in_scope(|| {
-                seeded(seed, || with_autocast(device, bf16, || self.model.micro_losses(b, m, &step, offset, alpha)))
+                let online = || self.model.micro_losses(b, m, &step, offset, alpha);
+                seeded(seed, || with_autocast(device, bf16, || activation_checkpointing::with(checkpointing, online)))
             })?;
             let total = losses.total();
             forward_seconds += self.phase_end(started);
