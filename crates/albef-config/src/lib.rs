@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub use cli::ConfigArgs;
+pub use train::TruncatedImages;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::ActivationCheckpointing;
 pub use train::{

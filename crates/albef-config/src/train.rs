@@ -110,6 +110,17 @@ pub enum AnswerScoring {
     Likelihood,
 }
 
+/// What the loader does with a truncated JPEG (`data.truncated_images`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncatedImages {
+    /// Trained with the missing rows grey, as the reference (Pillow's LOAD_TRUNCATED_IMAGES).
+    #[default]
+    Train,
+    /// Skipped.
+    Skip,
+}
+
 /// When spares join a running generation (`job.scale_up`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -246,6 +257,17 @@ pub struct DataConfig {
     /// Tar members declaring more MiB are skipped unread, counted as `oversized_member` (a
     /// corrupt header must not size an allocation).
     pub max_member_mb: u64,
+    /// JPEGs whose data ends before their end-of-image marker (cut downloads): `train` (the
+    /// missing rows grey, as the reference's Pillow `LOAD_TRUNCATED_IMAGES` decodes them) or
+    /// `skip`; counted as `truncated_image` either way.
+    pub truncated_images: TruncatedImages,
+    /// Memory the data path may hold for a loader, MiB (0: derived from shuffle_window,
+    /// max_member_mb, prefetch and the decode threads; see albef-data's `budget`): half for encoded
+    /// samples held for the shuffle window or queued to decoders, half for decoded pixels.
+    pub memory_budget_mb: u64,
+    /// Seconds a read of a source may go without receiving a byte before it is retried (3 times,
+    /// from where it stopped), then given up and its samples counted.
+    pub read_timeout_s: u64,
     /// Decode threads per worker, shared by the loaders of its virtual ranks (0: the cores left
     /// after libtorch's threads, at least 1).
     pub loader_threads: usize,
@@ -279,6 +301,9 @@ impl Default for DataConfig {
             randaug_m: 7,
             max_pixels: 89_478_485,
             max_member_mb: 64,
+            truncated_images: TruncatedImages::Train,
+            memory_budget_mb: 0,
+            read_timeout_s: 60,
             loader_threads: 0,
             prefetch: 4,
             shuffle_window: 4096,

@@ -45,6 +45,12 @@ pub enum SkipReason {
     BadJson,
     /// A tar member declares more bytes than `data.max_member_mb`.
     OversizedMember,
+    /// A sample's encoded bytes or decoded pixels exceed what `data.memory_budget_mb` lets one
+    /// sample hold (see `budget`): it could never fit, and waiting for it would hang.
+    OverBudget,
+    /// A JPEG cut before its end marker: counted, and trained with the missing rows grey as the
+    /// reference does (`data.truncated_images: train`, the sample is not lost) or skipped (`skip`).
+    TruncatedImage,
     /// A tar member's header extension (a GNU long name or link, a PAX header) is longer than
     /// the reader keeps (`tar_entries::MAX_NAME_BYTES`, `MAX_PAX_BYTES`).
     OversizedHeader,
@@ -82,6 +88,8 @@ impl SkipReason {
             SkipReason::BadJson => "bad_json",
             SkipReason::OversizedMember => "oversized_member",
             SkipReason::OversizedHeader => "oversized_header",
+            SkipReason::OverBudget => "over_budget",
+            SkipReason::TruncatedImage => "truncated_image",
             SkipReason::JunkMember => "junk_member",
             SkipReason::TruncatedShard => "truncated_shard",
             SkipReason::UnreadableShard => "unreadable_shard",
@@ -91,7 +99,7 @@ impl SkipReason {
     }
 
     /// Every reason, for validating names that arrive over the network.
-    pub const ALL: [SkipReason; 24] = [
+    pub const ALL: [SkipReason; 26] = [
         SkipReason::NotAnImage,
         SkipReason::CorruptImage,
         SkipReason::TooManyPixels,
@@ -111,6 +119,8 @@ impl SkipReason {
         SkipReason::BadJson,
         SkipReason::OversizedMember,
         SkipReason::OversizedHeader,
+        SkipReason::OverBudget,
+        SkipReason::TruncatedImage,
         SkipReason::JunkMember,
         SkipReason::TruncatedShard,
         SkipReason::UnreadableShard,

@@ -169,6 +169,7 @@ impl Dataset {
             max_words: d.max_words,
             seed: cfg.train.seed,
             needs: self.needs.clone(),
+            limits: InputLimits::from_config(d),
         };
         Loader::start(self.index.clone(), plan, from, opts, self.tokenizer.clone(), handle.clone(), self.skips.clone())
     }

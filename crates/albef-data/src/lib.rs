@@ -38,12 +38,13 @@
 
 pub mod bad;
 pub mod batch;
+pub mod budget;
 pub mod caption;
 pub mod dataset;
 pub mod index;
 pub mod loader;
-pub mod plan;
 pub mod mixture;
+pub mod plan;
 pub mod prepare;
 pub mod progress;
 pub mod rng;

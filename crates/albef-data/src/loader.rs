@@ -8,6 +8,7 @@
 
 use crate::bad::{SkipCounts, SkipReason};
 use crate::batch::{HostBatch, Row, collate};
+use crate::budget::{Grant, MemoryBudget, Share, derived_budget};
 use crate::caption::pre_caption;
 use crate::index::{DatasetIndex, SourceKind};
 use crate::plan::RankPlan;
@@ -18,9 +19,10 @@ use crate::sources::{
 };
 use crate::store::{Location, NotAFile, Oversized};
 use crate::tokenizer::Tokenizer;
-use crate::transform::{TrainTransform, decode_rgb, resize_exact};
+use crate::transform::{DecodeError, TrainTransform, decode_rgb_reserving, is_truncated_jpeg, resize_exact};
+use albef_config::TruncatedImages;
 use crossbeam_channel::{Receiver, Sender, bounded};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -48,6 +50,37 @@ pub struct LoaderOptions {
     pub seed: u64,
     /// What each row carries besides its image and text, as the task asks.
     pub needs: RowNeeds,
+    /// What hostile input may cost: memory, waiting, truncated images.
+    pub limits: InputLimits,
+}
+
+/// What the loader holds input to (`data.memory_budget_mb`, `data.read_timeout_s`,
+/// `data.truncated_images`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Bytes the loader holds for encoded samples and decoded pixels (see [`crate::budget`]);
+    /// 0: derived from the window, the member limit, prefetch and the decode threads.
+    pub memory_budget: u64,
+    /// How long a read of a source may go without a byte before it is retried.
+    pub read_timeout: std::time::Duration,
+    pub truncated_images: TruncatedImages,
+}
+
+impl InputLimits {
+    pub fn from_config(d: &albef_config::DataConfig) -> Self {
+        InputLimits {
+            memory_budget: d.memory_budget_mb.saturating_mul(1 << 20),
+            read_timeout: std::time::Duration::from_secs(d.read_timeout_s.max(1)),
+            truncated_images: d.truncated_images,
+        }
+    }
+}
+
+impl Default for InputLimits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        InputLimits::from_config(&albef_config::DataConfig::default())
+    }
 }
 
 /// What a task needs of each row besides its image and text; a sample without it is skipped and
@@ -78,6 +111,10 @@ struct StepJob {
     step: u64,
     /// (global sample id, record) in batch order; skipped samples are absent.
     samples: Vec<(u64, Record)>,
+    /// The samples' bytes, held against the budget until the step is decoded.
+    _held: Vec<Grant>,
+    /// The budget's share for decoded pixels.
+    pixels: Arc<Share>,
 }
 
 pub struct Loader {
@@ -106,11 +143,16 @@ impl Loader {
         let (job_tx, job_rx) = bounded::<StepJob>(threads_n * 2);
         let (out_tx, out_rx) = bounded::<LoadedBatch>(opts.prefetch.max(1));
         let mut threads = vec![];
+        let budget = match opts.limits.memory_budget {
+            0 => derived_budget(plan.spec.window, opts.tar.max_member_bytes, opts.prefetch, threads_n),
+            bytes => bytes,
+        };
         {
             let (stop, skips, opts, index, handle) = (stop.clone(), skips.clone(), opts.clone(), index.clone(), handle);
-            let plan = plan.clone();
+            let (plan, budget) = (plan.clone(), MemoryBudget::new(budget));
             threads.push(std::thread::spawn(move || {
-                read_plan(&index, &plan, from_step, &opts, &handle, &skips, &stop, job_tx);
+                let reader = SourceReader { index: &index, opts: &opts, handle: &handle, skips: &skips };
+                read_plan(&reader, &plan, from_step, &budget, &stop, job_tx);
             }));
         }
         for _ in 0..threads_n {
@@ -181,22 +223,19 @@ impl Drop for Loader {
 }
 
 /// The reader: fetches the plan's windows in order and hands out each step once its samples
-/// are read.
-#[allow(clippy::too_many_arguments)]
+/// are read, holding them to the budget's window and queue shares.
 fn read_plan(
-    index: &DatasetIndex,
+    reader: &SourceReader,
     plan: &RankPlan,
     from_step: u64,
-    opts: &LoaderOptions,
-    handle: &Handle,
-    skips: &SkipCounts,
+    budget: &MemoryBudget,
     stop: &AtomicBool,
     jobs: Sender<StepJob>,
 ) {
-    let first_ids = index.first_ids();
+    let first_ids = reader.index.first_ids();
     let (b, w) = (plan.spec.batch_size, plan.spec.window);
-    let mut annotations: HashMap<u32, Arc<Vec<Option<Annotation>>>> = HashMap::new();
-    let mut records: HashMap<u64, Record> = HashMap::new();
+    let mut annotations = HashMap::new();
+    let mut window_records = WindowRecords { held: HashMap::new(), deferred: HashSet::new() };
     let mut step = from_step;
     for window in plan.windows_from(from_step) {
         if stop.load(Ordering::Relaxed) {
@@ -206,37 +245,35 @@ fn read_plan(
         let mut pos = window.start;
         while pos < window.end {
             let (lease, ordinal) = plan.lease_at(pos);
-            let (source, lease_end) = (lease.source, lease.end);
-            let take = (lease_end - ordinal).min(window.end - pos);
+            let take = (lease.end - ordinal).min(window.end - pos);
             let base = pos;
-            let to_pos = |o: u64| base + (o - ordinal);
-            let entry = &index.sources[source as usize];
-            let mut put = |o: u64, r: Record| {
-                records.insert(to_pos(o), r);
-            };
-            match entry.kind {
-                SourceKind::WebDataset => read_tar_range(entry, ordinal..ordinal + take, opts, handle, skips, &mut put),
-                SourceKind::Annotation => {
-                    let list = annotations
-                        .entry(source)
-                        .or_insert_with(|| load_annotations(&entry.url, handle, skips))
-                        .clone();
-                    read_annotation_range(&entry.url, &list, ordinal..ordinal + take, opts, handle, skips, &mut put);
-                }
-            }
+            reader.read(lease.source, ordinal..ordinal + take, &mut annotations, &mut |o, r| {
+                window_records.put(base + (o - ordinal), r, &budget.window, reader.skips)
+            });
             pos += take;
         }
         // Steps whose last order index falls in this window are complete.
         while step < plan.steps && ((step + 1) * b - 1) / w < window.end.div_ceil(w) {
-            let samples = plan
-                .step_positions(step)
-                .into_iter()
-                .filter_map(|p| {
-                    let id = plan.draw_at(p).id(&first_ids, index.total());
-                    records.get(&p).map(|r| (id, r.clone()))
-                })
-                .collect();
-            if jobs.send(StepJob { step, samples }).is_err() {
+            let mut job = StepJob { step, samples: vec![], _held: vec![], pixels: budget.pixels.clone() };
+            for p in plan.step_positions(step) {
+                let record = match window_records.take(p) {
+                    Taken::Record(r) => r,
+                    Taken::Deferred => {
+                        // Dropped for the window's share: read again now that its step is due.
+                        let (lease, ordinal) = plan.lease_at(p);
+                        let mut again = None;
+                        reader.read(lease.source, ordinal..ordinal + 1, &mut annotations, &mut |_, r| again = Some(r));
+                        let Some(r) = again else { continue };
+                        r
+                    }
+                    Taken::Skipped => continue,
+                };
+                // The reader waits for decoders to free room rather than queue more.
+                let Some(grant) = budget.queued.take(record_bytes(&record), stop) else { return };
+                job._held.push(grant);
+                job.samples.push((plan.draw_at(p).id(&first_ids, reader.index.total()), record));
+            }
+            if jobs.send(job).is_err() {
                 return;
             }
             step += 1;
@@ -244,7 +281,85 @@ fn read_plan(
         // Records before the first window of the next step are no longer needed (a step larger
         // than the window spans several windows, all of whose records it needs).
         let keep_from = (step * b / w) * w;
-        records.retain(|&p, _| p >= keep_from);
+        window_records.held.retain(|&p, _| p >= keep_from);
+        window_records.deferred.retain(|&p| p >= keep_from);
+    }
+}
+
+/// Bytes a record holds.
+fn record_bytes(r: &Record) -> u64 {
+    let captions: usize = r.captions.iter().map(String::len).sum();
+    (r.image.len() + r.second_image.as_ref().map_or(0, Vec::len) + captions + r.key.len()) as u64
+}
+
+/// The records read for the current windows, by position, each held against the window's share;
+/// those that did not fit are deferred (read again when their step is handed out).
+struct WindowRecords {
+    held: HashMap<u64, (Record, Grant)>,
+    deferred: HashSet<u64>,
+}
+
+/// What a position's record became.
+enum Taken {
+    Record(Record),
+    Deferred,
+    /// Skipped and counted when it was read (or never delivered).
+    Skipped,
+}
+
+impl WindowRecords {
+    fn put(&mut self, pos: u64, r: Record, share: &Arc<Share>, skips: &SkipCounts) {
+        let bytes = record_bytes(&r);
+        if bytes > share.limit() {
+            let detail = format!("{bytes} bytes, over the {} of data.memory_budget_mb held per sample", share.limit());
+            skips.record(SkipReason::OverBudget, "read", &r.key, &detail);
+            return;
+        }
+        match share.try_take(bytes) {
+            Some(grant) => drop(self.held.insert(pos, (r, grant))),
+            None => drop(self.deferred.insert(pos)),
+        }
+    }
+
+    fn take(&mut self, pos: u64) -> Taken {
+        match self.held.remove(&pos) {
+            Some((r, _grant)) => Taken::Record(r),
+            None if self.deferred.remove(&pos) => Taken::Deferred,
+            None => Taken::Skipped,
+        }
+    }
+}
+
+/// Reads sample ranges of the index's sources.
+struct SourceReader<'a> {
+    index: &'a DatasetIndex,
+    opts: &'a LoaderOptions,
+    handle: &'a Handle,
+    skips: &'a SkipCounts,
+}
+
+impl SourceReader<'_> {
+    /// Reads `wanted` of `source`, handing each good record to `put` (annotation files parsed
+    /// once, kept in `annotations`).
+    fn read(
+        &self,
+        source: u32,
+        wanted: std::ops::Range<u64>,
+        annotations: &mut HashMap<u32, Arc<Vec<Option<Annotation>>>>,
+        put: &mut impl FnMut(u64, Record),
+    ) {
+        let (opts, handle, skips) = (self.opts, self.handle, self.skips);
+        let entry = &self.index.sources[source as usize];
+        match entry.kind {
+            SourceKind::WebDataset => read_tar_range(entry, wanted, opts, handle, skips, put),
+            SourceKind::Annotation => {
+                let list = annotations
+                    .entry(source)
+                    .or_insert_with(|| load_annotations(&entry.url, opts, handle, skips))
+                    .clone();
+                read_annotation_range(&entry.url, &list, wanted, opts, handle, skips, put);
+            }
+        }
     }
 }
 
@@ -261,7 +376,7 @@ fn read_tar_range(
         Some(&o) => (o, wanted.start),
         None => (0, 0),
     };
-    let reader = Location::open(&entry.url).and_then(|loc| loc.stream_from(handle, offset));
+    let reader = Location::open(&entry.url).and_then(|loc| loc.stream_within(handle, offset, opts.limits.read_timeout));
     match reader {
         Ok(reader) => {
             read_tar_samples(reader, &entry.url, first, wanted, &opts.tar, skips, put);
@@ -275,9 +390,14 @@ fn read_tar_range(
     }
 }
 
-fn load_annotations(url: &str, handle: &Handle, skips: &SkipCounts) -> Arc<Vec<Option<Annotation>>> {
+fn load_annotations(
+    url: &str,
+    opts: &LoaderOptions,
+    handle: &Handle,
+    skips: &SkipCounts,
+) -> Arc<Vec<Option<Annotation>>> {
     let parsed = Location::open(url)
-        .and_then(|loc| handle.block_on(loc.read_all()))
+        .and_then(|loc| loc.read_at_most_within(handle, u64::MAX, opts.limits.read_timeout))
         .and_then(|bytes| parse_annotations(&bytes, url, skips));
     match parsed {
         Ok(list) => Arc::new(list),
@@ -338,8 +458,9 @@ fn read_annotation_image(
         }
         Err(e) => Err(anyhow::anyhow!("{e:#}")),
     };
-    match loc.and_then(|loc| handle.block_on(loc.read_at_most(opts.tar.max_member_bytes))) {
-        Ok(bytes) => Some(bytes.to_vec()),
+    let stall = opts.limits.read_timeout;
+    match loc.and_then(|loc| loc.read_at_most_within(handle, opts.tar.max_member_bytes, stall)) {
+        Ok(bytes) => Some(bytes),
         Err(e) => {
             skips.record(unread_image_reason(&e), url, path, &format!("{e:#}"));
             None
@@ -358,10 +479,33 @@ struct DecodedRow<'a> {
     answers: Vec<(Vec<i64>, f32)>,
 }
 
-/// An image decoded; None (counted) when it cannot be.
-fn decoded(bytes: &[u8], key: &str, opts: &LoaderOptions, skips: &SkipCounts) -> Option<image::RgbImage> {
-    match decode_rgb(bytes, opts.max_pixels) {
-        Ok(img) => Some(img),
+/// An image decoded, with its pixels held against the budget's share; None (counted) when it
+/// cannot be. A truncated JPEG is counted, and trained (grey where data is missing) or skipped
+/// as `data.truncated_images` says.
+fn decoded(
+    bytes: &[u8],
+    key: &str,
+    opts: &LoaderOptions,
+    pixels: &Arc<Share>,
+    skips: &SkipCounts,
+) -> Option<(image::RgbImage, Grant)> {
+    if is_truncated_jpeg(bytes) {
+        let skip = opts.limits.truncated_images == TruncatedImages::Skip;
+        let detail = match skip {
+            true => "the JPEG ends before its end marker: skipped (data.truncated_images: skip)",
+            false => "the JPEG ends before its end marker: trained, grey where data is missing",
+        };
+        skips.record(SkipReason::TruncatedImage, "decode", key, detail);
+        if skip {
+            return None;
+        }
+    }
+    // Decoders never wait on one another for long: the pixels they hold are freed per image.
+    static NEVER: AtomicBool = AtomicBool::new(false);
+    let reserve =
+        |bytes: u64| pixels.take(bytes, &NEVER).ok_or(DecodeError::OverBudget { bytes, budget: pixels.limit() });
+    match decode_rgb_reserving(bytes, opts.max_pixels, reserve) {
+        Ok(decoded) => Some(decoded),
         Err(e) => {
             skips.record(skip_reason(e.reason()), "decode", key, &e.to_string());
             None
@@ -413,12 +557,12 @@ fn decode_step(
             continue;
         }
         let mut rng = sample_rng(opts.seed, epoch, *id);
-        let Some(image) = decoded(&record.image, &record.key, opts, skips) else { continue };
+        let Some((image, _pixels)) = decoded(&record.image, &record.key, opts, &job.pixels, skips) else { continue };
         let caption = &record.captions[rng.below(record.captions.len())];
         let image = augmented(&image, opts, &mut rng);
         let second_rgb = match record.second_image.as_ref().filter(|_| needs.image_pairs) {
-            Some(bytes) => match decoded(bytes, &record.key, opts, skips) {
-                Some(second) => Some(augmented(&second, opts, &mut rng).into_raw()),
+            Some(bytes) => match decoded(bytes, &record.key, opts, &job.pixels, skips) {
+                Some((second, _pixels)) => Some(augmented(&second, opts, &mut rng).into_raw()),
                 None => continue,
             },
             None => None,
@@ -429,6 +573,7 @@ fn decode_step(
             continue;
         }
         let ids = tokenizer.encode(&text);
+        skips.delivered(*id);
         rows.push(DecodedRow { key: &record.key, rgb: image.into_raw(), second_rgb, ids, image_id, label, answers });
     }
     let samples: Vec<Row> = rows
@@ -479,6 +624,7 @@ pub(crate) fn skip_reason(reason: &str) -> SkipReason {
         "not_an_image" => SkipReason::NotAnImage,
         "too_many_pixels" => SkipReason::TooManyPixels,
         "empty" => SkipReason::EmptyImage,
+        "over_budget" => SkipReason::OverBudget,
         _ => SkipReason::CorruptImage,
     }
 }

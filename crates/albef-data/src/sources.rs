@@ -505,7 +505,8 @@ fn images_of(item: &serde_json::Value) -> std::result::Result<(String, Option<St
         return Ok((image.as_str().ok_or("\"image\" is not a string")?.to_string(), None));
     }
     let list = item.get("images").and_then(|v| v.as_array()).ok_or("no \"image\" (nor an \"images\" list)")?;
-    let paths: Vec<&str> = list.iter().map(|p| p.as_str()).collect::<Option<_>>().ok_or("an image path is not a string")?;
+    let paths: Vec<&str> =
+        list.iter().map(|p| p.as_str()).collect::<Option<_>>().ok_or("an image path is not a string")?;
     match paths[..] {
         [one] => Ok((one.to_string(), None)),
         [first, second] => Ok((first.to_string(), Some(second.to_string()))),

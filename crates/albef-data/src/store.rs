@@ -3,11 +3,14 @@
 //! URL parsing alone does not read it), and brace expansion of shard names.
 
 use anyhow::{Context, Result, bail, ensure};
-use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as StorePath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use std::io::Read;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -174,6 +177,47 @@ impl Location {
         Ok(Box::new(SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone())))
     }
 
+    /// [`Location::stream_from`] with a deadline: a read that receives no byte for `stall` is
+    /// retried from where it stopped, [`STALL_RETRIES`] times, then fails (a stalled object
+    /// store or NFS server never hangs the reader). For a thread that is not a runtime worker.
+    pub fn stream_within(&self, handle: &Handle, offset: u64, stall: Duration) -> Result<DeadlineReader> {
+        self.check_regular_file()?;
+        let loc = self.clone();
+        let open: Opener = Box::new(move |at| {
+            let loc = loc.clone();
+            Box::pin(async move {
+                let opts = GetOptions { range: (at > 0).then_some(GetRange::Offset(at)), ..Default::default() };
+                let get = loc.store.get_opts(&loc.path, opts).await.map_err(StoreError);
+                let get = get.with_context(|| format!("opening {}", loc.url))?;
+                Ok(get.into_stream().map_err(|e| std::io::Error::other(StoreError(e))).boxed())
+            })
+        });
+        let mut reader = DeadlineReader::new(open, handle.clone(), offset, stall, self.url.clone());
+        // Opened now, so that a missing object is an error here, not at the first read.
+        reader.open_now()?;
+        Ok(reader)
+    }
+
+    /// [`Location::read_at_most`] through a [`DeadlineReader`], for a thread that is not a
+    /// runtime worker.
+    pub fn read_at_most_within(&self, handle: &Handle, max_bytes: u64, stall: Duration) -> Result<Vec<u8>> {
+        self.check_regular_file()?;
+        let head = within(handle, stall, self.store.head(&self.path));
+        let meta = head.with_context(|| format!("reading {}: no answer within {} s", self.url, stall.as_secs_f64()))?;
+        let meta = meta.map_err(StoreError);
+        let size = meta.with_context(|| format!("reading {}", self.url))?.size;
+        if size > max_bytes {
+            return Err(Oversized { url: self.url.clone(), size, max_bytes }.into());
+        }
+        let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+        // The object may have grown since: never more than `max_bytes` (+1 to tell).
+        self.stream_within(handle, 0, stall)?.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(Oversized { url: self.url.clone(), size: bytes.len() as u64, max_bytes }.into());
+        }
+        Ok(bytes)
+    }
+
     /// Refuses a local path that is no regular file from its metadata (stat follows links but
     /// opens nothing); a missing path or a folder is left to the store's own error.
     fn check_regular_file(&self) -> Result<()> {
@@ -194,6 +238,90 @@ impl Location {
             None => Ok(()),
         }
     }
+}
+
+/// How many times a stalled read is retried before it fails.
+pub const STALL_RETRIES: u32 = 3;
+
+/// Opens an object's bytes from an offset.
+type Opener = Box<dyn Fn(u64) -> BoxFuture<'static, Result<ByteStream>> + Send>;
+type ByteStream = BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// A blocking reader of an object whose every wait (opening, each chunk) has a deadline; a
+/// stalled read is opened again from the next byte not yet read.
+pub struct DeadlineReader {
+    open: Opener,
+    handle: Handle,
+    stall: Duration,
+    url: String,
+    /// The object offset of the next byte to hand out.
+    at: u64,
+    stream: Option<ByteStream>,
+    chunk: bytes::Bytes,
+    /// Stalls met so far.
+    stalls: u32,
+}
+
+impl DeadlineReader {
+    fn new(open: Opener, handle: Handle, at: u64, stall: Duration, url: String) -> Self {
+        DeadlineReader { open, handle, stall, url, at, stream: None, chunk: bytes::Bytes::new(), stalls: 0 }
+    }
+
+    /// Opens the stream from the next byte not yet handed out, unless it is open.
+    fn open_now(&mut self) -> std::io::Result<()> {
+        while self.stream.is_none() {
+            match within(&self.handle, self.stall, (self.open)(self.at)) {
+                Some(opened) => self.stream = Some(opened.map_err(|e| std::io::Error::other(format!("{e:#}")))?),
+                None => self.stalled()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The next chunk; None at the end. A stall drops the stream (and its stuck request).
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        loop {
+            self.open_now()?;
+            let stream = self.stream.as_mut().expect("opened");
+            if let Some(chunk) = within(&self.handle, self.stall, stream.next()) {
+                return chunk.transpose();
+            }
+            self.stream = None;
+            self.stalled()?;
+        }
+    }
+
+    /// Counts a stall; an error once there were more than [`STALL_RETRIES`].
+    fn stalled(&mut self) -> std::io::Result<()> {
+        self.stalls += 1;
+        if self.stalls <= STALL_RETRIES {
+            return Ok(());
+        }
+        let (url, secs) = (&self.url, self.stall.as_secs_f64());
+        let what = format!("reading {url}: no byte for {secs} s, {} times (data.read_timeout_s)", self.stalls);
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+    }
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.next_chunk()? {
+                Some(chunk) => self.chunk = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// `fut`'s output, unless it takes longer than `stall`.
+fn within<T>(handle: &Handle, stall: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    // The timer is made inside the runtime, whose clock drives it.
+    handle.block_on(async { tokio::time::timeout(stall, fut).await.ok() })
 }
 
 /// The directory of an object URL or path (`data/test.json` -> `data`).
@@ -430,6 +558,50 @@ mod tests {
         assert_eq!(names("*/t-?.tar"), ["other/t-3.tar", "shards/t-1.tar", "shards/t-2.tar"]);
         assert_eq!(names("*/old/t-0.tar"), ["shards/old/t-0.tar"]);
         assert!(names("shards/*.jpg").is_empty());
+    }
+
+    /// A reader over chunks that `serve(open_count, offset)` gives; a stream that stalls is
+    /// `pending` after its chunks.
+    /// The chunks an open (numbered from 0, at an offset) serves, and whether it then stalls.
+    type Serve = fn(u32, u64) -> (Vec<&'static [u8]>, bool);
+
+    fn fake_reader(serve: Serve, stall: Duration) -> DeadlineReader {
+        let opens = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let handle = rt.handle().clone();
+        std::mem::forget(rt); // outlives the reader, whose requests it serves
+        let open: Opener = Box::new(move |at| {
+            let n = opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (chunks, stalls) = serve(n, at);
+            let chunks = futures::stream::iter(chunks.into_iter().map(|c| Ok(bytes::Bytes::from_static(c))));
+            let tail = match stalls {
+                true => futures::stream::pending().boxed(),
+                false => futures::stream::empty().boxed(),
+            };
+            Box::pin(async move { Ok(chunks.chain(tail).boxed()) })
+        });
+        DeadlineReader::new(open, handle, 0, stall, "fake://shard.tar".into())
+    }
+
+    /// A read that stalls is retried from the next byte it had not received; one that always
+    /// stalls fails after STALL_RETRIES retries, within their deadlines, instead of waiting forever.
+    #[test]
+    fn stalled_reads_are_retried_from_where_they_stopped_then_given_up() {
+        let once = |n: u32, at: u64| match (n, at) {
+            (0, 0) => (vec![&b"hello "[..], &b"wor"[..]], true),
+            (1, 9) => (vec![&b"ld"[..]], false),
+            other => panic!("opened again at {other:?}"),
+        };
+        let mut text = String::new();
+        fake_reader(once, Duration::from_millis(50)).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "hello world");
+
+        let always = |_: u32, _: u64| (vec![], true);
+        let started = std::time::Instant::now();
+        let err = fake_reader(always, Duration::from_millis(50)).read_to_end(&mut vec![]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("no byte for 0.05 s, 4 times"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum DecodeError {
     Corrupt(String),
     /// The header declares more pixels than allowed (a decompression bomb, or just too big).
     TooManyPixels { width: u32, height: u32, max_pixels: u64 },
+    /// Decoded, the image would take more bytes than the memory budget lets a decoder hold.
+    OverBudget { bytes: u64, budget: u64 },
 }
 
 impl DecodeError {
@@ -37,6 +39,7 @@ impl DecodeError {
             DecodeError::NotAnImage => "not_an_image",
             DecodeError::Corrupt(_) => "corrupt_image",
             DecodeError::TooManyPixels { .. } => "too_many_pixels",
+            DecodeError::OverBudget { .. } => "over_budget",
         }
     }
 }
@@ -50,6 +53,9 @@ impl fmt::Display for DecodeError {
             DecodeError::TooManyPixels { width, height, max_pixels } => {
                 write!(f, "image of {width}x{height} exceeds {max_pixels} pixels")
             }
+            DecodeError::OverBudget { bytes, budget } => {
+                write!(f, "decoding takes {bytes} bytes, over the {budget} of data.memory_budget_mb for pixels")
+            }
         }
     }
 }
@@ -59,6 +65,17 @@ impl std::error::Error for DecodeError {}
 /// Decodes any supported format to 8-bit RGB. The header is read first and images over
 /// `max_pixels` are refused before any pixel buffer is allocated.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    decode_rgb_reserving(bytes, max_pixels, |_| Ok(())).map(|(img, ())| img)
+}
+
+/// [`decode_rgb`], calling `reserve` with the bytes decoding will allocate (the decoder's pixels,
+/// and the RGB copy where they are not RGB already) once the header is read and before any is;
+/// what it returns (a memory grant) comes back with the image, its error instead of one.
+pub fn decode_rgb_reserving<G>(
+    bytes: &[u8],
+    max_pixels: u64,
+    reserve: impl FnOnce(u64) -> Result<G, DecodeError>,
+) -> Result<(RgbImage, G), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -76,15 +93,62 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
     if width == 0 || height == 0 {
         return Err(DecodeError::Empty);
     }
-    if u64::from(width) * u64::from(height) > max_pixels {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
         return Err(DecodeError::TooManyPixels { width, height, max_pixels });
     }
+    let rgb_copy = if decoder.color_type() == image::ColorType::Rgb8 { 0 } else { pixels * 3 };
+    let grant = reserve(decoder.total_bytes().saturating_add(rgb_copy))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
         ImageError::Limits(_) => DecodeError::TooManyPixels { width, height, max_pixels },
         e => DecodeError::Corrupt(e.to_string()),
     })?;
     // into_rgb8 reuses the buffer when the image already is RGB8 (the common JPEG case).
-    Ok(img.into_rgb8())
+    Ok((img.into_rgb8(), grant))
+}
+
+/// Whether `bytes` are a JPEG whose data ends before its end-of-image marker (a cut download).
+/// The decoder fills what is missing with grey (128), as Pillow does with the reference's
+/// `ImageFile.LOAD_TRUNCATED_IMAGES`; this tells such images apart so that they are counted.
+/// Only a cut after a scan's header counts (one in the tables is corrupt: nothing decodes).
+/// Walks the markers: segments by their length, entropy-coded data to the next marker (0xFF
+/// followed by neither a stuffed 0x00 nor a restart marker).
+pub fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let (mut at, mut in_scan) = (2, false);
+    loop {
+        // Fill bytes (0xFF) may precede a marker.
+        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else {
+            // Cut here; or no marker where one belongs: corrupt, which the decoder reports.
+            return in_scan && at + 1 >= bytes.len();
+        };
+        at += 2;
+        match marker {
+            0xD9 => return false,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(at..at + 2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else {
+            return in_scan;
+        };
+        at += len;
+        if marker == 0xDA && at <= bytes.len() {
+            in_scan = true;
+            // The scan's data runs to the next marker that is not a restart.
+            let next = bytes.get(at..).and_then(|data| {
+                data.windows(2).position(|w| w[0] == 0xFF && w[1] != 0 && !(0xD0..=0xD7).contains(&w[1]))
+            });
+            match next {
+                Some(i) => at += i,
+                None => return true,
+            }
+        }
+    }
 }
 
 thread_local! {

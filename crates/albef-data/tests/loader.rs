@@ -39,6 +39,7 @@ fn options(threads: usize) -> LoaderOptions {
         max_words: 30,
         seed: 9,
         needs: Default::default(),
+        limits: InputLimits::default(),
     }
 }
 
