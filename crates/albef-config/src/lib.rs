@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub use cli::ConfigArgs;
-pub use train::TruncatedImages;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::ActivationCheckpointing;
+pub use train::TruncatedImages;
 pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
     OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,

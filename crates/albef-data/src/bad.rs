@@ -2,9 +2,10 @@
 //! (for metrics), the first few per shard are logged with shard and key, and the first few of
 //! each reason are kept as examples for the end-of-run summary and `albefctl status`.
 
+use crate::source_counts::{SourceCounts, SourceTally};
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// How many first occurrences per (shard, reason) are logged; later ones are only counted.
 const LOGGED_PER_SHARD: usize = 3;
@@ -161,6 +162,8 @@ pub fn clip(s: &str, max: usize) -> String {
 #[derive(Debug, Default)]
 pub struct SkipCounts {
     inner: Mutex<Counts>,
+    /// Counts by configured source, once the dataset's sources are known.
+    sources: OnceLock<Arc<SourceCounts>>,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +176,9 @@ struct Counts {
 impl SkipCounts {
     /// Counts one skip; logs it if it is among the first few of its kind in `shard`.
     pub fn record(&self, reason: SkipReason, shard: &str, key: &str, detail: &str) {
+        if let Some(sources) = self.sources.get() {
+            sources.skipped(shard, reason);
+        }
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         *c.by_reason.entry(reason).or_default() += 1;
         // Keys, details (and shard names from a listing) come from the input: only clipped
@@ -193,6 +199,29 @@ impl SkipCounts {
         if examples.len() < EXAMPLES_PER_REASON {
             examples.push(clipped());
         }
+    }
+
+    /// From now on, skips in a source of `sources` are counted under it too.
+    pub fn count_by_source(&self, sources: Arc<SourceCounts>) {
+        let _ = self.sources.set(sources);
+    }
+
+    /// The source URL of the sample whose draws `id` seeds ("decode" before `count_by_source`):
+    /// what a decoder's skip names.
+    pub fn origin(&self, id: u64) -> &str {
+        self.sources.get().map_or("decode", |s| s.url_of(id))
+    }
+
+    /// Counts the sample `id` names as delivered for training, under its source.
+    pub fn delivered(&self, id: u64) {
+        if let Some(sources) = self.sources.get() {
+            sources.delivered(id);
+        }
+    }
+
+    /// Every configured source's counts (empty before `count_by_source`).
+    pub fn by_source(&self) -> Vec<(String, SourceTally)> {
+        self.sources.get().map_or_else(Vec::new, |s| s.snapshot())
     }
 
     pub fn get(&self, reason: SkipReason) -> u64 {

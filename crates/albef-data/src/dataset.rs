@@ -6,6 +6,7 @@ use crate::bad::SkipCounts;
 use crate::index::{DatasetIndex, INDEX_FILE, SourceKind};
 use crate::loader::{InputLimits, Loader, LoaderOptions, RowNeeds};
 use crate::mixture::Mixture;
+use crate::source_counts::SourceCounts;
 use crate::plan::{PlanSpec, RankPlan, plan_rank, steps_per_epoch};
 use crate::sources::{TarOptions, annotation_image, annotation_image_root, parse_annotations, path_rewrites};
 use crate::store::{Location, expand_braces, folder_of_source};
@@ -115,6 +116,7 @@ impl Dataset {
         let skips = Arc::new(SkipCounts::default());
         let index = open_index(&index_loc, &sources, handle, &skips)?;
         let mixture = Mixture::open(&index, &entries, handle)?;
+        skips.count_by_source(Arc::new(SourceCounts::new(&index, &mixture)));
         let path_rewrite = path_rewrites(&d.path_rewrite)?;
         check_image_paths(&index, &d.image_root, &path_rewrite, handle)?;
         let tokenizer_loc = if d.tokenizer.is_empty() { folder.join(VOCAB_TXT) } else { Location::open(&d.tokenizer)? };

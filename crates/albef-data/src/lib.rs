@@ -49,6 +49,7 @@ pub mod prepare;
 pub mod progress;
 pub mod rng;
 pub mod run_lock;
+pub mod source_counts;
 pub mod sources;
 pub mod store;
 pub mod synth;

@@ -484,7 +484,7 @@ struct DecodedRow<'a> {
 /// as `data.truncated_images` says.
 fn decoded(
     bytes: &[u8],
-    key: &str,
+    (origin, key): (&str, &str),
     opts: &LoaderOptions,
     pixels: &Arc<Share>,
     skips: &SkipCounts,
@@ -495,7 +495,7 @@ fn decoded(
             true => "the JPEG ends before its end marker: skipped (data.truncated_images: skip)",
             false => "the JPEG ends before its end marker: trained, grey where data is missing",
         };
-        skips.record(SkipReason::TruncatedImage, "decode", key, detail);
+        skips.record(SkipReason::TruncatedImage, origin, key, detail);
         if skip {
             return None;
         }
@@ -507,7 +507,7 @@ fn decoded(
     match decode_rgb_reserving(bytes, opts.max_pixels, reserve) {
         Ok(decoded) => Some(decoded),
         Err(e) => {
-            skips.record(skip_reason(e.reason()), "decode", key, &e.to_string());
+            skips.record(skip_reason(e.reason()), origin, key, &e.to_string());
             None
         }
     }
@@ -531,37 +531,39 @@ fn decode_step(
 ) -> HostBatch {
     let mut rows = vec![];
     for (id, record) in &job.samples {
-        let needs = &opts.needs;
+        let (needs, origin) = (&opts.needs, skips.origin(*id));
         let image_id = record.image_id.as_deref().map(image_index).filter(|_| needs.image_ids);
         if needs.image_ids && image_id.is_none() {
-            skips.record(SkipReason::MissingImageId, "decode", &record.key, "the task needs an image_id");
+            skips.record(SkipReason::MissingImageId, origin, &record.key, "the task needs an image_id");
             continue;
         }
         let label = record.label.as_ref().and_then(|l| needs.labels.iter().position(|c| c == l)).map(|i| i as i64);
         if !needs.labels.is_empty() && label.is_none() {
             let got = record.label.as_deref().unwrap_or("none");
             let detail = format!("label {got:?} is not one of {:?}", needs.labels);
-            skips.record(SkipReason::BadLabel, "decode", &record.key, &detail);
+            skips.record(SkipReason::BadLabel, origin, &record.key, &detail);
             continue;
         }
         let answers = match needs.answers.then(|| encode_answers(record, tokenizer)) {
             None => vec![],
             Some(Ok(answers)) => answers,
             Some(Err(detail)) => {
-                skips.record(SkipReason::MissingAnswer, "decode", &record.key, &detail);
+                skips.record(SkipReason::MissingAnswer, origin, &record.key, &detail);
                 continue;
             }
         };
         if needs.image_pairs && record.second_image.is_none() {
-            skips.record(SkipReason::MissingSecondImage, "decode", &record.key, "the task reads two images per row");
+            skips.record(SkipReason::MissingSecondImage, origin, &record.key, "the task reads two images per row");
             continue;
         }
         let mut rng = sample_rng(opts.seed, epoch, *id);
-        let Some((image, _pixels)) = decoded(&record.image, &record.key, opts, &job.pixels, skips) else { continue };
+        let Some((image, _pixels)) = decoded(&record.image, (origin, &record.key), opts, &job.pixels, skips) else {
+            continue;
+        };
         let caption = &record.captions[rng.below(record.captions.len())];
         let image = augmented(&image, opts, &mut rng);
         let second_rgb = match record.second_image.as_ref().filter(|_| needs.image_pairs) {
-            Some(bytes) => match decoded(bytes, &record.key, opts, &job.pixels, skips) {
+            Some(bytes) => match decoded(bytes, (origin, &record.key), opts, &job.pixels, skips) {
                 Some((second, _pixels)) => Some(augmented(&second, opts, &mut rng).into_raw()),
                 None => continue,
             },
@@ -569,7 +571,7 @@ fn decode_step(
         };
         let text = pre_caption(caption, opts.max_words);
         if text.is_empty() {
-            skips.record(SkipReason::EmptyCaption, "decode", &record.key, "nothing left after pre_caption");
+            skips.record(SkipReason::EmptyCaption, origin, &record.key, "nothing left after pre_caption");
             continue;
         }
         let ids = tokenizer.encode(&text);

@@ -32,6 +32,8 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("albef_job_lr", Kind::Gauge, "Learning rate of the last step."),
     ("albef_job_temp", Kind::Gauge, "ITC temperature."),
     ("albef_job_grad_norm", Kind::Gauge, "Global L2 norm of rank 0's last applied gradients, before any clipping."),
+    ("albef_source_samples_delivered_total", Kind::Counter, "Samples delivered for training, by configured source."),
+    ("albef_source_samples_skipped_total", Kind::Counter, "Samples skipped, by configured source and reason."),
     ("albef_job_nonfinite_steps_total", Kind::Counter, "Steps not applied because the loss was not finite."),
     ("albef_checkpoints_committed_total", Kind::Counter, "Checkpoints committed."),
     ("albef_checkpoints_rejected_total", Kind::Counter, "Checkpoints a worker could not read."),
@@ -106,6 +108,14 @@ fn record(r: &Registry, s: &JobStatus) {
         for (key, v) in metrics {
             let (scoring, metric) = key.split_once('/').unwrap_or(("", key));
             r.set("albef_eval_retrieval", &[("scoring", scoring), ("metric", metric)], *v);
+        }
+    }
+    r.clear("albef_source_samples_delivered_total");
+    r.clear("albef_source_samples_skipped_total");
+    for (source, c) in &s.sources {
+        r.set("albef_source_samples_delivered_total", &[("source", source)], c.delivered as f64);
+        for (reason, n) in &c.skipped {
+            r.set("albef_source_samples_skipped_total", &[("source", source), ("reason", reason)], *n as f64);
         }
     }
     r.clear("albef_bad_samples_total");

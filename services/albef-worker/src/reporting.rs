@@ -5,7 +5,7 @@
 use crate::client::Client;
 use albef_data::dataset::Dataset;
 use albef_data::loader::LoadedBatch;
-use albef_proto::v1::{HeartbeatRequest, Losses, ReportEvaluationRequest, SkippedSample};
+use albef_proto::v1::{HeartbeatRequest, Losses, ReportEvaluationRequest, SkippedSample, SourceCounts};
 use albef_train::task::Evaluation;
 use albef_train::train_loop::{Reporter, Skipped, StepReport};
 use albef_train::{StepStats, Trainer, VirtualRanks};
@@ -144,6 +144,15 @@ impl Reporter for Heartbeat<'_> {
             .examples()
             .into_iter()
             .map(|e| SkippedSample { reason: e.reason, source: e.source, key: e.key, detail: e.detail })
+            .collect();
+        p.sources = self
+            .skips
+            .by_source()
+            .into_iter()
+            .map(|(label, t)| {
+                let skipped = t.skipped.into_iter().map(|(reason, n)| (reason.to_string(), n)).collect();
+                (label, SourceCounts { delivered: t.delivered, skipped })
+            })
             .collect();
         for (reason, n) in &p.bad_samples {
             self.registry.set("albef_worker_bad_samples_total", &[("reason", reason)], *n as f64);

@@ -406,6 +406,22 @@ fn retrieval_line(s: &JobStatus) -> String {
     )
 }
 
+/// A row per configured source: samples delivered for training, and skipped by reason.
+fn source_rows(s: &JobStatus) -> Vec<Vec<String>> {
+    let mut sources: Vec<_> = s.sources.iter().collect();
+    sources.sort_by(|a, b| a.0.cmp(b.0));
+    sources
+        .into_iter()
+        .map(|(label, c)| {
+            let mut reasons: Vec<_> = c.skipped.iter().collect();
+            reasons.sort();
+            let skipped = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", ");
+            let skipped = if skipped.is_empty() { "-".to_string() } else { skipped };
+            vec![label.clone(), c.delivered.to_string(), skipped]
+        })
+        .collect()
+}
+
 fn render_status(s: &JobStatus) -> String {
     let mut out = String::new();
     let total = if s.total_steps > 0 { format!(" / {}", s.total_steps) } else { String::new() };
@@ -441,6 +457,10 @@ fn render_status(s: &JobStatus) -> String {
     if !s.bad_samples.is_empty() {
         out.push('\n');
         out.push_str(&table(&["SKIPPED", "COUNT", "FIRST EXAMPLES"], &skipped_rows(s)));
+    }
+    if !s.sources.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["SOURCE", "DELIVERED", "SKIPPED"], &source_rows(s)));
     }
     if !s.workers.is_empty() {
         let rows: Vec<Vec<String>> = s
@@ -535,6 +555,9 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "params_hash_mismatches": s.params_hash_mismatches,
         "retrieval": retrieval,
         "skipped": { "total": s.bad_samples.values().sum::<u64>(), "by_reason": by_reason, "examples": examples },
+        "sources": s.sources.iter().map(|(label, c)| {
+            (label.clone(), serde_json::json!({ "delivered": c.delivered, "skipped": c.skipped }))
+        }).collect::<serde_json::Map<_, _>>(),
         "workers": workers,
     })
 }

@@ -13,6 +13,8 @@ pub(super) const MAX_LOCATION: usize = 4096;
 pub(super) const MAX_ERROR: usize = 16 * 1024;
 /// A task has a few named losses.
 const MAX_LOSS_TERMS: usize = 16;
+/// Configured sources a worker may count (`data.train_file` entries).
+const MAX_SOURCES: usize = 256;
 
 pub(super) fn check_id(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
@@ -61,6 +63,21 @@ fn check_bad_samples(
         kept.push(SkipExample { reason, source: e.source, key: e.key, detail: e.detail });
     }
     Ok((out, kept))
+}
+
+/// Counts by source name few sources, by clipped labels, under known skip reasons.
+fn check_sources(sources: HashMap<String, pb::SourceCounts>) -> Result<state::SourcesSamples, Status> {
+    if sources.len() > MAX_SOURCES {
+        return Err(Status::invalid_argument(format!("{} sources (at most {MAX_SOURCES})", sources.len())));
+    }
+    let mut out = state::SourcesSamples::new();
+    for (label, counts) in sources {
+        // Room for the "…" that clipping appends.
+        check_text("sources", &label, albef_data::mixture::LABEL_BYTES + 4)?;
+        let (skipped, _) = check_bad_samples(counts.skipped, vec![])?;
+        out.insert(label, state::SourceSamples { delivered: counts.delivered, skipped });
+    }
+    Ok(out)
 }
 
 pub(super) fn check_join(r: &pb::JoinRequest) -> Result<(), Status> {
@@ -137,6 +154,7 @@ pub(super) fn heartbeat(r: pb::HeartbeatRequest) -> Result<Heartbeat, Status> {
         nonfinite_steps: r.nonfinite_steps,
         bad_samples,
         bad_sample_examples,
+        sources: check_sources(r.sources)?,
         busy_seconds: r.busy_seconds,
         data_wait_share: r.data_wait_share,
     })

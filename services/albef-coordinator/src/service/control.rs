@@ -22,6 +22,10 @@ fn skipped_sample(e: SkipExample) -> pb::SkippedSample {
     pb::SkippedSample { reason: e.reason, source: e.source, key: e.key, detail: e.detail }
 }
 
+fn source_counts(c: state::SourceSamples) -> pb::SourceCounts {
+    pb::SourceCounts { delivered: c.delivered, skipped: c.skipped.into_iter().collect() }
+}
+
 fn losses(l: state::Losses) -> pb::Losses {
     pb::Losses { terms: l.terms.into_iter().collect(), total: l.total }
 }
@@ -71,6 +75,7 @@ impl ControlService {
             nonfinite_steps: s.counters.nonfinite_steps,
             rejected_checkpoints: s.counters.rejected_checkpoints,
             bad_samples: s.bad_samples.into_iter().collect(),
+            sources: s.sources.into_iter().map(|(label, c)| (label, source_counts(c))).collect(),
             bad_sample_examples: s.bad_sample_examples.into_iter().map(skipped_sample).collect(),
             checkpoints_committed: s.counters.checkpoints_committed,
             last_checkpoint_unix: s.last_checkpoint_unix,

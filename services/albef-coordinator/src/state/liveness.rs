@@ -50,6 +50,9 @@ impl Job {
         m.grad_norm = hb.grad_norm;
         m.busy_seconds = hb.busy_seconds;
         m.data_wait_share = hb.data_wait_share;
+        if !hb.sources.is_empty() {
+            self.source_samples.insert(hb.worker_id.clone(), hb.sources.clone());
+        }
         if !hb.bad_samples.is_empty() {
             self.bad_samples.insert(hb.worker_id.clone(), (hb.bad_samples.clone(), hb.bad_sample_examples.clone()));
         }

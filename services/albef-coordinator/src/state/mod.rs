@@ -82,6 +82,8 @@ pub struct Job {
     elastic: Elasticity,
     /// The latest skip counts and examples of each worker process.
     bad_samples: HashMap<String, (BTreeMap<String, u64>, Vec<SkipExample>)>,
+    /// The latest counts by configured source of each worker process.
+    source_samples: HashMap<String, SourcesSamples>,
     evaluation: Option<(u64, BTreeMap<String, f64>)>,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
@@ -110,6 +112,7 @@ impl Job {
             counters: Counters::default(),
             elastic: Elasticity::default(),
             bad_samples: HashMap::new(),
+            source_samples: HashMap::new(),
             evaluation: None,
             revision: 0,
             events: 0,

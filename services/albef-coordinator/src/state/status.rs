@@ -4,7 +4,7 @@
 
 use super::Job;
 use super::generation::{Generation, Member};
-use super::types::{JobStatus, Result, SUMMARY_WORKERS, WorkerStatus, WorkerView, invalid};
+use super::types::{JobStatus, Result, SUMMARY_WORKERS, SourcesSamples, WorkerStatus, WorkerView, invalid};
 use albef_data::bad::{EXAMPLES_PER_REASON, SkipExample};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,6 +88,7 @@ impl Job {
             last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
             counters: self.counters,
             bad_samples: self.bad_samples_total(),
+            sources: self.sources_total(),
             bad_sample_examples: self.bad_sample_examples(),
             last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
             last_checkpoint_step: last.map_or(0, |c| c.step),
@@ -103,6 +104,19 @@ impl Job {
             *sum.entry(reason).or_default() += n;
         }
         sum.into_iter().map(|(reason, n)| (reason.to_string(), n)).collect()
+    }
+
+    /// Samples by configured source, summed over the workers.
+    fn sources_total(&self) -> SourcesSamples {
+        let mut sum = SourcesSamples::new();
+        for (label, counts) in self.source_samples.values().flatten() {
+            let s = sum.entry(label.clone()).or_default();
+            s.delivered += counts.delivered;
+            for (reason, n) in &counts.skipped {
+                *s.skipped.entry(reason.clone()).or_default() += n;
+            }
+        }
+        sum
     }
 
     /// The first few examples of each reason over the workers (in worker-id order).

@@ -139,6 +139,17 @@ pub struct Losses {
     pub total: f64,
 }
 
+/// One configured source's samples (a `data.train_file` entry, by its clipped pattern):
+/// delivered for training and skipped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceSamples {
+    pub delivered: u64,
+    pub skipped: BTreeMap<String, u64>,
+}
+
+/// Counts by source label.
+pub type SourcesSamples = BTreeMap<String, SourceSamples>;
+
 /// One progress report of a rank.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Heartbeat {
@@ -166,6 +177,8 @@ pub struct Heartbeat {
     pub bad_samples: BTreeMap<String, u64>,
     /// The first few of each reason.
     pub bad_sample_examples: Vec<SkipExample>,
+    /// This worker process's counts by configured source.
+    pub sources: SourcesSamples,
     /// Seconds of a recent step outside the collectives (0: not measured), and the share of it
     /// waiting for data.
     pub busy_seconds: f64,
@@ -279,6 +292,8 @@ pub struct JobStatus {
     pub bad_samples: BTreeMap<String, u64>,
     /// The first few skipped samples of each reason, over all workers.
     pub bad_sample_examples: Vec<SkipExample>,
+    /// Samples delivered and skipped by configured source, over all workers.
+    pub sources: SourcesSamples,
     /// Unix seconds (0: none yet).
     pub last_checkpoint_unix: u64,
     pub last_checkpoint_step: u64,

@@ -44,10 +44,16 @@ fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
         key: key.into(),
         detail: String::new(),
     };
+    // Each worker's counts by configured source: "cc3m/*.tar" 40 delivered, 5 corrupt.
+    let source = |delivered, skipped: u64| SourceSamples {
+        delivered,
+        skipped: [("corrupt_image".to_string(), skipped)].into_iter().filter(|(_, n)| *n > 0).collect(),
+    };
     for (id, a, keys) in [("b", &g[1], ["b1", "b2", "b3"]), ("a", &g[0], ["a1", "a2", "a3"])] {
         let hb = Heartbeat {
             bad_samples: [("corrupt_image".to_string(), 5)].into(),
             bad_sample_examples: keys.map(example).into(),
+            sources: [("cc3m/*.tar".to_string(), source(40, 5)), ("coco/*.tar".to_string(), source(24, 0))].into(),
             ..beat(id, a, 1)
         };
         commands(&mut job, &hb, t0);
@@ -55,4 +61,5 @@ fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
     let s = job.status(t0);
     assert_eq!(s.bad_samples["corrupt_image"], 10);
     assert_eq!(s.bad_sample_examples, ["a1", "a2", "a3"].map(example), "three per reason, by worker id");
+    assert_eq!(s.sources, [("cc3m/*.tar".into(), source(80, 10)), ("coco/*.tar".into(), source(48, 0))].into());
 }
