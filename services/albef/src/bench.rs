@@ -9,6 +9,8 @@
 //! average), so that the communication's share of the step, and how much of it the backward
 //! hides, can be seen. Step times come from steps that wait for the device once, at the end; on
 //! CUDA the phases come from as many further steps that wait at the end of each phase.
+//! `--activation-checkpointing none,vit,text,all` runs it once per setting, each in a process of
+//! its own, and compares their step times and peak memory (host RSS; CUDA allocated and reserved).
 
 use albef_config::{AlbefConfig, ConfigArgs};
 use albef_data::rng::SplitMix64;
@@ -57,6 +59,11 @@ pub struct BenchArgs {
     /// Ranks, as processes on this machine joined by the TCP ring (the job's CPU collective).
     #[arg(long, default_value_t = 1)]
     world: usize,
+    /// Runs the benchmark once for each listed `train.activation_checkpointing` setting (e.g.
+    /// none,vit,text,all), each in a process of its own (peak RSS is a process's high-water mark),
+    /// and prints their step times and peak memory side by side.
+    #[arg(long, value_delimiter = ',')]
+    activation_checkpointing: Vec<String>,
     /// Write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +118,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch >= 2 && args.steps >= 1, "--batch must be at least 2 and --steps at least 1");
     ensure!(args.world >= 1, "--world must be at least 1");
     ensure!(args.rank.is_none_or(|r| r < args.world), "--rank must be below --world");
+    if !args.activation_checkpointing.is_empty() {
+        return compare_activation_checkpointing(&args);
+    }
     let cfg = load_config(&args.config, args.preset.as_deref(), args.device.as_deref())?;
     let dev = device::resolve(cfg.train.device)?;
     device::configure_cuda(cfg.train.tf32)?;
@@ -257,6 +267,53 @@ fn run_rank(
     Ok(Some(report))
 }
 
+/// `--activation-checkpointing`: this benchmark once per setting, each in a child process, then
+/// their step times and peak memory side by side (the first setting is the baseline).
+fn compare_activation_checkpointing(args: &BenchArgs) -> Result<()> {
+    let overrides: Vec<String> =
+        args.activation_checkpointing.iter().map(|s| format!("train.activation_checkpointing={s}")).collect();
+    // Every setting is checked before the first run.
+    for set in &overrides {
+        let mut config = args.config.clone();
+        config.overrides.push(set.clone());
+        load_config(&config, args.preset.as_deref(), args.device.as_deref())?;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut runs = vec![];
+    for (setting, set) in args.activation_checkpointing.iter().zip(&overrides) {
+        let json = dir.path().join(format!("{setting}.json"));
+        let status = Command::new(std::env::current_exe()?)
+            .args(args_of_one_run())
+            .args(["--set", set, "--json"])
+            .arg(&json)
+            .status()
+            .context("starting a run of the benchmark")?;
+        ensure!(status.success(), "the benchmark with {set} failed: {status}");
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+        runs.push(json!({ "activation_checkpointing": setting, "report": report }));
+    }
+    print_activation_checkpointing(&runs);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&json!({ "activation_checkpointing": runs }))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// This process's arguments but those `compare_activation_checkpointing` sets for each run.
+fn args_of_one_run() -> Vec<String> {
+    let mut kept = vec![];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--activation-checkpointing" | "--json" => drop(args.next()),
+            _ if arg.starts_with("--activation-checkpointing=") || arg.starts_with("--json=") => {}
+            _ => kept.push(arg),
+        }
+    }
+    kept
+}
+
 /// The configuration with `--preset` and `--device` applied (they beat the file and `--set`).
 pub fn load_config(config: &ConfigArgs, preset: Option<&str>, device: Option<&str>) -> Result<AlbefConfig> {
     let mut config = config.clone();
@@ -332,6 +389,37 @@ fn percentile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn print_activation_checkpointing(runs: &[serde_json::Value]) {
+    let gib = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |b| format!("{:.2} GiB", b / (1u64 << 30) as f64));
+    let first = &runs[0]["report"];
+    println!(
+        "activation checkpointing, each setting in a process of its own: {} on {}, batch {}, {} px, {} tokens",
+        first["preset"].as_str().unwrap_or(""),
+        first["device"].as_str().unwrap_or(""),
+        first["batch"],
+        first["image_res"],
+        first["text_len"]
+    );
+    println!(
+        "  {:<8} {:>10} {:>9} {:>15} {:>17} {:>16}",
+        "setting", "step p50", "x first", "host peak RSS", "CUDA allocated", "CUDA reserved"
+    );
+    let baseline = first["step_seconds"]["p50"].as_f64().unwrap_or(f64::NAN);
+    for run in runs {
+        let (r, mem) = (&run["report"], &run["report"]["peak_memory_bytes"]);
+        let p50 = r["step_seconds"]["p50"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {:<8} {:>8.2} s {:>8.2}x {:>15} {:>17} {:>16}",
+            run["activation_checkpointing"].as_str().unwrap_or(""),
+            p50,
+            p50 / baseline,
+            gib(&mem["host_rss"]),
+            gib(&mem["cuda_allocated"]),
+            gib(&mem["cuda_reserved"])
+        );
+    }
 }
 
 fn print_table(r: &serde_json::Value) {
