@@ -6,10 +6,12 @@ use crate::metrics::RANK_IMAGES_PER_SECOND;
 use crate::task::Evaluation;
 use crate::train_loop::{Reporter, StepReport};
 use crate::trainer::Pace;
+use albef_data::bad::SkipCounts;
 use albef_data::store::{Location, local_path};
 use albef_telemetry::tensorboard::{TENSORBOARD_DIR, TensorBoard};
 use anyhow::{Context, Result};
 use std::io::Write;
+use std::sync::Arc;
 use tokio::runtime::Handle;
 
 /// Progress lines: every `log_every` steps (and the last) on stdout, every step in `file`.
@@ -68,6 +70,8 @@ pub struct Board {
     /// Where the event file goes, when the run directory is not local.
     upload: Option<Location>,
     handle: Handle,
+    /// This process's counts by configured source, written every step.
+    sources: Option<Arc<SkipCounts>>,
     /// Holds the local copy of a remote run's events while the board lasts.
     _local: Option<tempfile::TempDir>,
 }
@@ -84,7 +88,25 @@ impl Board {
                 (events, Some(upload), Some(local))
             }
         };
-        Ok(Board { events, log_every, world, upload, handle, _local: local })
+        Ok(Board { events, log_every, world, upload, handle, sources: None, _local: local })
+    }
+
+    /// Also writes `rank0/source/<label>/{delivered,skipped}`: the samples of each configured
+    /// source this process delivered for training and skipped (rank 0's loaders').
+    pub fn with_source_counts(self, skips: Arc<SkipCounts>) -> Board {
+        Board { sources: Some(skips), ..self }
+    }
+
+    fn source_scalars(&self) -> Vec<(String, f64)> {
+        let counts = self.sources.as_ref().map(|s| s.by_source()).unwrap_or_default();
+        let tags = counts.into_iter().flat_map(|(label, t)| {
+            let skipped = t.skipped.values().sum::<u64>();
+            [
+                (format!("rank0/source/{label}/delivered"), t.delivered),
+                (format!("rank0/source/{label}/skipped"), skipped),
+            ]
+        });
+        tags.map(|(tag, n)| (tag, n as f64)).collect()
     }
 
     /// Flushes the events and, for a remote run directory, uploads them (a failure is logged:
@@ -108,7 +130,8 @@ impl Reporter for Board {
         // The job's throughput, as the progress line shows it, whenever rank 0's is measured.
         let job = r.measured.iter().filter(|(tag, _)| *tag == RANK_IMAGES_PER_SECOND);
         let job = job.map(|(_, v)| ("job/throughput/images_per_second".to_string(), v * self.world as f64));
-        self.events.scalars(step, r.stats.scalars().into_iter().chain(measured).chain(job));
+        let sources = self.source_scalars();
+        self.events.scalars(step, r.stats.scalars().into_iter().chain(measured).chain(job).chain(sources));
         if step.is_multiple_of(self.log_every) {
             self.events.flush();
         }

@@ -94,6 +94,7 @@ impl<'a> Reporters<'a> {
         let progress = rank0.then(|| ProgressLog { log_every, total_steps, world, file: None, started, best: None });
         let board = rank0
             .then(|| Board::open(&cfg.job.run_dir, log_every, world, heartbeat.handle().clone()))
+            .map(|b| b.map(|b| b.with_source_counts(heartbeat.skips().clone())))
             .and_then(|b| b.map_err(|e| tracing::warn!("no TensorBoard events: {e:#}")).ok());
         Ok(Reporters { heartbeat, audit, progress, board })
     }

@@ -106,6 +106,11 @@ impl<'a> Heartbeat<'a> {
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
     }
+
+    /// The dataset's skip (and by-source) counters this process reports.
+    pub fn skips(&self) -> &Arc<albef_data::bad::SkipCounts> {
+        &self.skips
+    }
 }
 
 impl Reporter for Heartbeat<'_> {

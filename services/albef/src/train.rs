@@ -61,6 +61,7 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let started = Instant::now();
     let mut progress = ProgressLog { log_every, total_steps, world: 1, file: Some(file), started, best: None };
     let mut board = Board::open(&out.to_string_lossy(), log_every, 1, handle.clone())
+        .map(|b| b.with_source_counts(task.dataset().skips.clone()))
         .map_err(|e| tracing::warn!("no TensorBoard events: {e:#}"))
         .ok();
     let mut losses = LossSpan::default();
