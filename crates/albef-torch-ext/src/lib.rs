@@ -143,7 +143,9 @@ pub fn reset_device_memory_peaks(device: usize) -> Result<()> {
 /// gradients reach them through the graph, so they accumulate, and [`GradReadyHooks`] fire, as
 /// without checkpointing (one that is missing gets no gradient from the block). Elsewhere
 /// `block(inputs)` runs plainly. `block` is called once at a time, the second time (the
-/// recompute) on the backward's thread: hence `Send`.
+/// recompute) on the backward's thread: hence `Send`. The generator is the process's: while a
+/// recompute runs, another thread's draws from it would be interleaved with the replayed ones
+/// (ranks run as threads of one process, as some tests do, must not combine the two).
 pub fn checkpoint<F>(block: F, inputs: &[&Tensor], params: &[&Tensor]) -> Result<Tensor>
 where
     F: Fn(&[Tensor]) -> Tensor + Send + 'static,
