@@ -88,7 +88,14 @@ impl Mixture {
                 sources: (0..entry_of.len() as u32).filter(|&s| entry_of[s as usize] == i).collect(),
             })
             .collect();
-        Mixture::new(index.counts(), entries)
+        let mixture = Mixture::new(index.counts(), entries)?;
+        if mixture.entries.iter().any(|e| e.weight.is_some()) {
+            for (e, share) in mixture.entries.iter().zip(mixture.shares()) {
+                let samples = mixture.entry_samples(e);
+                tracing::info!(source = e.label, weight = ?e.weight, samples, share, "an epoch draws the source's share");
+            }
+        }
+        Ok(mixture)
     }
 
     /// Checks that every source is in one entry and that a weighted entry has samples to draw.
