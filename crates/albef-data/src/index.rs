@@ -3,10 +3,12 @@
 //! by the coordinator and by single-process runs alike.
 
 use crate::bad::{SkipCounts, SkipReason};
+use crate::loader::InputLimits;
 use crate::sources::{parse_annotations, scan_tar};
 use crate::store::{ACCEPTED_SOURCES, Location, expand_pattern, expand_patterns};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use tokio::runtime::Handle;
 
 pub const INDEX_VERSION: u32 = 1;
@@ -138,6 +140,15 @@ impl DatasetIndex {
 /// Why a source is left out of the index.
 type Refusal = (SkipReason, String);
 
+/// How long a read of a source may go without a byte, as the loader's reads: the default of
+/// `data.read_timeout_s` (an index is built apart from any run's settings), retried as they are.
+fn stall() -> Duration {
+    InputLimits::default().read_timeout
+}
+
+/// The most bytes of an img2dataset `_stats.json` read (a few hundred in practice).
+const MAX_STATS_BYTES: u64 = 1 << 20;
+
 fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::Result<SourceEntry, Refusal> {
     let unreadable = |e: anyhow::Error| (SkipReason::UnreadableShard, format!("{e:#}"));
     let loc = Location::open(url).map_err(unreadable)?;
@@ -145,7 +156,7 @@ fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::
         return Err((SkipReason::UnreadableShard, "a folder, not a source".into()));
     }
     if url.ends_with(".json") {
-        let bytes = handle.block_on(loc.read_all()).map_err(unreadable)?;
+        let bytes = loc.read_at_most_within(handle, u64::MAX, stall()).map_err(unreadable)?;
         let entries = parse_annotations(&bytes, url, skips).map_err(unreadable)?;
         let usable = entries.iter().flatten().count();
         if usable == 0 {
@@ -157,7 +168,7 @@ fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::
     if let Some(samples) = stats_count(&loc, handle) {
         return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples, offsets: vec![] });
     }
-    let reader = loc.stream_from(handle, 0).map_err(unreadable)?;
+    let reader = loc.stream_within(handle, 0, stall()).map_err(unreadable)?;
     let scan = std::thread::scope(|s| s.spawn(|| scan_tar(reader)).join().expect("tar scan thread"));
     for junk in &scan.junk {
         skips.record(SkipReason::JunkMember, url, junk, "");
@@ -179,6 +190,7 @@ fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::
 /// img2dataset writes `<shard>_stats.json` with the number of samples in `successes`.
 fn stats_count(tar: &Location, handle: &Handle) -> Option<u64> {
     let name = tar.url.rsplit('/').next()?.strip_suffix(".tar")?;
-    let bytes = handle.block_on(tar.sibling(&format!("{name}_stats.json")).read_all()).ok()?;
+    let stats = tar.sibling(&format!("{name}_stats.json"));
+    let bytes = stats.read_at_most_within(handle, MAX_STATS_BYTES, stall()).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("successes")?.as_u64()
 }

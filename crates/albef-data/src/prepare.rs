@@ -12,11 +12,12 @@
 
 use crate::bad::{SkipCounts, SkipExample, SkipReason};
 use crate::index::{DatasetIndex, INDEX_FILE, INDEX_VERSION, SourceEntry, SourceKind};
-use crate::loader::{skip_reason, unread_image_reason};
+use crate::loader::{InputLimits, skip_reason, unread_image_reason};
 use crate::sources::{
-    IMAGE_EXTENSIONS, annotation_image, annotation_image_root, is_junk_member, parse_annotations, scan_tar, split_key,
+    IMAGE_EXTENSIONS, TarOptions, annotation_image, annotation_image_root, is_junk_member, parse_annotations, scan_tar,
+    split_key,
 };
-use crate::store::Location;
+use crate::store::{Location, Oversized};
 use crate::synth::tar_append;
 use crate::transform::{decode_rgb, resize_view};
 use anyhow::{Context, Result, ensure};
@@ -186,7 +187,7 @@ pub fn prepare(
 fn annotation_rows(files: &[String], image_root: &str, handle: &Handle, skips: &SkipCounts) -> Result<Vec<Row>> {
     let mut rows = vec![];
     for file in files {
-        let bytes = handle.block_on(Location::open(file)?.read_all())?;
+        let bytes = read_source(&Location::open(file)?, handle, u64::MAX)?;
         let root = Location::open(&annotation_image_root(file, image_root))?;
         let source: Arc<str> = file.as_str().into();
         for (i, entry) in parse_annotations(&bytes, file, skips)?.into_iter().enumerate() {
@@ -391,17 +392,21 @@ impl Job<'_> {
         let captions = match &pair.captions {
             Captions::Given(captions) => captions.clone(),
             Captions::File(loc) => {
-                let bytes = self.handle.block_on(loc.read_all());
-                let bytes = bytes.map_err(|e| drop(SkipReason::MissingCaption, &format!("{e:#}")))?;
-                let text = String::from_utf8(bytes.to_vec())
-                    .map_err(|_| drop(SkipReason::InvalidUtf8, "caption is not UTF-8"))?;
+                let bytes = read_source(loc, self.handle, TarOptions::default().max_member_bytes);
+                let bytes = bytes.map_err(|e| {
+                    let reason =
+                        if e.is::<Oversized>() { SkipReason::OversizedMember } else { SkipReason::MissingCaption };
+                    drop(reason, &format!("{e:#}"))
+                })?;
+                let text =
+                    String::from_utf8(bytes).map_err(|_| drop(SkipReason::InvalidUtf8, "caption is not UTF-8"))?;
                 if text.trim().is_empty() {
                     return Err(drop(SkipReason::EmptyCaption, ""));
                 }
                 vec![text]
             }
         };
-        let bytes = self.handle.block_on(pair.image.read_all());
+        let bytes = read_source(&pair.image, self.handle, TarOptions::default().max_member_bytes);
         let bytes = bytes.map_err(|e| drop(unread_image_reason(&e), &format!("{e:#}")))?;
         let img = decode_rgb(&bytes, self.max_pixels).map_err(|e| drop(skip_reason(e.reason()), &e.to_string()))?;
         let resized = resize(&img, self.settings.image_size, self.settings.resize_mode);
@@ -409,6 +414,13 @@ impl Job<'_> {
         let jpg = encode_jpeg(&resized, self.settings.quality).map_err(|e| drop(SkipReason::TooManyPixels, &e))?;
         Ok(Sample { jpg, size: (width, height), original: img.dimensions(), captions })
     }
+}
+
+/// A source's bytes read as the loader reads them, with the defaults of `data.read_timeout_s` (a
+/// read that gets no byte for that long is retried, then fails) and, for an image or caption
+/// file, `data.max_member_mb` (a larger file is dropped by its size, unread).
+fn read_source(loc: &Location, handle: &Handle, max_bytes: u64) -> Result<Vec<u8>> {
+    loc.read_at_most_within(handle, max_bytes, InputLimits::default().read_timeout)
 }
 
 /// A row ready to write.

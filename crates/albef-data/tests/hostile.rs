@@ -7,6 +7,7 @@ use albef_data::index::DatasetIndex;
 use albef_data::loader::{InputLimits, Loader, LoaderOptions};
 use albef_data::mixture::Mixture;
 use albef_data::plan::{PlanSpec, plan_rank};
+use albef_data::prepare::{Input, ResizeMode, Settings, prepare};
 use albef_data::sources::{TarOptions, read_tar_samples, scan_tar};
 use albef_data::tokenizer::Tokenizer;
 use std::io::Read;
@@ -309,4 +310,20 @@ fn decoded_pixels_stay_within_their_share_of_the_budget() {
     let name = "decoded_pixels_stay_within_their_share_of_the_budget";
     let skips = serde_json::json!({"over_budget": 1, "too_many_pixels": 1});
     check_child(name, tmp.path().to_str().unwrap(), 6, skips, BUDGET + OWN);
+}
+
+/// `albef data prepare` reads as the loader does: the 512 MiB image is dropped by its size,
+/// unread (oversized_member; it was read whole and counted not_an_image before), the other
+/// prepared.
+#[test]
+fn prepare_refuses_a_512_mib_image_by_its_size() {
+    let tmp = hostile_inputs("big_image");
+    let out = tmp.path().join("out");
+    let files = vec![tmp.path().join("ann.json").to_str().unwrap().to_string()];
+    let input = Input::Annotations { files, image_root: String::new() };
+    let settings = Settings { image_size: 32, resize_mode: ResizeMode::KeepRatio, quality: 90, rows_per_shard: 10 };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let report = prepare(&input, out.to_str().unwrap(), &settings, 1, 10_000_000, rt.handle()).unwrap();
+    assert_eq!(report.samples(), 1);
+    assert_eq!(report.dropped(), [("oversized_member".to_string(), 1)].into(), "{:?}", report.examples);
 }
