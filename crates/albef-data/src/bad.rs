@@ -319,8 +319,13 @@ mod tests {
         let sink = Sink::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        // With one dispatcher alive, tracing takes a call site's interest from the default of
+        // whichever thread meets it first (another test's, which has none: never); with two it
+        // asks every live one, this thread's included.
+        let _second = tracing::Dispatch::new(tracing_subscriber::registry());
         let key = format!("\u{1b}[31m{}\nforged line", "k".repeat(1 << 20));
         tracing::subscriber::with_default(subscriber, || {
+            tracing::callsite::rebuild_interest_cache();
             SkipCounts::default().record(SkipReason::CorruptImage, "s.tar", &key, &"d\n".repeat(1000));
         });
         let log = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
