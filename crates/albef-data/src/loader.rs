@@ -604,8 +604,10 @@ const TRIM_BYTES: usize = 8 << 20;
 /// Frees a decoded image, then its pixels' grant (no other decoder allocates before the memory
 /// is free). glibc keeps freed memory in the arena of the thread that freed it, so each decode
 /// thread would go on holding the largest image it ever decoded (four threads of 27 MB images
-/// held 105 MiB under a 32 MiB share): the pages of a large one are handed back. A trim also
-/// returns the free pages `albef train` keeps mapped for libtorch, hence only for large images.
+/// peaked at 121 MiB of RSS under a 32 MiB share): the pages of a large one are handed back,
+/// those of free chunks and of the main heap's top (glibc's malloc_trim leaves a thread heap's
+/// top, so a thread whose image was the last allocation there may keep it: 49-85 MiB after). A
+/// trim also returns the free pages `albef train` keeps mapped for libtorch: large images only.
 fn release(image: image::RgbImage, grant: Grant) {
     let large = image.as_raw().len() >= TRIM_BYTES;
     drop(image);
