@@ -105,7 +105,7 @@ fn an_nlvr_checkpoint_with_the_tied_projections_under_both_names_reads_back() {
 #[test]
 fn text_assignment_draws_the_reference_classes_and_follows_the_weights() {
     tch::manual_seed(7);
-    let rows = 600;
+    let rows = 3000;
     // Row r weighs image r + 1 at 0.9 and image r + 2 at 0.1.
     let mut weights = vec![0f32; rows * rows];
     for r in 0..rows {

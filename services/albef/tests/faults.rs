@@ -443,14 +443,37 @@ fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
     assert_same_as_reference(&job, job.local_final_hashes());
 }
 
-/// Retrieval fine-tuning recovers as pretraining does (its index queue is part of the state, its
-/// rows carry image ids): a worker killed mid-run and replaced, the job ends with the parameters,
-/// queues and sample audit of the uninterrupted retrieval job.
+/// NLVR2 rows over the generated test pictures: every ordered pair, with the left picture's
+/// caption (True) and a third picture's (False).
+fn nlvr_rows_file(dir: &Path) -> PathBuf {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(data().join("test.json")).unwrap()).unwrap();
+    let n = rows.len();
+    let mut out = vec![];
+    for (i, j) in (0..n).flat_map(|i| (0..n).map(move |j| (i, j))).filter(|(i, j)| i != j) {
+        let images: Vec<String> =
+            [i, j].iter().map(|&k| data().join(rows[k]["image"].as_str().unwrap()).display().to_string()).collect();
+        let third = (0..n).find(|k| *k != i && *k != j).unwrap();
+        for (told, label) in [(i, "True"), (third, "False")] {
+            out.push(serde_json::json!({"images": images, "sentence": rows[told]["caption"][0], "label": label}));
+        }
+    }
+    let file = dir.join("nlvr_train.json");
+    std::fs::write(&file, serde_json::to_vec(&out).unwrap()).unwrap();
+    file
+}
+
+/// Fine-tuning recovers as pretraining does: a worker killed mid-run and replaced, the job ends
+/// with the parameters and sample audit of the uninterrupted job, for retrieval (its index queue
+/// is part of the state, its rows carry image ids) and NLVR2 (rows of two images, a classifier
+/// distilled from its momentum copy).
 #[test]
-fn a_retrieval_job_with_a_killed_worker_ends_as_the_uninterrupted_one() {
-    let run = |kill_at: Option<u64>| {
+fn fine_tuning_jobs_with_a_killed_worker_end_as_the_uninterrupted_ones() {
+    let rows = tempfile::tempdir().unwrap();
+    let nlvr_train = format!("data.train_file=[{}]", nlvr_rows_file(rows.path()).display());
+    let run = |task: &[String], kill_at: Option<u64>| {
         let mut job = Job::new(None, &[]);
-        job.extra.push("task=retrieval".into());
+        job.extra.extend(task.iter().cloned());
         job.start(&[]);
         if let Some(at) = kill_at {
             job.wait_for_step(at);
@@ -463,17 +486,23 @@ fn a_retrieval_job_with_a_killed_worker_ends_as_the_uninterrupted_one() {
         let model = model.unwrap();
         let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
         let names = String::from_utf8_lossy(&model[8..8 + header_len]).into_owned();
-        assert!(names.contains("\"idx_queue\""), "the index queue is part of the state");
         let state = job.state();
-        (job.local_final_hashes(), job.audit(), state["restarts"].as_u64().unwrap(), job.logs())
+        (job.local_final_hashes(), job.audit(), state["restarts"].as_u64().unwrap(), job.logs(), names)
     };
-    let (hashes, audit, _, _) = run(None);
-    let at = random_step(5, 19);
-    let (killed, killed_audit, restarts, logs) = run(Some(at));
-    println!("killed w1 at step >= {at}");
-    assert!(restarts >= 1, "{logs}");
-    assert_eq!(killed, hashes, "final parameters differ from the uninterrupted retrieval job\n{logs}");
-    assert!(killed_audit == audit, "the sample audit differs from the uninterrupted retrieval job");
+    let tasks = [
+        ("retrieval", vec!["task=retrieval".to_string()], "\"idx_queue\""),
+        ("nlvr", vec!["task=nlvr".to_string(), nlvr_train], "\"cls_head_m.2.bias\""),
+    ];
+    for (name, task, kept) in tasks {
+        let (hashes, audit, _, _, names) = run(&task, None);
+        assert!(names.contains(kept), "{name}: {kept} is part of the state");
+        let at = random_step(5, 19);
+        let (killed, killed_audit, restarts, logs, _) = run(&task, Some(at));
+        println!("{name}: killed w1 at step >= {at}");
+        assert!(restarts >= 1, "{logs}");
+        assert_eq!(killed, hashes, "final parameters differ from the uninterrupted {name} job\n{logs}");
+        assert!(killed_audit == audit, "the sample audit differs from the uninterrupted {name} job");
+    }
 }
 
 #[test]
