@@ -599,26 +599,40 @@ fn decode_step(
 }
 
 /// Decoded pixels from which a freed image's pages are handed back to the system at once.
-const TRIM_BYTES: usize = 8 << 20;
+const HAND_BACK_BYTES: usize = 8 << 20;
 
 /// Frees a decoded image, then its pixels' grant (no other decoder allocates before the memory
 /// is free). glibc keeps freed memory in the arena of the thread that freed it, so each decode
 /// thread would go on holding the largest image it ever decoded (four threads of 27 MB images
-/// peaked at 121 MiB of RSS under a 32 MiB share): the pages of a large one are handed back,
-/// those of free chunks and of the main heap's top (glibc's malloc_trim leaves a thread heap's
-/// top, so a thread whose image was the last allocation there may keep it: 49-85 MiB after). A
-/// trim also returns the free pages `albef train` keeps mapped for libtorch: large images only.
+/// peaked at 121 MiB of RSS under a 32 MiB share): a large image's pages are handed back first.
 fn release(image: image::RgbImage, grant: Grant) {
-    let large = image.as_raw().len() >= TRIM_BYTES;
-    drop(image);
-    if large {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: malloc_trim only returns free memory of the allocator's arenas to the system.
-        unsafe { malloc_trim(0) };
+    let mut pixels = image.into_raw();
+    if pixels.len() >= HAND_BACK_BYTES {
+        hand_back_pages(&mut pixels);
     }
+    drop(pixels);
     drop(grant);
+}
+
+/// Hands the whole pages of a buffer about to be freed back to the system (madvise
+/// MADV_DONTNEED: they read as zeros if touched again), whatever the allocator then keeps of it.
+/// Only this buffer's pages: none of another allocation, no trim of the process's heaps.
+fn hand_back_pages(buf: &mut [u8]) {
+    unsafe extern "C" {
+        fn getpagesize() -> std::ffi::c_int;
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const MADV_DONTNEED: std::ffi::c_int = 4;
+    // SAFETY: getpagesize has no preconditions.
+    let page = unsafe { getpagesize() } as usize;
+    let (at, len) = (buf.as_mut_ptr() as usize, buf.len());
+    let (start, end) = (at.next_multiple_of(page), (at + len) / page * page);
+    if start < end {
+        // SAFETY: [start, end) lies inside `buf`, which this function borrows exclusively and its
+        // caller frees next: zeroing its pages changes nothing anyone reads. A failure (EINVAL)
+        // leaves the pages as they were.
+        unsafe { madvise(start as *mut std::ffi::c_void, end - start, MADV_DONTNEED) };
+    }
 }
 
 /// A row's answers, tokenised for the decoder with their weights; why not, when it has none.
