@@ -59,6 +59,14 @@ def module_name(name):
     return name
 
 
+@torch.no_grad()
+def momentum_update(model_pairs, m):
+    """The reference's _momentum_update: every momentum parameter moved toward its online one."""
+    for model_pair in model_pairs:
+        for param, param_m in zip(model_pair[0].parameters(), model_pair[1].parameters()):
+            param_m.data = param_m.data * m + param.data * (1.0 - m)
+
+
 def load_state(module, model_file):
     """Loads a reference state file into `module`, which must hold exactly its tensors; returns
     the file's state and the module's names -> the file's."""

@@ -70,12 +70,8 @@ class VqaAlbef(nn.Module):
         self.model_pairs = [[self.visual_encoder, self.visual_encoder_m], [self.text_encoder, self.text_encoder_m],
                             [self.text_decoder, self.text_decoder_m]]
 
-    @torch.no_grad()
     def _momentum_update(self):
-        m = self.model["momentum"]
-        for model_pair in self.model_pairs:
-            for param, param_m in zip(model_pair[0].parameters(), model_pair[1].parameters()):
-                param_m.data = param_m.data * m + param.data * (1.0 - m)
+        rt.momentum_update(self.model_pairs, self.model["momentum"])
 
     @staticmethod
     def question(visual, text, image, ids, mask):

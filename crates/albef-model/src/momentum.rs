@@ -52,6 +52,26 @@ impl MomentumPairs {
     }
 }
 
+/// A task model's online and momentum halves (the same modules under `<name>` and `<name>_m`,
+/// the momentum ones frozen and equal to the online ones at first) and the pairs the EMA moves.
+pub(crate) struct Halves<H> {
+    pub online: H,
+    pub momentum: H,
+    pub pairs: MomentumPairs,
+}
+
+impl<H> Halves<H> {
+    /// Builds both halves in `vs` with `half(scope, suffix)`.
+    pub(crate) fn new(vs: &nn::VarStore, half: impl Fn(&crate::nn::Scope, &str) -> H) -> Self {
+        let root = vs.root();
+        let online = half(&crate::nn::Scope::new(root.clone(), true), "");
+        let momentum = half(&crate::nn::Scope::new(root, false), "_m");
+        let pairs = MomentumPairs::of(vs);
+        pairs.copy_online();
+        Halves { online, momentum, pairs }
+    }
+}
+
 /// A new model as every rank of a job builds it: `seed` fixes the initial weights (so ranks
 /// agree without a broadcast), `new` builds it in a fresh store, then it is initialised (see
 /// [`initialise`]); with the load reports.

@@ -11,7 +11,7 @@
 
 use crate::albef::{Batch, hard_negative_weights};
 use crate::bert::{BertModel, Mode};
-use crate::momentum::MomentumPairs;
+use crate::momentum::{Halves, MomentumPairs};
 use crate::nn::{Linear, Scope, normalize};
 use crate::task_model::{Classifier, Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::ve::{ClassHead, distilled_cross_entropy};
@@ -79,9 +79,7 @@ impl Half {
 /// momentum model's head as SNLI-VE's.
 pub struct AlbefNlvr {
     cfg: ModelConfig,
-    online: Half,
-    momentum_half: Half,
-    momentum: MomentumPairs,
+    halves: Halves<Half>,
     device: Device,
 }
 
@@ -91,13 +89,8 @@ impl AlbefNlvr {
     /// the online weights.
     pub fn new(vs: &nn::VarStore, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
-        let root = vs.root();
-        let online = Half::new(&Scope::new(root.clone(), true), cfg, "");
-        let momentum_half = Half::new(&Scope::new(root, false), cfg, "_m");
-        let model =
-            AlbefNlvr { cfg: cfg.clone(), online, momentum_half, momentum: MomentumPairs::of(vs), device: vs.device() };
-        model.momentum.copy_online();
-        Ok(model)
+        let halves = Halves::new(vs, |s, suffix| Half::new(s, cfg, suffix));
+        Ok(AlbefNlvr { cfg: cfg.clone(), halves, device: vs.device() })
     }
 
     /// A new model as every rank builds it (see [`crate::Albef::fresh`]); the momentum copies
@@ -108,13 +101,13 @@ impl AlbefNlvr {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, Self, Vec<crate::weights::LoadReport>)> {
-        crate::momentum::fresh(cfg, seed, device, |vs| AlbefNlvr::new(vs, cfg), |m| &m.momentum)
+        crate::momentum::fresh(cfg, seed, device, |vs| AlbefNlvr::new(vs, cfg), |m| &m.halves.pairs)
     }
 }
 
 impl Classifier for AlbefNlvr {
     fn predict(&self, batch: &Batch) -> Result<Tensor> {
-        self.online.logits(batch, false)
+        self.halves.online.logits(batch, false)
     }
 }
 
@@ -128,13 +121,13 @@ impl TaskModel for AlbefNlvr {
     }
 
     fn momentum_update(&self) {
-        self.momentum.update(self.cfg.momentum);
+        self.halves.pairs.update(self.cfg.momentum);
     }
 
     /// Nothing queued; local: the momentum model's class logits.
     fn momentum_features(&self, batch: &Batch) -> MomentumFeatures {
         // A batch of the wrong shape has none: micro_losses says why.
-        let logits = tch::no_grad(|| self.momentum_half.logits(batch, true));
+        let logits = tch::no_grad(|| self.halves.momentum.logits(batch, true));
         MomentumFeatures { queued: vec![], local: logits.into_iter().collect() }
     }
 
@@ -147,7 +140,7 @@ impl TaskModel for AlbefNlvr {
         alpha: f64,
     ) -> Result<Losses> {
         let labels = batch.labels.context("NLVR2 needs each row's label")?;
-        let logits = self.online.logits(batch, true)?;
+        let logits = self.halves.online.logits(batch, true)?;
         Ok(Losses(vec![("nlvr", distilled_cross_entropy(&logits, labels, &m.local[0], alpha))]))
     }
 

@@ -7,7 +7,7 @@
 
 use crate::albef::Batch;
 use crate::bert::{BertModel, Mode};
-use crate::momentum::MomentumPairs;
+use crate::momentum::Halves;
 use crate::nn::{Linear, Scope};
 use crate::task_model::{Classifier, Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
@@ -64,9 +64,7 @@ impl Half {
 
 pub struct AlbefVe {
     cfg: ModelConfig,
-    online: Half,
-    momentum_half: Half,
-    momentum: MomentumPairs,
+    halves: Halves<Half>,
     device: Device,
 }
 
@@ -75,13 +73,8 @@ impl AlbefVe {
     /// so a pretrained checkpoint loads by name), momentum copies equal to the online weights.
     pub fn new(vs: &nn::VarStore, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
-        let root = vs.root();
-        let online = Half::new(&Scope::new(root.clone(), true), cfg, "");
-        let momentum_half = Half::new(&Scope::new(root, false), cfg, "_m");
-        let model =
-            AlbefVe { cfg: cfg.clone(), online, momentum_half, momentum: MomentumPairs::of(vs), device: vs.device() };
-        model.momentum.copy_online();
-        Ok(model)
+        let halves = Halves::new(vs, |s, suffix| Half::new(s, cfg, suffix));
+        Ok(AlbefVe { cfg: cfg.clone(), halves, device: vs.device() })
     }
 
     /// A new model as every rank builds it (see [`crate::Albef::fresh`]).
@@ -90,13 +83,13 @@ impl AlbefVe {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, AlbefVe, Vec<crate::weights::LoadReport>)> {
-        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVe::new(vs, cfg), |m| &m.momentum)
+        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVe::new(vs, cfg), |m| &m.halves.pairs)
     }
 }
 
 impl Classifier for AlbefVe {
     fn predict(&self, batch: &Batch) -> Result<Tensor> {
-        Ok(self.online.logits(batch, false))
+        Ok(self.halves.online.logits(batch, false))
     }
 }
 
@@ -120,12 +113,12 @@ impl TaskModel for AlbefVe {
     }
 
     fn momentum_update(&self) {
-        self.momentum.update(self.cfg.momentum);
+        self.halves.pairs.update(self.cfg.momentum);
     }
 
     /// Nothing queued; local: the momentum model's class logits, which distil the loss.
     fn momentum_features(&self, batch: &Batch) -> MomentumFeatures {
-        let logits = tch::no_grad(|| self.momentum_half.logits(batch, true));
+        let logits = tch::no_grad(|| self.halves.momentum.logits(batch, true));
         MomentumFeatures { queued: vec![], local: vec![logits] }
     }
 
@@ -139,7 +132,7 @@ impl TaskModel for AlbefVe {
         alpha: f64,
     ) -> Result<Losses> {
         let labels = batch.labels.context("SNLI-VE needs each row's label")?;
-        let logits = self.online.logits(batch, true);
+        let logits = self.halves.online.logits(batch, true);
         Ok(Losses(vec![("ve", distilled_cross_entropy(&logits, labels, &m.local[0], alpha))]))
     }
 

@@ -11,7 +11,7 @@
 
 use crate::albef::Batch;
 use crate::bert::{BertModel, MlmHead, Mode};
-use crate::momentum::MomentumPairs;
+use crate::momentum::Halves;
 use crate::nn::Scope;
 use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
@@ -91,9 +91,7 @@ fn answer_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
 
 pub struct AlbefVqa {
     cfg: ModelConfig,
-    online: Half,
-    momentum_half: Half,
-    momentum: MomentumPairs,
+    halves: Halves<Half>,
     device: Device,
 }
 
@@ -109,13 +107,8 @@ impl AlbefVqa {
             cfg.bert.encoder_width,
             cfg.bert.hidden_size
         );
-        let root = vs.root();
-        let online = Half::new(&Scope::new(root.clone(), true), cfg, "");
-        let momentum_half = Half::new(&Scope::new(root, false), cfg, "_m");
-        let model =
-            AlbefVqa { cfg: cfg.clone(), online, momentum_half, momentum: MomentumPairs::of(vs), device: vs.device() };
-        model.momentum.copy_online();
-        Ok(model)
+        let halves = Halves::new(vs, |s, suffix| Half::new(s, cfg, suffix));
+        Ok(AlbefVqa { cfg: cfg.clone(), halves, device: vs.device() })
     }
 
     /// A new model as every rank builds it (see [`crate::Albef::fresh`]).
@@ -124,7 +117,7 @@ impl AlbefVqa {
         seed: u64,
         device: Device,
     ) -> Result<(nn::VarStore, AlbefVqa, Vec<crate::weights::LoadReport>)> {
-        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVqa::new(vs, cfg), |m| &m.momentum)
+        crate::momentum::fresh(cfg, seed, device, |vs| AlbefVqa::new(vs, cfg), |m| &m.halves.pairs)
     }
 
     /// The best of the candidate answers (`answer_ids`, `answer_mask`: (N, La), each `[CLS]`
@@ -140,19 +133,19 @@ impl AlbefVqa {
         k: i64,
         scoring: AnswerScoring,
     ) -> Tensor {
-        let states = self.online.question(batch, false);
+        let states = self.halves.online.question(batch, false);
         let q_mask = batch.attention_mask;
         let (questions, candidates) = (states.size()[0], answer_ids.size()[0]);
         let k = k.clamp(1, candidates);
         let start = answer_ids.select(0, 0).narrow(0, 0, 1).repeat([questions, 1]);
         let start_mask = Tensor::ones_like(&start);
-        let first = self.online.answer_logits(&states, q_mask, &start, &start_mask, false).select(1, 0);
+        let first = self.halves.online.answer_logits(&states, q_mask, &start, &start_mask, false).select(1, 0);
         let first = first.to_kind(Kind::Float).softmax(1, Kind::Float).index_select(1, &answer_ids.select(1, 1));
         let (top_probs, top_ids) = first.topk(k, 1, true, true);
         let ids = answer_ids.index_select(0, &top_ids.reshape([-1]));
         let mask = answer_mask.index_select(0, &top_ids.reshape([-1]));
         let repeat = |t: &Tensor| t.repeat_interleave_self_int(k, Some(0), None);
-        let logits = self.online.answer_logits(&repeat(&states), &repeat(q_mask), &ids, &mask, false);
+        let logits = self.halves.online.answer_logits(&repeat(&states), &repeat(q_mask), &ids, &mask, false);
         let log_likelihood = -answer_nll(&logits, &next_tokens(&ids, self.cfg.bert.pad_token_id)).view([questions, k]);
         let score = match scoring {
             AnswerScoring::Reference => top_probs.log() + log_likelihood,
@@ -172,7 +165,7 @@ impl TaskModel for AlbefVqa {
     }
 
     fn momentum_update(&self) {
-        self.momentum.update(self.cfg.momentum);
+        self.halves.pairs.update(self.cfg.momentum);
     }
 
     /// Nothing queued; local: the momentum decoder's next-token logits of every answer (A,
@@ -181,9 +174,9 @@ impl TaskModel for AlbefVqa {
         let logits = batch.answers.as_ref().map(|a| {
             tch::no_grad(|| {
                 let n = a.weights.size()[0];
-                let states = per_answer(&self.momentum_half.question(batch, true), a.per_row, n);
+                let states = per_answer(&self.halves.momentum.question(batch, true), a.per_row, n);
                 let q_mask = per_answer(batch.attention_mask, a.per_row, n);
-                let logits = self.momentum_half.answer_logits(&states, &q_mask, a.ids, a.mask, true);
+                let logits = self.halves.momentum.answer_logits(&states, &q_mask, a.ids, a.mask, true);
                 logits.narrow(1, 0, logits.size()[1] - 1)
             })
         });
@@ -202,9 +195,9 @@ impl TaskModel for AlbefVqa {
     ) -> Result<Losses> {
         let a = batch.answers.as_ref().context("VQA needs each row's answers")?;
         let n = a.weights.size()[0];
-        let states = per_answer(&self.online.question(batch, true), a.per_row, n);
+        let states = per_answer(&self.halves.online.question(batch, true), a.per_row, n);
         let q_mask = per_answer(batch.attention_mask, a.per_row, n);
-        let logits = self.online.answer_logits(&states, &q_mask, a.ids, a.mask, true).to_kind(Kind::Float);
+        let logits = self.halves.online.answer_logits(&states, &q_mask, a.ids, a.mask, true).to_kind(Kind::Float);
         let targets = next_tokens(a.ids, self.cfg.bert.pad_token_id);
         let nll = answer_nll(&logits, &targets);
         let len = logits.size()[1];
