@@ -443,16 +443,15 @@ fn a_killed_worker_is_replaced_and_the_job_ends_as_if_nothing_happened() {
     assert_same_as_reference(&job, job.local_final_hashes());
 }
 
-/// NLVR2 rows over the generated test pictures: every ordered pair, with the left picture's
-/// caption (True) and a third picture's (False).
+/// NLVR2 rows over the generated test pictures (paths below the data folder): every ordered
+/// pair, with the left picture's caption (True) and a third picture's (False).
 fn nlvr_rows_file(dir: &Path) -> PathBuf {
     let rows: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(data().join("test.json")).unwrap()).unwrap();
     let n = rows.len();
     let mut out = vec![];
     for (i, j) in (0..n).flat_map(|i| (0..n).map(move |j| (i, j))).filter(|(i, j)| i != j) {
-        let images: Vec<String> =
-            [i, j].iter().map(|&k| data().join(rows[k]["image"].as_str().unwrap()).display().to_string()).collect();
+        let images = [&rows[i]["image"], &rows[j]["image"]];
         let third = (0..n).find(|k| *k != i && *k != j).unwrap();
         for (told, label) in [(i, "True"), (third, "False")] {
             out.push(serde_json::json!({"images": images, "sentence": rows[told]["caption"][0], "label": label}));
@@ -471,6 +470,8 @@ fn nlvr_rows_file(dir: &Path) -> PathBuf {
 fn fine_tuning_jobs_with_a_killed_worker_end_as_the_uninterrupted_ones() {
     let rows = tempfile::tempdir().unwrap();
     let nlvr_train = format!("data.train_file=[{}]", nlvr_rows_file(rows.path()).display());
+    let image_root = format!("data.image_root={}", data().display());
+    let tokenizer = format!("data.tokenizer={}", data().join("vocab.txt").display());
     let run = |task: &[String], kill_at: Option<u64>| {
         let mut job = Job::new(None, &[]);
         job.extra.extend(task.iter().cloned());
@@ -491,7 +492,7 @@ fn fine_tuning_jobs_with_a_killed_worker_end_as_the_uninterrupted_ones() {
     };
     let tasks = [
         ("retrieval", vec!["task=retrieval".to_string()], "\"idx_queue\""),
-        ("nlvr", vec!["task=nlvr".to_string(), nlvr_train], "\"cls_head_m.2.bias\""),
+        ("nlvr", vec!["task=nlvr".to_string(), nlvr_train, image_root, tokenizer], "\"cls_head_m.2.bias\""),
     ];
     for (name, task, kept) in tasks {
         let (hashes, audit, _, _, names) = run(&task, None);
