@@ -304,6 +304,24 @@ impl BertModel {
     }
 }
 
+/// A text-encoder parameter name (`<module>.bert.encoder.layer.N.<tail>`, the module
+/// `text_encoder` or `text_encoder_m`) as (module, N, tail).
+pub(crate) fn encoder_layer(name: &str) -> Option<(&str, usize, &str)> {
+    let (module, rest) = name.split_once(".bert.encoder.layer.")?;
+    let (n, tail) = rest.split_once('.')?;
+    matches!(module, "text_encoder" | "text_encoder_m").then_some(())?;
+    Some((module, n.parse().ok()?, tail))
+}
+
+/// The first layer of `module` with cross-attention among parameter `names`: its fusion layer.
+pub(crate) fn first_cross_attending<'a>(names: impl Iterator<Item = &'a String>, module: &str) -> Option<usize> {
+    names
+        .filter_map(|n| encoder_layer(n))
+        .filter(|(m, _, tail)| *m == module && tail.starts_with("crossattention."))
+        .map(|(_, n, _)| n)
+        .min()
+}
+
 /// BERT's masked-language-model head, its decoder tied to the word embeddings.
 #[derive(Debug)]
 pub struct MlmHead {

@@ -10,7 +10,7 @@
 //! pairs by [`pair_fusion_layers`], as the reference's Pretrain_nlvr.py maps it.
 
 use crate::albef::{Batch, hard_negative_weights};
-use crate::bert::{BertModel, Mode};
+use crate::bert::{BertModel, Mode, encoder_layer, first_cross_attending};
 use crate::momentum::{Halves, MomentumPairs};
 use crate::nn::{Linear, Scope, normalize};
 use crate::task_model::{Classifier, Losses, MomentumFeatures, StepFeatures, TaskModel};
@@ -292,15 +292,6 @@ impl TaskModel for AlbefNlvrPretrain {
     }
 }
 
-/// The layer number of a text-encoder parameter name (`text_encoder{,_m}.bert.encoder.layer.N.*`)
-/// with the name's parts before and after it.
-fn text_layer(name: &str) -> Option<(&str, usize, &str)> {
-    let (prefix, rest) = name.split_once(".bert.encoder.layer.")?;
-    let (n, tail) = rest.split_once('.')?;
-    matches!(prefix, "text_encoder" | "text_encoder_m").then_some(())?;
-    Some((prefix, n.parse().ok()?, tail))
-}
-
 /// Reads a checkpoint's text encoder into a paired model's (`model`: its parameter names). A
 /// plain one (a pretrained ALBEF's) is mapped as the reference's Pretrain_nlvr.py does: fusion
 /// layer `fusion + i` of the file becomes blocks `fusion + 2i` and `fusion + 2i + 1`. The first
@@ -309,12 +300,11 @@ fn text_layer(name: &str) -> Option<(&str, usize, &str)> {
 /// both names) are dropped. Nothing changes for a model that is not paired.
 pub fn pair_fusion_layers(tensors: &mut BTreeMap<String, Tensor>, model: &BTreeSet<String>) {
     let layers = |names: &mut dyn Iterator<Item = &String>| {
-        names.filter_map(|n| text_layer(n)).filter(|(p, ..)| *p == "text_encoder").map(|(_, n, _)| n + 1).max()
+        names.filter_map(|n| encoder_layer(n)).filter(|(p, ..)| *p == "text_encoder").map(|(_, n, _)| n + 1).max()
     };
-    let cross_attending = |names: &mut dyn Iterator<Item = &String>| {
-        names.filter_map(|n| text_layer(n)).filter(|(.., t)| t.starts_with("crossattention.")).map(|(_, n, _)| n).min()
-    };
-    let (Some(fusion), Some(model_layers)) = (cross_attending(&mut model.iter()), layers(&mut model.iter())) else {
+    let (Some(fusion), Some(model_layers)) =
+        (first_cross_attending(model.iter(), "text_encoder"), layers(&mut model.iter()))
+    else {
         return;
     };
     let key = |n: usize| format!("text_encoder.bert.encoder.layer.{n}.crossattention.self.key.weight");
@@ -324,16 +314,16 @@ pub fn pair_fusion_layers(tensors: &mut BTreeMap<String, Tensor>, model: &BTreeS
     if layers(&mut tensors.keys()) == Some(fusion + (model_layers - fusion) / 2) {
         // Taken out first: a block's new name may be a fusion layer's old one.
         let fused: Vec<(String, Tensor)> =
-            tensors.extract_if(.., |name, _| text_layer(name).is_some_and(|(_, n, _)| n >= fusion)).collect();
+            tensors.extract_if(.., |name, _| encoder_layer(name).is_some_and(|(_, n, _)| n >= fusion)).collect();
         for (name, t) in fused {
-            let (prefix, n, tail) = text_layer(&name).expect("extracted above");
+            let (prefix, n, tail) = encoder_layer(&name).expect("extracted above");
             for block in [fusion + 2 * (n - fusion), fusion + 2 * (n - fusion) + 1] {
                 tensors.insert(format!("{prefix}.bert.encoder.layer.{block}.{tail}"), t.shallow_clone());
             }
         }
     }
     tensors.retain(|name, _| {
-        let shared = text_layer(name).is_some_and(|(_, n, tail)| {
+        let shared = encoder_layer(name).is_some_and(|(_, n, tail)| {
             n >= fusion
                 && tail.starts_with("crossattention.self.")
                 && (tail.contains(".key.") || tail.contains(".value."))

@@ -10,7 +10,7 @@
 //! the embeddings and the MLM head, as the reference's VQA.py does when it loads one.
 
 use crate::albef::Batch;
-use crate::bert::{BertModel, MlmHead, Mode};
+use crate::bert::{BertModel, MlmHead, Mode, encoder_layer, first_cross_attending};
 use crate::momentum::Halves;
 use crate::nn::Scope;
 use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
@@ -224,23 +224,13 @@ pub fn derive_decoder(tensors: &mut BTreeMap<String, Tensor>) {
     if tensors.keys().any(|k| k.starts_with("text_decoder")) {
         return;
     }
-    for (encoder, decoder) in [("text_encoder.", "text_decoder."), ("text_encoder_m.", "text_decoder_m.")] {
-        let layers = format!("{encoder}bert.encoder.layer.");
-        let layer_of = |key: &str| {
-            key.strip_prefix(&layers)?
-                .split_once('.')
-                .and_then(|(n, rest)| Some((n.parse::<i64>().ok()?, rest.to_string())))
-        };
-        let fusion = tensors
-            .keys()
-            .filter_map(|k| layer_of(k).filter(|(_, rest)| rest.starts_with("crossattention.")).map(|(n, _)| n))
-            .min();
-        let Some(fusion) = fusion else { continue };
+    for (encoder, decoder) in [("text_encoder", "text_decoder."), ("text_encoder_m", "text_decoder_m.")] {
+        let Some(fusion) = first_cross_attending(tensors.keys(), encoder) else { continue };
         let mut derived = vec![];
         let mut moved = vec![];
         for (key, value) in tensors.iter() {
-            let Some(rest) = key.strip_prefix(encoder) else { continue };
-            if let Some((n, tail)) = layer_of(key) {
+            let Some(rest) = key.strip_prefix(encoder).and_then(|r| r.strip_prefix('.')) else { continue };
+            if let Some((_, n, tail)) = encoder_layer(key).filter(|(m, ..)| *m == encoder) {
                 if n >= fusion {
                     derived.push((format!("{decoder}bert.encoder.layer.{}.{tail}", n - fusion), value.shallow_clone()));
                 }
