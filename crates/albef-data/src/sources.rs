@@ -271,21 +271,13 @@ fn read_tar(
         if !wanted {
             continue;
         }
-        // Grown by what is actually there, never reserved from the declared size alone.
-        let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
-        // A short read: the stream ended inside this member, so the open sample is incomplete
-        // and is not delivered.
-        match entries.read_data(&mut data, size) {
+        let data = match member_data(&mut entries, &path, size) {
+            Ok(data) => data,
             Err(e) => {
-                scan.error = Some(format!("{path}: {e}"));
+                scan.error = Some(e);
                 return scan;
             }
-            Ok(n) if n < size => {
-                scan.error = Some(format!("{path}: the stream ends after {n} of its {size} bytes"));
-                return scan;
-            }
-            Ok(_) => {}
-        }
+        };
         match ext.as_str() {
             e if IMAGE_EXTENSIONS.contains(&e) => m.image = Some(data),
             "txt" => m.txt = Some(data),
@@ -296,6 +288,18 @@ fn read_tar(
         let _ = on_sample(ordinal(&scan), done);
     }
     scan
+}
+
+/// The `size` bytes of the member `path` the reader stands at; why not, when the stream fails or
+/// ends inside it (its sample is then incomplete and is not delivered).
+fn member_data<R: Read>(entries: &mut TarEntries<R>, path: &str, size: u64) -> Result<Vec<u8>, String> {
+    // Grown by what is actually there, never reserved from the declared size alone.
+    let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
+    match entries.read_data(&mut data, size) {
+        Err(e) => Err(format!("{path}: {e}")),
+        Ok(n) if n < size => Err(format!("{path}: the stream ends after {n} of its {size} bytes")),
+        Ok(_) => Ok(data),
+    }
 }
 
 /// Counts the samples of a tar stream and where each starts (for the shard index).

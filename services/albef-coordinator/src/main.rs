@@ -134,11 +134,7 @@ async fn serve(
     let c = &cfg.coordinator;
     // Held while this coordinator serves: a second one on the same run directory refuses.
     let _lock = albef_data::run_lock::RunLock::acquire(&cfg.job.run_dir)?;
-    if !auth.enabled() {
-        warn!("no token files configured: authentication is OFF (local runs only)");
-    } else if !auth.has_admin() {
-        warn!("no admin token file configured: the Control service refuses every call");
-    }
+    warn_about_auth(&auth);
     let listener =
         tokio::net::TcpListener::bind(&c.listen).await.with_context(|| format!("listening on {}", c.listen))?;
     let addr = listener.local_addr()?;
@@ -162,11 +158,8 @@ async fn serve(
     };
     // A span around every RPC (exported with the traces when OTLP is on).
     let mut server = Server::builder().trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()));
-    if !c.tls_cert.is_empty() || !c.tls_key.is_empty() {
-        ensure!(!c.tls_cert.is_empty() && !c.tls_key.is_empty(), "TLS needs both coordinator.tls_cert and tls_key");
-        let cert = std::fs::read(&c.tls_cert).with_context(|| format!("reading {}", c.tls_cert))?;
-        let key = std::fs::read(&c.tls_key).with_context(|| format!("reading {}", c.tls_key))?;
-        server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    if let Some(tls) = tls_config(c)? {
+        server = server.tls_config(tls)?;
     }
     let router = server
         .add_service(health_service)
@@ -208,6 +201,26 @@ async fn serve(
     shared.persist().await?;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Says when the services are open to anyone (no tokens) or the Control service to no one.
+fn warn_about_auth(auth: &Auth) {
+    if !auth.enabled() {
+        warn!("no token files configured: authentication is OFF (local runs only)");
+    } else if !auth.has_admin() {
+        warn!("no admin token file configured: the Control service refuses every call");
+    }
+}
+
+/// The server's TLS identity, when `coordinator.tls_cert` and `tls_key` name one.
+fn tls_config(c: &albef_config::CoordinatorConfig) -> Result<Option<ServerTlsConfig>> {
+    if c.tls_cert.is_empty() && c.tls_key.is_empty() {
+        return Ok(None);
+    }
+    ensure!(!c.tls_cert.is_empty() && !c.tls_key.is_empty(), "TLS needs both coordinator.tls_cert and tls_key");
+    let cert = std::fs::read(&c.tls_cert).with_context(|| format!("reading {}", c.tls_cert))?;
+    let key = std::fs::read(&c.tls_key).with_context(|| format!("reading {}", c.tls_key))?;
+    Ok(Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))))
 }
 
 /// The connections `listener` accepts, each with TCP_NODELAY: tonic sets it only on listeners it
