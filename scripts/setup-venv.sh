@@ -28,6 +28,17 @@ command -v protoc >/dev/null || need_apt protobuf-compiler
 WHAT=${1:-all}
 [ "$WHAT" = system ] && exit 0
 
+# torch with its CUDA libraries takes about 5.5 GB installed; pip fails late and obscurely
+# ("No space left on device") when the disk is short, so say it first. No pip cache (--no-cache-dir
+# below): it would keep a second, compressed copy of every wheel.
+if [ ! -d .venv/lib ] || ! ls .venv/lib/python*/site-packages/torch >/dev/null 2>&1; then
+    free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "${free_gb:-0}" -lt 8 ]; then
+        echo "setup: warning: ${free_gb} GB free on $(df -P . | awk 'NR == 2 { print $6 }');" \
+             "torch needs about 5.5 GB and the build about 6 GB more" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
         rm -rf .venv
@@ -40,11 +51,11 @@ case "$WHAT" in
     torch)
         echo "setup: installing torch $TORCH_VERSION into .venv (about 2.7 GB the first time; pip is quiet meanwhile)" >&2
         # Without bytecode: compiling torch's modules would take CPU the parallel build needs.
-        .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check "$(grep '^torch==' scripts/requirements.txt)"
+        .venv/bin/python -m pip install -q --no-compile --no-cache-dir --disable-pip-version-check "$(grep '^torch==' scripts/requirements.txt)"
         ;;
     all)
         echo "setup: installing the Python packages of the tests into .venv (torch is about 2.7 GB the first time)" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+        .venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -r scripts/requirements.txt
         # torch may have come without bytecode (the demo's quicker install): the tests import it often.
         .venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null || true
         ;;
