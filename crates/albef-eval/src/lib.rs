@@ -17,11 +17,14 @@
 //!   tokens), as LAVIS's `extract_features`, as safetensors or `.npz` (`npy`: NumPy's formats).
 //! - `classification`: accuracy of a classifying task (SNLI-VE) on a labelled split, shared
 //!   across the ranks of a job.
+//! - `grounding`: weakly supervised grounding's scoring (RefCOCO+): proposal boxes ranked by a
+//!   Grad-CAM heat map, IoU, accuracy per split, the referring expressions' annotations, pictures.
 //! - `vqa`: VQA answers from a candidate list, the evaluation server's result file and the
 //!   official VQA accuracy.
 
 pub mod classification;
 pub mod embed;
+pub mod grounding;
 pub mod metrics;
 pub mod model;
 pub mod npy;

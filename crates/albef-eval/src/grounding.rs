@@ -1,0 +1,1 @@
+//! Weakly supervised grounding (RefCOCO+) scoring: being written.
