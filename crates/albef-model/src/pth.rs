@@ -2,7 +2,8 @@
 //! a pickle (`<archive>/data.pkl`) whose tensors point at raw storages (`<archive>/data/<key>`).
 //!
 //! Reading runs a pickle machine that knows only what a saved state dict needs: containers,
-//! numbers, strings, and the few globals that rebuild tensors (`torch._utils._rebuild_tensor_v2`,
+//! numbers, strings (also in protocol 0's text opcodes, Python 2's default: plain-data pickles
+//! such as RefCOCO's `refs(unc).p` are read too), and the few globals that rebuild tensors (`torch._utils._rebuild_tensor_v2`,
 //! `torch._utils._rebuild_parameter`, the `torch.*Storage` types, `collections.OrderedDict`). Any
 //! other global (`os.system`, `builtins.eval`, a class of the saving program) is refused when the
 //! pickle names it, before anything is called: a checkpoint is data, never code. Every length in
@@ -133,12 +134,22 @@ impl Machine<'_> {
         Ok(self.take(n)?.iter().rev().fold(0u64, |v, &b| (v << 8) | u64::from(b)))
     }
 
-    fn line(&mut self) -> Result<String> {
+    /// The bytes up to the next newline, which is consumed.
+    fn line_bytes(&mut self) -> Result<&[u8]> {
         let rest = &self.bytes[self.pos..];
-        let end = rest.iter().position(|&b| b == b'\n').context("the pickle ends inside a GLOBAL")?;
-        let s = std::str::from_utf8(&rest[..end]).context("a GLOBAL that is not UTF-8")?.to_string();
+        let end = rest.iter().position(|&b| b == b'\n').context("the pickle ends inside a text opcode")?;
         self.pos += end + 1;
-        Ok(s)
+        Ok(&rest[..end])
+    }
+
+    fn line(&mut self) -> Result<String> {
+        Ok(std::str::from_utf8(self.line_bytes()?).context("a text opcode that is not UTF-8")?.to_string())
+    }
+
+    /// A memo key of PUT or GET: a decimal line.
+    fn decimal(&mut self) -> Result<u64> {
+        let line = self.line()?;
+        line.parse().with_context(|| format!("a memo key {:?} that is not a number", clip(&line)))
     }
 
     fn text(&mut self, n: usize) -> Result<String> {
@@ -186,8 +197,10 @@ impl Machine<'_> {
                     self.take(8)?; // FRAME: a length hint
                 }
                 b'.' => return self.pop(),
-                b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo(op)?,
-                b'(' | b'}' | b']' | b')' | b't' | 0x85..=0x87 | b'a' | b'e' | b's' | b'u' => self.container(op)?,
+                b'q' | b'r' | 0x94 | b'h' | b'j' | b'p' | b'g' => self.memo(op)?,
+                b'(' | b'}' | b']' | b')' | b't' | 0x85..=0x87 | b'a' | b'e' | b's' | b'u' | b'l' | b'd' => {
+                    self.container(op)?
+                }
                 b'c' | 0x93 | b'R' | 0x81 | b'b' | b'Q' => self.object(op)?,
                 _ => {
                     let v = self.scalar(op)?;
@@ -230,7 +243,26 @@ impl Machine<'_> {
                 let n = self.le(4)? as usize;
                 Value::Bytes(self.take(n)?.to_vec())
             }
+            b'I' | b'L' | b'F' | b'S' | b'V' => self.text_scalar(op)?,
             other => bail!("pickle opcode 0x{other:02x} is not one a saved state dict uses"),
+        })
+    }
+
+    /// Protocol 0's constants, each a line of text: INT (`I01`/`I00` are Python 2's booleans),
+    /// LONG (`12L`), FLOAT (repr), STRING (a byte string's repr) and UNICODE (raw-unicode-escape).
+    fn text_scalar(&mut self, op: u8) -> Result<Value> {
+        if op == b'V' {
+            return Ok(Value::Str(raw_unicode_unescape(self.line_bytes()?)));
+        }
+        let line = self.line()?;
+        let int = |s: &str| s.parse::<i64>().with_context(|| format!("an integer {:?} out of range", clip(s)));
+        Ok(match op {
+            b'I' if line == "01" => Value::Bool(true),
+            b'I' if line == "00" => Value::Bool(false),
+            b'I' => Value::Int(int(&line)?),
+            b'L' => Value::Int(int(line.strip_suffix('L').unwrap_or(&line))?),
+            b'F' => Value::Float(line.parse().with_context(|| format!("a FLOAT {:?}", clip(&line)))?),
+            _ => Value::Bytes(unrepr(&line)?),
         })
     }
 
@@ -240,8 +272,12 @@ impl Machine<'_> {
     /// storages and tensors, which they do share, do not change.
     fn memo(&mut self, op: u8) -> Result<()> {
         match op {
-            b'h' | b'j' => {
-                let k = if op == b'h' { self.le(1)? } else { self.le(4)? };
+            b'h' | b'j' | b'g' => {
+                let k = match op {
+                    b'h' => self.le(1)?,
+                    b'j' => self.le(4)?,
+                    _ => self.decimal()?,
+                };
                 let v = self.memo.get(&k).with_context(|| format!("the pickle reads memo {k}, never written"))?;
                 self.stack.push(v.clone());
             }
@@ -249,6 +285,7 @@ impl Machine<'_> {
                 let k = match op {
                     b'q' => self.le(1)?,
                     b'r' => self.le(4)?,
+                    b'p' => self.decimal()?,
                     _ => self.memo.len() as u64,
                 };
                 let v = self.top()?.clone();
@@ -268,6 +305,17 @@ impl Machine<'_> {
             b't' => {
                 let items = self.since_mark()?;
                 self.stack.push(Value::Tuple(items));
+            }
+            b'l' => {
+                let items = self.since_mark()?;
+                self.stack.push(Value::List(items));
+            }
+            b'd' => {
+                let items = self.since_mark()?;
+                ensure!(items.len() % 2 == 0, "DICT with an odd number of items");
+                let mut items = items.into_iter();
+                let pairs = std::iter::from_fn(|| Some((items.next()?, items.next()?)));
+                self.stack.push(Value::Dict(pairs.collect()));
             }
             0x85..=0x87 => {
                 let n = usize::from(op - 0x84);
@@ -333,6 +381,62 @@ impl Machine<'_> {
         }
         Ok(())
     }
+}
+
+/// The bytes of a STRING: Python 2's repr of a byte string, quoted, with the escapes repr writes
+/// (`\\`, `\'`, `\"`, `\n`, `\r`, `\t`, `\xhh`); any other backslash stands for itself.
+fn unrepr(line: &str) -> Result<Vec<u8>> {
+    let b = line.as_bytes();
+    let quoted = b.len() >= 2 && (b[0] == b'\'' || b[0] == b'"') && b[b.len() - 1] == b[0];
+    ensure!(quoted, "a STRING that is not quoted: {:?}", clip(line));
+    let (body, mut out, mut i) = (&b[1..b.len() - 1], vec![], 0);
+    while i < body.len() {
+        let (byte, used) = match (body[i], body.get(i + 1)) {
+            (b'\\', Some(b'n')) => (b'\n', 2),
+            (b'\\', Some(b'r')) => (b'\r', 2),
+            (b'\\', Some(b't')) => (b'\t', 2),
+            (b'\\', Some(&c @ (b'\\' | b'\'' | b'"'))) => (c, 2),
+            (b'\\', Some(b'x')) => {
+                let hex = body.get(i + 2..i + 4).and_then(|h| std::str::from_utf8(h).ok());
+                let v = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                (v.with_context(|| format!("a STRING with a bad \\x escape: {:?}", clip(line)))?, 4)
+            }
+            (c, _) => (c, 1),
+        };
+        out.push(byte);
+        i += used;
+    }
+    Ok(out)
+}
+
+/// The text of a UNICODE line: bytes are Latin-1 code points but for `\uXXXX` and `\UXXXXXXXX`
+/// (UTF-16 surrogate pairs, as narrow Python 2 builds wrote them, are joined; a lone one becomes
+/// U+FFFD).
+fn raw_unicode_unescape(b: &[u8]) -> String {
+    let (mut units, mut i): (Vec<u16>, usize) = (vec![], 0);
+    while i < b.len() {
+        let digits = match (b[i], b.get(i + 1)) {
+            (b'\\', Some(b'u')) => 4,
+            (b'\\', Some(b'U')) => 8,
+            _ => 0,
+        };
+        let hex = b.get(i + 2..i + 2 + digits).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u32::from_str_radix(h, 16).ok()).filter(|_| digits > 0) {
+            Some(code) => {
+                let c = char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER);
+                match u16::try_from(code) {
+                    Ok(unit) => units.push(unit),
+                    Err(_) => units.extend(c.encode_utf16(&mut [0; 2]).iter()),
+                }
+                i += 2 + digits;
+            }
+            None => {
+                units.push(u16::from(b[i]));
+                i += 1;
+            }
+        }
+    }
+    char::decode_utf16(units).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)).collect()
 }
 
 /// Calls an allowed global.
@@ -580,5 +684,75 @@ impl Pickler {
         }
         self.out.extend([b'u', b'u', b'.']);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dict(v: &Value) -> Vec<(String, String)> {
+        let Value::Dict(d) = v else { panic!("not a dict: {v:?}") };
+        let text = |v: &Value| match v {
+            Value::Str(s) => s.clone(),
+            Value::Bytes(b) => format!("b{:?}", String::from_utf8_lossy(b)),
+            other => format!("{other:?}"),
+        };
+        d.iter().map(|(k, v)| (text(k), text(v))).collect()
+    }
+
+    fn list(v: Value) -> Vec<Value> {
+        let Value::List(l) = v else { panic!("not a list: {v:?}") };
+        l
+    }
+
+    #[test]
+    fn protocol_0_as_python_3_writes_it() {
+        // pickle.dumps([{...}], protocol=0) from Python 3.
+        let bytes = b"(lp0\n(dp1\nVref_id\np2\nI7\nsVsplit\np3\nVtestA\np4\nsVw\np5\nF1.5\nsVbig\np6\nL1099511627776L\nsVok\np7\nI01\nsVname\np8\nVcaf\xe9 \\u4e2d\\u005cu\\u000a\\U0001f600\np9\nsa.";
+        let rows = list(unpickle(bytes).unwrap());
+        let want = [
+            ("ref_id", "Int(7)"),
+            ("split", "testA"),
+            ("w", "Float(1.5)"),
+            ("big", "Int(1099511627776)"),
+            ("ok", "Bool(true)"),
+            ("name", "caf\u{e9} \u{4e2d}\\u\n\u{1f600}"),
+        ];
+        let want: Vec<_> = want.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(dict(&rows[0]), want);
+    }
+
+    #[test]
+    fn protocol_0_as_python_2_writes_it() {
+        // Python 2's byte strings are STRING lines (reprs); keys come back through GET.
+        let bytes = b"(lp0\n(dp1\nS'split'\np2\nS'testB'\np3\nsS'ref_id'\np4\nL12345678901L\nsS'esc'\np5\nS'a\\'b\\\\c\\x80\\n'\np6\nsa(dp7\ng2\nS\"val\"\np8\nsV\\ud83d\\ude00\np9\nI-3\nsa.";
+        let rows = list(unpickle(bytes).unwrap());
+        assert_eq!(rows.len(), 2);
+        let Value::Dict(first) = &rows[0] else { panic!() };
+        assert!(matches!(&first[1].1, Value::Int(12345678901)));
+        let Value::Bytes(esc) = &first[2].1 else { panic!() };
+        assert_eq!(esc, b"a'b\\c\x80\n");
+        let second = dict(&rows[1]);
+        assert_eq!(second[0], ("b\"split\"".to_string(), "b\"val\"".to_string()));
+        assert_eq!(second[1], ("\u{1f600}".to_string(), "Int(-3)".to_string()));
+    }
+
+    #[test]
+    fn malformed_text_opcodes_are_errors() {
+        for (bytes, says) in [
+            (&b"S'open\n."[..], "not quoted"),
+            (b"S'\\x4'\n.", "\\x escape"),
+            (b"I12a\n.", "out of range"),
+            (b"L99999999999999999999999L\n.", "out of range"),
+            (b"Fnot\n.", "FLOAT"),
+            (b"(lp0x\n.", "memo key"),
+            (b"g7\n.", "never written"),
+            (b"(I1\nI2\nI3\nd.", "odd number"),
+            (b"I12", "ends inside a text opcode"),
+        ] {
+            let err = format!("{:#}", unpickle(bytes).unwrap_err());
+            assert!(err.contains(says), "{err} does not say {says}");
+        }
     }
 }
