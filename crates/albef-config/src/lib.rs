@@ -36,11 +36,11 @@ use std::path::Path;
 pub use cli::ConfigArgs;
 pub use model::{BertConfig, ItcNegatives, ModelConfig, Preset, VisionConfig};
 pub use train::ActivationCheckpointing;
-pub use train::TruncatedImages;
 pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
     OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,
 };
+pub use train::{TrainCrop, TruncatedImages};
 
 /// The tasks a job can train (`task`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -64,6 +64,10 @@ pub enum TaskKind {
     /// NLVR2's text-assignment pretraining on image-text pairs: which of two images (or neither)
     /// a caption belongs to, the other drawn as a hard negative.
     NlvrPretrain,
+    /// Weakly supervised grounding (RefCOCO+): trained as retrieval with every expression of an
+    /// image a positive (rows `{image, text}`, the image's file name its index); evaluated by
+    /// the proposal box a Grad-CAM map of the ITM score picks.
+    Grounding,
 }
 
 impl TaskKind {
@@ -76,6 +80,7 @@ impl TaskKind {
             TaskKind::Vqa => "vqa",
             TaskKind::Nlvr => "nlvr",
             TaskKind::NlvrPretrain => "nlvr_pretrain",
+            TaskKind::Grounding => "grounding",
         }
     }
 }
@@ -148,6 +153,17 @@ impl AlbefConfig {
                 b.hidden_size,
                 b.fusion_layer,
                 b.num_hidden_layers
+            );
+        }
+        if self.task == TaskKind::Grounding {
+            let b = &self.model.bert;
+            ensure!(
+                (b.fusion_layer..b.num_hidden_layers).contains(&(self.job.gradcam_block as i64)),
+                "task grounding: job.gradcam_block ({}) must be a fusion layer, from model.bert.fusion_layer ({}) \
+                 to model.bert.num_hidden_layers - 1 ({})",
+                self.job.gradcam_block,
+                b.fusion_layer,
+                b.num_hidden_layers - 1
             );
         }
         ensure!(self.data.max_tokens >= 2, "data.max_tokens must leave room for [CLS] and a word");

@@ -110,6 +110,18 @@ pub enum AnswerScoring {
     Likelihood,
 }
 
+/// How a training image becomes the model's square (`data.train_crop`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainCrop {
+    /// RandomResizedCrop over `data.crop_scale` of the image's area (pretraining, retrieval,
+    /// VQA, ...).
+    #[default]
+    RandomResizedCrop,
+    /// The whole image resized (grounding, whose expressions may name any part of it).
+    Resize,
+}
+
 /// What the loader does with a truncated JPEG (`data.truncated_images`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -245,6 +257,8 @@ pub struct DataConfig {
     pub max_tokens: usize,
     /// Append [SEP] (the reference does not).
     pub add_sep: bool,
+    /// How a training image becomes the model's square: `random_resized_crop` or `resize`.
+    pub train_crop: TrainCrop,
     /// RandomResizedCrop area range (fractions of the image).
     pub crop_scale: [f64; 2],
     /// Horizontal flip probability (0 for captions that say left and right).
@@ -295,6 +309,7 @@ impl Default for DataConfig {
             max_words: 30,
             max_tokens: 25,
             add_sep: false,
+            train_crop: TrainCrop::RandomResizedCrop,
             crop_scale: [0.2, 1.0],
             hflip_p: 0.5,
             randaug_n: 2,
@@ -384,6 +399,17 @@ pub struct JobConfig {
     pub answer_list: String,
     /// VQA: how a candidate answer is scored.
     pub answer_scoring: AnswerScoring,
+    /// Grounding: the referring expressions' targets, the refer toolkit's `refs(unc).p` (or the
+    /// same list as JSON): ref_id, ann_id, image_id, split.
+    pub refs_file: String,
+    /// Grounding: COCO's instances.json (the annotations' boxes, the images' sizes).
+    pub instances_file: String,
+    /// Grounding: the detector's proposal boxes per image (the reference's dets.json,
+    /// `{image_id: [[x, y, w, h], ...]}`).
+    pub proposals_file: String,
+    /// Grounding: the text-encoder layer whose cross-attention gives the Grad-CAM map (the
+    /// reference's `--block_num`: 8, the base model's third fusion layer).
+    pub gradcam_block: u64,
     /// A rank whose steps take longer than this many times the median rank's (outside the
     /// collectives) for straggler_window of its steps is a straggler: reported in the status,
     /// the metrics and the log (with its host, and whether it waits on data or on compute).
@@ -423,6 +449,10 @@ impl Default for JobConfig {
             eval_k_test: 128,
             answer_list: String::new(),
             answer_scoring: AnswerScoring::Reference,
+            refs_file: String::new(),
+            instances_file: String::new(),
+            proposals_file: String::new(),
+            gradcam_block: 8,
             straggler_factor: 1.5,
             straggler_window: 20,
             evict_stragglers: false,

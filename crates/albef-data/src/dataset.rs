@@ -252,6 +252,7 @@ pub fn train_transform(cfg: &AlbefConfig) -> TrainTransform {
     let d = &cfg.data;
     TrainTransform {
         res: cfg.model.image_res as u32,
+        crop: d.train_crop,
         scale: (d.crop_scale[0], d.crop_scale[1]),
         hflip_p: d.hflip_p,
         randaug_n: d.randaug_n,

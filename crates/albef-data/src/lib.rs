@@ -53,6 +53,7 @@ pub mod source_counts;
 pub mod sources;
 pub mod store;
 pub mod synth;
+pub mod synth_grounding;
 pub mod tar_entries;
 pub mod tokenizer;
 pub mod transform;

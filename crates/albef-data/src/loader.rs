@@ -87,8 +87,8 @@ impl Default for InputLimits {
 /// counted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowNeeds {
-    /// The image index (retrieval tells images apart): from `image_id`.
-    pub image_ids: bool,
+    /// The image index (retrieval and grounding tell images apart), and where it comes from.
+    pub image_ids: ImageIds,
     /// The classes, in the order of their ids (SNLI-VE: contradiction, neutral, entailment): a
     /// row's `label` must be one. Empty: no labels.
     pub labels: Vec<String>,
@@ -96,6 +96,19 @@ pub struct RowNeeds {
     pub answers: bool,
     /// Two images per row (NLVR2: an annotation's `images`).
     pub image_pairs: bool,
+}
+
+/// Where a row's image index comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageIds {
+    /// The task does not tell images apart.
+    #[default]
+    Unused,
+    /// The annotation's `image_id` (retrieval); a row without one is skipped.
+    Annotated,
+    /// The image's file name (grounding, as the reference's grounding_dataset: RefCOCO+ rows
+    /// carry no image id, and every expression of an image is a positive of the others).
+    FileName,
 }
 
 /// A batch of one step.
@@ -532,8 +545,12 @@ fn decode_step(
     let mut rows = vec![];
     for (id, record) in &job.samples {
         let (needs, origin) = (&opts.needs, skips.origin(*id));
-        let image_id = record.image_id.as_deref().map(image_index).filter(|_| needs.image_ids);
-        if needs.image_ids && image_id.is_none() {
+        let image_id = match needs.image_ids {
+            ImageIds::Unused => None,
+            ImageIds::Annotated => record.image_id.as_deref().map(image_index),
+            ImageIds::FileName => record.key.rsplit('/').next().map(image_index),
+        };
+        if needs.image_ids != ImageIds::Unused && image_id.is_none() {
             skips.record(SkipReason::MissingImageId, origin, &record.key, "the task needs an image_id");
             continue;
         }

@@ -478,11 +478,11 @@ pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result
 }
 
 /// An entry: `image` (or NLVR2's `images`, one or two), the text as `caption` (a string or a
-/// list), `sentence` (SNLI-VE, NLVR2) or `question` (VQA), and optionally `image_id`, `label`,
+/// list), `sentence` (SNLI-VE, NLVR2), `question` (VQA) or `text` (grounding), and optionally `image_id`, `label`,
 /// `answer` (with `dataset`) and `question_id`.
 fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, String> {
     let (image, second_image) = images_of(item)?;
-    let text = item.get("caption").or_else(|| item.get("sentence")).or_else(|| item.get("question"));
+    let text = ["caption", "sentence", "question", "text"].into_iter().find_map(|field| item.get(field));
     let captions: Vec<String> = match text {
         Some(serde_json::Value::String(s)) => vec![s.clone()],
         Some(serde_json::Value::Array(list)) => list
@@ -490,7 +490,10 @@ fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, St
             .map(|c| c.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or("a caption is not a string")?,
-        _ => return Err("\"caption\" (or \"sentence\", \"question\") is neither a string nor a list of strings".into()),
+        _ => {
+            let why = "\"caption\" (or \"sentence\", \"question\", \"text\") is neither a string nor a list of strings";
+            return Err(why.into());
+        }
     };
     let captions: Vec<String> = captions.into_iter().filter(|c| !c.trim().is_empty()).collect();
     if captions.is_empty() {

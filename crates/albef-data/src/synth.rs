@@ -107,6 +107,13 @@ pub struct SynthSpec {
 
 impl SynthSpec {
     pub fn pair(&self, index: u64) -> Pair {
+        let scene = self.scene(index);
+        let captions = scene.captions.clone();
+        Pair { key: format!("synth-{index:08}"), res: self.image_res, rgb: self.paint(scene), captions }
+    }
+
+    /// Picture `index`'s layout and captions, before it is painted.
+    pub fn scene(&self, index: u64) -> Scene {
         let mut g = SplitMix64::for_item(self.seed, index);
         let res = self.image_res as f64;
         let object = |g: &mut SplitMix64, x: (f64, f64), y: (f64, f64)| Object {
@@ -136,22 +143,55 @@ impl SynthSpec {
             (vec![first, second], captions)
         };
         let background = [60 + g.below(40) as u8, 60 + g.below(40) as u8, 60 + g.below(40) as u8];
-        let mut rgb = Vec::with_capacity(self.image_res * self.image_res * 3);
-        for y in 0..self.image_res {
-            for x in 0..self.image_res {
+        Scene { objects, captions, background, res: self.image_res, noise: g }
+    }
+
+    /// The scene's pixels (HWC, u8), with mild noise so that no two pictures are exactly alike.
+    fn paint(&self, scene: Scene) -> Vec<u8> {
+        let Scene { objects, background, res, noise: mut g, .. } = scene;
+        let mut rgb = Vec::with_capacity(res * res * 3);
+        for y in 0..res {
+            for x in 0..res {
                 let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
                 let mut c = background;
                 for o in &objects {
-                    if o.covers(px, py, res) {
+                    if o.covers(px, py, res as f64) {
                         c = COLORS[o.color].1;
                     }
                 }
-                // Mild pixel noise so that no two pictures are exactly alike.
                 let noise = g.below(17) as i16 - 8;
                 rgb.extend(c.iter().map(|&v| (v as i16 + noise).clamp(0, 255) as u8));
             }
         }
-        Pair { key: format!("synth-{index:08}"), res: self.image_res, rgb, captions }
+        rgb
+    }
+}
+
+/// A generated picture's layout: its objects, the captions that describe it, its background.
+#[derive(Clone, Debug)]
+pub struct Scene {
+    objects: Vec<Object>,
+    pub captions: Vec<String>,
+    background: [u8; 3],
+    res: usize,
+    /// The generator, where the layout left it: it draws the pixel noise next.
+    noise: SplitMix64,
+}
+
+impl Scene {
+    /// Each object's description ("a small red circle") and the box around it, `[x, y, w, h]`
+    /// in pixels (COCO's convention).
+    pub fn referents(&self) -> Vec<(String, [f64; 4])> {
+        let res = self.res as f64;
+        self.objects
+            .iter()
+            .map(|o| {
+                let r = SIZES[o.size].1 * res;
+                // A square's half side is 0.85 r (see `covers`); circles and triangles reach r.
+                let half = if SHAPES[o.shape] == "square" { 0.85 * r } else { r };
+                (o.phrase(true), [o.cx - half, o.cy - half, 2.0 * half, 2.0 * half])
+            })
+            .collect()
     }
 }
 
@@ -248,7 +288,7 @@ pub fn train_shards_pattern(root: &str, shards: u64) -> String {
     format!("{}/train-{{000000..{:06}}}.tar", root.trim_end_matches('/'), shards.saturating_sub(1))
 }
 
-fn jpeg(rgb: &[u8], res: usize) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn jpeg(rgb: &[u8], res: usize) -> anyhow::Result<Vec<u8>> {
     let mut out = vec![];
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92);
     image::ImageEncoder::write_image(enc, rgb, res as u32, res as u32, image::ExtendedColorType::Rgb8)?;

@@ -16,6 +16,7 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Rgb, RgbImage};
 
 use crate::batch::normalize_rgb;
 use crate::rng::SplitMix64;
+use albef_config::TrainCrop;
 
 /// Why an encoded image was skipped; [`DecodeError::reason`] is a stable label for skip counters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -516,6 +517,7 @@ impl AugOp {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainTransform {
     pub res: u32,
+    pub crop: TrainCrop,
     pub scale: (f64, f64),
     pub ratio: (f64, f64),
     pub hflip_p: f64,
@@ -528,6 +530,7 @@ impl Default for TrainTransform {
     fn default() -> Self {
         TrainTransform {
             res: 256,
+            crop: TrainCrop::RandomResizedCrop,
             scale: (0.2, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             hflip_p: 0.5,
@@ -539,10 +542,16 @@ impl Default for TrainTransform {
 }
 
 impl TrainTransform {
-    /// RandomResizedCrop (bicubic), RandomHorizontalFlip, RandomAugment, in ALBEF's order.
+    /// RandomResizedCrop (bicubic; or a resize of the whole image), RandomHorizontalFlip,
+    /// RandomAugment, in ALBEF's order.
     pub fn apply(&self, img: &RgbImage, rng: &mut SplitMix64) -> RgbImage {
-        let crop = random_resized_crop_params(img.width(), img.height(), self.scale, self.ratio, rng);
-        let mut out = resized_crop(img, crop, self.res, self.res);
+        let mut out = match self.crop {
+            TrainCrop::RandomResizedCrop => {
+                let crop = random_resized_crop_params(img.width(), img.height(), self.scale, self.ratio, rng);
+                resized_crop(img, crop, self.res, self.res)
+            }
+            TrainCrop::Resize => resize_exact(img, self.res),
+        };
         if rng.next_f64() < self.hflip_p {
             hflip_in_place(&mut out);
         }

@@ -3,7 +3,7 @@
 use albef_data::bad::{SkipCounts, SkipReason};
 use albef_data::dataset::Dataset;
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{InputLimits, Loader, LoaderOptions, RowNeeds};
+use albef_data::loader::{ImageIds, InputLimits, Loader, LoaderOptions, RowNeeds};
 use albef_data::mixture::Mixture;
 use albef_data::plan::{PlanSpec, plan_rank};
 use albef_data::rng::SplitMix64;
@@ -170,7 +170,7 @@ fn rows_carry_what_the_task_needs_and_rows_without_it_are_counted() {
         let mut batches: Vec<_> = loader.map(|b| b.batch).collect();
         (batches.pop().unwrap(), skips)
     };
-    let (b, skips) = load(RowNeeds { image_ids: true, ..RowNeeds::default() });
+    let (b, skips) = load(RowNeeds { image_ids: ImageIds::Annotated, ..RowNeeds::default() });
     assert_eq!((b.batch_size, skips.get(SkipReason::MissingImageId)), (3, 1), "{}", skips.summary());
     let by_key: Vec<(String, i64)> = b.keys.iter().cloned().zip(b.image_ids.iter().copied()).collect();
     let id_of = |caption_row: usize| {

@@ -145,7 +145,7 @@ impl Albef {
         cfg.validate()?;
         let mlm = match task {
             TaskKind::Pretrain => true,
-            TaskKind::Retrieval => false,
+            TaskKind::Retrieval | TaskKind::Grounding => false,
             TaskKind::Ve | TaskKind::Vqa | TaskKind::Nlvr | TaskKind::NlvrPretrain => {
                 anyhow::bail!("task {} has a model of its own", task.name())
             }
@@ -179,7 +179,7 @@ impl Albef {
         };
         let image_queue = queue("image_queue");
         let text_queue = queue("text_queue");
-        let idx_queue = (task == TaskKind::Retrieval)
+        let idx_queue = matches!(task, TaskKind::Retrieval | TaskKind::Grounding)
             .then(|| frozen.buffer("idx_queue", Tensor::full([1, cfg.queue_size], -100, (Kind::Int64, vs.device()))));
         let queue_ptr = frozen.buffer("queue_ptr", Tensor::zeros([1], (Kind::Int64, vs.device())));
 
@@ -285,6 +285,22 @@ impl Albef {
     /// ITM logits (N, 2) of text tokens fused with image tokens; column 1 is "match".
     pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, train: bool) -> Tensor {
         self.itm_head.forward(&self.fuse(text_embeds, mask, image_embeds, train).select(1, 0))
+    }
+
+    /// Grad-CAM of the ITM match score, as the reference's Grounding.py (`gradcam_mode itm`):
+    /// text-encoder layer `block`'s cross-attention probabilities times their gradient clamped
+    /// at 0, on the image patches, averaged over the heads and the (padded) text positions with
+    /// the padding zeroed: (B, grid, grid). Runs with gradients whatever the caller's mode, and
+    /// in evaluation mode; no parameter's gradient is touched.
+    pub fn itm_gradcam(&self, image: &Tensor, ids: &Tensor, mask: &Tensor, block: usize) -> Tensor {
+        tch::with_grad(|| {
+            let (image_embeds, _) = self.encode_image(image);
+            let (text_embeds, _) = self.encode_text(ids, mask, false);
+            let (fused, probs) = self.text.encoder.bert.fuse_probed(&text_embeds, mask, &image_embeds, block);
+            let score = self.itm_head.forward(&fused.select(1, 0)).select(1, 1).sum(Kind::Float);
+            let grads = Tensor::run_backward(&[&score], &[&probs], false, false);
+            gradcam_map(&probs, &grads[0], mask)
+        })
     }
 
     /// MLM logits of the online model over all 12 layers.
@@ -536,6 +552,19 @@ impl TaskModel for Albef {
 }
 
 /// ITC targets with momentum distillation: `alpha * softmax(sim_m) + (1 - alpha) * positives`.
+/// Grad-CAM from cross-attention probabilities (B, heads, L, 1 + grid^2) and their gradient:
+/// the patches' (not [CLS]'s) probabilities times the gradient clamped at 0, the padding
+/// positions of `mask` (B, L) zeroed, averaged over heads and text positions: (B, grid, grid).
+pub fn gradcam_map(probs: &Tensor, grads: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, _, l, tokens) = probs.size4().expect("attention probabilities are (B, heads, L, tokens)");
+    let grid = ((tokens - 1) as f64).sqrt().round() as i64;
+    assert_eq!(grid * grid, tokens - 1, "the image tokens are [CLS] and a square grid of patches");
+    let keep = mask.to_kind(probs.kind()).view([b, 1, l, 1]);
+    let patches = |t: &Tensor| t.narrow(3, 1, tokens - 1);
+    let cam = patches(probs) * patches(grads).clamp_min(0.0) * keep;
+    cam.mean_dim([1i64, 2].as_slice(), false, probs.kind()).view([b, grid, grid])
+}
+
 pub fn distill_targets(sim_m: &Tensor, positives: &Tensor, alpha: f64) -> Tensor {
     sim_m.softmax(1, Kind::Float) * alpha + positives * (1.0 - alpha)
 }

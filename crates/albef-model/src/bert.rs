@@ -3,7 +3,7 @@
 //! encoder). `BertForMaskedLm` adds the tied MLM head (`cls.predictions`).
 
 use crate::activation_checkpointing;
-use crate::nn::{Embedding, Init, LayerNorm, Linear, Scope, attention, dropout};
+use crate::nn::{Embedding, Init, LayerNorm, Linear, Scope, attention, attention_with_probs, dropout};
 use albef_config::BertConfig;
 use tch::{Kind, Tensor};
 
@@ -54,7 +54,19 @@ impl AttentionBlock {
         let p = if train { self.attn_dropout } else { 0.0 };
         let ctx =
             attention(&self.query.forward(x), &self.key.forward(kv), &self.value.forward(kv), self.heads, keep, p);
-        let out = dropout(&self.dense.forward(&ctx), self.hidden_dropout, train);
+        self.output(&ctx, x, train)
+    }
+
+    /// [`AttentionBlock::forward`] at evaluation, with the attention probabilities.
+    fn forward_probed(&self, x: &Tensor, kv: &Tensor, keep: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (q, k, v) = (self.query.forward(x), self.key.forward(kv), self.value.forward(kv));
+        let (ctx, probs) = attention_with_probs(&q, &k, &v, self.heads, keep);
+        (self.output(&ctx, x, false), probs)
+    }
+
+    /// The output projection, residual and LayerNorm over the attention's context.
+    fn output(&self, ctx: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        let out = dropout(&self.dense.forward(ctx), self.hidden_dropout, train);
         self.norm.forward(&(out + x))
     }
 
@@ -110,7 +122,20 @@ impl Layer {
             let (states, keep) = cross.expect("fusion layers need image tokens");
             x = attend.forward(&x, states, keep, train);
         }
-        let h = self.intermediate.forward(&x).gelu("none");
+        self.feed_forward(&x, train)
+    }
+
+    /// A fusion layer at evaluation over every one of `image`'s tokens, with its cross-attention
+    /// probabilities (B, heads, L, image tokens).
+    fn forward_probed(&self, x: &Tensor, keep: &Tensor, image: &Tensor) -> (Tensor, Tensor) {
+        let x = self.attention.forward(x, x, Some(keep), false);
+        let attend = self.crossattention.as_ref().expect("a fusion layer cross-attends");
+        let (x, probs) = attend.forward_probed(&x, image, None);
+        (self.feed_forward(&x, false), probs)
+    }
+
+    fn feed_forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.intermediate.forward(x).gelu("none");
         let out = dropout(&self.output.forward(&h), self.hidden_dropout, train);
         self.output_norm.forward(&(out + x))
     }
@@ -164,6 +189,11 @@ impl Layer {
             .chain(own.into_iter().flatten())
             .collect()
     }
+}
+
+/// The self-attention mask of a (B, L) attention mask: (B, 1, 1, L), true where a token is.
+fn keep_of(attention_mask: &Tensor) -> Tensor {
+    attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1)
 }
 
 /// Which layers a forward runs (ALBEF's `mode`).
@@ -274,7 +304,7 @@ impl BertModel {
         images: &[&Tensor],
         train: bool,
     ) -> Tensor {
-        let keep = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let keep = keep_of(attention_mask);
         let (mut x, range) = match mode {
             Mode::Text => (self.embed(input, train), 0..self.fusion_layer),
             Mode::Fusion => (input.shallow_clone(), self.fusion_layer..self.layers.len()),
@@ -288,6 +318,27 @@ impl BertModel {
         x
     }
 
+    /// The fusion layers at evaluation over text-mode tokens `text` (B, L, H) and `image`'s,
+    /// layer `probed`'s cross-attention probabilities (B, heads, L, image tokens) handed out
+    /// with the output: what Grad-CAM reads.
+    pub fn fuse_probed(&self, text: &Tensor, mask: &Tensor, image: &Tensor, probed: usize) -> (Tensor, Tensor) {
+        assert!((self.fusion_layer..self.layers.len()).contains(&probed), "layer {probed} is not a fusion layer");
+        let keep = keep_of(mask);
+        let mut x = text.shallow_clone();
+        let mut probs = None;
+        for (i, layer) in self.layers.iter().enumerate().skip(self.fusion_layer) {
+            x = match i == probed {
+                true => {
+                    let (out, p) = layer.forward_probed(&x, &keep, image);
+                    probs = Some(p);
+                    out
+                }
+                false => layer.forward(&x, &keep, Some((image, None)), false),
+            };
+        }
+        (x, probs.expect("the probed layer ran"))
+    }
+
     /// The answer decoder's forward (xbert's BertLMHeadModel, every layer cross-attending):
     /// embeddings and every layer over `ids` (B, L), each token attending to the tokens up to
     /// it that `mask` keeps, and to the `states` (B, Lq, H) that `states_mask` (B, Lq) keeps.
@@ -295,7 +346,7 @@ impl BertModel {
         let len = ids.size()[1];
         let causal = Tensor::ones([len, len], (Kind::Bool, ids.device())).tril(0);
         let keep = causal.unsqueeze(0).logical_and(&mask.to_kind(Kind::Bool).unsqueeze(1)).unsqueeze(1);
-        let states_keep = states_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let states_keep = keep_of(states_mask);
         let mut x = self.embed(ids, train);
         for layer in &self.layers {
             x = layer.forward_maybe_checkpointed(&x, &keep, Some((states, Some(&states_keep))), train);

@@ -173,6 +173,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, keep: Option<&T
     out.transpose(1, 2).reshape([b, lq, d])
 }
 
+/// [`attention`] step by step (no dropout), also handing out the attention probabilities
+/// (B, heads, Lq, Lk), which the fused kernels keep to themselves: what Grad-CAM reads.
+pub fn attention_with_probs(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, keep: Option<&Tensor>) -> (Tensor, Tensor) {
+    let (b, lq, d) = q.size3().expect("attention input is (B, L, D)");
+    let lk = k.size()[1];
+    let split = |t: &Tensor, l: i64| t.view([b, l, heads, d / heads]).transpose(1, 2);
+    let scores = split(q, lq).matmul(&split(k, lk).transpose(-2, -1)) / ((d / heads) as f64).sqrt();
+    let scores = match keep {
+        Some(keep) => scores.masked_fill(&keep.logical_not(), f64::NEG_INFINITY),
+        None => scores,
+    };
+    let probs = scores.softmax(-1, scores.kind());
+    let out = probs.matmul(&split(v, lk)).transpose(1, 2).reshape([b, lq, d]);
+    (out, probs)
+}
+
 /// `F.normalize(x, dim=-1)`.
 pub fn normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)

@@ -58,7 +58,7 @@ pub fn build(
     device: Device,
 ) -> Result<(nn::VarStore, Box<dyn TaskModel>, Vec<crate::weights::LoadReport>)> {
     Ok(match task {
-        TaskKind::Pretrain | TaskKind::Retrieval => {
+        TaskKind::Pretrain | TaskKind::Retrieval | TaskKind::Grounding => {
             let (vs, model, reports) = crate::Albef::fresh(cfg, task, seed, device)?;
             (vs, Box::new(model), reports)
         }
@@ -86,14 +86,14 @@ pub fn classes(task: TaskKind) -> Option<&'static [&'static str]> {
     match task {
         TaskKind::Ve => Some(&crate::ve::VE_LABELS),
         TaskKind::Nlvr => Some(&crate::nlvr::NLVR_LABELS),
-        TaskKind::Pretrain | TaskKind::Retrieval | TaskKind::Vqa | TaskKind::NlvrPretrain => None,
+        TaskKind::Pretrain | TaskKind::Retrieval | TaskKind::Grounding | TaskKind::Vqa | TaskKind::NlvrPretrain => None,
     }
 }
 
 /// The model of `task` in `vs`, as constructed (to load a checkpoint into).
 pub fn new_in(vs: &nn::VarStore, cfg: &ModelConfig, task: TaskKind) -> Result<Box<dyn TaskModel>> {
     Ok(match task {
-        TaskKind::Pretrain | TaskKind::Retrieval => Box::new(crate::Albef::new(vs, cfg, task)?),
+        TaskKind::Pretrain | TaskKind::Retrieval | TaskKind::Grounding => Box::new(crate::Albef::new(vs, cfg, task)?),
         TaskKind::Ve => Box::new(crate::ve::AlbefVe::new(vs, cfg)?),
         TaskKind::Vqa => Box::new(crate::vqa::AlbefVqa::new(vs, cfg)?),
         TaskKind::Nlvr => Box::new(crate::nlvr::AlbefNlvr::new(vs, cfg)?),

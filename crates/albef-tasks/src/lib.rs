@@ -2,6 +2,7 @@
 //! configuration): pretraining, and the downstream tasks, each a module; [`open`] names them.
 
 pub mod classification;
+pub mod grounding;
 pub mod nlvr_pretrain;
 pub mod pretrain;
 pub mod retrieval;
@@ -23,5 +24,6 @@ pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Box<dyn
         TaskKind::Ve | TaskKind::Nlvr => Box::new(classification::Classification::open(cfg, run_dir, handle)?),
         TaskKind::NlvrPretrain => Box::new(nlvr_pretrain::TextAssignment::open(cfg, run_dir, handle)?),
         TaskKind::Vqa => Box::new(vqa::VisualQuestionAnswering::open(cfg, run_dir, handle)?),
+        TaskKind::Grounding => Box::new(grounding::Grounding::open(cfg, run_dir, handle)?),
     })
 }

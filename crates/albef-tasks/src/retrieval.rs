@@ -7,6 +7,7 @@ use crate::retrieval_eval::RetrievalEval;
 use albef_config::AlbefConfig;
 use albef_data::HostBatch;
 use albef_data::dataset::Dataset;
+use albef_data::loader::ImageIds;
 use albef_dist::Collective;
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
@@ -23,7 +24,7 @@ pub struct Retrieval {
 impl Retrieval {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
-        dataset.needs.image_ids = true;
+        dataset.needs.image_ids = ImageIds::Annotated;
         let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle);
         Ok(Retrieval { dataset, eval })
     }
@@ -38,12 +39,16 @@ impl Task for Retrieval {
         &self.dataset
     }
 
-    /// Every pair needs a hard negative of another image: two images at least.
     fn trainable(&self, batch: &HostBatch) -> bool {
-        batch.image_ids.iter().collect::<BTreeSet<_>>().len() >= 2
+        has_two_images(batch)
     }
 
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
         self.eval.evaluate(trainer.model(), collective, step)
     }
+}
+
+/// Every pair needs a hard negative of another image: two images at least.
+pub fn has_two_images(batch: &HostBatch) -> bool {
+    batch.image_ids.iter().collect::<BTreeSet<_>>().len() >= 2
 }

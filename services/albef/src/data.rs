@@ -6,6 +6,7 @@ use albef_data::index::{DatasetIndex, INDEX_FILE};
 use albef_data::prepare::{self, Input, ResizeMode, Settings};
 use albef_data::store::Location;
 use albef_data::synth::{DatasetSpec, VOCAB_TXT};
+use albef_data::synth_grounding::{GroundingSpec, write_grounding};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -23,6 +24,25 @@ pub enum DataCommand {
         test: u64,
         #[arg(long, default_value_t = 8)]
         shards: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Side of the generated pictures.
+        #[arg(long, default_value_t = 96)]
+        image_res: usize,
+    },
+    /// Write generated grounding data in RefCOCO+'s files: pictures of two shapes, each a
+    /// referring expression with its box; training rows, val and test expressions, refs,
+    /// instances, proposal boxes and a vocabulary (`task: grounding` trains and evaluates on them).
+    SynthGrounding {
+        #[arg(long)]
+        out: String,
+        /// Pictures per split (two expressions each).
+        #[arg(long, default_value_t = 1024)]
+        train: u64,
+        #[arg(long, default_value_t = 100)]
+        val: u64,
+        #[arg(long, default_value_t = 100)]
+        test: u64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Side of the generated pictures.
@@ -89,6 +109,12 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let spec = DatasetSpec { seed, image_res, train, test, shards };
             let pattern = synthesize(&out, &spec, rt.handle())?;
             println!("wrote {train} training pairs in {shards} shards ({pattern}), {test} test images, {VOCAB_TXT}");
+            Ok(())
+        }
+        DataCommand::SynthGrounding { out, train, val, test, seed, image_res } => {
+            let spec = GroundingSpec { seed, image_res, train, val, test };
+            write_grounding(&Location::open(&out)?, &spec, rt.handle())?;
+            println!("wrote {train} training, {val} val and {test} test pictures of two expressions each under {out}");
             Ok(())
         }
         DataCommand::Index { sources, out } => {

@@ -331,7 +331,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// The printed result: the split, the table (earlier evaluations first, then chance), and how
 /// re-ranking compares with ITC alone.
 /// Writes a report as JSON at `out`, creating its folder.
-fn write_report(out: &Path, report: &impl Serialize) -> Result<()> {
+pub fn write_report(out: &Path, report: &impl Serialize) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -26,6 +26,7 @@ mod data;
 mod device_check;
 mod embed;
 mod eval;
+mod ground;
 mod launch;
 mod model;
 mod plot;
@@ -82,6 +83,10 @@ enum Command {
     /// Image-text retrieval of a checkpoint (or the untrained model) on a split; an SNLI-VE
     /// checkpoint's accuracy on a labelled split.
     Eval(Box<eval::EvalArgs>),
+    /// Weakly supervised grounding of a grounding checkpoint on referring expressions (RefCOCO+):
+    /// the proposal box the Grad-CAM map picks per expression, accuracy per split, and with
+    /// --visualize a picture per expression.
+    Ground(Box<ground::GroundArgs>),
     /// Features of images, captions or (image, caption) pairs: tokens and normalised projections
     /// (--mode), or the normalised ITC embeddings only; safetensors or .npz; batched, on
     /// train.device (--set train.device=cuda).
@@ -131,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(*args),
+        Command::Ground(args) => ground::run(*args),
         Command::Plot { progress, out } => {
             let n = plot::plot_file(&progress, &format!("loss per step (log scale): {}", progress.display()), &out)?;
             println!("{n} steps plotted in {}", out.display());

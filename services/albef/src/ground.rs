@@ -1,0 +1,162 @@
+//! `albef ground`: weakly supervised grounding of a grounding checkpoint on a split of referring
+//! expressions (RefCOCO+'s `{image, text, ref_id}`): the proposal box the Grad-CAM map of the ITM
+//! score picks for each, its IoU with the referred object, accuracy per split; with
+//! `--visualize`, a picture per expression (heat map, chosen box, true box).
+
+use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
+use albef_eval::SplitOptions;
+use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, ground_shard};
+use albef_eval::grounding::{BoxXywh, RefCoco, load_proposals, render};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct GroundArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Referring expressions (`[{image, text, ref_id}]`, the reference's refcoco+_val.json);
+    /// default: the model's job.eval_data.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Root of the split's image paths (default: the model's data.image_root, else the split's directory).
+    #[arg(long)]
+    pub image_root: Option<String>,
+    /// The refer toolkit's refs(unc).p (or the same list as JSON); default: job.refs_file.
+    #[arg(long)]
+    pub refs: Option<String>,
+    /// COCO's instances.json; default: job.instances_file.
+    #[arg(long)]
+    pub instances: Option<String>,
+    /// Proposal boxes per image (dets.json); default: job.proposals_file.
+    #[arg(long)]
+    pub proposals: Option<String>,
+    /// The text-encoder layer whose cross-attention gives the map; default: job.gradcam_block.
+    #[arg(long)]
+    pub block: Option<usize>,
+    /// The JSON report: accuracy per split and every expression's box.
+    #[arg(long, default_value = "grounding.json")]
+    pub out: PathBuf,
+    /// A folder for a PNG per expression (`<ref_id>.png`): the heat map over the image, the
+    /// chosen box in green and the referred object's in red.
+    #[arg(long)]
+    pub visualize: Option<PathBuf>,
+}
+
+/// One expression's outcome, as the report lists it.
+#[derive(Serialize)]
+struct Expression {
+    ref_id: i64,
+    image: String,
+    text: String,
+    split: &'static str,
+    chosen: BoxXywh,
+    truth: BoxXywh,
+    iou: f64,
+    correct: bool,
+}
+
+#[derive(Serialize)]
+struct GroundingReport {
+    model: String,
+    step: Option<u64>,
+    split: String,
+    block: usize,
+    /// Accuracy in percent per RefCOCO+ split and over all, and the rows without proposals.
+    metrics: BTreeMap<String, f64>,
+    expressions: Vec<Expression>,
+    seconds: f64,
+}
+
+pub fn run(args: GroundArgs) -> Result<()> {
+    let started = Instant::now();
+    let rt = runtime()?;
+    let handle = rt.handle();
+    let model = load_model(&args.model, handle)?;
+    let albef = model.albef()?;
+    let j = &model.cfg.job;
+    let pick = |given: &Option<String>, configured: &str, what: &str| {
+        given
+            .clone()
+            .or_else(|| (!configured.is_empty()).then(|| configured.to_string()))
+            .with_context(|| format!("--{what}: the model's configuration names none"))
+    };
+    let url = pick(&args.data, &j.eval_data, "data")?;
+    let refs = RefCoco::load(
+        &pick(&args.refs, &j.refs_file, "refs")?,
+        &pick(&args.instances, &j.instances_file, "instances")?,
+        model.cfg.data.max_pixels,
+        handle,
+    )?;
+    let inputs = GroundingInputs {
+        refs,
+        proposals: load_proposals(&pick(&args.proposals, &j.proposals_file, "proposals")?, handle)?,
+    };
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&url), handle)?;
+    let split = ExpressionSplit::load(
+        &url,
+        &inputs.refs,
+        &SplitOptions::for_data(&model.cfg.data, args.image_root.clone())?,
+        handle,
+    )?;
+    let block = args.block.unwrap_or(j.gradcam_block as usize);
+    if let Some(dir) = &args.visualize {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut expressions = vec![];
+    let shard = ground_shard(
+        albef,
+        &split,
+        &inputs,
+        &tokenizer,
+        (args.model.batch_size, block),
+        (0, 1),
+        |row, referent, grounded| {
+            if let Some(dir) = &args.visualize {
+                let img = split.image(row)?;
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                anyhow::ensure!(
+                    (w, h) == (referent.width as usize, referent.height as usize),
+                    "{}: the image is {w} x {h} but instances.json says {} x {}",
+                    split.image_keys[row],
+                    referent.width,
+                    referent.height
+                );
+                let picture = render(img.as_raw(), (w, h), &grounded.heat, &grounded.chosen, Some(&referent.bbox));
+                let path = dir.join(format!("{}.png", referent.ref_id));
+                image::save_buffer(&path, &picture, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            expressions.push(Expression {
+                ref_id: referent.ref_id,
+                image: split.image_keys[row].clone(),
+                text: split.texts[row].clone(),
+                split: referent.split.name(),
+                chosen: grounded.chosen,
+                truth: referent.bbox,
+                iou: grounded.iou,
+                correct: grounded.correct(),
+            });
+            Ok(())
+        },
+    )?;
+    println!("{} ({} expressions of {url}, {})", shard.summary(), split.len(), model.source);
+    let report = GroundingReport {
+        model: model.source.clone(),
+        step: model.step,
+        split: url,
+        block,
+        metrics: shard.metrics(),
+        expressions,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    crate::eval::write_report(&args.out, &report)?;
+    println!("report written to {}", args.out.display());
+    if let Some(dir) = &args.visualize {
+        println!("pictures written to {}", dir.display());
+    }
+    Ok(())
+}
