@@ -462,14 +462,36 @@ fn nlvr_rows_file(dir: &Path) -> PathBuf {
     file
 }
 
+/// VQA rows over the generated training pictures: "what colour is the shape?", answered by the
+/// colour the first caption names ("a small red circle ..."), with a made-up question id.
+fn vqa_rows_file(dir: &Path) -> PathBuf {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(data().join("train.json")).unwrap()).unwrap();
+    let out: Vec<serde_json::Value> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let colour = row["caption"][0].as_str().unwrap().split(' ').nth(2).unwrap();
+            serde_json::json!({"image": row["image"], "question": "what colour is the shape", "answer": [colour],
+                               "question_id": i, "dataset": "vqa"})
+        })
+        .collect();
+    let file = dir.join("vqa_train.json");
+    std::fs::write(&file, serde_json::to_vec(&out).unwrap()).unwrap();
+    file
+}
+
 /// Fine-tuning recovers as pretraining does: a worker killed mid-run and replaced, the job ends
 /// with the parameters and sample audit of the uninterrupted job, for retrieval (its index queue
-/// is part of the state, its rows carry image ids) and NLVR2 (rows of two images, a classifier
-/// distilled from its momentum copy).
+/// is part of the state, its rows carry image ids), grounding (the same losses, each picture's
+/// file name its index, whole pictures resized), NLVR2 (rows of two images, a classifier
+/// distilled from its momentum copy) and VQA (an answer decoder and its momentum copy, answers
+/// per row).
 #[test]
 fn fine_tuning_jobs_with_a_killed_worker_end_as_the_uninterrupted_ones() {
     let rows = tempfile::tempdir().unwrap();
     let nlvr_train = format!("data.train_file=[{}]", nlvr_rows_file(rows.path()).display());
+    let vqa_train = format!("data.train_file=[{}]", vqa_rows_file(rows.path()).display());
     let image_root = format!("data.image_root={}", data().display());
     let tokenizer = format!("data.tokenizer={}", data().join("vocab.txt").display());
     let run = |task: &[String], kill_at: Option<u64>| {
@@ -492,7 +514,21 @@ fn fine_tuning_jobs_with_a_killed_worker_end_as_the_uninterrupted_ones() {
     };
     let tasks = [
         ("retrieval", vec!["task=retrieval".to_string()], "\"idx_queue\""),
-        ("nlvr", vec!["task=nlvr".to_string(), nlvr_train, image_root, tokenizer], "\"cls_head_m.2.bias\""),
+        (
+            "grounding",
+            vec!["task=grounding".to_string(), "data.train_crop=resize".to_string(), "job.gradcam_block=2".to_string()],
+            "\"idx_queue\"",
+        ),
+        (
+            "nlvr",
+            vec!["task=nlvr".to_string(), nlvr_train, image_root.clone(), tokenizer.clone()],
+            "\"cls_head_m.2.bias\"",
+        ),
+        (
+            "vqa",
+            vec!["task=vqa".to_string(), vqa_train, image_root, tokenizer],
+            "\"text_decoder_m.cls.predictions.bias\"",
+        ),
     ];
     for (name, task, kept) in tasks {
         let (hashes, audit, _, _, names) = run(&task, None);
