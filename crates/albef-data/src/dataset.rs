@@ -72,7 +72,14 @@ pub fn index_location(cfg: &AlbefConfig, sources: &[String]) -> Result<Location>
 /// The index of `sources` at `loc`, or built (and stored there when nothing is). An index at
 /// `loc` of other sources (another dataset's in the same folder) is left alone: this run's is
 /// built, which the coordinator and every worker do alike.
-pub fn open_index(loc: &Location, sources: &[String], handle: &Handle, skips: &SkipCounts) -> Result<DatasetIndex> {
+/// Reads may go `stall` without a byte (`data.read_timeout_s`).
+pub fn open_index(
+    loc: &Location,
+    sources: &[String],
+    handle: &Handle,
+    skips: &SkipCounts,
+    stall: std::time::Duration,
+) -> Result<DatasetIndex> {
     let exists = handle.block_on(loc.exists())?;
     if exists {
         let index = DatasetIndex::load(loc, handle)?;
@@ -83,7 +90,7 @@ pub fn open_index(loc: &Location, sources: &[String], handle: &Handle, skips: &S
     } else {
         tracing::info!(index = %loc.url, "no dataset index yet: building it");
     }
-    let index = DatasetIndex::build(sources, handle, skips)?;
+    let index = DatasetIndex::build_within(sources, handle, skips, stall)?;
     if !exists {
         index.save(loc, handle)?;
     }
@@ -114,7 +121,7 @@ impl Dataset {
         // What the index leaves out (sources that are no tar or empty, junk members) is part of
         // this run's skip summary when the index is built here.
         let skips = Arc::new(SkipCounts::default());
-        let index = open_index(&index_loc, &sources, handle, &skips)?;
+        let index = open_index(&index_loc, &sources, handle, &skips, InputLimits::from_config(d).read_timeout)?;
         let mixture = Mixture::open(&index, &entries, handle)?;
         skips.count_by_source(Arc::new(SourceCounts::new(&index, &mixture)));
         let path_rewrite = path_rewrites(&d.path_rewrite)?;

@@ -67,12 +67,18 @@ impl DatasetIndex {
     /// that cannot be read, is not a tar, or holds no sample is reported in `skips` and left
     /// out; when no source is left the error names each one and why.
     pub fn build(patterns: &[String], handle: &Handle, skips: &SkipCounts) -> Result<Self> {
+        Self::build_within(patterns, handle, skips, InputLimits::default().read_timeout)
+    }
+
+    /// [`DatasetIndex::build`] with reads that may go `stall` without a byte before they are
+    /// retried, then given up and counted (a run's `data.read_timeout_s`).
+    pub fn build_within(patterns: &[String], handle: &Handle, skips: &SkipCounts, stall: Duration) -> Result<Self> {
         let mut sources = vec![];
         let mut problems = vec![];
         let urls = handle.block_on(expand_patterns(patterns))?;
         let mut progress = crate::progress::start("indexing sources", urls.len() as u64);
         for url in urls {
-            match index_source(&url, handle, skips) {
+            match index_source(&url, handle, skips, stall) {
                 Ok(entry) => sources.push(entry),
                 Err((reason, detail)) => {
                     skips.record(reason, &url, "", &detail);
@@ -140,23 +146,22 @@ impl DatasetIndex {
 /// Why a source is left out of the index.
 type Refusal = (SkipReason, String);
 
-/// How long a read of a source may go without a byte, as the loader's reads: the default of
-/// `data.read_timeout_s` (an index is built apart from any run's settings), retried as they are.
-fn stall() -> Duration {
-    InputLimits::default().read_timeout
-}
-
 /// The most bytes of an img2dataset `_stats.json` read (a few hundred in practice).
 const MAX_STATS_BYTES: u64 = 1 << 20;
 
-fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::Result<SourceEntry, Refusal> {
+fn index_source(
+    url: &str,
+    handle: &Handle,
+    skips: &SkipCounts,
+    stall: Duration,
+) -> std::result::Result<SourceEntry, Refusal> {
     let unreadable = |e: anyhow::Error| (SkipReason::UnreadableShard, format!("{e:#}"));
     let loc = Location::open(url).map_err(unreadable)?;
     if crate::store::local_path(url).is_some_and(|p| p.is_dir()) {
         return Err((SkipReason::UnreadableShard, "a folder, not a source".into()));
     }
     if url.ends_with(".json") {
-        let bytes = loc.read_at_most_within(handle, u64::MAX, stall()).map_err(unreadable)?;
+        let bytes = loc.read_at_most_within(handle, u64::MAX, stall).map_err(unreadable)?;
         let entries = parse_annotations(&bytes, url, skips).map_err(unreadable)?;
         let usable = entries.iter().flatten().count();
         if usable == 0 {
@@ -165,10 +170,10 @@ fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::
         let samples = entries.len() as u64;
         return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::Annotation, samples, offsets: vec![] });
     }
-    if let Some(samples) = stats_count(&loc, handle) {
+    if let Some(samples) = stats_count(&loc, handle, stall) {
         return Ok(SourceEntry { url: url.to_string(), kind: SourceKind::WebDataset, samples, offsets: vec![] });
     }
-    let reader = loc.stream_within(handle, 0, stall()).map_err(unreadable)?;
+    let reader = loc.stream_within(handle, 0, stall).map_err(unreadable)?;
     let scan = std::thread::scope(|s| s.spawn(|| scan_tar(reader)).join().expect("tar scan thread"));
     for junk in &scan.junk {
         skips.record(SkipReason::JunkMember, url, junk, "");
@@ -188,9 +193,9 @@ fn index_source(url: &str, handle: &Handle, skips: &SkipCounts) -> std::result::
 }
 
 /// img2dataset writes `<shard>_stats.json` with the number of samples in `successes`.
-fn stats_count(tar: &Location, handle: &Handle) -> Option<u64> {
+fn stats_count(tar: &Location, handle: &Handle, stall: Duration) -> Option<u64> {
     let name = tar.url.rsplit('/').next()?.strip_suffix(".tar")?;
     let stats = tar.sibling(&format!("{name}_stats.json"));
-    let bytes = stats.read_at_most_within(handle, MAX_STATS_BYTES, stall()).ok()?;
+    let bytes = stats.read_at_most_within(handle, MAX_STATS_BYTES, stall).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("successes")?.as_u64()
 }

@@ -94,7 +94,10 @@ fn run(cli: Cli, telemetry: &albef_telemetry::Telemetry) -> Result<()> {
     let index = match cfg.data.train_file.is_empty() {
         // The launcher generated the data and its index.
         true => DatasetIndex::load(&index_loc, rt.handle()),
-        false => albef_data::dataset::open_index(&index_loc, &patterns, rt.handle(), &Default::default()),
+        false => {
+            let stall = albef_data::loader::InputLimits::from_config(&cfg.data).read_timeout;
+            albef_data::dataset::open_index(&index_loc, &patterns, rt.handle(), &Default::default(), stall)
+        }
     }
     .with_context(|| format!("loading the dataset index {} (`albef data index` builds it)", index_loc.url))?;
     let mixture = match cfg.data.train_file.is_empty() {
