@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
 
 struct Server(Child);
 
@@ -87,10 +88,27 @@ fn stalled_object_store_reads_are_retried_then_counted_never_waited_on() {
 
     let counts = index.counts();
     assert!(counts[1] > 0 && counts[1] < 16, "{counts:?}: the stalling shard's samples before the stall");
+    let started = Instant::now();
+    let (delivered, skips) = load_all(index, stall, rt.handle(), bound * 4);
+    println!("delivered {delivered} of {counts:?} in {:?}: {}", started.elapsed(), skips.summary());
+    assert_eq!(
+        delivered + skips.total(),
+        counts.iter().sum::<u64>(),
+        "each sample delivered or counted: {}",
+        skips.summary()
+    );
+    assert!(delivered >= counts[0] + counts[1], "the served shard and the stalling shard's first samples: {delivered}");
+    assert!(skips.total() > 0, "the late shard's stalled reads are counted");
+    rt.shutdown_background();
+}
+
+/// Every sample of `index` through a loader whose reads may stall for `stall`, within `deadline`
+/// (a loader that hangs fails the test instead of hanging it): how many were delivered, and what
+/// was counted.
+fn load_all(index: DatasetIndex, stall: Duration, handle: &Handle, deadline: Duration) -> (u64, Arc<SkipCounts>) {
     let index = Arc::new(index);
     let plan_spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 4, window: 16 };
     let plan = plan_rank(&Mixture::by_size(index.counts()), &plan_spec, 0).unwrap();
-    let limits = InputLimits { read_timeout: stall, ..InputLimits::default() };
     let opts = LoaderOptions {
         image_res: 32,
         threads: 2,
@@ -103,26 +121,15 @@ fn stalled_object_store_reads_are_retried_then_counted_never_waited_on() {
         max_words: 30,
         seed: 0,
         needs: Default::default(),
-        limits,
+        limits: InputLimits { read_timeout: stall, ..InputLimits::default() },
     };
     let vocab = albef_data::synth::vocab_tokens();
     let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(vocab.iter().map(String::as_str)).unwrap());
     let skips = Arc::new(SkipCounts::default());
-    let started = Instant::now();
-    let loader = Loader::start(index, plan, 0, opts, tokenizer, rt.handle().clone(), skips.clone());
+    let loader = Loader::start(index, plan, 0, opts, tokenizer, handle.clone(), skips.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(loader.map(|b| b.batch.batch_size as u64).sum::<u64>());
     });
-    let delivered = rx.recv_timeout(bound * 4).expect("the loader hung on the stalled shard");
-    println!("delivered {delivered} of {counts:?} in {:?}: {}", started.elapsed(), skips.summary());
-    assert_eq!(
-        delivered + skips.total(),
-        counts.iter().sum::<u64>(),
-        "each sample delivered or counted: {}",
-        skips.summary()
-    );
-    assert!(delivered >= counts[0] + counts[1], "the served shard and the stalling shard's first samples: {delivered}");
-    assert!(skips.total() > 0, "the late shard's stalled reads are counted");
-    rt.shutdown_background();
+    (rx.recv_timeout(deadline).expect("the loader hung on the stalled shard"), skips)
 }

@@ -6,13 +6,15 @@
 use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
 use albef_eval::SplitOptions;
 use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, ground_shard};
-use albef_eval::grounding::{BoxXywh, RefCoco, load_proposals, render};
-use anyhow::{Context, Result};
+use albef_eval::grounding::{BoxXywh, Grounded, RefCoco, Referent, load_proposals, render};
+use albef_eval::model::EvalModel;
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tokio::runtime::Handle;
 
 #[derive(Args, Debug)]
 pub struct GroundArgs {
@@ -76,7 +78,54 @@ pub fn run(args: GroundArgs) -> Result<()> {
     let rt = runtime()?;
     let handle = rt.handle();
     let model = load_model(&args.model, handle)?;
-    let albef = model.albef()?;
+    let (url, inputs) = read_inputs(&args, &model, handle)?;
+    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&url), handle)?;
+    let opts = SplitOptions::for_data(&model.cfg.data, args.image_root.clone())?;
+    let split = ExpressionSplit::load(&url, &inputs.refs, &opts, handle)?;
+    let block = args.block.unwrap_or(model.cfg.job.gradcam_block as usize);
+    if let Some(dir) = &args.visualize {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut expressions = vec![];
+    let batch = (args.model.batch_size, block);
+    let shard = ground_shard(model.albef()?, &split, &inputs, &tokenizer, batch, (0, 1), |row, referent, grounded| {
+        if let Some(dir) = &args.visualize {
+            draw(dir, &split, row, referent, grounded)?;
+        }
+        expressions.push(Expression {
+            ref_id: referent.ref_id,
+            image: split.image_keys[row].clone(),
+            text: split.texts[row].clone(),
+            split: referent.split.name(),
+            chosen: grounded.chosen,
+            truth: referent.bbox,
+            iou: grounded.iou,
+            correct: grounded.correct(),
+        });
+        Ok(())
+    })?;
+    println!("{} ({} expressions of {url}, {})", shard.summary(), split.len(), model.source);
+    let seconds = started.elapsed().as_secs_f64();
+    let metrics = shard.metrics();
+    let report = GroundingReport {
+        model: model.source.clone(),
+        step: model.step,
+        split: url,
+        block,
+        metrics,
+        expressions,
+        seconds,
+    };
+    crate::eval::write_report(&args.out, &report)?;
+    println!("report written to {}", args.out.display());
+    if let Some(dir) = &args.visualize {
+        println!("pictures written to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// The expressions' file and the annotations: each given, else the model's `job.*`.
+fn read_inputs(args: &GroundArgs, model: &EvalModel, handle: &Handle) -> Result<(String, GroundingInputs)> {
     let j = &model.cfg.job;
     let pick = |given: &Option<String>, configured: &str, what: &str| {
         given
@@ -85,78 +134,26 @@ pub fn run(args: GroundArgs) -> Result<()> {
             .with_context(|| format!("--{what}: the model's configuration names none"))
     };
     let url = pick(&args.data, &j.eval_data, "data")?;
-    let refs = RefCoco::load(
-        &pick(&args.refs, &j.refs_file, "refs")?,
-        &pick(&args.instances, &j.instances_file, "instances")?,
-        model.cfg.data.max_pixels,
-        handle,
-    )?;
-    let inputs = GroundingInputs {
-        refs,
-        proposals: load_proposals(&pick(&args.proposals, &j.proposals_file, "proposals")?, handle)?,
-    };
-    let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&url), handle)?;
-    let split = ExpressionSplit::load(
-        &url,
-        &inputs.refs,
-        &SplitOptions::for_data(&model.cfg.data, args.image_root.clone())?,
-        handle,
-    )?;
-    let block = args.block.unwrap_or(j.gradcam_block as usize);
-    if let Some(dir) = &args.visualize {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut expressions = vec![];
-    let shard = ground_shard(
-        albef,
-        &split,
-        &inputs,
-        &tokenizer,
-        (args.model.batch_size, block),
-        (0, 1),
-        |row, referent, grounded| {
-            if let Some(dir) = &args.visualize {
-                let img = split.image(row)?;
-                let (w, h) = (img.width() as usize, img.height() as usize);
-                anyhow::ensure!(
-                    (w, h) == (referent.width as usize, referent.height as usize),
-                    "{}: the image is {w} x {h} but instances.json says {} x {}",
-                    split.image_keys[row],
-                    referent.width,
-                    referent.height
-                );
-                let picture = render(img.as_raw(), (w, h), &grounded.heat, &grounded.chosen, Some(&referent.bbox));
-                let path = dir.join(format!("{}.png", referent.ref_id));
-                image::save_buffer(&path, &picture, w as u32, h as u32, image::ExtendedColorType::Rgb8)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            expressions.push(Expression {
-                ref_id: referent.ref_id,
-                image: split.image_keys[row].clone(),
-                text: split.texts[row].clone(),
-                split: referent.split.name(),
-                chosen: grounded.chosen,
-                truth: referent.bbox,
-                iou: grounded.iou,
-                correct: grounded.correct(),
-            });
-            Ok(())
-        },
-    )?;
-    println!("{} ({} expressions of {url}, {})", shard.summary(), split.len(), model.source);
-    let report = GroundingReport {
-        model: model.source.clone(),
-        step: model.step,
-        split: url,
-        block,
-        metrics: shard.metrics(),
-        expressions,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    crate::eval::write_report(&args.out, &report)?;
-    println!("report written to {}", args.out.display());
-    if let Some(dir) = &args.visualize {
-        println!("pictures written to {}", dir.display());
-    }
-    Ok(())
+    let (refs, instances) =
+        (pick(&args.refs, &j.refs_file, "refs")?, pick(&args.instances, &j.instances_file, "instances")?);
+    let refs = RefCoco::load(&refs, &instances, model.cfg.data.max_pixels, handle)?;
+    let proposals = load_proposals(&pick(&args.proposals, &j.proposals_file, "proposals")?, handle)?;
+    Ok((url, GroundingInputs { refs, proposals }))
+}
+
+/// Row `row`'s picture under `dir` (`<ref_id>.png`): its heat map, chosen box and true box.
+fn draw(dir: &Path, split: &ExpressionSplit, row: usize, referent: &Referent, grounded: &Grounded) -> Result<()> {
+    let img = split.image(row)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    ensure!(
+        (w, h) == (referent.width as usize, referent.height as usize),
+        "{}: the image is {w} x {h} but instances.json says {} x {}",
+        split.image_keys[row],
+        referent.width,
+        referent.height
+    );
+    let picture = render(img.as_raw(), (w, h), &grounded.heat, &grounded.chosen, Some(&referent.bbox));
+    let path = dir.join(format!("{}.png", referent.ref_id));
+    image::save_buffer(&path, &picture, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .with_context(|| format!("writing {}", path.display()))
 }
