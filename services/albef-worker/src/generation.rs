@@ -32,6 +32,50 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A generation that could not start training: its task, data, model or resume point failed to
+/// open (what [`Worker::prepare`] does).
+#[derive(Debug)]
+struct PrepareFailed;
+
+impl std::fmt::Display for PrepareFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("preparing the generation (task, data, model, resume point)")
+    }
+}
+
+/// Generations in a row that fail to start with the same error, over at least
+/// [`GIVE_UP_AFTER_SPAN`], before the worker gives up and exits with it: the job cannot start (a
+/// missing checkpoint or tokenizer), and rejoining with backoff would wait forever (`albef run`
+/// with it). The span lets a brief outage of a store pass.
+const GIVE_UP_AFTER: u32 = 5;
+const GIVE_UP_AFTER_SPAN: Duration = Duration::from_secs(15);
+
+/// The failures to start seen in a row with one message, since the first of them.
+#[derive(Default)]
+struct RepeatedFailure {
+    last: Option<(String, Instant)>,
+    count: u32,
+}
+
+impl RepeatedFailure {
+    /// Counts `e` when a generation failed to start with it: whether as many in a row as
+    /// [`GIVE_UP_AFTER`] failed so over [`GIVE_UP_AFTER_SPAN`] (another kind of failure resets
+    /// the count).
+    fn observe(&mut self, e: &anyhow::Error) -> bool {
+        if e.downcast_ref::<PrepareFailed>().is_none() {
+            *self = RepeatedFailure::default();
+            return false;
+        }
+        let message = format!("{e:#}");
+        match &self.last {
+            Some((last, _)) if *last == message => self.count += 1,
+            _ => (self.last, self.count) = (Some((message, Instant::now())), 1),
+        }
+        let since = self.last.as_ref().map_or(Duration::ZERO, |(_, t)| t.elapsed());
+        self.count >= GIVE_UP_AFTER && since >= GIVE_UP_AFTER_SPAN
+    }
+}
+
 pub struct Worker {
     local: AlbefConfig,
     worker_id: String,
@@ -167,6 +211,7 @@ impl Worker {
                 .block_on(albef_telemetry::metrics::spawn_prometheus(&self.local.worker.metrics_listen, registry))?;
         }
         let mut failures = Backoff::new();
+        let mut repeated = RepeatedFailure::default();
         loop {
             let pending = TcpCollective::bind(self.listen)?;
             let bound = pending.local_addr();
@@ -198,7 +243,11 @@ impl Worker {
                 }
             };
             let started = Instant::now();
-            match self.generation(assignment, cfg, pending, dev) {
+            let ending = self.generation(assignment, cfg, pending, dev);
+            if ending.is_ok() {
+                repeated = RepeatedFailure::default();
+            }
+            match ending {
                 Ok(Ending::Finished) => {
                     self.leave(generation);
                     tracing::info!("job finished");
@@ -211,6 +260,12 @@ impl Worker {
                 }
                 Ok(Ending::Interrupted(why) | Ending::RollBack(why)) => {
                     tracing::warn!(generation, why, "generation ended; joining again")
+                }
+                Err(e) if repeated.observe(&e) => {
+                    // A file that is not there, a configuration the model refuses: no rejoin helps.
+                    self.leave(generation);
+                    let (n, secs) = (repeated.count, GIVE_UP_AFTER_SPAN.as_secs());
+                    bail!("{n} generations in a row failed to start with the same error over {secs} s or more: {e:#}");
                 }
                 Err(e) => tracing::warn!(generation, "generation failed: {e:#}; joining again"),
             }
@@ -324,7 +379,7 @@ impl Worker {
     fn generation(&mut self, a: Assignment, cfg: AlbefConfig, pending: PendingTcp, dev: tch::Device) -> Result<Ending> {
         let collective = self.collective(&a, pending, dev)?;
         // Aborted, so that the other ranks fail at once instead of at the collective timeout.
-        let mut run = self.prepare(&a, &cfg, dev).inspect_err(|_| collective.abort())?;
+        let mut run = self.prepare(&a, &cfg, dev).inspect_err(|_| collective.abort()).context(PrepareFailed)?;
         let shared = Arc::new(HeartbeatLink::default());
         *shared.progress.lock().unwrap() = HeartbeatRequest {
             worker_id: self.worker_id.clone(),
@@ -503,4 +558,25 @@ impl Worker {
 /// The generation token as the TCP handshake's number.
 fn token_of(token: &str) -> u64 {
     fnv1a(token.bytes().map(u64::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_same_failure_to_start_counts_in_a_row() {
+        let start = |why: &str| anyhow::anyhow!("{why}").context(PrepareFailed);
+        let mut seen = RepeatedFailure::default();
+        for _ in 0..GIVE_UP_AFTER {
+            assert!(!seen.observe(&start("no such file")), "not before the span has passed");
+        }
+        assert_eq!(seen.count, GIVE_UP_AFTER);
+        seen.last.as_mut().unwrap().1 -= GIVE_UP_AFTER_SPAN;
+        assert!(seen.observe(&start("no such file")), "the same failure, often enough and long enough");
+        assert!(!seen.observe(&start("another file")), "another message starts over");
+        assert_eq!(seen.count, 1);
+        assert!(!seen.observe(&anyhow::anyhow!("a peer left")), "a failure while training is not counted");
+        assert_eq!(seen.count, 0, "and it resets the count");
+    }
 }

@@ -96,6 +96,20 @@ pub fn run_local(
     );
     eprintln!("watch it: albefctl --run-dir {} watch (status, pause, stop, checkpoints, ...)", cfg.job.run_dir);
 
+    supervise(children, readers, &progress, &rt, port)
+}
+
+/// Waits for the job's processes: done when all have exited; when one fails while others run
+/// (the coordinator, or a worker the fixed world cannot do without), the rest are killed and the
+/// failure reported; Ctrl-C asks the coordinator to stop the job (rank 0 checkpoints) and kills
+/// what is left after a grace period.
+fn supervise(
+    mut children: Vec<(String, Child)>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    progress: &ProgressTee,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -116,9 +130,9 @@ pub fn run_local(
                 Some(_) => {}
             }
         }
-        // Without a coordinator the workers would wait for one forever.
-        let coordinator_failed = failed.iter().any(|f| f.starts_with("coordinator "));
-        if coordinator_failed && running > 0 {
+        // Without a coordinator the workers would wait for one forever, and without one of its
+        // workers (min_workers is all of them) the job would wait for it forever.
+        if !failed.is_empty() && running > 0 {
             for (_, child) in children.iter_mut() {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -135,6 +135,29 @@ fn a_missing_input_is_reported_once() {
     once(&albef(&embed, &[]), "/nope.txt");
 }
 
+/// A job that cannot start (its pretrained checkpoint is missing: every generation of every
+/// worker fails while preparing) ends with that error instead of rejoining forever: each worker
+/// gives up after the same failure repeated, and `albef run` stops the job and says so.
+#[test]
+fn a_job_that_cannot_start_ends_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = format!("job.run_dir={}/run", dir.path().display());
+    let missing = format!("model.init_checkpoint={}/missing/model.safetensors", dir.path().display());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let args = ["run", "--config", "configs/small.yaml", "--workers", "2", "--set", &run, "--set", &missing];
+        let _ = tx.send(albef(&args, &[("ALBEF__DATA__SYNTH_TRAIN", "64")]));
+    });
+    let out = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("albef run did not end within 120 s");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let last = stderr.lines().rev().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(last.contains("the job failed: local-"), "{last}");
+    let given_up = stderr.lines().filter(|l| l.contains("generations in a row failed to start")).count();
+    assert_eq!(given_up, 2, "each worker gives up with the error:\n{stderr}");
+    assert!(stderr.contains("missing/model.safetensors: No such file or directory"), "{stderr}");
+}
+
 /// `albef data synth` and `data index` show a bar on a terminal and plain lines otherwise.
 #[test]
 fn data_commands_show_their_progress() {
