@@ -182,14 +182,41 @@ fn run_rank(
         let phases = [stats.forward_seconds, stats.backward_seconds, stats.communication_seconds];
         Ok(([total, phases[0], phases[1], phases[2], stats.optimizer_seconds, stats.reduce_seconds], stats.loss))
     };
+    let measured = measure(args, (rank, dev, steps_per_epoch), &mut trainer, &mut step)?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    Ok(Some(report(args, cfg, (dev, world, overlap), &trainer, measured)?))
+}
+
+/// The timed steps of a rank: each step's [total, forward, backward, communication waited,
+/// optimizer, all-reduces] seconds, the same from steps that wait at each phase's end (CUDA),
+/// the losses, and rank 0's snapshot times.
+struct Measured {
+    timed: Vec<[f64; 6]>,
+    phased: Vec<[f64; 6]>,
+    losses: Vec<f64>,
+    snapshots: Vec<f64>,
+}
+
+type TimedStep<'a> = dyn FnMut(&mut Trainer) -> Result<([f64; 6], f64)> + 'a;
+
+/// `args.warmup` steps, then `args.steps` timed (rank 0 snapshotting every
+/// `args.checkpoint_every`), then on CUDA as many again with each phase synchronised.
+fn measure(
+    args: &BenchArgs,
+    (rank, dev, steps_per_epoch): (usize, Device, u64),
+    trainer: &mut Trainer,
+    step: &mut TimedStep,
+) -> Result<Measured> {
     for _ in 0..args.warmup {
-        step(&mut trainer)?;
+        step(trainer)?;
     }
     let mut timed = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(args.steps);
     let mut snapshots = Vec::new();
     for i in 1..=args.steps {
-        let (times, loss) = step(&mut trainer)?;
+        let (times, loss) = step(trainer)?;
         timed.push(times);
         losses.push(loss);
         if rank == 0 && args.checkpoint_every > 0 && i % args.checkpoint_every == 0 {
@@ -201,13 +228,23 @@ fn run_rank(
     // CUDA phases from steps that wait at each phase's end; on the CPU they are the same steps.
     let phased = if dev.is_cuda() {
         trainer.synchronize_phases(true);
-        (0..args.steps).map(|_| step(&mut trainer).map(|(times, _)| times)).collect::<Result<Vec<_>>>()?
+        (0..args.steps).map(|_| step(trainer).map(|(times, _)| times)).collect::<Result<Vec<_>>>()?
     } else {
         timed.clone()
     };
-    if rank != 0 {
-        return Ok(None);
-    }
+    Ok(Measured { timed, phased, losses, snapshots })
+}
+
+/// Rank 0's report of the measured steps.
+fn report(
+    args: &BenchArgs,
+    cfg: &AlbefConfig,
+    (dev, world, overlap): (Device, usize, bool),
+    trainer: &Trainer,
+    m: Measured,
+) -> Result<serde_json::Value> {
+    let Measured { timed, phased, losses, snapshots } = m;
+    let text_len = cfg.data.max_tokens as i64;
     // Measured after the steps: the other ranks are done by now.
     let peak_tflops = matmul_peak_tflops(dev);
     let column = |rows: &[[f64; 6]], i: usize| rows.iter().map(|r| r[i]).collect::<Vec<_>>();
@@ -264,7 +301,7 @@ fn run_rank(
         "decode_threads_to_keep_up": (images_per_second / per_core).ceil(),
         "checkpoint_snapshot_seconds": snapshots,
     });
-    Ok(Some(report))
+    Ok(report)
 }
 
 /// `--activation-checkpointing`: this benchmark once per setting, each in a child process, then
