@@ -67,19 +67,7 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     let mut losses = LossSpan::default();
     let mut reporters: Vec<&mut dyn Reporter> = vec![&mut progress, &mut losses];
     reporters.extend(board.as_mut().map(|b| b as &mut dyn Reporter));
-    let best = handle.block_on(albef_checkpoint::best::read(&run))?;
-    let (best_value, best_location) = (best.as_ref().map(|b| b.value), best.map(|b| b.location));
-    let (run_loc, final_loc, h) = (run.clone(), final_dir.clone(), handle.clone());
-    let sink = LocalCheckpoints {
-        run: run_loc,
-        final_dir: final_loc,
-        handle: h,
-        steps_per_epoch,
-        last_step: total_steps,
-        best: best_location,
-    };
-    let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
-    let mut checkpoints = Checkpoints::new(policy, Some(Box::new(sink)), best_value);
+    let mut checkpoints = local_checkpoints(cfg, (&run, &final_dir), &handle, length, resumed_at)?;
     let stop = stop_on_signals(&handle);
     let local = LocalCollective::new();
     let mut dp = DataParallel::new(&local, VirtualRanks::one_per_rank(0, 1), 0, false);
@@ -107,17 +95,38 @@ pub fn run(cfg: &AlbefConfig, out: &Path, fresh: bool) -> Result<()> {
     }
     let png = out.join(LOSS_PNG);
     plot::plot_file(&progress_path, &format!("loss per step (log scale): {}", out.display()), &png)?;
+    let seconds = started.elapsed().as_secs_f64();
     println!(
-        "trained {} steps ({} in this run) in {:.0}s: loss {:.3} -> {:.3}; state saved in {}",
-        step,
+        "trained {step} steps ({} in this run) in {seconds:.0}s: loss {:.3} -> {:.3}; state saved in {}",
         step - resumed_at.unwrap_or(0),
-        started.elapsed().as_secs_f64(),
         losses.first.unwrap_or(f64::NAN),
         losses.last,
         final_dir.url
     );
     println!("loss curves: {}", png.display());
     Ok(())
+}
+
+/// The run's checkpoints in `run` (and its final state in `final_dir`), with the best so far.
+fn local_checkpoints(
+    cfg: &AlbefConfig,
+    (run, final_dir): (&Location, &Location),
+    handle: &Handle,
+    length: JobLength,
+    resumed_at: Option<u64>,
+) -> Result<Checkpoints> {
+    let best = handle.block_on(albef_checkpoint::best::read(run))?;
+    let (best_value, best_location) = (best.as_ref().map(|b| b.value), best.map(|b| b.location));
+    let sink = LocalCheckpoints {
+        run: run.clone(),
+        final_dir: final_dir.clone(),
+        handle: handle.clone(),
+        steps_per_epoch: length.steps_per_epoch,
+        last_step: length.total_steps,
+        best: best_location,
+    };
+    let policy = CheckpointPolicy::new(cfg.job.checkpoint_every, resumed_at);
+    Ok(Checkpoints::new(policy, Some(Box::new(sink)), best_value))
 }
 
 /// `<out>/progress.log`, continued by a resumed run.
