@@ -4,12 +4,12 @@
 use albef_config::TruncatedImages;
 use albef_data::bad::{SkipCounts, SkipReason};
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{InputLimits, Loader, LoaderOptions};
-use albef_data::mixture::Mixture;
-use albef_data::plan::{PlanSpec, plan_rank};
+use albef_data::loader::{InputLimits, LoaderOptions};
 use albef_data::prepare::{Input, ResizeMode, Settings, prepare};
 use albef_data::sources::{TarOptions, read_tar_samples, scan_tar};
-use albef_data::tokenizer::Tokenizer;
+mod common;
+
+use common::{load_index, loader_options, synth_tokenizer};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,46 +72,15 @@ fn huge_tar_header_extensions_are_bounded_and_counted() {
     }
 }
 
-fn options(limits: InputLimits) -> LoaderOptions {
-    LoaderOptions {
-        image_res: 32,
-        threads: 2,
-        prefetch: 2,
-        max_pixels: 10_000_000,
-        augment: None,
-        tar: TarOptions::default(),
-        image_root: String::new(),
-        path_rewrite: vec![],
-        max_words: 30,
-        seed: 0,
-        needs: Default::default(),
-        limits,
-    }
-}
-
-/// The rows a loader of the whole of `source` delivers within a deadline (a loader that blocks
-/// fails the test instead of hanging it), and what it counted.
+/// The rows a loader of the whole of `source` delivers within a deadline, and what it counted.
 fn load_within_deadline(source: &Path, opts: LoaderOptions) -> (u64, Arc<SkipCounts>) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let index = DatasetIndex::build(&[source.to_str().unwrap().to_string()], rt.handle(), &SkipCounts::default());
-    let index = Arc::new(index.unwrap());
-    let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 64 };
-    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
-    let vocab = albef_data::synth::vocab_tokens();
-    let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(vocab.iter().map(String::as_str)).unwrap());
-    let skips = Arc::new(SkipCounts::default());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let loader = Loader::start(index, plan, 0, opts, tokenizer, rt.handle().clone(), skips.clone());
-    std::thread::spawn(move || {
-        let _ = tx.send(loader.map(|b| b.batch.batch_size as u64).sum::<u64>());
-    });
-    match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(delivered) => (delivered, skips),
-        Err(_) => {
-            rt.shutdown_background();
-            panic!("the loader did not finish within 120 s: {:?}", skips.snapshot());
-        }
-    }
+    let loading = (opts, synth_tokenizer());
+    let loaded = load_index(index.unwrap(), 1, loading, rt.handle(), Duration::from_secs(120));
+    rt.shutdown_background();
+    let (keys, skips) = loaded.unwrap_or_else(|why| panic!("{why}"));
+    (keys.len() as u64, skips)
 }
 
 /// A JPEG cut inside its scan data (Pillow wrote it whole): decoded with the rows past the cut
@@ -125,7 +94,7 @@ fn a_truncated_jpeg_is_trained_grey_or_skipped_and_counted() {
         let (setting, dir) = arg.split_once(':').unwrap();
         let truncated_images = if setting == "skip" { TruncatedImages::Skip } else { TruncatedImages::Train };
         let limits = InputLimits { truncated_images, memory_budget: BUDGET, ..InputLimits::default() };
-        return report_load(&Path::new(dir).join("ann.json"), options(limits));
+        return report_load(&Path::new(dir).join("ann.json"), loader_options(limits));
     }
     let tmp = tempfile::tempdir().unwrap();
     let pillow = python("make_truncated_jpeg.py", &[tmp.path().to_str().unwrap()]);
@@ -216,7 +185,7 @@ fn hostile_inputs(kind: &str) -> tempfile::TempDir {
 
 /// The loader's options in the peak-RSS tests: the budget of [`BUDGET`], the rest defaults.
 fn budgeted() -> LoaderOptions {
-    options(InputLimits { memory_budget: BUDGET, ..InputLimits::default() })
+    loader_options(InputLimits { memory_budget: BUDGET, ..InputLimits::default() })
 }
 
 /// 24 samples of 8 MiB members (under the member limit; zeros, so each is then counted
@@ -227,8 +196,10 @@ fn budgeted() -> LoaderOptions {
 fn large_members_filling_the_window_stay_within_the_budget() {
     const MAX_MEMBER: u64 = 48 * MIB;
     let limits = InputLimits { memory_budget: BUDGET, ..InputLimits::default() };
-    let opts =
-        LoaderOptions { tar: TarOptions { max_member_bytes: MAX_MEMBER, ..TarOptions::default() }, ..options(limits) };
+    let opts = LoaderOptions {
+        tar: TarOptions { max_member_bytes: MAX_MEMBER, ..TarOptions::default() },
+        ..loader_options(limits)
+    };
     if let Ok(tar) = std::env::var(CHILD) {
         return report_load(Path::new(&tar), opts);
     }

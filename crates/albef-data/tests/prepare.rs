@@ -2,20 +2,20 @@
 //! loader reads whole, images resized as img2dataset resizes them (checked with tarfile and
 //! Pillow), drops counted under the loader's reasons, and a second run that keeps complete shards.
 
+mod common;
+
 use albef_data::bad::SkipCounts;
 use albef_data::index::{DatasetIndex, INDEX_FILE};
-use albef_data::loader::{InputLimits, Loader, LoaderOptions};
-use albef_data::mixture::Mixture;
-use albef_data::plan::{PlanSpec, plan_rank};
+use albef_data::loader::InputLimits;
 use albef_data::prepare::{Input, PrepareReport, ResizeMode, Settings, prepare};
-use albef_data::sources::TarOptions;
 use albef_data::store::Location;
-use albef_data::tokenizer::Tokenizer;
+use common::{load_index, loader_options, synth_tokenizer};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
@@ -56,28 +56,11 @@ fn run(input: &Input, out: &Path, settings: &Settings, rt: &tokio::runtime::Runt
 /// The keys the loader yields over the whole index, and what it skipped.
 fn load_all(out: &Path, rt: &tokio::runtime::Runtime) -> (BTreeSet<String>, Arc<SkipCounts>) {
     let loc = Location::open(out.join(INDEX_FILE).to_str().unwrap()).unwrap();
-    let index = Arc::new(DatasetIndex::load(&loc, rt.handle()).unwrap());
-    let spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 1, window: 4 };
-    let plan = plan_rank(&Mixture::by_size(index.counts()), &spec, 0).unwrap();
-    let opts = LoaderOptions {
-        image_res: 32,
-        threads: 2,
-        prefetch: 2,
-        max_pixels: 10_000_000,
-        augment: None,
-        tar: TarOptions::default(),
-        image_root: String::new(),
-        path_rewrite: vec![],
-        max_words: 30,
-        seed: 0,
-        needs: Default::default(),
-        limits: InputLimits::default(),
-    };
-    let words = "[PAD] [UNK] [CLS] [SEP] [MASK] a picture number";
-    let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(words.split(' ')).unwrap());
-    let skips = Arc::new(SkipCounts::default());
-    let loader = Loader::start(index, plan, 0, opts, tokenizer, rt.handle().clone(), skips.clone());
-    (loader.flat_map(|b| b.batch.keys).collect(), skips)
+    let index = DatasetIndex::load(&loc, rt.handle()).unwrap();
+    // The captions' words are unknown to it: only the keys are compared.
+    let loading = (loader_options(InputLimits::default()), synth_tokenizer());
+    let (keys, skips) = load_index(index, 1, loading, rt.handle(), Duration::from_secs(120)).unwrap();
+    (keys.into_iter().collect(), skips)
 }
 
 fn modified(path: &Path) -> std::time::SystemTime {

@@ -2,21 +2,18 @@
 //! on 127.0.0.1 that holds its connections open mid-body) neither hang the index nor the loader:
 //! each stalled read is retried, then given up and counted, within `data.read_timeout_s`.
 
+mod common;
+
 use albef_data::bad::{SkipCounts, SkipReason};
 use albef_data::index::DatasetIndex;
-use albef_data::loader::{InputLimits, Loader, LoaderOptions};
-use albef_data::mixture::Mixture;
-use albef_data::plan::{PlanSpec, plan_rank};
-use albef_data::sources::TarOptions;
+use albef_data::loader::InputLimits;
 use albef_data::store::{Location, STALL_RETRIES};
 use albef_data::synth::{DatasetSpec, write_dataset};
-use albef_data::tokenizer::Tokenizer;
+use common::{load_index, loader_options, synth_tokenizer};
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::runtime::Handle;
 
 struct Server(Child);
 
@@ -89,7 +86,16 @@ fn stalled_object_store_reads_are_retried_then_counted_never_waited_on() {
     let counts = index.counts();
     assert!(counts[1] > 0 && counts[1] < 16, "{counts:?}: the stalling shard's samples before the stall");
     let started = Instant::now();
-    let (delivered, skips) = load_all(index, stall, rt.handle(), bound * 4);
+    let opts = loader_options(InputLimits { read_timeout: stall, ..InputLimits::default() });
+    let loaded = load_index(index, 4, (opts, synth_tokenizer()), rt.handle(), bound * 4);
+    let (keys, skips) = match loaded {
+        Ok(loaded) => loaded,
+        Err(why) => {
+            rt.shutdown_background();
+            panic!("the loader hung on the stalled shard: {why}")
+        }
+    };
+    let delivered = keys.len() as u64;
     println!("delivered {delivered} of {counts:?} in {:?}: {}", started.elapsed(), skips.summary());
     assert_eq!(
         delivered + skips.total(),
@@ -100,36 +106,4 @@ fn stalled_object_store_reads_are_retried_then_counted_never_waited_on() {
     assert!(delivered >= counts[0] + counts[1], "the served shard and the stalling shard's first samples: {delivered}");
     assert!(skips.total() > 0, "the late shard's stalled reads are counted");
     rt.shutdown_background();
-}
-
-/// Every sample of `index` through a loader whose reads may stall for `stall`, within `deadline`
-/// (a loader that hangs fails the test instead of hanging it): how many were delivered, and what
-/// was counted.
-fn load_all(index: DatasetIndex, stall: Duration, handle: &Handle, deadline: Duration) -> (u64, Arc<SkipCounts>) {
-    let index = Arc::new(index);
-    let plan_spec = PlanSpec { seed: 0, epoch: 0, world_size: 1, batch_size: 4, window: 16 };
-    let plan = plan_rank(&Mixture::by_size(index.counts()), &plan_spec, 0).unwrap();
-    let opts = LoaderOptions {
-        image_res: 32,
-        threads: 2,
-        prefetch: 2,
-        max_pixels: 10_000_000,
-        augment: None,
-        tar: TarOptions::default(),
-        image_root: String::new(),
-        path_rewrite: vec![],
-        max_words: 30,
-        seed: 0,
-        needs: Default::default(),
-        limits: InputLimits { read_timeout: stall, ..InputLimits::default() },
-    };
-    let vocab = albef_data::synth::vocab_tokens();
-    let tokenizer = Arc::new(Tokenizer::from_vocab_tokens(vocab.iter().map(String::as_str)).unwrap());
-    let skips = Arc::new(SkipCounts::default());
-    let loader = Loader::start(index, plan, 0, opts, tokenizer, handle.clone(), skips.clone());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(loader.map(|b| b.batch.batch_size as u64).sum::<u64>());
-    });
-    (rx.recv_timeout(deadline).expect("the loader hung on the stalled shard"), skips)
 }
