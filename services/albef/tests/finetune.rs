@@ -196,6 +196,27 @@ fn nlvr_rows(split: &Path, offsets: &[usize]) -> Vec<serde_json::Value> {
 /// and its head. NLVR2 fine-tuning from the pretrained model by a job of two workers: dev
 /// accuracy above chance; a row with one image is counted. (Text assignment's result is what the
 /// reference fine-tunes from; on this small budget it does not help, see the docs.)
+/// A fine-tuning job of 2 workers in `run` with `sets` on the small preset, evaluated after every
+/// epoch, with fine-tuning steps of the reference's size relative to the small preset's
+/// pretraining: what it printed, and its best checkpoint's record.
+fn fine_tuning_job(run: &Path, sets: &[String]) -> (String, serde_json::Value) {
+    let common = [
+        format!("job.run_dir={}", run.display()),
+        "job.eval_every_epoch=true".into(),
+        "job.checkpoint_every=0".into(),
+        "train.batch_size_train=8".into(),
+        "optimizer.lr=1e-4".into(),
+        "schedular.lr=1e-4".into(),
+        "schedular.min_lr=1e-5".into(),
+        "schedular.warmup_lr=1e-5".into(),
+    ];
+    let mut job = vec!["run", "--config", "configs/small.yaml", "--workers", "2"];
+    job.extend(sets.iter().chain(&common).flat_map(|s| ["--set", s.as_str()]));
+    let out = albef(&job);
+    let best = serde_json::from_slice(&std::fs::read(run.join("checkpoints/best.json")).unwrap()).unwrap();
+    (out, best)
+}
+
 fn nlvr(pre: &Path, dir: &Path) {
     let data = pre.join("data");
     let init = format!("model.init_checkpoint={}", pre.join("final/model.safetensors").display());
@@ -229,24 +250,11 @@ fn nlvr(pre: &Path, dir: &Path) {
         init,
         format!("data.train_file=[{}]", data.join("nlvr_train.json").display()),
         format!("job.eval_data={}", data.join("nlvr_dev.json").display()),
-        format!("job.run_dir={}", run.display()),
-        "job.eval_every_epoch=true".into(),
-        "job.checkpoint_every=0".into(),
         "train.max_steps=192".into(),
-        "train.batch_size_train=8".into(),
-        // Fine-tuning steps of the reference's size relative to the small preset's pretraining.
-        "optimizer.lr=1e-4".into(),
-        "schedular.lr=1e-4".into(),
-        "schedular.min_lr=1e-5".into(),
-        "schedular.warmup_lr=1e-5".into(),
     ];
-    let mut job = vec!["run", "--config", "configs/small.yaml", "--workers", "2"];
-    job.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
-    let out = albef(&job);
+    let (out, best) = fine_tuning_job(&run, &sets);
     assert!(out.contains("missing_second_image"), "the row with one image is counted:\n{out}");
     let evaluated: Vec<&str> = out.lines().filter(|l| l.starts_with("eval ")).collect();
-    let best: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("checkpoints/best.json")).unwrap()).unwrap();
     let accuracy = best["value"].as_f64().unwrap();
     println!("NLVR2 dev accuracy {accuracy:.1}% (best, step {}), chance 50.0%; {evaluated:?}", best["step"]);
     assert_eq!(best["metric"], "accuracy");
@@ -337,27 +345,15 @@ fn grounding(pre: &Path, dir: &Path) {
         file("proposals_file", "proposals.json"),
         // The first of the small model's two fusion layers (the base model's is the third of six).
         "job.gradcam_block=2".into(),
-        format!("job.run_dir={}", run.display()),
-        "job.eval_every_epoch=true".into(),
-        "job.checkpoint_every=0".into(),
         "data.train_crop=resize".into(),
         "train.max_steps=128".into(),
-        "train.batch_size_train=8".into(),
-        "optimizer.lr=1e-4".into(),
-        "schedular.lr=1e-4".into(),
-        "schedular.min_lr=1e-5".into(),
-        "schedular.warmup_lr=1e-5".into(),
     ];
-    let mut job = vec!["run", "--config", "configs/small.yaml", "--workers", "2"];
-    job.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
-    let out = albef(&job);
+    let (out, best) = fine_tuning_job(&run, &sets);
     let evaluated: Vec<&str> = out.lines().filter(|l| l.starts_with("eval ")).collect();
     assert!(
         evaluated.iter().all(|l| l.contains("2 without proposals skipped") && l.contains("test/")),
         "{evaluated:?}"
     );
-    let best: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("checkpoints/best.json")).unwrap()).unwrap();
     let accuracy = best["value"].as_f64().unwrap();
     println!("grounding val accuracy {accuracy:.1}% (best, step {}); {evaluated:?}", best["step"]);
     assert_eq!(best["metric"], "accuracy");
