@@ -140,6 +140,43 @@ struct Summary {
     max: Duration,
 }
 
+/// When the world formed, as the bench saw it.
+struct World {
+    /// When the fleet started.
+    started: Instant,
+    /// The last assignment; None if some worker had none a minute past the last Join.
+    formed: Option<Instant>,
+    /// When the bench saw every assignment (or gave up): the per-second lines count from it.
+    assigned: Instant,
+}
+
+/// The coordinator in the steady state, and GetStatus as `albefctl watch` sees it then.
+struct SteadyState {
+    /// Heartbeats sent from `from` until `until` are the steady state's.
+    from: Instant,
+    until: Instant,
+    /// Seconds from `from` to the end of the measurements.
+    seconds: f64,
+    /// User + system CPU seconds the coordinator spent in it.
+    cpu_seconds: f64,
+    /// The coordinator's RSS before any worker joined, at the end, and at its peak, in bytes.
+    idle_rss: u64,
+    rss: u64,
+    peak_rss: u64,
+    state_writes: f64,
+    state_bytes: f64,
+    /// The size of GetStatus's reply, and each round trip, sorted.
+    status_bytes: usize,
+    status_took: Vec<Duration>,
+}
+
+impl SteadyState {
+    /// The coordinator's CPU in percent of one core.
+    fn cpu_percent(&self) -> f64 {
+        100.0 * self.cpu_seconds / self.seconds
+    }
+}
+
 async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runtime::Handle) -> Summary {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(dir.path(), n, &args.backend);
@@ -153,6 +190,31 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
         seconds: args.seconds,
     });
     let started = Instant::now();
+    let tasks = start_fleet(n, &fleet, &obs, workers);
+    let formed = wait_for_assignments(n, &obs).await;
+    let world = World { started, formed, assigned: Instant::now() };
+    wait_for_heartbeats(n, &obs, world.assigned).await;
+    let steady = measure(&coordinator, idle_rss, world.assigned, args.seconds).await;
+    end_fleet(tasks).await;
+    let o = obs.lock().unwrap();
+    let steady_beats = steady_beats(&o.heartbeats, &steady);
+    let summary = summarize(&steady_beats, &steady);
+    print_world(n, transport, args, &o, &world);
+    print_latency(&summary, steady_beats.len());
+    print_per_second(&o.heartbeats, world.assigned);
+    println!("errors              {:?}", o.errors);
+    print_coordinator(n, &steady, &o.commits);
+    println!();
+    summary
+}
+
+/// `n` simulated workers on the `workers` runtime.
+fn start_fleet(
+    n: usize,
+    fleet: &Arc<Fleet>,
+    obs: &Arc<Mutex<Observed>>,
+    workers: &tokio::runtime::Handle,
+) -> Vec<tokio::task::JoinHandle<()>> {
     // Pods start over a few seconds, not in the same microsecond.
     let spread = Duration::from_millis((n as u64).min(5000));
     let mut tasks = Vec::with_capacity(n);
@@ -164,8 +226,13 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
             worker(i, fleet, obs).await;
         }));
     }
+    tasks
+}
+
+/// When the last of the `n` workers was assigned; None if some never were.
+async fn wait_for_assignments(n: usize, obs: &Mutex<Observed>) -> Option<Instant> {
     // Wait for every assignment (or give up after a minute past the last join).
-    let formed = loop {
+    loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let o = obs.lock().unwrap();
         if o.assigned.len() == n {
@@ -174,16 +241,24 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
         if o.last_join_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
             break None;
         }
-    };
-    let assigned = Instant::now();
-    // The steady state: from 2 s after every worker made its start-up calls (the NCCL id, the
-    // first leases) and sent a heartbeat, to 2 s before the first ones end.
+    }
+}
+
+/// Until all `n` workers sent a heartbeat, or 10 s past `assigned`.
+async fn wait_for_heartbeats(n: usize, obs: &Mutex<Observed>, assigned: Instant) {
     while obs.lock().unwrap().beating < n && assigned.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let steady = Instant::now() + Duration::from_secs(2);
-    let wait_until = assigned + Duration::from_secs(args.seconds.saturating_sub(2));
-    tokio::time::sleep_until(tokio::time::Instant::from_std(steady)).await;
+}
+
+/// The coordinator's usage, state writes and GetStatus in the steady state of a fleet that
+/// heartbeats for `seconds` from `assigned`.
+async fn measure(coordinator: &Coordinator, idle_rss: u64, assigned: Instant, seconds: u64) -> SteadyState {
+    // The steady state: from 2 s after every worker made its start-up calls (the NCCL id, the
+    // first leases) and sent a heartbeat, to 2 s before the first ones end.
+    let from = Instant::now() + Duration::from_secs(2);
+    let until = assigned + Duration::from_secs(seconds.saturating_sub(2));
+    tokio::time::sleep_until(tokio::time::Instant::from_std(from)).await;
     let (cpu0, _, _) = coordinator.usage();
     let (writes0, bytes0) = (
         coordinator.counter("albef_coordinator_state_writes_total"),
@@ -192,11 +267,27 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
     let (status_bytes, mut status_took) = status_round_trips(&coordinator.endpoint).await;
     status_took.sort();
     // Measured while every worker heartbeats, before they leave.
-    tokio::time::sleep_until(tokio::time::Instant::from_std(wait_until.max(Instant::now()))).await;
-    let (cpu1, rss, peak) = coordinator.usage();
-    let writes = coordinator.counter("albef_coordinator_state_writes_total") - writes0;
-    let bytes = coordinator.counter("albef_coordinator_state_bytes_total") - bytes0;
-    let window = steady.elapsed().as_secs_f64();
+    tokio::time::sleep_until(tokio::time::Instant::from_std(until.max(Instant::now()))).await;
+    let (cpu1, rss, peak_rss) = coordinator.usage();
+    let state_writes = coordinator.counter("albef_coordinator_state_writes_total") - writes0;
+    let state_bytes = coordinator.counter("albef_coordinator_state_bytes_total") - bytes0;
+    SteadyState {
+        from,
+        until,
+        seconds: from.elapsed().as_secs_f64(),
+        cpu_seconds: cpu1 - cpu0,
+        idle_rss,
+        rss,
+        peak_rss,
+        state_writes,
+        state_bytes,
+        status_bytes,
+        status_took,
+    }
+}
+
+/// Waits for the workers to leave, for 10 s at most.
+async fn end_fleet(tasks: Vec<tokio::task::JoinHandle<()>>) {
     // The workers leave once their heartbeats are done; any still joining are given up on.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for t in tasks {
@@ -205,44 +296,62 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
             abort.abort();
         }
     }
-    let o = obs.lock().unwrap();
-    let last_join = o.last_join_sent.unwrap_or(started);
-    // The CPU's window too; the lines after show the other seconds.
-    let in_steady_state = |sent: &Instant| *sent >= steady && *sent < wait_until;
-    let mut steady_beats: Vec<Duration> =
-        o.heartbeats.iter().filter(|(sent, _)| in_steady_state(sent)).map(|(_, l)| *l).collect();
-    steady_beats.sort();
+}
+
+/// The run's heading, and how the world formed.
+fn print_world(n: usize, transport: Transport, args: &Args, o: &Observed, world: &World) {
+    let last_join = o.last_join_sent.unwrap_or(world.started);
     let max_assignment = o.assignment_bytes.iter().max().copied().unwrap_or(0);
     let transport_name = match transport {
         Transport::Stream => "one stream per worker",
         Transport::Unary => "one call per beat",
     };
     println!("## {n} workers ({} backend, {} s of heartbeats, {transport_name})", args.backend, args.seconds);
-    match formed {
+    match world.formed {
         Some(t) => println!("world formed        {} after the last Join", ms(t.saturating_duration_since(last_join))),
         None => println!("world formed        NEVER ({} of {n} assigned)", o.assigned.len()),
     }
     println!("generations         {} (rejoin commands: {})", o.generations.len(), o.rejoins);
     println!("assignment          {max_assignment} bytes (largest)");
-    let summary = Summary {
-        cpu: 100.0 * (cpu1 - cpu0) / window,
-        p50: percentile(&steady_beats, 0.5),
-        p99: percentile(&steady_beats, 0.99),
+}
+
+/// The latencies of the heartbeats sent in the steady state, sorted.
+fn steady_beats(heartbeats: &[(Instant, Duration)], steady: &SteadyState) -> Vec<Duration> {
+    // The CPU's window too; the lines after show the other seconds.
+    let in_steady_state = |sent: &Instant| *sent >= steady.from && *sent < steady.until;
+    let mut steady_beats: Vec<Duration> =
+        heartbeats.iter().filter(|(sent, _)| in_steady_state(sent)).map(|(_, l)| *l).collect();
+    steady_beats.sort();
+    steady_beats
+}
+
+/// The run's figures for the ratios of stream to unary.
+fn summarize(steady_beats: &[Duration], steady: &SteadyState) -> Summary {
+    Summary {
+        cpu: steady.cpu_percent(),
+        p50: percentile(steady_beats, 0.5),
+        p99: percentile(steady_beats, 0.99),
         max: steady_beats.last().copied().unwrap_or_default(),
-    };
+    }
+}
+
+/// The steady state's heartbeat latency, of `beats` heartbeats.
+fn print_latency(summary: &Summary, beats: usize) {
     println!(
-        "heartbeat latency   p50 {}  p99 {}  max {}  ({} steady-state beats)",
+        "heartbeat latency   p50 {}  p99 {}  max {}  ({beats} steady-state beats)",
         ms(summary.p50),
         ms(summary.p99),
         ms(summary.max),
-        steady_beats.len()
     );
-    // Each second's p99 and slowest beat, to find the tail (counted from the time every rank had
-    // its assignment: the workers' steps 0 and 10 fetch an epoch's leases, rank 0 commits at
-    // steps 5, 10 and 15, the GetStatus calls take the steady state's first 4 s, the workers end
-    // at +20 s).
+}
+
+/// Each second's p99 and slowest beat, to find the tail (counted from the time every rank had
+/// its assignment: the workers' steps 0 and 10 fetch an epoch's leases, rank 0 commits at
+/// steps 5, 10 and 15, the GetStatus calls take the steady state's first 4 s, the workers end
+/// at +20 s).
+fn print_per_second(heartbeats: &[(Instant, Duration)], assigned: Instant) {
     let mut by_second: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
-    for (sent, latency) in &o.heartbeats {
+    for (sent, latency) in heartbeats {
         by_second.entry(sent.saturating_duration_since(assigned).as_secs()).or_default().push(*latency);
     }
     let (mut p99s, mut worst) = (vec![], vec![]);
@@ -253,25 +362,31 @@ async fn run(n: usize, transport: Transport, args: &Args, workers: &tokio::runti
     }
     println!("p99 per second      {} ms", p99s.join(" "));
     println!("slowest per second  {} ms", worst.join(" "));
-    println!("errors              {:?}", o.errors);
+}
+
+/// What the coordinator cost in the steady state, GetStatus, and rank 0's commits.
+fn print_coordinator(n: usize, steady: &SteadyState, commits: &[Duration]) {
     println!(
         "coordinator         CPU {:.0}% of one core in the steady state, RSS {:.1} MiB ({:.2} KiB per worker over idle), peak {:.1} MiB",
-        summary.cpu,
-        rss as f64 / 1048576.0,
-        rss.saturating_sub(idle_rss) as f64 / 1024.0 / n as f64,
-        peak as f64 / 1048576.0
+        steady.cpu_percent(),
+        steady.rss as f64 / 1048576.0,
+        steady.rss.saturating_sub(steady.idle_rss) as f64 / 1024.0 / n as f64,
+        steady.peak_rss as f64 / 1048576.0
     );
-    println!("state writes        {:.1}/s, {:.0} KiB/s", writes / window, bytes / 1024.0 / window);
     println!(
-        "GetStatus           {status_bytes} bytes: p50 {} max {} ({} calls on one connection)",
-        ms(percentile(&status_took, 0.5)),
-        ms(status_took.last().copied().unwrap_or_default()),
-        status_took.len()
+        "state writes        {:.1}/s, {:.0} KiB/s",
+        steady.state_writes / steady.seconds,
+        steady.state_bytes / 1024.0 / steady.seconds
     );
-    let commits: Vec<String> = o.commits.iter().copied().map(ms).collect();
+    println!(
+        "GetStatus           {} bytes: p50 {} max {} ({} calls on one connection)",
+        steady.status_bytes,
+        ms(percentile(&steady.status_took, 0.5)),
+        ms(steady.status_took.last().copied().unwrap_or_default()),
+        steady.status_took.len()
+    );
+    let commits: Vec<String> = commits.iter().copied().map(ms).collect();
     println!("checkpoint commits  {}", commits.join(", "));
-    println!();
-    summary
 }
 
 /// `STATUS_CALLS` GetStatus calls on one connection, one every `STATUS_EVERY`: the reply's

@@ -5,8 +5,9 @@ use crate::{CHECKPOINT_EVERY, Fleet, Observed, STEPS_PER_EPOCH, Transport};
 use albef_proto::v1::coordinator_client::CoordinatorClient;
 use albef_proto::v1::join_response::Outcome;
 use albef_proto::v1::{
-    CollectiveBackend, Command as Cmd, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest, HeartbeatResponse,
-    JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest, ReportEvaluationRequest,
+    Assignment, CollectiveBackend, Command as Cmd, GetLeasesRequest, GetNcclIdRequest, HeartbeatRequest,
+    HeartbeatResponse, JoinRequest, LeaveRequest, Losses, PublishNcclIdRequest, ReportCheckpointRequest,
+    ReportEvaluationRequest,
 };
 use prost::Message;
 use std::path::Path;
@@ -14,15 +15,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// Rank 0 reports an evaluation every this many steps.
+const EVALUATE_EVERY: u64 = 10;
+
 /// One simulated worker's life: a step and a heartbeat a second for `fleet.seconds` once it has
 /// its assignment; the leases of each epoch as it starts; rank 0 commits a checkpoint every
 /// `CHECKPOINT_EVERY` steps.
 pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
-    let (device_kind, transport) = (fleet.device_kind, fleet.transport);
     let mut c = CoordinatorClient::new(connect(&fleet.endpoint).await);
-    let worker_id = format!("sim-{i:05}");
-    let join = JoinRequest {
-        worker_id: worker_id.clone(),
+    let join = join_request(i, fleet.device_kind);
+    let worker_id = join.worker_id.clone();
+    let a = assignment(&mut c, join, &obs).await;
+    let nccl = a.collective.as_ref().is_some_and(|p| p.backend() == CollectiveBackend::Nccl);
+    let mut member =
+        Member { c, worker_id, generation: a.generation, rank: a.rank, beats: Beats::default(), fleet, obs };
+    if nccl {
+        member.rendezvous().await;
+    }
+    // Spread over the second as independent processes would be.
+    let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
+    let start = tokio::time::Instant::now() + phase;
+    for step in 0..member.fleet.seconds {
+        member.step(step, start).await;
+    }
+    member.leave().await;
+}
+
+/// The Join of simulated worker `i`.
+fn join_request(i: usize, device_kind: &str) -> JoinRequest {
+    JoinRequest {
+        worker_id: format!("sim-{i:05}"),
         host: "10.0.0.1".into(),
         device_kind: device_kind.into(),
         device_count: 8,
@@ -30,7 +52,11 @@ pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
         // Nodes of 8 local ranks, as the GPU overlay runs them.
         node_id: format!("sim-node-{:04}", i / 8),
         local_rank: (i % 8) as u32,
-    };
+    }
+}
+
+/// Joins (a long poll, again until the world has a place for it) and returns the assignment.
+async fn assignment(c: &mut CoordinatorClient<Channel>, join: JoinRequest, obs: &Mutex<Observed>) -> Assignment {
     obs.lock().unwrap().last_join_sent = Some(Instant::now());
     let (a, bytes) = loop {
         match c.join(join.clone()).await.map(|r| r.into_inner()) {
@@ -39,7 +65,7 @@ pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
                 match r.outcome {
                     Some(Outcome::Assigned(a)) => break (a, bytes),
                     Some(Outcome::Wait(_) | Outcome::Spare(_) | Outcome::Evicted(_)) => {}
-                    other => panic!("{worker_id}: a Join that answers {other:?}"),
+                    other => panic!("{}: a Join that answers {other:?}", join.worker_id),
                 }
             }
             Err(s) => {
@@ -48,53 +74,95 @@ pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
             }
         }
     };
-    {
-        let mut o = obs.lock().unwrap();
-        o.assigned.push(Instant::now());
-        o.assignment_bytes.push(bytes);
-        o.generations.insert(a.generation);
-    }
-    let (generation, rank) = (a.generation, a.rank);
-    if a.collective.as_ref().is_some_and(|p| p.backend() == CollectiveBackend::Nccl) {
-        if rank == 0 {
+    let mut o = obs.lock().unwrap();
+    o.assigned.push(Instant::now());
+    o.assignment_bytes.push(bytes);
+    o.generations.insert(a.generation);
+    a
+}
+
+/// A simulated worker with its place in the world: what its calls after the Join carry.
+struct Member {
+    c: CoordinatorClient<Channel>,
+    worker_id: String,
+    generation: u64,
+    rank: u32,
+    beats: Beats,
+    fleet: Arc<Fleet>,
+    obs: Arc<Mutex<Observed>>,
+}
+
+impl Member {
+    /// The NCCL id: rank 0 publishes it, the others ask until it is there.
+    async fn rendezvous(&mut self) {
+        let generation = self.generation;
+        if self.rank == 0 {
             let req = PublishNcclIdRequest { generation, nccl_id: vec![7; 128] };
-            if let Err(s) = c.publish_nccl_id(req).await {
-                obs.lock().unwrap().error("PublishNcclId", &s);
+            if let Err(s) = self.c.publish_nccl_id(req).await {
+                self.obs.lock().unwrap().error("PublishNcclId", &s);
             }
-        } else {
-            loop {
-                match c.get_nccl_id(GetNcclIdRequest { generation }).await {
-                    Ok(_) => break,
-                    Err(s) if s.code() == tonic::Code::Unavailable => {}
-                    Err(s) => {
-                        obs.lock().unwrap().error("GetNcclId", &s);
-                        break;
-                    }
+            return;
+        }
+        loop {
+            match self.c.get_nccl_id(GetNcclIdRequest { generation }).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable => {}
+                Err(s) => {
+                    self.obs.lock().unwrap().error("GetNcclId", &s);
+                    break;
                 }
             }
         }
     }
-    let mut beats = Beats::default();
-    // Spread over the second as independent processes would be.
-    let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
-    let start = tokio::time::Instant::now() + phase;
-    for step in 0..fleet.seconds {
+
+    /// Step `step`, its heartbeat due at `start` + `step` seconds: the epoch's leases as it
+    /// starts, rank 0's checkpoint before the beat and its evaluation after.
+    async fn step(&mut self, step: u64, start: tokio::time::Instant) {
         let epoch = step / STEPS_PER_EPOCH;
-        if step % STEPS_PER_EPOCH == 0 {
-            let req = GetLeasesRequest { generation, rank, epoch, virtual_rank: rank };
-            if let Err(s) = c.get_leases(req).await {
-                obs.lock().unwrap().error("GetLeases", &s);
-            }
+        if step.is_multiple_of(STEPS_PER_EPOCH) {
+            self.leases(epoch).await;
         }
-        if rank == 0 && step > 0 && step % CHECKPOINT_EVERY == 0 {
-            let took = checkpoint(&fleet.run_dir, &mut c, (generation, step, epoch), &obs).await;
-            obs.lock().unwrap().commits.push(took);
+        if self.rank == 0 && step > 0 && step.is_multiple_of(CHECKPOINT_EVERY) {
+            let took = checkpoint(&self.fleet.run_dir, &mut self.c, (self.generation, step, epoch), &self.obs).await;
+            self.obs.lock().unwrap().commits.push(took);
         }
         tokio::time::sleep_until(start + Duration::from_secs(step)).await;
-        let beat = HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            generation,
-            rank,
+        self.heartbeat(step, epoch).await;
+        if self.rank == 0 && step > 0 && step.is_multiple_of(EVALUATE_EVERY) {
+            self.report_evaluation(step).await;
+        }
+    }
+
+    /// The leases of `epoch`, fetched as it starts.
+    async fn leases(&mut self, epoch: u64) {
+        let req = GetLeasesRequest { generation: self.generation, rank: self.rank, epoch, virtual_rank: self.rank };
+        if let Err(s) = self.c.get_leases(req).await {
+            self.obs.lock().unwrap().error("GetLeases", &s);
+        }
+    }
+
+    /// The heartbeat of `step`, its latency recorded.
+    async fn heartbeat(&mut self, step: u64, epoch: u64) {
+        let beat = self.training_beat(step, epoch);
+        let sent = Instant::now();
+        match self.beats.beat(&mut self.c, beat, self.fleet.transport).await {
+            Ok(r) => {
+                let rejoin = r.commands.contains(&(Cmd::Rejoin as i32));
+                let mut o = self.obs.lock().unwrap();
+                o.heartbeats.push((sent, sent.elapsed()));
+                o.beating += usize::from(step == 0);
+                o.rejoins += u64::from(rejoin);
+            }
+            Err(s) => self.obs.lock().unwrap().error("Heartbeat", &s),
+        }
+    }
+
+    /// A heartbeat of `step` with the fields a training worker fills in.
+    fn training_beat(&self, step: u64, epoch: u64) -> HeartbeatRequest {
+        HeartbeatRequest {
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            rank: self.rank,
             step,
             epoch,
             losses: Some(Losses {
@@ -108,45 +176,40 @@ pub async fn worker(i: usize, fleet: Arc<Fleet>, obs: Arc<Mutex<Observed>>) {
             temp: 0.07,
             bad_samples: [("corrupt_image".to_string(), step / 4)].into(),
             ..Default::default()
+        }
+    }
+
+    /// Rank 0's evaluation at `step`.
+    async fn report_evaluation(&mut self, step: u64) {
+        let req = ReportEvaluationRequest {
+            generation: self.generation,
+            rank: self.rank,
+            step,
+            split: "test.json".into(),
+            metrics: [("itm/r_mean".to_string(), 50.0)].into(),
         };
-        let sent = Instant::now();
-        match beats.beat(&mut c, beat, transport).await {
-            Ok(r) => {
-                let rejoin = r.commands.contains(&(Cmd::Rejoin as i32));
-                let mut o = obs.lock().unwrap();
-                o.heartbeats.push((sent, sent.elapsed()));
-                o.beating += usize::from(step == 0);
-                o.rejoins += u64::from(rejoin);
-            }
-            Err(s) => obs.lock().unwrap().error("Heartbeat", &s),
-        }
-        if rank == 0 && step > 0 && step % 10 == 0 {
-            let req = ReportEvaluationRequest {
-                generation,
-                rank,
-                step,
-                split: "test.json".into(),
-                metrics: [("itm/r_mean".to_string(), 50.0)].into(),
-            };
-            if let Err(s) = c.report_evaluation(req).await {
-                obs.lock().unwrap().error("ReportEvaluation", &s);
-            }
+        if let Err(s) = self.c.report_evaluation(req).await {
+            self.obs.lock().unwrap().error("ReportEvaluation", &s);
         }
     }
-    // As a worker that trained the last step: done, then gone (a leave without it ends the
-    // generation for everyone).
-    let done = HeartbeatRequest {
-        worker_id: worker_id.clone(),
-        generation,
-        rank,
-        step: fleet.seconds,
-        done: true,
-        ..Default::default()
-    };
-    if let Err(s) = beats.beat(&mut c, done, transport).await {
-        obs.lock().unwrap().error("Heartbeat", &s);
+
+    /// The last heartbeat, then the Leave.
+    async fn leave(mut self) {
+        // As a worker that trained the last step: done, then gone (a leave without it ends the
+        // generation for everyone).
+        let done = HeartbeatRequest {
+            worker_id: self.worker_id.clone(),
+            generation: self.generation,
+            rank: self.rank,
+            step: self.fleet.seconds,
+            done: true,
+            ..Default::default()
+        };
+        if let Err(s) = self.beats.beat(&mut self.c, done, self.fleet.transport).await {
+            self.obs.lock().unwrap().error("Heartbeat", &s);
+        }
+        let _ = self.c.leave(LeaveRequest { worker_id: self.worker_id, generation: self.generation }).await;
     }
-    let _ = c.leave(LeaveRequest { worker_id, generation }).await;
 }
 
 /// A simulated worker's heartbeats: on the stream it opened with the first, or a call each.
