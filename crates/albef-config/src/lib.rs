@@ -40,7 +40,7 @@ pub use train::{
     AnswerScoring, CollectiveBackend, CoordinatorConfig, DataConfig, DeviceChoice, JobConfig, OptimizerConfig,
     OverlapGradReduce, ScaleUp, ScheduleConfig, TrainConfig, TrainSource, WorkerConfig,
 };
-pub use train::{TrainCrop, TruncatedImages};
+pub use train::{GradcamMode, TrainCrop, TruncatedImages};
 
 /// The tasks a job can train (`task`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -156,15 +156,7 @@ impl AlbefConfig {
             );
         }
         if self.task == TaskKind::Grounding {
-            let b = &self.model.bert;
-            ensure!(
-                (b.fusion_layer..b.num_hidden_layers).contains(&(self.job.gradcam_block as i64)),
-                "task grounding: job.gradcam_block ({}) must be a fusion layer, from model.bert.fusion_layer ({}) \
-                 to model.bert.num_hidden_layers - 1 ({})",
-                self.job.gradcam_block,
-                b.fusion_layer,
-                b.num_hidden_layers - 1
-            );
+            self.model.gradcam_layers(self.job.gradcam_mode, self.job.gradcam_block)?;
         }
         ensure!(self.data.max_tokens >= 2, "data.max_tokens must leave room for [CLS] and a word");
         ensure!(

@@ -190,6 +190,28 @@ impl ModelConfig {
         }
     }
 
+    /// Checks that `block` names a layer whose attention Grad-CAM can read in `mode`: a fusion
+    /// layer of the text encoder (ITM) or a block of the image encoder (ITC).
+    pub fn gradcam_layers(&self, mode: crate::GradcamMode, block: u64) -> anyhow::Result<()> {
+        let (b, block) = (&self.bert, block as i64);
+        match mode {
+            crate::GradcamMode::Itm => anyhow::ensure!(
+                (b.fusion_layer..b.num_hidden_layers).contains(&block),
+                "job.gradcam_block ({block}) must be a fusion layer for job.gradcam_mode itm: from \
+                 model.bert.fusion_layer ({}) to model.bert.num_hidden_layers - 1 ({})",
+                b.fusion_layer,
+                b.num_hidden_layers - 1
+            ),
+            crate::GradcamMode::Itc => anyhow::ensure!(
+                (0..self.vision.depth).contains(&block),
+                "job.gradcam_block ({block}) must be an image-encoder block for job.gradcam_mode itc: from 0 to \
+                 model.vision.depth - 1 ({})",
+                self.vision.depth - 1
+            ),
+        }
+        Ok(())
+    }
+
     /// Checks the relations between fields that serde cannot express.
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;

@@ -110,6 +110,19 @@ pub enum AnswerScoring {
     Likelihood,
 }
 
+/// Whose score the grounding Grad-CAM explains (`job.gradcam_mode`), as the reference's
+/// `--gradcam_mode`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GradcamMode {
+    /// The ITM match logit, through a fusion layer's cross-attention to the image patches.
+    #[default]
+    Itm,
+    /// The image-text ITC similarity, through an image-encoder block's attention from [CLS] to
+    /// the patches.
+    Itc,
+}
+
 /// How a training image becomes the model's square (`data.train_crop`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -407,8 +420,11 @@ pub struct JobConfig {
     /// Grounding: the detector's proposal boxes per image (the reference's dets.json,
     /// `{image_id: [[x, y, w, h], ...]}`).
     pub proposals_file: String,
-    /// Grounding: the text-encoder layer whose cross-attention gives the Grad-CAM map (the
-    /// reference's `--block_num`: 8, the base model's third fusion layer).
+    /// Grounding: whose score the Grad-CAM map explains: `itm` (the reference's default) or `itc`.
+    pub gradcam_mode: GradcamMode,
+    /// Grounding: the layer whose attention gives the Grad-CAM map (the reference's
+    /// `--block_num`: 8): for `itm` a text-encoder layer (8: the base model's third fusion
+    /// layer), for `itc` an image-encoder block.
     pub gradcam_block: u64,
     /// A rank whose steps take longer than this many times the median rank's (outside the
     /// collectives) for straggler_window of its steps is a straggler: reported in the status,
@@ -452,6 +468,7 @@ impl Default for JobConfig {
             refs_file: String::new(),
             instances_file: String::new(),
             proposals_file: String::new(),
+            gradcam_mode: GradcamMode::Itm,
             gradcam_block: 8,
             straggler_factor: 1.5,
             straggler_window: 20,

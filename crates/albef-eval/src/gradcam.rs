@@ -1,11 +1,12 @@
 //! Weakly supervised grounding over a split of referring expressions, as the reference's
-//! Grounding.py (`val`, then `grounding_eval`): each expression's Grad-CAM map of the ITM score
-//! ([`Albef::itm_gradcam`]) grounded among its image's proposal boxes ([`grounding::ground`]),
+//! Grounding.py (`val`, then `grounding_eval`): each expression's Grad-CAM map of the ITM or ITC
+//! score ([`Albef::gradcam`]) grounded among its image's proposal boxes ([`grounding::ground`]),
 //! tallied per RefCOCO+ split. In a job each rank grounds its share of the rows and the ranks sum
 //! the tallies.
 
 use crate::grounding::{self, BoxXywh, Grounded, GroundingTally, RefCoco, Referent};
 use crate::split::{EvalBatch, SplitOptions, rank_batches, read_images};
+use albef_config::GradcamMode;
 use albef_data::pre_caption;
 use albef_data::store::Location;
 use albef_data::tokenizer::Tokenizer;
@@ -130,25 +131,35 @@ impl ShardGrounding {
 /// The metric over every evaluated row of a split: what selects the best checkpoint.
 pub const OVERALL: &str = "accuracy";
 
-/// Grounds rank `rank`'s share of `split` (every `world`-th batch of `batch_size` rows) with
-/// text-encoder layer `block`'s Grad-CAM; `each` sees every grounded row (its index in the split,
-/// its referent, the outcome).
+/// How a split is grounded: the Grad-CAM's mode and layer (`job.gradcam_mode`,
+/// `job.gradcam_block`), and the rows per forward.
+#[derive(Clone, Copy, Debug)]
+pub struct GroundingOptions {
+    pub mode: GradcamMode,
+    pub block: usize,
+    pub batch_size: usize,
+}
+
+/// Grounds rank `rank`'s share of `split` (every `world`-th batch of rows) with the Grad-CAM of
+/// `opts`; `each` sees every grounded row (its index in the split, its referent, the outcome).
 pub fn ground_shard(
     model: &Albef,
     split: &ExpressionSplit,
     inputs: &GroundingInputs,
     tokenizer: &Tokenizer,
-    (batch_size, block): (usize, usize),
+    opts: GroundingOptions,
     (rank, world): (usize, usize),
     mut each: impl FnMut(usize, &Referent, &Grounded) -> Result<()>,
 ) -> Result<ShardGrounding> {
     let (dev, res) = (model.device(), model.config().image_res as usize);
     let mut shard = ShardGrounding::default();
-    for rows in rank_batches(split.len(), batch_size, (rank, world)) {
+    model.config().gradcam_layers(opts.mode, opts.block as u64)?;
+    for rows in rank_batches(split.len(), opts.batch_size, (rank, world)) {
         let r = rows.clone();
         let loaded = (&split.images[r.clone()], &split.image_keys[r.clone()], &split.texts[r.clone()]);
         let b = EvalBatch::load(loaded, (res, split.max_pixels), tokenizer, dev)?;
-        let maps = model.itm_gradcam(&b.image, &b.ids, &b.mask, block).to_device(Device::Cpu).to_kind(Kind::Float);
+        let maps = model.gradcam(opts.mode, &b.image, &b.ids, &b.mask, opts.block);
+        let maps = maps.to_device(Device::Cpu).to_kind(Kind::Float);
         let grid = maps.size()[1] as usize;
         let maps = Vec::<f32>::try_from(maps.flatten(0, -1))?;
         for (row, map) in rows.zip(maps.chunks_exact(grid * grid)) {

@@ -13,7 +13,7 @@ pub use crate::momentum::online_name_of;
 use crate::nn::{Init, Linear, Scope, normalize};
 use crate::task_model::{Losses, MomentumFeatures, StepFeatures, TaskModel};
 use crate::vit::VisionTransformer;
-use albef_config::{ItcNegatives, ModelConfig, TaskKind};
+use albef_config::{GradcamMode, ItcNegatives, ModelConfig, TaskKind};
 use anyhow::{Result, ensure};
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
@@ -287,19 +287,35 @@ impl Albef {
         self.itm_head.forward(&self.fuse(text_embeds, mask, image_embeds, train).select(1, 0))
     }
 
-    /// Grad-CAM of the ITM match score, as the reference's Grounding.py (`gradcam_mode itm`):
-    /// text-encoder layer `block`'s cross-attention probabilities times their gradient clamped
-    /// at 0, on the image patches, averaged over the heads and the (padded) text positions with
-    /// the padding zeroed: (B, grid, grid). Runs with gradients whatever the caller's mode, and
-    /// in evaluation mode; no parameter's gradient is touched.
-    pub fn itm_gradcam(&self, image: &Tensor, ids: &Tensor, mask: &Tensor, block: usize) -> Tensor {
-        tch::with_grad(|| {
-            let (image_embeds, _) = self.encode_image(image);
-            let (text_embeds, _) = self.encode_text(ids, mask, false);
-            let (fused, probs) = self.text.encoder.bert.fuse_probed(&text_embeds, mask, &image_embeds, block);
-            let score = self.itm_head.forward(&fused.select(1, 0)).select(1, 1).sum(Kind::Float);
-            let grads = Tensor::run_backward(&[&score], &[&probs], false, false);
-            gradcam_map(&probs, &grads[0], mask)
+    /// Grad-CAM for grounding, as the reference's Grounding.py: (B, grid, grid) on the image
+    /// patches, from the attention of layer `block` and its gradient clamped at 0, in evaluation
+    /// mode and with gradients whatever the caller's mode; no parameter's gradient is touched.
+    /// - `Itm`: of the ITM match logit, through text-encoder layer `block`'s cross-attention,
+    ///   averaged over the heads and the (padded) text positions with the padding zeroed.
+    /// - `Itc`: of the image-text similarity (normalised projections over the temperature),
+    ///   through image-encoder block `block`'s attention from [CLS] to the patches, averaged over
+    ///   the heads.
+    pub fn gradcam(&self, mode: GradcamMode, image: &Tensor, ids: &Tensor, mask: &Tensor, block: usize) -> Tensor {
+        tch::with_grad(|| match mode {
+            GradcamMode::Itm => {
+                let (image_embeds, _) = self.encode_image(image);
+                let (text_embeds, _) = self.encode_text(ids, mask, false);
+                let (fused, probs) = self.text.encoder.bert.fuse_probed(&text_embeds, mask, &image_embeds, block);
+                let score = self.itm_head.forward(&fused.select(1, 0)).select(1, 1).sum(Kind::Float);
+                let grads = Tensor::run_backward(&[&score], &[&probs], false, false);
+                gradcam_map(&probs, &grads[0], mask)
+            }
+            GradcamMode::Itc => {
+                let (image_embeds, probs) = self.visual.encoder.forward_probed(image, block);
+                let image_feat = normalize(&self.visual.proj.forward(&image_embeds.select(1, 0)));
+                let (_, text_feat) = self.encode_text(ids, mask, false);
+                let score = (image_feat * text_feat).sum(Kind::Float) / &self.temp;
+                let grads = Tensor::run_backward(&[&score], &[&probs], false, false);
+                // [CLS]'s row of the attention, as one text position with nothing padded.
+                let cls = |t: &Tensor| t.narrow(2, 0, 1);
+                let one = Tensor::ones([image.size()[0], 1], (Kind::Int64, image.device()));
+                gradcam_map(&cls(&probs), &cls(&grads[0]), &one)
+            }
         })
     }
 
@@ -551,10 +567,10 @@ impl TaskModel for Albef {
     }
 }
 
-/// ITC targets with momentum distillation: `alpha * softmax(sim_m) + (1 - alpha) * positives`.
-/// Grad-CAM from cross-attention probabilities (B, heads, L, 1 + grid^2) and their gradient:
-/// the patches' (not [CLS]'s) probabilities times the gradient clamped at 0, the padding
-/// positions of `mask` (B, L) zeroed, averaged over heads and text positions: (B, grid, grid).
+/// Grad-CAM from attention probabilities (B, heads, L, 1 + grid^2) over the image tokens and
+/// their gradient: the patches' (not [CLS]'s) probabilities times the gradient clamped at 0, the
+/// query positions that `mask` (B, L) pads zeroed, averaged over heads and query positions:
+/// (B, grid, grid).
 pub fn gradcam_map(probs: &Tensor, grads: &Tensor, mask: &Tensor) -> Tensor {
     let (b, _, l, tokens) = probs.size4().expect("attention probabilities are (B, heads, L, tokens)");
     let grid = ((tokens - 1) as f64).sqrt().round() as i64;
@@ -565,6 +581,7 @@ pub fn gradcam_map(probs: &Tensor, grads: &Tensor, mask: &Tensor) -> Tensor {
     cam.mean_dim([1i64, 2].as_slice(), false, probs.kind()).view([b, grid, grid])
 }
 
+/// ITC targets with momentum distillation: `alpha * softmax(sim_m) + (1 - alpha) * positives`.
 pub fn distill_targets(sim_m: &Tensor, positives: &Tensor, alpha: f64) -> Tensor {
     sim_m.softmax(1, Kind::Float) * alpha + positives * (1.0 - alpha)
 }

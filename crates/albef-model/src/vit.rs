@@ -1,7 +1,7 @@
 //! The image encoder: ViT with timm/DeiT parameter names, returning every token.
 
 use crate::activation_checkpointing;
-use crate::nn::{Init, LayerNorm, Linear, Scope, attention};
+use crate::nn::{Init, LayerNorm, Linear, Scope, attention, attention_with_probs};
 use albef_config::VisionConfig;
 use tch::Tensor;
 
@@ -36,7 +36,19 @@ impl Block {
     fn forward(&self, x: &Tensor) -> Tensor {
         let qkv = self.qkv.forward(&self.norm1.forward(x)).chunk(3, -1);
         let a = attention(&qkv[0], &qkv[1], &qkv[2], self.heads, None, 0.0);
-        let x = x + self.proj.forward(&a);
+        self.rest(x, &a)
+    }
+
+    /// [`Block::forward`] with its attention probabilities (B, heads, tokens, tokens).
+    fn forward_probed(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let qkv = self.qkv.forward(&self.norm1.forward(x)).chunk(3, -1);
+        let (a, probs) = attention_with_probs(&qkv[0], &qkv[1], &qkv[2], self.heads, None);
+        (self.rest(x, &a), probs)
+    }
+
+    /// The projection, residual and MLP after the attention `a`.
+    fn rest(&self, x: &Tensor, a: &Tensor) -> Tensor {
+        let x = x + self.proj.forward(a);
         let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
         &x + self.fc2.forward(&h)
     }
@@ -103,17 +115,41 @@ impl VisionTransformer {
 
     /// (B, 3, H, W) normalised pixels -> (B, 1 + H*W/p^2, D) tokens after the final norm.
     pub fn forward(&self, image: &Tensor) -> Tensor {
+        let mut x = self.embed(image);
+        for block in &self.blocks {
+            x = block.forward_maybe_checkpointed(&x);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// [`VisionTransformer::forward`] with block `probed`'s attention probabilities (B, heads,
+    /// tokens, tokens), computed step by step: what Grad-CAM reads.
+    pub fn forward_probed(&self, image: &Tensor, probed: usize) -> (Tensor, Tensor) {
+        assert!(probed < self.blocks.len(), "the image encoder has {} blocks, not {probed}", self.blocks.len());
+        let mut x = self.embed(image);
+        let mut probs = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = match i == probed {
+                true => {
+                    let (out, p) = block.forward_probed(&x);
+                    probs = Some(p);
+                    out
+                }
+                false => block.forward(&x),
+            };
+        }
+        (self.norm.forward(&x), probs.expect("the probed block ran"))
+    }
+
+    /// The patch embedding with [CLS] and positions.
+    fn embed(&self, image: &Tensor) -> Tensor {
         let b = image.size()[0];
         let x = image
             .conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch, self.patch], [0, 0], [1, 1], 1)
             .flatten(2, 3)
             .transpose(1, 2);
         let cls = self.cls_token.expand([b, -1, -1], false).to_kind(x.kind());
-        let mut x = Tensor::cat(&[cls, x], 1) + &self.pos_embed;
-        for block in &self.blocks {
-            x = block.forward_maybe_checkpointed(&x);
-        }
-        self.norm.forward(&x)
+        Tensor::cat(&[cls, x], 1) + &self.pos_embed
     }
 }
 

@@ -2,7 +2,7 @@
 //! pretrained checkpoint with the retrieval losses, every expression of an image a positive of
 //! the others (rows `{image, text}`, the image's file name its index; no boxes in training), and
 //! evaluated on `job.eval_data` (and `job.test_data`) by the proposal box the Grad-CAM map of the
-//! ITM score picks (`job.gradcam_block`'s cross-attention), against `job.refs_file`,
+//! ITM (or ITC) score picks (`job.gradcam_mode`, `job.gradcam_block`), against `job.refs_file`,
 //! `job.instances_file` and `job.proposals_file`. The accuracy over the evaluation split's rows
 //! selects the best checkpoint.
 
@@ -13,7 +13,7 @@ use albef_data::dataset::Dataset;
 use albef_data::loader::ImageIds;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
-use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, OVERALL, ShardGrounding, ground_shard};
+use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, GroundingOptions, OVERALL, ShardGrounding, ground_shard};
 use albef_eval::grounding::{RefCoco, load_proposals};
 use albef_model::Albef;
 use albef_train::Trainer;
@@ -71,12 +71,13 @@ impl Grounding {
         step: u64,
     ) -> Result<Option<Evaluation>> {
         let started = Instant::now();
-        let batch = (self.cfg.train.batch_size_train as usize).max(1);
-        let block = self.cfg.job.gradcam_block as usize;
+        let j = &self.cfg.job;
+        let batch_size = (self.cfg.train.batch_size_train as usize).max(1);
+        let opts = GroundingOptions { mode: j.gradcam_mode, block: j.gradcam_block as usize, batch_size };
         let tokenizer = self.dataset.tokenizer.clone();
         let (inputs, split) = self.split(i)?;
         let (rank, world) = (collective.rank(), collective.world_size());
-        let shard = ground_shard(model, split, inputs, &tokenizer, (batch, block), (rank, world), |_, _, _| Ok(()))?;
+        let shard = ground_shard(model, split, inputs, &tokenizer, opts, (rank, world), |_, _, _| Ok(()))?;
         let mut counts = shard.to_tensor(albef_model::TaskModel::device(model));
         collective.all_reduce(&mut counts, ReduceOp::Sum)?;
         if rank != 0 {

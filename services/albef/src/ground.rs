@@ -4,8 +4,9 @@
 //! `--visualize`, a picture per expression (heat map, chosen box, true box).
 
 use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
+use albef_config::GradcamMode;
 use albef_eval::SplitOptions;
-use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, ground_shard};
+use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, GroundingOptions, ground_shard};
 use albef_eval::grounding::{BoxXywh, Grounded, RefCoco, Referent, load_proposals, render};
 use albef_eval::model::EvalModel;
 use anyhow::{Context, Result, ensure};
@@ -36,7 +37,13 @@ pub struct GroundArgs {
     /// Proposal boxes per image (dets.json); default: job.proposals_file.
     #[arg(long)]
     pub proposals: Option<String>,
-    /// The text-encoder layer whose cross-attention gives the map; default: job.gradcam_block.
+    /// Whose score the map explains: itm (the ITM match logit, through a fusion layer's
+    /// cross-attention) or itc (the image-text similarity, through an image-encoder block's
+    /// attention); default: job.gradcam_mode.
+    #[arg(long, value_parser = ["itm", "itc"])]
+    pub mode: Option<String>,
+    /// The layer whose attention gives the map (a fusion layer for itm, an image-encoder block for
+    /// itc); default: job.gradcam_block.
     #[arg(long)]
     pub block: Option<usize>,
     /// The JSON report: accuracy per split and every expression's box.
@@ -66,6 +73,7 @@ struct GroundingReport {
     model: String,
     step: Option<u64>,
     split: String,
+    mode: GradcamMode,
     block: usize,
     /// Accuracy in percent per RefCOCO+ split and over all, and the rows without proposals.
     metrics: BTreeMap<String, f64>,
@@ -82,13 +90,18 @@ pub fn run(args: GroundArgs) -> Result<()> {
     let tokenizer = load_tokenizer(args.model.tokenizer.as_deref(), &model, Some(&url), handle)?;
     let opts = SplitOptions::for_data(&model.cfg.data, args.image_root.clone())?;
     let split = ExpressionSplit::load(&url, &inputs.refs, &opts, handle)?;
-    let block = args.block.unwrap_or(model.cfg.job.gradcam_block as usize);
+    let j = &model.cfg.job;
+    let mode = match &args.mode {
+        Some(m) => serde_json::from_value(serde_json::Value::String(m.clone()))?,
+        None => j.gradcam_mode,
+    };
+    let block = args.block.unwrap_or(j.gradcam_block as usize);
+    let opts = GroundingOptions { mode, block, batch_size: args.model.batch_size };
     if let Some(dir) = &args.visualize {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut expressions = vec![];
-    let batch = (args.model.batch_size, block);
-    let shard = ground_shard(model.albef()?, &split, &inputs, &tokenizer, batch, (0, 1), |row, referent, grounded| {
+    let shard = ground_shard(model.albef()?, &split, &inputs, &tokenizer, opts, (0, 1), |row, referent, grounded| {
         if let Some(dir) = &args.visualize {
             draw(dir, &split, row, referent, grounded)?;
         }
@@ -111,6 +124,7 @@ pub fn run(args: GroundArgs) -> Result<()> {
         model: model.source.clone(),
         step: model.step,
         split: url,
+        mode,
         block,
         metrics,
         expressions,
