@@ -362,19 +362,7 @@ impl Trainer {
             let total = losses.total();
             forward_seconds += self.phase_end(started);
             let started = std::time::Instant::now();
-            let backward = || tracing::info_span!("backward").in_scope(|| (&total * ranks.loss_scale()).backward());
-            match Some(dp.averager()).filter(|a| a.averages() && j + 1 == micro.len()) {
-                Some(average) => {
-                    let params = self.opt.parameters();
-                    if self.grad_hooks.is_none() {
-                        let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-                        self.grad_hooks = Some(albef_torch_ext::GradReadyHooks::register(&tensors)?);
-                    }
-                    let hooks = self.grad_hooks.as_ref().expect("registered above");
-                    communication = average.backward_and_average(&params, hooks, backward)?;
-                }
-                None => backward(),
-            }
+            communication = self.backward(&total, j + 1 == micro.len(), dp)?;
             backward_seconds += self.phase_end(started) - communication.waited_seconds;
             names = losses.0.iter().map(|(name, _)| *name).collect();
             let terms = losses.0.iter().map(|(_, t)| t).chain([&total]);
@@ -402,6 +390,25 @@ impl Trainer {
             reduce_seconds: communication.busy_seconds,
             optimizer_seconds: 0.0,
         })
+    }
+
+    /// A micro-batch's backward of `loss` (scaled for the rank's share of the world). The `last`
+    /// one's averages the gradients over the world while it runs, as each becomes ready (the
+    /// hooks that tell are registered once); its communication times come back.
+    fn backward(&mut self, loss: &Tensor, last: bool, dp: &mut DataParallel) -> Result<albef_dist::OverlapTimes> {
+        let scale = dp.ranks().loss_scale();
+        let backward = || tracing::info_span!("backward").in_scope(|| (loss * scale).backward());
+        let Some(average) = Some(dp.averager()).filter(|a| a.averages() && last) else {
+            backward();
+            return Ok(albef_dist::OverlapTimes::default());
+        };
+        let params = self.opt.parameters();
+        if self.grad_hooks.is_none() {
+            let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+            self.grad_hooks = Some(albef_torch_ext::GradReadyHooks::register(&tensors)?);
+        }
+        let hooks = self.grad_hooks.as_ref().expect("registered above");
+        average.backward_and_average(&params, hooks, backward)
     }
 
     /// Applies the step: the gradients with the step's learning rate, and the step's features
