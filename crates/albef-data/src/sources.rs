@@ -478,8 +478,8 @@ pub fn parse_annotations(bytes: &[u8], file: &str, skips: &SkipCounts) -> Result
 }
 
 /// An entry: `image` (or NLVR2's `images`, one or two), the text as `caption` (a string or a
-/// list), `sentence` (SNLI-VE, NLVR2), `question` (VQA) or `text` (grounding), and optionally `image_id`, `label`,
-/// `answer` (with `dataset`) and `question_id`.
+/// list), `sentence` (SNLI-VE, NLVR2), `question` (VQA) or `text` (grounding), and optionally
+/// `image_id`, `label`, `answer` (with `dataset`) and `question_id`.
 fn annotation_of(item: &serde_json::Value) -> std::result::Result<Annotation, String> {
     let (image, second_image) = images_of(item)?;
     let text = ["caption", "sentence", "question", "text"].into_iter().find_map(|field| item.get(field));

@@ -147,7 +147,7 @@ impl SynthSpec {
     }
 
     /// The scene's pixels (HWC, u8), with mild noise so that no two pictures are exactly alike.
-    fn paint(&self, scene: Scene) -> Vec<u8> {
+    pub(crate) fn paint(&self, scene: Scene) -> Vec<u8> {
         let Scene { objects, background, res, noise: mut g, .. } = scene;
         let mut rgb = Vec::with_capacity(res * res * 3);
         for y in 0..res {

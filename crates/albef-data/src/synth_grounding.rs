@@ -56,7 +56,7 @@ pub fn write_grounding(out: &Location, spec: &GroundingSpec, handle: &Handle) ->
                 let scene = synth.scene(index);
                 let referents = scene.referents();
                 if referents.len() == 2 && referents[0].0 != referents[1].0 {
-                    break (index, referents, synth.pair(index).rgb);
+                    break (index, referents, synth.paint(scene));
                 }
             };
             let file = format!("images/{image_id:08}.jpg");

@@ -57,10 +57,11 @@ impl AttentionBlock {
         self.output(&ctx, x, train)
     }
 
-    /// [`AttentionBlock::forward`] at evaluation, with the attention probabilities.
-    fn forward_probed(&self, x: &Tensor, kv: &Tensor, keep: Option<&Tensor>) -> (Tensor, Tensor) {
+    /// [`AttentionBlock::forward`] at evaluation over every token of `kv`, with the attention
+    /// probabilities.
+    fn forward_probed(&self, x: &Tensor, kv: &Tensor) -> (Tensor, Tensor) {
         let (q, k, v) = (self.query.forward(x), self.key.forward(kv), self.value.forward(kv));
-        let (ctx, probs) = attention_with_probs(&q, &k, &v, self.heads, keep);
+        let (ctx, probs) = attention_with_probs(&q, &k, &v, self.heads);
         (self.output(&ctx, x, false), probs)
     }
 
@@ -130,7 +131,7 @@ impl Layer {
     fn forward_probed(&self, x: &Tensor, keep: &Tensor, image: &Tensor) -> (Tensor, Tensor) {
         let x = self.attention.forward(x, x, Some(keep), false);
         let attend = self.crossattention.as_ref().expect("a fusion layer cross-attends");
-        let (x, probs) = attend.forward_probed(&x, image, None);
+        let (x, probs) = attend.forward_probed(&x, image);
         (self.feed_forward(&x, false), probs)
     }
 

@@ -157,36 +157,30 @@ impl Embedding {
 ///
 /// `keep` is a boolean mask broadcastable to (B, heads, Lq, Lk), true where attention is allowed.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, keep: Option<&Tensor>, dropout: f64) -> Tensor {
-    let (b, lq, d) = q.size3().expect("attention input is (B, L, D)");
-    let lk = k.size()[1];
-    let split = |t: &Tensor, l: i64| t.view([b, l, heads, d / heads]).transpose(1, 2);
-    let out = Tensor::scaled_dot_product_attention(
-        &split(q, lq),
-        &split(k, lk),
-        &split(v, lk),
-        keep,
-        dropout,
-        false,
-        None,
-        false,
-    );
-    out.transpose(1, 2).reshape([b, lq, d])
+    let (q, k, v) = (split_heads(q, heads), split_heads(k, heads), split_heads(v, heads));
+    merge_heads(&Tensor::scaled_dot_product_attention(&q, &k, &v, keep, dropout, false, None, false))
 }
 
-/// [`attention`] step by step (no dropout), also handing out the attention probabilities
-/// (B, heads, Lq, Lk), which the fused kernels keep to themselves: what Grad-CAM reads.
-pub fn attention_with_probs(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, keep: Option<&Tensor>) -> (Tensor, Tensor) {
-    let (b, lq, d) = q.size3().expect("attention input is (B, L, D)");
-    let lk = k.size()[1];
-    let split = |t: &Tensor, l: i64| t.view([b, l, heads, d / heads]).transpose(1, 2);
-    let scores = split(q, lq).matmul(&split(k, lk).transpose(-2, -1)) / ((d / heads) as f64).sqrt();
-    let scores = match keep {
-        Some(keep) => scores.masked_fill(&keep.logical_not(), f64::NEG_INFINITY),
-        None => scores,
-    };
+/// [`attention`] step by step, with no mask (every key is attended to) and no dropout, also
+/// handing out the attention probabilities (B, heads, Lq, Lk), which the fused kernels keep to
+/// themselves: what Grad-CAM reads.
+pub fn attention_with_probs(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64) -> (Tensor, Tensor) {
+    let (q, k, v) = (split_heads(q, heads), split_heads(k, heads), split_heads(v, heads));
+    let scores = q.matmul(&k.transpose(-2, -1)) / (q.size()[3] as f64).sqrt();
     let probs = scores.softmax(-1, scores.kind());
-    let out = probs.matmul(&split(v, lk)).transpose(1, 2).reshape([b, lq, d]);
-    (out, probs)
+    (merge_heads(&probs.matmul(&v)), probs)
+}
+
+/// (B, L, D) -> (B, heads, L, D / heads).
+fn split_heads(t: &Tensor, heads: i64) -> Tensor {
+    let (b, l, d) = t.size3().expect("attention input is (B, L, D)");
+    t.view([b, l, heads, d / heads]).transpose(1, 2)
+}
+
+/// (B, heads, L, D / heads) -> (B, L, D).
+fn merge_heads(t: &Tensor) -> Tensor {
+    let (b, heads, l, dh) = t.size4().expect("attention output is (B, heads, L, D / heads)");
+    t.transpose(1, 2).reshape([b, l, heads * dh])
 }
 
 /// `F.normalize(x, dim=-1)`.

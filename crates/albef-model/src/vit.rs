@@ -42,7 +42,7 @@ impl Block {
     /// [`Block::forward`] with its attention probabilities (B, heads, tokens, tokens).
     fn forward_probed(&self, x: &Tensor) -> (Tensor, Tensor) {
         let qkv = self.qkv.forward(&self.norm1.forward(x)).chunk(3, -1);
-        let (a, probs) = attention_with_probs(&qkv[0], &qkv[1], &qkv[2], self.heads, None);
+        let (a, probs) = attention_with_probs(&qkv[0], &qkv[1], &qkv[2], self.heads);
         (self.rest(x, &a), probs)
     }
 
