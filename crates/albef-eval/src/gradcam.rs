@@ -80,6 +80,15 @@ pub struct GroundingInputs {
     pub proposals: HashMap<i64, Vec<BoxXywh>>,
 }
 
+impl GroundingInputs {
+    /// Reads the refs (`refs(unc).p` or JSON), COCO's instances.json (an image over `max_pixels`
+    /// is refused) and the proposals file (dets.json).
+    pub fn load(refs: &str, instances: &str, proposals: &str, max_pixels: u64, handle: &Handle) -> Result<Self> {
+        let refs = RefCoco::load(refs, instances, max_pixels, handle)?;
+        Ok(GroundingInputs { refs, proposals: grounding::load_proposals(proposals, handle)? })
+    }
+}
+
 /// A rank's share of a split grounded: the tally, and the expressions whose image has no
 /// proposals (skipped: nothing to choose from).
 #[derive(Default)]

@@ -19,7 +19,7 @@
 //!   across the ranks of a job.
 //! - `grounding`: weakly supervised grounding's scoring (RefCOCO+): proposal boxes ranked by a
 //!   Grad-CAM heat map, IoU, accuracy per split, the referring expressions' annotations, pictures.
-//! - `gradcam`: a split of referring expressions grounded by the Grad-CAM of the ITM score,
+//! - `gradcam`: a split of referring expressions grounded by the Grad-CAM of the ITM or ITC score,
 //!   shared across the ranks of a job.
 //! - `vqa`: VQA answers from a candidate list, the evaluation server's result file and the
 //!   official VQA accuracy.

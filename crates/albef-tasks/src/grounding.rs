@@ -14,7 +14,6 @@ use albef_data::loader::ImageIds;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, GroundingOptions, OVERALL, ShardGrounding, ground_shard};
-use albef_eval::grounding::{RefCoco, load_proposals};
 use albef_model::Albef;
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
@@ -103,9 +102,7 @@ fn read_inputs(cfg: &AlbefConfig, handle: &Handle) -> Result<GroundingInputs> {
         "evaluating grounding needs job.refs_file (refs(unc).p), job.instances_file (instances.json) and \
          job.proposals_file (the proposal boxes, dets.json)"
     );
-    let refs = RefCoco::load(&j.refs_file, &j.instances_file, cfg.data.max_pixels, handle)?;
-    let proposals = load_proposals(&j.proposals_file, handle)?;
-    Ok(GroundingInputs { refs, proposals })
+    GroundingInputs::load(&j.refs_file, &j.instances_file, &j.proposals_file, cfg.data.max_pixels, handle)
 }
 
 impl Task for Grounding {

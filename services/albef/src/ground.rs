@@ -7,7 +7,7 @@ use crate::eval::{ModelArgs, load_model, load_tokenizer, runtime};
 use albef_config::GradcamMode;
 use albef_eval::SplitOptions;
 use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, GroundingOptions, ground_shard};
-use albef_eval::grounding::{BoxXywh, Grounded, RefCoco, Referent, load_proposals, render};
+use albef_eval::grounding::{BoxXywh, Grounded, Referent, render};
 use albef_eval::model::EvalModel;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
@@ -148,11 +148,11 @@ fn read_inputs(args: &GroundArgs, model: &EvalModel, handle: &Handle) -> Result<
             .with_context(|| format!("--{what}: the model's configuration names none"))
     };
     let url = pick(&args.data, &j.eval_data, "data")?;
-    let (refs, instances) =
-        (pick(&args.refs, &j.refs_file, "refs")?, pick(&args.instances, &j.instances_file, "instances")?);
-    let refs = RefCoco::load(&refs, &instances, model.cfg.data.max_pixels, handle)?;
-    let proposals = load_proposals(&pick(&args.proposals, &j.proposals_file, "proposals")?, handle)?;
-    Ok((url, GroundingInputs { refs, proposals }))
+    let refs = pick(&args.refs, &j.refs_file, "refs")?;
+    let instances = pick(&args.instances, &j.instances_file, "instances")?;
+    let proposals = pick(&args.proposals, &j.proposals_file, "proposals")?;
+    let inputs = GroundingInputs::load(&refs, &instances, &proposals, model.cfg.data.max_pixels, handle)?;
+    Ok((url, inputs))
 }
 
 /// Row `row`'s picture under `dir` (`<ref_id>.png`): its heat map, chosen box and true box.
