@@ -212,10 +212,11 @@ impl SkipCounts {
         self.sources.get().map_or("decode", |s| s.url_of(id))
     }
 
-    /// Counts the sample `id` names as delivered for training, under its source.
-    pub fn delivered(&self, id: u64) {
+    /// Counts a batch's rows (by their draw ids, `HostBatch::draws`) as trained, under their
+    /// sources: a step that took them was applied.
+    pub fn trained(&self, draws: &[u64]) {
         if let Some(sources) = self.sources.get() {
-            sources.delivered(id);
+            sources.trained(draws);
         }
     }
 

@@ -19,6 +19,9 @@ pub struct HostBatch {
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub keys: Vec<String>,
+    /// Each row's draw id (what seeds its random draws; it names the row's source and pass):
+    /// what a step that is applied counts as trained, by source.
+    pub draws: Vec<u64>,
     /// One per row when the task asked for them (see [`crate::sources::image_index`]), else empty.
     pub image_ids: Vec<i64>,
     /// One per row when the task asked for them, else empty.
@@ -58,6 +61,8 @@ impl HostAnswers {
 /// A decoded sample, as [`collate`] takes it.
 pub struct Row<'a> {
     pub key: &'a str,
+    /// The draw id (see [`HostBatch::draws`]).
+    pub draw: u64,
     /// HWC RGB at the batch's resolution.
     pub rgb: &'a [u8],
     /// The row's second image (NLVR2), likewise.
@@ -92,6 +97,7 @@ pub fn collate(samples: &[Row], image_res: usize, pad_id: i64) -> HostBatch {
         input_ids: Vec::with_capacity(samples.len() * seq_len),
         attention_mask: Vec::with_capacity(samples.len() * seq_len),
         keys: Vec::with_capacity(samples.len()),
+        draws: samples.iter().map(|s| s.draw).collect(),
         image_ids: samples.iter().map(|s| s.image_id).collect::<Option<_>>().unwrap_or_default(),
         labels: samples.iter().map(|s| s.label).collect::<Option<_>>().unwrap_or_default(),
         answers: samples
@@ -118,8 +124,16 @@ mod tests {
     #[test]
     fn pads_to_the_longest_and_masks_padding() {
         let img = vec![255u8; 2 * 2 * 3];
-        let row =
-            |key, ids, image_id| Row { key, rgb: &img, second_rgb: None, ids, image_id, label: None, answers: &[] };
+        let row = |key, ids, image_id| Row {
+            key,
+            draw: 0,
+            rgb: &img,
+            second_rgb: None,
+            ids,
+            image_id,
+            label: None,
+            answers: &[],
+        };
         let b = collate(&[row("a", &[2, 7, 8], Some(4)), row("b", &[2, 9], Some(9))], 2, 0);
         assert_eq!(b.seq_len, 3);
         assert_eq!(b.input_ids, vec![2, 7, 8, 2, 9, 0]);
@@ -137,8 +151,16 @@ mod tests {
     fn answers_are_padded_row_after_row() {
         let img = vec![0u8; 2 * 2 * 3];
         let (a, b) = ([(vec![2, 7, 3, 3], 0.6), (vec![2, 8, 9, 3, 3], 0.4)], [(vec![2, 5, 3, 3], 0.5)]);
-        let row =
-            |key, answers| Row { key, rgb: &img, second_rgb: None, ids: &[2, 6], image_id: None, label: None, answers };
+        let row = |key, answers| Row {
+            key,
+            draw: 0,
+            rgb: &img,
+            second_rgb: None,
+            ids: &[2, 6],
+            image_id: None,
+            label: None,
+            answers,
+        };
         let batch = collate(&[row("a", &a[..]), row("b", &b[..])], 2, 0);
         let answers = batch.answers.expect("every row is answered");
         assert_eq!(answers.seq_len, 5);

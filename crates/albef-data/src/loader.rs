@@ -484,6 +484,7 @@ fn read_annotation_image(
 /// A sample of a step, decoded, augmented and tokenised.
 struct DecodedRow<'a> {
     key: &'a str,
+    draw: u64,
     rgb: Vec<u8>,
     second_rgb: Option<Vec<u8>>,
     ids: Vec<i64>,
@@ -597,13 +598,22 @@ fn decode_step(
             continue;
         }
         let ids = tokenizer.encode(&text);
-        skips.delivered(*id);
-        rows.push(DecodedRow { key: &record.key, rgb: image.into_raw(), second_rgb, ids, image_id, label, answers });
+        rows.push(DecodedRow {
+            key: &record.key,
+            draw: *id,
+            rgb: image.into_raw(),
+            second_rgb,
+            ids,
+            image_id,
+            label,
+            answers,
+        });
     }
     let samples: Vec<Row> = rows
         .iter()
         .map(|r| Row {
             key: r.key,
+            draw: r.draw,
             rgb: &r.rgb,
             second_rgb: r.second_rgb.as_deref(),
             ids: &r.ids,

@@ -1,7 +1,7 @@
 //! Counts by configured source, a `data.train_file` entry (its label: the pattern, clipped):
-//! samples delivered for training (decoded into a batch) and samples skipped, by reason. The
-//! skip counters forward each skip of a source here; a sample in a decoder is known by the id
-//! its random draws are seeded by, which names its source.
+//! samples trained (rows of applied steps) and samples skipped, by reason. The skip counters
+//! forward each skip of a source here; a row of a batch is known by the id its random draws are
+//! seeded by, which names its source.
 
 use crate::bad::SkipReason;
 use crate::index::DatasetIndex;
@@ -12,7 +12,9 @@ use std::sync::Mutex;
 /// One source's counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourceTally {
-    pub delivered: u64,
+    /// Rows of steps that were applied (a step voided by a non-finite loss or skipped as unfit
+    /// trains nothing).
+    pub trained: u64,
     pub skipped: BTreeMap<&'static str, u64>,
 }
 
@@ -65,10 +67,12 @@ impl SourceCounts {
         }
     }
 
-    /// Counts the sample `id` names as delivered for training.
-    pub fn delivered(&self, id: u64) {
-        let entry = self.entry_of_source[self.source_of(id)];
-        self.tallies.lock().unwrap_or_else(|e| e.into_inner())[entry].delivered += 1;
+    /// Counts the rows whose draw ids are `draws` as trained.
+    pub fn trained(&self, draws: &[u64]) {
+        let mut t = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        for &id in draws {
+            t[self.entry_of_source[self.source_of(id)]].trained += 1;
+        }
     }
 
     /// Every source's counts by label, in `data.train_file` order.
@@ -104,14 +108,12 @@ mod tests {
         let mixture = Mixture::new(index.counts(), vec![entry("a/*.tar", &[0]), entry("b/*.tar", &[1, 2])]).unwrap();
         let counts = SourceCounts::new(&index, &mixture);
         // Ids 0..4 are a's, 4..12 b's; a later pass's ids are offset by the total (12).
-        for id in [0, 3, 4, 11, 12 + 2, 24 + 7] {
-            counts.delivered(id);
-        }
+        counts.trained(&[0, 3, 4, 11, 12 + 2, 24 + 7]);
         assert_eq!(counts.url_of(12 + 8), "b/1.tar");
         counts.skipped("b/1.tar", SkipReason::CorruptImage);
         counts.skipped("elsewhere.tar", SkipReason::CorruptImage);
         let snapshot = counts.snapshot();
-        assert_eq!(snapshot[0], ("a/*.tar".into(), SourceTally { delivered: 3, skipped: BTreeMap::new() }));
-        assert_eq!(snapshot[1].1, SourceTally { delivered: 3, skipped: [("corrupt_image", 1)].into() });
+        assert_eq!(snapshot[0], ("a/*.tar".into(), SourceTally { trained: 3, skipped: BTreeMap::new() }));
+        assert_eq!(snapshot[1].1, SourceTally { trained: 3, skipped: [("corrupt_image", 1)].into() });
     }
 }

@@ -91,8 +91,8 @@ impl Board {
         Ok(Board { events, log_every, world, upload, handle, sources: None, _local: local })
     }
 
-    /// Also writes `rank0/source/<label>/{delivered,skipped}`: the samples of each configured
-    /// source this process delivered for training and skipped (rank 0's loaders').
+    /// Also writes `rank0/source/<label>/{trained,skipped}`: the samples of each configured
+    /// source this process trained (rows of applied steps) and skipped (rank 0's loaders').
     pub fn with_source_counts(self, skips: Arc<SkipCounts>) -> Board {
         Board { sources: Some(skips), ..self }
     }
@@ -101,10 +101,7 @@ impl Board {
         let counts = self.sources.as_ref().map(|s| s.by_source()).unwrap_or_default();
         let tags = counts.into_iter().flat_map(|(label, t)| {
             let skipped = t.skipped.values().sum::<u64>();
-            [
-                (format!("rank0/source/{label}/delivered"), t.delivered),
-                (format!("rank0/source/{label}/skipped"), skipped),
-            ]
+            [(format!("rank0/source/{label}/trained"), t.trained), (format!("rank0/source/{label}/skipped"), skipped)]
         });
         tags.map(|(tag, n)| (tag, n as f64)).collect()
     }

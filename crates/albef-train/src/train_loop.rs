@@ -67,6 +67,7 @@ impl TrainLoop<'_> {
                     }
                     StepOutcome::NonFinite(_) => continue,
                 };
+                micro.iter().for_each(|m| self.task.dataset().skips.trained(&m.batch.draws));
                 times.add_step(&stats);
                 let step = trainer.state().step;
                 let evaluation = match self.evals.should_eval(step) {

@@ -51,6 +51,7 @@ fn fixed_batches(cfg: &AlbefConfig, n: u64, b: u64) -> Vec<BatchTensors> {
                 .zip(&ids)
                 .map(|(p, ids)| Row {
                     key: &p.key,
+                    draw: 0,
                     rgb: &p.rgb,
                     second_rgb: None,
                     ids,
@@ -427,6 +428,7 @@ fn retrieval_batch(cfg: &AlbefConfig, images: &[u64]) -> BatchTensors {
         .iter()
         .map(|(p, ids)| Row {
             key: &p.key,
+            draw: 0,
             rgb: &p.rgb,
             second_rgb: None,
             ids,

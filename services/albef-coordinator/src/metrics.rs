@@ -32,7 +32,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("albef_job_lr", Kind::Gauge, "Learning rate of the last step."),
     ("albef_job_temp", Kind::Gauge, "ITC temperature."),
     ("albef_job_grad_norm", Kind::Gauge, "Global L2 norm of rank 0's last applied gradients, before any clipping."),
-    ("albef_source_samples_delivered_total", Kind::Counter, "Samples delivered for training, by configured source."),
+    ("albef_source_samples_trained_total", Kind::Counter, "Samples of applied steps, by configured source."),
     ("albef_source_samples_skipped_total", Kind::Counter, "Samples skipped, by configured source and reason."),
     ("albef_job_nonfinite_steps_total", Kind::Counter, "Steps not applied because the loss was not finite."),
     ("albef_checkpoints_committed_total", Kind::Counter, "Checkpoints committed."),
@@ -110,10 +110,10 @@ fn record(r: &Registry, s: &JobStatus) {
             r.set("albef_eval_retrieval", &[("scoring", scoring), ("metric", metric)], *v);
         }
     }
-    r.clear("albef_source_samples_delivered_total");
+    r.clear("albef_source_samples_trained_total");
     r.clear("albef_source_samples_skipped_total");
     for (source, c) in &s.sources {
-        r.set("albef_source_samples_delivered_total", &[("source", source)], c.delivered as f64);
+        r.set("albef_source_samples_trained_total", &[("source", source)], c.trained as f64);
         for (reason, n) in &c.skipped {
             r.set("albef_source_samples_skipped_total", &[("source", source), ("reason", reason)], *n as f64);
         }

@@ -156,7 +156,7 @@ impl Reporter for Heartbeat<'_> {
             .into_iter()
             .map(|(label, t)| {
                 let skipped = t.skipped.into_iter().map(|(reason, n)| (reason.to_string(), n)).collect();
-                (label, SourceCounts { delivered: t.delivered, skipped })
+                (label, SourceCounts { trained: t.trained, skipped })
             })
             .collect();
         for (reason, n) in &p.bad_samples {

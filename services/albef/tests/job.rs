@@ -163,14 +163,16 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
     // Rank 0's samples of the configured source (the generated shards), every step.
     let source = albef_data::synth::train_shards_pattern(&run_dir.join("data").to_string_lossy(), 8);
     let source = albef_data::bad::clip(&source, albef_data::mixture::LABEL_BYTES);
-    let delivered = format!("rank0/source/{source}/delivered");
-    assert!(albefctl_json["sources"][&source]["delivered"].as_u64().is_some_and(|n| n > 0), "{albefctl_json}");
+    let trained = format!("rank0/source/{source}/trained");
+    assert!(albefctl_json["sources"][&source]["trained"].as_u64().is_some_and(|n| n > 0), "{albefctl_json}");
     let check = Command::new(repo().join(".venv/bin/python"))
         .arg(repo().join("tests/python/check_tensorboard.py"))
         .arg(run_dir.join("tensorboard"))
         .arg("16")
         .args(tags)
-        .arg(delivered)
+        .arg(&trained)
+        // Every row of rank 0's 16 steps of 8, counted once the step was applied.
+        .arg(format!("{trained}=={}", 16 * 8))
         .output()
         .unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));

@@ -406,7 +406,7 @@ fn retrieval_line(s: &JobStatus) -> String {
     )
 }
 
-/// A row per configured source: samples delivered for training, and skipped by reason.
+/// A row per configured source: samples trained (rows of applied steps), and skipped by reason.
 fn source_rows(s: &JobStatus) -> Vec<Vec<String>> {
     let mut sources: Vec<_> = s.sources.iter().collect();
     sources.sort_by(|a, b| a.0.cmp(b.0));
@@ -417,7 +417,7 @@ fn source_rows(s: &JobStatus) -> Vec<Vec<String>> {
             reasons.sort();
             let skipped = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", ");
             let skipped = if skipped.is_empty() { "-".to_string() } else { skipped };
-            vec![label.clone(), c.delivered.to_string(), skipped]
+            vec![label.clone(), c.trained.to_string(), skipped]
         })
         .collect()
 }
@@ -460,7 +460,7 @@ fn render_status(s: &JobStatus) -> String {
     }
     if !s.sources.is_empty() {
         out.push('\n');
-        out.push_str(&table(&["SOURCE", "DELIVERED", "SKIPPED"], &source_rows(s)));
+        out.push_str(&table(&["SOURCE", "TRAINED", "SKIPPED"], &source_rows(s)));
     }
     if !s.workers.is_empty() {
         let rows: Vec<Vec<String>> = s
@@ -556,7 +556,7 @@ fn status_json(s: &JobStatus) -> serde_json::Value {
         "retrieval": retrieval,
         "skipped": { "total": s.bad_samples.values().sum::<u64>(), "by_reason": by_reason, "examples": examples },
         "sources": s.sources.iter().map(|(label, c)| {
-            (label.clone(), serde_json::json!({ "delivered": c.delivered, "skipped": c.skipped }))
+            (label.clone(), serde_json::json!({ "trained": c.trained, "skipped": c.skipped }))
         }).collect::<serde_json::Map<_, _>>(),
         "workers": workers,
     })

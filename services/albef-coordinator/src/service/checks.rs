@@ -75,7 +75,7 @@ fn check_sources(sources: HashMap<String, pb::SourceCounts>) -> Result<state::So
         // Room for the "…" that clipping appends.
         check_text("sources", &label, albef_data::mixture::LABEL_BYTES + 4)?;
         let (skipped, _) = check_bad_samples(counts.skipped, vec![])?;
-        out.insert(label, state::SourceSamples { delivered: counts.delivered, skipped });
+        out.insert(label, state::SourceSamples { trained: counts.trained, skipped });
     }
     Ok(out)
 }

@@ -23,7 +23,7 @@ fn skipped_sample(e: SkipExample) -> pb::SkippedSample {
 }
 
 fn source_counts(c: state::SourceSamples) -> pb::SourceCounts {
-    pb::SourceCounts { delivered: c.delivered, skipped: c.skipped.into_iter().collect() }
+    pb::SourceCounts { trained: c.trained, skipped: c.skipped.into_iter().collect() }
 }
 
 fn losses(l: state::Losses) -> pb::Losses {

@@ -111,7 +111,7 @@ impl Job {
         let mut sum = SourcesSamples::new();
         for (label, counts) in self.source_samples.values().flatten() {
             let s = sum.entry(label.clone()).or_default();
-            s.delivered += counts.delivered;
+            s.trained += counts.trained;
             for (reason, n) in &counts.skipped {
                 *s.skipped.entry(reason.clone()).or_default() += n;
             }

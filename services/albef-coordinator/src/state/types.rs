@@ -140,10 +140,10 @@ pub struct Losses {
 }
 
 /// One configured source's samples (a `data.train_file` entry, by its clipped pattern):
-/// delivered for training and skipped, by reason.
+/// trained (rows of applied steps) and skipped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourceSamples {
-    pub delivered: u64,
+    pub trained: u64,
     pub skipped: BTreeMap<String, u64>,
 }
 
@@ -292,7 +292,7 @@ pub struct JobStatus {
     pub bad_samples: BTreeMap<String, u64>,
     /// The first few skipped samples of each reason, over all workers.
     pub bad_sample_examples: Vec<SkipExample>,
-    /// Samples delivered and skipped by configured source, over all workers.
+    /// Samples trained and skipped by configured source, over all workers.
     pub sources: SourcesSamples,
     /// Unix seconds (0: none yet).
     pub last_checkpoint_unix: u64,

@@ -46,7 +46,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
     hb.losses = Some(albef_proto::v1::Losses { terms, total: 4.0 });
     hb.grad_norm = 2.5;
     let skipped = [("corrupt_image".to_string(), 3)].into();
-    hb.sources = [("cc3m/*.tar".to_string(), albef_proto::v1::SourceCounts { delivered: 37, skipped })].into();
+    hb.sources = [("cc3m/*.tar".to_string(), albef_proto::v1::SourceCounts { trained: 37, skipped })].into();
     hb.bad_samples = [("corrupt_image".to_string(), 3), ("empty_caption".to_string(), 1)].into();
     let example = |key: &str| SkippedSample {
         reason: "corrupt_image".into(),
@@ -60,7 +60,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
         admin_client(&c, Some(ADMIN_TOKEN)).await.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(status.bad_samples.get("corrupt_image"), Some(&3));
     assert_eq!(status.grad_norm, 2.5);
-    assert_eq!(status.sources["cc3m/*.tar"].delivered, 37);
+    assert_eq!(status.sources["cc3m/*.tar"].trained, 37);
     assert_eq!(status.bad_sample_examples, vec![example("000007"), example("000019")]);
     let location = dir.checkpoint(4);
     let ck =
@@ -78,7 +78,7 @@ async fn the_prometheus_endpoint_reports_the_job_and_a_down_collector_stays_quie
         ("albef_job_loss{loss=\"itm\"}", 0.5),
         ("albef_job_loss{loss=\"total\"}", 4.0),
         ("albef_job_grad_norm", 2.5),
-        ("albef_source_samples_delivered_total{source=\"cc3m/*.tar\"}", 37.0),
+        ("albef_source_samples_trained_total{source=\"cc3m/*.tar\"}", 37.0),
         ("albef_source_samples_skipped_total{source=\"cc3m/*.tar\",reason=\"corrupt_image\"}", 3.0),
         ("albef_checkpoints_committed_total", 1.0),
         ("albef_checkpoint_latest_step", 4.0),

@@ -44,9 +44,9 @@ fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
         key: key.into(),
         detail: String::new(),
     };
-    // Each worker's counts by configured source: "cc3m/*.tar" 40 delivered, 5 corrupt.
-    let source = |delivered, skipped: u64| SourceSamples {
-        delivered,
+    // Each worker's counts by configured source: "cc3m/*.tar" 40 trained, 5 corrupt.
+    let source = |trained, skipped: u64| SourceSamples {
+        trained,
         skipped: [("corrupt_image".to_string(), skipped)].into_iter().filter(|(_, n)| *n > 0).collect(),
     };
     for (id, a, keys) in [("b", &g[1], ["b1", "b2", "b3"]), ("a", &g[0], ["a1", "a2", "a3"])] {
