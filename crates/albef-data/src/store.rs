@@ -200,8 +200,19 @@ impl Location {
 
     /// [`Location::read_at_most`] through a [`DeadlineReader`], for a thread that is not a
     /// runtime worker.
+    /// A local file is read in one go on a blocking thread, whole within `stall`: going through
+    /// the store (a stat, an open and each chunk a task of their own) cost several times the read
+    /// of a small file, an image or a caption.
     pub fn read_at_most_within(&self, handle: &Handle, max_bytes: u64, stall: Duration) -> Result<Vec<u8>> {
         self.check_regular_file()?;
+        if local_path(&self.url).is_some() {
+            let (path, url) = (self.filesystem_path()?, self.url.clone());
+            let read = handle.spawn_blocking(move || read_file_at_most(&path, max_bytes, &url));
+            let read = within(handle, stall, read);
+            let read =
+                read.with_context(|| format!("reading {}: not read within {} s", self.url, stall.as_secs_f64()))?;
+            return read.context("the read's thread failed")?;
+        }
         let head = within(handle, stall, self.store.head(&self.path));
         let meta = head.with_context(|| format!("reading {}: no answer within {} s", self.url, stall.as_secs_f64()))?;
         let meta = meta.map_err(StoreError);
@@ -225,9 +236,7 @@ impl Location {
         if local_path(&self.url).is_none() {
             return Ok(());
         }
-        // The file the local store would open for this path.
-        let path = object_store::local::LocalFileSystem::new().path_to_filesystem(&self.path).map_err(StoreError)?;
-        let Ok(kind) = std::fs::metadata(path).map(|m| m.file_type()) else { return Ok(()) };
+        let Ok(kind) = std::fs::metadata(self.filesystem_path()?).map(|m| m.file_type()) else { return Ok(()) };
         let named = [
             (kind.is_fifo(), "named pipe (FIFO)"),
             (kind.is_socket(), "socket"),
@@ -238,6 +247,27 @@ impl Location {
             None => Ok(()),
         }
     }
+
+    /// The file the local store would open for this location's path.
+    fn filesystem_path(&self) -> Result<std::path::PathBuf> {
+        Ok(object_store::local::LocalFileSystem::new().path_to_filesystem(&self.path).map_err(StoreError)?)
+    }
+}
+
+/// The file at `path` (the location `url`), at most `max_bytes` of it.
+fn read_file_at_most(path: &std::path::Path, max_bytes: u64, url: &str) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {url}"))?;
+    let size = file.metadata().with_context(|| format!("reading {url}"))?.len();
+    if size > max_bytes {
+        return Err(Oversized { url: url.to_string(), size, max_bytes }.into());
+    }
+    let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+    // The file may have grown since: never more than `max_bytes` (+1 to tell).
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).with_context(|| format!("reading {url}"))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Oversized { url: url.to_string(), size: bytes.len() as u64, max_bytes }.into());
+    }
+    Ok(bytes)
 }
 
 /// How many times a stalled read is retried before it fails.
