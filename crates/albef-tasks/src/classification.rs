@@ -6,16 +6,18 @@
 //! - NLVR2, as the reference's NLVR.py: is the sentence true of the pair of images? Rows
 //!   `{images: [first, second], sentence, label: "True" | "False"}`.
 
+use crate::eval_splits::EvalSplits;
 use albef_config::{AlbefConfig, TaskKind};
 use albef_data::HostBatch;
 use albef_data::dataset::Dataset;
+use albef_data::tokenizer::Tokenizer;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::classification::{LabelledSplit, accuracy, accuracy_shard};
 use albef_model::task_model::{self, Classifier};
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -30,9 +32,7 @@ pub struct Classification {
     classes: &'static [&'static str],
     cfg: AlbefConfig,
     dataset: Dataset,
-    /// The evaluation split (its accuracy selects) and the test split, if configured: each the
-    /// prefix of its metric, its annotation file, and the split once read.
-    splits: Vec<(&'static str, String, Option<LabelledSplit>)>,
+    splits: EvalSplits<LabelledSplit>,
     handle: Handle,
 }
 
@@ -45,51 +45,32 @@ impl Classification {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
         dataset.needs.labels = classes.iter().map(|c| c.to_string()).collect();
         dataset.needs.image_pairs = kind == TaskKind::Nlvr;
-        let mut splits = vec![("", cfg.job.eval_data.clone(), None)];
-        if !cfg.job.test_data.is_empty() {
-            splits.push(("test/", cfg.job.test_data.clone(), None));
-        }
+        let splits = EvalSplits::of_job(cfg, format!("job.eval_data (a labelled {} annotation file)", kind.name()))?;
         Ok(Classification { kind, classes, cfg: cfg.clone(), dataset, splits, handle })
     }
+}
 
-    /// Split `i`, read at its first evaluation.
-    fn split(&mut self, i: usize) -> Result<&LabelledSplit> {
-        let (_, url, split) = &mut self.splits[i];
-        if split.is_none() {
-            let name = self.kind.name();
-            ensure!(!url.is_empty(), "evaluating {name} needs job.eval_data (a labelled annotation file)");
-            let d = &self.cfg.data;
-            let opts = SplitOptions::for_data(d, None)?;
-            let read = LabelledSplit::load(url, self.classes, &opts, &self.handle)
-                .with_context(|| format!("loading the {name} split {url}"))?;
-            *split = Some(read);
-        }
-        Ok(split.as_ref().expect("read above"))
+/// `split`'s accuracy, its rows shared across the ranks (rank 0 gets it); `batch`: the rows of a
+/// forward and whether it runs in bf16.
+fn evaluate_split(
+    split: &LabelledSplit,
+    model: &dyn Classifier,
+    tokenizer: &Tokenizer,
+    batch: (usize, bool),
+    collective: &dyn Collective,
+    step: u64,
+) -> Result<Option<Evaluation>> {
+    let started = Instant::now();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mut counts = accuracy_shard(model, split, tokenizer, batch, (rank, world))?;
+    collective.all_reduce(&mut counts, ReduceOp::Sum)?;
+    if rank != 0 {
+        return Ok(None);
     }
-
-    /// Split `i`'s accuracy, the rows shared across the ranks (rank 0 gets it).
-    fn evaluate_split(
-        &mut self,
-        i: usize,
-        model: &dyn Classifier,
-        collective: &dyn Collective,
-        step: u64,
-    ) -> Result<Option<Evaluation>> {
-        let started = Instant::now();
-        let (batch, bf16) = (self.cfg.train.batch_size_train as usize * 2, self.cfg.train.bf16);
-        let tokenizer = self.dataset.tokenizer.clone();
-        let split = self.split(i)?;
-        let (rank, world) = (collective.rank(), collective.world_size());
-        let mut counts = accuracy_shard(model, split, &tokenizer, (batch, bf16), (rank, world))?;
-        collective.all_reduce(&mut counts, ReduceOp::Sum)?;
-        if rank != 0 {
-            return Ok(None);
-        }
-        let value = accuracy(&counts)?;
-        let summary = format!("accuracy {value:.1}% ({} rows, {:.1}s)", split.len(), started.elapsed().as_secs_f64());
-        let metrics = BTreeMap::from([(SELECTS_BY.to_string(), value)]);
-        Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: SELECTS_BY, summary }))
-    }
+    let value = accuracy(&counts)?;
+    let summary = format!("accuracy {value:.1}% ({} rows, {:.1}s)", split.len(), started.elapsed().as_secs_f64());
+    let metrics = BTreeMap::from([(SELECTS_BY.to_string(), value)]);
+    Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: SELECTS_BY, summary }))
 }
 
 impl Task for Classification {
@@ -110,12 +91,12 @@ impl Task for Classification {
     /// Accuracy on the evaluation split, and on the test split when there is one.
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
         let model = trainer.model().as_classifier().context("a classifying task's evaluation needs a classifier")?;
-        let mut parts = vec![];
-        for i in 0..self.splits.len() {
-            if let Some(e) = self.evaluate_split(i, model, collective, step)? {
-                parts.push((self.splits[i].0, e));
-            }
-        }
-        Ok(Evaluation::combine(parts))
+        let (name, classes, handle) = (self.kind.name(), self.classes, &self.handle);
+        let load = |url: &str, opts: &SplitOptions| {
+            LabelledSplit::load(url, classes, opts, handle).with_context(|| format!("loading the {name} split {url}"))
+        };
+        let batch = (self.cfg.train.batch_size_train as usize * 2, self.cfg.train.bf16);
+        let tokenizer = &self.dataset.tokenizer;
+        self.splits.evaluate(load, |_, split| evaluate_split(split, model, tokenizer, batch, collective, step))
     }
 }

@@ -6,11 +6,13 @@
 //! `job.instances_file` and `job.proposals_file`. The accuracy over the evaluation split's rows
 //! selects the best checkpoint.
 
+use crate::eval_splits::EvalSplits;
 use crate::retrieval::has_two_images;
 use albef_config::AlbefConfig;
 use albef_data::HostBatch;
 use albef_data::dataset::Dataset;
 use albef_data::loader::ImageIds;
+use albef_data::tokenizer::Tokenizer;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::gradcam::{ExpressionSplit, GroundingInputs, GroundingOptions, OVERALL, ShardGrounding, ground_shard};
@@ -27,9 +29,7 @@ pub struct Grounding {
     dataset: Dataset,
     /// Read at the first evaluation.
     inputs: Option<GroundingInputs>,
-    /// The evaluation split (its accuracy selects) and the test split, if configured: each the
-    /// prefix of its metrics, its file, and the split once read.
-    splits: Vec<(&'static str, String, Option<ExpressionSplit>)>,
+    splits: EvalSplits<ExpressionSplit>,
     handle: Handle,
 }
 
@@ -37,61 +37,33 @@ impl Grounding {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
         dataset.needs.image_ids = ImageIds::FileName;
-        let mut splits = vec![("", cfg.job.eval_data.clone(), None)];
-        if !cfg.job.test_data.is_empty() {
-            splits.push(("test/", cfg.job.test_data.clone(), None));
-        }
+        let splits = EvalSplits::of_job(cfg, "job.eval_data (grounding expressions {image, text, ref_id})")?;
         Ok(Grounding { cfg: cfg.clone(), dataset, inputs: None, splits, handle })
     }
+}
 
-    /// The annotations and split `i`, read at the first evaluation.
-    fn split(&mut self, i: usize) -> Result<(&GroundingInputs, &ExpressionSplit)> {
-        if self.inputs.is_none() {
-            self.inputs = Some(read_inputs(&self.cfg, &self.handle)?);
-        }
-        let inputs = self.inputs.as_ref().expect("read above");
-        let (_, url, split) = &mut self.splits[i];
-        if split.is_none() {
-            ensure!(!url.is_empty(), "evaluating grounding needs job.eval_data (expressions {{image, text, ref_id}})");
-            let opts = SplitOptions::for_data(&self.cfg.data, None)?;
-            let read = ExpressionSplit::load(url, &inputs.refs, &opts, &self.handle)
-                .with_context(|| format!("loading the grounding split {url}"))?;
-            *split = Some(read);
-        }
-        Ok((inputs, split.as_ref().expect("read above")))
+/// `split` grounded, its rows shared across the ranks (rank 0 gets the result).
+fn evaluate_split(
+    split: &ExpressionSplit,
+    inputs: &GroundingInputs,
+    model: &Albef,
+    (tokenizer, opts): (&Tokenizer, GroundingOptions),
+    collective: &dyn Collective,
+    step: u64,
+) -> Result<Option<Evaluation>> {
+    let started = Instant::now();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let shard = ground_shard(model, split, inputs, tokenizer, opts, (rank, world), |_, _, _| Ok(()))?;
+    let mut counts = shard.to_tensor(albef_model::TaskModel::device(model));
+    collective.all_reduce(&mut counts, ReduceOp::Sum)?;
+    if rank != 0 {
+        return Ok(None);
     }
-
-    /// Split `i` grounded, its rows shared across the ranks (rank 0 gets the result).
-    fn evaluate_split(
-        &mut self,
-        i: usize,
-        model: &Albef,
-        collective: &dyn Collective,
-        step: u64,
-    ) -> Result<Option<Evaluation>> {
-        let started = Instant::now();
-        let j = &self.cfg.job;
-        let batch_size = (self.cfg.train.batch_size_train as usize).max(1);
-        let opts = GroundingOptions { mode: j.gradcam_mode, block: j.gradcam_block as usize, batch_size };
-        let tokenizer = self.dataset.tokenizer.clone();
-        let (inputs, split) = self.split(i)?;
-        let (rank, world) = (collective.rank(), collective.world_size());
-        let shard = ground_shard(model, split, inputs, &tokenizer, opts, (rank, world), |_, _, _| Ok(()))?;
-        let mut counts = shard.to_tensor(albef_model::TaskModel::device(model));
-        collective.all_reduce(&mut counts, ReduceOp::Sum)?;
-        if rank != 0 {
-            return Ok(None);
-        }
-        let all = ShardGrounding::from_tensor(&counts)?;
-        let summary = format!("{} ({} rows, {:.1}s)", all.summary(), split.len(), started.elapsed().as_secs_f64());
-        let metrics = all.metrics();
-        ensure!(
-            metrics.contains_key(OVERALL),
-            "{}: no row of the val, testA or testB splits was grounded",
-            split.source
-        );
-        Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: OVERALL, summary }))
-    }
+    let all = ShardGrounding::from_tensor(&counts)?;
+    let summary = format!("{} ({} rows, {:.1}s)", all.summary(), split.len(), started.elapsed().as_secs_f64());
+    let metrics = all.metrics();
+    ensure!(metrics.contains_key(OVERALL), "{}: no row of the val, testA or testB splits was grounded", split.source);
+    Ok(Some(Evaluation { step, split: split.source.clone(), metrics, selects_by: OVERALL, summary }))
 }
 
 /// The refs, instances and proposals files the configuration names.
@@ -121,12 +93,18 @@ impl Task for Grounding {
 
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
         let model = trainer.model().as_any().downcast_ref::<Albef>().context("grounding needs an ALBEF model")?;
-        let mut parts = vec![];
-        for i in 0..self.splits.len() {
-            if let Some(e) = self.evaluate_split(i, model, collective, step)? {
-                parts.push((self.splits[i].0, e));
-            }
+        if self.inputs.is_none() {
+            self.inputs = Some(read_inputs(&self.cfg, &self.handle)?);
         }
-        Ok(Evaluation::combine(parts))
+        let (inputs, handle) = (self.inputs.as_ref().expect("read above"), &self.handle);
+        let load = |url: &str, opts: &SplitOptions| {
+            ExpressionSplit::load(url, &inputs.refs, opts, handle)
+                .with_context(|| format!("loading the grounding split {url}"))
+        };
+        let j = &self.cfg.job;
+        let batch_size = (self.cfg.train.batch_size_train as usize).max(1);
+        let opts = GroundingOptions { mode: j.gradcam_mode, block: j.gradcam_block as usize, batch_size };
+        let how = (&*self.dataset.tokenizer, opts);
+        self.splits.evaluate(load, |_, split| evaluate_split(split, inputs, model, how, collective, step))
     }
 }

@@ -2,6 +2,7 @@
 //! configuration): pretraining, and the downstream tasks, each a module; [`open`] names them.
 
 pub mod classification;
+pub mod eval_splits;
 pub mod grounding;
 pub mod nlvr_pretrain;
 pub mod pretrain;

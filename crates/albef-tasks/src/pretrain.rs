@@ -20,7 +20,7 @@ pub struct Pretraining {
 impl Pretraining {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let dataset = Dataset::open(cfg, run_dir, &handle)?;
-        let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle);
+        let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle)?;
         Ok(Pretraining { dataset, eval })
     }
 }

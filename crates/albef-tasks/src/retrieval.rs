@@ -25,7 +25,7 @@ impl Retrieval {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
         dataset.needs.image_ids = ImageIds::Annotated;
-        let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle);
+        let eval = RetrievalEval::new(cfg, run_dir, dataset.tokenizer.clone(), handle)?;
         Ok(Retrieval { dataset, eval })
     }
 }

@@ -7,9 +7,11 @@
 //! server's format, and where the split has human answers their VQA accuracy selects the best
 //! checkpoint.
 
+use crate::eval_splits::EvalSplits;
 use albef_config::AlbefConfig;
 use albef_data::HostBatch;
 use albef_data::dataset::Dataset;
+use albef_data::tokenizer::Tokenizer;
 use albef_dist::{Collective, ReduceOp};
 use albef_eval::SplitOptions;
 use albef_eval::vqa::{
@@ -20,7 +22,7 @@ use albef_model::TaskModel;
 use albef_model::vqa::AlbefVqa;
 use albef_train::Trainer;
 use albef_train::task::{Evaluation, Task};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,9 +34,7 @@ const SELECTS_BY: &str = "vqa_accuracy";
 pub struct VisualQuestionAnswering {
     cfg: AlbefConfig,
     dataset: Dataset,
-    /// The evaluation split and the test split, if configured: each the prefix of its metric,
-    /// its annotation file, and the split once read.
-    splits: Vec<(&'static str, String, Option<QuestionSplit>)>,
+    splits: EvalSplits<QuestionSplit>,
     /// The candidate answers, once read.
     candidates: Option<AnswerList>,
     results: PathBuf,
@@ -45,67 +45,40 @@ impl VisualQuestionAnswering {
     pub fn open(cfg: &AlbefConfig, run_dir: &Path, handle: Handle) -> Result<Self> {
         let mut dataset = Dataset::open(cfg, run_dir, &handle)?;
         dataset.needs.answers = true;
-        let mut splits = vec![("", cfg.job.eval_data.clone(), None)];
-        if !cfg.job.test_data.is_empty() {
-            splits.push(("test/", cfg.job.test_data.clone(), None));
-        }
+        let splits = EvalSplits::of_job(cfg, "job.eval_data (a VQA question annotation file)")?;
         let results = run_dir.join("vqa");
         Ok(VisualQuestionAnswering { cfg: cfg.clone(), dataset, splits, candidates: None, results, handle })
     }
+}
 
-    /// Split `i`, read at its first evaluation.
-    fn split(&mut self, i: usize) -> Result<&QuestionSplit> {
-        let (_, url, split) = &mut self.splits[i];
-        if split.is_none() {
-            ensure!(!url.is_empty(), "evaluating VQA needs job.eval_data (a question annotation file)");
-            let d = &self.cfg.data;
-            let opts = SplitOptions::for_data(d, None)?;
-            let read = QuestionSplit::load(url, &opts, &self.handle)
-                .with_context(|| format!("loading the VQA split {url}"))?;
-            *split = Some(read);
-        }
-        Ok(split.as_ref().expect("read above"))
-    }
+/// How a split's questions are answered, and where rank 0 writes the answers.
+struct Answering<'a> {
+    model: &'a AlbefVqa,
+    tokenizer: &'a Tokenizer,
+    candidates: &'a AnswerList,
+    opts: AnswerOptions,
+    results: &'a Path,
+}
 
-    /// The candidate answers: `job.answer_list`, else every answer of the evaluation split.
-    fn candidates(&mut self, model: &AlbefVqa) -> Result<&AnswerList> {
-        if self.candidates.is_none() {
-            self.split(0)?;
-            let split = self.splits[0].2.as_ref().expect("read");
-            let texts = candidate_answers(&self.cfg.job.answer_list, split, &self.handle)?;
-            self.candidates = Some(AnswerList::new(texts, &self.dataset.tokenizer, model.device())?);
-        }
-        Ok(self.candidates.as_ref().expect("made above"))
-    }
-
-    /// Split `i` answered, the questions shared across the ranks; rank 0 writes the result file
-    /// and gets the accuracy where the split has answers.
-    fn evaluate_split(
-        &mut self,
-        i: usize,
-        model: &AlbefVqa,
+impl Answering<'_> {
+    /// `split` (its metrics under `prefix`) answered, the questions shared across the ranks;
+    /// rank 0 writes the result file and gets the accuracy where the split has answers.
+    fn split(
+        &self,
+        prefix: &str,
+        split: &QuestionSplit,
         collective: &dyn Collective,
         step: u64,
     ) -> Result<Option<Evaluation>> {
         let started = Instant::now();
-        let j = &self.cfg.job;
-        let opts = AnswerOptions {
-            batch_size: self.cfg.train.batch_size_train as usize * 2,
-            bf16: self.cfg.train.bf16,
-            k: j.eval_k_test as i64,
-            scoring: j.answer_scoring,
-        };
-        self.candidates(model)?;
-        self.split(i)?;
-        let (split, candidates) = (self.splits[i].2.as_ref().expect("read"), self.candidates.as_ref().expect("made"));
         let (rank, world) = (collective.rank(), collective.world_size());
-        let mut chosen = answer_shard(model, split, &self.dataset.tokenizer, candidates, opts, (rank, world))?;
+        let mut chosen = answer_shard(self.model, split, self.tokenizer, self.candidates, self.opts, (rank, world))?;
         collective.all_reduce(&mut chosen, ReduceOp::Sum)?;
         if rank != 0 {
             return Ok(None);
         }
-        let answers = chosen_answers(&chosen, candidates)?;
-        let file = self.results.join(format!("{}step-{step}.json", self.splits[i].0.replace('/', "-")));
+        let answers = chosen_answers(&chosen, self.candidates)?;
+        let file = self.results.join(format!("{}step-{step}.json", prefix.replace('/', "-")));
         write_results(&file, split, &answers)?;
         let mut metrics = BTreeMap::new();
         let mut summary = format!("{} questions answered -> {}", split.len(), file.display());
@@ -137,12 +110,28 @@ impl Task for VisualQuestionAnswering {
     /// Answers on the evaluation split, and on the test split when there is one.
     fn evaluate(&mut self, trainer: &Trainer, collective: &dyn Collective, step: u64) -> Result<Option<Evaluation>> {
         let model = trainer.model().as_any().downcast_ref::<AlbefVqa>().context("VQA evaluation needs its model")?;
-        let mut parts = vec![];
-        for i in 0..self.splits.len() {
-            if let Some(e) = self.evaluate_split(i, model, collective, step)? {
-                parts.push((self.splits[i].0, e));
-            }
+        let handle = &self.handle;
+        let load = |url: &str, opts: &SplitOptions| {
+            QuestionSplit::load(url, opts, handle).with_context(|| format!("loading the VQA split {url}"))
+        };
+        // The candidates: `job.answer_list`, else every answer of the evaluation split.
+        if self.candidates.is_none() {
+            let texts = candidate_answers(&self.cfg.job.answer_list, self.splits.get(0, load)?, handle)?;
+            self.candidates = Some(AnswerList::new(texts, &self.dataset.tokenizer, model.device())?);
         }
-        Ok(Evaluation::combine(parts))
+        let j = &self.cfg.job;
+        let answering = Answering {
+            model,
+            tokenizer: &self.dataset.tokenizer,
+            candidates: self.candidates.as_ref().expect("made above"),
+            opts: AnswerOptions {
+                batch_size: self.cfg.train.batch_size_train as usize * 2,
+                bf16: self.cfg.train.bf16,
+                k: j.eval_k_test as i64,
+                scoring: j.answer_scoring,
+            },
+            results: &self.results,
+        };
+        self.splits.evaluate(load, |prefix, split| answering.split(prefix, split, collective, step))
     }
 }

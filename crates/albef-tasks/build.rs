@@ -1,0 +1,3 @@
+fn main() {
+    albef_build::link_libtorch();
+}
