@@ -535,6 +535,38 @@ fn augmented(image: &image::RgbImage, opts: &LoaderOptions, rng: &mut SplitMix64
     }
 }
 
+/// What the task reads of a record besides its image and caption, each where it asks for it.
+struct TaskFields {
+    image_id: Option<i64>,
+    label: Option<i64>,
+    answers: Vec<(Vec<i64>, f32)>,
+}
+
+/// A record's [`TaskFields`]; or why the record cannot serve the task.
+fn task_fields(record: &Record, needs: &RowNeeds, tokenizer: &Tokenizer) -> Result<TaskFields, (SkipReason, String)> {
+    let image_id = match needs.image_ids {
+        ImageIds::Unused => None,
+        ImageIds::Annotated => record.image_id.as_deref().map(image_index),
+        ImageIds::FileName => record.key.rsplit('/').next().map(image_index),
+    };
+    if needs.image_ids != ImageIds::Unused && image_id.is_none() {
+        return Err((SkipReason::MissingImageId, "the task needs an image_id".into()));
+    }
+    let label = record.label.as_ref().and_then(|l| needs.labels.iter().position(|c| c == l)).map(|i| i as i64);
+    if !needs.labels.is_empty() && label.is_none() {
+        let got = record.label.as_deref().unwrap_or("none");
+        return Err((SkipReason::BadLabel, format!("label {got:?} is not one of {:?}", needs.labels)));
+    }
+    let answers = match needs.answers.then(|| encode_answers(record, tokenizer)) {
+        None => vec![],
+        Some(answers) => answers.map_err(|detail| (SkipReason::MissingAnswer, detail))?,
+    };
+    if needs.image_pairs && record.second_image.is_none() {
+        return Err((SkipReason::MissingSecondImage, "the task reads two images per row".into()));
+    }
+    Ok(TaskFields { image_id, label, answers })
+}
+
 /// Decodes, augments and tokenises one step's samples.
 fn decode_step(
     job: &StepJob,
@@ -546,34 +578,13 @@ fn decode_step(
     let mut rows = vec![];
     for (id, record) in &job.samples {
         let (needs, origin) = (&opts.needs, skips.origin(*id));
-        let image_id = match needs.image_ids {
-            ImageIds::Unused => None,
-            ImageIds::Annotated => record.image_id.as_deref().map(image_index),
-            ImageIds::FileName => record.key.rsplit('/').next().map(image_index),
-        };
-        if needs.image_ids != ImageIds::Unused && image_id.is_none() {
-            skips.record(SkipReason::MissingImageId, origin, &record.key, "the task needs an image_id");
-            continue;
-        }
-        let label = record.label.as_ref().and_then(|l| needs.labels.iter().position(|c| c == l)).map(|i| i as i64);
-        if !needs.labels.is_empty() && label.is_none() {
-            let got = record.label.as_deref().unwrap_or("none");
-            let detail = format!("label {got:?} is not one of {:?}", needs.labels);
-            skips.record(SkipReason::BadLabel, origin, &record.key, &detail);
-            continue;
-        }
-        let answers = match needs.answers.then(|| encode_answers(record, tokenizer)) {
-            None => vec![],
-            Some(Ok(answers)) => answers,
-            Some(Err(detail)) => {
-                skips.record(SkipReason::MissingAnswer, origin, &record.key, &detail);
+        let TaskFields { image_id, label, answers } = match task_fields(record, needs, tokenizer) {
+            Ok(fields) => fields,
+            Err((reason, detail)) => {
+                skips.record(reason, origin, &record.key, &detail);
                 continue;
             }
         };
-        if needs.image_pairs && record.second_image.is_none() {
-            skips.record(SkipReason::MissingSecondImage, origin, &record.key, "the task reads two images per row");
-            continue;
-        }
         let mut rng = sample_rng(opts.seed, epoch, *id);
         let Some((full, pixels)) = decoded(&record.image, (origin, &record.key), opts, &job.pixels, skips) else {
             continue;
