@@ -827,6 +827,8 @@ fn the_grafana_dashboard_queries_only_series_a_job_exports() {
         "albef_worker_step_seconds",
         "albef_worker_mfu",
         "albef_bad_samples_total",
+        "albef_source_samples_trained_total",
+        "albef_job_grad_norm",
         "albef_eval_retrieval",
     ] {
         assert!(queried.contains(needed), "{needed} has no panel");
