@@ -198,16 +198,19 @@ impl Location {
         Ok(reader)
     }
 
-    /// [`Location::read_at_most`] through a [`DeadlineReader`], for a thread that is not a
-    /// runtime worker.
-    /// A local file is read in one go on a blocking thread, whole within `stall`: going through
-    /// the store (a stat, an open and each chunk a task of their own) cost several times the read
-    /// of a small file, an image or a caption.
+    /// [`Location::read_at_most`] for a thread that is not a runtime worker, every read with a
+    /// deadline: an object through a [`DeadlineReader`], a local file in one go on a blocking
+    /// thread, whole within `stall` (through the store, a stat, an open and each chunk a task of
+    /// their own cost several times the read of a small file: an image, a caption).
     pub fn read_at_most_within(&self, handle: &Handle, max_bytes: u64, stall: Duration) -> Result<Vec<u8>> {
         self.check_regular_file()?;
         if local_path(&self.url).is_some() {
             let (path, url) = (self.filesystem_path()?, self.url.clone());
-            let read = handle.spawn_blocking(move || read_file_at_most(&path, max_bytes, &url));
+            let read = handle.spawn_blocking(move || {
+                let file = std::fs::File::open(&path).with_context(|| format!("reading {url}"))?;
+                let size = file.metadata().with_context(|| format!("reading {url}"))?.len();
+                read_capped(size, max_bytes, &url, || Ok(file))
+            });
             let read = within(handle, stall, read);
             let read =
                 read.with_context(|| format!("reading {}: not read within {} s", self.url, stall.as_secs_f64()))?;
@@ -217,16 +220,7 @@ impl Location {
         let meta = head.with_context(|| format!("reading {}: no answer within {} s", self.url, stall.as_secs_f64()))?;
         let meta = meta.map_err(StoreError);
         let size = meta.with_context(|| format!("reading {}", self.url))?.size;
-        if size > max_bytes {
-            return Err(Oversized { url: self.url.clone(), size, max_bytes }.into());
-        }
-        let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
-        // The object may have grown since: never more than `max_bytes` (+1 to tell).
-        self.stream_within(handle, 0, stall)?.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
-        if bytes.len() as u64 > max_bytes {
-            return Err(Oversized { url: self.url.clone(), size: bytes.len() as u64, max_bytes }.into());
-        }
-        Ok(bytes)
+        read_capped(size, max_bytes, &self.url, || self.stream_within(handle, 0, stall))
     }
 
     /// Refuses a local path that is no regular file from its metadata (stat follows links but
@@ -254,18 +248,18 @@ impl Location {
     }
 }
 
-/// The file at `path` (the location `url`), at most `max_bytes` of it.
-fn read_file_at_most(path: &std::path::Path, max_bytes: u64, url: &str) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {url}"))?;
-    let size = file.metadata().with_context(|| format!("reading {url}"))?.len();
+/// At most `max_bytes` of the object `url` of `size` bytes (as its metadata says), from the
+/// reader `open` gives: a larger one is refused unread, and one that grew since is read to
+/// `max_bytes` + 1 and refused.
+fn read_capped<R: Read>(size: u64, max_bytes: u64, url: &str, open: impl FnOnce() -> Result<R>) -> Result<Vec<u8>> {
+    let oversized = |size| Oversized { url: url.to_string(), size, max_bytes };
     if size > max_bytes {
-        return Err(Oversized { url: url.to_string(), size, max_bytes }.into());
+        return Err(oversized(size).into());
     }
     let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
-    // The file may have grown since: never more than `max_bytes` (+1 to tell).
-    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).with_context(|| format!("reading {url}"))?;
+    open()?.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max_bytes {
-        return Err(Oversized { url: url.to_string(), size: bytes.len() as u64, max_bytes }.into());
+        return Err(oversized(bytes.len() as u64).into());
     }
     Ok(bytes)
 }
@@ -632,6 +626,24 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
         assert!(err.to_string().contains("no byte for 0.05 s, 4 times"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    /// A local file is read whole up to the limit; one over it is refused by its size, unread;
+    /// a missing one is an error naming it.
+    #[test]
+    fn local_files_are_read_up_to_their_limit() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jpg");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let loc = Location::open(path.to_str().unwrap()).unwrap();
+        let read = |max| loc.read_at_most_within(rt.handle(), max, Duration::from_secs(5));
+        assert_eq!(read(10).unwrap(), b"0123456789");
+        let err = read(9).unwrap_err();
+        assert_eq!(err.downcast_ref::<Oversized>().map(|o| o.size), Some(10), "{err:#}");
+        let missing = Location::open(dir.path().join("b.jpg").to_str().unwrap()).unwrap();
+        let err = missing.read_at_most_within(rt.handle(), 10, Duration::from_secs(5)).unwrap_err();
+        assert!(format!("{err:#}").contains("b.jpg"), "{err:#}");
     }
 
     #[test]
