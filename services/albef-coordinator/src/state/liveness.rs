@@ -3,6 +3,7 @@
 //! or (once the job is ending) counts a member out.
 
 use super::generation::Member;
+use super::samples::SampleTotals;
 use super::types::{Command, Heartbeat, Result, invalid};
 use super::{Job, LOGGED_IDS, shown};
 use std::time::Instant;
@@ -50,12 +51,8 @@ impl Job {
         m.grad_norm = hb.grad_norm;
         m.busy_seconds = hb.busy_seconds;
         m.data_wait_share = hb.data_wait_share;
-        if !hb.sources.is_empty() {
-            self.source_samples.insert(hb.worker_id.clone(), hb.sources.clone());
-        }
-        if !hb.bad_samples.is_empty() {
-            self.bad_samples.insert(hb.worker_id.clone(), (hb.bad_samples.clone(), hb.bad_sample_examples.clone()));
-        }
+        let counts = SampleTotals { bad_samples: hb.bad_samples.clone(), sources: hb.sources.clone() };
+        self.samples.report(&hb.worker_id, hb.generation, counts, &hb.bad_sample_examples);
         if !hb.fatal_error.is_empty() {
             let reason = format!("worker {} (rank {rank}) failed: {}", hb.worker_id, shown(&hb.fatal_error));
             if stopping {

@@ -29,6 +29,7 @@ mod lifecycle;
 mod liveness;
 mod persistence;
 mod rendezvous;
+mod samples;
 mod status;
 mod stragglers;
 mod types;
@@ -38,11 +39,11 @@ pub use lifecycle::JobState;
 pub use types::*;
 
 use albef_config::AlbefConfig;
-use albef_data::bad::SkipExample;
 use albef_data::mixture::Mixture;
 use elasticity::Elasticity;
 use generation::Generation;
 use lifecycle::Lifecycle;
+use samples::SampleCounts;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use waiting::{Expected, Rendezvous};
@@ -80,10 +81,8 @@ pub struct Job {
     lifecycle: Lifecycle,
     counters: Counters,
     elastic: Elasticity,
-    /// The latest skip counts and examples of each worker process.
-    bad_samples: HashMap<String, (BTreeMap<String, u64>, Vec<SkipExample>)>,
-    /// The latest counts by configured source of each worker process.
-    source_samples: HashMap<String, SourcesSamples>,
+    /// Samples skipped by reason and counted by configured source, over the job.
+    samples: SampleCounts,
     evaluation: Option<(u64, BTreeMap<String, f64>)>,
     /// Bumped by every change that must survive a restart of the coordinator.
     revision: u64,
@@ -111,8 +110,7 @@ impl Job {
             lifecycle: Lifecycle::new(),
             counters: Counters::default(),
             elastic: Elasticity::default(),
-            bad_samples: HashMap::new(),
-            source_samples: HashMap::new(),
+            samples: SampleCounts::default(),
             evaluation: None,
             revision: 0,
             events: 0,

@@ -1,8 +1,9 @@
 //! The state file (`<job.run_dir>/coordinator/state.json`): what must survive a restart of the
 //! coordinator. The generation counter (so that stale workers are told to rejoin), committed
-//! checkpoints, the last world's ranks, the control state and the job's counters.
+//! checkpoints, the last world's ranks, the control state, the job's counters and sample counts.
 
 use super::lifecycle::Lifecycle;
+use super::samples::{SampleCounts, SampleTotals};
 use super::types::{Checkpoint, Counters};
 use super::{Job, JobState, Mixture};
 use albef_config::AlbefConfig;
@@ -28,6 +29,9 @@ struct StateFile {
     #[serde(default)]
     ranks: BTreeMap<String, u32>,
     checkpoints: Vec<Checkpoint>,
+    /// The job's sample counts when it was written.
+    #[serde(default)]
+    samples: SampleTotals,
 }
 
 /// The state file's version alone, read first: a file of another version may not parse.
@@ -63,6 +67,7 @@ impl Job {
             counters: self.counters,
             ranks,
             checkpoints: self.checkpoints.clone(),
+            samples: self.samples.totals(),
         };
         DurableState { revision: self.revision, file }
     }
@@ -86,6 +91,7 @@ impl Job {
             job.expect(job.previous_ranks.len(), Duration::from_millis(job.cfg.job.replace_grace_ms), now);
         }
         job.checkpoints = file.checkpoints;
+        job.samples = SampleCounts::restored(file.samples);
         info!(
             generation = job.generation,
             checkpoints = job.checkpoints.len(),

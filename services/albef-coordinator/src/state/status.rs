@@ -4,7 +4,7 @@
 
 use super::Job;
 use super::generation::{Generation, Member};
-use super::types::{JobStatus, Result, SUMMARY_WORKERS, SourcesSamples, WorkerStatus, WorkerView, invalid};
+use super::types::{JobStatus, Result, SUMMARY_WORKERS, WorkerStatus, WorkerView, invalid};
 use albef_data::bad::{EXAMPLES_PER_REASON, SkipExample};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -51,6 +51,7 @@ impl Job {
                 (page, next)
             }
         };
+        let totals = self.samples.totals();
         JobStatus {
             state: self.state(),
             generation: self.generation,
@@ -87,8 +88,8 @@ impl Job {
             grad_norm: rank0.map_or(0.0, |m| m.grad_norm),
             last_checkpoint: last.map(|c| c.location.clone()).unwrap_or_default(),
             counters: self.counters,
-            bad_samples: self.bad_samples_total(),
-            sources: self.sources_total(),
+            bad_samples: totals.bad_samples,
+            sources: totals.sources,
             bad_sample_examples: self.bad_sample_examples(),
             last_checkpoint_unix: last.map_or(0, |c| c.committed_at),
             last_checkpoint_step: last.map_or(0, |c| c.step),
@@ -96,36 +97,13 @@ impl Job {
         }
     }
 
-    /// Skipped samples by reason over the workers.
-    fn bad_samples_total(&self) -> BTreeMap<String, u64> {
-        // Summed under borrowed names: no allocation per worker.
-        let mut sum: BTreeMap<&str, u64> = BTreeMap::new();
-        for (reason, n) in self.bad_samples.values().flat_map(|(counts, _)| counts) {
-            *sum.entry(reason).or_default() += n;
-        }
-        sum.into_iter().map(|(reason, n)| (reason.to_string(), n)).collect()
-    }
-
-    /// Samples by configured source, summed over the workers.
-    fn sources_total(&self) -> SourcesSamples {
-        let mut sum = SourcesSamples::new();
-        for (label, counts) in self.source_samples.values().flatten() {
-            let s = sum.entry(label.clone()).or_default();
-            s.trained += counts.trained;
-            for (reason, n) in &counts.skipped {
-                *s.skipped.entry(reason.clone()).or_default() += n;
-            }
-        }
-        sum
-    }
-
     /// The first few examples of each reason over the workers (in worker-id order).
     fn bad_sample_examples(&self) -> Vec<SkipExample> {
         // Most workers have none: only those with examples are sorted.
-        let mut workers: Vec<_> = self.bad_samples.iter().filter(|(_, (_, examples))| !examples.is_empty()).collect();
+        let mut workers: Vec<_> = self.samples.examples().iter().collect();
         workers.sort_by(|a, b| a.0.cmp(b.0));
         let mut per_reason: BTreeMap<&str, Vec<SkipExample>> = BTreeMap::new();
-        for example in workers.into_iter().flat_map(|(_, (_, examples))| examples) {
+        for example in workers.into_iter().flat_map(|(_, examples)| examples) {
             let kept = per_reason.entry(&example.reason).or_default();
             if kept.len() < EXAMPLES_PER_REASON {
                 kept.push(example.clone());

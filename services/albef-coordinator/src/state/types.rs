@@ -141,7 +141,7 @@ pub struct Losses {
 
 /// One configured source's samples (a `data.train_file` entry, by its clipped pattern):
 /// trained (rows of applied steps) and skipped, by reason.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceSamples {
     pub trained: u64,
     pub skipped: BTreeMap<String, u64>,

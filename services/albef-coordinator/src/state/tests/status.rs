@@ -1,6 +1,7 @@
 //! What the status reports.
 
 use super::*;
+use albef_data::bad::SkipExample;
 
 #[test]
 fn status_summarises_the_ranks() {
@@ -62,4 +63,32 @@ fn skipped_samples_add_up_over_workers_with_a_few_examples_each() {
     assert_eq!(s.bad_samples["corrupt_image"], 10);
     assert_eq!(s.bad_sample_examples, ["a1", "a2", "a3"].map(example), "three per reason, by worker id");
     assert_eq!(s.sources, [("cc3m/*.tar".into(), source(80, 10)), ("coco/*.tar".into(), source(48, 0))].into());
+}
+
+/// The job's sample counts only grow: a worker counts from zero again in each generation, and
+/// what it reported of the last one is kept; a restarted coordinator starts from the state file's.
+#[test]
+fn sample_counts_add_up_over_generations_and_coordinator_restarts() {
+    let (mut job, t0) = job(2, 2);
+    let counted = |id, a: &Assignment, trained, corrupt| {
+        let skipped: BTreeMap<String, u64> = [("corrupt_image".to_string(), corrupt)].into();
+        let source = SourceSamples { trained, skipped: skipped.clone() };
+        Heartbeat { bad_samples: skipped, sources: [("cc3m/*.tar".to_string(), source)].into(), ..beat(id, a, 1) }
+    };
+    let g = form(&mut job, &["a", "b"], t0);
+    commands(&mut job, &counted("a", &g[0], 40, 2), t0);
+    commands(&mut job, &counted("b", &g[1], 40, 1), t0);
+    // a fails; in the next generation both count from zero again.
+    commands(&mut job, &Heartbeat { fatal_error: "out of memory".into(), ..beat("a", &g[0], 2) }, t0);
+    let g2 = form(&mut job, &["a", "b"], t0);
+    assert_eq!(g2[0].generation, 2);
+    commands(&mut job, &counted("a", &g2[0], 8, 0), t0);
+    let s = job.status(t0);
+    assert_eq!((s.sources["cc3m/*.tar"].trained, s.bad_samples["corrupt_image"]), (88, 3));
+    commands(&mut job, &counted("b", &g2[1], 12, 1), t0);
+    let s = job.status(t0);
+    assert_eq!((s.sources["cc3m/*.tar"].trained, s.bad_samples["corrupt_image"]), (100, 4));
+    let restored = Job::from_json(config(2, 2), vec![60, 40], &job.durable_state().to_json(), t0).unwrap();
+    let r = restored.status(t0);
+    assert_eq!((r.sources, r.bad_samples), (s.sources, s.bad_samples));
 }
