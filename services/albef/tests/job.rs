@@ -138,7 +138,7 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
         assert!(ckpt.join(f).exists(), "{f} missing in the final checkpoint");
     }
     // Rank 0's TensorBoard events, read back by TensorBoard's own EventAccumulator: every step's
-    // losses and phase times (rank 0's), the schedule (the job's), both throughputs, and both
+    // losses and phase times (rank 0's), the schedule and the gradient norm (the job's), both throughputs, and both
     // evaluations (the job's).
     let tags = [
         "rank0/loss/total",
@@ -148,6 +148,7 @@ fn two_workers_train_identical_replicas_and_checkpoint() {
         "job/schedule/lr",
         "job/schedule/alpha",
         "job/model/temp",
+        "job/grad/norm",
         "rank0/time/data_wait",
         "rank0/time/forward",
         "rank0/time/backward",
